@@ -1,0 +1,200 @@
+//! The engine's settings and hooks, and the builder that checks them.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{ConfigError, IdempotencyKey, Record, Store};
+
+use super::{Oncely, Shared};
+
+/// The longest retention accepted: a little over a year.
+pub const MAX_RETENTION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// What a request does when it meets a live claim of its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConflictMode {
+    /// Fail at once with [`Error::Conflict`](crate::Error::Conflict) and a retry-after hint.
+    Reject,
+    /// Wait for the holder to finish, up to `timeout`, then replay its result (or run, if
+    /// it released the key or its lease lapsed). Waiting is woken by the store's
+    /// notification; polling is only the fallback.
+    Wait {
+        /// How long to wait before giving up with a conflict.
+        timeout: Duration,
+    },
+}
+
+/// The engine's settings, as checked by [`OncelyBuilder::build`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How long a completed result is kept for replay.
+    pub retention: Duration,
+    /// How long a claim blocks its key without renewal: the time a crashed holder blocks it.
+    pub lease: Duration,
+    /// How long the engine keeps renewing the lease of a running operation; past this a
+    /// slow operation's lease lapses and a retry may take the key over. Zero: no renewal.
+    pub keep_alive_ceiling: Duration,
+    /// What a request does when it meets a live claim.
+    pub conflict: ConflictMode,
+    /// In wait mode, how often a waiter re-checks when no notification arrives.
+    pub poll_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(30),
+            keep_alive_ceiling: Duration::from_secs(600),
+            conflict: ConflictMode::Reject,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+type KeyHook = Arc<dyn Fn(&IdempotencyKey) + Send + Sync>;
+type RecordHook = Arc<dyn Fn(&IdempotencyKey, &Record) + Send + Sync>;
+
+/// Callbacks on each outcome. They run inline on the request's task: keep them short.
+#[derive(Clone, Default)]
+pub(crate) struct Hooks {
+    pub(crate) hit: Option<RecordHook>,
+    pub(crate) miss: Option<KeyHook>,
+    pub(crate) conflict: Option<RecordHook>,
+    pub(crate) mismatch: Option<RecordHook>,
+    pub(crate) takeover: Option<KeyHook>,
+}
+
+impl fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hooks")
+            .field("hit", &self.hit.is_some())
+            .field("miss", &self.miss.is_some())
+            .field("conflict", &self.conflict.is_some())
+            .field("mismatch", &self.mismatch.is_some())
+            .field("takeover", &self.takeover.is_some())
+            .finish()
+    }
+}
+
+/// Builds an [`Oncely`] engine; [`build`](Self::build) checks every setting.
+///
+/// ```
+/// use oncely::{ConflictMode, MemoryStore, Oncely};
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), oncely::ConfigError> {
+/// let oncely = Oncely::builder(MemoryStore::new())
+///     .retention(Duration::from_secs(24 * 3600))
+///     .lease(Duration::from_secs(30))
+///     .on_conflict(ConflictMode::Wait { timeout: Duration::from_secs(10) })
+///     .on_hit(|key, record| println!("replayed {key} ({} hits)", record.hits()))
+///     .build()?;
+/// # let _ = oncely; Ok(()) }
+/// ```
+pub struct OncelyBuilder<S> {
+    store: S,
+    config: Config,
+    hooks: Hooks,
+}
+
+impl<S: fmt::Debug> fmt::Debug for OncelyBuilder<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OncelyBuilder").field("store", &self.store).field("config", &self.config).finish()
+    }
+}
+
+impl<S: Store> OncelyBuilder<S> {
+    pub(crate) fn new(store: S) -> Self {
+        Self { store, config: Config::default(), hooks: Hooks::default() }
+    }
+
+    /// How long results are kept for replay (default 24 h; at most [`MAX_RETENTION`]).
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.config.retention = retention;
+        self
+    }
+
+    /// How long a claim blocks its key without renewal (default 30 s; at most the
+    /// retention). The engine renews it every third of the lease while the operation runs.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config.lease = lease;
+        self
+    }
+
+    /// How long a running operation's lease keeps being renewed (default 10 min; zero
+    /// turns renewal off; at most the retention).
+    pub fn keep_alive_ceiling(mut self, ceiling: Duration) -> Self {
+        self.config.keep_alive_ceiling = ceiling;
+        self
+    }
+
+    /// Reject or wait on a live claim (default [`ConflictMode::Reject`]).
+    pub fn on_conflict(mut self, mode: ConflictMode) -> Self {
+        self.config.conflict = mode;
+        self
+    }
+
+    /// How often a waiter re-checks when no notification comes (default 500 ms). Only a
+    /// fallback: stores notify waiters of completions and releases.
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.config.poll_interval = every;
+        self
+    }
+
+    /// Called when a retry gets a stored result (the seeds' `onCacheHit`); the record
+    /// carries the hit count including this one.
+    pub fn on_hit(mut self, hook: impl Fn(&IdempotencyKey, &Record) + Send + Sync + 'static) -> Self {
+        self.hooks.hit = Some(Arc::new(hook));
+        self
+    }
+
+    /// Called when a request claims its key and will run the operation (`onCacheMiss`).
+    pub fn on_miss(mut self, hook: impl Fn(&IdempotencyKey) + Send + Sync + 'static) -> Self {
+        self.hooks.miss = Some(Arc::new(hook));
+        self
+    }
+
+    /// Called when a request first meets a live claim of its key (before it waits or is
+    /// rejected).
+    pub fn on_conflict_hook(mut self, hook: impl Fn(&IdempotencyKey, &Record) + Send + Sync + 'static) -> Self {
+        self.hooks.conflict = Some(Arc::new(hook));
+        self
+    }
+
+    /// Called when a key is reused with another fingerprint.
+    pub fn on_mismatch(mut self, hook: impl Fn(&IdempotencyKey, &Record) + Send + Sync + 'static) -> Self {
+        self.hooks.mismatch = Some(Arc::new(hook));
+        self
+    }
+
+    /// Called when a request takes over a key whose holder's lease lapsed.
+    pub fn on_takeover(mut self, hook: impl Fn(&IdempotencyKey) + Send + Sync + 'static) -> Self {
+        self.hooks.takeover = Some(Arc::new(hook));
+        self
+    }
+
+    /// Checks the settings and builds the engine.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first setting that is zero or out of range.
+    pub fn build(self) -> Result<Oncely<S>, ConfigError> {
+        let c = &self.config;
+        check("retention", c.retention, Duration::from_millis(1), MAX_RETENTION)?;
+        check("lease", c.lease, Duration::from_millis(1), c.retention)?;
+        check("keep_alive_ceiling", c.keep_alive_ceiling, Duration::ZERO, c.retention)?;
+        check("poll_interval", c.poll_interval, Duration::from_millis(1), Duration::from_secs(3600))?;
+        if let ConflictMode::Wait { timeout } = c.conflict {
+            check("on_conflict(Wait { timeout })", timeout, Duration::from_millis(1), Duration::from_secs(24 * 3600))?;
+        }
+        Ok(Oncely::from_shared(Shared { store: self.store, config: self.config, hooks: self.hooks }))
+    }
+}
+
+fn check(setting: &'static str, value: Duration, min: Duration, max: Duration) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError { setting, reason: format!("{value:?} is outside {min:?}..={max:?}") });
+    }
+    Ok(())
+}

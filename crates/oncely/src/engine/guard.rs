@@ -1,0 +1,182 @@
+//! The claim guard: a held key, for callers who complete or release by hand.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::{ClaimId, Error, IdempotencyKey, Oncely, StorageKey, Store, StoreError};
+
+/// A claim on a key, held while the caller runs the operation.
+///
+/// Finish it with [`complete`](Self::complete) (the result is stored for replay) or
+/// [`release`](Self::release) (the operation may run again). Wrap the operation in
+/// [`keep_alive`](Self::keep_alive) so a slow one is not taken over while it runs.
+///
+/// **Dropping an unfinished guard** neither completes nor releases: the record stays in
+/// progress until its lease lapses, then the next claim takes it over. That is the safe
+/// choice when the operation was cancelled midway, since its effect may have happened;
+/// call [`release`](Self::release) when you know it had none.
+///
+/// ```
+/// use bytes::Bytes;
+/// use oncely::{Acquired, IdempotencyKey, MemoryStore, Oncely};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), oncely::Error> {
+/// let oncely = Oncely::new(MemoryStore::new());
+/// let key = IdempotencyKey::new("order-17").expect("valid key");
+///
+/// match oncely.acquire(&key, None).await? {
+///     Acquired::Execute(guard) => {
+///         let receipt = guard.keep_alive(async { Bytes::from_static(b"order 17 placed") }).await;
+///         guard.complete(receipt).await?;
+///     }
+///     Acquired::Replay(record) => unreachable!("first use of the key"),
+/// }
+///
+/// let Acquired::Replay(record) = oncely.acquire(&key, None).await? else { unreachable!() };
+/// assert_eq!(record.hits(), 1);
+/// # Ok(()) }
+/// ```
+#[must_use = "a dropped guard leaves its key blocked until the lease lapses"]
+pub struct ClaimGuard<S: Store> {
+    engine: Oncely<S>,
+    storage_key: StorageKey,
+    key: IdempotencyKey,
+    claim_id: ClaimId,
+    takeover: bool,
+    claimed_at: Instant,
+    finished: bool,
+}
+
+impl<S: Store> std::fmt::Debug for ClaimGuard<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimGuard")
+            .field("key", &self.key)
+            .field("claim_id", &self.claim_id)
+            .field("takeover", &self.takeover)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> ClaimGuard<S> {
+    pub(crate) fn new(
+        engine: Oncely<S>,
+        storage_key: StorageKey,
+        key: IdempotencyKey,
+        claim_id: ClaimId,
+        takeover: bool,
+    ) -> Self {
+        Self { engine, storage_key, key, claim_id, takeover, claimed_at: Instant::now(), finished: false }
+    }
+
+    /// The key held.
+    pub fn key(&self) -> &IdempotencyKey {
+        &self.key
+    }
+
+    /// The storage key of the record held.
+    pub fn storage_key(&self) -> &StorageKey {
+        &self.storage_key
+    }
+
+    /// The id this guard holds the key under.
+    pub fn claim_id(&self) -> ClaimId {
+        self.claim_id
+    }
+
+    /// True when this claim took over a holder whose lease lapsed: that holder may have
+    /// had its effect already, so operations that can check should.
+    pub fn is_takeover(&self) -> bool {
+        self.takeover
+    }
+
+    /// Renews the lease to the engine's lease from now.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`] (inside [`Error::Store`]) when the claim was taken over.
+    pub async fn touch(&self) -> Result<(), Error> {
+        let lease = self.engine.config().lease;
+        Ok(self.engine.store().touch(&self.storage_key, self.claim_id, lease).await?)
+    }
+
+    /// Stores `payload` as the operation's result for every retry in the retention window.
+    ///
+    /// A store that is unreachable is tried three times, with 20 ms then 100 ms between.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`] when the claim was taken over (its write is rejected so
+    /// it cannot overwrite the new holder), or the store's failure.
+    pub async fn complete(mut self, payload: Bytes) -> Result<(), Error> {
+        self.finished = true;
+        let retention = self.engine.config().retention;
+        let store = self.engine.store();
+        let mut backoff = [Duration::from_millis(20), Duration::from_millis(100)].into_iter();
+        loop {
+            match store.complete(&self.storage_key, self.claim_id, payload.clone(), retention).await {
+                Err(StoreError::Unavailable(e)) => match backoff.next() {
+                    Some(pause) => {
+                        tracing::warn!(key = %self.key, error = %e, "completion failed; retrying");
+                        tokio::time::sleep(pause).await;
+                    }
+                    None => return Err(StoreError::Unavailable(e).into()),
+                },
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    /// Releases the key so the operation may run again.
+    ///
+    /// # Errors
+    /// [`StoreError::LeaseLost`] when the claim was already taken over, or the store's
+    /// failure (the claim then lapses with its lease).
+    pub async fn release(mut self) -> Result<(), Error> {
+        self.finished = true;
+        Ok(self.engine.store().release(&self.storage_key, self.claim_id).await?)
+    }
+
+    /// Runs `operation` to completion while renewing the lease every third of it, until
+    /// the engine's keep-alive ceiling (counted from the claim) is reached.
+    ///
+    /// A renewal that finds the claim taken over stops renewing and is logged; the
+    /// operation still runs to completion (it cannot be safely interrupted), and the
+    /// completion that follows is then rejected with [`StoreError::LeaseLost`].
+    pub async fn keep_alive<F: Future>(&self, operation: F) -> F::Output {
+        let config = self.engine.config();
+        let every = config.lease / 3;
+        let stop_at = self.claimed_at + config.keep_alive_ceiling;
+        let mut operation = std::pin::pin!(operation);
+        let mut next = Instant::now() + every;
+        let mut renewing = !every.is_zero() && next < stop_at;
+        loop {
+            tokio::select! {
+                biased;
+                output = &mut operation => return output,
+                () = tokio::time::sleep_until(next), if renewing => {
+                    match self.touch().await {
+                        Ok(()) => {}
+                        Err(Error::Store(StoreError::LeaseLost)) => {
+                            tracing::warn!(key = %self.key, "lease lost while the operation runs; its result will be rejected");
+                            metrics::counter!("oncely_leases_lost_total").increment(1);
+                            renewing = false;
+                        }
+                        Err(e) => tracing::warn!(key = %self.key, error = %e, "lease renewal failed; retrying at the next interval"),
+                    }
+                    next += every;
+                    renewing = renewing && next < stop_at;
+                }
+            }
+        }
+    }
+}
+
+impl<S: Store> Drop for ClaimGuard<S> {
+    fn drop(&mut self) {
+        if !self.finished {
+            tracing::warn!(key = %self.key, "claim dropped unfinished; the key stays blocked until its lease lapses");
+            metrics::counter!("oncely_claims_abandoned_total").increment(1);
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The engine: claims, leases, waiting, and `run`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use crate::store::{ClaimOutcome, ClaimRequest, Notified};
+use crate::{
+    ClaimId, Error, Failure, Fingerprint, IdempotencyKey, Record, RecordState, RunError, Scope, StorageKey, Store,
+};
+
+mod config;
+mod guard;
+
+pub use config::{Config, ConflictMode, MAX_RETENTION, OncelyBuilder};
+pub use guard::ClaimGuard;
+
+use config::Hooks;
+
+/// The idempotency engine: makes each keyed operation run once.
+///
+/// Cheap to clone (the store and settings are shared). Each engine value acts for one
+/// [`Scope`]; [`scoped`](Self::scoped) gives a view for another.
+///
+/// ```
+/// use oncely::{Failure, IdempotencyKey, MemoryStore, Oncely};
+/// use std::sync::atomic::{AtomicU32, Ordering};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let oncely = Oncely::new(MemoryStore::new());
+/// let charges = AtomicU32::new(0);
+/// let key = IdempotencyKey::new("charge-7f3a")?;
+///
+/// for _ in 0..3 {
+///     let charged = oncely
+///         .run(&key, None, || async {
+///             charges.fetch_add(1, Ordering::SeqCst);
+///             Ok::<_, Failure<String>>(format!("ch_{}", 1999))
+///         })
+///         .await?;
+///     assert_eq!(charged.value, "ch_1999");
+/// }
+/// assert_eq!(charges.load(Ordering::SeqCst), 1);
+/// # Ok(()) }
+/// ```
+pub struct Oncely<S> {
+    shared: Arc<Shared<S>>,
+    scope: Scope,
+}
+
+pub(crate) struct Shared<S> {
+    pub(crate) store: S,
+    pub(crate) config: Config,
+    pub(crate) hooks: Hooks,
+}
+
+impl<S> Clone for Oncely<S> {
+    fn clone(&self) -> Self {
+        Self { shared: Arc::clone(&self.shared), scope: self.scope.clone() }
+    }
+}
+
+impl<S> std::fmt::Debug for Oncely<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Oncely")
+            .field("scope", &self.scope)
+            .field("config", &self.shared.config)
+            .field("hooks", &self.shared.hooks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of [`Oncely::acquire`]: run the operation, or replay its stored result.
+#[derive(Debug)]
+pub enum Acquired<S: Store> {
+    /// The key is now held by this guard: run the operation, then complete or release.
+    Execute(ClaimGuard<S>),
+    /// The operation completed before; the record holds its result (its hit count
+    /// includes this replay).
+    Replay(Record),
+}
+
+/// A value produced by [`Oncely::run`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Executed<T> {
+    /// The operation's result.
+    pub value: T,
+    /// True when the value is a stored result from an earlier run.
+    pub replayed: bool,
+}
+
+/// How `run` stores an outcome: `{"Ok": value}` or `{"Err": error}` in JSON.
+#[derive(Serialize)]
+enum StoredRef<'a, T, E> {
+    Ok(&'a T),
+    Err(&'a E),
+}
+
+#[derive(Deserialize)]
+enum Stored<T, E> {
+    Ok(T),
+    Err(E),
+}
+
+impl<S: Store> Oncely<S> {
+    /// An engine with the default settings: 24 h retention, 30 s lease renewed for up to
+    /// 10 min, reject mode.
+    pub fn new(store: S) -> Self {
+        Self::from_shared(Shared { store, config: Config::default(), hooks: Hooks::default() })
+    }
+
+    /// A builder for the settings and hooks.
+    pub fn builder(store: S) -> OncelyBuilder<S> {
+        OncelyBuilder::new(store)
+    }
+
+    pub(crate) fn from_shared(shared: Shared<S>) -> Self {
+        Self { shared: Arc::new(shared), scope: Scope::global() }
+    }
+
+    /// The same engine acting for `scope`: keys of different scopes never meet.
+    pub fn scoped(&self, scope: Scope) -> Self {
+        Self { shared: Arc::clone(&self.shared), scope }
+    }
+
+    /// The scope this engine acts for.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.shared.store
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The storage key of `key` in this engine's scope.
+    pub fn storage_key(&self, key: &IdempotencyKey) -> StorageKey {
+        StorageKey::derive(&self.scope, key)
+    }
+
+    /// Claims `key`, or finds its stored result, in one store call when the key is
+    /// uncontended. Meeting a live claim, it rejects or waits as configured.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] on a live claim (reject mode, or wait timed out),
+    /// [`Error::Mismatch`] when the key was used with another fingerprint, and
+    /// [`Error::Store`] when the store fails.
+    pub async fn acquire(&self, key: &IdempotencyKey, fingerprint: Option<Fingerprint>) -> Result<Acquired<S>, Error> {
+        let config = &self.shared.config;
+        let hooks = &self.shared.hooks;
+        let storage_key = self.storage_key(key);
+        let request = ClaimRequest {
+            storage_key,
+            key: key.clone(),
+            scope: self.scope.clone(),
+            fingerprint,
+            claim_id: ClaimId::random(),
+            lease: config.lease,
+            retention: config.retention,
+        };
+        let wait_until = match config.conflict {
+            ConflictMode::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
+            ConflictMode::Reject => None,
+        };
+        // In wait mode, a waiter subscribes *before* its next claim, so a completion
+        // landing between the claim and the wait still wakes it.
+        let mut subscription: Option<Notified> = None;
+        let mut met_conflict = false;
+        loop {
+            let outcome = match self.shared.store.claim(request.clone()).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    count("store_error");
+                    return Err(e.into());
+                }
+            };
+            match outcome {
+                ClaimOutcome::Acquired { takeover } => {
+                    count(if takeover { "takeover" } else { "executed" });
+                    if takeover {
+                        tracing::info!(%key, "took over a key whose lease lapsed");
+                        if let Some(hook) = &hooks.takeover {
+                            hook(key);
+                        }
+                    }
+                    if let Some(hook) = &hooks.miss {
+                        hook(key);
+                    }
+                    let guard = ClaimGuard::new(self.clone(), storage_key, key.clone(), request.claim_id, takeover);
+                    return Ok(Acquired::Execute(guard));
+                }
+                ClaimOutcome::Completed(record) => {
+                    count("replayed");
+                    if let Some(hook) = &hooks.hit {
+                        hook(key, &record);
+                    }
+                    return Ok(Acquired::Replay(record));
+                }
+                ClaimOutcome::Mismatch(record) => {
+                    count("mismatch");
+                    if let Some(hook) = &hooks.mismatch {
+                        hook(key, &record);
+                    }
+                    return Err(Error::Mismatch);
+                }
+                ClaimOutcome::InProgress(record) => {
+                    if !met_conflict {
+                        met_conflict = true;
+                        if let Some(hook) = &hooks.conflict {
+                            hook(key, &record);
+                        }
+                    }
+                    let remaining = record.lease_remaining(SystemTime::now());
+                    let conflict = || {
+                        count("conflict");
+                        Error::Conflict { retry_after: retry_after(remaining) }
+                    };
+                    let Some(wait_until) = wait_until else { return Err(conflict()) };
+                    let now = tokio::time::Instant::now();
+                    if now >= wait_until {
+                        return Err(conflict());
+                    }
+                    match subscription.take() {
+                        None => subscription = Some(self.shared.store.subscribe(&storage_key)),
+                        Some(notified) => {
+                            // Wake on the notification; at the latest when the lease
+                            // could lapse, at the poll interval, or at the deadline.
+                            let wake = wait_until.min(now + config.poll_interval).min(now + remaining);
+                            tokio::select! {
+                                () = notified => {}
+                                () = tokio::time::sleep_until(wake) => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `operation` once for `key`: the first call runs it and stores its outcome;
+    /// every retry within the retention gets the stored outcome back (`replayed: true`).
+    ///
+    /// The value (and a failure returned as [`Failure::Store`]) is stored as JSON.
+    /// The operation runs inside this future, with its lease renewed as it goes; dropping
+    /// the future cancels it and leaves the key to lapse with its lease (see
+    /// [`ClaimGuard`]). If the result cannot be stored (the store is down, or a lapsed
+    /// lease was taken over), the value is still returned, since the operation did run,
+    /// and the failure is logged and counted in `oncely_unrecorded_total`.
+    ///
+    /// # Errors
+    /// [`RunError::Failed`] with the operation's failure (now or replayed), and
+    /// [`RunError::Idempotency`] with what [`acquire`](Self::acquire) can fail with, or a
+    /// stored outcome that does not decode as `T`/`E`.
+    pub async fn run<T, E, F, Fut>(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: Option<Fingerprint>,
+        operation: F,
+    ) -> Result<Executed<T>, RunError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        E: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, Failure<E>>>,
+    {
+        let span = tracing::debug_span!("oncely.run", key = %key);
+        async move {
+            let guard = match self.acquire(key, fingerprint).await? {
+                Acquired::Replay(record) => return replay(&record),
+                Acquired::Execute(guard) => guard,
+            };
+            match guard.keep_alive(operation()).await {
+                Ok(value) => {
+                    let payload = serde_json::to_vec(&StoredRef::<T, E>::Ok(&value)).map_err(Error::Encode)?;
+                    record_completion(guard, payload).await;
+                    Ok(Executed { value, replayed: false })
+                }
+                Err(Failure::Store(error)) => {
+                    let payload = serde_json::to_vec(&StoredRef::<T, E>::Err(&error)).map_err(Error::Encode)?;
+                    count("failure_stored");
+                    record_completion(guard, payload).await;
+                    Err(RunError::Failed { error, replayed: false })
+                }
+                Err(Failure::Release(error)) => {
+                    count("failure_released");
+                    let key = guard.key().clone();
+                    if let Err(e) = guard.release().await {
+                        tracing::warn!(%key, error = %e, "release failed; the key stays blocked until its lease lapses");
+                    }
+                    Err(RunError::Failed { error, replayed: false })
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Message dedup: true the first time `id` is seen in this scope within `window`,
+    /// false for every repeat inside it. One atomic store call; no result is stored.
+    ///
+    /// ```
+    /// use oncely::{IdempotencyKey, MemoryStore, Oncely};
+    /// use std::time::Duration;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let oncely = Oncely::new(MemoryStore::new());
+    /// let id = IdempotencyKey::new("msg-81")?;
+    /// assert!(oncely.first_seen(&id, Duration::from_secs(3600)).await?);
+    /// assert!(!oncely.first_seen(&id, Duration::from_secs(3600)).await?);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a zero or absurd window, [`Error::Store`] when the
+    /// store fails.
+    pub async fn first_seen(&self, id: &IdempotencyKey, window: Duration) -> Result<bool, Error> {
+        if window.is_zero() || window > MAX_RETENTION {
+            return Err(Error::InvalidArgument(format!(
+                "first_seen window {window:?} is outside 0..={MAX_RETENTION:?}"
+            )));
+        }
+        let storage_key = StorageKey::derive_raw(&format!("oncely.first_seen\u{0}{}", self.scope), id.as_str());
+        let first = self.shared.store.first_seen(&storage_key, id, &self.scope, window).await?;
+        count(if first { "first_seen" } else { "duplicate_seen" });
+        Ok(first)
+    }
+
+    /// The record of `key` in this scope, if any (no hit is counted).
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store fails.
+    pub async fn get(&self, key: &IdempotencyKey) -> Result<Option<Record>, Error> {
+        Ok(self.shared.store.get(&self.storage_key(key)).await?)
+    }
+
+    /// Deletes the record of `key` in this scope whatever its state; true when there was
+    /// one. The next request with the key runs the operation again.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store fails.
+    pub async fn delete(&self, key: &IdempotencyKey) -> Result<bool, Error> {
+        Ok(self.shared.store.delete(&self.storage_key(key)).await?)
+    }
+}
+
+fn replay<T: DeserializeOwned, E: DeserializeOwned>(record: &Record) -> Result<Executed<T>, RunError<E>> {
+    let RecordState::Completed { payload, .. } = &record.state else {
+        return Err(Error::Store(crate::StoreError::Corrupt("replayed record is not completed".into())).into());
+    };
+    match serde_json::from_slice::<Stored<T, E>>(payload).map_err(Error::Decode)? {
+        Stored::Ok(value) => Ok(Executed { value, replayed: true }),
+        Stored::Err(error) => Err(RunError::Failed { error, replayed: true }),
+    }
+}
+
+async fn record_completion<S: Store>(guard: ClaimGuard<S>, payload: Vec<u8>) {
+    let key = guard.key().clone();
+    if let Err(e) = guard.complete(Bytes::from(payload)).await {
+        tracing::error!(%key, error = %e, "the operation ran but its result could not be stored");
+        metrics::counter!("oncely_unrecorded_total").increment(1);
+    }
+}
+
+/// The lease time left, rounded up to whole seconds, at least one.
+fn retry_after(remaining: Duration) -> Duration {
+    let secs = remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0);
+    Duration::from_secs(secs.max(1))
+}
+
+fn count(outcome: &'static str) {
+    metrics::counter!("oncely_outcomes_total", "outcome" => outcome).increment(1);
+}

@@ -1,0 +1,246 @@
+//! The [`Store`] trait: the contract between the engine and where records live.
+//!
+//! Every store passes the conformance suite in `oncely-testkit`. What it promises:
+//!
+//! - **Claim is one atomic step that returns the existing record when there is one.** A
+//!   store never implements it as get-then-set, and the caller never needs a second read
+//!   to learn what blocked its claim.
+//! - **Atomic under any number of concurrent callers** (and processes, for shared stores):
+//!   among any number of simultaneous claims of one absent key, exactly one is acquired.
+//! - **Fencing.** `complete`, `release` and `touch` succeed only for the record's current
+//!   claim id and answer [`StoreError::LeaseLost`] otherwise.
+//! - **Expiry on every read.** A record past its `expires_at` is absent to every method,
+//!   whether or not the store has collected it yet.
+//! - **Time from one place** per store: the process clock for in-process stores, the
+//!   server's clock for shared ones, so that callers' clock skew cannot shorten a lease.
+//! - **Round trips**: a new operation costs two store calls (claim, complete), a replay one.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::{ClaimId, Fingerprint, IdempotencyKey, Record, Scope, StorageKey};
+
+pub mod memory;
+
+/// A boxed error from a store's client library.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A future that resolves when a key's in-progress record may have changed: completed,
+/// released, deleted or taken over. It may also resolve spuriously; waiters re-check.
+pub type Notified = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// What a store failed at.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The caller's claim is not the record's current one: its lease lapsed and another
+    /// claim took the key over, or the record was released, deleted or expired. The
+    /// caller's write was rejected so that it cannot overwrite the new holder.
+    #[error("the claim no longer holds the key (lease taken over, released, deleted or expired)")]
+    LeaseLost,
+    /// A bounded store is full and holds no completed record it could evict.
+    #[error("the store is full ({capacity} records) and has no completed record to evict")]
+    Capacity {
+        /// The store's maximum number of records.
+        capacity: usize,
+    },
+    /// The store could not be reached or did not answer in time. Whether the call took
+    /// effect is unknown; the HTTP layer answers 503.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+    /// The store holds data this version cannot read.
+    #[error("the store returned a malformed record: {0}")]
+    Corrupt(String),
+    /// The request cannot be carried out as asked (a duration that overflows the clock).
+    #[error("invalid store request: {0}")]
+    InvalidRequest(String),
+}
+
+impl StoreError {
+    /// Wraps a client library's error as [`StoreError::Unavailable`].
+    pub fn unavailable(error: impl Into<BoxError>) -> Self {
+        Self::Unavailable(error.into())
+    }
+}
+
+/// A request to claim a key.
+#[derive(Clone, Debug)]
+pub struct ClaimRequest {
+    /// The key the record is indexed by: `StorageKey::derive(&scope, &key)`.
+    pub storage_key: StorageKey,
+    /// The raw key, kept in the record for inspection.
+    pub key: IdempotencyKey,
+    /// The owning scope, kept in the record for inspection.
+    pub scope: Scope,
+    /// The fingerprint of the request; a record with another one is a mismatch.
+    pub fingerprint: Option<Fingerprint>,
+    /// The claim id this claim will hold the key under (callers use [`ClaimId::random`]).
+    pub claim_id: ClaimId,
+    /// How long the claim holds the key without a renewal.
+    pub lease: Duration,
+    /// How long the record lives: `expires_at` is set to now + retention at claim (and
+    /// again at completion).
+    pub retention: Duration,
+}
+
+/// What a claim found, decided in the same atomic step as the claim itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The key was absent (or expired), or held by a lapsed lease with the same
+    /// fingerprint: the request's claim id now holds it and the caller runs the operation.
+    Acquired {
+        /// True when a lapsed claim was taken over rather than a new record created.
+        takeover: bool,
+    },
+    /// The operation already completed with the same fingerprint. The store counted this
+    /// as a hit in the same step; the record shows the new count.
+    Completed(Record),
+    /// A live claim with the same fingerprint holds the key.
+    InProgress(Record),
+    /// The record was created by a request with a different fingerprint (completed, in
+    /// progress or lapsed alike). Nothing was changed and no hit was counted.
+    Mismatch(Record),
+}
+
+/// Counts of what a store holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Records not yet expired, in either state.
+    pub records: u64,
+    /// Records held by a claim.
+    pub in_progress: u64,
+    /// Records holding a result.
+    pub completed: u64,
+}
+
+/// Where records live. See the [module docs](self) for the contract every store keeps.
+///
+/// Implemented with [`async_trait`] so that `Arc<dyn Store>` works: the gateway picks its
+/// store from a URL at start.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Claims a key in one atomic step.
+    ///
+    /// - absent or expired → a new in-progress record held by `request.claim_id`:
+    ///   [`ClaimOutcome::Acquired`] `{ takeover: false }`;
+    /// - in progress with another fingerprint, or completed with another fingerprint →
+    ///   [`ClaimOutcome::Mismatch`], nothing changed;
+    /// - in progress, lease lapsed → taken over by `request.claim_id` with a fresh lease:
+    ///   [`ClaimOutcome::Acquired`] `{ takeover: true }`;
+    /// - in progress, lease live → [`ClaimOutcome::InProgress`];
+    /// - completed → hit count incremented, [`ClaimOutcome::Completed`].
+    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError>;
+
+    /// Stores the result of the operation held by `claim_id`; the record lives for
+    /// `retention` from now. [`StoreError::LeaseLost`] when `claim_id` no longer holds it.
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        claim_id: ClaimId,
+        payload: Bytes,
+        retention: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Removes the in-progress record held by `claim_id` so the operation may run again.
+    /// [`StoreError::LeaseLost`] when `claim_id` no longer holds it.
+    async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError>;
+
+    /// Renews the lease of `claim_id` to now + `lease`.
+    /// [`StoreError::LeaseLost`] when `claim_id` no longer holds it.
+    async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError>;
+
+    /// The record at `key`, unless absent or expired. Counts no hit.
+    async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError>;
+
+    /// Removes the record at `key` whatever its state; true when there was one. A holder
+    /// of a deleted in-progress record gets [`StoreError::LeaseLost`] on its next call.
+    async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError>;
+
+    /// Removes expired records; returns how many. Stores that sweep by themselves need
+    /// not be called, but must accept the call.
+    async fn purge_expired(&self) -> Result<u64, StoreError>;
+
+    /// Counts of unexpired records.
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// Message dedup in one atomic step: true when `key` was not seen in `scope` within
+    /// the last `window` (and marks it seen for `window` from now), false for a repeat
+    /// (whose hit count goes up). A marker is a completed record with an empty payload.
+    async fn first_seen(
+        &self,
+        storage_key: &StorageKey,
+        key: &IdempotencyKey,
+        scope: &Scope,
+        window: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// A future that resolves when the in-progress record at `key` may have changed.
+    ///
+    /// Contract: any change made after this method returns resolves the future. It
+    /// resolves at once when the record is not in progress. The default never resolves,
+    /// for stores with no notification mechanism; the engine then falls back to polling.
+    fn subscribe(&self, key: &StorageKey) -> Notified {
+        let _ = key;
+        Box::pin(std::future::pending())
+    }
+}
+
+#[async_trait]
+impl<S: Store + ?Sized> Store for Arc<S> {
+    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        (**self).claim(request).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        claim_id: ClaimId,
+        payload: Bytes,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        (**self).complete(key, claim_id, payload, retention).await
+    }
+
+    async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError> {
+        (**self).release(key, claim_id).await
+    }
+
+    async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
+        (**self).touch(key, claim_id, lease).await
+    }
+
+    async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
+        (**self).get(key).await
+    }
+
+    async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        (**self).delete(key).await
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        (**self).purge_expired().await
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        (**self).stats().await
+    }
+
+    async fn first_seen(
+        &self,
+        storage_key: &StorageKey,
+        key: &IdempotencyKey,
+        scope: &Scope,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        (**self).first_seen(storage_key, key, scope, window).await
+    }
+
+    fn subscribe(&self, key: &StorageKey) -> Notified {
+        (**self).subscribe(key)
+    }
+}
