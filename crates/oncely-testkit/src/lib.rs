@@ -1,1 +1,97 @@
 //! The store conformance suite every Oncely store runs, and test helpers.
+//!
+//! A store proves it keeps the [`Store`] contract with one line in an integration test:
+//!
+//! ```ignore
+//! // crates/my-store/tests/conformance.rs
+//! oncely_testkit::store_conformance!(async { my_store::MyStore::connect("…").await });
+//! ```
+//!
+//! The expression is evaluated once per test and must produce a store that is **empty and
+//! isolated** (its own database, key prefix or table): the `stats` and `purge` cases count
+//! records. Every case runs on a multi-threaded Tokio runtime, so the test crate needs
+//! `tokio` (with `macros` and `rt-multi-thread`) as a dev-dependency.
+//!
+//! Each case is also a public function in [`cases`], for stores that need a setup the
+//! macro cannot express.
+//!
+//! Time: cases that wait for a lease or a retention to pass use real durations (hundreds
+//! of milliseconds), because shared stores take time from their server's clock, which a
+//! test cannot pause. Every other wait is on a signal.
+
+use std::time::Duration;
+
+use oncely::{ClaimId, ClaimRequest, Fingerprint, IdempotencyKey, Scope, StorageKey};
+
+pub mod cases;
+
+/// Generates one `#[tokio::test]` per conformance case for the store that `$make_store`
+/// (an expression of type `impl Future<Output = impl Store>`) produces.
+#[macro_export]
+macro_rules! store_conformance {
+    ($make_store:expr) => {
+        $crate::__conformance_tests!($make_store;
+            concurrent_claimers_acquire_once,
+            engine_runs_once_among_concurrent_callers,
+            thousand_tasks_over_ten_keys_run_ten_operations,
+            replay_returns_stored_bytes_exactly,
+            fingerprint_mismatch_is_reported_without_a_hit,
+            lapsed_lease_is_taken_over_and_old_holder_fenced,
+            keep_alive_prevents_takeover_of_live_holder,
+            touch_extends_the_lease,
+            release_lets_the_next_caller_run,
+            retention_expiry_makes_the_key_new_again,
+            hits_are_counted_in_the_claim,
+            waiters_are_woken_on_completion,
+            waiters_are_woken_on_release,
+            first_seen_inside_and_outside_its_window,
+            purge_removes_only_expired_records,
+            stats_count_records_by_state,
+            delete_removes_and_fences_the_holder,
+            records_keep_raw_key_and_scope,
+            scopes_never_share_records,
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_tests {
+    ($make_store:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                $crate::cases::$case(($make_store).await).await;
+            }
+        )*
+    };
+}
+
+/// A fresh random key, so that cases never collide on a shared server.
+pub fn unique_key() -> IdempotencyKey {
+    IdempotencyKey::uuid_v4()
+}
+
+/// A claim request for `key` in the global scope with a fresh claim id.
+pub fn claim_request(key: &IdempotencyKey, fingerprint: Option<Fingerprint>, lease: Duration) -> ClaimRequest {
+    claim_request_in(&Scope::global(), key, fingerprint, lease, Duration::from_secs(3600))
+}
+
+/// A claim request with every field chosen.
+pub fn claim_request_in(
+    scope: &Scope,
+    key: &IdempotencyKey,
+    fingerprint: Option<Fingerprint>,
+    lease: Duration,
+    retention: Duration,
+) -> ClaimRequest {
+    ClaimRequest {
+        storage_key: StorageKey::derive(scope, key),
+        key: key.clone(),
+        scope: scope.clone(),
+        fingerprint,
+        claim_id: ClaimId::random(),
+        lease,
+        retention,
+    }
+}
