@@ -42,7 +42,7 @@ pub enum RunError<E> {
     /// The operation failed. With [`Failure::Release`] the key was released and a retry
     /// runs the operation again; with [`Failure::Store`] the failure is the stored result
     /// and every retry gets it back with `replayed: true`.
-    #[error("the operation failed")]
+    #[error("the operation failed{}: {error:?}", if *replayed { " (stored failure replayed)" } else { "" })]
     Failed {
         /// The operation's error.
         error: E,

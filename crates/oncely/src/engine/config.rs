@@ -88,7 +88,7 @@ impl fmt::Debug for Hooks {
 /// let oncely = Oncely::builder(MemoryStore::new())
 ///     .retention(Duration::from_secs(24 * 3600))
 ///     .lease(Duration::from_secs(30))
-///     .on_conflict(ConflictMode::Wait { timeout: Duration::from_secs(10) })
+///     .conflict_mode(ConflictMode::Wait { timeout: Duration::from_secs(10) })
 ///     .on_hit(|key, record| println!("replayed {key} ({} hits)", record.hits()))
 ///     .build()?;
 /// # let _ = oncely; Ok(()) }
@@ -131,7 +131,7 @@ impl<S: Store> OncelyBuilder<S> {
     }
 
     /// Reject or wait on a live claim (default [`ConflictMode::Reject`]).
-    pub fn on_conflict(mut self, mode: ConflictMode) -> Self {
+    pub fn conflict_mode(mut self, mode: ConflictMode) -> Self {
         self.config.conflict = mode;
         self
     }
@@ -158,7 +158,7 @@ impl<S: Store> OncelyBuilder<S> {
 
     /// Called when a request first meets a live claim of its key (before it waits or is
     /// rejected).
-    pub fn on_conflict_hook(mut self, hook: impl Fn(&IdempotencyKey, &Record) + Send + Sync + 'static) -> Self {
+    pub fn on_conflict(mut self, hook: impl Fn(&IdempotencyKey, &Record) + Send + Sync + 'static) -> Self {
         self.hooks.conflict = Some(Arc::new(hook));
         self
     }
@@ -186,7 +186,12 @@ impl<S: Store> OncelyBuilder<S> {
         check("keep_alive_ceiling", c.keep_alive_ceiling, Duration::ZERO, c.retention)?;
         check("poll_interval", c.poll_interval, Duration::from_millis(1), Duration::from_secs(3600))?;
         if let ConflictMode::Wait { timeout } = c.conflict {
-            check("on_conflict(Wait { timeout })", timeout, Duration::from_millis(1), Duration::from_secs(24 * 3600))?;
+            check(
+                "conflict_mode(Wait { timeout })",
+                timeout,
+                Duration::from_millis(1),
+                Duration::from_secs(24 * 3600),
+            )?;
         }
         Ok(Oncely::from_shared(Shared { store: self.store, config: self.config, hooks: self.hooks }))
     }

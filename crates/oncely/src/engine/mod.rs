@@ -253,7 +253,10 @@ impl<S: Store> Oncely<S> {
     /// The value (and a failure returned as [`Failure::Store`]) is stored as JSON.
     /// The operation runs inside this future, with its lease renewed as it goes; dropping
     /// the future cancels it and leaves the key to lapse with its lease (see
-    /// [`ClaimGuard`]). If the result cannot be stored (the store is down, or a lapsed
+    /// [`ClaimGuard`]). So a caller-side timeout should not wrap `run` itself: spawn the
+    /// `run` (the operation then finishes and stores its result whatever the caller
+    /// does) and put the timeout around the join handle, as a server does for a client
+    /// that hangs up. `examples/retry_timeout.rs` shows both. If the result cannot be stored (the store is down, or a lapsed
     /// lease was taken over), the value is still returned, since the operation did run,
     /// and the failure is logged and counted in `oncely_unrecorded_total`.
     ///
@@ -308,6 +311,10 @@ impl<S: Store> Oncely<S> {
     /// Message dedup: true the first time `id` is seen in this scope within `window`,
     /// false for every repeat inside it. One atomic store call; no result is stored.
     ///
+    /// The mark is set before the message is handled: if handling then fails and the
+    /// message should be handled on redelivery, call [`forget_seen`](Self::forget_seen).
+    /// For at-most-once-with-result semantics use [`run`](Self::run) instead.
+    ///
     /// ```
     /// use oncely::{IdempotencyKey, MemoryStore, Oncely};
     /// use std::time::Duration;
@@ -329,10 +336,26 @@ impl<S: Store> Oncely<S> {
                 "first_seen window {window:?} is outside 0..={MAX_RETENTION:?}"
             )));
         }
-        let storage_key = StorageKey::derive_raw(&format!("oncely.first_seen\u{0}{}", self.scope), id.as_str());
+        let storage_key = self.seen_key(id);
         let first = self.shared.store.first_seen(&storage_key, id, &self.scope, window).await?;
         count(if first { "first_seen" } else { "duplicate_seen" });
         Ok(first)
+    }
+
+    /// Forgets that `id` was seen, so its next [`first_seen`](Self::first_seen) is true
+    /// again: for a consumer whose handling failed after `first_seen` said true and
+    /// which wants the redelivery handled. True when there was a mark to remove.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store fails.
+    pub async fn forget_seen(&self, id: &IdempotencyKey) -> Result<bool, Error> {
+        Ok(self.shared.store.delete(&self.seen_key(id)).await?)
+    }
+
+    fn seen_key(&self, id: &IdempotencyKey) -> StorageKey {
+        // A separate key space from `run`'s, so a message id and an idempotency key with
+        // the same text never meet.
+        StorageKey::derive_raw(&format!("oncely.first_seen\u{0}{}", self.scope), id.as_str())
     }
 
     /// The record of `key` in this scope, if any (no hit is counted).

@@ -148,6 +148,16 @@ async fn sweep(inner: Weak<Inner>, every: Duration) {
     }
 }
 
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("len", &self.len())
+            .field("max_entries", &self.inner.max_entries)
+            .field("shards", &self.inner.shards.len())
+            .finish()
+    }
+}
+
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()

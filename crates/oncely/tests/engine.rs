@@ -1,0 +1,223 @@
+//! The engine's behaviour beyond the store contract: failure policies, hooks, decoding,
+//! cancellation, conflict handling and settings validation.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use oncely::{
+    Acquired, ConflictMode, Error, Failure, Fingerprint, IdempotencyKey, MemoryStore, Oncely, RunError, StoreError,
+};
+use serde::{Deserialize, Serialize};
+
+fn key(name: &str) -> IdempotencyKey {
+    IdempotencyKey::new(name).expect("valid test key")
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+enum PaymentError {
+    Declined { reason: String },
+    ProviderDown,
+}
+
+#[tokio::test]
+async fn a_stored_failure_is_replayed_and_not_run_again() {
+    let oncely = Oncely::new(MemoryStore::new());
+    let attempts = AtomicUsize::new(0);
+    for replayed in [false, true, true] {
+        let result = oncely
+            .run(&key("pay-1"), None, || async {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                Err::<String, _>(Failure::Store(PaymentError::Declined { reason: "insufficient funds".into() }))
+            })
+            .await;
+        match result {
+            Err(RunError::Failed { error, replayed: was }) => {
+                assert_eq!(error, PaymentError::Declined { reason: "insufficient funds".into() });
+                assert_eq!(was, replayed);
+            }
+            other => panic!("expected the stored decline, got {other:?}"),
+        }
+    }
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn question_mark_releases_by_default() {
+    async fn provider() -> Result<String, PaymentError> {
+        Err(PaymentError::ProviderDown)
+    }
+    let oncely = Oncely::new(MemoryStore::new());
+    let attempts = AtomicUsize::new(0);
+    for _ in 0..3 {
+        let result = oncely
+            .run(&key("pay-2"), None, || async {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                let charge = provider().await?;
+                Ok(charge)
+            })
+            .await;
+        assert!(matches!(result, Err(RunError::Failed { error: PaymentError::ProviderDown, replayed: false })));
+    }
+    assert_eq!(attempts.load(Ordering::SeqCst), 3, "a released failure runs again on every retry");
+}
+
+#[tokio::test]
+async fn a_result_of_another_type_is_a_decode_error_not_a_panic() {
+    let oncely = Oncely::new(MemoryStore::new());
+    oncely.run(&key("k"), None, || async { Ok::<_, Failure<String>>("text".to_string()) }).await.expect("first run");
+    let wrong = oncely.run(&key("k"), None, || async { Ok::<u64, Failure<String>>(1) }).await;
+    assert!(matches!(wrong, Err(RunError::Idempotency(Error::Decode(_)))), "{wrong:?}");
+}
+
+#[tokio::test]
+async fn reuse_with_another_fingerprint_is_a_mismatch() {
+    let oncely = Oncely::new(MemoryStore::new());
+    let a = Fingerprint::from_json(br#"{"amount":1}"#).expect("json");
+    let b = Fingerprint::from_json(br#"{"amount":2}"#).expect("json");
+    oncely.run(&key("k"), Some(a), || async { Ok::<_, Failure<String>>(1) }).await.expect("first run");
+    let reused = oncely.run(&key("k"), Some(b), || async { Ok::<_, Failure<String>>(2) }).await;
+    assert!(matches!(reused, Err(RunError::Idempotency(Error::Mismatch))), "{reused:?}");
+}
+
+#[tokio::test]
+async fn hooks_see_every_outcome_with_hit_counts() {
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let misses = Arc::new(AtomicU64::new(0));
+    let mismatches = Arc::new(AtomicU64::new(0));
+    let conflicts = Arc::new(AtomicU64::new(0));
+    let oncely = {
+        let (hits, misses, mismatches, conflicts) =
+            (hits.clone(), misses.clone(), mismatches.clone(), conflicts.clone());
+        Oncely::builder(MemoryStore::new())
+            .on_hit(move |_, record| hits.lock().expect("lock").push(record.hits()))
+            .on_miss(move |_| {
+                misses.fetch_add(1, Ordering::SeqCst);
+            })
+            .on_mismatch(move |_, _| {
+                mismatches.fetch_add(1, Ordering::SeqCst);
+            })
+            .on_conflict(move |_, _| {
+                conflicts.fetch_add(1, Ordering::SeqCst);
+            })
+            .build()
+            .expect("valid settings")
+    };
+    for _ in 0..3 {
+        oncely.run(&key("k"), None, || async { Ok::<_, Failure<String>>(1) }).await.expect("run");
+    }
+    assert_eq!(*hits.lock().expect("lock"), vec![1, 2]);
+    assert_eq!(misses.load(Ordering::SeqCst), 1);
+
+    let other = Some(Fingerprint::from_bytes(b"other"));
+    let _ = oncely.run(&key("k"), other, || async { Ok::<_, Failure<String>>(1) }).await;
+    assert_eq!(mismatches.load(Ordering::SeqCst), 1);
+
+    let Acquired::Execute(guard) = oncely.acquire(&key("busy"), None).await.expect("acquire") else { panic!() };
+    assert!(matches!(oncely.acquire(&key("busy"), None).await, Err(Error::Conflict { .. })));
+    assert_eq!(conflicts.load(Ordering::SeqCst), 1);
+    guard.release().await.expect("release");
+}
+
+#[tokio::test]
+async fn a_dropped_guard_blocks_its_key_for_one_lease_then_is_taken_over() {
+    let takeovers = Arc::new(AtomicU64::new(0));
+    let oncely = {
+        let takeovers = takeovers.clone();
+        Oncely::builder(MemoryStore::new())
+            .lease(Duration::from_millis(300))
+            .on_takeover(move |_| {
+                takeovers.fetch_add(1, Ordering::SeqCst);
+            })
+            .build()
+            .expect("valid settings")
+    };
+    let Acquired::Execute(guard) = oncely.acquire(&key("k"), None).await.expect("acquire") else { panic!() };
+    drop(guard);
+    match oncely.acquire(&key("k"), None).await {
+        Err(Error::Conflict { retry_after }) => assert_eq!(retry_after, Duration::from_secs(1), "rounded up"),
+        other => panic!("a dropped guard keeps the key blocked, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let Acquired::Execute(guard) = oncely.acquire(&key("k"), None).await.expect("acquire") else { panic!() };
+    assert!(guard.is_takeover());
+    assert_eq!(takeovers.load(Ordering::SeqCst), 1);
+    guard.complete(bytes::Bytes::from_static(b"done")).await.expect("complete");
+}
+
+#[tokio::test]
+async fn a_cancelled_run_leaves_the_key_to_lapse_not_to_rerun_at_once() {
+    let oncely = Oncely::builder(MemoryStore::new()).lease(Duration::from_millis(300)).build().expect("settings");
+    let runs = AtomicUsize::new(0);
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        oncely.run(&key("k"), None, || async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+            Ok::<_, Failure<String>>(1)
+        }),
+    )
+    .await;
+    assert!(cancelled.is_err(), "the caller's timeout fired");
+    let retry = oncely.run(&key("k"), None, || async { Ok::<_, Failure<String>>(2) }).await;
+    assert!(matches!(retry, Err(RunError::Idempotency(Error::Conflict { .. }))), "{retry:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = oncely.run(&key("k"), None, || async { Ok::<_, Failure<String>>(3) }).await.expect("taken over");
+    assert_eq!(later.value, 3);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_waiter_gives_up_with_a_conflict_at_its_timeout() {
+    let oncely = Oncely::builder(MemoryStore::new())
+        .conflict_mode(ConflictMode::Wait { timeout: Duration::from_millis(100) })
+        .build()
+        .expect("settings");
+    let Acquired::Execute(guard) = oncely.acquire(&key("k"), None).await.expect("acquire") else { panic!() };
+    assert!(matches!(oncely.acquire(&key("k"), None).await, Err(Error::Conflict { .. })));
+    guard.release().await.expect("release");
+}
+
+#[tokio::test]
+async fn a_completion_after_takeover_is_rejected() {
+    let oncely = Oncely::builder(MemoryStore::new()).lease(Duration::from_millis(200)).build().expect("settings");
+    let Acquired::Execute(old) = oncely.acquire(&key("k"), None).await.expect("acquire") else { panic!() };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let Acquired::Execute(new) = oncely.acquire(&key("k"), None).await.expect("acquire") else { panic!() };
+    let late = old.complete(bytes::Bytes::from_static(b"late")).await;
+    assert!(matches!(late, Err(Error::Store(StoreError::LeaseLost))), "{late:?}");
+    new.complete(bytes::Bytes::from_static(b"current")).await.expect("new holder completes");
+}
+
+#[tokio::test]
+async fn bad_settings_are_refused_naming_the_setting() {
+    let cases: Vec<(&str, oncely::OncelyBuilder<MemoryStore>)> = vec![
+        ("retention", Oncely::builder(MemoryStore::new()).retention(Duration::ZERO)),
+        ("retention", Oncely::builder(MemoryStore::new()).retention(Duration::from_secs(400 * 24 * 3600))),
+        ("lease", Oncely::builder(MemoryStore::new()).lease(Duration::ZERO)),
+        (
+            "lease",
+            Oncely::builder(MemoryStore::new()).retention(Duration::from_secs(10)).lease(Duration::from_secs(20)),
+        ),
+        ("poll_interval", Oncely::builder(MemoryStore::new()).poll_interval(Duration::ZERO)),
+        (
+            "conflict_mode(Wait { timeout })",
+            Oncely::builder(MemoryStore::new()).conflict_mode(ConflictMode::Wait { timeout: Duration::ZERO }),
+        ),
+        ("keep_alive_ceiling", Oncely::builder(MemoryStore::new()).keep_alive_ceiling(Duration::MAX)),
+    ];
+    for (setting, builder) in cases {
+        match builder.build() {
+            Err(e) => assert_eq!(e.setting, setting, "{e}"),
+            Ok(_) => panic!("{setting} should be refused"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_zero_or_absurd_dedup_window_is_refused() {
+    let oncely = Oncely::new(MemoryStore::new());
+    for window in [Duration::ZERO, Duration::MAX] {
+        assert!(matches!(oncely.first_seen(&key("m"), window).await, Err(Error::InvalidArgument(_))));
+    }
+}
