@@ -1,0 +1,117 @@
+//! RFC 9457 problem details: every error this layer answers with.
+//!
+//! Each error has a stable `type`, a URN that clients can match on:
+//!
+//! | `type` | status | when |
+//! |---|---|---|
+//! | `urn:oncely:problem:missing-key` | 400 | the route requires a key and the request has none |
+//! | `urn:oncely:problem:invalid-key` | 400 | empty, over 255 characters, not visible ASCII, a malformed sf-string, or two key fields |
+//! | `urn:oncely:problem:body-unreadable` | 400 | the request body failed while being read |
+//! | `urn:oncely:problem:body-too-large` | 413 | the request body is over the layer's limit; nothing was stored |
+//! | `urn:oncely:problem:key-reused` | 422 | the key was first used for a request with another fingerprint |
+//! | `urn:oncely:problem:request-in-progress` | 409 | a request with this key is running (with `Retry-After`) |
+//! | `urn:oncely:problem:store-unavailable` | 503 | the idempotency store failed; fail-closed (with `Retry-After`) |
+//! | `urn:oncely:problem:response-not-stored` | 500 | replay of an operation that completed but whose response could not be kept (over the size cap) |
+//! | `urn:oncely:problem:handler-failed` | 500 | the inner service panicked or its response body failed |
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+
+use crate::ResponseBody;
+
+/// One kind of problem this layer reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// 400: required key absent.
+    MissingKey,
+    /// 400: key field malformed.
+    InvalidKey,
+    /// 400: the body failed while being read.
+    BodyUnreadable,
+    /// 413: body over the limit.
+    BodyTooLarge,
+    /// 422: key reused with another request.
+    KeyReused,
+    /// 409: the first request is still running.
+    RequestInProgress,
+    /// 503: the store failed.
+    StoreUnavailable,
+    /// 500: completed, response over the storage cap.
+    ResponseNotStored,
+    /// 500: the inner service failed unexpectedly.
+    HandlerFailed,
+}
+
+impl ProblemKind {
+    /// The stable `type` URI.
+    pub const fn type_uri(self) -> &'static str {
+        match self {
+            Self::MissingKey => "urn:oncely:problem:missing-key",
+            Self::InvalidKey => "urn:oncely:problem:invalid-key",
+            Self::BodyUnreadable => "urn:oncely:problem:body-unreadable",
+            Self::BodyTooLarge => "urn:oncely:problem:body-too-large",
+            Self::KeyReused => "urn:oncely:problem:key-reused",
+            Self::RequestInProgress => "urn:oncely:problem:request-in-progress",
+            Self::StoreUnavailable => "urn:oncely:problem:store-unavailable",
+            Self::ResponseNotStored => "urn:oncely:problem:response-not-stored",
+            Self::HandlerFailed => "urn:oncely:problem:handler-failed",
+        }
+    }
+
+    /// The HTTP status.
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Self::MissingKey | Self::InvalidKey | Self::BodyUnreadable => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::RequestInProgress => StatusCode::CONFLICT,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ResponseNotStored | Self::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The short human title.
+    pub const fn title(self) -> &'static str {
+        match self {
+            Self::MissingKey => "Idempotency-Key is missing",
+            Self::InvalidKey => "Idempotency-Key is invalid",
+            Self::BodyUnreadable => "The request body could not be read",
+            Self::BodyTooLarge => "The request body is too large",
+            Self::KeyReused => "Idempotency-Key was used for a different request",
+            Self::RequestInProgress => "A request with this Idempotency-Key is in progress",
+            Self::StoreUnavailable => "The idempotency store is unavailable",
+            Self::ResponseNotStored => "The original response was not stored",
+            Self::HandlerFailed => "The request failed",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    r#type: &'static str,
+    title: &'static str,
+    status: u16,
+    detail: &'a str,
+}
+
+/// A problem response: `application/problem+json` with `type`, `title`, `status`, `detail`.
+pub(crate) fn problem(kind: ProblemKind, detail: &str, retry_after: Option<Duration>) -> http::Response<ResponseBody> {
+    let status = kind.status();
+    let body = Body { r#type: kind.type_uri(), title: kind.title(), status: status.as_u16(), detail };
+    let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut response = Response::new(Full::new(Bytes::from(json)).map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    if let Some(after) = retry_after {
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    metrics::counter!("oncely_http_problems_total", "type" => kind.type_uri()).increment(1);
+    response
+}

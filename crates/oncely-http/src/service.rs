@@ -1,0 +1,425 @@
+//! [`Idempotency`]: the service, and its response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, TryStreamExt, stream};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, BodyStream, Either, Full, LengthLimitError, Limited, StreamBody};
+use oncely::{Acquired, ClaimGuard, Error, IdempotencyKey, Oncely, Record, RecordState, Store};
+use tower_service::Service;
+
+use crate::layer::{IdempotencyLayer, Settings};
+use crate::problem::{ProblemKind, problem};
+use crate::request::request_fingerprint;
+use crate::stored::StoredResponse;
+use crate::{BoxError, RequestBody, ResponseBody, parse_key_header};
+
+/// How long a client is told to wait after a 503 from a failing store.
+const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The service [`IdempotencyLayer`] wraps around an inner service.
+///
+/// The inner service sees the request with a buffered body ([`RequestBody::Left`]) on
+/// keyed requests, or the untouched body ([`RequestBody::Right`]) on passed-through ones,
+/// and the parsed [`IdempotencyKey`] in the request extensions.
+pub struct Idempotency<S, St> {
+    inner: S,
+    layer: IdempotencyLayer<St>,
+}
+
+impl<S: Clone, St> Clone for Idempotency<S, St> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone(), layer: self.layer.clone() }
+    }
+}
+
+impl<S: fmt::Debug, St> fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency").field("inner", &self.inner).field("layer", &self.layer).finish()
+    }
+}
+
+impl<S, St> Idempotency<S, St> {
+    pub(crate) fn new(inner: S, layer: IdempotencyLayer<St>) -> Self {
+        Self { inner, layer }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+/// The response future of [`Idempotency`].
+pub struct ResponseFuture<E> {
+    inner: Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, E>> + Send>>,
+}
+
+impl<E> ResponseFuture<E> {
+    fn new(future: impl Future<Output = Result<Response<ResponseBody>, E>> + Send + 'static) -> Self {
+        Self { inner: Box::pin(future) }
+    }
+
+    fn ready(response: Response<ResponseBody>) -> Self
+    where
+        E: Send + 'static,
+    {
+        Self::new(std::future::ready(Ok(response)))
+    }
+}
+
+impl<E> Future for ResponseFuture<E> {
+    type Output = Result<Response<ResponseBody>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<E> fmt::Debug for ResponseFuture<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResponseFuture")
+    }
+}
+
+impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let settings = &self.layer.settings;
+        if !settings.methods.contains(request.method()) {
+            return pass_through(&mut self.inner, request.map(Either::Right));
+        }
+        let key = match parse_key_header(request.headers(), &settings.header) {
+            Ok(Some(key)) => key,
+            Ok(None) if settings.required => {
+                let detail =
+                    format!("{} requests to this resource need an {} header", request.method(), settings.header);
+                return ResponseFuture::ready(problem(ProblemKind::MissingKey, &detail, None));
+            }
+            Ok(None) => return pass_through(&mut self.inner, request.map(Either::Right)),
+            Err(e) => return ResponseFuture::ready(problem(ProblemKind::InvalidKey, &e.to_string(), None)),
+        };
+        // The readied service goes with this request; the clone stays for the next
+        // (tower's usual pattern).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::new(keyed(inner, self.layer.oncely.clone(), Arc::clone(settings), key, request))
+    }
+}
+
+fn pass_through<S, B, ResBody>(inner: &mut S, request: Request<B>) -> ResponseFuture<S::Error>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    count("passed_through");
+    let future = inner.call(request);
+    ResponseFuture::new(async move { Ok(future.await?.map(boxed)) })
+}
+
+/// A keyed request: read the body, claim the key, then replay, refuse, or execute.
+async fn keyed<S, St, ReqBody, ResBody>(
+    mut inner: S,
+    oncely: Oncely<St>,
+    settings: Arc<Settings>,
+    key: IdempotencyKey,
+    request: Request<ReqBody>,
+) -> Result<Response<ResponseBody>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let (mut parts, body) = request.into_parts();
+    let too_large = || {
+        let detail = format!("the request body is over the limit of {} bytes", settings.max_body);
+        problem(ProblemKind::BodyTooLarge, &detail, None)
+    };
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > settings.max_body as u64) {
+        return Ok(too_large());
+    }
+    let body = match Limited::new(body, settings.max_body).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Ok(too_large()),
+        Err(e) => return Ok(problem(ProblemKind::BodyUnreadable, &e.to_string(), None)),
+    };
+
+    let fingerprint = request_fingerprint(&parts, &body);
+    let engine = oncely.scoped(settings.scope.scope(&parts));
+    // Handlers read the key through the extensions, whichever header the layer reads.
+    parts.extensions.insert(key.clone());
+    let guard = match engine.acquire(&key, Some(fingerprint)).await {
+        Ok(Acquired::Execute(guard)) => guard,
+        Ok(Acquired::Replay(record)) => {
+            count("replayed");
+            return Ok(replay(&record, &settings));
+        }
+        Err(Error::Conflict { retry_after }) => {
+            let detail = "a request with this key is still being processed; retry later";
+            return Ok(problem(ProblemKind::RequestInProgress, detail, Some(retry_after)));
+        }
+        Err(Error::Mismatch) => {
+            let detail = "this key was used for a request with another method, path, content type or body";
+            return Ok(problem(ProblemKind::KeyReused, detail, None));
+        }
+        Err(e) if settings.fail_open => {
+            tracing::warn!(%key, error = %e, "idempotency store failed; passing the request through (fail-open)");
+            count("failed_open");
+            let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;
+            return Ok(response.map(boxed));
+        }
+        Err(e) => {
+            tracing::error!(%key, error = %e, "idempotency store failed; refusing the request (fail-closed)");
+            let detail = "the idempotency store could not be reached; the request was not processed";
+            return Ok(problem(ProblemKind::StoreUnavailable, detail, Some(STORE_RETRY_AFTER)));
+        }
+    };
+
+    let request = Request::from_parts(parts, Either::Left(Full::new(body)));
+    // The operation runs in its own task: a client that disconnects drops this future,
+    // not the operation, whose result is stored for the retry.
+    match tokio::spawn(execute(inner, request, guard, settings)).await {
+        Ok(result) => result,
+        Err(e) => {
+            tracing::error!(error = %e, "the inner service panicked; its key lapses with its lease");
+            Ok(problem(ProblemKind::HandlerFailed, "the request handler failed", None))
+        }
+    }
+}
+
+/// What the inner service produced, once its body is read as far as it will be stored.
+enum Produced<ResBody> {
+    /// A status that is not stored: release the key, hand the response on as it is.
+    Release(Response<ResBody>),
+    /// A status that is stored, with its body read up to the storage cap.
+    Store(http::response::Parts, Capped<ResBody>),
+}
+
+enum Capped<B> {
+    Whole(Bytes),
+    TooLarge { prefix: Bytes, rest: Pin<Box<B>> },
+    Failed(BoxError),
+}
+
+async fn execute<S, St, ReqBody, ResBody>(
+    mut inner: S,
+    request: Request<RequestBody<ReqBody>>,
+    guard: ClaimGuard<St>,
+    settings: Arc<Settings>,
+) -> Result<Response<ResponseBody>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    St: Store,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let produced = guard
+        .keep_alive(async {
+            let response = inner.call(request).await?;
+            if !(settings.stores_status)(response.status()) {
+                return Ok(Produced::Release(response));
+            }
+            let (parts, body) = response.into_parts();
+            Ok(Produced::Store(parts, read_capped(body, settings.max_stored_response).await))
+        })
+        .await;
+    match produced {
+        Err(e) => {
+            release(guard).await;
+            Err(e)
+        }
+        Ok(Produced::Release(response)) => {
+            count("released");
+            release(guard).await;
+            Ok(response.map(boxed))
+        }
+        Ok(Produced::Store(parts, Capped::Whole(body))) => {
+            count("executed");
+            let headers = replayable_headers(&parts.headers, &settings);
+            let stored = StoredResponse { status: parts.status, headers, body: Some(body.clone()) };
+            complete(guard, stored.encode()).await;
+            Ok(Response::from_parts(parts, full(body)))
+        }
+        Ok(Produced::Store(parts, Capped::TooLarge { prefix, rest })) => {
+            count("executed_not_stored");
+            tracing::warn!(key = %guard.key(), cap = settings.max_stored_response, "response over the storage cap; retries get a response-not-stored problem");
+            let headers = replayable_headers(&parts.headers, &settings);
+            complete(guard, StoredResponse { status: parts.status, headers, body: None }.encode()).await;
+            let head = stream::once(std::future::ready(Ok::<_, BoxError>(Frame::data(prefix))));
+            let tail = TryStreamExt::map_err(BodyStream::new(rest), Into::into);
+            Ok(Response::from_parts(parts, StreamBody::new(head.chain(tail)).boxed_unsync()))
+        }
+        Ok(Produced::Store(_, Capped::Failed(e))) => {
+            // The operation ran but its response broke off: its outcome is unknown to the
+            // client, so the key lapses with its lease rather than being released.
+            tracing::error!(key = %guard.key(), error = %e, "response body failed; the key lapses with its lease");
+            drop(guard);
+            Ok(problem(ProblemKind::HandlerFailed, "the response body failed", None))
+        }
+    }
+}
+
+/// Reads `body` up to `cap` bytes, keeping a single-frame body without a copy.
+async fn read_capped<B>(body: B, cap: usize) -> Capped<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = Box::pin(body);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Capped::Failed(e.into()),
+            Some(Ok(frame)) => {
+                // Trailers are not stored (see the crate docs).
+                let Ok(data) = frame.into_data() else { continue };
+                len += data.len();
+                chunks.push(data);
+                if len > cap {
+                    return Capped::TooLarge { prefix: concat(chunks, len), rest: body };
+                }
+            }
+        }
+    }
+    Capped::Whole(concat(chunks, len))
+}
+
+fn concat(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.pop().unwrap_or_default();
+    }
+    let mut out = BytesMut::with_capacity(len);
+    for chunk in chunks {
+        out.extend_from_slice(&chunk);
+    }
+    out.freeze()
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) are about one connection, never replayed.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn replayable_headers(headers: &HeaderMap, settings: &Settings) -> HeaderMap {
+    let named_by_connection: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect();
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let n = name.as_str();
+        let dropped = HOP_BY_HOP.contains(&n)
+            || n == "date"
+            || named_by_connection.iter().any(|c| c == n)
+            || settings.not_replayed.contains(name);
+        if !dropped {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
+}
+
+fn replay(record: &Record, settings: &Settings) -> Response<ResponseBody> {
+    let RecordState::Completed { payload, .. } = &record.state else {
+        return problem(ProblemKind::HandlerFailed, "the replayed record is not completed", None);
+    };
+    let mut response = match StoredResponse::decode(payload.clone()) {
+        Ok(StoredResponse { status, headers, body: Some(body) }) => {
+            let mut response = Response::new(full(body));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            response
+        }
+        Ok(StoredResponse { body: None, .. }) => problem(
+            ProblemKind::ResponseNotStored,
+            "the request was processed, but its response was too large to keep for replay; it is not processed again",
+            None,
+        ),
+        Err(reason) => {
+            tracing::error!(key = %record.key, reason, "stored response does not decode");
+            problem(
+                ProblemKind::ResponseNotStored,
+                "the request was processed, but its stored response is unreadable",
+                None,
+            )
+        }
+    };
+    response.headers_mut().insert(settings.replayed_header.clone(), HeaderValue::from_static("true"));
+    response
+}
+
+async fn complete<St: Store>(guard: ClaimGuard<St>, payload: Bytes) {
+    let key = guard.key().clone();
+    if let Err(e) = guard.complete(payload).await {
+        tracing::error!(%key, error = %e, "the request ran but its response could not be stored");
+        count("unrecorded");
+    }
+}
+
+async fn release<St: Store>(guard: ClaimGuard<St>) {
+    let key = guard.key().clone();
+    if let Err(e) = guard.release().await {
+        tracing::warn!(%key, error = %e, "release failed; the key lapses with its lease");
+    }
+}
+
+fn full(bytes: Bytes) -> ResponseBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn boxed<B>(body: B) -> ResponseBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+fn count(outcome: &'static str) {
+    metrics::counter!("oncely_http_requests_total", "outcome" => outcome).increment(1);
+}

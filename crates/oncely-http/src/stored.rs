@@ -1,0 +1,105 @@
+//! The stored form of a response: what a replay gives back byte for byte.
+//!
+//! Layout (all integers big-endian): the magic `OHR1`, a flag byte (1: the body is over
+//! the storage cap and was not kept), the status (u16), the header count (u16), each
+//! header as name length (u16), name, value length (u32), value, and then the body, to
+//! the end. Decoding checks every length; a record that does not decode is reported,
+//! never replayed half.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+const MAGIC: &[u8; 4] = b"OHR1";
+
+/// A response as stored for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredResponse {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    /// `None` when the body was over the storage cap and was not kept.
+    pub(crate) body: Option<Bytes>,
+}
+
+impl StoredResponse {
+    pub(crate) fn encode(&self) -> Bytes {
+        let body_len = self.body.as_ref().map_or(0, Bytes::len);
+        let mut out = BytesMut::with_capacity(16 + self.headers.len() * 48 + body_len);
+        out.put_slice(MAGIC);
+        out.put_u8(u8::from(self.body.is_none()));
+        out.put_u16(self.status.as_u16());
+        // Header names are at most 64 KiB by hyper's limits, and a header map stored here
+        // holds far fewer than 65,536 entries; saturate rather than wrap if not.
+        let count = self.headers.len().min(u16::MAX as usize);
+        out.put_u16(count as u16);
+        for (name, value) in self.headers.iter().take(count) {
+            out.put_u16(name.as_str().len() as u16);
+            out.put_slice(name.as_str().as_bytes());
+            out.put_u32(value.len() as u32);
+            out.put_slice(value.as_bytes());
+        }
+        if let Some(body) = &self.body {
+            out.put_slice(body);
+        }
+        out.freeze()
+    }
+
+    pub(crate) fn decode(mut bytes: Bytes) -> Result<Self, &'static str> {
+        fn need(bytes: &Bytes, n: usize) -> Result<(), &'static str> {
+            if bytes.remaining() < n { Err("truncated stored response") } else { Ok(()) }
+        }
+        need(&bytes, 9)?;
+        if &bytes[..4] != MAGIC {
+            return Err("not a stored response of this version");
+        }
+        bytes.advance(4);
+        let too_large = bytes.get_u8() == 1;
+        let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| "invalid stored status")?;
+        let count = bytes.get_u16();
+        let mut headers = HeaderMap::with_capacity(count as usize);
+        for _ in 0..count {
+            need(&bytes, 2)?;
+            let len = bytes.get_u16() as usize;
+            need(&bytes, len)?;
+            let name = HeaderName::from_bytes(&bytes.split_to(len)).map_err(|_| "invalid stored header name")?;
+            need(&bytes, 4)?;
+            let len = bytes.get_u32() as usize;
+            need(&bytes, len)?;
+            let value =
+                HeaderValue::from_maybe_shared(bytes.split_to(len)).map_err(|_| "invalid stored header value")?;
+            headers.append(name, value);
+        }
+        Ok(Self { status, headers, body: (!too_large).then_some(bytes) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_part_exactly() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-multi", HeaderValue::from_static("one"));
+        headers.append("x-multi", HeaderValue::from_static("two"));
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        let body: Vec<u8> = (0..=255u8).collect();
+        let stored = StoredResponse { status: StatusCode::CREATED, headers, body: Some(Bytes::from(body)) };
+        assert_eq!(StoredResponse::decode(stored.encode()), Ok(stored));
+        let marker = StoredResponse { status: StatusCode::OK, headers: HeaderMap::new(), body: None };
+        assert_eq!(StoredResponse::decode(marker.encode()), Ok(marker));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let stored =
+            StoredResponse { status: StatusCode::OK, headers: HeaderMap::new(), body: Some(Bytes::from_static(b"x")) };
+        let encoded = stored.encode();
+        for cut in 0..9 {
+            assert!(StoredResponse::decode(encoded.slice(..cut)).is_err());
+        }
+        assert!(StoredResponse::decode(Bytes::from_static(b"{\"Ok\":1}")).is_err());
+        let mut bad = BytesMut::from(&b"OHR1\x00\x00\xc8\x00\x01\x00\xff"[..]);
+        bad.put_slice(b"short");
+        assert!(StoredResponse::decode(bad.freeze()).is_err());
+    }
+}

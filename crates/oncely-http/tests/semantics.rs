@@ -1,0 +1,571 @@
+//! Every row of the HTTP semantics table, against an axum app whose handlers count their
+//! executions.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use oncely::store::Notified;
+use oncely::{
+    ClaimId, ClaimOutcome, ClaimRequest, ConflictMode, IdempotencyKey, MemoryStore, Oncely, Record, Scope, StorageKey,
+    Store, StoreError, StoreStats,
+};
+use oncely_http::{IdempotencyLayer, Idempotent};
+use tokio::sync::{Barrier, Notify, mpsc};
+use tower::ServiceExt;
+
+/// What the handlers share: execution counts and gates to hold a request in progress.
+#[derive(Default)]
+struct Counters {
+    executions: AtomicUsize,
+    started: Notify,
+    gate: Notify,
+    gate_open: std::sync::atomic::AtomicBool,
+}
+
+type Shared = Arc<Counters>;
+
+async fn create(State(c): State<Shared>, headers: HeaderMap, body: Bytes) -> Response<Body> {
+    let n = c.executions.fetch_add(1, Ordering::SeqCst) + 1;
+    let mut response = (
+        StatusCode::CREATED,
+        [
+            ("content-type", "application/json"),
+            ("x-charge", "ch_1"),
+            ("set-cookie", "session=abc"),
+            ("date", "Sun, 22 Nov 2026 10:00:00 GMT"),
+        ],
+        format!(
+            r#"{{"execution":{n},"auth":{:?},"body_len":{}}}"#,
+            headers.get("authorization").map(|v| v.as_bytes().len()),
+            body.len()
+        ),
+    )
+        .into_response();
+    response.headers_mut().append("x-multi", HeaderValue::from_static("a"));
+    response.headers_mut().append("x-multi", HeaderValue::from_static("b"));
+    response
+}
+
+async fn status(State(c): State<Shared>, body: Bytes) -> Response<Body> {
+    c.executions.fetch_add(1, Ordering::SeqCst);
+    let code = std::str::from_utf8(&body).ok().and_then(|s| s.parse::<u16>().ok()).unwrap_or(500);
+    (StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), format!("status {code}")).into_response()
+}
+
+/// Signals that it started, then waits for the gate before answering.
+async fn slow(State(c): State<Shared>) -> Response<Body> {
+    let n = c.executions.fetch_add(1, Ordering::SeqCst) + 1;
+    c.started.notify_one();
+    let opened = c.gate.notified();
+    if !c.gate_open.load(Ordering::SeqCst) {
+        opened.await;
+    }
+    (StatusCode::CREATED, format!("slow execution {n}")).into_response()
+}
+
+async fn big(State(c): State<Shared>) -> Response<Body> {
+    c.executions.fetch_add(1, Ordering::SeqCst);
+    (StatusCode::OK, vec![b'x'; 64 * 1024]).into_response()
+}
+
+async fn key_echo(State(c): State<Shared>, Idempotent(key): Idempotent) -> String {
+    c.executions.fetch_add(1, Ordering::SeqCst);
+    format!("key={key}")
+}
+
+fn open_gate(c: &Counters) {
+    c.gate_open.store(true, Ordering::SeqCst);
+    c.gate.notify_waiters();
+}
+
+fn routes(counters: &Shared) -> Router<()> {
+    Router::new()
+        .route("/payments", post(create).get(create).put(create).delete(create).patch(create))
+        .route("/status", post(status))
+        .route("/slow", post(slow))
+        .route("/big", post(big))
+        .route("/key", post(key_echo))
+        .with_state(counters.clone())
+}
+
+fn engine() -> Oncely<MemoryStore> {
+    Oncely::new(MemoryStore::new())
+}
+
+fn waiting_engine(timeout: Duration) -> Oncely<MemoryStore> {
+    Oncely::builder(MemoryStore::new()).conflict_mode(ConflictMode::Wait { timeout }).build().expect("valid settings")
+}
+
+fn app(layer: IdempotencyLayer<MemoryStore>) -> (Router, Shared) {
+    let counters = Shared::default();
+    (routes(&counters).layer(layer), counters)
+}
+
+fn request(method: Method, uri: &str, key: Option<&str>, body: &'static str) -> Request<Body> {
+    let mut builder = Request::builder().method(method).uri(uri).header("content-type", "application/json");
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    builder.body(Body::from(body)).expect("test request")
+}
+
+fn post_with(key: &str, body: &'static str) -> Request<Body> {
+    request(Method::POST, "/payments", Some(key), body)
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn replayed(&self) -> bool {
+        self.headers.get("idempotent-replayed").is_some_and(|v| v == "true")
+    }
+
+    fn problem_type(&self) -> String {
+        assert_eq!(self.headers.get("content-type").map(|v| v.as_bytes()), Some(&b"application/problem+json"[..]));
+        let json: serde_json::Value = serde_json::from_slice(&self.body).expect("problem body is JSON");
+        assert_eq!(json["status"], self.status.as_u16(), "problem status matches");
+        assert!(json["title"].is_string() && json["detail"].is_string());
+        json["type"].as_str().expect("problem type").to_string()
+    }
+}
+
+async fn send(app: &Router, request: Request<Body>) -> Answer {
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.expect("body reads");
+    Answer { status: parts.status, headers: parts.headers, body }
+}
+
+#[tokio::test]
+async fn methods_not_covered_pass_through_untouched() {
+    let (app, c) = app(IdempotencyLayer::new(engine()).require_key(true));
+    for method in [Method::GET, Method::PUT, Method::DELETE] {
+        for _ in 0..2 {
+            let answer = send(&app, request(method.clone(), "/payments", Some("k"), "{}")).await;
+            assert_eq!(answer.status, StatusCode::CREATED);
+            assert!(!answer.replayed());
+        }
+    }
+    assert_eq!(c.executions.load(Ordering::SeqCst), 6);
+}
+
+#[tokio::test]
+async fn covered_methods_can_be_configured() {
+    let (app, c) = app(IdempotencyLayer::new(engine()).methods([Method::PUT]));
+    for _ in 0..3 {
+        send(&app, request(Method::PUT, "/payments", Some("k"), "{}")).await;
+        send(&app, request(Method::POST, "/payments", Some("k"), "{}")).await;
+    }
+    assert_eq!(c.executions.load(Ordering::SeqCst), 4, "PUT ran once, POST three times");
+}
+
+#[tokio::test]
+async fn no_key_passes_through_when_optional_and_is_refused_when_required() {
+    let (optional, c) = app(IdempotencyLayer::new(engine()));
+    for _ in 0..2 {
+        assert_eq!(send(&optional, request(Method::POST, "/payments", None, "{}")).await.status, StatusCode::CREATED);
+    }
+    assert_eq!(c.executions.load(Ordering::SeqCst), 2);
+
+    let (required, c) = app(IdempotencyLayer::new(engine()).require_key(true));
+    let answer = send(&required, request(Method::POST, "/payments", None, "{}")).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer.problem_type(), "urn:oncely:problem:missing-key");
+    assert_eq!(c.executions.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn malformed_keys_are_refused_and_nothing_is_stored() {
+    let oncely = engine();
+    let (app, c) = app(IdempotencyLayer::new(oncely.clone()));
+    let too_long = "k".repeat(256);
+    let bad: Vec<Vec<&[u8]>> = vec![
+        vec![b""],
+        vec![b"\"\""],
+        vec![too_long.as_bytes()],
+        vec![b"a\tb"],
+        vec![b"\"unterminated"],
+        vec![b"\"a\", \"b\""],
+        vec![b"one", b"two"],
+        vec![b"caf\xc3\xa9"],
+    ];
+    for values in bad {
+        let mut req = request(Method::POST, "/payments", None, "{}");
+        for value in &values {
+            req.headers_mut().append("idempotency-key", HeaderValue::from_bytes(value).expect("header value"));
+        }
+        let answer = send(&app, req).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{values:?}");
+        assert_eq!(answer.problem_type(), "urn:oncely:problem:invalid-key");
+    }
+    assert_eq!(c.executions.load(Ordering::SeqCst), 0);
+    assert_eq!(oncely.store().stats().await.expect("stats").records, 0, "nothing stored");
+}
+
+#[tokio::test]
+async fn sf_string_and_bare_keys_are_the_same_key() {
+    let (app, c) = app(IdempotencyLayer::new(engine()));
+    let first = send(&app, post_with("\"abc-1\"", "{}")).await;
+    let retry = send(&app, post_with("abc-1", "{}")).await;
+    assert!(!first.replayed() && retry.replayed());
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_before_anything_is_stored() {
+    let oncely = engine();
+    let (app, c) = app(IdempotencyLayer::new(oncely.clone()).max_body(16));
+    let declared = send(&app, post_with("k", r#"{"padding":"0123456789abcdef"}"#)).await;
+    assert_eq!(declared.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(declared.problem_type(), "urn:oncely:problem:body-too-large");
+
+    // No Content-Length: the limit holds while streaming.
+    let chunks = futures_util::stream::iter((0..8).map(|_| Ok::<_, std::io::Error>(Bytes::from_static(b"0123456789"))));
+    let streamed =
+        Request::post("/payments").header("idempotency-key", "k").body(Body::from_stream(chunks)).expect("req");
+    assert_eq!(send(&app, streamed).await.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    assert_eq!(c.executions.load(Ordering::SeqCst), 0);
+    assert_eq!(oncely.store().stats().await.expect("stats").records, 0, "nothing stored");
+    assert_eq!(send(&app, post_with("k", "{}")).await.status, StatusCode::CREATED, "the key is still new");
+}
+
+#[tokio::test]
+async fn a_retry_gets_the_stored_response_byte_for_byte() {
+    let (app, c) = app(IdempotencyLayer::new(engine()));
+    let first = send(&app, post_with("k", r#"{"amount":1999}"#)).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(!first.replayed());
+    for _ in 0..3 {
+        let retry = send(&app, post_with("k", r#"{"amount":1999}"#)).await;
+        assert_eq!(retry.status, first.status);
+        assert_eq!(retry.body, first.body, "byte-identical body");
+        assert!(retry.replayed());
+        assert_eq!(retry.headers.get("x-charge"), first.headers.get("x-charge"));
+        assert_eq!(retry.headers.get("content-type"), first.headers.get("content-type"));
+        let multi: Vec<_> = retry.headers.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["a", "b"], "repeated headers keep their order");
+        assert!(retry.headers.get("set-cookie").is_none(), "Set-Cookie is not replayed");
+        assert!(retry.headers.get("date").is_none(), "Date is not replayed");
+    }
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_replayed_header_name_is_configurable() {
+    let layer = IdempotencyLayer::new(engine()).replayed_header(axum::http::HeaderName::from_static("x-replay"));
+    let (app, _) = app(layer);
+    send(&app, post_with("k", "{}")).await;
+    let retry = send(&app, post_with("k", "{}")).await;
+    assert_eq!(retry.headers.get("x-replay").map(|v| v.as_bytes()), Some(&b"true"[..]));
+    assert!(!retry.replayed());
+}
+
+#[tokio::test]
+async fn reuse_with_another_request_is_422_and_json_is_compared_canonically() {
+    let (app, c) = app(IdempotencyLayer::new(engine()));
+    send(&app, post_with("k", r#"{"amount":1999,"currency":"eur"}"#)).await;
+    let reordered = send(&app, post_with("k", "{ \"currency\": \"eur\", \"amount\": 1999 }")).await;
+    assert!(reordered.replayed(), "re-serialised JSON is the same request");
+
+    let mut others = vec![
+        post_with("k", r#"{"amount":2999,"currency":"eur"}"#),
+        request(Method::PATCH, "/payments", Some("k"), r#"{"amount":1999,"currency":"eur"}"#),
+        request(Method::POST, "/payments?dry_run=1", Some("k"), r#"{"amount":1999,"currency":"eur"}"#),
+    ];
+    let mut as_text = post_with("k", r#"{"amount":1999,"currency":"eur"}"#);
+    as_text.headers_mut().insert("content-type", HeaderValue::from_static("text/plain"));
+    others.push(as_text);
+    for other in others {
+        let answer = send(&app, other).await;
+        assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(answer.problem_type(), "urn:oncely:problem:key-reused");
+    }
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_duplicate_of_a_running_request_is_409_with_retry_after_in_reject_mode() {
+    let (app, c) = app(IdempotencyLayer::new(engine()));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Method::POST, "/slow", Some("k"), "")).await }
+    });
+    c.started.notified().await;
+    let duplicate = send(&app, request(Method::POST, "/slow", Some("k"), "")).await;
+    assert_eq!(duplicate.status, StatusCode::CONFLICT);
+    assert_eq!(duplicate.problem_type(), "urn:oncely:problem:request-in-progress");
+    let retry_after: u64 = duplicate.headers["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    assert!((1..=30).contains(&retry_after));
+    open_gate(&c);
+    assert_eq!(first.await.expect("task").status, StatusCode::CREATED);
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn in_wait_mode_every_waiter_gets_the_same_response() {
+    let (app, c) = app(IdempotencyLayer::new(waiting_engine(Duration::from_secs(20))));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Method::POST, "/slow", Some("k"), "")).await }
+    });
+    c.started.notified().await;
+    let waiters: Vec<_> = (0..20)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { send(&app, request(Method::POST, "/slow", Some("k"), "")).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    open_gate(&c);
+    let first = first.await.expect("task");
+    for waiter in waiters {
+        let answer = waiter.await.expect("task");
+        assert_eq!(answer.status, StatusCode::CREATED);
+        assert_eq!(answer.body, first.body);
+    }
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_waiter_that_times_out_gets_409() {
+    let (app, c) = app(IdempotencyLayer::new(waiting_engine(Duration::from_millis(100))));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Method::POST, "/slow", Some("k"), "")).await }
+    });
+    c.started.notified().await;
+    assert_eq!(send(&app, request(Method::POST, "/slow", Some("k"), "")).await.status, StatusCode::CONFLICT);
+    open_gate(&c);
+    first.await.expect("task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_concurrent_requests_with_one_key_execute_once() {
+    let (app, c) = app(IdempotencyLayer::new(waiting_engine(Duration::from_secs(20))));
+    let start = Arc::new(Barrier::new(100));
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (app, start) = (app.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                send(&app, post_with("one-key", r#"{"amount":5}"#)).await
+            })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for task in tasks {
+        let answer = task.await.expect("task");
+        assert_eq!(answer.status, StatusCode::CREATED);
+        bodies.push(answer.body);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "every caller gets the one response");
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_request_still_gets_its_replay() {
+    let (app, c) = app(IdempotencyLayer::new(waiting_engine(Duration::from_secs(20))));
+    let abandoned = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Method::POST, "/slow", Some("k"), "")).await }
+    });
+    c.started.notified().await;
+    abandoned.abort(); // the client hangs up while the handler runs
+    assert!(abandoned.await.expect_err("aborted").is_cancelled());
+    open_gate(&c);
+    let retry = send(&app, request(Method::POST, "/slow", Some("k"), "")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.body, "slow execution 1");
+    assert!(retry.replayed(), "the abandoned request's result was stored");
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn two_principals_with_one_key_execute_twice() {
+    let (app, c) = app(IdempotencyLayer::new(engine()));
+    let as_user = |token: &'static str| {
+        let mut req = post_with("shared-key", "{}");
+        req.headers_mut().insert("authorization", HeaderValue::from_static(token));
+        req
+    };
+    let alice = send(&app, as_user("Bearer alice")).await;
+    let bob = send(&app, as_user("Bearer bob")).await;
+    assert!(!alice.replayed() && !bob.replayed());
+    assert_ne!(alice.body, bob.body);
+    assert!(send(&app, as_user("Bearer alice")).await.replayed());
+    assert_eq!(c.executions.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn server_errors_408_and_429_release_other_statuses_are_stored() {
+    let (app, c) = app(IdempotencyLayer::new(engine()));
+    for (code, stored) in [("500", false), ("503", false), ("408", false), ("429", false), ("404", true), ("409", true)]
+    {
+        let key = format!("key-{code}");
+        let first = send(&app, request_status(&key, code)).await;
+        let second = send(&app, request_status(&key, code)).await;
+        assert_eq!(first.status.as_str(), code);
+        assert_eq!(second.status.as_str(), code);
+        assert_eq!(second.replayed(), stored, "status {code}");
+    }
+    assert_eq!(c.executions.load(Ordering::SeqCst), 2 * 4 + 2);
+}
+
+fn request_status(key: &str, code: &'static str) -> Request<Body> {
+    Request::post("/status").header("idempotency-key", key).body(Body::from(code)).expect("req")
+}
+
+#[tokio::test]
+async fn stored_statuses_are_configurable() {
+    let (app, c) = app(IdempotencyLayer::new(engine()).store_statuses(|s| s.is_success() || s.is_server_error()));
+    send(&app, request_status("a", "500")).await;
+    assert!(send(&app, request_status("a", "500")).await.replayed(), "500 stored by this policy");
+    send(&app, request_status("b", "404")).await;
+    assert!(!send(&app, request_status("b", "404")).await.replayed(), "404 released by this policy");
+    assert_eq!(c.executions.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_response_over_the_storage_cap_reaches_the_client_and_is_never_rerun() {
+    let (app, c) = app(IdempotencyLayer::new(engine()).max_stored_response(1024));
+    let first = send(&app, request(Method::POST, "/big", Some("k"), "")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.body.len(), 64 * 1024, "the first client gets the whole response");
+    let retry = send(&app, request(Method::POST, "/big", Some("k"), "")).await;
+    assert_eq!(retry.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(retry.problem_type(), "urn:oncely:problem:response-not-stored");
+    assert!(retry.replayed());
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+}
+
+/// A store whose every call fails as an unreachable server would: fault injection for
+/// the fail-closed/fail-open rows (not a stand-in for any supported store).
+struct Unreachable;
+
+fn down() -> StoreError {
+    StoreError::unavailable(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused"))
+}
+
+#[async_trait]
+impl Store for Unreachable {
+    async fn claim(&self, _: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        Err(down())
+    }
+    async fn complete(&self, _: &StorageKey, _: ClaimId, _: Bytes, _: Duration) -> Result<(), StoreError> {
+        Err(down())
+    }
+    async fn release(&self, _: &StorageKey, _: ClaimId) -> Result<(), StoreError> {
+        Err(down())
+    }
+    async fn touch(&self, _: &StorageKey, _: ClaimId, _: Duration) -> Result<(), StoreError> {
+        Err(down())
+    }
+    async fn get(&self, _: &StorageKey) -> Result<Option<Record>, StoreError> {
+        Err(down())
+    }
+    async fn delete(&self, _: &StorageKey) -> Result<bool, StoreError> {
+        Err(down())
+    }
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        Err(down())
+    }
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        Err(down())
+    }
+    async fn first_seen(&self, _: &StorageKey, _: &IdempotencyKey, _: &Scope, _: Duration) -> Result<bool, StoreError> {
+        Err(down())
+    }
+    fn subscribe(&self, _: &StorageKey) -> Notified {
+        Box::pin(std::future::ready(()))
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_store_fails_closed_with_503_or_open_if_configured() {
+    let counters = Shared::default();
+    let closed = routes(&counters).layer(IdempotencyLayer::new(Oncely::new(Unreachable)));
+    let answer = send(&closed, post_with("k", "{}")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.problem_type(), "urn:oncely:problem:store-unavailable");
+    assert_eq!(answer.headers["retry-after"], "1");
+    assert_eq!(counters.executions.load(Ordering::SeqCst), 0, "fail-closed runs nothing");
+
+    let open = routes(&counters).layer(IdempotencyLayer::new(Oncely::new(Unreachable)).fail_open(true));
+    let answer = send(&open, post_with("k", r#"{"amount":1}"#)).await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert!(String::from_utf8_lossy(&answer.body).contains("\"body_len\":12"), "the buffered body reaches the handler");
+    assert_eq!(counters.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_extractor_sees_the_parsed_key_with_or_without_the_layer() {
+    let (app, _) = app(IdempotencyLayer::new(engine()));
+    assert_eq!(send(&app, request(Method::POST, "/key", Some("\"quoted\""), "")).await.body, "key=quoted");
+
+    let counters = Shared::default();
+    let bare = routes(&counters);
+    assert_eq!(send(&bare, request(Method::POST, "/key", Some("plain"), "")).await.body, "key=plain");
+    let missing = send(&bare, request(Method::POST, "/key", None, "")).await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST);
+    assert_eq!(missing.problem_type(), "urn:oncely:problem:missing-key");
+}
+
+#[tokio::test]
+async fn composes_with_tower_timeout_and_concurrency_limit() {
+    let counters = Shared::default();
+    let service = tower::ServiceBuilder::new()
+        .concurrency_limit(8)
+        .timeout(Duration::from_secs(30))
+        .layer(IdempotencyLayer::new(engine()).require_key(true))
+        .service(routes(&counters));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for _ in 0..5 {
+        let response = service.clone().oneshot(post_with("k", "{}")).await.expect("no timeout");
+        tx.send(response.headers().get("idempotent-replayed").is_some()).expect("send");
+    }
+    drop(tx);
+    let mut replays = 0;
+    while let Some(replayed) = rx.recv().await {
+        replays += usize::from(replayed);
+    }
+    assert_eq!(replays, 4);
+    assert_eq!(counters.executions.load(Ordering::SeqCst), 1);
+
+    // route_layer works too: the layer only wraps the routes it is given.
+    let counters = Shared::default();
+    let app = Router::new()
+        .route("/payments", post(create))
+        .route_layer(IdempotencyLayer::new(engine()))
+        .route("/open", post(create))
+        .with_state(counters.clone());
+    send(&app, post_with("k", "{}")).await;
+    assert!(send(&app, post_with("k", "{}")).await.replayed());
+    send(&app, request(Method::POST, "/open", Some("k"), "{}")).await;
+    send(&app, request(Method::POST, "/open", Some("k"), "{}")).await;
+    assert_eq!(counters.executions.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn handlers_see_the_key_under_a_custom_header_even_when_failing_open() {
+    let counters = Shared::default();
+    let layer = IdempotencyLayer::new(Oncely::new(Unreachable))
+        .header_name(axum::http::HeaderName::from_static("x-request-key"))
+        .fail_open(true);
+    let app = routes(&counters).layer(layer);
+    let req = Request::post("/key").header("x-request-key", "custom-1").body(Body::empty()).expect("req");
+    assert_eq!(send(&app, req).await.body, "key=custom-1");
+}
