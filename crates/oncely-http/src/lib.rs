@@ -98,3 +98,8 @@ pub type RequestBody<B> = http_body_util::Either<http_body_util::Full<Bytes>, B>
 
 /// The body of every response from the layer.
 pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// The README's snippets, compiled and run as doc tests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

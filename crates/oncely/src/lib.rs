@@ -69,8 +69,3 @@ pub use key::{IdempotencyKey, KeyError, Scope, StorageKey};
 pub use record::{ClaimId, Record, RecordState};
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};
 pub use store::{ClaimOutcome, ClaimRequest, Store, StoreError, StoreStats};
-
-/// The README's Rust snippets, compiled and run as doc tests so that they stay true.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-pub struct ReadmeDoctests;
