@@ -56,6 +56,7 @@ pub(crate) struct Settings {
     pub(crate) stores_status: Arc<StatusFilter>,
     pub(crate) not_replayed: Vec<HeaderName>,
     pub(crate) fail_open: bool,
+    pub(crate) tracker: Option<tokio_util::task::TaskTracker>,
 }
 
 impl fmt::Debug for Settings {
@@ -93,6 +94,7 @@ impl Default for Settings {
             stores_status: Arc::new(default_stored_status),
             not_replayed: vec![header::SET_COOKIE],
             fail_open: false,
+            tracker: None,
         }
     }
 }
@@ -170,6 +172,13 @@ impl<St: Store> IdempotencyLayer<St> {
     /// and `Date` are never stored.
     pub fn not_replayed_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.with(|s| s.not_replayed = names.into_iter().collect())
+    }
+
+    /// Spawns each keyed operation on `tracker`, so that a graceful shutdown can wait for
+    /// operations whose clients hung up: `tracker.close(); tracker.wait().await` returns
+    /// once every running operation has stored its result.
+    pub fn track_operations(self, tracker: tokio_util::task::TaskTracker) -> Self {
+        self.with(|s| s.tracker = Some(tracker))
     }
 
     /// When the store fails: `false` (default) answers 503 with `Retry-After`; `true`

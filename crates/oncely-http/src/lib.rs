@@ -66,7 +66,8 @@
 //!   does not cancel it, and its response is stored for the retry.
 //! - **Failures after the request ran**: if the response body fails midway, or the inner
 //!   service panics, the outcome is unknown, so the key is neither stored nor released:
-//!   it lapses with its lease (500 `handler-failed` for this request).
+//!   it lapses with its lease (500 `handler-failed` for this request). An inner service
+//!   can say the same of a response it produced with the [`OutcomeUnknown`] extension.
 
 mod key_header;
 mod layer;
@@ -88,6 +89,22 @@ pub use service::{Idempotency, ResponseFuture};
 
 #[cfg(feature = "axum")]
 pub use extract::{Idempotent, KeyRejection};
+
+/// A response extension by which the inner service says it cannot tell whether the
+/// operation took effect (a proxy whose upstream timed out after the request was sent).
+/// The layer then neither stores the response nor releases the key: the key stays in
+/// progress until its lease lapses, and a retry after that runs the operation again.
+///
+/// ```
+/// use http::{Response, StatusCode};
+/// use oncely_http::OutcomeUnknown;
+///
+/// let mut response = Response::new(());
+/// *response.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+/// response.extensions_mut().insert(OutcomeUnknown);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutcomeUnknown;
 
 /// A boxed error, as the bodies here carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

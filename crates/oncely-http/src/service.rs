@@ -19,7 +19,7 @@ use crate::layer::{IdempotencyLayer, Settings};
 use crate::problem::{ProblemKind, problem};
 use crate::request::request_fingerprint;
 use crate::stored::StoredResponse;
-use crate::{BoxError, RequestBody, ResponseBody, parse_key_header};
+use crate::{BoxError, OutcomeUnknown, RequestBody, ResponseBody, parse_key_header};
 
 /// How long a client is told to wait after a 503 from a failing store.
 const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -211,7 +211,12 @@ where
     let request = Request::from_parts(parts, Either::Left(Full::new(body)));
     // The operation runs in its own task: a client that disconnects drops this future,
     // not the operation, whose result is stored for the retry.
-    match tokio::spawn(execute(inner, request, guard, settings)).await {
+    let operation = execute(inner, request, guard, Arc::clone(&settings));
+    let task = match &settings.tracker {
+        Some(tracker) => tracker.spawn(operation),
+        None => tokio::spawn(operation),
+    };
+    match task.await {
         Ok(result) => result,
         Err(e) => {
             tracing::error!(error = %e, "the inner service panicked; its key lapses with its lease");
@@ -224,6 +229,9 @@ where
 enum Produced<ResBody> {
     /// A status that is not stored: release the key, hand the response on as it is.
     Release(Response<ResBody>),
+    /// The inner service cannot tell whether the operation took effect: neither store
+    /// nor release; the key lapses with its lease.
+    Unknown(Response<ResBody>),
     /// A status that is stored, with its body read up to the storage cap.
     Store(http::response::Parts, Capped<ResBody>),
 }
@@ -249,6 +257,9 @@ where
     let produced = guard
         .keep_alive(async {
             let response = inner.call(request).await?;
+            if response.extensions().get::<OutcomeUnknown>().is_some() {
+                return Ok(Produced::Unknown(response));
+            }
             if !(settings.stores_status)(response.status()) {
                 return Ok(Produced::Release(response));
             }
@@ -264,6 +275,12 @@ where
         Ok(Produced::Release(response)) => {
             count("released");
             release(guard).await;
+            Ok(response.map(boxed))
+        }
+        Ok(Produced::Unknown(response)) => {
+            count("outcome_unknown");
+            tracing::warn!(key = %guard.key(), status = %response.status(), "outcome unknown; the key lapses with its lease");
+            guard.abandon();
             Ok(response.map(boxed))
         }
         Ok(Produced::Store(parts, Capped::Whole(body))) => {
@@ -286,7 +303,7 @@ where
             // The operation ran but its response broke off: its outcome is unknown to the
             // client, so the key lapses with its lease rather than being released.
             tracing::error!(key = %guard.key(), error = %e, "response body failed; the key lapses with its lease");
-            drop(guard);
+            guard.abandon();
             Ok(problem(ProblemKind::HandlerFailed, "the response body failed", None))
         }
     }

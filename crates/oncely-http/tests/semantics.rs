@@ -76,6 +76,14 @@ async fn big(State(c): State<Shared>) -> Response<Body> {
     (StatusCode::OK, vec![b'x'; 64 * 1024]).into_response()
 }
 
+/// A handler that cannot tell whether its effect happened (an upstream that timed out).
+async fn unknown(State(c): State<Shared>) -> Response<Body> {
+    c.executions.fetch_add(1, Ordering::SeqCst);
+    let mut response = (StatusCode::GATEWAY_TIMEOUT, "upstream timed out").into_response();
+    response.extensions_mut().insert(oncely_http::OutcomeUnknown);
+    response
+}
+
 async fn key_echo(State(c): State<Shared>, Idempotent(key): Idempotent) -> String {
     c.executions.fetch_add(1, Ordering::SeqCst);
     format!("key={key}")
@@ -93,6 +101,7 @@ fn routes(counters: &Shared) -> Router<()> {
         .route("/slow", post(slow))
         .route("/big", post(big))
         .route("/key", post(key_echo))
+        .route("/unknown", post(unknown))
         .with_state(counters.clone())
 }
 
@@ -568,4 +577,18 @@ async fn handlers_see_the_key_under_a_custom_header_even_when_failing_open() {
     let app = routes(&counters).layer(layer);
     let req = Request::post("/key").header("x-request-key", "custom-1").body(Body::empty()).expect("req");
     assert_eq!(send(&app, req).await.body, "key=custom-1");
+}
+
+#[tokio::test]
+async fn an_unknown_outcome_is_neither_stored_nor_released() {
+    let oncely = Oncely::builder(MemoryStore::new()).lease(Duration::from_millis(300)).build().expect("settings");
+    let (app, c) = app(IdempotencyLayer::new(oncely));
+    assert_eq!(send(&app, request(Method::POST, "/unknown", Some("k"), "")).await.status, StatusCode::GATEWAY_TIMEOUT);
+    let during_lease = send(&app, request(Method::POST, "/unknown", Some("k"), "")).await;
+    assert_eq!(during_lease.status, StatusCode::CONFLICT, "the key stays held: the effect may have happened");
+    tokio::time::sleep(Duration::from_millis(500)).await; // the lease lapsing is the thing under test
+    let after_lease = send(&app, request(Method::POST, "/unknown", Some("k"), "")).await;
+    assert_eq!(after_lease.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(!after_lease.replayed(), "taken over and run again, not replayed");
+    assert_eq!(c.executions.load(Ordering::SeqCst), 2);
 }

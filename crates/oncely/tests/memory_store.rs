@@ -140,3 +140,23 @@ async fn durations_that_overflow_the_clock_are_typed_errors() {
     assert!(matches!(store.claim(request).await, Err(StoreError::InvalidRequest(_))));
     assert!(store.is_empty(), "nothing stored");
 }
+
+#[tokio::test]
+async fn list_pages_through_live_records_in_storage_key_order() {
+    let store = MemoryStore::new();
+    for i in 0..25 {
+        complete(&store, &key(&format!("k{i}")), LONG).await;
+    }
+    complete(&store, &key("gone"), Duration::from_millis(1)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list(after, 10).await.expect("list");
+        let Some(last) = page.last() else { break };
+        after = Some(last.storage_key);
+        seen.extend(page.into_iter().map(|r| r.storage_key));
+    }
+    assert_eq!(seen.len(), 25, "every live record once, the expired one not at all");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+}

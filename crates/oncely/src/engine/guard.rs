@@ -137,6 +137,15 @@ impl<S: Store> ClaimGuard<S> {
         Ok(self.engine.store().release(&self.storage_key, self.claim_id).await?)
     }
 
+    /// Gives the claim up without completing or releasing it: the key stays in progress
+    /// until its lease lapses, then the next claim takes it over. For callers that know
+    /// the operation's outcome is unknown (it may have had its effect). Unlike dropping
+    /// the guard, this is not logged as a mistake.
+    pub fn abandon(mut self) {
+        self.finished = true;
+        metrics::counter!("oncely_claims_abandoned_total").increment(1);
+    }
+
     /// Runs `operation` to completion while renewing the lease every third of it, until
     /// the engine's keep-alive ceiling (counted from the claim) is reached.
     ///

@@ -539,6 +539,26 @@ impl Store for MemoryStore {
         self.inner.first_seen(storage_key, key, scope, window)
     }
 
+    /// Scans every shard (one lock at a time) and sorts: for admin use.
+    async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
+        let now = SystemTime::now();
+        let mut found = Vec::new();
+        for index in 0..self.inner.shards.len() {
+            let shard = self.inner.lock(index);
+            found.extend(
+                shard
+                    .map
+                    .values()
+                    .filter(|entry| !entry.record.is_expired(now))
+                    .filter(|entry| after.is_none_or(|after| entry.record.storage_key > after))
+                    .map(|entry| entry.record.clone()),
+            );
+        }
+        found.sort_unstable_by_key(|record| record.storage_key);
+        found.truncate(limit);
+        Ok(found)
+    }
+
     fn subscribe(&self, key: &StorageKey) -> Notified {
         let now = SystemTime::now();
         let mut shard = self.inner.shard(key);

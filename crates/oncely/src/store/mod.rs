@@ -179,6 +179,14 @@ pub trait Store: Send + Sync + 'static {
         window: Duration,
     ) -> Result<bool, StoreError>;
 
+    /// Up to `limit` unexpired records in storage-key order, starting after `after`: for
+    /// admin tools, not for the request path (stores may scan to answer it). Counts no
+    /// hit. The default answers [`StoreError::InvalidRequest`] for stores that cannot list.
+    async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
+        let _ = (after, limit);
+        Err(StoreError::InvalidRequest("this store cannot list its records".into()))
+    }
+
     /// A future that resolves when the in-progress record at `key` may have changed.
     ///
     /// Contract: any change made after this method returns resolves the future. It
@@ -238,6 +246,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         window: Duration,
     ) -> Result<bool, StoreError> {
         (**self).first_seen(storage_key, key, scope, window).await
+    }
+
+    async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
+        (**self).list(after, limit).await
     }
 
     fn subscribe(&self, key: &StorageKey) -> Notified {
