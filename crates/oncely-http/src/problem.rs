@@ -93,16 +93,43 @@ impl ProblemKind {
 
 #[derive(Serialize)]
 struct Body<'a> {
-    r#type: &'static str,
-    title: &'static str,
+    r#type: &'a str,
+    title: &'a str,
     status: u16,
     detail: &'a str,
 }
 
-/// A problem response: `application/problem+json` with `type`, `title`, `status`, `detail`.
+/// A problem response of one of this layer's kinds.
 pub(crate) fn problem(kind: ProblemKind, detail: &str, retry_after: Option<Duration>) -> http::Response<ResponseBody> {
-    let status = kind.status();
-    let body = Body { r#type: kind.type_uri(), title: kind.title(), status: status.as_u16(), detail };
+    metrics::counter!("oncely_http_problems_total", "type" => kind.type_uri()).increment(1);
+    problem_response(kind.type_uri(), kind.title(), kind.status(), detail, retry_after)
+}
+
+/// Any problem response: `application/problem+json` with `type`, `title`, `status` and
+/// `detail`, and `Retry-After` in whole seconds (at least one) when given. For services
+/// around the layer (the gateway's upstream errors) to answer in the same form.
+///
+/// ```
+/// use http::StatusCode;
+/// use oncely_http::problem::problem_response;
+///
+/// let response = problem_response(
+///     "urn:example:problem:upstream-timeout",
+///     "The upstream did not answer in time",
+///     StatusCode::GATEWAY_TIMEOUT,
+///     "no response within 30s",
+///     None,
+/// );
+/// assert_eq!(response.headers()["content-type"], "application/problem+json");
+/// ```
+pub fn problem_response(
+    type_uri: &str,
+    title: &str,
+    status: StatusCode,
+    detail: &str,
+    retry_after: Option<Duration>,
+) -> http::Response<ResponseBody> {
+    let body = Body { r#type: type_uri, title, status: status.as_u16(), detail };
     let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
     let mut response = Response::new(Full::new(Bytes::from(json)).map_err(|never| match never {}).boxed_unsync());
     *response.status_mut() = status;
@@ -112,6 +139,5 @@ pub(crate) fn problem(kind: ProblemKind, detail: &str, retry_after: Option<Durat
         let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
         headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
-    metrics::counter!("oncely_http_problems_total", "type" => kind.type_uri()).increment(1);
     response
 }

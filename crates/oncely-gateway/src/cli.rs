@@ -1,0 +1,321 @@
+//! The command line: `oncely serve | demo | check-config | keys | stats`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use oncely::StorageKey;
+
+use crate::admin::RecordView;
+use crate::config::{Config, RawConfig, RawSettings, StatusItem, StatusSpec};
+use crate::server::{ServeOptions, serve};
+use crate::stores::{self, DEFAULT_STORE};
+
+/// Oncely: make retried operations run once, in front of any HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "oncely", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(long, env = "ONCELY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
+    log_format: LogFormat,
+    /// Log filter (`info`, `warn`, `oncely=debug`…).
+    #[arg(long, env = "ONCELY_LOG_LEVEL", default_value = "info", global = true)]
+    log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start")]
+enum Command {
+    /// Run the gateway in front of an upstream.
+    Serve(ServeArgs),
+    /// Run a built-in payments API with the gateway in front of it, and print curl commands.
+    Demo(DemoArgs),
+    /// Check a configuration file without starting.
+    CheckConfig {
+        /// The TOML file.
+        file: PathBuf,
+    },
+    /// Inspect or delete stored records.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Count the records in a store.
+    Stats {
+        /// The store URL.
+        #[arg(long, env = "ONCELY_STORE", default_value = DEFAULT_STORE)]
+        store: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The upstream API, `http://host:port`.
+    #[arg(long, env = "ONCELY_UPSTREAM")]
+    upstream: String,
+    /// Where the gateway listens.
+    #[arg(long, env = "ONCELY_LISTEN", default_value = "127.0.0.1:7100")]
+    listen: SocketAddr,
+    /// Where the admin API (health, metrics, keys) listens; off when unset.
+    #[arg(long, env = "ONCELY_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// The store: memory://, sqlite://PATH.
+    #[arg(long, env = "ONCELY_STORE", default_value = DEFAULT_STORE)]
+    store: String,
+    /// The TOML configuration file.
+    #[arg(long, env = "ONCELY_CONFIG")]
+    config: Option<PathBuf>,
+    /// The admin bearer token (overrides `admin.token`).
+    #[arg(long, env = "ONCELY_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// How long to wait for the upstream's response head (overrides `upstream.timeout`).
+    #[arg(long, env = "ONCELY_UPSTREAM_TIMEOUT")]
+    upstream_timeout: Option<String>,
+    #[command(flatten)]
+    defaults: DefaultsArgs,
+}
+
+/// Flags and variables that override the file's `[defaults]`.
+#[derive(Debug, Args, Default)]
+struct DefaultsArgs {
+    /// The key header (`defaults.header`).
+    #[arg(long, env = "ONCELY_HEADER")]
+    header: Option<String>,
+    /// Covered methods, comma-separated (`defaults.methods`).
+    #[arg(long, env = "ONCELY_METHODS", value_delimiter = ',')]
+    methods: Option<Vec<String>>,
+    /// Whether requests without a key are refused (`defaults.required`).
+    #[arg(long, env = "ONCELY_REQUIRED")]
+    required: Option<bool>,
+    /// How long results are replayed (`defaults.ttl`).
+    #[arg(long, env = "ONCELY_TTL")]
+    ttl: Option<String>,
+    /// How long a crashed request blocks its key (`defaults.lease`).
+    #[arg(long, env = "ONCELY_LEASE")]
+    lease: Option<String>,
+    /// `reject` or `wait` (`defaults.on_conflict`).
+    #[arg(long, env = "ONCELY_ON_CONFLICT")]
+    on_conflict: Option<String>,
+    /// Wait mode's limit (`defaults.wait_timeout`).
+    #[arg(long, env = "ONCELY_WAIT_TIMEOUT")]
+    wait_timeout: Option<String>,
+    /// Principal headers, comma-separated (`defaults.scope_headers`).
+    #[arg(long, env = "ONCELY_SCOPE_HEADERS", value_delimiter = ',')]
+    scope_headers: Option<Vec<String>>,
+    /// Request body limit (`defaults.max_body`).
+    #[arg(long, env = "ONCELY_MAX_BODY")]
+    max_body: Option<String>,
+    /// `default` or statuses/ranges, comma-separated (`defaults.store_statuses`).
+    #[arg(long, env = "ONCELY_STORE_STATUSES")]
+    store_statuses: Option<String>,
+}
+
+impl DefaultsArgs {
+    fn to_raw(&self) -> RawSettings {
+        RawSettings {
+            header: self.header.clone(),
+            methods: self.methods.clone(),
+            required: self.required,
+            ttl: self.ttl.clone(),
+            lease: self.lease.clone(),
+            on_conflict: self.on_conflict.clone(),
+            wait_timeout: self.wait_timeout.clone(),
+            scope_headers: self.scope_headers.clone(),
+            max_body: self.max_body.clone(),
+            store_statuses: self.store_statuses.as_ref().map(|s| match s.as_str() {
+                "default" => StatusSpec::Keyword(s.clone()),
+                list => {
+                    StatusSpec::List(list.split(',').map(|item| StatusItem::Text(item.trim().to_string())).collect())
+                }
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Where the gateway listens.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    listen: SocketAddr,
+    /// Where the admin API listens.
+    #[arg(long, default_value = "127.0.0.1:7101")]
+    admin_listen: SocketAddr,
+    /// Where the built-in payments API listens.
+    #[arg(long, default_value = "127.0.0.1:7200")]
+    upstream_listen: SocketAddr,
+    /// The store.
+    #[arg(long, default_value = "sqlite://oncely-demo.db")]
+    store: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Show one record by its hash.
+    Get {
+        /// The record's hash (64 hex digits, from `keys list`).
+        hash: String,
+        /// The store URL.
+        #[arg(long, env = "ONCELY_STORE", default_value = DEFAULT_STORE)]
+        store: String,
+    },
+    /// Delete one record: the next request with its key runs again.
+    Delete {
+        /// The record's hash.
+        hash: String,
+        /// The store URL.
+        #[arg(long, env = "ONCELY_STORE", default_value = DEFAULT_STORE)]
+        store: String,
+    },
+    /// List records in hash order.
+    List {
+        /// The store URL.
+        #[arg(long, env = "ONCELY_STORE", default_value = DEFAULT_STORE)]
+        store: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this hash.
+        #[arg(long)]
+        after: Option<String>,
+    },
+}
+
+fn init_logs(format: LogFormat, level: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Parses the command line and runs it. Exit codes: 0 done, 1 failed at run time, 2
+/// bad usage or configuration.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format, &cli.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("oncely: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli.command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            eprintln!("oncely: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(message)) => {
+            eprintln!("oncely: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Runtime(String),
+}
+
+async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Serve(args) => {
+            let mut raw = match &args.config {
+                Some(path) => RawConfig::load(path).map_err(|e| Failure::Usage(e.to_string()))?,
+                None => RawConfig::default(),
+            };
+            if args.admin_token.is_some() {
+                raw.admin.token = args.admin_token.clone();
+            }
+            if args.upstream_timeout.is_some() {
+                raw.upstream.timeout = args.upstream_timeout.clone();
+            }
+            let overrides = args.defaults.to_raw();
+            Config::resolve(&raw, &overrides).map_err(|e| Failure::Usage(e.to_string()))?;
+            let options = ServeOptions {
+                upstream: args.upstream,
+                listen: args.listen,
+                admin_listen: args.admin_listen,
+                store: args.store,
+            };
+            serve(options, raw, overrides, announce).await.map_err(Failure::Runtime)
+        }
+        Command::Demo(args) => crate::demo::run(args.listen, args.admin_listen, args.upstream_listen, args.store)
+            .await
+            .map_err(Failure::Runtime),
+        Command::CheckConfig { file } => {
+            let raw = RawConfig::load(&file).map_err(|e| Failure::Usage(e.to_string()))?;
+            let config = Config::resolve(&raw, &RawSettings::default()).map_err(|e| Failure::Usage(e.to_string()))?;
+            println!("{}: ok ({} routes)", file.display(), config.routes.len());
+            Ok(())
+        }
+        Command::Keys { action } => keys(action).await,
+        Command::Stats { store } => {
+            let store = stores::open(&store).await.map_err(Failure::Usage)?;
+            let stats = store.stats().await.map_err(|e| Failure::Runtime(e.to_string()))?;
+            println!("records: {}\nin_progress: {}\ncompleted: {}", stats.records, stats.in_progress, stats.completed);
+            Ok(())
+        }
+    }
+}
+
+/// Prints the bound addresses: one line each, for people and for scripts to read.
+pub fn announce(bound: crate::server::Bound) {
+    println!("oncely listening on http://{}", bound.listen);
+    if let Some(admin) = bound.admin {
+        println!("oncely admin on http://{admin}");
+    }
+}
+
+fn hash_arg(hash: &str) -> Result<StorageKey, Failure> {
+    StorageKey::from_hex(hash).ok_or_else(|| Failure::Usage(format!("{hash:?} is not a record hash (64 hex digits)")))
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Failure::Runtime(e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+async fn keys(action: KeysAction) -> Result<(), Failure> {
+    let runtime = |e: oncely::StoreError| Failure::Runtime(e.to_string());
+    match action {
+        KeysAction::Get { hash, store } => {
+            let key = hash_arg(&hash)?;
+            let store = stores::open(&store).await.map_err(Failure::Usage)?;
+            match store.get(&key).await.map_err(runtime)? {
+                Some(record) => print_json(&RecordView::from(&record)),
+                None => Err(Failure::Runtime(format!("no record {hash}"))),
+            }
+        }
+        KeysAction::Delete { hash, store } => {
+            let key = hash_arg(&hash)?;
+            let store = stores::open(&store).await.map_err(Failure::Usage)?;
+            if store.delete(&key).await.map_err(runtime)? {
+                println!("deleted {hash}");
+                Ok(())
+            } else {
+                Err(Failure::Runtime(format!("no record {hash}")))
+            }
+        }
+        KeysAction::List { store, limit, after } => {
+            let after = after.as_deref().map(hash_arg).transpose()?;
+            let store = stores::open(&store).await.map_err(Failure::Usage)?;
+            let records = store.list(after, limit).await.map_err(runtime)?;
+            print_json(&records.iter().map(RecordView::from).collect::<Vec<_>>())
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The `oncely` gateway: a reverse proxy that puts `Idempotency-Key` semantics in front
+//! of any HTTP API.
+//!
+//! ```text
+//! oncely serve --upstream http://127.0.0.1:3000 --listen 127.0.0.1:7100 \
+//!              --store sqlite://oncely.db --config oncely.toml --admin-listen 127.0.0.1:7101
+//! ```
+//!
+//! - [`cli`]: the commands (`serve`, `demo`, `check-config`, `keys`, `stats`);
+//! - [`config`]: the TOML file and its checks;
+//! - [`stores`]: store URLs;
+//! - [`proxy`]: forwarding to the upstream;
+//! - [`routing`]: per-route idempotency layers, longest prefix first;
+//! - [`admin`]: health, readiness, metrics, keys;
+//! - [`server`]: listeners and graceful shutdown;
+//! - [`demo`]: the built-in payments API for `oncely demo`.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod stores;

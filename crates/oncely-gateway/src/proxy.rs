@@ -1,0 +1,204 @@
+//! The reverse proxy: forwards a request to the upstream over pooled connections.
+//!
+//! Per RFC 9110 §7.6.1 hop-by-hop fields (and any named in `Connection`) are dropped in
+//! both directions. The request gets `X-Forwarded-For`, `X-Forwarded-Host`,
+//! `X-Forwarded-Proto` and `Forwarded` (appended to any the client sent). Bodies stream
+//! through unless the idempotency layer needs them whole.
+//!
+//! Upstream failures, both `application/problem+json`:
+//!
+//! | failure | status | the key |
+//! |---|---|---|
+//! | connection refused, before anything was sent | 502 `upstream-unreachable` | released (5xx): a retry runs again |
+//! | no response head within `upstream.timeout` | 504 `upstream-timeout` | kept until its lease lapses: the upstream may have acted |
+//! | connection broken after the request was sent | 502 `upstream-failed` | kept until its lease lapses, likewise |
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use oncely_http::problem::problem_response;
+use oncely_http::{OutcomeUnknown, RequestBody, ResponseBody};
+
+/// The body the proxy forwards.
+pub type ForwardBody = RequestBody<axum::body::Body>;
+
+/// A `tower::Service` that forwards every request to one upstream.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    client: Client<HttpConnector, ForwardBody>,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+    base_path: String,
+    timeout: Duration,
+}
+
+impl Proxy {
+    /// A proxy to `upstream` (`http://host:port[/base]`), giving up on a response head
+    /// after `timeout`.
+    pub fn new(upstream: &str, timeout: Duration) -> Result<Self, String> {
+        let uri: Uri = upstream.parse().map_err(|e| format!("--upstream {upstream:?}: {e}"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| format!("--upstream {upstream:?}: needs http://"))?;
+        if scheme != http::uri::Scheme::HTTP {
+            return Err(format!("--upstream {upstream:?}: only http:// upstreams are supported"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| format!("--upstream {upstream:?}: needs a host"))?;
+        let base_path = uri.path().trim_end_matches('/').to_string();
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
+        Ok(Self { client, scheme, authority, base_path, timeout })
+    }
+
+    fn upstream_uri(&self, original: &Uri) -> Result<Uri, http::Error> {
+        let path_and_query = original.path_and_query().map_or("/", |pq| pq.as_str());
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.base_path, path_and_query))
+            .build()
+    }
+}
+
+/// Hop-by-hop fields, RFC 9110 §7.6.1 (plus the de-facto `proxy-connection`).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Drops hop-by-hop fields and those the `Connection` field names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+fn append_forwarding(headers: &mut HeaderMap, client: Option<SocketAddr>, host: Option<HeaderValue>) {
+    if let Some(addr) = client {
+        let ip = addr.ip().to_string();
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, {ip}"),
+            None => ip.clone(),
+        };
+        if let Ok(value) = HeaderValue::try_from(xff) {
+            headers.insert("x-forwarded-for", value);
+        }
+        let node = if addr.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
+        let mut forwarded = format!("for={node};proto=http");
+        if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
+            forwarded.push_str(&format!(";host=\"{host}\""));
+        }
+        if let Ok(value) = HeaderValue::try_from(forwarded) {
+            headers.append(header::FORWARDED, value);
+        }
+    }
+    if let Some(host) = host {
+        headers.insert("x-forwarded-host", host);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+}
+
+fn upstream_problem(kind: &str, title: &str, status: StatusCode, detail: &str) -> Response<ResponseBody> {
+    problem_response(&format!("urn:oncely:problem:{kind}"), title, status, detail, None)
+}
+
+impl tower::Service<Request<ForwardBody>> for Proxy {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<ForwardBody>) -> Self::Future {
+        let (mut parts, body) = request.into_parts();
+        let uri = match self.upstream_uri(&parts.uri) {
+            Ok(uri) => uri,
+            Err(e) => {
+                let response = upstream_problem(
+                    "bad-request-target",
+                    "Bad request target",
+                    StatusCode::BAD_REQUEST,
+                    &e.to_string(),
+                );
+                return Box::pin(std::future::ready(Ok(response)));
+            }
+        };
+        let client_addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let host = parts.headers.remove(header::HOST);
+        strip_hop_by_hop(&mut parts.headers);
+        append_forwarding(&mut parts.headers, client_addr, host);
+        parts.uri = uri;
+        // The upstream speaks HTTP/1.1 whatever the client spoke.
+        parts.version = http::Version::HTTP_11;
+        let upstream = self.client.request(Request::from_parts(parts, body));
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let mut response = match tokio::time::timeout(timeout, upstream).await {
+                Ok(Ok(response)) => response.map(|body| body.map_err(Into::into).boxed_unsync()),
+                Ok(Err(e)) if e.is_connect() => {
+                    tracing::warn!(error = %e, "upstream unreachable");
+                    let detail = "the upstream refused the connection; the request was not sent";
+                    return Ok(upstream_problem(
+                        "upstream-unreachable",
+                        "The upstream is unreachable",
+                        StatusCode::BAD_GATEWAY,
+                        detail,
+                    ));
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "upstream failed after the request was sent");
+                    let detail =
+                        "the upstream connection failed after the request was sent; it may have been processed";
+                    let mut response =
+                        upstream_problem("upstream-failed", "The upstream failed", StatusCode::BAD_GATEWAY, detail);
+                    response.extensions_mut().insert(OutcomeUnknown);
+                    return Ok(response);
+                }
+                Err(_) => {
+                    tracing::warn!(?timeout, "upstream timed out");
+                    let detail = format!(
+                        "the upstream did not answer within {}; the request may have been processed",
+                        humantime::format_duration(timeout)
+                    );
+                    let mut response = upstream_problem(
+                        "upstream-timeout",
+                        "The upstream timed out",
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &detail,
+                    );
+                    response.extensions_mut().insert(OutcomeUnknown);
+                    return Ok(response);
+                }
+            };
+            strip_hop_by_hop(response.headers_mut());
+            Ok(response)
+        })
+    }
+}

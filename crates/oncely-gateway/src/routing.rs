@@ -1,0 +1,98 @@
+//! The route table: each configured path prefix gets its own idempotency layer (its own
+//! methods, key rule, retention, lease, conflict mode…) around the one proxy; the longest
+//! matching prefix wins.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Request, Response};
+use oncely::Oncely;
+use oncely_http::{Idempotency, IdempotencyLayer, ResponseBody};
+use tokio_util::task::TaskTracker;
+use tower::Layer;
+
+use crate::config::{Config, RouteSettings, prefix_matches};
+use crate::proxy::Proxy;
+use crate::stores::DynStore;
+
+type RouteService = Idempotency<Proxy, DynStore>;
+
+/// Dispatches each request to its route's layered proxy, and logs one line per request.
+#[derive(Clone)]
+pub struct Routes {
+    inner: Arc<Table>,
+}
+
+struct Table {
+    routes: Vec<(String, RouteService)>,
+    default: RouteService,
+}
+
+impl Routes {
+    /// Builds one layer per route over `proxy`, all on `store`, spawning keyed operations
+    /// on `tracker`.
+    pub fn new(config: &Config, store: &DynStore, proxy: &Proxy, tracker: &TaskTracker) -> Result<Self, String> {
+        let build = |route: &RouteSettings| -> Result<RouteService, String> {
+            let oncely = Oncely::builder(Arc::clone(store))
+                .retention(route.ttl)
+                .lease(route.lease)
+                .conflict_mode(route.on_conflict)
+                .build()
+                .map_err(|e| format!("route {}: {e}", route.path))?;
+            let statuses = route.store_statuses.clone();
+            let layer = IdempotencyLayer::new(oncely)
+                .header_name(route.header.clone())
+                .methods(route.methods.clone())
+                .require_key(route.required)
+                .max_body(route.max_body)
+                .scope_headers(route.scope_headers.clone())
+                .store_statuses(move |status| statuses.contains(status))
+                .track_operations(tracker.clone());
+            Ok(layer.layer(proxy.clone()))
+        };
+        let routes = config.routes.iter().map(|r| Ok((r.path.clone(), build(r)?))).collect::<Result<_, String>>()?;
+        Ok(Self { inner: Arc::new(Table { routes, default: build(&config.defaults)? }) })
+    }
+
+    fn route(&self, path: &str) -> &RouteService {
+        let table = &self.inner;
+        table.routes.iter().find(|(prefix, _)| prefix_matches(prefix, path)).map_or(&table.default, |(_, s)| s)
+    }
+}
+
+impl tower::Service<Request<axum::body::Body>> for Routes {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Every route's service is always ready: the proxy is.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<axum::body::Body>) -> Self::Future {
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let started = Instant::now();
+        // The route services need no `poll_ready` first: `Idempotency` is ready when its
+        // inner service is, and the proxy always is (its pool queues internally).
+        let response = self.route(&path).clone().call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            tracing::info!(
+                target: "oncely::access",
+                %method,
+                path,
+                status = response.status().as_u16(),
+                replayed,
+                micros = started.elapsed().as_micros() as u64,
+            );
+            Ok(response)
+        })
+    }
+}

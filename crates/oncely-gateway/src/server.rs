@@ -1,0 +1,145 @@
+//! Running the gateway: listeners, metrics, logs, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, RawConfig, RawSettings};
+use crate::proxy::Proxy;
+use crate::routing::Routes;
+use crate::stores;
+
+/// Where and on what the gateway runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The upstream, `http://host:port`.
+    pub upstream: String,
+    /// The proxy listener.
+    pub listen: SocketAddr,
+    /// The admin listener, if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// The store URL.
+    pub store: String,
+}
+
+/// The addresses the gateway is bound to, once it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// The proxy listener.
+    pub listen: SocketAddr,
+    /// The admin listener.
+    pub admin: Option<SocketAddr>,
+}
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets =
+                [0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+            let builder =
+                PrometheusBuilder::new().set_buckets_for_metric(Matcher::Full("oncely_store_seconds".into()), &buckets);
+            match builder.and_then(|b| b.install_recorder()) {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            () = terminate => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
+
+/// Runs the gateway until SIGTERM or SIGINT: stops accepting, lets running requests
+/// finish, waits for operations whose clients hung up to store their results, then
+/// returns. `on_ready` is called once both listeners are bound.
+pub async fn serve(
+    options: ServeOptions,
+    raw: RawConfig,
+    overrides: RawSettings,
+    on_ready: impl FnOnce(Bound),
+) -> Result<(), String> {
+    let config = Config::resolve(&raw, &overrides).map_err(|e| e.to_string())?;
+    let store = stores::open(&options.store).await?;
+    let tracker = TaskTracker::new();
+    let proxy = Proxy::new(&options.upstream, config.upstream_timeout)?;
+    let routes = Routes::new(&config, &store, &proxy, &tracker)?;
+    let app = Router::new().fallback_service(routes);
+
+    let listener = TcpListener::bind(options.listen).await.map_err(|e| format!("--listen {}: {e}", options.listen))?;
+    let listen = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_listener = match options.admin_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| format!("--admin-listen {addr}: {e}"))?),
+        None => None,
+    };
+    let admin = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: no new connections; running operations finish");
+            stop.cancel();
+        }
+    });
+
+    let admin_task = admin_listener.map(|listener| {
+        let state = AdminState {
+            store: Arc::clone(&store),
+            metrics: metrics_handle(),
+            tracker: tracker.clone(),
+            token: config.admin_token.as_deref().map(Arc::from),
+        };
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, admin::router(state)).with_graceful_shutdown(stop.cancelled_owned()).await
+        })
+    });
+
+    tracing::info!(%listen, ?admin, upstream = %options.upstream, store = %options.store, routes = config.routes.len(), "oncely gateway ready");
+    on_ready(Bound { listen, admin });
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await
+        .map_err(|e| format!("serving: {e}"))?;
+    stop.cancel();
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    // Operations whose clients hung up are still running in their own tasks: let them
+    // store their results before the process exits.
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}

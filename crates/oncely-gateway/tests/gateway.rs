@@ -1,0 +1,532 @@
+//! Black-box tests: the real `oncely` binary, spawned, in front of a counting upstream,
+//! over real sockets on loopback.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::{Notify, mpsc};
+
+/// The upstream: counts what reaches it; `/slow` holds requests until released.
+#[derive(Default)]
+struct Upstream {
+    calls: AtomicUsize,
+    started: Notify,
+    gate: Notify,
+}
+
+type Shared = Arc<Upstream>;
+
+async fn payments(
+    State(u): State<Shared>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> (StatusCode, [(&'static str, &'static str); 2], String) {
+    let n = u.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let auth = headers.get("authorization").map(|v| v.to_str().unwrap_or("?").to_string());
+    (
+        StatusCode::CREATED,
+        [("x-upstream", "yes"), ("set-cookie", "s=1")],
+        json!({ "call": n, "auth": auth, "body_len": body.len() }).to_string(),
+    )
+}
+
+async fn slow(State(u): State<Shared>) -> (StatusCode, String) {
+    let n = u.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let released = u.gate.notified();
+    u.started.notify_one();
+    released.await;
+    (StatusCode::CREATED, format!("slow call {n}"))
+}
+
+async fn status(State(u): State<Shared>, Path(code): Path<u16>) -> StatusCode {
+    u.calls.fetch_add(1, Ordering::SeqCst);
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+async fn hang(State(u): State<Shared>) -> StatusCode {
+    u.calls.fetch_add(1, Ordering::SeqCst);
+    std::future::pending::<()>().await;
+    StatusCode::OK
+}
+
+async fn echo_headers(headers: HeaderMap) -> String {
+    let map: serde_json::Map<String, Value> =
+        headers.iter().map(|(k, v)| (k.to_string(), Value::from(v.to_str().unwrap_or("?")))).collect();
+    Value::Object(map).to_string()
+}
+
+async fn start_upstream() -> (SocketAddr, Shared) {
+    let shared = Shared::default();
+    let app = Router::new()
+        .route("/payments", post(payments).get(payments).put(payments))
+        .route("/orders", post(payments))
+        .route("/slow", post(slow))
+        .route("/wait/slow", post(slow))
+        .route("/wait/pay", post(payments))
+        .route("/status/{code}", post(status))
+        .route("/hang", post(hang))
+        .route("/echo", post(echo_headers))
+        .with_state(shared.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, shared)
+}
+
+/// A running `oncely serve`; killed on drop.
+struct Gateway {
+    child: Child,
+    url: String,
+    admin: String,
+}
+
+const CONFIG: &str = r#"
+[defaults]
+max_body = "1KiB"
+lease = "2s"
+
+[[routes]]
+path = "/payments"
+required = true
+
+[[routes]]
+path = "/wait"
+on_conflict = "wait"
+wait_timeout = "20s"
+
+[admin]
+token = "secret-token"
+"#;
+
+async fn start_gateway(upstream: &str, store: &str, config: &str, extra: &[&str]) -> (Gateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config_path = dir.path().join("oncely.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let gateway = spawn_gateway(upstream, store, &config_path, extra).await;
+    (gateway, dir)
+}
+
+async fn spawn_gateway(upstream: &str, store: &str, config: &std::path::Path, extra: &[&str]) -> Gateway {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .args(["serve", "--upstream", upstream, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--store", store, "--log-level", "warn"])
+        .arg("--config")
+        .arg(config)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn oncely");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (mut url, mut admin) = (None, None);
+    let read = async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if let Some(addr) = line.strip_prefix("oncely listening on ") {
+                url = Some(addr.to_string());
+            } else if let Some(addr) = line.strip_prefix("oncely admin on ") {
+                admin = Some(addr.to_string());
+            }
+            if url.is_some() && admin.is_some() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read).await.expect("gateway starts");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Gateway { child, url: url.expect("listen line"), admin: admin.expect("admin line") }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+}
+
+async fn send_post(gw: &Gateway, path: &str, key: Option<&str>, body: &str) -> reqwest::Response {
+    post_to(&gw.url, path, key, body).await
+}
+
+/// Every POST of these tests goes through here, so that retries are identical requests.
+async fn post_to(url: &str, path: &str, key: Option<&str>, body: &str) -> reqwest::Response {
+    let mut request =
+        client().post(format!("{url}{path}")).header("content-type", "application/json").body(body.to_string());
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request.send().await.expect("request reaches the gateway")
+}
+
+async fn problem_type(response: reqwest::Response) -> String {
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    let json: Value = response.json().await.expect("problem JSON");
+    json["type"].as_str().expect("type").to_string()
+}
+
+fn replayed(response: &reqwest::Response) -> bool {
+    response.headers().get("idempotent-replayed").is_some_and(|v| v == "true")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_row_of_the_http_table_over_real_sockets() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let calls = || upstream.calls.load(Ordering::SeqCst);
+
+    // Method not covered: passed through untouched, every time.
+    for _ in 0..2 {
+        let r =
+            client().get(format!("{}/payments", gw.url)).header("idempotency-key", "k-get").send().await.expect("get");
+        assert_eq!(r.status(), 201);
+        assert!(!replayed(&r));
+    }
+    assert_eq!(calls(), 2);
+
+    // No key on an optional route: passed through.
+    for _ in 0..2 {
+        assert_eq!(send_post(&gw, "/orders", None, "{}").await.status(), 201);
+    }
+    assert_eq!(calls(), 4);
+
+    // No key on a required route: 400.
+    let r = send_post(&gw, "/payments", None, "{}").await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(problem_type(r).await, "urn:oncely:problem:missing-key");
+
+    // Malformed keys: 400.
+    for bad in ["", "\"unterminated", "a b"] {
+        let r = send_post(&gw, "/payments", Some(bad), "{}").await;
+        assert_eq!(r.status(), 400, "{bad:?}");
+        assert_eq!(problem_type(r).await, "urn:oncely:problem:invalid-key");
+    }
+
+    // Body over the limit: 413, nothing stored.
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(2048));
+    let r = send_post(&gw, "/payments", Some("k-big"), &big).await;
+    assert_eq!(r.status(), 413);
+    assert_eq!(problem_type(r).await, "urn:oncely:problem:body-too-large");
+    assert_eq!(calls(), 4, "nothing reached the upstream");
+
+    // New key, then its retries: replayed byte for byte, never reaching the upstream.
+    let first = send_post(&gw, "/payments", Some("k-1"), r#"{"amount":1999,"currency":"eur"}"#).await;
+    assert_eq!(first.status(), 201);
+    assert!(!replayed(&first));
+    assert_eq!(first.headers()["set-cookie"], "s=1", "the first response is passed on as produced");
+    let first_body = first.bytes().await.expect("body");
+    for _ in 0..3 {
+        let retry = send_post(&gw, "/payments", Some("\"k-1\""), r#"{ "currency": "eur", "amount": 1999 }"#).await;
+        assert_eq!(retry.status(), 201);
+        assert!(replayed(&retry));
+        assert_eq!(retry.headers()["x-upstream"], "yes");
+        assert!(retry.headers().get("set-cookie").is_none());
+        assert_eq!(retry.bytes().await.expect("body"), first_body);
+    }
+    assert_eq!(calls(), 5);
+
+    // Same key, another request: 422.
+    let r = send_post(&gw, "/payments", Some("k-1"), r#"{"amount":5000,"currency":"eur"}"#).await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(problem_type(r).await, "urn:oncely:problem:key-reused");
+
+    // A duplicate while the first runs, reject mode: 409 with Retry-After.
+    let running = tokio::spawn({
+        let (url, key) = (gw.url.clone(), "k-slow");
+        async move { post_to(&url, "/slow", Some(key), "").await }
+    });
+    upstream.started.notified().await;
+    let r = send_post(&gw, "/slow", Some("k-slow"), "").await;
+    assert_eq!(r.status(), 409);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(problem_type(r).await, "urn:oncely:problem:request-in-progress");
+    upstream.gate.notify_waiters();
+    assert_eq!(running.await.expect("task").status(), 201);
+
+    // Wait mode: duplicates wait and get the same answer.
+    let first = tokio::spawn({
+        let url = gw.url.clone();
+        async move { post_to(&url, "/wait/slow", Some("k-wait"), "").await }
+    });
+    upstream.started.notified().await;
+    let waiters: Vec<_> = (0..5)
+        .map(|_| {
+            let url = gw.url.clone();
+            tokio::spawn(async move { post_to(&url, "/wait/slow", Some("k-wait"), "").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await; // let the waiters reach the gateway; correctness does not depend on it
+    upstream.gate.notify_waiters();
+    let expected = first.await.expect("task").text().await.expect("body");
+    for waiter in waiters {
+        let r = waiter.await.expect("task");
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.text().await.expect("body"), expected);
+    }
+    assert_eq!(calls(), 7, "one call per slow key");
+
+    // 5xx releases the key (the retry runs again); 4xx is stored.
+    for _ in 0..2 {
+        assert_eq!(send_post(&gw, "/status/503", Some("k-503"), "").await.status(), 503);
+        assert_eq!(send_post(&gw, "/status/404", Some("k-404"), "").await.status(), 404);
+    }
+    assert_eq!(calls(), 7 + 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_duplicates_make_one_upstream_call() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(50));
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (url, barrier) = (gw.url.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let r = client()
+                    .post(format!("{url}/wait/pay"))
+                    .header("idempotency-key", "one-key")
+                    .body("{}")
+                    .send()
+                    .await
+                    .expect("response");
+                (r.status(), r.text().await.expect("body"))
+            })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for task in tasks {
+        let (status, body) = task.await.expect("task");
+        assert_eq!(status, 201, "wait mode: every duplicate gets the one answer");
+        bodies.push(body);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1, "fifty duplicates, one upstream call");
+
+    // Reject mode: duplicates of the running request get 409, still one call.
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let url = gw.url.clone();
+            tokio::spawn(async move {
+                client().post(format!("{url}/payments")).header("idempotency-key", "pay-once").body("{}").send().await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for task in tasks {
+        let r = task.await.expect("task").expect("response");
+        if r.status() == 201 {
+            created += 1;
+        } else {
+            assert_eq!(r.status(), 409, "reject mode: a duplicate of a running request");
+        }
+    }
+    assert!(created >= 1);
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 2, "fifty duplicates, one more upstream call");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_principals_with_one_key_are_isolated() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let as_user = |token: &'static str| {
+        client()
+            .post(format!("{}/payments", gw.url))
+            .header("idempotency-key", "shared")
+            .header("authorization", token)
+            .body("{}")
+    };
+    let alice = as_user("Bearer alice").send().await.expect("alice").text().await.expect("body");
+    let bob = as_user("Bearer bob").send().await.expect("bob").text().await.expect("body");
+    assert_ne!(alice, bob);
+    assert!(alice.contains("alice") && bob.contains("bob"));
+    let again = as_user("Bearer alice").send().await.expect("alice again");
+    assert!(replayed(&again));
+    assert_eq!(again.text().await.expect("body"), alice);
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_disconnects_mid_request_gets_its_replay_on_retry() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let hung_up = tokio::spawn({
+        let url = gw.url.clone();
+        async move { post_to(&url, "/wait/slow", Some("k-gone"), "").await }
+    });
+    upstream.started.notified().await;
+    hung_up.abort(); // drops the connection while the upstream works
+    let _ = hung_up.await;
+    upstream.gate.notify_waiters();
+    let retry = send_post(&gw, "/wait/slow", Some("k-gone"), "").await;
+    assert_eq!(retry.status(), 201);
+    assert!(replayed(&retry), "the abandoned request's response was stored");
+    assert_eq!(retry.text().await.expect("body"), "slow call 1");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_upstream_is_502_and_releases_the_key() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    for _ in 0..2 {
+        let r = send_post(&gw, "/payments", Some("k"), "{}").await;
+        assert_eq!(r.status(), 502, "released, so the retry is tried again rather than 409");
+        assert_eq!(problem_type(r).await, "urn:oncely:problem:upstream-unreachable");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_timeout_is_504_and_the_key_stays_held_for_its_lease() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) =
+        start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &["--upstream-timeout", "300ms"]).await;
+    let r = send_post(&gw, "/hang", Some("k-hang"), "").await;
+    assert_eq!(r.status(), 504);
+    assert_eq!(problem_type(r).await, "urn:oncely:problem:upstream-timeout");
+    let retry = send_post(&gw, "/hang", Some("k-hang"), "").await;
+    assert_eq!(retry.status(), 409, "the upstream may have acted: the key is held until its lease lapses");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
+    let (addr, _upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let r = client()
+        .post(format!("{}/echo", gw.url))
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "hop")
+        .send()
+        .await
+        .expect("echo");
+    let seen: Value = r.json().await.expect("json");
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert!(seen["forwarded"].as_str().is_some_and(|f| f.contains("for=127.0.0.1")));
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert!(seen["x-forwarded-host"].as_str().is_some_and(|h| h.starts_with("127.0.0.1:")));
+    assert!(seen.get("x-private").is_none(), "fields named by Connection are hop-by-hop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2c_clients_are_served() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().expect("client");
+    for _ in 0..2 {
+        let r = h2
+            .post(format!("{}/payments", gw.url))
+            .header("idempotency-key", "k-h2")
+            .body("{}")
+            .send()
+            .await
+            .expect("h2c");
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 201);
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_a_running_operation_finish_and_store_its_result() {
+    let (addr, upstream) = start_upstream().await;
+    let (mut gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    tokio::spawn({
+        let url = gw.url.clone();
+        async move {
+            let r = post_to(&url, "/wait/slow", Some("k-term"), "").await;
+            let _ = tx.send(r.status());
+        }
+    });
+    upstream.started.notified().await;
+    let pid = gw.child.id().expect("running");
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
+    assert!(killed.success());
+    upstream.gate.notify_waiters();
+    let status = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("answer").expect("sent");
+    assert_eq!(status.as_u16(), 201, "the running request finished");
+    let exit = tokio::time::timeout(Duration::from_secs(20), gw.child.wait()).await.expect("exits").expect("status");
+    assert!(exit.success(), "a graceful stop exits 0: {exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_api_shows_health_metrics_and_keys_behind_a_token() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let admin = |path: &str| client().get(format!("{}{path}", gw.admin));
+    assert_eq!(admin("/healthz").send().await.expect("healthz").status(), 200);
+    assert_eq!(admin("/readyz").send().await.expect("readyz").status(), 200);
+
+    send_post(&gw, "/payments", Some("k-admin"), "{}").await;
+    send_post(&gw, "/payments", Some("k-admin"), "{}").await;
+    let metrics = admin("/metrics").send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains(r#"oncely_outcomes_total{outcome="replayed"} 1"#), "{metrics}");
+    assert!(metrics.contains("oncely_store_seconds_bucket"), "store latency histogram");
+    assert!(metrics.contains("oncely_operations_in_flight"));
+
+    assert_eq!(admin("/keys").send().await.expect("keys").status(), 401);
+    let keys: Vec<Value> =
+        admin("/keys").bearer_auth("secret-token").send().await.expect("keys").json().await.expect("json");
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["key"], "k-admin");
+    assert_eq!(keys[0]["hits"], 1);
+    let hash = keys[0]["hash"].as_str().expect("hash").to_string();
+    let one: Value = admin(&format!("/keys/{hash}"))
+        .bearer_auth("secret-token")
+        .send()
+        .await
+        .expect("key")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(one["state"], "completed");
+    let deleted =
+        client().delete(format!("{}/keys/{hash}", gw.admin)).bearer_auth("secret-token").send().await.expect("delete");
+    assert_eq!(deleted.status(), 204);
+    assert!(!replayed(&send_post(&gw, "/payments", Some("k-admin"), "{}").await), "a deleted key runs again");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(admin("/keys/zz").bearer_auth("secret-token").send().await.expect("bad").status(), 400);
+}
+
+#[tokio::test]
+async fn check_config_names_the_bad_key_and_accepts_good_files() {
+    let dir = tempfile::tempdir().expect("dir");
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, CONFIG).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_oncely")).arg("check-config").arg(&good).output().await.expect("run");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 routes)"));
+
+    for (text, key) in
+        [("[defaults]\nttl = \"forever\"", "defaults.ttl"), ("[[routes]]\npath = \"/a\"\nreqired = true", "reqired")]
+    {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, text).expect("write");
+        let out = Command::new(env!("CARGO_BIN_EXE_oncely")).arg("check-config").arg(&bad).output().await.expect("run");
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{stderr}");
+    }
+
+    // `serve` refuses the same file at start, before binding anything.
+    let bad = dir.path().join("bad.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .args(["serve", "--upstream", "http://127.0.0.1:9", "--store", "memory://", "--config"])
+        .arg(&bad)
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+}
