@@ -1,0 +1,148 @@
+//! Conversions: records to and from rows, times to and from milliseconds, SQLite errors to
+//! store errors.
+//!
+//! # Time
+//!
+//! Every time in the database is an `INTEGER` of milliseconds since the Unix epoch, read
+//! from the process's wall clock (`SystemTime::now()`) once per store call, by the thread
+//! that runs the call. Durations are rounded *up* to whole milliseconds, so a lease or a
+//! retention is never shorter than asked. Several processes sharing one file must keep
+//! their clocks in step (NTP): a process whose clock runs ahead sees leases lapse early.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use oncely::{ClaimId, Fingerprint, IdempotencyKey, Record, RecordState, Scope, StorageKey, StoreError};
+use rusqlite::{ErrorCode, Row};
+
+/// Milliseconds since the Unix epoch, as stored.
+pub(crate) type Millis = i64;
+
+/// `records.state` of a record held by a claim.
+pub(crate) const IN_PROGRESS: i64 = 0;
+/// `records.state` of a record holding a result.
+pub(crate) const COMPLETED: i64 = 1;
+
+/// The columns [`read_record`] expects, in its order: `SELECT` and `RETURNING` lists.
+macro_rules! record_columns {
+    () => {
+        "storage_key, key, scope, fingerprint, created_at, expires_at, state, claim_id, lease_until, payload, \
+         completed_at, hits"
+    };
+}
+pub(crate) use record_columns;
+
+/// Index of `created_at` in [`record_columns!`].
+pub(crate) const CREATED_AT_COLUMN: usize = 4;
+
+/// The process clock now, in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> Result<Millis, StoreError> {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|since| i64::try_from(since.as_millis()).ok())
+        .ok_or_else(|| StoreError::unavailable("the system clock reads before the Unix epoch or past year 292 million"))
+}
+
+/// `now` plus `duration` rounded up to whole milliseconds;
+/// [`StoreError::InvalidRequest`] when that overflows.
+pub(crate) fn after(now: Millis, duration: Duration) -> Result<Millis, StoreError> {
+    i64::try_from(duration.as_nanos().div_ceil(1_000_000))
+        .ok()
+        .and_then(|millis| now.checked_add(millis))
+        .ok_or_else(|| StoreError::InvalidRequest(format!("{duration:?} from now overflows the clock")))
+}
+
+/// A stored time back as a `SystemTime`.
+pub(crate) fn to_time(millis: Millis) -> Result<SystemTime, StoreError> {
+    u64::try_from(millis)
+        .ok()
+        .and_then(|millis| UNIX_EPOCH.checked_add(Duration::from_millis(millis)))
+        .ok_or_else(|| StoreError::Corrupt(format!("a stored time of {millis} ms since the epoch is out of range")))
+}
+
+/// Reads a record from a row of [`record_columns!`].
+pub(crate) fn read_record(row: &Row<'_>) -> Result<Record, StoreError> {
+    let storage_key: [u8; 32] = row.get(0).map_err(sqlite_error)?;
+    let key: String = row.get(1).map_err(sqlite_error)?;
+    let scope: String = row.get(2).map_err(sqlite_error)?;
+    let fingerprint: Option<[u8; 32]> = row.get(3).map_err(sqlite_error)?;
+    let created_at: Millis = row.get(4).map_err(sqlite_error)?;
+    let expires_at: Millis = row.get(5).map_err(sqlite_error)?;
+    let state: i64 = row.get(6).map_err(sqlite_error)?;
+    let claim_id: Option<[u8; 16]> = row.get(7).map_err(sqlite_error)?;
+    let lease_until: Option<Millis> = row.get(8).map_err(sqlite_error)?;
+    let payload: Option<Vec<u8>> = row.get(9).map_err(sqlite_error)?;
+    let completed_at: Option<Millis> = row.get(10).map_err(sqlite_error)?;
+    let hits: i64 = row.get(11).map_err(sqlite_error)?;
+
+    let state = match (state, claim_id, lease_until, payload, completed_at) {
+        (IN_PROGRESS, Some(claim_id), Some(lease_until), _, _) => {
+            RecordState::InProgress { claim_id: ClaimId::from_bytes(claim_id), lease_until: to_time(lease_until)? }
+        }
+        (COMPLETED, _, _, Some(payload), Some(completed_at)) => RecordState::Completed {
+            payload: Bytes::from(payload),
+            completed_at: to_time(completed_at)?,
+            hits: u64::try_from(hits).map_err(|_| StoreError::Corrupt(format!("negative hit count {hits}")))?,
+        },
+        (state, ..) => {
+            return Err(StoreError::Corrupt(format!("a record in state {state} lacks the columns of that state")));
+        }
+    };
+    Ok(Record {
+        storage_key: StorageKey::from_bytes(storage_key),
+        key: IdempotencyKey::new(&key).map_err(|e| StoreError::Corrupt(format!("stored key {key:?}: {e}")))?,
+        scope: Scope::new(scope),
+        fingerprint: fingerprint.map(Fingerprint::from_digest),
+        created_at: to_time(created_at)?,
+        expires_at: to_time(expires_at)?,
+        state,
+    })
+}
+
+/// Maps a SQLite error to a store error: data this version cannot read is
+/// [`StoreError::Corrupt`]; everything else (I/O, a full disk, a lock held too long by
+/// another process) is [`StoreError::Unavailable`].
+pub(crate) fn sqlite_error(error: rusqlite::Error) -> StoreError {
+    let corrupt = matches!(
+        error,
+        rusqlite::Error::FromSqlConversionFailure(..)
+            | rusqlite::Error::InvalidColumnType(..)
+            | rusqlite::Error::IntegralValueOutOfRange(..)
+    ) || matches!(error.sqlite_error_code(), Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase));
+    if corrupt { StoreError::Corrupt(error.to_string()) } else { StoreError::Unavailable(Box::new(error)) }
+}
+
+/// A copy of `error` for another caller (store errors are not `Clone`): one failed
+/// transaction answers every request in it.
+pub(crate) fn copy_error(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::LeaseLost => StoreError::LeaseLost,
+        StoreError::Capacity { capacity } => StoreError::Capacity { capacity: *capacity },
+        StoreError::Corrupt(message) => StoreError::Corrupt(message.clone()),
+        StoreError::InvalidRequest(message) => StoreError::InvalidRequest(message.clone()),
+        other => StoreError::unavailable(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_up_to_whole_milliseconds() {
+        assert_eq!(after(1_000, Duration::from_micros(1)).ok(), Some(1_001));
+        assert_eq!(after(1_000, Duration::from_millis(400)).ok(), Some(1_400));
+        assert_eq!(after(1_000, Duration::ZERO).ok(), Some(1_000));
+        assert!(matches!(after(1_000, Duration::MAX), Err(StoreError::InvalidRequest(_))));
+        assert!(matches!(after(i64::MAX - 1, Duration::from_millis(2)), Err(StoreError::InvalidRequest(_))));
+    }
+
+    #[test]
+    fn times_round_trip_and_negative_ones_are_corrupt() {
+        let now = now_ms().expect("a sane clock");
+        let time = to_time(now).expect("in range");
+        assert_eq!(time.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).ok(), Some(now));
+        assert!(matches!(to_time(-1), Err(StoreError::Corrupt(_))));
+    }
+}

@@ -1,0 +1,377 @@
+//! The embedded durable Oncely store: one SQLite file, nothing to run beside it.
+//!
+//! ```no_run
+//! use oncely::Oncely;
+//! use oncely_sqlite::{Durability, SqliteOptions, SqliteStore};
+//!
+//! # fn main() -> Result<(), oncely::StoreError> {
+//! let store = SqliteStore::open("oncely.db", SqliteOptions::default().durability(Durability::Sync))?;
+//! let oncely = Oncely::new(store);
+//! # let _ = oncely; Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **Atomicity.** One writer thread owns the only connection that writes and runs
+//!   every request in a `BEGIN IMMEDIATE` transaction, which holds SQLite's write lock
+//!   against other processes too. A claim is one statement that decides and applies the
+//!   outcome together. Details at `Writer::run_batch` in `src/writer.rs`.
+//! - **Durability.** In [`Durability::Sync`] (the default) a completion is fsynced before
+//!   `complete` returns; concurrent completions share one fsync (group commit). In
+//!   [`Durability::Relaxed`] commits are not fsynced one by one; the WAL is synced on an
+//!   interval. In both modes an acknowledged write survives the process being killed;
+//!   what a power loss can take is written at [`Durability`].
+//! - **Expiry on every read.** Every statement compares `expires_at` with the time now;
+//!   the sweep only collects the garbage, a batch at a time between requests.
+//! - **Time** is the process's wall clock, as integer milliseconds since the Unix epoch,
+//!   read once per call; durations round up to whole milliseconds. Processes that share a
+//!   file must keep their clocks in step.
+//! - **Waiting.** [`Store::subscribe`] is woken in-process by the writer after the commit
+//!   of a completion, release, delete or takeover. Other processes sharing the file (and
+//!   other `SqliteStore::open`s of it) are not notified: their waiters fall back to the
+//!   engine's polling.
+//! - **Several processes** may open one file (on a local disk: WAL needs shared memory)
+//!   and stay atomic; their writes take turns on SQLite's lock, waiting up to
+//!   [`SqliteOptions::busy_timeout`] before answering [`StoreError::Unavailable`].
+//!
+//! # Schema
+//!
+//! One table, `records`, keyed by the 32-byte storage key, created and migrated by
+//! [`SqliteStore::open`] (versioned by `PRAGMA user_version`). Inspect it with any SQLite
+//! client; times are milliseconds since the epoch, `state` is 0 (in progress) or 1
+//! (completed).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use oncely::store::Notified;
+use oncely::{
+    ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, Record, Scope, StorageKey, Store, StoreError, StoreStats,
+};
+use tokio::sync::oneshot;
+
+mod codec;
+mod reader;
+mod schema;
+mod waiters;
+mod writer;
+
+use reader::{Query, Reply};
+use waiters::Waiters;
+use writer::{Command, Write, Writer};
+
+/// When an acknowledged write is on disk.
+///
+/// Both modes keep every acknowledged write across a crash or kill of the process: a
+/// commit is in the operating system's page cache when it returns, and the WAL is
+/// recovered at the next open. They differ on a power loss or an operating-system crash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// A completion, a `first_seen` mark or a delete is fsynced before the call returns
+    /// (`PRAGMA synchronous = FULL` for the transaction that carries it). Concurrent
+    /// writes share one transaction and so one fsync (group commit), so throughput grows
+    /// with concurrency while each caller waits about one fsync.
+    ///
+    /// On a power loss, nothing acknowledged is lost but claims, lease renewals, releases
+    /// and hit counts committed since the last fsync: a lost claim or renewal leaves the
+    /// key as before it (its holder died with the machine; a durable claim would only
+    /// make the retry wait out the lease before running the operation again), a lost
+    /// release leaves the key blocked for the rest of its lease, a lost hit count is a
+    /// counter.
+    #[default]
+    Sync,
+    /// No fsync per commit (`PRAGMA synchronous = NORMAL`); the writer syncs the WAL
+    /// every `interval` when something was committed (`PRAGMA wal_checkpoint(PASSIVE)`,
+    /// which fsyncs the WAL and then the database), and SQLite syncs it at its automatic
+    /// checkpoints (every 1000 pages of WAL).
+    ///
+    /// On a power loss, the writes of about the last `interval` are lost: completions
+    /// included, so a retry after the restart can run the operation again. Longer only
+    /// while a reader holds a snapshot older than them (a long read in another process),
+    /// which holds the checkpoint back. The database is never corrupted.
+    Relaxed {
+        /// How often the WAL is synced. Zero syncs after every batch.
+        interval: Duration,
+    },
+}
+
+/// Settings for [`SqliteStore::open`].
+#[derive(Clone, Debug)]
+pub struct SqliteOptions {
+    durability: Durability,
+    sweep_interval: Option<Duration>,
+    sweep_batch: usize,
+    readers: usize,
+    busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Sync,
+            sweep_interval: Some(Duration::from_secs(60)),
+            sweep_batch: 500,
+            readers: 2,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl SqliteOptions {
+    /// When acknowledged writes are on disk (default [`Durability::Sync`]).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// How often expired records are removed (default 60 s; zero means never, as
+    /// [`no_sweeper`](Self::no_sweeper)). Expired records are invisible to every read
+    /// whether swept or not; sweeping only gives the space back.
+    pub fn sweep_interval(mut self, every: Duration) -> Self {
+        self.sweep_interval = (!every.is_zero()).then_some(every);
+        self
+    }
+
+    /// No periodic sweep: expired records stay on disk (invisible) until
+    /// [`Store::purge_expired`] or a claim of the same key replaces them.
+    pub fn no_sweeper(mut self) -> Self {
+        self.sweep_interval = None;
+        self
+    }
+
+    /// How many expired records one sweep transaction deletes (default 500, at least 1).
+    /// The writer serves waiting requests between two such transactions, so this bounds
+    /// how long a request can wait behind the sweep.
+    pub fn sweep_batch(mut self, records: usize) -> Self {
+        self.sweep_batch = records.max(1);
+        self
+    }
+
+    /// How many reader threads, each with a connection, answer `get`, `list`, `stats`
+    /// and the check behind `subscribe` (default 2, at least 1). Claims and every other
+    /// change go through the one writer.
+    pub fn readers(mut self, readers: usize) -> Self {
+        self.readers = readers.max(1);
+        self
+    }
+
+    /// How long a statement waits for a lock held by another process sharing the file
+    /// before failing with [`StoreError::Unavailable`] (default 5 s; at most
+    /// `i32::MAX` milliseconds, about 24 days, which is what SQLite takes).
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout.min(Duration::from_millis(i32::MAX as u64));
+        self
+    }
+}
+
+/// The SQLite store. Cloning is cheap and shares the writer, the readers and the waiters.
+///
+/// Dropping the last clone stops the threads after the batch in hand (joining them, so
+/// briefly blocking the dropping thread), syncs the WAL in relaxed mode, and closes the
+/// file.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    commands: Sender<Command>,
+    queries: Sender<Query>,
+    waiters: Arc<Waiters>,
+    path: PathBuf,
+    durability: Durability,
+    /// Declared last, so dropped last: the senders above are gone by then, which is what
+    /// lets the threads it joins finish.
+    threads: Threads,
+}
+
+/// Joins the store's threads on drop.
+#[derive(Default)]
+struct Threads(Vec<JoinHandle<()>>);
+
+impl Threads {
+    fn spawn(&mut self, name: String, body: impl FnOnce() + Send + 'static) -> Result<(), StoreError> {
+        let handle = std::thread::Builder::new().name(name).spawn(body).map_err(StoreError::unavailable)?;
+        self.0.push(handle);
+        Ok(())
+    }
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        for handle in self.0.drain(..) {
+            // A thread that panicked has already dropped the replies it held; there is
+            // nothing left to clean up.
+            let _ = handle.join();
+        }
+    }
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.path)
+            .field("durability", &self.inner.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens the store at `path`, creating the file and its schema when missing (not its
+    /// directory), migrating an older schema, and starting the writer and reader threads.
+    ///
+    /// Opening does blocking file I/O (and waits up to the busy timeout for another
+    /// process's lock): call it at start-up, or from `spawn_blocking`.
+    ///
+    /// # Errors
+    ///
+    /// - [`StoreError::Corrupt`]: the file is not a SQLite database, is damaged, belongs
+    ///   to another application, or was written by a newer Oncely;
+    /// - [`StoreError::InvalidRequest`]: the path cannot hold a WAL-mode database
+    ///   (`:memory:`);
+    /// - [`StoreError::Unavailable`]: the path cannot be opened (a directory, a missing
+    ///   parent, no permission) or another process held the lock past the busy timeout.
+    pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let writer_conn = schema::open_writer(&path, &options)?;
+        let reader_conns =
+            (0..options.readers).map(|_| schema::open_reader(&path, &options)).collect::<Result<Vec<_>, _>>()?;
+
+        let (commands, command_queue) = mpsc::channel();
+        let (queries, query_queue) = mpsc::channel();
+        let waiters = Arc::new(Waiters::default());
+        let mut inner = Inner {
+            commands,
+            queries,
+            waiters: Arc::clone(&waiters),
+            path,
+            durability: options.durability,
+            threads: Threads::default(),
+        };
+        // Should a spawn fail, dropping `inner` drops the senders and then joins the
+        // threads already started, which see their queue closed and stop.
+        let writer = Writer::new(writer_conn, command_queue, waiters, &options);
+        inner.threads.spawn("oncely-sqlite-writer".into(), move || writer.run())?;
+        let query_queue = Arc::new(Mutex::new(query_queue));
+        for (n, conn) in reader_conns.into_iter().enumerate() {
+            let queue = Arc::clone(&query_queue);
+            inner.threads.spawn(format!("oncely-sqlite-reader-{n}"), move || reader::run(conn, queue))?;
+        }
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The durability the store was opened with.
+    pub fn durability(&self) -> Durability {
+        self.inner.durability
+    }
+
+    /// Sends a change to the writer and waits for its answer, which comes after the
+    /// transaction carrying it commits.
+    async fn write<T>(&self, write: impl FnOnce(Reply<T>) -> Write) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner.commands.send(Command::Write(write(reply))).map_err(|_| stopped("writer"))?;
+        answer.await.map_err(|_| stopped("writer"))?
+    }
+
+    /// Sends a query to a reader and waits for its answer.
+    async fn read<T>(&self, query: impl FnOnce(Reply<T>) -> Query) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner.queries.send(query(reply)).map_err(|_| stopped("reader"))?;
+        answer.await.map_err(|_| stopped("reader"))?
+    }
+}
+
+fn stopped(which: &str) -> StoreError {
+    StoreError::unavailable(format!("the SQLite store's {which} thread stopped"))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        self.write(|reply| Write::Claim { request, reply }).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StorageKey,
+        claim_id: ClaimId,
+        payload: Bytes,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let key = *key;
+        self.write(|reply| Write::Complete { key, claim_id, payload, retention, reply }).await
+    }
+
+    async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError> {
+        let key = *key;
+        self.write(|reply| Write::Release { key, claim_id, reply }).await
+    }
+
+    async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
+        let key = *key;
+        self.write(|reply| Write::Touch { key, claim_id, lease, reply }).await
+    }
+
+    async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
+        let key = *key;
+        self.read(|reply| Query::Get { key, reply }).await
+    }
+
+    async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        let key = *key;
+        self.write(|reply| Write::Delete { key, reply }).await
+    }
+
+    /// Runs the sweep now, a batch per transaction between other requests, until no
+    /// expired record is left; answers how many were removed after the call.
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner.commands.send(Command::Purge(reply)).map_err(|_| stopped("writer"))?;
+        answer.await.map_err(|_| stopped("writer"))?
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.read(|reply| Query::Stats { reply }).await
+    }
+
+    async fn first_seen(
+        &self,
+        storage_key: &StorageKey,
+        key: &IdempotencyKey,
+        scope: &Scope,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        let (storage_key, key, scope) = (*storage_key, key.clone(), scope.clone());
+        self.write(|reply| Write::FirstSeen { storage_key, key, scope, window, reply }).await
+    }
+
+    async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
+        self.read(|reply| Query::List { after, limit, reply }).await
+    }
+
+    /// Registers the waiter first, then reads the record: a change committed before the
+    /// read shows in it (the future resolves at once when the record is not in progress,
+    /// or when the read fails: waiters re-check), and a change committed after it wakes
+    /// the registration. Only changes made through this store (any clone) wake it.
+    fn subscribe(&self, key: &StorageKey) -> Notified {
+        let subscription = self.inner.waiters.subscribe(*key);
+        let (store, key) = (self.clone(), *key);
+        Box::pin(async move {
+            let in_progress = store.read(|reply| Query::InProgress { key, reply }).await;
+            if matches!(in_progress, Ok(true)) {
+                subscription.await;
+            }
+        })
+    }
+}

@@ -1,0 +1,132 @@
+//! Reader threads: `get`, `list`, `stats` and the check behind `subscribe`, each on a
+//! connection of its own, so that a long read (counting ten million records) never holds
+//! up the writer.
+//!
+//! # Consistency
+//!
+//! Each query is one statement, so one WAL snapshot: it sees every transaction that
+//! committed before it started, and so every write whose reply a caller already has.
+//! Expiry is applied in the query (`expires_at > now`): a record past its `expires_at`
+//! is absent whether or not the sweep has removed it.
+
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use oncely::{Record, StorageKey, StoreError, StoreStats};
+use rusqlite::{Connection, OptionalExtension, named_params};
+use tokio::sync::oneshot;
+
+use crate::codec::{IN_PROGRESS, Millis, now_ms, read_record, record_columns, sqlite_error};
+
+/// Where a reader sends its answer.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// A read request.
+pub(crate) enum Query {
+    Get {
+        key: StorageKey,
+        reply: Reply<Option<Record>>,
+    },
+    /// Whether the record at `key` is live and in progress.
+    InProgress {
+        key: StorageKey,
+        reply: Reply<bool>,
+    },
+    Stats {
+        reply: Reply<StoreStats>,
+    },
+    List {
+        after: Option<StorageKey>,
+        limit: usize,
+        reply: Reply<Vec<Record>>,
+    },
+}
+
+/// Answers queries until every sender is gone. The reader threads share one receiver.
+pub(crate) fn run(conn: Connection, queries: Arc<Mutex<Receiver<Query>>>) {
+    loop {
+        // A poisoned lock only means another reader panicked; the receiver is intact.
+        let query = queries.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok(query) = query else { return };
+        answer(&conn, query);
+    }
+}
+
+fn answer(conn: &Connection, query: Query) {
+    // A caller that gave up has dropped its receiver; its answer is not needed.
+    match query {
+        Query::Get { key, reply } => drop(reply.send(now_ms().and_then(|now| get(conn, &key, now)))),
+        Query::InProgress { key, reply } => drop(reply.send(now_ms().and_then(|now| in_progress(conn, &key, now)))),
+        Query::Stats { reply } => drop(reply.send(now_ms().and_then(|now| stats(conn, now)))),
+        Query::List { after, limit, reply } => drop(reply.send(now_ms().and_then(|now| list(conn, after, limit, now)))),
+    }
+}
+
+/// The live record at `key`. Shared with the writer, which reads inside its transaction.
+pub(crate) fn get(conn: &Connection, key: &StorageKey, now: Millis) -> Result<Option<Record>, StoreError> {
+    let sql = concat!("SELECT ", record_columns!(), " FROM records WHERE storage_key = :key AND expires_at > :now");
+    let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+    statement
+        .query_row(named_params! { ":key": key.as_bytes(), ":now": now }, |row| Ok(read_record(row)))
+        .optional()
+        .map_err(sqlite_error)?
+        .transpose()
+}
+
+fn in_progress(conn: &Connection, key: &StorageKey, now: Millis) -> Result<bool, StoreError> {
+    let sql = "SELECT state FROM records WHERE storage_key = :key AND expires_at > :now";
+    let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+    let state: Option<i64> = statement
+        .query_row(named_params! { ":key": key.as_bytes(), ":now": now }, |row| row.get(0))
+        .optional()
+        .map_err(sqlite_error)?;
+    Ok(state == Some(IN_PROGRESS))
+}
+
+/// Counts in one statement over `records_by_expiry`, which covers `state`.
+fn stats(conn: &Connection, now: Millis) -> Result<StoreStats, StoreError> {
+    let sql = "SELECT count(*), coalesce(sum(state = 0), 0), coalesce(sum(state = 1), 0) \
+               FROM records WHERE expires_at > :now";
+    let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+    let (records, in_progress, completed): (i64, i64, i64) = statement
+        .query_row(named_params! { ":now": now }, |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .map_err(sqlite_error)?;
+    let count = |n: i64| u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a negative count {n}")));
+    Ok(StoreStats { records: count(records)?, in_progress: count(in_progress)?, completed: count(completed)? })
+}
+
+/// A page of live records in storage-key order (blobs compare bytewise, as
+/// `StorageKey`'s `Ord` does), walking the primary key.
+fn list(conn: &Connection, after: Option<StorageKey>, limit: usize, now: Millis) -> Result<Vec<Record>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut records = Vec::new();
+    match after {
+        Some(after) => {
+            let sql = concat!(
+                "SELECT ",
+                record_columns!(),
+                " FROM records WHERE storage_key > :after AND expires_at > :now ORDER BY storage_key LIMIT :limit"
+            );
+            let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+            let mut rows = statement
+                .query(named_params! { ":after": after.as_bytes(), ":now": now, ":limit": limit })
+                .map_err(sqlite_error)?;
+            while let Some(row) = rows.next().map_err(sqlite_error)? {
+                records.push(read_record(row)?);
+            }
+        }
+        None => {
+            let sql = concat!(
+                "SELECT ",
+                record_columns!(),
+                " FROM records WHERE expires_at > :now ORDER BY storage_key LIMIT :limit"
+            );
+            let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+            let mut rows = statement.query(named_params! { ":now": now, ":limit": limit }).map_err(sqlite_error)?;
+            while let Some(row) = rows.next().map_err(sqlite_error)? {
+                records.push(read_record(row)?);
+            }
+        }
+    }
+    Ok(records)
+}

@@ -1,0 +1,183 @@
+//! Opening connections: the file, WAL mode, the schema and its migrations.
+//!
+//! The schema is embedded and versioned by `PRAGMA user_version`: [`MIGRATIONS`] holds
+//! one script per version, and [`migrate`] runs the missing ones in one `BEGIN IMMEDIATE`
+//! transaction (SQLite's DDL and `user_version` are transactional), so opening is
+//! repeatable, two processes opening one new file at once create the schema once, and a
+//! crash mid-migration leaves the previous version. A file written by a newer version, or
+//! a SQLite file of another application, is refused with [`StoreError::Corrupt`] and left
+//! untouched.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use oncely::StoreError;
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+
+use crate::{Durability, SqliteOptions};
+
+/// `PRAGMA application_id` of an Oncely database: "oncl".
+const APPLICATION_ID: i32 = 0x6f6e_636c;
+
+/// The schema, one script per version: `MIGRATIONS[n]` takes `user_version` n to n + 1.
+///
+/// - `storage_key`: the 32-byte SHA-256 of scope and key; the primary key.
+/// - `key`, `scope`: the raw key and scope, for inspection only.
+/// - `state`: 0 in progress (`claim_id` and `lease_until` set, `payload` null), 1 completed
+///   (`payload`, `completed_at` and `hits` meaningful, `claim_id` null).
+/// - Times are integer milliseconds since the Unix epoch (see [`crate::codec`]).
+/// - `records_by_expiry` serves the sweep (`expires_at <= now`) and `stats` (it covers
+///   `state`, so counting never reads the rows and their payloads).
+///
+/// The table is `STRICT` and its `CHECK`s tie the columns to the state, so a bug cannot
+/// store a record that reads back as something else.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE records (
+        storage_key  BLOB    NOT NULL PRIMARY KEY CHECK (length(storage_key) = 32),
+        key          TEXT    NOT NULL,
+        scope        TEXT    NOT NULL,
+        fingerprint  BLOB    CHECK (fingerprint IS NULL OR length(fingerprint) = 32),
+        created_at   INTEGER NOT NULL,
+        expires_at   INTEGER NOT NULL,
+        state        INTEGER NOT NULL,
+        claim_id     BLOB    CHECK (claim_id IS NULL OR length(claim_id) = 16),
+        lease_until  INTEGER,
+        payload      BLOB,
+        completed_at INTEGER,
+        hits         INTEGER NOT NULL DEFAULT 0,
+        CHECK ((state = 0 AND claim_id IS NOT NULL AND lease_until IS NOT NULL AND payload IS NULL)
+            OR (state = 1 AND claim_id IS NULL AND payload IS NOT NULL AND completed_at IS NOT NULL))
+    ) STRICT;
+    CREATE INDEX records_by_expiry ON records (expires_at, state);
+"];
+
+/// The schema version this build reads and writes.
+pub(crate) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Opens (creating it if needed) the database for the writer thread: WAL mode, the
+/// schema migrated, the durability settings of `options` applied.
+pub(crate) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(path, e))?;
+    conn.busy_timeout(options.busy_timeout).map_err(|e| open_error(path, e))?;
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)).map_err(|e| open_error(path, e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::InvalidRequest(format!(
+            "{} cannot use write-ahead logging (journal mode {mode:?}); the SQLite store needs a file on a local disk",
+            path.display()
+        )));
+    }
+    migrate(&mut conn).map_err(|e| e.at(path))?;
+    let synchronous = match options.durability {
+        // FULL: in WAL mode, the WAL is fsynced at every commit (the writer lowers it to
+        // NORMAL for batches that hold no completion; see `Writer::run_batch`).
+        // `fullfsync` makes that fsync an F_FULLFSYNC on macOS, which a plain fsync is
+        // not; SQLite ignores it elsewhere.
+        Durability::Sync => "FULL",
+        // NORMAL: no fsync at commit; the WAL is synced at checkpoints.
+        Durability::Relaxed { .. } => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous).map_err(|e| open_error(path, e))?;
+    if matches!(options.durability, Durability::Sync) {
+        conn.pragma_update(None, "fullfsync", true).map_err(|e| open_error(path, e))?;
+    }
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+/// Opens a read connection to a database [`open_writer`] prepared.
+pub(crate) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(path, e))?;
+    conn.busy_timeout(options.busy_timeout).map_err(|e| open_error(path, e))?;
+    // Read connections never write: a bug that tries fails instead of bypassing the writer.
+    conn.pragma_update(None, "query_only", true).map_err(|e| open_error(path, e))?;
+    conn.set_prepared_statement_cache_capacity(16);
+    Ok(conn)
+}
+
+/// Why opening failed.
+enum MigrateError {
+    Sqlite(rusqlite::Error),
+    Refused(String),
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Sqlite(error)
+    }
+}
+
+impl MigrateError {
+    fn at(self, path: &Path) -> StoreError {
+        match self {
+            Self::Sqlite(error) => open_error(path, error),
+            Self::Refused(why) => StoreError::Corrupt(format!("{}: {why}", path.display())),
+        }
+    }
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`] in one immediate transaction.
+fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let application_id: i32 = tx.pragma_query_value(None, "application_id", |row| row.get(0))?;
+    let version: i32 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if application_id != APPLICATION_ID && application_id != 0 {
+        return Err(MigrateError::Refused(format!("not an Oncely database (application_id {application_id:#x})")));
+    }
+    if version > SCHEMA_VERSION {
+        return Err(MigrateError::Refused(format!(
+            "the schema is version {version}, newer than this build reads ({SCHEMA_VERSION}); upgrade Oncely"
+        )));
+    }
+    if version == 0 {
+        let tables: i64 = tx.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
+        if tables > 0 {
+            return Err(MigrateError::Refused(
+                "not an Oncely database (it holds tables of another application)".into(),
+            ));
+        }
+    }
+    let start = usize::try_from(version).unwrap_or(0);
+    for script in &MIGRATIONS[start..] {
+        tx.execute_batch(script)?;
+    }
+    if version < SCHEMA_VERSION {
+        tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        tracing::info!(from = version, to = SCHEMA_VERSION, "migrated the SQLite store's schema");
+    }
+    Ok(())
+}
+
+/// An error from opening `path`, naming it.
+#[derive(Debug)]
+struct OpenError {
+    path: PathBuf,
+    source: rusqlite::Error,
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot open the SQLite store at {}: {}", self.path.display(), self.source)
+    }
+}
+
+impl std::error::Error for OpenError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// A file that is not a database (or a damaged one) is [`StoreError::Corrupt`]; a path
+/// that cannot be opened (a directory, no permission, a missing parent) or a lock held
+/// too long is [`StoreError::Unavailable`].
+fn open_error(path: &Path, source: rusqlite::Error) -> StoreError {
+    if matches!(source.sqlite_error_code(), Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)) {
+        StoreError::Corrupt(format!("{}: {source}", path.display()))
+    } else {
+        StoreError::Unavailable(Box::new(OpenError { path: path.to_path_buf(), source }))
+    }
+}

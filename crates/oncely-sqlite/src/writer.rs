@@ -1,0 +1,666 @@
+//! The writer thread: the one connection that writes, batching every pending request into
+//! one transaction (group commit), sweeping expired records between batches, and, in
+//! relaxed mode, syncing the WAL on an interval.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use oncely::{ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, RecordState, Scope, StorageKey, StoreError};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, named_params};
+
+use crate::Durability;
+use crate::codec::{CREATED_AT_COLUMN, Millis, after, copy_error, now_ms, read_record, record_columns, sqlite_error};
+use crate::reader::{Reply, get};
+use crate::waiters::Waiters;
+
+/// The most requests one transaction carries. Bounds a batch's latency and memory when
+/// requests arrive faster than commits finish; what is left waits for the next batch.
+const MAX_BATCH: usize = 1024;
+
+/// What the writer is asked to do.
+pub(crate) enum Command {
+    /// A change, run inside the next batch's transaction.
+    Write(Write),
+    /// Remove every expired record, in sweep-sized batches, and answer how many.
+    Purge(Reply<u64>),
+}
+
+/// A change to the records, with where to send its answer.
+pub(crate) enum Write {
+    Claim { request: ClaimRequest, reply: Reply<ClaimOutcome> },
+    Complete { key: StorageKey, claim_id: ClaimId, payload: Bytes, retention: Duration, reply: Reply<()> },
+    Release { key: StorageKey, claim_id: ClaimId, reply: Reply<()> },
+    Touch { key: StorageKey, claim_id: ClaimId, lease: Duration, reply: Reply<()> },
+    Delete { key: StorageKey, reply: Reply<bool> },
+    FirstSeen { storage_key: StorageKey, key: IdempotencyKey, scope: Scope, window: Duration, reply: Reply<bool> },
+}
+
+impl Write {
+    /// Whether an acknowledged write of this kind must survive a power loss in
+    /// [`Durability::Sync`]: a completion (a replay depends on it), a `first_seen` mark (a
+    /// dedup verdict depends on it) and a delete (an operator expects it to stay done).
+    ///
+    /// The others may be lost with the last unsynced commits on a power loss (never on a
+    /// process crash; see [`Writer::run_batch`]): a claim or a touch (the key comes back
+    /// as it was before it; the holder died with the machine, so a durable claim would
+    /// only have made the retry wait for its lease to lapse before running the operation
+    /// again), a release (the key then stays blocked until the released lease lapses: one
+    /// lease, as for a crashed holder) and a replay's hit count (a counter, never an
+    /// answer).
+    fn needs_fsync(&self) -> bool {
+        matches!(self, Self::Complete { .. } | Self::FirstSeen { .. } | Self::Delete { .. })
+    }
+}
+
+/// `PRAGMA synchronous` levels the writer switches between.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Synchronous {
+    /// WAL: no fsync at commit; the WAL is synced before each checkpoint.
+    Normal,
+    /// WAL: the WAL is fsynced at every commit.
+    Full,
+}
+
+/// The writer thread's state.
+pub(crate) struct Writer {
+    conn: Connection,
+    commands: Receiver<Command>,
+    waiters: Arc<Waiters>,
+    durability: Durability,
+    sweep_interval: Option<Duration>,
+    sweep_batch: usize,
+    /// The connection's current `PRAGMA synchronous`.
+    synchronous: Synchronous,
+    /// When the next periodic sweep starts.
+    next_sweep: Option<Instant>,
+    /// A sweep in progress, with the purges waiting for it.
+    sweep: Option<Sweep>,
+    /// Relaxed mode: when the WAL holding commits not yet synced must be synced.
+    sync_due: Option<Instant>,
+}
+
+/// A sweep in progress. Each `purge_expired` caller counts what was removed after it asked.
+#[derive(Default)]
+struct Sweep {
+    purges: Vec<(Reply<u64>, u64)>,
+}
+
+/// What the writer took from its queue.
+enum Next {
+    Command(Command),
+    /// Nothing is waiting: time for background work.
+    Idle,
+    /// Every sender is gone: the store was dropped.
+    Closed,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        conn: Connection,
+        commands: Receiver<Command>,
+        waiters: Arc<Waiters>,
+        options: &crate::SqliteOptions,
+    ) -> Self {
+        let synchronous = match options.durability {
+            Durability::Sync => Synchronous::Full,
+            Durability::Relaxed { .. } => Synchronous::Normal,
+        };
+        Self {
+            conn,
+            commands,
+            waiters,
+            durability: options.durability,
+            sweep_interval: options.sweep_interval,
+            sweep_batch: options.sweep_batch,
+            synchronous,
+            next_sweep: options.sweep_interval.and_then(from_now),
+            sweep: None,
+            sync_due: None,
+        }
+    }
+
+    /// Runs until the store is dropped.
+    pub(crate) fn run(mut self) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            match self.next_command() {
+                Next::Command(first) => {
+                    batch.push(first);
+                    while batch.len() < MAX_BATCH {
+                        match self.commands.try_recv() {
+                            Ok(command) => batch.push(command),
+                            Err(_) => break,
+                        }
+                    }
+                    self.run_batch(&mut batch);
+                }
+                Next::Idle => {}
+                Next::Closed => break,
+            }
+            self.background_work();
+        }
+        if self.sync_due.is_some() {
+            // A clean shutdown leaves nothing unsynced, even in relaxed mode.
+            self.sync_wal();
+        }
+    }
+
+    /// Waits for a command, but not past the next timer, and not at all while a sweep is
+    /// running (the sweep goes on between batches instead).
+    fn next_command(&self) -> Next {
+        if self.sweep.is_some() {
+            return match self.commands.try_recv() {
+                Ok(command) => Next::Command(command),
+                Err(TryRecvError::Empty) => Next::Idle,
+                Err(TryRecvError::Disconnected) => Next::Closed,
+            };
+        }
+        match self.next_sweep.into_iter().chain(self.sync_due).min() {
+            None => self.commands.recv().map_or(Next::Closed, Next::Command),
+            Some(at) => match self.commands.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(command) => Next::Command(command),
+                Err(RecvTimeoutError::Timeout) => Next::Idle,
+                Err(RecvTimeoutError::Disconnected) => Next::Closed,
+            },
+        }
+    }
+
+    /// Runs every request of `batch` in one transaction and answers them after it commits.
+    ///
+    /// # Atomicity
+    ///
+    /// This thread owns the only connection of this store that writes, and each request
+    /// runs inside one `BEGIN IMMEDIATE … COMMIT`: `IMMEDIATE` takes SQLite's write lock
+    /// before the first read, so no other writer (another process on the same file
+    /// included) changes a record between a request's read and its write. Every request
+    /// is a single statement (a claim whose statement changed nothing adds a read of the
+    /// row it met), and a statement that fails is rolled back by SQLite alone, so a
+    /// failing request has no effect and the others in the batch still commit. Should
+    /// SQLite roll the whole transaction back (an I/O error, a full disk), or the commit
+    /// fail, every request of the batch is answered with the error, none with success.
+    ///
+    /// # Durability and group commit
+    ///
+    /// Nobody is answered before the commit returns, and waiters are woken only after
+    /// it. All the requests that queued up while the previous batch committed share this
+    /// one commit, and so, in [`Durability::Sync`], one fsync of the WAL: `PRAGMA
+    /// synchronous = FULL`, under which SQLite in WAL mode syncs the WAL at every commit.
+    /// A completion is therefore on disk before `complete` returns. A batch holding no
+    /// write that [needs it](Write::needs_fsync) commits with `synchronous = NORMAL`
+    /// (written to the WAL, not synced). That is safe for the completions: the WAL is
+    /// append-only and the next FULL commit syncs the whole file, the earlier frames with
+    /// it, and a commit is durable against a process crash as soon as it returns in
+    /// either mode (the data is in the OS page cache); only a power loss or an OS crash
+    /// can lose unsynced commits, and it cannot corrupt the database.
+    ///
+    /// In [`Durability::Relaxed`], every commit is NORMAL and the WAL is synced on the
+    /// interval (see [`Writer::sync_wal`]).
+    fn run_batch(&mut self, batch: &mut Vec<Command>) {
+        let mut writes = Vec::with_capacity(batch.len());
+        for command in batch.drain(..) {
+            match command {
+                Command::Write(write) => writes.push(write),
+                Command::Purge(reply) => self.sweep.get_or_insert_with(Sweep::default).purges.push((reply, 0)),
+            }
+        }
+        if writes.is_empty() {
+            return;
+        }
+        let fsync = matches!(self.durability, Durability::Sync) && writes.iter().any(Write::needs_fsync);
+        let mut answers = Vec::with_capacity(writes.len());
+        let mut woken = Vec::new();
+        match self.transact(fsync, writes, &mut answers, &mut woken) {
+            Ok(()) => {
+                self.committed();
+                self.waiters.wake(&woken);
+            }
+            Err(error) => {
+                tracing::warn!(%error, requests = answers.len(), "the SQLite store failed a batch of writes");
+                for answer in &mut answers {
+                    answer.fail(&error);
+                }
+            }
+        }
+        for answer in answers {
+            answer.send();
+        }
+    }
+
+    /// The transaction of [`Writer::run_batch`]: one answer per write, in order, whatever
+    /// happens; `Err` when the transaction did not commit.
+    fn transact(
+        &mut self,
+        fsync: bool,
+        writes: Vec<Write>,
+        answers: &mut Vec<Answer>,
+        woken: &mut Vec<StorageKey>,
+    ) -> Result<(), StoreError> {
+        let level = if fsync { Synchronous::Full } else { Synchronous::Normal };
+        let begun = self
+            .set_synchronous(level)
+            .and_then(|()| self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite_error));
+        let tx = match begun {
+            Ok(tx) => tx,
+            Err(error) => {
+                answers.extend(writes.into_iter().map(|write| Answer::failed(write, copy_error(&error))));
+                return Err(error);
+            }
+        };
+        let mut writes = writes.into_iter();
+        for write in writes.by_ref() {
+            answers.push(execute(&tx, write, woken));
+            if tx.is_autocommit() {
+                // SQLite rolled the whole transaction back after a failed statement (an
+                // I/O error, a full disk). The rest must not run: outside a transaction,
+                // each would commit on its own.
+                let error = StoreError::unavailable("SQLite rolled back the transaction after an error");
+                answers.extend(writes.map(|write| Answer::failed(write, copy_error(&error))));
+                return Err(error);
+            }
+        }
+        tx.commit().map_err(sqlite_error)
+    }
+
+    fn set_synchronous(&mut self, level: Synchronous) -> Result<(), StoreError> {
+        if self.synchronous != level {
+            let value = match level {
+                Synchronous::Normal => "NORMAL",
+                Synchronous::Full => "FULL",
+            };
+            self.conn.pragma_update(None, "synchronous", value).map_err(sqlite_error)?;
+            self.synchronous = level;
+        }
+        Ok(())
+    }
+
+    /// Notes a commit: in relaxed mode, the WAL must be synced within the interval.
+    fn committed(&mut self) {
+        if let Durability::Relaxed { interval } = self.durability
+            && self.sync_due.is_none()
+        {
+            self.sync_due = from_now(interval);
+        }
+    }
+
+    /// Starts a periodic sweep when one is due, runs one sweep batch if a sweep is in
+    /// progress, and syncs the WAL when that is due.
+    fn background_work(&mut self) {
+        let now = Instant::now();
+        if self.sweep.is_none() && self.next_sweep.is_some_and(|at| at <= now) {
+            self.sweep = Some(Sweep::default());
+        }
+        if self.sweep.is_some() {
+            self.sweep_once();
+        }
+        if self.sync_due.is_some_and(|at| at <= Instant::now()) {
+            self.sync_wal();
+        }
+    }
+
+    /// Deletes one batch of at most `sweep_batch` expired records, in a transaction of its
+    /// own (with `synchronous = NORMAL`: a lost sweep is redone by the next one). The
+    /// writer takes new requests between two sweep batches, so no request waits behind
+    /// more than one of them; the sweep ends when a batch finds fewer than it may take.
+    fn sweep_once(&mut self) {
+        let removed = self.set_synchronous(Synchronous::Normal).and_then(|()| now_ms()).and_then(|now| {
+            let limit = i64::try_from(self.sweep_batch).unwrap_or(i64::MAX);
+            let sql = "DELETE FROM records WHERE rowid IN \
+                       (SELECT rowid FROM records WHERE expires_at <= :now LIMIT :limit)";
+            let mut statement = self.conn.prepare_cached(sql).map_err(sqlite_error)?;
+            statement.execute(named_params! { ":now": now, ":limit": limit }).map_err(sqlite_error)
+        });
+        let finished = match removed {
+            Ok(removed) => {
+                if let Some(sweep) = self.sweep.as_mut() {
+                    for (_, count) in &mut sweep.purges {
+                        *count += removed as u64;
+                    }
+                }
+                if removed > 0 {
+                    tracing::debug!(removed, "the SQLite store swept expired records");
+                    self.committed();
+                }
+                removed < self.sweep_batch
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the SQLite store failed to sweep expired records");
+                if let Some(sweep) = self.sweep.as_mut() {
+                    for (reply, _) in std::mem::take(&mut sweep.purges) {
+                        let _ = reply.send(Err(copy_error(&error)));
+                    }
+                }
+                true
+            }
+        };
+        if finished {
+            if let Some(sweep) = self.sweep.take() {
+                for (reply, count) in sweep.purges {
+                    let _ = reply.send(Ok(count));
+                }
+            }
+            self.next_sweep = self.sweep_interval.and_then(from_now);
+        }
+    }
+
+    /// Relaxed mode: syncs the WAL with `PRAGMA wal_checkpoint(PASSIVE)`, which fsyncs
+    /// the WAL before copying its frames into the database file (and fsyncs that after).
+    /// Commits are therefore on disk at most `interval` after they were answered, plus
+    /// the batch the writer is running when the sync comes due; a reader holding a
+    /// snapshot older than those commits (a long read in another process) can hold the
+    /// copy back, and with it this sync, until a later interval.
+    fn sync_wal(&mut self) {
+        self.sync_due = None;
+        let checkpoint = self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        });
+        match checkpoint {
+            Ok((_, wal_frames, copied)) => tracing::trace!(wal_frames, copied, "synced the SQLite store's WAL"),
+            Err(error) => {
+                tracing::warn!(%error, "the SQLite store failed to sync its WAL; retrying at the next interval");
+                self.committed();
+            }
+        }
+    }
+}
+
+/// `after` from now; `None` (never) past what `Instant` can represent.
+fn from_now(after: Duration) -> Option<Instant> {
+    Instant::now().checked_add(after)
+}
+
+/// One request's answer, held until its transaction commits.
+enum Answer {
+    Claim(Reply<ClaimOutcome>, Result<ClaimOutcome, StoreError>),
+    Unit(Reply<()>, Result<(), StoreError>),
+    Flag(Reply<bool>, Result<bool, StoreError>),
+}
+
+impl Answer {
+    fn failed(write: Write, error: StoreError) -> Self {
+        match write {
+            Write::Claim { reply, .. } => Self::Claim(reply, Err(error)),
+            Write::Complete { reply, .. } | Write::Release { reply, .. } | Write::Touch { reply, .. } => {
+                Self::Unit(reply, Err(error))
+            }
+            Write::Delete { reply, .. } | Write::FirstSeen { reply, .. } => Self::Flag(reply, Err(error)),
+        }
+    }
+
+    /// The transaction did not commit: a success becomes `error`. A request that failed
+    /// on its own keeps its own error (a `LeaseLost` read under the write lock is true
+    /// whatever became of the others).
+    fn fail(&mut self, error: &StoreError) {
+        fn fail<T>(result: &mut Result<T, StoreError>, error: &StoreError) {
+            if result.is_ok() {
+                *result = Err(copy_error(error));
+            }
+        }
+        match self {
+            Self::Claim(_, result) => fail(result, error),
+            Self::Unit(_, result) => fail(result, error),
+            Self::Flag(_, result) => fail(result, error),
+        }
+    }
+
+    fn send(self) {
+        // A caller that gave up has dropped its receiver; the write stands regardless,
+        // which is what `StoreError::Unavailable`'s "whether it took effect is unknown"
+        // tells a caller that timed out.
+        match self {
+            Self::Claim(reply, result) => drop(reply.send(result)),
+            Self::Unit(reply, result) => drop(reply.send(result)),
+            Self::Flag(reply, result) => drop(reply.send(result)),
+        }
+    }
+}
+
+/// Runs one write inside the batch's transaction; notes in `woken` the keys whose
+/// waiters must be woken once it commits.
+fn execute(conn: &Connection, write: Write, woken: &mut Vec<StorageKey>) -> Answer {
+    match write {
+        Write::Claim { request, reply } => Answer::Claim(reply, claim(conn, &request, woken)),
+        Write::Complete { key, claim_id, payload, retention, reply } => {
+            Answer::Unit(reply, complete(conn, &key, claim_id, &payload, retention, woken))
+        }
+        Write::Release { key, claim_id, reply } => Answer::Unit(reply, release(conn, &key, claim_id, woken)),
+        Write::Touch { key, claim_id, lease, reply } => Answer::Unit(reply, touch(conn, &key, claim_id, lease)),
+        Write::Delete { key, reply } => Answer::Flag(reply, delete(conn, &key, woken)),
+        Write::FirstSeen { storage_key, key, scope, window, reply } => {
+            Answer::Flag(reply, first_seen(conn, &storage_key, &key, &scope, window, woken))
+        }
+    }
+}
+
+/// The claim, in one statement: insert a new in-progress record, or update the one in the
+/// way, and return the row as it now is.
+///
+/// Conditions on the existing row (`E` = it expired: `expires_at <= :now`):
+/// - `E` → replaced by the new claim, every column (`created_at` = now);
+/// - live, same fingerprint, completed → `hits + 1`;
+/// - live, same fingerprint, in progress with `lease_until <= :now` → taken over: new
+///   `claim_id`, `lease_until`, `expires_at`; `created_at` kept;
+/// - otherwise (another fingerprint, or a live lease) → the `WHERE` is false: nothing is
+///   written and nothing returned.
+///
+/// All `SET` expressions read the row as it was before the update.
+const CLAIM: &str = concat!(
+    "INSERT INTO records (storage_key, key, scope, fingerprint, created_at, expires_at, state, claim_id, \
+         lease_until, payload, completed_at, hits)
+     VALUES (:storage_key, :key, :scope, :fingerprint, :now, :expires_at, 0, :claim_id, :lease_until, \
+         NULL, NULL, 0)
+     ON CONFLICT (storage_key) DO UPDATE SET
+         key          = iif(expires_at <= :now, excluded.key, key),
+         scope        = iif(expires_at <= :now, excluded.scope, scope),
+         fingerprint  = iif(expires_at <= :now, excluded.fingerprint, fingerprint),
+         created_at   = iif(expires_at <= :now, excluded.created_at, created_at),
+         state        = iif(expires_at <= :now, 0, state),
+         claim_id     = iif(expires_at <= :now OR state = 0, excluded.claim_id, claim_id),
+         lease_until  = iif(expires_at <= :now OR state = 0, excluded.lease_until, lease_until),
+         expires_at   = iif(expires_at <= :now OR state = 0, excluded.expires_at, expires_at),
+         payload      = iif(expires_at <= :now, NULL, payload),
+         completed_at = iif(expires_at <= :now, NULL, completed_at),
+         hits         = iif(expires_at <= :now, 0, hits + (state = 1))
+     WHERE expires_at <= :now
+        OR (fingerprint IS excluded.fingerprint AND (state = 1 OR lease_until <= :now))
+     RETURNING ",
+    record_columns!()
+);
+
+/// [`CLAIM`], then the outcome from the row it returned:
+///
+/// - held by the request's claim id → acquired; a takeover when `created_at` is not this
+///   call's `now` (a new or replaced record gets `created_at = now`; a taken-over one keeps
+///   its own, which is earlier, because leases are at least 1 ms and a lease lapsed before
+///   `now`; only a wall clock stepped back to that very millisecond could make the two
+///   equal, and the label alone would then be wrong, never who holds the key);
+/// - completed → a replay, its hit already counted;
+/// - no row → the statement met a live record it must not change: it is read back in the
+///   same transaction (under the write lock, so it is the record the claim met) and is a
+///   mismatch when its fingerprint differs, else held by a live lease.
+fn claim(conn: &Connection, request: &ClaimRequest, woken: &mut Vec<StorageKey>) -> Result<ClaimOutcome, StoreError> {
+    let now = now_ms()?;
+    let lease_until = after(now, request.lease.max(Duration::from_millis(1)))?;
+    let expires_at = after(now, request.retention)?.max(lease_until);
+    let mut statement = conn.prepare_cached(CLAIM).map_err(sqlite_error)?;
+    let returned = statement
+        .query_row(
+            named_params! {
+                ":storage_key": request.storage_key.as_bytes(),
+                ":key": request.key.as_str(),
+                ":scope": request.scope.as_str(),
+                ":fingerprint": request.fingerprint.as_ref().map(|fingerprint| fingerprint.as_bytes()),
+                ":now": now,
+                ":expires_at": expires_at,
+                ":claim_id": request.claim_id.to_bytes(),
+                ":lease_until": lease_until,
+            },
+            |row| Ok((row.get::<_, Millis>(CREATED_AT_COLUMN)?, read_record(row))),
+        )
+        .optional()
+        .map_err(sqlite_error)?;
+    match returned {
+        Some((created_at, record)) => {
+            let record = record?;
+            match record.state {
+                RecordState::InProgress { claim_id, .. } if claim_id == request.claim_id => {
+                    // A takeover changes the holder under any waiter; a new record may
+                    // replace an expired one that had waiters.
+                    woken.push(request.storage_key);
+                    Ok(ClaimOutcome::Acquired { takeover: created_at != now })
+                }
+                RecordState::Completed { .. } => Ok(ClaimOutcome::Completed(record)),
+                RecordState::InProgress { .. } => {
+                    Err(StoreError::Corrupt("a claim changed a record it does not hold".into()))
+                }
+            }
+        }
+        None => match get(conn, &request.storage_key, now)? {
+            Some(record) if record.fingerprint != request.fingerprint => Ok(ClaimOutcome::Mismatch(record)),
+            Some(record) => Ok(ClaimOutcome::InProgress(record)),
+            None => Err(StoreError::Corrupt("a claim met a record it cannot read back".into())),
+        },
+    }
+}
+
+/// Stores the result of the live in-progress record held by `claim_id`.
+fn complete(
+    conn: &Connection,
+    key: &StorageKey,
+    claim_id: ClaimId,
+    payload: &Bytes,
+    retention: Duration,
+    woken: &mut Vec<StorageKey>,
+) -> Result<(), StoreError> {
+    let now = now_ms()?;
+    let expires_at = after(now, retention)?;
+    let sql = "UPDATE records SET state = 1, claim_id = NULL, lease_until = NULL, payload = :payload, \
+                   completed_at = :now, expires_at = :expires_at, hits = 0 \
+               WHERE storage_key = :key AND state = 0 AND claim_id = :claim_id AND expires_at > :now";
+    let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+    let changed = statement
+        .execute(named_params! {
+            ":payload": payload.as_ref(),
+            ":now": now,
+            ":expires_at": expires_at,
+            ":key": key.as_bytes(),
+            ":claim_id": claim_id.to_bytes(),
+        })
+        .map_err(sqlite_error)?;
+    held(changed)?;
+    woken.push(*key);
+    Ok(())
+}
+
+/// Removes the live in-progress record held by `claim_id`.
+fn release(
+    conn: &Connection,
+    key: &StorageKey,
+    claim_id: ClaimId,
+    woken: &mut Vec<StorageKey>,
+) -> Result<(), StoreError> {
+    let now = now_ms()?;
+    let sql =
+        "DELETE FROM records WHERE storage_key = :key AND state = 0 AND claim_id = :claim_id AND expires_at > :now";
+    let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+    let changed = statement
+        .execute(named_params! { ":key": key.as_bytes(), ":claim_id": claim_id.to_bytes(), ":now": now })
+        .map_err(sqlite_error)?;
+    held(changed)?;
+    woken.push(*key);
+    Ok(())
+}
+
+/// Renews the lease held by `claim_id`; a renewed lease never outlives the record.
+fn touch(conn: &Connection, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
+    let now = now_ms()?;
+    let lease_until = after(now, lease.max(Duration::from_millis(1)))?;
+    let sql = "UPDATE records SET lease_until = :lease_until, expires_at = max(expires_at, :lease_until) \
+               WHERE storage_key = :key AND state = 0 AND claim_id = :claim_id AND expires_at > :now";
+    let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+    let changed = statement
+        .execute(named_params! {
+            ":lease_until": lease_until,
+            ":key": key.as_bytes(),
+            ":claim_id": claim_id.to_bytes(),
+            ":now": now,
+        })
+        .map_err(sqlite_error)?;
+    held(changed)
+}
+
+/// `LeaseLost` unless the fenced statement (which names the holder's claim id) changed
+/// the row.
+fn held(changed: usize) -> Result<(), StoreError> {
+    if changed == 1 { Ok(()) } else { Err(StoreError::LeaseLost) }
+}
+
+/// Removes the record at `key` whatever its state; true when it was live.
+fn delete(conn: &Connection, key: &StorageKey, woken: &mut Vec<StorageKey>) -> Result<bool, StoreError> {
+    let now = now_ms()?;
+    let sql = "DELETE FROM records WHERE storage_key = :key RETURNING expires_at > :now";
+    let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+    let live: Option<bool> = statement
+        .query_row(named_params! { ":key": key.as_bytes(), ":now": now }, |row| row.get(0))
+        .optional()
+        .map_err(sqlite_error)?;
+    if live.is_some() {
+        woken.push(*key);
+    }
+    Ok(live.unwrap_or(false))
+}
+
+/// Message dedup in one statement: a marker (a completed record with an empty payload)
+/// is inserted, or replaces an expired record; a live completed record gets `hits + 1`; a
+/// live in-progress record is left alone (the `WHERE` is false, nothing returned).
+/// First seen exactly when the returned row has no hit.
+const FIRST_SEEN: &str = "
+    INSERT INTO records (storage_key, key, scope, fingerprint, created_at, expires_at, state, claim_id,
+        lease_until, payload, completed_at, hits)
+    VALUES (:storage_key, :key, :scope, NULL, :now, :expires_at, 1, NULL, NULL, X'', :now, 0)
+    ON CONFLICT (storage_key) DO UPDATE SET
+        key          = iif(expires_at <= :now, excluded.key, key),
+        scope        = iif(expires_at <= :now, excluded.scope, scope),
+        fingerprint  = iif(expires_at <= :now, NULL, fingerprint),
+        created_at   = iif(expires_at <= :now, excluded.created_at, created_at),
+        expires_at   = iif(expires_at <= :now, excluded.expires_at, expires_at),
+        state        = 1,
+        claim_id     = NULL,
+        lease_until  = NULL,
+        payload      = iif(expires_at <= :now, excluded.payload, payload),
+        completed_at = iif(expires_at <= :now, excluded.completed_at, completed_at),
+        hits         = iif(expires_at <= :now, 0, hits + 1)
+    WHERE expires_at <= :now OR state = 1
+    RETURNING hits";
+
+fn first_seen(
+    conn: &Connection,
+    storage_key: &StorageKey,
+    key: &IdempotencyKey,
+    scope: &Scope,
+    window: Duration,
+    woken: &mut Vec<StorageKey>,
+) -> Result<bool, StoreError> {
+    let now = now_ms()?;
+    let expires_at = after(now, window)?;
+    let mut statement = conn.prepare_cached(FIRST_SEEN).map_err(sqlite_error)?;
+    let hits: Option<i64> = statement
+        .query_row(
+            named_params! {
+                ":storage_key": storage_key.as_bytes(),
+                ":key": key.as_str(),
+                ":scope": scope.as_str(),
+                ":now": now,
+                ":expires_at": expires_at,
+            },
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(sqlite_error)?;
+    let first = hits == Some(0);
+    if first {
+        woken.push(*storage_key);
+    }
+    Ok(first)
+}
