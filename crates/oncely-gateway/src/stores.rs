@@ -3,7 +3,7 @@
 //! | URL | store |
 //! |---|---|
 //! | `memory://` | in-process, lost on restart ([`oncely::MemoryStore`]) |
-//! | `sqlite://PATH` | embedded, durable (the default: `sqlite://oncely.db`) |
+//! | `sqlite://PATH` | embedded, durable (the default: `sqlite://oncely.db`); `?durability=relaxed` syncs on an interval instead of per completion |
 //!
 //! Further stores plug in here, in [`open`], without touching the proxy.
 
@@ -17,6 +17,7 @@ use oncely::{
     ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, MemoryStore, Record, Scope, StorageKey, Store, StoreError,
     StoreStats,
 };
+use oncely_sqlite::{Durability, SqliteOptions, SqliteStore};
 
 /// The store the gateway runs on, chosen at start from a URL.
 pub type DynStore = Arc<dyn Store>;
@@ -40,9 +41,38 @@ pub async fn open(url: &str) -> Result<DynStore, String> {
     Ok(Arc::new(Instrumented(store)))
 }
 
-async fn open_sqlite(path: &str) -> Result<DynStore, String> {
-    let _ = path;
-    Err("sqlite:// is not available yet".to_string())
+/// `sqlite://PATH[?durability=sync|relaxed[&sync_interval=1s]]`.
+async fn open_sqlite(rest: &str) -> Result<DynStore, String> {
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let mut durability = Durability::Sync;
+    let mut interval = Duration::from_secs(1);
+    let mut relaxed = false;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("durability", "sync")) => relaxed = false,
+            Some(("durability", "relaxed")) => relaxed = true,
+            Some(("sync_interval", text)) => {
+                interval =
+                    crate::config::duration("sync_interval", text).map_err(|e| format!("sqlite://{rest}: {e}"))?;
+            }
+            _ => {
+                return Err(format!(
+                    "sqlite://{rest}: unknown option {pair:?}; use durability=sync|relaxed, sync_interval=DURATION"
+                ));
+            }
+        }
+    }
+    if relaxed {
+        durability = Durability::Relaxed { interval };
+    }
+    let path = path.to_string();
+    // Opening does file I/O and may wait on another process's lock: off the runtime.
+    let store =
+        tokio::task::spawn_blocking(move || SqliteStore::open(&path, SqliteOptions::default().durability(durability)))
+            .await
+            .map_err(|e| format!("opening the SQLite store: {e}"))?
+            .map_err(|e| format!("sqlite://{rest}: {e}"))?;
+    Ok(Arc::new(store))
 }
 
 /// Times every store call into `oncely_store_seconds{op}`.

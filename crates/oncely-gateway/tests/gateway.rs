@@ -530,3 +530,63 @@ async fn check_config_names_the_bad_key_and_accepts_good_files() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_between_first_request_and_retry_still_replays_on_sqlite() {
+    let (addr, upstream) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("oncely.toml");
+    std::fs::write(&config, CONFIG).expect("write config");
+    let store = format!("sqlite://{}", dir.path().join("oncely.db").display());
+
+    let mut first_gw = spawn_gateway(&format!("http://{addr}"), &store, &config, &[]).await;
+    let first = send_post(&first_gw, "/payments", Some("k-durable"), r#"{"amount":1}"#).await;
+    assert_eq!(first.status(), 201);
+    let first_body = first.bytes().await.expect("body");
+    // The harshest restart: SIGKILL, right after the answer was received.
+    first_gw.child.kill().await.expect("kill");
+
+    let second_gw = spawn_gateway(&format!("http://{addr}"), &store, &config, &[]).await;
+    let retry = send_post(&second_gw, "/payments", Some("k-durable"), r#"{"amount":1}"#).await;
+    assert_eq!(retry.status(), 201);
+    assert!(replayed(&retry), "the completion survived the kill");
+    assert_eq!(retry.bytes().await.expect("body"), first_body);
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+    drop(second_gw);
+
+    // The command line reads the same file.
+    let oncely = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_oncely"));
+        command.args(args).args(["--store", &store]);
+        command
+    };
+    let stats = oncely(&["stats"]).output().await.expect("stats");
+    assert!(stats.status.success(), "{stats:?}");
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("completed: 1"));
+    let list = oncely(&["keys", "list"]).output().await.expect("list");
+    let records: Vec<Value> = serde_json::from_slice(&list.stdout).expect("JSON list");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["key"], "k-durable");
+    assert_eq!(records[0]["hits"], 1);
+    let hash = records[0]["hash"].as_str().expect("hash");
+    let shown = oncely(&["keys", "get", hash]).output().await.expect("get");
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("\"state\": \"completed\""));
+    assert!(oncely(&["keys", "delete", hash]).output().await.expect("delete").status.success());
+    let gone = oncely(&["keys", "get", hash]).output().await.expect("get");
+    assert_eq!(gone.status.code(), Some(1));
+    let bad = oncely(&["keys", "get", "not-a-hash"]).output().await.expect("get");
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn unknown_store_urls_are_refused_at_start() {
+    for store in ["mysql://x", "sqlite://", "sqlite:///tmp/x.db?durability=sometimes"] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_oncely")).args(["stats", "--store", store]).output().await.expect("run");
+        assert_eq!(out.status.code(), Some(2), "{store}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("sqlite")
+                || String::from_utf8_lossy(&out.stderr).contains("store")
+        );
+    }
+}
