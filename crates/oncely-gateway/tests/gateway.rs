@@ -590,3 +590,29 @@ async fn unknown_store_urls_are_refused_at_start() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_that_cannot_answer_is_503_fail_closed() {
+    let (addr, upstream) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("oncely.toml");
+    std::fs::write(&config, CONFIG).expect("write config");
+    let db = dir.path().join("oncely.db");
+    let gw = spawn_gateway(&format!("http://{addr}"), &format!("sqlite://{}", db.display()), &config, &[]).await;
+
+    // Another process holds SQLite's write lock: the gateway's store cannot write, and
+    // answers Unavailable once its busy timeout (5 s) passes.
+    let locker = rusqlite::Connection::open(&db).expect("open");
+    locker.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+    let r = send_post(&gw, "/payments", Some("k-503"), "{}").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(problem_type(r).await, "urn:oncely:problem:store-unavailable");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 0, "fail-closed: nothing was forwarded");
+
+    locker.execute_batch("COMMIT").expect("unlock");
+    drop(locker);
+    let r = send_post(&gw, "/payments", Some("k-503"), "{}").await;
+    assert_eq!(r.status(), 201, "the store answers again, and the key was never stored");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+}
