@@ -26,10 +26,10 @@ pub enum Error {
     /// version of the program, or read with another type.
     #[error("the stored result does not decode as the requested type: {0}")]
     Decode(#[source] serde_json::Error),
-    /// The operation's result could not be encoded for storage. The operation has run;
-    /// its claim is left to lapse so that a retry does not silently run it again at once.
-    #[error("the operation's result could not be encoded for storage: {0}")]
-    Encode(#[source] serde_json::Error),
+    /// The operation ran, but its outcome could not be kept (it did not encode): the
+    /// retry gets this instead of running the operation a second time.
+    #[error("the operation ran but its outcome was not stored: {0}")]
+    NotStored(String),
     /// An argument was out of range (a zero or absurd duration).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -6,7 +6,9 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 /// A 32-byte SHA-256 digest of a request's content.
@@ -58,18 +60,25 @@ impl Fingerprint {
     ///
     /// - **Unicode escapes** are decoded before hashing, so `"\u00e9"` and `"é"` are the
     ///   same string and give the same fingerprint.
-    /// - **Numbers** keep their kind: integers that fit 64 bits are compared exactly; any
-    ///   number with a fraction or exponent is parsed as an `f64` and written back in its
-    ///   shortest round-trip form, so `1.50` and `1.5` match, and `1e2` and `100.0` match,
-    ///   but the integer `1` and the float `1.0` do not. Integers beyond 64 bits become
-    ///   `f64` and may lose precision.
-    /// - **Duplicate object keys**: the last one wins, as in most JSON parsers.
+    /// - **Numbers** are compared by their text, exactly: nothing is rounded through a
+    ///   float, so two documents with different numbers never match (and `1.5`, `1.50`
+    ///   and `15e-1` are three different requests; clients that re-serialise write
+    ///   numbers the same way each time).
+    /// - **Duplicate object keys**: a document that has any is hashed as raw bytes, since
+    ///   parsers disagree on which one wins.
+    ///
+    /// So a match means the two documents have the same meaning to any JSON parser.
     ///
     /// # Errors
     /// The parse error when `json` is not a JSON document.
     pub fn from_json(json: &[u8]) -> Result<Self, serde_json::Error> {
-        let value: serde_json::Value = serde_json::from_slice(json)?;
-        Self::from_serialize(&value)
+        let document: &RawValue = serde_json::from_slice(json)?;
+        let mut canonical = Vec::with_capacity(json.len());
+        if write_canonical_text(document, &mut canonical)? {
+            Ok(Self::from_bytes(&canonical))
+        } else {
+            Ok(Self::from_parts(&[b"json with duplicate keys", json]))
+        }
     }
 
     /// The fingerprint of any serializable value, through the same canonical JSON as
@@ -110,6 +119,76 @@ impl Fingerprint {
     /// The digest as 64 lowercase hex digits.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
+    }
+}
+
+/// Writes the document `raw` with object keys sorted, no whitespace, strings re-escaped
+/// and every number as written. False when an object has a duplicate key.
+fn write_canonical_text(raw: &RawValue, out: &mut Vec<u8>) -> Result<bool, serde_json::Error> {
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'{') => {
+            let Entries(mut entries) = serde_json::from_str(text)?;
+            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            if entries.windows(2).any(|w| w[0].0 == w[1].0) {
+                return Ok(false);
+            }
+            out.push(b'{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, &key)?;
+                out.push(b':');
+                if !write_canonical_text(item, out)? {
+                    return Ok(false);
+                }
+            }
+            out.push(b'}');
+        }
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(text)?;
+            out.push(b'[');
+            for (i, item) in items.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                if !write_canonical_text(item, out)? {
+                    return Ok(false);
+                }
+            }
+            out.push(b']');
+        }
+        Some(b'"') => {
+            let string: String = serde_json::from_str(text)?;
+            serde_json::to_writer(&mut *out, &string)?;
+        }
+        // Numbers, true, false, null: exactly as written (RawValue holds no whitespace).
+        _ => out.extend_from_slice(text.as_bytes()),
+    }
+    Ok(true)
+}
+
+/// An object's members in document order, duplicates kept.
+struct Entries<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Members<'a> {
+            type Value = Entries<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+                    entries.push(entry);
+                }
+                Ok(Entries(entries))
+            }
+        }
+        deserializer.deserialize_map(Members(std::marker::PhantomData))
     }
 }
 
@@ -190,10 +269,33 @@ mod tests {
     }
 
     #[test]
-    fn numbers_follow_the_documented_rules() {
-        assert_eq!(fp("1.50"), fp("1.5"));
-        assert_eq!(fp("1e2"), fp("100.0"));
+    fn numbers_are_compared_by_their_exact_text() {
+        assert_ne!(fp("1.50"), fp("1.5"));
+        assert_ne!(fp("1e2"), fp("100"));
         assert_ne!(fp("1"), fp("1.0"));
+        // Beyond f64 precision, still different requests.
+        assert_ne!(fp(r#"{"amount":100000000000000000001}"#), fp(r#"{"amount":100000000000000000000}"#));
+        assert_ne!(fp("0.10000000000000000001"), fp("0.1"));
+        assert_eq!(fp(r#"{ "amount" : 1999 }"#), fp(r#"{"amount":1999}"#));
+    }
+
+    #[test]
+    fn duplicate_keys_never_match_a_document_without_them() {
+        assert_ne!(fp(r#"{"amount":1,"amount":2}"#), fp(r#"{"amount":2}"#));
+        assert_ne!(fp(r#"{"a":{"x":1,"x":2}}"#), fp(r#"{"a":{"x":2}}"#));
+        assert_eq!(fp(r#"{"amount":1,"amount":2}"#), fp(r#"{"amount":1,"amount":2}"#));
+    }
+
+    #[test]
+    fn typed_values_and_their_json_text_agree() {
+        #[derive(Serialize)]
+        struct Charge {
+            amount: u64,
+            currency: &'static str,
+            tags: Vec<&'static str>,
+        }
+        let typed = Fingerprint::from_serialize(&Charge { amount: 1999, currency: "eur", tags: vec!["a"] });
+        assert_eq!(typed.ok(), Some(fp(r#"{"tags":["a"],"currency":"eur","amount":1999}"#)));
     }
 
     #[test]

@@ -221,3 +221,28 @@ async fn a_zero_or_absurd_dedup_window_is_refused() {
         assert!(matches!(oncely.first_seen(&key("m"), window).await, Err(Error::InvalidArgument(_))));
     }
 }
+
+#[tokio::test]
+async fn a_short_retention_alone_is_accepted() {
+    let oncely = Oncely::builder(MemoryStore::new()).retention(Duration::from_secs(60)).build().expect("valid");
+    assert_eq!(oncely.config().keep_alive_ceiling, Duration::from_secs(60), "the ceiling follows a short retention");
+}
+
+#[tokio::test]
+async fn an_outcome_that_does_not_encode_is_returned_once_and_never_run_again() {
+    use std::collections::HashMap;
+    let oncely = Oncely::builder(MemoryStore::new()).lease(Duration::from_millis(100)).build().expect("settings");
+    let runs = AtomicUsize::new(0);
+    let operation = || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        let mut value = HashMap::new();
+        value.insert((1u8, 2u8), 3u8); // JSON object keys must be strings
+        Ok::<_, Failure<String>>(value)
+    };
+    let first = oncely.run(&key("k"), None, operation).await.expect("the caller gets its value");
+    assert_eq!(first.value.get(&(1, 2)), Some(&3));
+    tokio::time::sleep(Duration::from_millis(300)).await; // well past the lease
+    let retry = oncely.run(&key("k"), None, operation).await;
+    assert!(matches!(retry, Err(RunError::Idempotency(Error::NotStored(_)))), "{retry:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -97,6 +97,8 @@ pub struct OncelyBuilder<S> {
     store: S,
     config: Config,
     hooks: Hooks,
+    /// Whether `keep_alive_ceiling` was set; unset, it follows the retention.
+    ceiling_set: bool,
 }
 
 impl<S: fmt::Debug> fmt::Debug for OncelyBuilder<S> {
@@ -107,7 +109,7 @@ impl<S: fmt::Debug> fmt::Debug for OncelyBuilder<S> {
 
 impl<S: Store> OncelyBuilder<S> {
     pub(crate) fn new(store: S) -> Self {
-        Self { store, config: Config::default(), hooks: Hooks::default() }
+        Self { store, config: Config::default(), hooks: Hooks::default(), ceiling_set: false }
     }
 
     /// How long results are kept for replay (default 24 h; at most [`MAX_RETENTION`]).
@@ -123,10 +125,11 @@ impl<S: Store> OncelyBuilder<S> {
         self
     }
 
-    /// How long a running operation's lease keeps being renewed (default 10 min; zero
-    /// turns renewal off; at most the retention).
+    /// How long a running operation's lease keeps being renewed (default 10 min, or the
+    /// retention if that is shorter; zero turns renewal off; at most the retention).
     pub fn keep_alive_ceiling(mut self, ceiling: Duration) -> Self {
         self.config.keep_alive_ceiling = ceiling;
+        self.ceiling_set = true;
         self
     }
 
@@ -179,23 +182,36 @@ impl<S: Store> OncelyBuilder<S> {
     ///
     /// # Errors
     /// [`ConfigError`] naming the first setting that is zero or out of range.
-    pub fn build(self) -> Result<Oncely<S>, ConfigError> {
-        let c = &self.config;
-        check("retention", c.retention, Duration::from_millis(1), MAX_RETENTION)?;
-        check("lease", c.lease, Duration::from_millis(1), c.retention)?;
-        check("keep_alive_ceiling", c.keep_alive_ceiling, Duration::ZERO, c.retention)?;
-        check("poll_interval", c.poll_interval, Duration::from_millis(1), Duration::from_secs(3600))?;
-        if let ConflictMode::Wait { timeout } = c.conflict {
-            check(
-                "conflict_mode(Wait { timeout })",
-                timeout,
-                Duration::from_millis(1),
-                Duration::from_secs(24 * 3600),
-            )?;
+    pub fn build(mut self) -> Result<Oncely<S>, ConfigError> {
+        if !self.ceiling_set {
+            self.config.keep_alive_ceiling = self.config.keep_alive_ceiling.min(self.config.retention);
         }
+        self.config.validate()?;
         Ok(Oncely::from_shared(Shared { store: self.store, config: self.config, hooks: self.hooks }))
     }
 }
+
+impl Config {
+    /// Checks every setting, naming the first that is zero or out of range: what
+    /// [`OncelyBuilder::build`] checks, for programs that take settings from elsewhere
+    /// (the gateway's configuration file) and want to refuse them before starting.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check("retention", self.retention, Duration::from_millis(1), MAX_RETENTION)?;
+        check("lease", self.lease, Duration::from_millis(1), self.retention)?;
+        check("keep_alive_ceiling", self.keep_alive_ceiling, Duration::ZERO, self.retention)?;
+        check("poll_interval", self.poll_interval, Duration::from_millis(1), Duration::from_secs(3600))?;
+        if let ConflictMode::Wait { timeout } = self.conflict {
+            check("conflict_mode(Wait { timeout })", timeout, Duration::from_millis(1), MAX_WAIT)?;
+        }
+        Ok(())
+    }
+}
+
+/// The longest wait-mode timeout accepted.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 fn check(setting: &'static str, value: Duration, min: Duration, max: Duration) -> Result<(), ConfigError> {
     if value < min || value > max {

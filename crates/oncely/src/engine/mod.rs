@@ -17,7 +17,7 @@ use crate::{
 mod config;
 mod guard;
 
-pub use config::{Config, ConflictMode, MAX_RETENTION, OncelyBuilder};
+pub use config::{Config, ConflictMode, MAX_RETENTION, MAX_WAIT, OncelyBuilder};
 pub use guard::ClaimGuard;
 
 use config::Hooks;
@@ -105,6 +105,15 @@ enum StoredRef<'a, T, E> {
 enum Stored<T, E> {
     Ok(T),
     Err(E),
+    /// The operation ran but its outcome could not be encoded: retries get
+    /// [`Error::NotStored`] instead of running it again.
+    NotStored(String),
+}
+
+/// The marker stored when an outcome does not encode.
+#[derive(Serialize)]
+enum NotStoredRef<'a> {
+    NotStored(&'a str),
 }
 
 impl<S: Store> Oncely<S> {
@@ -250,7 +259,9 @@ impl<S: Store> Oncely<S> {
     /// Runs `operation` once for `key`: the first call runs it and stores its outcome;
     /// every retry within the retention gets the stored outcome back (`replayed: true`).
     ///
-    /// The value (and a failure returned as [`Failure::Store`]) is stored as JSON.
+    /// The value (and a failure returned as [`Failure::Store`]) is stored as JSON. One
+    /// that does not encode is still returned to this caller; retries get
+    /// [`Error::NotStored`] rather than running the operation again.
     /// The operation runs inside this future, with its lease renewed as it goes; dropping
     /// the future cancels it and leaves the key to lapse with its lease (see
     /// [`ClaimGuard`]). So a caller-side timeout should not wrap `run` itself: spawn the
@@ -284,14 +295,12 @@ impl<S: Store> Oncely<S> {
             };
             match guard.keep_alive(operation()).await {
                 Ok(value) => {
-                    let payload = serde_json::to_vec(&StoredRef::<T, E>::Ok(&value)).map_err(Error::Encode)?;
-                    record_completion(guard, payload).await;
+                    record_completion(guard, encode(&StoredRef::<T, E>::Ok(&value))).await;
                     Ok(Executed { value, replayed: false })
                 }
                 Err(Failure::Store(error)) => {
-                    let payload = serde_json::to_vec(&StoredRef::<T, E>::Err(&error)).map_err(Error::Encode)?;
                     count("failure_stored");
-                    record_completion(guard, payload).await;
+                    record_completion(guard, encode(&StoredRef::<T, E>::Err(&error))).await;
                     Err(RunError::Failed { error, replayed: false })
                 }
                 Err(Failure::Release(error)) => {
@@ -376,6 +385,18 @@ impl<S: Store> Oncely<S> {
     }
 }
 
+/// The stored form of an outcome. The operation has already run, so an outcome that
+/// does not encode (a map with non-string keys, say) is stored as a `NotStored` marker:
+/// retries get [`Error::NotStored`], never a second run.
+fn encode<T: Serialize, E: Serialize>(outcome: &StoredRef<'_, T, E>) -> Vec<u8> {
+    serde_json::to_vec(outcome).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the operation's outcome does not encode as JSON; retries will get NotStored");
+        metrics::counter!("oncely_unencodable_total").increment(1);
+        let reason = format!("the outcome could not be encoded: {e}");
+        serde_json::to_vec(&NotStoredRef::NotStored(&reason)).unwrap_or_default()
+    })
+}
+
 fn replay<T: DeserializeOwned, E: DeserializeOwned>(record: &Record) -> Result<Executed<T>, RunError<E>> {
     let RecordState::Completed { payload, .. } = &record.state else {
         return Err(Error::Store(crate::StoreError::Corrupt("replayed record is not completed".into())).into());
@@ -383,6 +404,7 @@ fn replay<T: DeserializeOwned, E: DeserializeOwned>(record: &Record) -> Result<E
     match serde_json::from_slice::<Stored<T, E>>(payload).map_err(Error::Decode)? {
         Stored::Ok(value) => Ok(Executed { value, replayed: true }),
         Stored::Err(error) => Err(RunError::Failed { error, replayed: true }),
+        Stored::NotStored(reason) => Err(Error::NotStored(reason).into()),
     }
 }
 
