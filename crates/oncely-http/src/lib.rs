@@ -68,6 +68,9 @@
 //!   service panics, the outcome is unknown, so the key is neither stored nor released:
 //!   it lapses with its lease (500 `handler-failed` for this request). An inner service
 //!   can say the same of a response it produced with the [`OutcomeUnknown`] extension.
+//!   An `Err` from the inner service is treated the same way. So is a status: put
+//!   timeouts *outside* this layer, or the timeout's 408 (which releases the key) can
+//!   let a retry run an operation that a cancelled handler had half done.
 
 mod key_header;
 mod layer;

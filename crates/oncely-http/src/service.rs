@@ -269,7 +269,12 @@ where
         .await;
     match produced {
         Err(e) => {
-            release(guard).await;
+            // An error says nothing about whether the operation took effect (a timeout
+            // layer inside this one cancels a handler midway): the key lapses with its
+            // lease rather than letting the retry run at once.
+            count("outcome_unknown");
+            tracing::warn!(key = %guard.key(), "the inner service failed; the key lapses with its lease");
+            guard.abandon();
             Err(e)
         }
         Ok(Produced::Release(response)) => {

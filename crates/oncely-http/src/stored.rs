@@ -55,7 +55,8 @@ impl StoredResponse {
         let too_large = bytes.get_u8() == 1;
         let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| "invalid stored status")?;
         let count = bytes.get_u16();
-        let mut headers = HeaderMap::with_capacity(count as usize);
+        // `with_capacity` panics past the map's limit: size it modestly and let it grow.
+        let mut headers = HeaderMap::with_capacity(usize::from(count).min(64));
         for _ in 0..count {
             need(&bytes, 2)?;
             let len = bytes.get_u16() as usize;
@@ -66,7 +67,7 @@ impl StoredResponse {
             need(&bytes, len)?;
             let value =
                 HeaderValue::from_maybe_shared(bytes.split_to(len)).map_err(|_| "invalid stored header value")?;
-            headers.append(name, value);
+            headers.try_append(name, value).map_err(|_| "too many stored headers")?;
         }
         Ok(Self { status, headers, body: (!too_large).then_some(bytes) })
     }
@@ -101,5 +102,17 @@ mod tests {
         let mut bad = BytesMut::from(&b"OHR1\x00\x00\xc8\x00\x01\x00\xff"[..]);
         bad.put_slice(b"short");
         assert!(StoredResponse::decode(bad.freeze()).is_err());
+    }
+
+    #[test]
+    fn more_header_values_than_a_header_map_holds_is_an_error_not_a_panic() {
+        let mut many = BytesMut::from(&b"OHR1\x00\x00\xc8\xff\xff"[..]);
+        for _ in 0..u16::MAX {
+            many.put_u16(1);
+            many.put_slice(b"x");
+            many.put_u32(1);
+            many.put_slice(b"v");
+        }
+        assert!(StoredResponse::decode(many.freeze()).is_err());
     }
 }

@@ -592,3 +592,19 @@ async fn an_unknown_outcome_is_neither_stored_nor_released() {
     assert!(!after_lease.replayed(), "taken over and run again, not replayed");
     assert_eq!(c.executions.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn an_error_from_the_inner_service_leaves_the_key_held_not_released() {
+    // A timeout inside the layer cancels the handler after its effect: the retry must not run it again at once.
+    let counters = Shared::default();
+    let oncely = Oncely::builder(MemoryStore::new()).lease(Duration::from_secs(30)).build().expect("settings");
+    let service = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(oncely))
+        .timeout(Duration::from_millis(100))
+        .service(routes(&counters));
+    let first = service.clone().oneshot(request(Method::POST, "/slow", Some("k"), "")).await;
+    assert!(first.is_err(), "the timeout fired inside the layer");
+    let retry = service.clone().oneshot(request(Method::POST, "/slow", Some("k"), "")).await.expect("answer");
+    assert_eq!(retry.status(), StatusCode::CONFLICT, "the key is held for its lease");
+    assert_eq!(counters.executions.load(Ordering::SeqCst), 1);
+}
