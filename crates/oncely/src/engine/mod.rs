@@ -107,13 +107,13 @@ enum Stored<T, E> {
     Err(E),
     /// The operation ran but its outcome could not be encoded: retries get
     /// [`Error::NotStored`] instead of running it again.
-    NotStored(String),
+    Unencodable(String),
 }
 
 /// The marker stored when an outcome does not encode.
 #[derive(Serialize)]
-enum NotStoredRef<'a> {
-    NotStored(&'a str),
+enum UnencodableRef<'a> {
+    Unencodable(&'a str),
 }
 
 impl<S: Store> Oncely<S> {
@@ -386,14 +386,14 @@ impl<S: Store> Oncely<S> {
 }
 
 /// The stored form of an outcome. The operation has already run, so an outcome that
-/// does not encode (a map with non-string keys, say) is stored as a `NotStored` marker:
+/// does not encode (a map with non-string keys, say) is stored as an `Unencodable` marker:
 /// retries get [`Error::NotStored`], never a second run.
 fn encode<T: Serialize, E: Serialize>(outcome: &StoredRef<'_, T, E>) -> Vec<u8> {
     serde_json::to_vec(outcome).unwrap_or_else(|e| {
         tracing::error!(error = %e, "the operation's outcome does not encode as JSON; retries will get NotStored");
         metrics::counter!("oncely_unencodable_total").increment(1);
         let reason = format!("the outcome could not be encoded: {e}");
-        serde_json::to_vec(&NotStoredRef::NotStored(&reason)).unwrap_or_default()
+        serde_json::to_vec(&UnencodableRef::Unencodable(&reason)).unwrap_or_default()
     })
 }
 
@@ -404,7 +404,7 @@ fn replay<T: DeserializeOwned, E: DeserializeOwned>(record: &Record) -> Result<E
     match serde_json::from_slice::<Stored<T, E>>(payload).map_err(Error::Decode)? {
         Stored::Ok(value) => Ok(Executed { value, replayed: true }),
         Stored::Err(error) => Err(RunError::Failed { error, replayed: true }),
-        Stored::NotStored(reason) => Err(Error::NotStored(reason).into()),
+        Stored::Unencodable(reason) => Err(Error::NotStored(reason).into()),
     }
 }
 
