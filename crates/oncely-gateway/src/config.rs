@@ -297,6 +297,23 @@ fn resolve_settings(at: &str, path: &str, raw: &RawSettings) -> Result<RouteSett
         "wait" => ConflictMode::Wait { timeout: wait_timeout },
         other => return Err(err(&key("on_conflict"), format!("{other:?} is neither \"reject\" nor \"wait\""))),
     };
+    // The engine's own checks (retention and wait limits, lease within retention…),
+    // so that check-config refuses what the engine would.
+    let engine = oncely::Config {
+        retention: ttl,
+        lease,
+        keep_alive_ceiling: oncely::Config::default().keep_alive_ceiling.min(ttl),
+        conflict: on_conflict,
+        ..oncely::Config::default()
+    };
+    engine.validate().map_err(|e| {
+        let name = match e.setting {
+            "lease" => "lease",
+            "conflict_mode(Wait { timeout })" => "wait_timeout",
+            _ => "ttl",
+        };
+        err(&key(name), e.reason)
+    })?;
     let scope_headers = match &raw.scope_headers {
         Some(list) => list
             .iter()
@@ -423,6 +440,12 @@ mod tests {
     }
 
     #[test]
+    fn a_short_ttl_is_valid() {
+        let config = resolve("[defaults]\nttl = \"5m\"").expect("valid");
+        assert_eq!(config.defaults.ttl, Duration::from_secs(300));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[defaults]\ntll = \"1h\"", "tll"),
@@ -437,6 +460,8 @@ mod tests {
             ("[[routes]]\npath = \"payments\"", "routes[0].path"),
             ("[[routes]]\npath = \"/a\"\n[[routes]]\npath = \"/b\"\nwait_timeout = \"x\"", "routes[1].wait_timeout"),
             ("[upstream]\ntimeout = \"-1s\"", "upstream.timeout"),
+            ("[defaults]\nttl = \"400days\"", "defaults.ttl"),
+            ("[defaults]\non_conflict = \"wait\"\nwait_timeout = \"2days\"", "defaults.wait_timeout"),
             ("[nonsense]\na = 1", "nonsense"),
         ];
         for (text, key) in cases {

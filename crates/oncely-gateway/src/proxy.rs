@@ -12,6 +12,12 @@
 //! | connection refused, before anything was sent | 502 `upstream-unreachable` | released (5xx): a retry runs again |
 //! | no response head within `upstream.timeout` | 504 `upstream-timeout` | kept until its lease lapses: the upstream may have acted |
 //! | connection broken after the request was sent | 502 `upstream-failed` | kept until its lease lapses, likewise |
+//! | response body stalls for `upstream.timeout` between chunks | the response is cut off (500 `handler-failed` where the layer reads the body) | kept until its lease lapses |
+//!
+//! Idle pooled connections are closed after 4 s, below the keep-alive timeouts of common
+//! servers (Node's is 5 s), so the proxy seldom sends on a connection the upstream is
+//! closing: such a send fails after the request may have been read, which costs the key
+//! a lease.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,6 +35,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use oncely_http::problem::problem_response;
 use oncely_http::{OutcomeUnknown, RequestBody, ResponseBody};
+use tower_http::timeout::TimeoutBody;
 
 /// The body the proxy forwards.
 pub type ForwardBody = RequestBody<axum::body::Body>;
@@ -57,7 +64,7 @@ impl Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector);
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(4)).build(connector);
         Ok(Self { client, scheme, authority, base_path, timeout })
     }
 
@@ -161,7 +168,9 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
         let timeout = self.timeout;
         Box::pin(async move {
             let mut response = match tokio::time::timeout(timeout, upstream).await {
-                Ok(Ok(response)) => response.map(|body| body.map_err(Into::into).boxed_unsync()),
+                // A body that stalls between chunks fails after the same timeout, so a
+                // stuck upstream cannot hold a request (or a graceful shutdown) forever.
+                Ok(Ok(response)) => response.map(|body| TimeoutBody::new(timeout, body).boxed_unsync()),
                 Ok(Err(e)) if e.is_connect() => {
                     tracing::warn!(error = %e, "upstream unreachable");
                     let detail = "the upstream refused the connection; the request was not sent";

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -138,8 +139,13 @@ pub async fn serve(
     }
     // Operations whose clients hung up are still running in their own tasks: let them
     // store their results before the process exits.
+    // Each is bounded by the upstream timeout (head, and between body chunks); the cap
+    // only guards against a store that never answers.
     tracker.close();
-    tracker.wait().await;
+    let drain = config.upstream_timeout.saturating_mul(2) + Duration::from_secs(10);
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::error!(running = tracker.len(), "operations still running after {drain:?}; exiting without them");
+    }
     tracing::info!("stopped");
     Ok(())
 }

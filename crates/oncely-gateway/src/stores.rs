@@ -2,7 +2,7 @@
 //!
 //! | URL | store |
 //! |---|---|
-//! | `memory://` | in-process, lost on restart ([`oncely::MemoryStore`]) |
+//! | `memory://` | in-process, lost on restart ([`oncely::MemoryStore`]); at most 1,000,000 records, `?max_entries=N` to change |
 //! | `sqlite://PATH` | embedded, durable (the default: `sqlite://oncely.db`); `?durability=relaxed` syncs on an interval instead of per completion |
 //!
 //! Further stores plug in here, in [`open`], without touching the proxy.
@@ -29,7 +29,7 @@ pub const DEFAULT_STORE: &str = "sqlite://oncely.db";
 /// `oncely_store_seconds` histogram.
 pub async fn open(url: &str) -> Result<DynStore, String> {
     let store: DynStore = match url.split_once("://") {
-        Some(("memory", "")) => Arc::new(MemoryStore::new()),
+        Some(("memory", rest)) => open_memory(rest)?,
         Some(("sqlite", path)) if !path.is_empty() => open_sqlite(path).await?,
         Some(("redis" | "redis+cluster" | "postgres" | "postgresql" | "dynamodb", _)) => {
             return Err(format!(
@@ -39,6 +39,25 @@ pub async fn open(url: &str) -> Result<DynStore, String> {
         _ => return Err(format!("{url}: not a store URL; use memory:// or sqlite://PATH")),
     };
     Ok(Arc::new(Instrumented(store)))
+}
+
+/// `memory://[?max_entries=N]`. Always bounded: unique keys are client input, and an
+/// unbounded map would let any client grow the process until it is killed.
+fn open_memory(rest: &str) -> Result<DynStore, String> {
+    let mut max_entries = 1_000_000;
+    for pair in rest.strip_prefix('?').unwrap_or(rest).split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("max_entries", n)) => {
+                max_entries = n
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("memory://{rest}: max_entries must be a positive number"))?;
+            }
+            _ => return Err(format!("memory://{rest}: unknown option {pair:?}; use max_entries=N")),
+        }
+    }
+    Ok(Arc::new(MemoryStore::builder().max_entries(max_entries).build()))
 }
 
 /// `sqlite://PATH[?durability=sync|relaxed[&sync_interval=1s]]`.

@@ -11,6 +11,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -60,6 +61,15 @@ async fn hang(State(u): State<Shared>) -> StatusCode {
     StatusCode::OK
 }
 
+/// Sends its head and a first chunk, then stalls forever.
+async fn stall(State(u): State<Shared>) -> axum::response::Response {
+    u.calls.fetch_add(1, Ordering::SeqCst);
+    let chunks =
+        futures_util::stream::once(async { Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{\"partial\":")) })
+            .chain(futures_util::stream::pending());
+    axum::response::Response::new(axum::body::Body::from_stream(chunks))
+}
+
 async fn echo_headers(headers: HeaderMap) -> String {
     let map: serde_json::Map<String, Value> =
         headers.iter().map(|(k, v)| (k.to_string(), Value::from(v.to_str().unwrap_or("?")))).collect();
@@ -76,6 +86,7 @@ async fn start_upstream() -> (SocketAddr, Shared) {
         .route("/wait/pay", post(payments))
         .route("/status/{code}", post(status))
         .route("/hang", post(hang))
+        .route("/stall", post(stall))
         .route("/echo", post(echo_headers))
         .with_state(shared.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
@@ -615,4 +626,30 @@ async fn a_store_that_cannot_answer_is_503_fail_closed() {
     let r = send_post(&gw, "/payments", Some("k-503"), "{}").await;
     assert_eq!(r.status(), 201, "the store answers again, and the key was never stored");
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_body_that_stalls_is_cut_off_and_cannot_block_shutdown() {
+    let (addr, upstream) = start_upstream().await;
+    let (mut gw, _dir) =
+        start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &["--upstream-timeout", "500ms"]).await;
+    let r = send_post(&gw, "/stall", Some("k-stall"), "").await;
+    assert_eq!(r.status(), 500);
+    assert_eq!(problem_type(r).await, "urn:oncely:problem:handler-failed");
+    assert_eq!(
+        send_post(&gw, "/stall", Some("k-stall"), "").await.status(),
+        409,
+        "outcome unknown: held for its lease"
+    );
+
+    // The gateway still serves other requests meanwhile.
+    let other = client().get(format!("{}/payments", gw.url)).send().await.expect("answer");
+    assert_eq!(other.status(), 201);
+
+    let pid = gw.child.id().expect("running");
+    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
+    let exit =
+        tokio::time::timeout(Duration::from_secs(20), gw.child.wait()).await.expect("exits promptly").expect("status");
+    assert!(exit.success());
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 2);
 }
