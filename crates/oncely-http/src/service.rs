@@ -146,7 +146,7 @@ where
 
 /// A keyed request: read the body, claim the key, then replay, refuse, or execute.
 async fn keyed<S, St, ReqBody, ResBody>(
-    mut inner: S,
+    inner: S,
     oncely: Oncely<St>,
     settings: Arc<Settings>,
     key: IdempotencyKey,
@@ -162,7 +162,7 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let too_large = || {
         let detail = format!("the request body is over the limit of {} bytes", settings.max_body);
         problem(ProblemKind::BodyTooLarge, &detail, None)
@@ -177,6 +177,40 @@ where
         Err(e) => return Ok(problem(ProblemKind::BodyUnreadable, &e.to_string(), None)),
     };
 
+    // From the claim on, everything runs in its own task: a client that disconnects drops
+    // this future, never a claim half made (a store may commit a claim whose caller has
+    // gone) nor the operation, whose result is stored for the retry.
+    let settings_for_task = Arc::clone(&settings);
+    let claim_and_run = claim_and_run(inner, oncely, settings_for_task, key, parts, body);
+    let task = match &settings.tracker {
+        Some(tracker) => tracker.spawn(claim_and_run),
+        None => tokio::spawn(claim_and_run),
+    };
+    match task.await {
+        Ok(result) => result,
+        Err(e) => {
+            tracing::error!(error = %e, "the inner service panicked; its key lapses with its lease");
+            Ok(problem(ProblemKind::HandlerFailed, "the request handler failed", None))
+        }
+    }
+}
+
+/// Claims the key, then replays, refuses, or executes: the part of a keyed request that
+/// must finish whatever happens to the client's connection.
+async fn claim_and_run<S, St, ReqBody, ResBody>(
+    mut inner: S,
+    oncely: Oncely<St>,
+    settings: Arc<Settings>,
+    key: IdempotencyKey,
+    mut parts: http::request::Parts,
+    body: Bytes,
+) -> Result<Response<ResponseBody>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    St: Store,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
     let fingerprint = request_fingerprint(&parts, &body);
     let engine = oncely.scoped(settings.scope.scope(&parts));
     // Handlers read the key through the extensions, whichever header the layer reads.
@@ -207,22 +241,7 @@ where
             return Ok(problem(ProblemKind::StoreUnavailable, detail, Some(STORE_RETRY_AFTER)));
         }
     };
-
-    let request = Request::from_parts(parts, Either::Left(Full::new(body)));
-    // The operation runs in its own task: a client that disconnects drops this future,
-    // not the operation, whose result is stored for the retry.
-    let operation = execute(inner, request, guard, Arc::clone(&settings));
-    let task = match &settings.tracker {
-        Some(tracker) => tracker.spawn(operation),
-        None => tokio::spawn(operation),
-    };
-    match task.await {
-        Ok(result) => result,
-        Err(e) => {
-            tracing::error!(error = %e, "the inner service panicked; its key lapses with its lease");
-            Ok(problem(ProblemKind::HandlerFailed, "the request handler failed", None))
-        }
-    }
+    execute(inner, Request::from_parts(parts, Either::Left(Full::new(body))), guard, settings).await
 }
 
 /// What the inner service produced, once its body is read as far as it will be stored.

@@ -608,3 +608,93 @@ async fn an_error_from_the_inner_service_leaves_the_key_held_not_released() {
     assert_eq!(retry.status(), StatusCode::CONFLICT, "the key is held for its lease");
     assert_eq!(counters.executions.load(Ordering::SeqCst), 1);
 }
+
+/// A memory store whose claims commit on a task of their own and answer only once the
+/// test opens a gate: the shape of a store with a writer thread (SQLite), where a caller
+/// that goes away mid-claim does not stop the claim from committing.
+#[derive(Clone)]
+struct DetachedClaims {
+    inner: MemoryStore,
+    claiming: Arc<Notify>,
+    gate: Arc<Notify>,
+    open: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl Store for DetachedClaims {
+    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        let inner = self.inner.clone();
+        let committed = tokio::spawn(async move { inner.claim(request).await });
+        let opened = self.gate.notified();
+        self.claiming.notify_one();
+        if !self.open.load(Ordering::SeqCst) {
+            opened.await;
+        }
+        committed.await.map_err(StoreError::unavailable)?
+    }
+    async fn complete(&self, k: &StorageKey, c: ClaimId, p: Bytes, r: Duration) -> Result<(), StoreError> {
+        self.inner.complete(k, c, p, r).await
+    }
+    async fn release(&self, k: &StorageKey, c: ClaimId) -> Result<(), StoreError> {
+        self.inner.release(k, c).await
+    }
+    async fn touch(&self, k: &StorageKey, c: ClaimId, l: Duration) -> Result<(), StoreError> {
+        self.inner.touch(k, c, l).await
+    }
+    async fn get(&self, k: &StorageKey) -> Result<Option<Record>, StoreError> {
+        self.inner.get(k).await
+    }
+    async fn delete(&self, k: &StorageKey) -> Result<bool, StoreError> {
+        self.inner.delete(k).await
+    }
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        self.inner.purge_expired().await
+    }
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.inner.stats().await
+    }
+    async fn first_seen(
+        &self,
+        s: &StorageKey,
+        k: &IdempotencyKey,
+        sc: &Scope,
+        w: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.first_seen(s, k, sc, w).await
+    }
+    fn subscribe(&self, k: &StorageKey) -> Notified {
+        self.inner.subscribe(k)
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_during_the_claim_does_not_strand_the_key() {
+    let store = DetachedClaims {
+        inner: MemoryStore::new(),
+        claiming: Arc::default(),
+        gate: Arc::default(),
+        open: Arc::default(),
+    };
+    let oncely = Oncely::builder(store.clone())
+        .conflict_mode(ConflictMode::Wait { timeout: Duration::from_secs(2) })
+        .build()
+        .expect("settings");
+    let counters = Shared::default();
+    let app = routes(&counters).layer(IdempotencyLayer::new(oncely));
+    let hung_up = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, post_with("k", "{}")).await }
+    });
+    store.claiming.notified().await;
+    hung_up.abort(); // the client goes away while its claim is being committed
+    let _ = hung_up.await;
+    store.open.store(true, Ordering::SeqCst);
+    store.gate.notify_waiters();
+
+    // The claim and the operation finish without the client: the retry waits for them
+    // and replays, rather than meeting a claim nobody runs (409 after the wait).
+    let retry = send(&app, post_with("k", "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed(), "the first request ran to completion without its client");
+    assert_eq!(counters.executions.load(Ordering::SeqCst), 1);
+}
