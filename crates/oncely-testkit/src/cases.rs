@@ -495,3 +495,21 @@ pub async fn scopes_never_share_records<S: Store>(store: S) {
     assert_eq!(again.value, "alice's");
     assert!(again.replayed);
 }
+
+/// `subscribe` resolves at once when the record is absent or completed (nothing to wait
+/// for), and stays pending while a live claim holds the key.
+pub async fn subscribe_resolves_at_once_when_nothing_is_in_progress<S: Store>(store: S) {
+    let key = unique_key();
+    let request = claim_request(&key, None, LONG);
+    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
+    within("subscribe on an absent key", store.subscribe(&storage_key)).await;
+
+    store.claim(request).await.expect("claim");
+    let mut held = store.subscribe(&storage_key);
+    let pending = tokio::time::timeout(Duration::from_millis(50), &mut held).await;
+    assert!(pending.is_err(), "a live claim: nothing to wake for yet");
+
+    store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await.expect("complete");
+    within("the earlier subscription after completion", held).await;
+    within("subscribe on a completed key", store.subscribe(&storage_key)).await;
+}

@@ -50,6 +50,7 @@ macro_rules! store_conformance {
             delete_removes_and_fences_the_holder,
             records_keep_raw_key_and_scope,
             scopes_never_share_records,
+            subscribe_resolves_at_once_when_nothing_is_in_progress,
         );
     };
 }
