@@ -23,6 +23,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -46,7 +47,8 @@ pub struct Proxy {
     client: Client<HttpConnector, ForwardBody>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
-    base_path: String,
+    /// Shared: the proxy is cloned with its route's service on every request.
+    base_path: Arc<str>,
     timeout: Duration,
 }
 
@@ -60,7 +62,7 @@ impl Proxy {
             return Err(format!("--upstream {upstream:?}: only http:// upstreams are supported"));
         }
         let authority = uri.authority().cloned().ok_or_else(|| format!("--upstream {upstream:?}: needs a host"))?;
-        let base_path = uri.path().trim_end_matches('/').to_string();
+        let base_path = Arc::from(uri.path().trim_end_matches('/'));
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));

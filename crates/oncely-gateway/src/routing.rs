@@ -75,14 +75,15 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
     }
 
     fn call(&mut self, request: Request<axum::body::Body>) -> Self::Future {
-        let method = request.method().clone();
-        let path = request.uri().path().to_string();
-        let started = Instant::now();
+        // The access line's fields are gathered only when it will be written.
+        let log = tracing::enabled!(target: "oncely::access", tracing::Level::INFO)
+            .then(|| (request.method().clone(), request.uri().path().to_string(), Instant::now()));
         // The route services need no `poll_ready` first: `Idempotency` is ready when its
         // inner service is, and the proxy always is (its pool queues internally).
-        let response = self.route(&path).clone().call(request);
+        let response = self.route(request.uri().path()).clone().call(request);
         Box::pin(async move {
             let response = response.await?;
+            let Some((method, path, started)) = log else { return Ok(response) };
             let replayed = response.headers().contains_key("idempotent-replayed");
             tracing::info!(
                 target: "oncely::access",
