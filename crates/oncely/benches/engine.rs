@@ -27,6 +27,8 @@ use tokio::runtime::Runtime;
 const WORKERS: [usize; 2] = [1, 2];
 /// Tasks racing for one key in `run/contended_one_key`.
 const CONTENDERS: usize = 64;
+/// Untimed batches run first to report the outcome mix of `run/contended_one_key`.
+const MIX_BATCHES: usize = 1000;
 /// Completed keys each task cycles through in the parallel replay benchmarks.
 const KEYS_PER_TASK: usize = 1024;
 
@@ -200,7 +202,7 @@ fn contended(c: &mut Criterion) {
         let oncely = engine();
         let mix = on_worker(&rt, async move {
             let mut total = [0; 3];
-            for i in 0..2000 {
+            for i in 0..MIX_BATCHES {
                 let counts = contended_batch(&oncely, &key(format!("mix-{i}"))).await;
                 assert_eq!(counts[Outcome::Executed as usize], 1, "exactly one execution per key");
                 for (t, n) in total.iter_mut().zip(counts) {
@@ -210,7 +212,7 @@ fn contended(c: &mut Criterion) {
             total
         });
         eprintln!(
-            "run/contended_one_key/{}: outcome mix over 2000 batches of {CONTENDERS}: \
+            "run/contended_one_key/{}: outcome mix over {MIX_BATCHES} batches of {CONTENDERS}: \
              executed {}, replayed {}, conflict {}",
             group_name(workers),
             mix[0],
@@ -285,24 +287,58 @@ async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     out
 }
 
-/// `replay/parallel`, `replay/parallel_acquire` and `replay/parallel_acquire_own_scope`:
-/// one task per worker, each replaying
-/// its own completed keys in a tight loop. One iteration is one replay *per task*, so the
-/// time per iteration stays flat and the ops/s doubles if replays scale.
-/// `baseline/parallel_global_mutex`: the same shape against one `Mutex<HashMap>`, to
-/// show what a global lock does; `baseline/parallel_private_maps`: one map per task, the
-/// control for perfect scaling.
+/// A task body for the parallel benchmarks: `iters` acquires that replay, cycling `keys`.
+async fn acquire_loop(oncely: Engine, keys: Arc<Vec<IdempotencyKey>>, iters: u64) {
+    for key in keys.iter().cycle().take(iters as usize) {
+        let Acquired::Replay(record) = oncely.acquire(key, None).await.expect("acquire succeeds") else {
+            panic!("a completed key must replay")
+        };
+        black_box(record);
+    }
+}
+
+/// `KEYS_PER_TASK` keys for task `t` of `tasks` whose records land in the `t`-th slice of
+/// the memory store's 64 shards. This mirrors the store's current shard choice (the low
+/// bits of [`StorageKey::prefix_u64`], `store/memory.rs`); were that to change, the keys
+/// would simply spread over all shards again.
+fn keys_in_own_shards(engine: &Engine, t: usize, tasks: usize) -> Vec<IdempotencyKey> {
+    (0..)
+        .map(|i| key(format!("own-{t}-{i}")))
+        .filter(|k| (engine.storage_key(k).prefix_u64() & 63) as usize * tasks / 64 == t)
+        .take(KEYS_PER_TASK)
+        .collect()
+}
+
+/// The parallel benchmarks: one task per worker, each working in a tight loop on keys of
+/// its own (no two tasks share a key). One iteration is one operation *per task*, so if
+/// the work scales, the time per iteration stays flat and the ops/s doubles from 1 to 2
+/// workers.
+///
+/// - `replay/parallel`: `run` replays (JSON decode included), all tasks through one engine
+///   (the global scope), keys spread over all shards: the common deployment.
+/// - `replay/parallel_acquire`: the same with `acquire` (no decode).
+/// - `replay/parallel_acquire_own_scope`: each task's engine acts for its own `Scope`, so
+///   the tasks share no reference-counted value: isolates the cost of every call cloning
+///   the one engine scope's `Arc`.
+/// - `replay/parallel_acquire_own_scope_own_shards`: as above, and each task's keys live
+///   in its own half of the shards: nothing is shared at all, the best case.
+/// - `baseline/parallel_global_mutex`: one `Mutex<HashMap>` shared by all tasks (what a
+///   global lock does); `baseline/parallel_sharded_mutex`: 64 of them, keys spread (what
+///   a plain sharded map does); `baseline/parallel_private_maps`: one map per task, the
+///   control (if it does not scale, the machine was short of cores during the run).
 fn parallel_replays(c: &mut Criterion) {
     for workers in WORKERS {
         let rt = runtime(workers);
         let oncely = engine();
+        let tenants: Vec<Engine> = (0..workers).map(|t| oncely.scoped(Scope::new(format!("tenant-{t}")))).collect();
         let key_sets: Vec<Arc<Vec<IdempotencyKey>>> =
             (0..workers).map(|t| Arc::new((0..KEYS_PER_TASK).map(|i| key(format!("par-{t}-{i}"))).collect())).collect();
-        // The same keys, completed again under one scope per task (see below).
-        let tenants: Vec<Engine> = (0..workers).map(|t| oncely.scoped(Scope::new(format!("tenant-{t}")))).collect();
-        for (t, keys) in key_sets.iter().enumerate() {
-            complete_all(&rt, &oncely, keys);
-            complete_all(&rt, &tenants[t], keys);
+        let own_shard_sets: Vec<Arc<Vec<IdempotencyKey>>> =
+            (0..workers).map(|t| Arc::new(keys_in_own_shards(&tenants[t], t, workers))).collect();
+        for t in 0..workers {
+            complete_all(&rt, &oncely, &key_sets[t]);
+            complete_all(&rt, &tenants[t], &key_sets[t]);
+            complete_all(&rt, &tenants[t], &own_shard_sets[t]);
         }
 
         let mut group = c.benchmark_group("replay");
@@ -322,68 +358,63 @@ fn parallel_replays(c: &mut Criterion) {
         });
         group.bench_function(BenchmarkId::new("parallel_acquire", group_name(workers)), |b| {
             b.iter_custom(|iters| {
-                parallel(&rt, workers, |t| {
-                    let (oncely, keys) = (oncely.clone(), Arc::clone(&key_sets[t]));
-                    async move {
-                        for key in keys.iter().cycle().take(iters as usize) {
-                            let Acquired::Replay(record) = oncely.acquire(key, None).await.expect("acquire succeeds")
-                            else {
-                                panic!("a completed key must replay")
-                            };
-                            black_box(record);
-                        }
-                    }
-                })
+                parallel(&rt, workers, |t| acquire_loop(oncely.clone(), Arc::clone(&key_sets[t]), iters))
             });
         });
-        // As `parallel_acquire`, but each task's engine acts for its own `Scope`, so the
-        // tasks share no reference-counted value: isolates the cost of every task cloning
-        // the one global scope's `Arc` on each call.
         group.bench_function(BenchmarkId::new("parallel_acquire_own_scope", group_name(workers)), |b| {
             b.iter_custom(|iters| {
-                parallel(&rt, workers, |t| {
-                    let (oncely, keys) = (tenants[t].clone(), Arc::clone(&key_sets[t]));
-                    async move {
-                        for key in keys.iter().cycle().take(iters as usize) {
-                            let Acquired::Replay(record) = oncely.acquire(key, None).await.expect("acquire succeeds")
-                            else {
-                                panic!("a completed key must replay")
-                            };
-                            black_box(record);
-                        }
-                    }
-                })
+                parallel(&rt, workers, |t| acquire_loop(tenants[t].clone(), Arc::clone(&key_sets[t]), iters))
+            });
+        });
+        group.bench_function(BenchmarkId::new("parallel_acquire_own_scope_own_shards", group_name(workers)), |b| {
+            b.iter_custom(|iters| {
+                parallel(&rt, workers, |t| acquire_loop(tenants[t].clone(), Arc::clone(&own_shard_sets[t]), iters))
             });
         });
         group.finish();
 
-        let map = Arc::new(baseline_map(workers * KEYS_PER_TASK));
         let mut group = c.benchmark_group("baseline");
         configure(&mut group);
         group.throughput(Throughput::Elements(workers as u64));
+        let keys: Vec<Arc<Vec<[u8; 32]>>> = (0..workers).map(baseline_keys).collect();
+        let global = Arc::new(baseline_map(keys.iter().flat_map(|k| k.iter())));
+        let sharded: Arc<Vec<BaselineMap>> = Arc::new(
+            (0..64)
+                .map(|shard| baseline_map(keys.iter().flat_map(|k| k.iter()).filter(|k| baseline_shard(k) == shard)))
+                .collect(),
+        );
+        let private: Vec<Arc<BaselineMap>> = keys.iter().map(|k| Arc::new(baseline_map(k.iter()))).collect();
         group.bench_function(BenchmarkId::new("parallel_global_mutex", group_name(workers)), |b| {
             b.iter_custom(|iters| {
                 parallel(&rt, workers, |t| {
-                    let map = Arc::clone(&map);
+                    let (map, keys) = (Arc::clone(&global), Arc::clone(&keys[t]));
                     async move {
-                        let base = t * KEYS_PER_TASK;
-                        for i in (0..KEYS_PER_TASK).cycle().take(iters as usize) {
-                            black_box(lookup(&map, &baseline_key(base + i)));
+                        for key in keys.iter().cycle().take(iters as usize) {
+                            black_box(lookup(&map, key));
                         }
                     }
                 })
             });
         });
-        // The control: each task owns its map, so nothing is shared. If this does not
-        // scale either, the machine (not the code) was short of cores during the run.
-        let private: Vec<Arc<BaselineMap>> = (0..workers).map(|_| Arc::new(baseline_map(KEYS_PER_TASK))).collect();
+        group.bench_function(BenchmarkId::new("parallel_sharded_mutex", group_name(workers)), |b| {
+            b.iter_custom(|iters| {
+                parallel(&rt, workers, |t| {
+                    let (maps, keys) = (Arc::clone(&sharded), Arc::clone(&keys[t]));
+                    async move {
+                        for key in keys.iter().cycle().take(iters as usize) {
+                            black_box(lookup(&maps[baseline_shard(key)], key));
+                        }
+                    }
+                })
+            });
+        });
         group.bench_function(BenchmarkId::new("parallel_private_maps", group_name(workers)), |b| {
             b.iter_custom(|iters| {
                 parallel(&rt, workers, |t| {
-                    let map = Arc::clone(&private[t]);
+                    let (map, keys) = (Arc::clone(&private[t]), Arc::clone(&keys[t]));
                     async move {
-                        for i in (0..KEYS_PER_TASK).cycle().take(iters as usize) {
-                            black_box(lookup(&map, &baseline_key(i)));
+                        for key in keys.iter().cycle().take(iters as usize) {
+                            black_box(lookup(&map, key));
                         }
                     }
                 })
@@ -395,15 +426,20 @@ fn parallel_replays(c: &mut Criterion) {
 
 type BaselineMap = Mutex<HashMap<[u8; 32], Bytes>>;
 
-fn baseline_key(i: usize) -> [u8; 32] {
-    let mut k = [0u8; 32];
-    k[..8].copy_from_slice(&(i as u64).to_le_bytes());
-    k
+/// Task `t`'s baseline keys: SHA-256 digests, like storage keys, computed outside the
+/// timed loops (as the engine benchmarks' keys are).
+fn baseline_keys(t: usize) -> Arc<Vec<[u8; 32]>> {
+    Arc::new((0..KEYS_PER_TASK).map(|i| *StorageKey::derive_raw("baseline", &format!("{t}-{i}")).as_bytes()).collect())
 }
 
-fn baseline_map(entries: usize) -> BaselineMap {
+fn baseline_map<'a>(keys: impl IntoIterator<Item = &'a [u8; 32]>) -> BaselineMap {
     let payload = Bytes::from(serde_json::to_vec(&receipt()).expect("receipt encodes"));
-    Mutex::new((0..entries).map(|i| (baseline_key(i), payload.clone())).collect())
+    Mutex::new(keys.into_iter().map(|k| (*k, payload.clone())).collect())
+}
+
+/// The shard of a baseline key in `baseline/parallel_sharded_mutex`.
+fn baseline_shard(key: &[u8; 32]) -> usize {
+    usize::from(key[0] & 63)
 }
 
 fn lookup(map: &BaselineMap, key: &[u8; 32]) -> Option<Bytes> {
@@ -415,7 +451,9 @@ fn lookup(map: &BaselineMap, key: &[u8; 32]) -> Option<Bytes> {
 fn baseline(c: &mut Criterion) {
     for workers in WORKERS {
         let rt = runtime(workers);
-        let map = Arc::new(baseline_map(KEYS_PER_TASK));
+        let keys = baseline_keys(0);
+        let map = Arc::new(baseline_map(keys.iter()));
+        let hot = keys[7];
         let mut group = c.benchmark_group("baseline");
         configure(&mut group);
         group.throughput(Throughput::Elements(1));
@@ -423,10 +461,9 @@ fn baseline(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let map = Arc::clone(&map);
                 on_worker(&rt, async move {
-                    let key = baseline_key(7);
                     let start = Instant::now();
                     for _ in 0..iters {
-                        black_box(lookup(&map, black_box(&key)));
+                        black_box(lookup(&map, black_box(&hot)));
                     }
                     start.elapsed()
                 })
@@ -440,7 +477,7 @@ fn baseline(c: &mut Criterion) {
 /// explain where the time of `acquire/replay` goes.
 fn parts(c: &mut Criterion) {
     let mut group = c.benchmark_group("parts");
-    group.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(1));
+    group.warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_millis(700));
     group.throughput(Throughput::Elements(1));
     let scope = Scope::global();
     let k = key("8e03978e-40d5-43e8-bc93-6894a57f9324".to_owned());
