@@ -28,14 +28,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use oncely_http::problem::problem_response;
-use oncely_http::{OutcomeUnknown, RequestBody, ResponseBody};
+use oncely_http::{OutcomeUnknown, RequestBody, ResponseBody, strip_hop_by_hop};
 use tower_http::timeout::TimeoutBody;
 
 /// The body the proxy forwards.
@@ -78,33 +78,6 @@ impl Proxy {
             .path_and_query(format!("{}{}", self.base_path, path_and_query))
             .build()
     }
-}
-
-/// Hop-by-hop fields, RFC 9110 §7.6.1 (plus the de-facto `proxy-connection`).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-/// Drops hop-by-hop fields and those the `Connection` field names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
 }
 
 fn append_forwarding(headers: &mut HeaderMap, client: Option<SocketAddr>, host: Option<HeaderValue>) {

@@ -72,6 +72,7 @@
 //!   timeouts *outside* this layer, or the timeout's 408 (which releases the key) can
 //!   let a retry run an operation that a cancelled handler had half done.
 
+mod hop_by_hop;
 mod key_header;
 mod layer;
 pub mod problem;
@@ -84,6 +85,7 @@ mod extract;
 
 use bytes::Bytes;
 
+pub use hop_by_hop::strip_hop_by_hop;
 pub use key_header::{KeyHeaderError, parse_key_header};
 pub use layer::{IdempotencyLayer, default_stored_status};
 pub use problem::ProblemKind;

@@ -19,7 +19,7 @@ use crate::layer::{IdempotencyLayer, Settings};
 use crate::problem::{ProblemKind, problem};
 use crate::request::request_fingerprint;
 use crate::stored::StoredResponse;
-use crate::{BoxError, OutcomeUnknown, RequestBody, ResponseBody, parse_key_header};
+use crate::{BoxError, OutcomeUnknown, RequestBody, ResponseBody, parse_key_header, strip_hop_by_hop};
 
 /// How long a client is told to wait after a 503 from a failing store.
 const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -371,36 +371,14 @@ fn concat(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
     out.freeze()
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) are about one connection, never replayed.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
+/// What a replay repeats: every field but the hop-by-hop ones, `Date` (the replay's own
+/// is set by the server) and the configured exclusions (`Set-Cookie` by default).
 fn replayable_headers(headers: &HeaderMap, settings: &Settings) -> HeaderMap {
-    let named_by_connection: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|name| name.trim().to_ascii_lowercase())
-        .collect();
-    let mut kept = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let n = name.as_str();
-        let dropped = HOP_BY_HOP.contains(&n)
-            || n == "date"
-            || named_by_connection.iter().any(|c| c == n)
-            || settings.not_replayed.contains(name);
-        if !dropped {
-            kept.append(name.clone(), value.clone());
-        }
+    let mut kept = headers.clone();
+    strip_hop_by_hop(&mut kept);
+    kept.remove(header::DATE);
+    for name in &settings.not_replayed {
+        kept.remove(name);
     }
     kept
 }
