@@ -1,0 +1,189 @@
+//! Helpers shared by the gateway's black-box test files: a counting upstream, the
+//! spawned `oncely` binary, and request helpers. Each test file uses a subset.
+#![allow(dead_code, unreachable_pub)]
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+
+/// The upstream: counts what reaches it; `/slow` holds requests until released.
+#[derive(Default)]
+pub struct Upstream {
+    pub calls: AtomicUsize,
+    pub started: Notify,
+    pub gate: Notify,
+}
+
+pub type Shared = Arc<Upstream>;
+
+pub async fn payments(
+    State(u): State<Shared>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> (StatusCode, [(&'static str, &'static str); 2], String) {
+    let n = u.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let auth = headers.get("authorization").map(|v| v.to_str().unwrap_or("?").to_string());
+    (
+        StatusCode::CREATED,
+        [("x-upstream", "yes"), ("set-cookie", "s=1")],
+        json!({ "call": n, "auth": auth, "body_len": body.len() }).to_string(),
+    )
+}
+
+pub async fn slow(State(u): State<Shared>) -> (StatusCode, String) {
+    let n = u.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let released = u.gate.notified();
+    u.started.notify_one();
+    released.await;
+    (StatusCode::CREATED, format!("slow call {n}"))
+}
+
+pub async fn status(State(u): State<Shared>, Path(code): Path<u16>) -> StatusCode {
+    u.calls.fetch_add(1, Ordering::SeqCst);
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+pub async fn hang(State(u): State<Shared>) -> StatusCode {
+    u.calls.fetch_add(1, Ordering::SeqCst);
+    std::future::pending::<()>().await;
+    StatusCode::OK
+}
+
+/// Sends its head and a first chunk, then stalls forever.
+pub async fn stall(State(u): State<Shared>) -> axum::response::Response {
+    u.calls.fetch_add(1, Ordering::SeqCst);
+    let chunks =
+        futures_util::stream::once(async { Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"{\"partial\":")) })
+            .chain(futures_util::stream::pending());
+    axum::response::Response::new(axum::body::Body::from_stream(chunks))
+}
+
+pub async fn echo_headers(headers: HeaderMap) -> String {
+    let map: serde_json::Map<String, Value> =
+        headers.iter().map(|(k, v)| (k.to_string(), Value::from(v.to_str().unwrap_or("?")))).collect();
+    Value::Object(map).to_string()
+}
+
+pub async fn start_upstream() -> (SocketAddr, Shared) {
+    let shared = Shared::default();
+    let app = Router::new()
+        .route("/payments", post(payments).get(payments).put(payments))
+        .route("/orders", post(payments))
+        .route("/slow", post(slow))
+        .route("/wait/slow", post(slow))
+        .route("/wait/pay", post(payments))
+        .route("/status/{code}", post(status))
+        .route("/hang", post(hang))
+        .route("/stall", post(stall))
+        .route("/echo", post(echo_headers))
+        .with_state(shared.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, shared)
+}
+
+/// A running `oncely serve`; killed on drop.
+pub struct Gateway {
+    pub child: Child,
+    pub url: String,
+    pub admin: String,
+}
+
+pub const CONFIG: &str = r#"
+[defaults]
+max_body = "1KiB"
+lease = "2s"
+
+[[routes]]
+path = "/payments"
+required = true
+
+[[routes]]
+path = "/wait"
+on_conflict = "wait"
+wait_timeout = "20s"
+
+[admin]
+token = "secret-token"
+"#;
+
+pub async fn start_gateway(upstream: &str, store: &str, config: &str, extra: &[&str]) -> (Gateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config_path = dir.path().join("oncely.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let gateway = spawn_gateway(upstream, store, &config_path, extra).await;
+    (gateway, dir)
+}
+
+pub async fn spawn_gateway(upstream: &str, store: &str, config: &std::path::Path, extra: &[&str]) -> Gateway {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .args(["serve", "--upstream", upstream, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--store", store, "--log-level", "warn"])
+        .arg("--config")
+        .arg(config)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn oncely");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (mut url, mut admin) = (None, None);
+    let read = async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if let Some(addr) = line.strip_prefix("oncely listening on ") {
+                url = Some(addr.to_string());
+            } else if let Some(addr) = line.strip_prefix("oncely admin on ") {
+                admin = Some(addr.to_string());
+            }
+            if url.is_some() && admin.is_some() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read).await.expect("gateway starts");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Gateway { child, url: url.expect("listen line"), admin: admin.expect("admin line") }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+}
+
+pub async fn send_post(gw: &Gateway, path: &str, key: Option<&str>, body: &str) -> reqwest::Response {
+    post_to(&gw.url, path, key, body).await
+}
+
+/// Every POST of these tests goes through here, so that retries are identical requests.
+pub async fn post_to(url: &str, path: &str, key: Option<&str>, body: &str) -> reqwest::Response {
+    let mut request =
+        client().post(format!("{url}{path}")).header("content-type", "application/json").body(body.to_string());
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request.send().await.expect("request reaches the gateway")
+}
+
+pub async fn problem_type(response: reqwest::Response) -> String {
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    let json: Value = response.json().await.expect("problem JSON");
+    json["type"].as_str().expect("type").to_string()
+}
+
+pub fn replayed(response: &reqwest::Response) -> bool {
+    response.headers().get("idempotent-replayed").is_some_and(|v| v == "true")
+}
