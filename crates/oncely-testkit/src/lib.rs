@@ -24,6 +24,8 @@ use std::time::Duration;
 use oncely::{ClaimId, ClaimRequest, Fingerprint, IdempotencyKey, Scope, StorageKey};
 
 pub mod cases;
+pub mod process;
+pub mod redis;
 
 /// Generates one `#[tokio::test]` per conformance case for the store that `$make_store`
 /// (an expression of type `impl Future<Output = impl Store>`) produces.

@@ -1,0 +1,184 @@
+//! Turning script replies back into [`Record`]s. Everything here reads bytes a server sent,
+//! so every malformed reply is a [`StoreError::Corrupt`], never a panic.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use oncely::{ClaimId, ClaimOutcome, Fingerprint, IdempotencyKey, Record, RecordState, Scope, StorageKey, StoreError};
+use redis::Value;
+
+/// Milliseconds for a script argument; durations beyond what a record can live are refused.
+pub(crate) fn millis(duration: Duration) -> Result<u64, StoreError> {
+    u64::try_from(duration.as_millis())
+        .ok()
+        .filter(|ms| *ms < (1 << 52))
+        .ok_or_else(|| StoreError::InvalidRequest(format!("duration {duration:?} is too long for the store")))
+}
+
+fn corrupt(what: impl Into<String>) -> StoreError {
+    StoreError::Corrupt(what.into())
+}
+
+fn bytes_of(value: Value) -> Result<Vec<u8>, StoreError> {
+    match value {
+        Value::BulkString(bytes) => Ok(bytes),
+        Value::SimpleString(s) => Ok(s.into_bytes()),
+        Value::Int(n) => Ok(n.to_string().into_bytes()),
+        other => Err(corrupt(format!("expected a string in the reply, got {other:?}"))),
+    }
+}
+
+/// A script's integer answer (1/0).
+pub(crate) fn flag(value: Value) -> Result<bool, StoreError> {
+    match value {
+        Value::Int(n) => Ok(n == 1),
+        other => Err(corrupt(format!("expected 0 or 1 from the script, got {other:?}"))),
+    }
+}
+
+/// The elements of an array reply.
+pub(crate) fn array(value: Value) -> Result<Vec<Value>, StoreError> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(corrupt(format!("expected an array from the script, got {other:?}"))),
+    }
+}
+
+/// The claim script's reply: a one-letter verdict, then the record's fields when it
+/// matters.
+pub(crate) fn claim_outcome(storage_key: &StorageKey, value: Value) -> Result<ClaimOutcome, StoreError> {
+    let mut items = array(value)?.into_iter();
+    let verdict = items.next().map(bytes_of).transpose()?.ok_or_else(|| corrupt("empty claim reply"))?;
+    let record = |items| record(storage_key, items);
+    Ok(match verdict.as_slice() {
+        b"a" => ClaimOutcome::Acquired { takeover: false },
+        b"t" => ClaimOutcome::Acquired { takeover: true },
+        b"c" => ClaimOutcome::Completed(record(items.collect())?),
+        b"i" => ClaimOutcome::InProgress(record(items.collect())?),
+        b"m" => ClaimOutcome::Mismatch(record(items.collect())?),
+        other => return Err(corrupt(format!("unknown claim verdict {:?}", String::from_utf8_lossy(other)))),
+    })
+}
+
+/// A record from `HGETALL`'s flat field/value list.
+pub(crate) fn record(storage_key: &StorageKey, fields: Vec<Value>) -> Result<Record, StoreError> {
+    let mut f = Fields::default();
+    let mut items = fields.into_iter();
+    while let (Some(name), Some(value)) = (items.next(), items.next()) {
+        let value = bytes_of(value)?;
+        match bytes_of(name)?.as_slice() {
+            b"s" => f.state = Some(value),
+            b"c" => f.claim = Some(value),
+            b"l" => f.lease_until = Some(time(&value)?),
+            b"f" => f.fingerprint = Some(value),
+            b"k" => f.key = Some(value),
+            b"o" => f.scope = Some(value),
+            b"t" => f.created_at = Some(time(&value)?),
+            b"e" => f.expires_at = Some(time(&value)?),
+            b"p" => f.payload = Some(value),
+            b"d" => f.completed_at = Some(time(&value)?),
+            b"h" => f.hits = Some(number(&value)?),
+            _ => {}
+        }
+    }
+    let missing = |field: &str| corrupt(format!("record {storage_key} has no field {field:?}"));
+    let text = |bytes: Vec<u8>, field: &str| {
+        String::from_utf8(bytes).map_err(|_| corrupt(format!("record {storage_key}: field {field:?} is not UTF-8")))
+    };
+    let key = text(f.key.ok_or_else(|| missing("k"))?, "k")?;
+    let key = IdempotencyKey::new(&key).map_err(|e| corrupt(format!("record {storage_key}: bad key: {e}")))?;
+    let scope = Scope::new(text(f.scope.ok_or_else(|| missing("o"))?, "o")?);
+    let fingerprint = match f.fingerprint.ok_or_else(|| missing("f"))? {
+        bytes if bytes.is_empty() => None,
+        bytes => Some(Fingerprint::from_digest(
+            bytes.try_into().map_err(|_| corrupt(format!("record {storage_key}: fingerprint is not 32 bytes")))?,
+        )),
+    };
+    let state = match f.state.ok_or_else(|| missing("s"))?.as_slice() {
+        b"p" => {
+            let claim: [u8; 16] = f
+                .claim
+                .ok_or_else(|| missing("c"))?
+                .try_into()
+                .map_err(|_| corrupt(format!("record {storage_key}: claim id is not 16 bytes")))?;
+            RecordState::InProgress {
+                claim_id: ClaimId::from_bytes(claim),
+                lease_until: f.lease_until.ok_or_else(|| missing("l"))?,
+            }
+        }
+        b"c" => RecordState::Completed {
+            payload: Bytes::from(f.payload.ok_or_else(|| missing("p"))?),
+            completed_at: f.completed_at.ok_or_else(|| missing("d"))?,
+            hits: f.hits.ok_or_else(|| missing("h"))?,
+        },
+        _ => return Err(corrupt(format!("record {storage_key} has an unknown state"))),
+    };
+    Ok(Record {
+        storage_key: *storage_key,
+        key,
+        scope,
+        fingerprint,
+        created_at: f.created_at.ok_or_else(|| missing("t"))?,
+        expires_at: f.expires_at.ok_or_else(|| missing("e"))?,
+        state,
+    })
+}
+
+#[derive(Default)]
+struct Fields {
+    state: Option<Vec<u8>>,
+    claim: Option<Vec<u8>>,
+    lease_until: Option<SystemTime>,
+    fingerprint: Option<Vec<u8>>,
+    key: Option<Vec<u8>>,
+    scope: Option<Vec<u8>>,
+    created_at: Option<SystemTime>,
+    expires_at: Option<SystemTime>,
+    payload: Option<Vec<u8>>,
+    completed_at: Option<SystemTime>,
+    hits: Option<u64>,
+}
+
+fn number(bytes: &[u8]) -> Result<u64, StoreError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| corrupt(format!("expected a number, got {:?}", String::from_utf8_lossy(bytes))))
+}
+
+fn time(bytes: &[u8]) -> Result<SystemTime, StoreError> {
+    UNIX_EPOCH
+        .checked_add(Duration::from_millis(number(bytes)?))
+        .ok_or_else(|| corrupt("a time beyond the clock's range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &[u8]) -> Value {
+        Value::BulkString(s.to_vec())
+    }
+
+    #[test]
+    fn malformed_replies_are_corrupt_not_panics() {
+        let key = StorageKey::derive_raw("s", "k");
+        for reply in [
+            Value::Int(3),
+            Value::Array(vec![]),
+            Value::Array(vec![bulk(b"x")]),
+            Value::Array(vec![bulk(b"c"), bulk(b"s")]),
+            Value::Array(vec![bulk(b"c"), bulk(b"s"), bulk(b"c"), bulk(b"k"), bulk(b"\xff")]),
+            Value::Array(vec![bulk(b"i"), bulk(b"s"), bulk(b"p"), bulk(b"l"), bulk(b"soon")]),
+        ] {
+            assert!(matches!(claim_outcome(&key, reply), Err(StoreError::Corrupt(_))));
+        }
+    }
+
+    #[test]
+    fn durations_beyond_the_store_are_refused() {
+        assert_eq!(millis(Duration::from_secs(2)).ok(), Some(2000));
+        assert!(matches!(millis(Duration::MAX), Err(StoreError::InvalidRequest(_))));
+    }
+}

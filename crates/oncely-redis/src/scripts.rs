@@ -1,0 +1,192 @@
+//! The Lua scripts: every state change of a record is one of these, run by `EVALSHA`.
+//!
+//! **Atomicity.** Redis runs a script to the end before it serves another command, so each
+//! script is one atomic step: no client can see or change the record between the read and
+//! the write inside it. That is what makes claim "one atomic step that returns the
+//! existing record", with no get-then-set on the client.
+//!
+//! **Time.** Every script reads the server's clock with `TIME`; the client's clock is never
+//! used, so a client with a skewed clock cannot shorten or stretch another client's lease.
+//! Redis replicates a script's effects, not the script, so `TIME` is allowed before
+//! writes and replicas apply the same values.
+//!
+//! **Cluster.** A script touches exactly the keys it is given: `KEYS[1]` is the record's
+//! hash and `KEYS[2]` its wake-up channel, which share the hash tag `{<storage key>}` and
+//! so one slot. The scripts never build a key name themselves.
+//!
+//! **Expiry.** The scripts treat a record whose `e` (expires at, ms) has passed as absent,
+//! whatever Redis has collected; `PEXPIREAT` at the same instant is only the garbage
+//! collection, on the same clock.
+//!
+//! Every script gets the pub/sub mode as its last `ARGV` (`p` for `PUBLISH`, `s` for
+//! sharded `SPUBLISH` on Cluster).
+//!
+//! The record is a hash with short field names (they are stored once per record):
+//!
+//! | field | meaning |
+//! |---|---|
+//! | `s` | state: `p` in progress, `c` completed |
+//! | `c` | claim id, 16 bytes (kept after completion, so a repeated `complete` is recognised) |
+//! | `l` | lease until, ms since the epoch (in progress only) |
+//! | `f` | fingerprint, 32 bytes, or empty |
+//! | `k`, `o` | the raw key and scope, for inspection |
+//! | `t`, `e` | created at, expires at (ms) |
+//! | `p`, `d`, `h` | payload, completed at (ms), hits (completed only) |
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Reads the server clock into `now` (ms) and defines `publish`, which wakes waiters on
+/// `KEYS[2]` by `PUBLISH` or, on Cluster, sharded `SPUBLISH` (the last `ARGV`).
+const PRELUDE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function ms(x) return string.format('%.0f', x) end
+local function publish()
+  if ARGV[#ARGV] == 's' then redis.call('SPUBLISH', KEYS[2], '1') else redis.call('PUBLISH', KEYS[2], '1') end
+end
+local function live()
+  local e = redis.call('HGET', KEYS[1], 'e')
+  return e and tonumber(e) > now
+end
+"#;
+
+/// Claim. ARGV: claim id, fingerprint (empty for none), raw key, scope, lease ms,
+/// retention ms, pub/sub mode. Returns `{'a'}` acquired, `{'t'}` taken over, or
+/// `{'c'|'i'|'m', field, value, …}`: completed (hit counted), in progress, mismatch.
+const CLAIM: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 's', 'l', 'f', 'e')
+if r[1] and tonumber(r[4]) > now then
+  if r[3] ~= ARGV[2] then
+    return {'m', unpack(redis.call('HGETALL', KEYS[1]))}
+  end
+  if r[1] == 'c' then
+    redis.call('HINCRBY', KEYS[1], 'h', 1)
+    return {'c', unpack(redis.call('HGETALL', KEYS[1]))}
+  end
+  if tonumber(r[2]) > now then
+    return {'i', unpack(redis.call('HGETALL', KEYS[1]))}
+  end
+  local expires = now + tonumber(ARGV[6])
+  redis.call('HSET', KEYS[1], 'c', ARGV[1], 'l', ms(now + tonumber(ARGV[5])), 'e', ms(expires))
+  redis.call('PEXPIREAT', KEYS[1], ms(expires))
+  publish()
+  return {'t'}
+end
+local expires = now + tonumber(ARGV[6])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 's', 'p', 'c', ARGV[1], 'l', ms(now + tonumber(ARGV[5])), 'f', ARGV[2],
+  'k', ARGV[3], 'o', ARGV[4], 't', ms(now), 'e', ms(expires))
+redis.call('PEXPIREAT', KEYS[1], ms(expires))
+return {'a'}
+"#;
+
+/// Complete. ARGV: claim id, payload, retention ms, pub/sub mode. Returns 1, or 0 when the
+/// claim no longer holds the record. A second `complete` by the same claim (a retry after
+/// a lost reply) answers 1 and changes nothing.
+const COMPLETE: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 's', 'c', 'e')
+if not r[1] or tonumber(r[3]) <= now or r[2] ~= ARGV[1] then return 0 end
+if r[1] == 'c' then return 1 end
+local expires = now + tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 's', 'c', 'p', ARGV[2], 'd', ms(now), 'h', '0', 'e', ms(expires))
+redis.call('HDEL', KEYS[1], 'l')
+redis.call('PEXPIREAT', KEYS[1], ms(expires))
+publish()
+return 1
+"#;
+
+/// Release. ARGV: claim id, pub/sub mode. Returns 1, or 0 when the claim does not hold it.
+const RELEASE: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 's', 'c', 'e')
+if r[1] ~= 'p' or tonumber(r[3]) <= now or r[2] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+publish()
+return 1
+"#;
+
+/// Touch. ARGV: claim id, lease ms, pub/sub mode. Returns 1, or 0 when the claim does not
+/// hold it. A renewed lease never outlives the record: `e` moves out with it.
+const TOUCH: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 's', 'c', 'e')
+if r[1] ~= 'p' or tonumber(r[3]) <= now or r[2] ~= ARGV[1] then return 0 end
+local lease_until = now + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'l', ms(lease_until))
+if lease_until > tonumber(r[3]) then
+  redis.call('HSET', KEYS[1], 'e', ms(lease_until))
+  redis.call('PEXPIREAT', KEYS[1], ms(lease_until))
+end
+return 1
+"#;
+
+/// Get. Returns the record's fields, or an empty array when absent or
+/// expired. Counts no hit.
+const GET: &str = r#"
+if not live() then return {} end
+return redis.call('HGETALL', KEYS[1])
+"#;
+
+/// State. Returns `p` (in progress) or `c` (completed) for a live record, nil otherwise.
+const STATE: &str = r#"
+if not live() then return false end
+return redis.call('HGET', KEYS[1], 's')
+"#;
+
+/// Delete. Returns 1 when a live record was removed.
+const DELETE: &str = r#"
+local was_live = live()
+redis.call('DEL', KEYS[1])
+if was_live then publish() return 1 end
+return 0
+"#;
+
+/// First seen. ARGV: raw key, scope, window ms, pub/sub mode. Returns 1 for a new id
+/// (now marked seen), 0 for a repeat (hit counted).
+const FIRST_SEEN: &str = r#"
+if live() then
+  if redis.call('HGET', KEYS[1], 's') == 'c' then redis.call('HINCRBY', KEYS[1], 'h', 1) end
+  return 0
+end
+local expires = now + tonumber(ARGV[3])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 's', 'c', 'c', '', 'f', '', 'k', ARGV[1], 'o', ARGV[2], 't', ms(now),
+  'e', ms(expires), 'p', '', 'd', ms(now), 'h', '0')
+redis.call('PEXPIREAT', KEYS[1], ms(expires))
+return 1
+"#;
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}{body}"))
+}
+
+/// The claim script, ready for `EVALSHA`.
+pub static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(CLAIM));
+/// The complete script, ready for `EVALSHA`.
+pub static COMPLETE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(COMPLETE));
+/// The release script, ready for `EVALSHA`.
+pub static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(RELEASE));
+/// The touch script, ready for `EVALSHA`.
+pub static TOUCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(TOUCH));
+/// The get script, ready for `EVALSHA`.
+pub static GET_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(GET));
+/// The state script, ready for `EVALSHA`.
+pub static STATE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(STATE));
+/// The delete script, ready for `EVALSHA`.
+pub static DELETE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(DELETE));
+/// The first-seen script, ready for `EVALSHA`.
+pub static FIRST_SEEN_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(FIRST_SEEN));
+
+/// Every script, for loading them all once at connect (`SCRIPT LOAD`).
+pub fn all() -> [&'static Script; 8] {
+    [
+        &CLAIM_SCRIPT,
+        &COMPLETE_SCRIPT,
+        &RELEASE_SCRIPT,
+        &TOUCH_SCRIPT,
+        &GET_SCRIPT,
+        &STATE_SCRIPT,
+        &DELETE_SCRIPT,
+        &FIRST_SEEN_SCRIPT,
+    ]
+}

@@ -1,0 +1,188 @@
+//! What the Redis store promises beyond the conformance suite, each on a real server of
+//! the test's own (so that server-wide counters and outages touch nothing else): round
+//! trips counted by the server, `MOVED` on a real cluster, and failures as typed errors.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use oncely::{ClaimOutcome, Failure, Oncely, Store, StoreError};
+use oncely_redis::{RedisOptions, RedisStore, Topology};
+use oncely_testkit::redis::{RedisCluster, RedisServer};
+use oncely_testkit::{claim_request, unique_key};
+
+async fn store_at(url: &str) -> RedisStore {
+    let (topology, _) = Topology::parse(url).expect("a valid URL");
+    let options = RedisOptions::default().prefix("rt").expect("prefix").response_timeout(Duration::from_millis(500));
+    RedisStore::connect(&topology, options).await.expect("the store connects")
+}
+
+/// `INFO commandstats` as (command, calls) pairs.
+fn command_stats(server: &RedisServer) -> Vec<(String, u64)> {
+    server
+        .command(&["INFO", "commandstats"])
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
+}
+
+/// What the client sent, by the server's own count: `EVALSHA` calls, and every command
+/// that neither a script runs inside itself nor the test sends to read the counters.
+fn client_commands(server: &RedisServer) -> (u64, Vec<String>) {
+    const INSIDE_SCRIPTS: &[&str] =
+        &["time", "hmget", "hget", "hset", "hdel", "hincrby", "hgetall", "pexpireat", "del", "publish", "spublish"];
+    let stats = command_stats(server);
+    let evalsha = stats.iter().find(|(name, _)| name == "evalsha").map_or(0, |(_, calls)| *calls);
+    let others = stats
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| name != "evalsha" && !name.starts_with("config") && name != "info")
+        .filter(|name| !INSIDE_SCRIPTS.contains(&name.as_str()))
+        .collect();
+    (evalsha, others)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_operation_costs_two_round_trips_and_a_replay_one() {
+    let server = RedisServer::start(&[]);
+    let oncely = Oncely::new(store_at(&server.url()).await);
+    let op = || async { Ok::<_, Failure<String>>("charged".to_string()) };
+    // Warm up: the connection is open and the scripts loaded before counting starts.
+    oncely.run(&unique_key(), None, op).await.expect("warm-up");
+
+    let key = unique_key();
+    server.command(&["CONFIG", "RESETSTAT"]);
+    let first = oncely.run(&key, None, op).await.expect("first run");
+    assert!(!first.replayed);
+    let (evalsha, others) = client_commands(&server);
+    assert_eq!(evalsha, 2, "a new operation: claim and complete");
+    assert!(others.is_empty(), "no other command from the client: {others:?}");
+
+    server.command(&["CONFIG", "RESETSTAT"]);
+    let again = oncely.run(&key, None, op).await.expect("retry");
+    assert!(again.replayed);
+    assert_eq!(again.value, "charged");
+    let (evalsha, others) = client_commands(&server);
+    assert_eq!(evalsha, 1, "a replay: the claim, which also counts the hit");
+    assert!(others.is_empty(), "no other command from the client: {others:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_flushed_by_a_restart_are_reloaded() {
+    let server = RedisServer::start(&[]);
+    let oncely = Oncely::new(store_at(&server.url()).await);
+    server.command(&["SCRIPT", "FLUSH"]);
+    let run = oncely.run(&unique_key(), None, || async { Ok::<_, Failure<String>>(1u8) }).await;
+    assert!(!run.expect("NOSCRIPT is answered by loading the script again").replayed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_follow_their_slot_to_another_node_after_moved() {
+    let cluster = RedisCluster::start();
+    let url = cluster.url();
+    let (topology, _) = Topology::parse(&url).expect("URL");
+    let store = RedisStore::connect(&topology, RedisOptions::default().prefix("moved").expect("prefix"))
+        .await
+        .expect("connects");
+    let oncely = Oncely::new(store.clone());
+    let key = unique_key();
+    let op = || async { Ok::<_, Failure<String>>("once".to_string()) };
+    assert!(!oncely.run(&key, None, op).await.expect("first").replayed);
+
+    let storage_key = oncely::StorageKey::derive(&oncely::Scope::global(), &key);
+    let slot: u16 = cluster.nodes()[0]
+        .command(&["CLUSTER", "KEYSLOT", &store.record_key(&storage_key)])
+        .trim()
+        .parse()
+        .expect("a slot number");
+    let from = cluster.owner_of(slot);
+    let to = (from + 1) % cluster.nodes().len();
+    cluster.move_slot(slot, to);
+    assert_eq!(cluster.owner_of(slot), to);
+    cluster.nodes()[from].command(&["CONFIG", "RESETSTAT"]);
+
+    // The client still maps the slot to the old node: it gets MOVED and follows it.
+    let again = oncely.run(&key, None, op).await.expect("retry after the slot moved");
+    assert!(again.replayed, "the record moved with its slot; the operation did not run again");
+    let errors = cluster.nodes()[from].command(&["INFO", "errorstats"]);
+    assert!(errors.contains("errorstat_MOVED"), "the old owner answered MOVED: {errors}");
+    let record = store.get(&storage_key).await.expect("get").expect("the record");
+    assert_eq!(record.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_unavailable_and_the_store_recovers() {
+    let server = RedisServer::start(&[]);
+    let store = store_at(&server.url()).await;
+    server.kill();
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        store.claim(claim_request(&unique_key(), None, Duration::from_secs(5))),
+    )
+    .await
+    .expect("a down server answers within the timeouts, never hangs");
+    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+
+    server.restart();
+    // The connection manager reconnects by itself; the first attempts may still fail.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.claim(claim_request(&unique_key(), None, Duration::from_secs(5))).await {
+            Ok(outcome) => {
+                assert_eq!(outcome, ClaimOutcome::Acquired { takeover: false });
+                break;
+            }
+            Err(StoreError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("the store did not recover: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readonly_and_oom_are_unavailable_not_success() {
+    let primary = RedisServer::start(&[]);
+    let replica_of = ["--replicaof", "127.0.0.1", &primary.port().to_string()].map(str::to_string);
+    let replica = RedisServer::start(&replica_of.iter().map(String::as_str).collect::<Vec<_>>());
+    let on_replica = store_at(&replica.url()).await;
+    let result = on_replica.claim(claim_request(&unique_key(), None, Duration::from_secs(5))).await;
+    assert!(
+        matches!(&result, Err(StoreError::Unavailable(e)) if e.to_string().to_lowercase().contains("read only")),
+        "a write on a replica: {result:?}"
+    );
+
+    let store = store_at(&primary.url()).await;
+    let request = claim_request(&unique_key(), None, Duration::from_secs(5));
+    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
+    store.claim(request).await.expect("claim");
+    primary.command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    primary.command(&["CONFIG", "SET", "maxmemory", "1"]);
+    let result = store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), Duration::from_secs(60)).await;
+    assert!(
+        matches!(&result, Err(StoreError::Unavailable(e)) if e.to_string().contains("OOM")),
+        "a write on a full Redis: {result:?}"
+    );
+    primary.command(&["CONFIG", "SET", "maxmemory", "0"]);
+    store
+        .complete(&storage_key, claim_id, Bytes::from_static(b"r"), Duration::from_secs(60))
+        .await
+        .expect("then it completes");
+}
+
+#[tokio::test]
+async fn bad_urls_are_refused_with_the_reason() {
+    for (url, why) in [
+        ("redis://127.0.0.1:1?prefix=a*b", "prefix"),
+        ("redis://127.0.0.1:1?timeout=forever", "timeout"),
+        ("redis+cluster://", "no nodes"),
+    ] {
+        let error = RedisStore::open(url).await.expect_err("refused");
+        assert!(error.to_string().contains(why), "{url}: {error}");
+    }
+    let error = RedisStore::open("redis://127.0.0.1:1").await.expect_err("nothing listens on port 1");
+    assert!(matches!(error, oncely_redis::OpenError::Connect(_)), "{error}");
+}

@@ -1,0 +1,347 @@
+//! Real Redis servers for tests: a standalone `redis-server` and a 3-master Redis Cluster,
+//! started on loopback in a temporary directory and killed when the test process exits.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! let server = oncely_testkit::redis::RedisServer::shared();
+//! let url = server.url(); // redis://127.0.0.1:PORT
+//! # let _ = url;
+//! # }
+//! ```
+//!
+//! `ONCELY_TEST_REDIS_URL` (and `ONCELY_TEST_REDIS_CLUSTER_URL`, as
+//! `redis+cluster://host:port,…`) point the shared instances at servers someone else runs
+//! instead. Tests isolate themselves with a key prefix of their own, so one server per
+//! test process is enough.
+//!
+//! The binaries come from `PATH` (`apt-get install redis-server redis-tools`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::process::TiedProcess;
+
+/// How long a server gets to start answering.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A `redis-server` on loopback, killed when it is dropped or the test process exits.
+pub struct RedisServer {
+    port: u16,
+    dir: Option<tempfile::TempDir>,
+    extra: Vec<String>,
+    process: Mutex<Option<TiedProcess>>,
+    external: Option<String>,
+}
+
+impl RedisServer {
+    /// The server this test process shares: started on first use (or `ONCELY_TEST_REDIS_URL`).
+    pub fn shared() -> &'static RedisServer {
+        static SHARED: OnceLock<RedisServer> = OnceLock::new();
+        SHARED.get_or_init(|| match std::env::var("ONCELY_TEST_REDIS_URL") {
+            Ok(url) if !url.is_empty() => {
+                RedisServer { port: 0, dir: None, extra: Vec::new(), process: Mutex::new(None), external: Some(url) }
+            }
+            _ => RedisServer::start(&[]),
+        })
+    }
+
+    /// Starts a server of this test's own, with extra `redis-server` arguments (for
+    /// example `["--appendonly", "yes", "--appendfsync", "always"]`).
+    ///
+    /// # Panics
+    /// When `redis-server` is missing or does not answer within 30 s: a test setup failure.
+    pub fn start(extra: &[&str]) -> RedisServer {
+        let dir = tempfile::tempdir().expect("a temporary directory for redis");
+        let port = free_port_pair(false);
+        let server = RedisServer {
+            port,
+            dir: Some(dir),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            process: Mutex::new(None),
+            external: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        match &self.external {
+            Some(url) => url.clone(),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server at once (SIGKILL: no save, no goodbye), as a crash would.
+    pub fn kill(&self) {
+        if let Some(process) = self.process.lock().expect("lock").take() {
+            process.kill();
+        }
+    }
+
+    /// Starts the server again on the same port and directory (after [`kill`](Self::kill)),
+    /// and waits until it answers `PING`.
+    pub fn restart(&self) {
+        let dir = self.dir.as_ref().expect("a server this test started").path();
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--dir"])
+            .arg(dir)
+            .args(["--logfile", "redis.log", "--protected-mode", "no"])
+            .args(&self.extra);
+        let process = TiedProcess::spawn(command);
+        wait_for_ping(self.port);
+        *self.process.lock().expect("lock") = Some(process);
+    }
+
+    /// Sends one command and returns the server's reply as text (for `INFO`, `CONFIG`).
+    pub fn command(&self, args: &[&str]) -> String {
+        command(self.port, args)
+    }
+}
+
+/// A 3-master Redis Cluster on loopback (no replicas), created with
+/// `redis-cli --cluster create`.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    external: Option<String>,
+}
+
+impl RedisCluster {
+    /// The cluster this test process shares: created on first use (or
+    /// `ONCELY_TEST_REDIS_CLUSTER_URL`).
+    pub fn shared() -> &'static RedisCluster {
+        static SHARED: OnceLock<RedisCluster> = OnceLock::new();
+        SHARED.get_or_init(|| match std::env::var("ONCELY_TEST_REDIS_CLUSTER_URL") {
+            Ok(url) if !url.is_empty() => RedisCluster { nodes: Vec::new(), external: Some(url) },
+            _ => RedisCluster::start(),
+        })
+    }
+
+    /// Starts three cluster-enabled servers and joins them into one cluster.
+    ///
+    /// # Panics
+    /// When the servers do not start or the cluster does not reach `cluster_state:ok`.
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                let dir = tempfile::tempdir().expect("a temporary directory for redis");
+                let server = RedisServer {
+                    port: free_port_pair(true),
+                    extra: vec![
+                        "--cluster-enabled".into(),
+                        "yes".into(),
+                        "--cluster-config-file".into(),
+                        "nodes.conf".into(),
+                        "--cluster-node-timeout".into(),
+                        "5000".into(),
+                    ],
+                    dir: Some(dir),
+                    process: Mutex::new(None),
+                    external: None,
+                };
+                server.restart();
+                server
+            })
+            .collect();
+        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs (apt-get install redis-tools)");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = RedisCluster { nodes, external: None };
+        cluster.wait_until_ok();
+        cluster
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
+    pub fn url(&self) -> String {
+        match &self.external {
+            Some(url) => url.clone(),
+            None => {
+                let nodes: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+                format!("redis+cluster://{}", nodes.join(","))
+            }
+        }
+    }
+
+    /// The nodes, in the order they were created.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// Moves `slot` to the node `to` (an index into [`nodes`](Self::nodes)), keys and all,
+    /// the way `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE, then
+    /// SETSLOT NODE on every node. Clients that cached the old owner get `MOVED`.
+    pub fn move_slot(&self, slot: u16, to: usize) {
+        let slot_s = slot.to_string();
+        let ids: Vec<String> = self.nodes.iter().map(|n| n.command(&["CLUSTER", "MYID"]).trim().to_string()).collect();
+        let from = self.owner_of(slot);
+        if from == to {
+            return;
+        }
+        let (source, target) = (&self.nodes[from], &self.nodes[to]);
+        let ok = |reply: String| assert!(reply.starts_with("OK"), "CLUSTER SETSLOT {slot}: {reply}");
+        ok(target.command(&["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &ids[from]]));
+        ok(source.command(&["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &ids[to]]));
+        loop {
+            let keys = source.command(&["CLUSTER", "GETKEYSINSLOT", &slot_s, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = target.port.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().copied());
+            let reply = source.command(&args);
+            assert!(reply.starts_with("OK") || reply.starts_with("NOKEY"), "MIGRATE failed: {reply}");
+        }
+        for node in &self.nodes {
+            ok(node.command(&["CLUSTER", "SETSLOT", &slot_s, "NODE", &ids[to]]));
+        }
+        self.wait_until_ok();
+    }
+
+    /// The index of the node that owns `slot`.
+    pub fn owner_of(&self, slot: u16) -> usize {
+        // CLUSTER NODES: "<id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <ranges…>".
+        let nodes = self.nodes[0].command(&["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 {
+                continue;
+            }
+            let owns = fields[8..].iter().any(|range| {
+                let range = range.trim_start_matches('[');
+                match range.split_once('-') {
+                    Some((a, b)) => {
+                        matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+                    }
+                    None => range.parse::<u16>() == Ok(slot),
+                }
+            });
+            if owns {
+                let port = fields[1].split(['@', ':']).nth(1).and_then(|p| p.parse::<u16>().ok());
+                if let Some(index) = self.nodes.iter().position(|n| Some(n.port) == port) {
+                    return index;
+                }
+            }
+        }
+        panic!("no node owns slot {slot}: {nodes}");
+    }
+
+    fn wait_until_ok(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let ok = self.nodes.iter().all(|n| n.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not reach cluster_state:ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A port that is free now, and (for cluster nodes) whose bus port (+10000) is free too.
+fn free_port_pair(with_bus: bool) -> u16 {
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = listener.local_addr().expect("addr").port();
+        if !with_bus {
+            return port;
+        }
+        if port < 55000 && TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Polls `PING` until the server answers: readiness is a reply, not a sleep.
+fn wait_for_ping(port: u16) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(reply) = try_command(port, &["PING"])
+            && reply.starts_with("PONG")
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "redis-server on port {port} did not answer PING");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One RESP command over a fresh connection; the reply flattened to text, one element
+/// per line. Enough for the admin commands tests need.
+fn command(port: u16, args: &[&str]) -> String {
+    try_command(port, args).unwrap_or_else(|e| panic!("redis command {args:?} on port {port}: {e}"))
+}
+
+fn try_command(port: u16, args: &[&str]) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut request = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        request.extend_from_slice(arg.as_bytes());
+        request.extend_from_slice(b"\r\n");
+    }
+    stream.write_all(&request)?;
+    let mut reader = BufReader::new(stream);
+    let mut out = String::new();
+    read_reply(&mut reader, &mut out)?;
+    Ok(out)
+}
+
+fn read_reply(reader: &mut BufReader<TcpStream>, out: &mut String) -> std::io::Result<()> {
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let line = line.trim_end_matches("\r\n");
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unexpected reply {line:?}"));
+    let (kind, rest) = line.split_at_checked(1).ok_or_else(bad)?;
+    match kind {
+        "+" | ":" => {
+            out.push_str(rest);
+            out.push('\n');
+        }
+        "-" => {
+            out.push_str(rest);
+            out.push('\n');
+        }
+        "$" => {
+            let len: i64 = rest.parse().map_err(|_| bad())?;
+            if len >= 0 {
+                let mut buf = vec![0; len as usize + 2];
+                reader.read_exact(&mut buf)?;
+                out.push_str(&String::from_utf8_lossy(&buf[..len as usize]));
+                out.push('\n');
+            }
+        }
+        "*" => {
+            let len: i64 = rest.parse().map_err(|_| bad())?;
+            for _ in 0..len.max(0) {
+                read_reply(reader, out)?;
+            }
+        }
+        _ => return Err(bad()),
+    }
+    Ok(())
+}
