@@ -246,3 +246,89 @@ async fn an_outcome_that_does_not_encode_is_returned_once_and_never_run_again() 
     assert!(matches!(retry, Err(RunError::Idempotency(Error::NotStored(_)))), "{retry:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// A memory store whose `complete` is unreachable until `outage` is switched off.
+struct CompleteOutage {
+    inner: MemoryStore,
+    outage: std::sync::atomic::AtomicBool,
+    attempts: AtomicUsize,
+    landed: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl oncely::Store for CompleteOutage {
+    async fn claim(&self, request: oncely::ClaimRequest) -> Result<oncely::ClaimOutcome, StoreError> {
+        self.inner.claim(request).await
+    }
+    async fn complete(
+        &self,
+        key: &oncely::StorageKey,
+        claim_id: oncely::ClaimId,
+        payload: bytes::Bytes,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        if self.outage.load(Ordering::SeqCst) {
+            return Err(StoreError::unavailable("connection refused"));
+        }
+        let result = self.inner.complete(key, claim_id, payload, retention).await;
+        self.landed.notify_one();
+        result
+    }
+    async fn release(&self, key: &oncely::StorageKey, claim_id: oncely::ClaimId) -> Result<(), StoreError> {
+        self.inner.release(key, claim_id).await
+    }
+    async fn touch(&self, key: &oncely::StorageKey, id: oncely::ClaimId, lease: Duration) -> Result<(), StoreError> {
+        self.inner.touch(key, id, lease).await
+    }
+    async fn get(&self, key: &oncely::StorageKey) -> Result<Option<oncely::Record>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn delete(&self, key: &oncely::StorageKey) -> Result<bool, StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        self.inner.purge_expired().await
+    }
+    async fn stats(&self) -> Result<oncely::StoreStats, StoreError> {
+        self.inner.stats().await
+    }
+    async fn first_seen(
+        &self,
+        storage_key: &oncely::StorageKey,
+        key: &IdempotencyKey,
+        scope: &oncely::Scope,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.first_seen(storage_key, key, scope, window).await
+    }
+}
+
+/// An operation that ran while the store could not record it is recorded once the store
+/// answers again, before its lease lapses: the retry replays instead of running it twice.
+#[tokio::test]
+async fn a_result_the_store_could_not_take_is_stored_when_it_answers_again() {
+    let store = Arc::new(CompleteOutage {
+        inner: MemoryStore::new(),
+        outage: true.into(),
+        attempts: AtomicUsize::new(0),
+        landed: tokio::sync::Notify::new(),
+    });
+    let oncely = Oncely::builder(store.clone()).lease(Duration::from_secs(60)).build().expect("settings");
+    let runs = AtomicUsize::new(0);
+    let op = || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, Failure<String>>("charged".to_string())
+    };
+    let first = oncely.run(&key("outage"), None, op).await.expect("the operation ran and its value is returned");
+    assert!(!first.replayed);
+    assert_eq!(store.attempts.load(Ordering::SeqCst), 3, "three quick attempts before handing over");
+
+    let landed = store.landed.notified();
+    store.outage.store(false, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), landed).await.expect("the background retry lands");
+    let again = oncely.run(&key("outage"), None, op).await.expect("retry");
+    assert!(again.replayed, "the retry replays the result stored late");
+    assert_eq!(again.value, "charged");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

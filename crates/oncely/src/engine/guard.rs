@@ -104,6 +104,13 @@ impl<S: Store> ClaimGuard<S> {
     /// Stores `payload` as the operation's result for every retry in the retention window.
     ///
     /// A store that is unreachable is tried three times, with 20 ms then 100 ms between.
+    /// If it is still unreachable, this returns the failure, and a background task (when
+    /// called inside a Tokio runtime) keeps trying every 250 ms until the completion
+    /// lands, the claim is lost, or the retention passes. The operation has run: its
+    /// result must reach the store before the lease lapses and a retry takes the key
+    /// over, which would run it a second time. A store outage longer than the lease
+    /// leaves a window between the store's return and this task's next attempt in which
+    /// such a retry can win; the task keeps that window to one attempt interval.
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`] when the claim was taken over (its write is rejected so
@@ -120,11 +127,40 @@ impl<S: Store> ClaimGuard<S> {
                         tracing::warn!(key = %self.key, error = %e, "completion failed; retrying");
                         tokio::time::sleep(pause).await;
                     }
-                    None => return Err(StoreError::Unavailable(e).into()),
+                    None => {
+                        self.complete_in_background(payload, retention);
+                        return Err(StoreError::Unavailable(e).into());
+                    }
                 },
                 other => return Ok(other?),
             }
         }
+    }
+
+    /// Keeps trying to store the result of an operation that ran while the store was
+    /// unreachable; see [`complete`](Self::complete).
+    fn complete_in_background(&self, payload: Bytes, retention: Duration) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (engine, storage_key, claim_id, key) =
+            (self.engine.clone(), self.storage_key, self.claim_id, self.key.clone());
+        metrics::counter!("oncely_completions_deferred_total").increment(1);
+        runtime.spawn(async move {
+            let give_up = tokio::time::Instant::now() + retention;
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                match engine.store().complete(&storage_key, claim_id, payload.clone(), retention).await {
+                    Ok(()) => {
+                        tracing::info!(%key, "the result was stored once the store answered again");
+                        return;
+                    }
+                    Err(StoreError::Unavailable(_)) if tokio::time::Instant::now() < give_up => {}
+                    Err(e) => {
+                        tracing::error!(%key, error = %e, "giving up storing the result of an operation that ran");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// Releases the key so the operation may run again.
