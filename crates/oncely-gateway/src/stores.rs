@@ -4,6 +4,8 @@
 //! |---|---|
 //! | `memory://` | in-process, lost on restart ([`oncely::MemoryStore`]); at most 1,000,000 records, `?max_entries=N` to change |
 //! | `sqlite://PATH` | embedded, durable (the default: `sqlite://oncely.db`); `?durability=relaxed` syncs on an interval instead of per completion |
+//! | `redis://[user:pass@]HOST:PORT[/DB]`, `rediss://…` | a shared Redis/Valkey server ([`oncely_redis`]); `?prefix=NAME` (default `oncely`), `?timeout=1s`, `?connect_timeout=1s` |
+//! | `redis+cluster://HOST:PORT,HOST:PORT,…` | a Redis Cluster, same options |
 //!
 //! Further stores plug in here, in [`open`], without touching the proxy.
 
@@ -17,6 +19,7 @@ use oncely::{
     ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, MemoryStore, Record, Scope, StorageKey, Store, StoreError,
     StoreStats,
 };
+use oncely_redis::RedisStore;
 use oncely_sqlite::{Durability, SqliteOptions, SqliteStore};
 
 /// The store the gateway runs on, chosen at start from a URL.
@@ -31,12 +34,19 @@ pub async fn open(url: &str) -> Result<DynStore, String> {
     let store: DynStore = match url.split_once("://") {
         Some(("memory", rest)) => open_memory(rest)?,
         Some(("sqlite", path)) if !path.is_empty() => open_sqlite(path).await?,
-        Some(("redis" | "redis+cluster" | "postgres" | "postgresql" | "dynamodb", _)) => {
+        Some(("redis" | "rediss" | "redis+cluster" | "rediss+cluster", _)) => {
+            Arc::new(RedisStore::open(url).await.map_err(|e| e.to_string())?)
+        }
+        Some(("postgres" | "postgresql" | "dynamodb", _)) => {
             return Err(format!(
-                "{url}: this store is not part of this build yet; available: memory://, sqlite://PATH"
+                "{url}: this store is not part of this build yet; available: memory://, sqlite://PATH, redis://…, redis+cluster://…"
             ));
         }
-        _ => return Err(format!("{url}: not a store URL; use memory:// or sqlite://PATH")),
+        _ => {
+            return Err(format!(
+                "{url}: not a store URL; use memory://, sqlite://PATH, redis://HOST:PORT or redis+cluster://HOST:PORT,…"
+            ));
+        }
     };
     Ok(Arc::new(Instrumented(store)))
 }

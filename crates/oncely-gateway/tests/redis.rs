@@ -1,0 +1,179 @@
+//! The gateway on Redis, black-box: two `oncely` processes sharing one Redis (standalone
+//! and Cluster) execute a key once between them, and a Redis that dies under load turns
+//! into 503s, never into a second execution.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use oncely_testkit::redis::{RedisCluster, RedisServer};
+use tokio::sync::Notify;
+
+use support::*;
+
+/// A prefix of the test's own, so that tests sharing a server never meet.
+fn with_prefix(url: &str, name: &str) -> String {
+    format!("{url}?prefix={name}-{}", std::process::id())
+}
+
+/// The sum of `oncely_operations_in_flight` over the gateways' admin endpoints.
+async fn in_flight(gateways: &[&Gateway]) -> usize {
+    let mut total = 0;
+    for gw in gateways {
+        let text =
+            client().get(format!("{}/metrics", gw.admin)).send().await.expect("metrics").text().await.expect("text");
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("oncely_operations_in_flight "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as usize;
+    }
+    total
+}
+
+/// 200 concurrent requests with one key, alternating between two gateways on one store,
+/// on a wait-mode route whose upstream holds the first request until every request is
+/// inside a gateway: one upstream execution, and 200 identical successful answers (the
+/// waiters in the other process are woken through Redis).
+async fn two_gateways_execute_a_key_once(store: String) {
+    let (addr, upstream) = start_upstream().await;
+    let (a, dir) = start_gateway(&format!("http://{addr}"), &store, CONFIG, &[]).await;
+    let b = spawn_gateway(&format!("http://{addr}"), &store, &dir.path().join("oncely.toml"), &[]).await;
+
+    let started = upstream.started.notified();
+    let requests: Vec<_> = (0..200)
+        .map(|i| {
+            let url = if i % 2 == 0 { a.url.clone() } else { b.url.clone() };
+            tokio::spawn(async move {
+                let r = post_to(&url, "/wait/slow", Some("one-key-two-gateways"), r#"{"amount":100}"#).await;
+                let status = r.status().as_u16();
+                let replayed = replayed(&r);
+                (status, replayed, r.text().await.expect("body"))
+            })
+        })
+        .collect();
+    started.await;
+    // Every request is inside a gateway (one running, the rest waiting) before the first
+    // is let go: the contention is real, not a queue of retries.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while in_flight(&[&a, &b]).await < 200 {
+        assert!(tokio::time::Instant::now() < deadline, "all 200 requests reach the gateways");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    upstream.gate.notify_one();
+
+    let mut answers = Vec::new();
+    for request in requests {
+        answers.push(request.await.expect("task"));
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1, "one execution across both gateways");
+    assert!(answers.iter().all(|(status, _, _)| *status == 201), "every answer is the stored 201");
+    let body = &answers[0].2;
+    assert!(answers.iter().all(|(_, _, b)| b == body), "all answers identical");
+    assert_eq!(answers.iter().filter(|(_, replayed, _)| !replayed).count(), 1, "one original, 199 replays");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_one_redis_execute_a_key_once() {
+    two_gateways_execute_a_key_once(with_prefix(&RedisServer::shared().url(), "two")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_one_redis_cluster_execute_a_key_once() {
+    two_gateways_execute_a_key_once(with_prefix(&RedisCluster::shared().url(), "two")).await;
+}
+
+/// Clients retry each of their keys until it succeeds, while Redis (with
+/// `appendfsync always`) is killed and restarted under them: while it is down the
+/// gateway answers 503 problem+json and forwards nothing; after it returns, every key has
+/// executed exactly once and every retry replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_under_load_is_503_and_never_a_second_execution() {
+    const CLIENTS: usize = 8;
+    const KEYS_EACH: usize = 25;
+    let redis = Arc::new(RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]));
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), &with_prefix(&redis.url(), "restart"), CONFIG, &[]).await;
+    let gw = Arc::new(gw);
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let unavailable = Arc::new(AtomicUsize::new(0));
+    let progress = Arc::new(Notify::new());
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (gw, done, unavailable, progress) = (gw.clone(), done.clone(), unavailable.clone(), progress.clone());
+            tokio::spawn(async move {
+                for k in 0..KEYS_EACH {
+                    let key = format!("restart-{c}-{k}");
+                    loop {
+                        let r = send_post(&gw, "/payments", Some(&key), "{}").await;
+                        match r.status().as_u16() {
+                            201 => break,
+                            503 => {
+                                assert_eq!(problem_type(r).await, "urn:oncely:problem:store-unavailable");
+                                unavailable.fetch_add(1, Ordering::SeqCst);
+                                progress.notify_waiters();
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            // A claim whose reply was lost with the server: held for its lease.
+                            409 => tokio::time::sleep(Duration::from_millis(100)).await,
+                            other => panic!("unexpected status {other} for {key}"),
+                        }
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                    progress.notify_waiters();
+                }
+            })
+        })
+        .collect();
+
+    let wait_for = |what: &'static str, counter: Arc<AtomicUsize>, at_least: usize| {
+        let progress = progress.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while counter.load(Ordering::SeqCst) < at_least {
+                let woken = progress.notified();
+                if counter.load(Ordering::SeqCst) >= at_least {
+                    break;
+                }
+                assert!(tokio::time::timeout_at(deadline, woken).await.is_ok(), "{what} did not reach {at_least}");
+            }
+        }
+    };
+    wait_for("completed keys", done.clone(), 40).await;
+    redis.kill();
+    let calls_when_killed = upstream.calls.load(Ordering::SeqCst);
+    wait_for("503 answers", unavailable.clone(), 20).await;
+    assert!(
+        upstream.calls.load(Ordering::SeqCst) <= calls_when_killed + CLIENTS,
+        "while Redis is down nothing new is forwarded (at most the requests already in flight)"
+    );
+    redis.restart();
+    for client in clients {
+        client.await.expect("client");
+    }
+
+    let total = CLIENTS * KEYS_EACH;
+    assert_eq!(done.load(Ordering::SeqCst), total);
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), total, "every key executed exactly once");
+    // Keys that ran while Redis was going down had their completion stored by the
+    // engine's background retry once Redis returned; a retry that meets one still in
+    // progress waits, as a client does on 409. None of them runs again.
+    for c in 0..CLIENTS {
+        for k in 0..KEYS_EACH {
+            loop {
+                let r = send_post(&gw, "/payments", Some(&format!("restart-{c}-{k}")), "{}").await;
+                if r.status() == 409 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                assert_eq!(r.status(), 201);
+                assert!(replayed(&r), "restart-{c}-{k} replays after the restart");
+                break;
+            }
+        }
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), total);
+}
