@@ -15,12 +15,17 @@
 #   gateway-memory-info           the memory gateway at --log-level info (one access-log line per request)
 #   gateway-memory-1worker        the memory gateway with TOKIO_WORKER_THREADS=1
 #   gateway-sqlite-relaxed        sqlite://...?durability=relaxed (WAL synced on an interval)
+# and, with REDIS=1 (the default when redis-server is installed):
+#   gateway-redis    oncely serve --store redis://127.0.0.1:PORT  against a redis-server started here
+#                    with appendonly yes, appendfsync everysec, maxmemory-policy noeviction
+#   redis-server's own ceiling for the same scripts (redis-benchmark EVALSHA with the claim and
+#   complete scripts the gateway sends, their SHAs read off MONITOR), printed after the table.
 # It measures "new keys" (a unique Idempotency-Key per request) on every target and
 # "replays" (one completed key, hammered) on the gateways, in ROUNDS interleaved rounds,
 # and prints a markdown table of the medians.
 #
 # Knobs (environment): ROUNDS=3 DURATION=7s WARMUP=2s THREADS=2 CONNECTIONS=32 EXTRA=1
-#   NGINX_WORKERS=auto BASE_PORT=18080 RESULTS_DIR=target/bench-gateway/<timestamp>
+#   REDIS=1 NGINX_WORKERS=auto BASE_PORT=18080 RESULTS_DIR=target/bench-gateway/<timestamp>
 #   WAIT_FOR_QUIET=900 (seconds to wait for other load)  BUSY_LIMIT=20 (% CPU that counts
 #   as other load before a run)  FOREIGN_LIMIT=5 (% CPU used by other processes during a
 #   run before it is redone)  ATTEMPTS=3 (tries per run)
@@ -40,6 +45,7 @@ WARMUP=${WARMUP:-2s}
 THREADS=${THREADS:-2}
 CONNECTIONS=${CONNECTIONS:-32}
 EXTRA=${EXTRA:-1}
+if command -v redis-server >/dev/null; then REDIS=${REDIS:-1}; else REDIS=${REDIS:-0}; fi
 NGINX_WORKERS=${NGINX_WORKERS:-auto}
 BASE_PORT=${BASE_PORT:-18080}
 WAIT_FOR_QUIET=${WAIT_FOR_QUIET:-900}
@@ -56,6 +62,8 @@ PORT_SQLITE=$((BASE_PORT + 3))
 PORT_MEM_INFO=$((BASE_PORT + 4))
 PORT_MEM_1W=$((BASE_PORT + 5))
 PORT_SQLITE_RELAXED=$((BASE_PORT + 6))
+PORT_REDIS_SERVER=$((BASE_PORT + 7))
+PORT_REDIS=$((BASE_PORT + 8))
 
 BODY='{"amount":1999,"currency":"eur","customer":"cus_9s6XKzkNRiz8i3","description":"bench order 42"}'
 RESPONSE='{"id":"ch_1","amount":1999}'
@@ -316,6 +324,17 @@ if ((EXTRA)); then
     start_gateway gateway-sqlite-relaxed "$PORT_SQLITE_RELAXED" "sqlite://$WORK/bench-relaxed.db?durability=relaxed" \
         warn >"$WORK/pid" && PID_SQLITE_RELAXED=$(<"$WORK/pid")
 fi
+if ((REDIS)); then
+    mkdir -p "$WORK/redis"
+    redis-server --port "$PORT_REDIS_SERVER" --bind 127.0.0.1 --dir "$WORK/redis" --save "" \
+        --appendonly yes --appendfsync everysec --maxmemory-policy noeviction \
+        >"$WORK/logs/redis-server.log" 2>&1 &
+    PID_REDIS_SERVER=$!
+    PIDS+=("$PID_REDIS_SERVER")
+    wait_port "$PORT_REDIS_SERVER" "$PID_REDIS_SERVER" redis-server
+    start_gateway gateway-redis "$PORT_REDIS" "redis://127.0.0.1:$PORT_REDIS_SERVER" warn >"$WORK/pid" &&
+        PID_REDIS=$(<"$WORK/pid")
+fi
 log "all servers up"
 
 # ---------------------------------------------------------------------------------------
@@ -418,6 +437,19 @@ if ((EXTRA)); then
     if [[ $(post "http://127.0.0.1:$PORT_MEM/plain" "") != 201 ]]; then
         die "gateway-memory: POST /plain was not passed through: $(<"$WORK/b")"
     fi
+fi
+if ((REDIS)); then
+    # The scripts' SHAs, as the gateway sends them: read off MONITOR during one new key.
+    redis-cli -p "$PORT_REDIS_SERVER" monitor >"$WORK/monitor.txt" &
+    MONITOR_PID=$!
+    sleep 0.5
+    check_target gateway-redis "$PORT_REDIS" "$REPLAY_KEY"
+    sleep 0.5
+    kill "$MONITOR_PID" 2>/dev/null || true
+    wait "$MONITOR_PID" 2>/dev/null || true
+    mapfile -t SHAS < <(grep -o '"EVALSHA" "[0-9a-f]*"' "$WORK/monitor.txt" | awk '{ gsub(/"/, "", $2); print $2 }')
+    ((${#SHAS[@]} >= 3)) || die "could not read the scripts' SHAs off MONITOR"
+    CLAIM_SHA=${SHAS[0]} COMPLETE_SHA=${SHAS[1]}
 fi
 # Each gateway now holds one completed key from its check: the SQLite one counts it.
 SQLITE_ACKED=1
@@ -540,6 +572,10 @@ for ((round = 1; round <= ROUNDS; round++)); do
     measure "$round" gateway-memory replays "$PORT_MEM" "$PID_MEM" fixed_key.lua "$REPLAY_KEY"
     measure "$round" gateway-sqlite new-keys "$PORT_SQLITE" "$PID_SQLITE" new_keys.lua "$RUN"
     measure "$round" gateway-sqlite replays "$PORT_SQLITE" "$PID_SQLITE" fixed_key.lua "$REPLAY_KEY"
+    if ((REDIS)); then
+        measure "$round" gateway-redis new-keys "$PORT_REDIS" "$PID_REDIS" new_keys.lua "$RUN"
+        measure "$round" gateway-redis replays "$PORT_REDIS" "$PID_REDIS" fixed_key.lua "$REPLAY_KEY"
+    fi
     if ((EXTRA)); then
         measure "$round" gateway-memory pass-through "$PORT_MEM" "$PID_MEM" plain.lua "$RUN"
         measure "$round" gateway-memory-info new-keys "$PORT_MEM_INFO" "$PID_MEM_INFO" new_keys.lua "$RUN"
@@ -567,6 +603,49 @@ SQLITE_INPROGRESS=$(sed -nE 's/^in_progress: ([0-9]+)/\1/p' <<<"$SQLITE_STATS")
 STORE_CHECK="${SQLITE_COMPLETED:-?} completed records and ${SQLITE_INPROGRESS:-?} in progress after a graceful stop, for $SQLITE_ACKED new-key 201s counted by wrk (more records than 201s: requests in flight when wrk stops still complete)"
 if [[ -z ${SQLITE_COMPLETED:-} ]] || ((SQLITE_COMPLETED < SQLITE_ACKED)); then
     FLAGGED+=("sqlite: fewer completed records (${SQLITE_COMPLETED:-?}) than acknowledged new keys ($SQLITE_ACKED)")
+fi
+
+# The Redis server's own ceiling for the gateway's command mix: the same scripts (by SHA),
+# with arguments of the same shape (16-byte claim id, 32-byte fingerprint, 100-byte
+# payload), from redis-benchmark with CONNECTIONS clients, without and with pipelining:
+#   claim, new key   the claim script on random keys from a space of 10^9 (all but new);
+#   complete         the complete script on a space of 100k keys all claimed beforehand
+#                    (unmeasured), as many calls as keys: ~63% first completions, the rest
+#                    repeats, which stop after one HMGET;
+#   claim, replay    the claim script on one completed key.
+# A new operation costs one claim and one complete; a replay one claim.
+REDIS_CEILING=()
+if ((REDIS)); then
+    CLAIM_ID=cccccccccccccccc FP=ffffffffffffffffffffffffffffffff
+    PAYLOAD=$(printf 'p%.0s' $(seq 100))
+    RB_REQUESTS=${RB_REQUESTS:-300000}
+    rb() { # label pipeline requests keyspace EVALSHA args...
+        local label=$1 pipeline=$2 requests=$3 keyspace=$4
+        shift 4
+        local line rps
+        line=$(redis-benchmark -h 127.0.0.1 -p "$PORT_REDIS_SERVER" -c "$CONNECTIONS" -n "$requests" -r "$keyspace" \
+            -P "$pipeline" --csv "$@" 2>/dev/null | tail -1)
+        rps=$(awk -F'","' '{ print $2 }' <<<"$line")
+        [[ -n $label ]] && REDIS_CEILING+=("| $label | $pipeline | ${rps%.*} |")
+        [[ -n $label ]] && log "redis-benchmark $label -P $pipeline: $rps ops/s"
+        return 0
+    }
+    claim() { echo EVALSHA "$CLAIM_SHA" 2 "$1" "$1:w" "$CLAIM_ID" "$FP" key scope 30000 86400000 p; }
+    complete() { echo EVALSHA "$COMPLETE_SHA" 2 "$1" "$1:w" "$CLAIM_ID" "$PAYLOAD" 86400000 p; }
+    for pipeline in 1 16; do
+        # shellcheck disable=SC2046 # the words are the command's arguments
+        rb "claim, new key" "$pipeline" "$RB_REQUESTS" 1000000000 $(claim "new$pipeline:{__rand_int__}")
+        # shellcheck disable=SC2046
+        rb "" 16 500000 100000 $(claim "done$pipeline:{__rand_int__}")
+        # shellcheck disable=SC2046
+        rb "complete" "$pipeline" 100000 100000 $(complete "done$pipeline:{__rand_int__}")
+        # shellcheck disable=SC2046
+        redis-cli -p "$PORT_REDIS_SERVER" $(claim "replay$pipeline:{x}") >/dev/null
+        # shellcheck disable=SC2046
+        redis-cli -p "$PORT_REDIS_SERVER" $(complete "replay$pipeline:{x}") >/dev/null
+        # shellcheck disable=SC2046
+        rb "claim, replay" "$pipeline" "$RB_REQUESTS" 1 $(claim "replay$pipeline:{x}")
+    done
 fi
 
 # ---------------------------------------------------------------------------------------
@@ -619,6 +698,14 @@ verdict() { # row threshold
     echo "- replays, SQLite ≥ 1.5×: $(verdict gateway-sqlite/replays 1.5)"
     echo
     echo "- SQLite store check: $STORE_CHECK"
+    if ((REDIS)); then
+        echo
+        echo "Redis server ceiling, \`redis-benchmark -c $CONNECTIONS -n $RB_REQUESTS -r 1000000 -P N EVALSHA …\` ($(redis-server --version | awk '{ print $3 }'), appendonly yes, appendfsync everysec):"
+        echo
+        echo "| script | pipeline | ops/s |"
+        echo "|---|---:|---:|"
+        printf '%s\n' "${REDIS_CEILING[@]}"
+    fi
     echo "- access-log lines written by gateway-memory-info: $ACCESS_LINES"
     if ((${#FLAGGED[@]})); then
         echo

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `memory://` | in-process, lost on restart ([`oncely::MemoryStore`]); at most 1,000,000 records, `?max_entries=N` to change |
 //! | `sqlite://PATH` | embedded, durable (the default: `sqlite://oncely.db`); `?durability=relaxed` syncs on an interval instead of per completion |
-//! | `redis://[user:pass@]HOST:PORT[/DB]`, `rediss://…` | a shared Redis/Valkey server ([`oncely_redis`]); `?prefix=NAME` (default `oncely`), `?timeout=1s`, `?connect_timeout=1s` |
+//! | `redis://[user:pass@]HOST:PORT[/DB]` | a shared Redis/Valkey server ([`oncely_redis`]); `?prefix=NAME` (default `oncely`), `?timeout=1s`, `?connect_timeout=1s` |
 //! | `redis+cluster://HOST:PORT,HOST:PORT,…` | a Redis Cluster, same options |
 //!
 //! Further stores plug in here, in [`open`], without touching the proxy.

@@ -15,7 +15,7 @@ use crate::{OpenError, RedisOptions};
 /// Where the records live.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Topology {
-    /// One server (or a primary behind a failover proxy): a `redis://` or `rediss://` URL.
+    /// One server (or a primary behind a failover proxy): a `redis://` URL.
     Standalone(String),
     /// A Redis Cluster: the URLs of some of its nodes (`redis://host:port`); the client
     /// discovers the rest.
@@ -25,7 +25,7 @@ pub enum Topology {
 impl Topology {
     /// Parses a store URL into its topology and options:
     ///
-    /// - `redis://[user:password@]host:port[/db]` and `rediss://…`: standalone;
+    /// - `redis://[user:password@]host:port[/db]`: standalone;
     /// - `redis+cluster://[user:password@]host:port,host:port,…`: Cluster;
     /// - options in the query: `prefix=NAME` (the key prefix, default `oncely`),
     ///   `timeout=DURATION` (each command, default `1s`), `connect_timeout=DURATION`
@@ -64,14 +64,17 @@ impl Topology {
             if passthrough.is_empty() { node } else { format!("{node}?{}", passthrough.join("&")) }
         };
         let topology = match scheme {
-            "redis" | "rediss" => {
+            "rediss" | "rediss+cluster" => {
+                return Err(invalid("TLS (rediss://) is not enabled in this build; use redis:// on a trusted network"));
+            }
+            "redis" => {
                 if rest.is_empty() || rest.starts_with('/') {
                     return Err(invalid("no host"));
                 }
                 Topology::Standalone(with_query(base.to_string()))
             }
-            "redis+cluster" | "rediss+cluster" => {
-                let node_scheme = scheme.trim_end_matches("+cluster");
+            "redis+cluster" => {
+                let node_scheme = "redis";
                 let (userinfo, hosts) = match rest.rsplit_once('@') {
                     Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
                     None => (String::new(), rest),
@@ -87,7 +90,7 @@ impl Topology {
                 }
                 Topology::Cluster(nodes)
             }
-            _ => return Err(invalid("use redis://, rediss:// or redis+cluster://")),
+            _ => return Err(invalid("use redis:// or redis+cluster://")),
         };
         Ok((topology, options))
     }
@@ -218,6 +221,7 @@ mod tests {
         assert_eq!(t, Topology::Cluster(vec!["redis://u:p@a:1".into(), "redis://u:p@b:2".into()]));
         for bad in [
             "memcached://x",
+            "rediss://h:1",
             "redis://",
             "redis+cluster://",
             "redis://h:1?prefix=a{b}",

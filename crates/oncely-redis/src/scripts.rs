@@ -46,6 +46,12 @@ local function ms(x) return string.format('%.0f', x) end
 local function publish()
   if ARGV[#ARGV] == 's' then redis.call('SPUBLISH', KEYS[2], '1') else redis.call('PUBLISH', KEYS[2], '1') end
 end
+-- The record's state, claim id and expiry when ARGV[1]'s claim holds it in progress.
+local function held()
+  local r = redis.call('HMGET', KEYS[1], 's', 'c', 'e')
+  if r[1] ~= 'p' or tonumber(r[3]) <= now or r[2] ~= ARGV[1] then return nil end
+  return r
+end
 local function live()
   local e = redis.call('HGET', KEYS[1], 'e')
   return e and tonumber(e) > now
@@ -99,8 +105,7 @@ return 1
 
 /// Release. ARGV: claim id, pub/sub mode. Returns 1, or 0 when the claim does not hold it.
 const RELEASE: &str = r#"
-local r = redis.call('HMGET', KEYS[1], 's', 'c', 'e')
-if r[1] ~= 'p' or tonumber(r[3]) <= now or r[2] ~= ARGV[1] then return 0 end
+if not held() then return 0 end
 redis.call('DEL', KEYS[1])
 publish()
 return 1
@@ -109,8 +114,8 @@ return 1
 /// Touch. ARGV: claim id, lease ms, pub/sub mode. Returns 1, or 0 when the claim does not
 /// hold it. A renewed lease never outlives the record: `e` moves out with it.
 const TOUCH: &str = r#"
-local r = redis.call('HMGET', KEYS[1], 's', 'c', 'e')
-if r[1] ~= 'p' or tonumber(r[3]) <= now or r[2] ~= ARGV[1] then return 0 end
+local r = held()
+if not r then return 0 end
 local lease_until = now + tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'l', ms(lease_until))
 if lease_until > tonumber(r[3]) then
