@@ -186,3 +186,14 @@ async fn bad_urls_are_refused_with_the_reason() {
     let error = RedisStore::open("redis://127.0.0.1:1").await.expect_err("nothing listens on port 1");
     assert!(matches!(error, oncely_redis::OpenError::Connect(_)), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_does_not_answer_in_time_is_unavailable() {
+    let server = RedisServer::start(&[]);
+    let store = store_at(&server.url()).await; // response timeout: 500 ms
+    server.command(&["CLIENT", "PAUSE", "3000", "ALL"]);
+    let started = std::time::Instant::now();
+    let result = store.claim(claim_request(&unique_key(), None, Duration::from_secs(5))).await;
+    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+    assert!(started.elapsed() < Duration::from_millis(2500), "the command timed out instead of waiting out the pause");
+}
