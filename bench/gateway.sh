@@ -698,6 +698,7 @@ verdict() { # row threshold
     echo "- replays, SQLite ≥ 1.5×: $(verdict gateway-sqlite/replays 1.5)"
     echo
     echo "- SQLite store check: $STORE_CHECK"
+    echo "- access-log lines written by gateway-memory-info: $ACCESS_LINES"
     if ((REDIS)); then
         echo
         echo "Redis server ceiling, \`redis-benchmark -c $CONNECTIONS -n $RB_REQUESTS -r 1000000 -P N EVALSHA …\` ($(redis-server --version | awk '{ print $3 }'), appendonly yes, appendfsync everysec):"
@@ -706,7 +707,6 @@ verdict() { # row threshold
         echo "|---|---:|---:|"
         printf '%s\n' "${REDIS_CEILING[@]}"
     fi
-    echo "- access-log lines written by gateway-memory-info: $ACCESS_LINES"
     if ((${#FLAGGED[@]})); then
         echo
         echo "**FLAGGED RUNS**"
