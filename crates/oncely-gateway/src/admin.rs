@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200 when the store answers, else 503 |
-//! | `GET /metrics` | Prometheus text: `oncely_outcomes_total{outcome}`, `oncely_http_requests_total{outcome}`, `oncely_store_seconds{op}` (histogram), `oncely_operations_in_flight`, `oncely_records{state}` |
+//! | `GET /metrics` | Prometheus text: `oncely_outcomes_total{outcome}`, `oncely_http_requests_total{outcome}`, `oncely_store_seconds{op}` (histogram), `oncely_operations_in_flight`, `oncely_records{state}` (not on Redis, where counting scans the key space) |
 //! | `GET /keys?after=HASH&limit=N` | records, in storage-key order (token) |
 //! | `GET /keys/HASH` | one record (token) |
 //! | `DELETE /keys/HASH` | deletes it: the next request with the key runs again (token) |
@@ -38,6 +38,9 @@ pub struct AdminState {
     pub metrics: Option<PrometheusHandle>,
     /// Running operations.
     pub tracker: TaskTracker,
+    /// Whether `/metrics` refreshes `oncely_records{state}` from the store's counts on
+    /// every scrape (off for stores that count by scanning: Redis).
+    pub count_records: bool,
     /// The bearer token for the key routes.
     pub token: Option<Arc<str>>,
 }
@@ -55,8 +58,8 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
-    match state.store.stats().await {
-        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {e}\n")).into_response(),
     }
 }
@@ -66,7 +69,9 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         return (StatusCode::NOT_FOUND, "metrics are not installed\n").into_response();
     };
     metrics::gauge!("oncely_operations_in_flight").set(state.tracker.len() as f64);
-    if let Ok(stats) = state.store.stats().await {
+    if state.count_records
+        && let Ok(stats) = state.store.stats().await
+    {
         metrics::gauge!("oncely_records", "state" => "in_progress").set(stats.in_progress as f64);
         metrics::gauge!("oncely_records", "state" => "completed").set(stats.completed as f64);
     }

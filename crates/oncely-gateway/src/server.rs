@@ -119,6 +119,7 @@ pub async fn serve(
             store: Arc::clone(&store),
             metrics: metrics_handle(),
             tracker: tracker.clone(),
+            count_records: stores::counts_records_cheaply(&options.store),
             token: config.admin_token.as_deref().map(Arc::from),
         };
         let stop = stop.clone();

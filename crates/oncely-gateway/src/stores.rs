@@ -28,6 +28,12 @@ pub type DynStore = Arc<dyn Store>;
 /// The default store URL.
 pub const DEFAULT_STORE: &str = "sqlite://oncely.db";
 
+/// Whether counting the store's records is cheap enough to do on every metrics scrape:
+/// not on Redis, whose count scans the key space.
+pub fn counts_records_cheaply(url: &str) -> bool {
+    !url.starts_with("redis")
+}
+
 /// Opens the store a URL names, wrapped so that every call is timed in the
 /// `oncely_store_seconds` histogram.
 pub async fn open(url: &str) -> Result<DynStore, String> {
@@ -156,6 +162,11 @@ impl Store for Instrumented {
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         self.0.stats().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        timed("ping", started, self.0.ping().await)
     }
 
     async fn first_seen(

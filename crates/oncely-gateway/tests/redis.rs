@@ -150,11 +150,15 @@ async fn a_redis_restart_under_load_is_503_and_never_a_second_execution() {
         upstream.calls.load(Ordering::SeqCst) <= calls_when_killed + CLIENTS,
         "while Redis is down nothing new is forwarded (at most the requests already in flight)"
     );
+    let ready = client().get(format!("{}/readyz", gw.admin)).send().await.expect("readyz");
+    assert_eq!(ready.status(), 503, "not ready while Redis is down");
     redis.restart();
     for client in clients {
         client.await.expect("client");
     }
 
+    let ready = client().get(format!("{}/readyz", gw.admin)).send().await.expect("readyz");
+    assert_eq!(ready.status(), 200, "ready again (a PING, not a scan of the key space)");
     let total = CLIENTS * KEYS_EACH;
     assert_eq!(done.load(Ordering::SeqCst), total);
     assert_eq!(upstream.calls.load(Ordering::SeqCst), total, "every key executed exactly once");

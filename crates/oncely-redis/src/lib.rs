@@ -435,6 +435,11 @@ impl Store for RedisStore {
         Ok(stats)
     }
 
+    /// `PING` (on Cluster, every node): never a scan.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.connection.query(&redis::cmd("PING")).await.map(|_| ()).map_err(unavailable)
+    }
+
     async fn first_seen(
         &self,
         storage_key: &StorageKey,

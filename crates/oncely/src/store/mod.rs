@@ -168,6 +168,13 @@ pub trait Store: Send + Sync + 'static {
     /// Counts of unexpired records.
     async fn stats(&self) -> Result<StoreStats, StoreError>;
 
+    /// Whether the store answers, in one cheap call: for readiness probes. The default
+    /// asks for [`stats`](Self::stats); stores whose `stats` reads every record (Redis
+    /// scans its key space) answer with something cheaper.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.stats().await.map(|_| ())
+    }
+
     /// Message dedup in one atomic step: true when `key` was not seen in `scope` within
     /// the last `window` (and marks it seen for `window` from now), false for a repeat
     /// (whose hit count goes up). A marker is a completed record with an empty payload.
@@ -236,6 +243,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         (**self).stats().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        (**self).ping().await
     }
 
     async fn first_seen(
