@@ -58,10 +58,61 @@ impl Routes {
         Ok(Self { inner: Arc::new(Table { routes, default: build(&config.defaults)? }) })
     }
 
+    /// The route for a request path, matched on its [normalised](normalize) form so that
+    /// `//payments`, `/./payments` or `/%70ayments` cannot slip past a route that requires
+    /// a key. The request itself is forwarded as it came.
     fn route(&self, path: &str) -> &RouteService {
         let table = &self.inner;
-        table.routes.iter().find(|(prefix, _)| prefix_matches(prefix, path)).map_or(&table.default, |(_, s)| s)
+        let path = normalize(path);
+        table.routes.iter().find(|(prefix, _)| prefix_matches(prefix, &path)).map_or(&table.default, |(_, s)| s)
     }
+}
+
+/// A path as an upstream is likely to read it, for route matching: percent-encoded
+/// unreserved characters decoded (RFC 3986 §6.2.2.2), `.` and `..` segments removed
+/// (§5.2.4), and runs of `/` collapsed. Paths with none of these are borrowed as they are.
+pub fn normalize(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains('%') && !path.contains("//") && !path.contains("/.") {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let unreserved = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(&h), Some(&l)) = (bytes.get(i + 1), bytes.get(i + 2))
+            && let (Some(h), Some(l)) = (hex(h), hex(l))
+            && unreserved((h * 16 + l) as u8)
+        {
+            decoded.push((h * 16 + l) as u8 as char);
+            i += 3;
+            continue;
+        }
+        decoded.push(bytes[i] as char);
+        i += 1;
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut out = String::with_capacity(decoded.len());
+    for segment in &segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing || out.is_empty() {
+        out.push('/');
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 impl tower::Service<Request<axum::body::Body>> for Routes {
@@ -95,5 +146,27 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
             );
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+
+    #[test]
+    fn paths_are_matched_as_an_upstream_would_read_them() {
+        for (raw, normal) in [
+            ("/payments", "/payments"),
+            ("//payments", "/payments"),
+            ("/./payments", "/payments"),
+            ("/x/../payments/", "/payments/"),
+            ("/%70ayments", "/payments"),
+            ("/%2Fpayments", "/%2Fpayments"),
+            ("/pay%2dments/%7e", "/pay-ments/~"),
+            ("/a/%", "/a/%"),
+            ("/..", "/"),
+        ] {
+            assert_eq!(normalize(raw), normal, "{raw}");
+        }
     }
 }

@@ -479,3 +479,17 @@ async fn an_upstream_body_that_stalls_is_cut_off_and_cannot_block_shutdown() {
     assert!(exit.success());
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spellings_of_a_path_cannot_slip_past_its_route() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    // (Dot segments are resolved by the client's URL parser before sending; the routing
+    // unit test covers them.)
+    for path in ["//payments", "/%70ayments", "/%70ay%6Dents/", "///payments//x"] {
+        let r = send_post(&gw, path, None, "{}").await;
+        assert_eq!(r.status(), 400, "{path}: the /payments route requires a key");
+        assert_eq!(problem_type(r).await, "urn:oncely:problem:missing-key");
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 0);
+}
