@@ -6,6 +6,7 @@
 //! | `sqlite://PATH` | embedded, durable (the default: `sqlite://oncely.db`); `?durability=relaxed` syncs on an interval instead of per completion |
 //! | `redis://[user:pass@]HOST:PORT[/DB]` | a shared Redis/Valkey server ([`oncely_redis`]); `?prefix=NAME` (default `oncely`), `?timeout=1s`, `?connect_timeout=1s` |
 //! | `redis+cluster://HOST:PORT,HOST:PORT,…` | a Redis Cluster, same options |
+//! | `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (or `postgresql://`) | shared by every gateway on the database ([`oncely_postgres::PostgresStore`]); options `table=NAME` (default `oncely_records`), `pool=N` connections (default 16), `acquire_timeout=5s`, `statement_timeout=5s`, `sweep_interval=60s`; other query parameters (`sslmode`, …) go to the driver |
 //!
 //! Further stores plug in here, in [`open`], without touching the proxy.
 
@@ -19,6 +20,7 @@ use oncely::{
     ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, MemoryStore, Record, Scope, StorageKey, Store, StoreError,
     StoreStats,
 };
+use oncely_postgres::{PostgresOptions, PostgresStore};
 use oncely_redis::RedisStore;
 use oncely_sqlite::{Durability, SqliteOptions, SqliteStore};
 
@@ -43,14 +45,15 @@ pub async fn open(url: &str) -> Result<DynStore, String> {
         Some(("redis" | "rediss" | "redis+cluster" | "rediss+cluster", _)) => {
             Arc::new(RedisStore::open(url).await.map_err(|e| e.to_string())?)
         }
-        Some(("postgres" | "postgresql" | "dynamodb", _)) => {
+        Some(("postgres" | "postgresql", _)) => open_postgres(url).await?,
+        Some(("dynamodb", _)) => {
             return Err(format!(
-                "{url}: this store is not part of this build yet; available: memory://, sqlite://PATH, redis://…, redis+cluster://…"
+                "{url}: this store is not part of this build yet; available: memory://, sqlite://PATH, redis://…, redis+cluster://…, postgres://…"
             ));
         }
         _ => {
             return Err(format!(
-                "{url}: not a store URL; use memory://, sqlite://PATH, redis://HOST:PORT or redis+cluster://HOST:PORT,…"
+                "{url}: not a store URL; use memory://, sqlite://PATH, redis://HOST:PORT, redis+cluster://HOST:PORT,… or postgres://…"
             ));
         }
     };
@@ -108,6 +111,56 @@ async fn open_sqlite(rest: &str) -> Result<DynStore, String> {
             .map_err(|e| format!("opening the SQLite store: {e}"))?
             .map_err(|e| format!("sqlite://{rest}: {e}"))?;
     Ok(Arc::new(store))
+}
+
+/// `postgres://…[?table=NAME&pool=N&acquire_timeout=D&statement_timeout=D&sweep_interval=D]`:
+/// the options named here are the store's; every other query parameter stays in the URL
+/// for the driver. Connecting creates the table when missing.
+async fn open_postgres(url: &str) -> Result<DynStore, String> {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut options = PostgresOptions::default();
+    let mut driver = Vec::new();
+    let bad = |e: crate::config::ConfigError| format!("{}: {e}", redacted(url));
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("table", name)) => options = options.table(name),
+            Some(("pool", n)) => {
+                let n: u32 = n
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("{}: pool must be a positive number", redacted(url)))?;
+                options = options.max_connections(n);
+            }
+            Some(("acquire_timeout", text)) => {
+                options = options.acquire_timeout(crate::config::duration("acquire_timeout", text).map_err(bad)?);
+            }
+            Some(("statement_timeout", text)) => {
+                options =
+                    options.statement_timeout(Some(crate::config::duration("statement_timeout", text).map_err(bad)?));
+            }
+            Some(("sweep_interval", text)) => {
+                options = options.sweep_interval(crate::config::duration("sweep_interval", text).map_err(bad)?);
+            }
+            _ => driver.push(pair),
+        }
+    }
+    let url = if driver.is_empty() { base.to_string() } else { format!("{base}?{}", driver.join("&")) };
+    let store = PostgresStore::connect(&url, options).await.map_err(|e| format!("{}: {e}", redacted(&url)))?;
+    Ok(Arc::new(store))
+}
+
+/// `url` with its password replaced by `***`, for messages.
+fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
 }
 
 /// Times every store call into `oncely_store_seconds{op}`.
@@ -185,5 +238,20 @@ impl Store for Instrumented {
 
     fn subscribe(&self, key: &StorageKey) -> Notified {
         self.0.subscribe(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_messages() {
+        assert_eq!(
+            redacted("postgres://app:s3cret@db:5432/app?sslmode=require"),
+            "postgres://app:***@db:5432/app?sslmode=require"
+        );
+        assert_eq!(redacted("postgres://app@db/app"), "postgres://app@db/app");
+        assert_eq!(redacted("postgres://db/app"), "postgres://db/app");
     }
 }

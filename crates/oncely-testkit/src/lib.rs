@@ -1,6 +1,6 @@
 //! The store conformance suite every Oncely store runs, and test helpers.
 //!
-//! A store proves it keeps the [`Store`] contract with one line in an integration test:
+//! A store proves it keeps the [`Store`](oncely::Store) contract with one line in an integration test:
 //!
 //! ```ignore
 //! // crates/my-store/tests/conformance.rs
@@ -15,6 +15,9 @@
 //! Each case is also a public function in [`cases`], for stores that need a setup the
 //! macro cannot express.
 //!
+//! With the feature `postgres`, the `postgres` module starts a throwaway PostgreSQL server
+//! for tests (`initdb` into a temporary directory, on loopback).
+//!
 //! Time: cases that wait for a lease or a retention to pass use real durations (hundreds
 //! of milliseconds), because shared stores take time from their server's clock, which a
 //! test cannot pause. Every other wait is on a signal.
@@ -24,6 +27,8 @@ use std::time::Duration;
 use oncely::{ClaimId, ClaimRequest, Fingerprint, IdempotencyKey, Scope, StorageKey};
 
 pub mod cases;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod process;
 pub mod redis;
 

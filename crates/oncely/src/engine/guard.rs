@@ -182,6 +182,14 @@ impl<S: Store> ClaimGuard<S> {
         metrics::counter!("oncely_claims_abandoned_total").increment(1);
     }
 
+    /// Marks the claim finished by the caller, who completed the record with the store
+    /// directly: for a completion committed inside the caller's own database transaction
+    /// (`oncely-postgres`'s `complete_in`), after that transaction committed. Nothing is
+    /// sent to the store and, unlike [`abandon`](Self::abandon), nothing is counted.
+    pub fn finished_elsewhere(mut self) {
+        self.finished = true;
+    }
+
     /// Runs `operation` to completion while renewing the lease every third of it, until
     /// the engine's keep-alive ceiling (counted from the claim) is reached.
     ///

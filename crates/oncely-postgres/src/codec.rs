@@ -1,0 +1,159 @@
+//! Rows to records, durations to parameters, SQLx errors to store errors.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use oncely::{ClaimId, Fingerprint, IdempotencyKey, Record, RecordState, Scope, StorageKey, StoreError};
+use sqlx_core::row::Row;
+use sqlx_postgres::PgRow;
+use uuid::Uuid;
+
+/// The longest lease, retention or window accepted: 1,000 years. Longer ones are
+/// [`StoreError::InvalidRequest`] (PostgreSQL's timestamps end in the year 294276, and
+/// durations are sent as `float8` microseconds, exact to 285 years and within 64 µs to
+/// 1,000).
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(1000 * 365 * 24 * 3600);
+
+/// `duration` in whole microseconds, rounded up (so a lease is never shorter than asked),
+/// as the `float8` the statements take.
+pub(crate) fn micros(duration: Duration) -> Result<f64, StoreError> {
+    if duration > MAX_DURATION {
+        return Err(StoreError::InvalidRequest(format!("{duration:?} from now overflows the clock")));
+    }
+    // At most 3.2e16: exact in u64, and within float8's precision as documented above.
+    let us = duration.as_nanos().div_ceil(1_000);
+    Ok(us as f64)
+}
+
+/// A claim id as the `uuid` it is stored as.
+pub(crate) fn uuid(claim_id: ClaimId) -> Uuid {
+    Uuid::from_u128(claim_id.as_u128())
+}
+
+/// Microseconds since the epoch back as a `SystemTime`.
+pub(crate) fn to_time(micros: i64) -> Result<SystemTime, StoreError> {
+    u64::try_from(micros)
+        .ok()
+        .and_then(|micros| UNIX_EPOCH.checked_add(Duration::from_micros(micros)))
+        .ok_or_else(|| StoreError::Corrupt(format!("a stored time of {micros} µs since the epoch is out of range")))
+}
+
+fn column<'r, T>(row: &'r PgRow, index: usize) -> Result<T, StoreError>
+where
+    T: sqlx_core::decode::Decode<'r, sqlx_postgres::Postgres> + sqlx_core::types::Type<sqlx_postgres::Postgres>,
+{
+    row.try_get(index).map_err(pg_error)
+}
+
+/// Reads a record from a row of `sql::record_columns`; also returns its `attempt`.
+pub(crate) fn read_record(row: &PgRow) -> Result<(Record, i32), StoreError> {
+    let storage_key: Vec<u8> = column(row, 0)?;
+    let key: String = column(row, 1)?;
+    let scope: String = column(row, 2)?;
+    let fingerprint: Option<Vec<u8>> = column(row, 3)?;
+    let created_at: i64 = column(row, 4)?;
+    let expires_at: i64 = column(row, 5)?;
+    let claim_id: Option<Uuid> = column(row, 6)?;
+    let lease_until: Option<i64> = column(row, 7)?;
+    let payload: Option<Vec<u8>> = column(row, 8)?;
+    let completed_at: Option<i64> = column(row, 9)?;
+    let hits: i64 = column(row, 10)?;
+    let attempt: i32 = column(row, 11)?;
+
+    let state = match (claim_id, lease_until, payload, completed_at) {
+        (Some(claim_id), Some(lease_until), None, _) => RecordState::InProgress {
+            claim_id: ClaimId::from_u128(claim_id.as_u128()),
+            lease_until: to_time(lease_until)?,
+        },
+        (None, _, Some(payload), Some(completed_at)) => RecordState::Completed {
+            payload: Bytes::from(payload),
+            completed_at: to_time(completed_at)?,
+            hits: u64::try_from(hits).map_err(|_| StoreError::Corrupt(format!("negative hit count {hits}")))?,
+        },
+        _ => return Err(StoreError::Corrupt("a record lacks the columns of its state".into())),
+    };
+    let storage_key: [u8; 32] = storage_key
+        .try_into()
+        .map_err(|bytes: Vec<u8>| StoreError::Corrupt(format!("a storage key of {} bytes", bytes.len())))?;
+    let fingerprint = fingerprint
+        .map(|bytes| {
+            <[u8; 32]>::try_from(bytes)
+                .map(Fingerprint::from_digest)
+                .map_err(|bytes| StoreError::Corrupt(format!("a fingerprint of {} bytes", bytes.len())))
+        })
+        .transpose()?;
+    let record = Record {
+        storage_key: StorageKey::from_bytes(storage_key),
+        key: IdempotencyKey::new(&key).map_err(|e| StoreError::Corrupt(format!("stored key {key:?}: {e}")))?,
+        scope: Scope::new(scope),
+        fingerprint,
+        created_at: to_time(created_at)?,
+        expires_at: to_time(expires_at)?,
+        state,
+    };
+    Ok((record, attempt))
+}
+
+/// Maps an SQLx error to a store error.
+///
+/// - [`StoreError::Unavailable`]: the database could not be reached or did not answer in
+///   time (pool timeout, I/O, a closed connection, TLS), or refused for a passing reason
+///   (a statement timeout, a shutdown, too many connections, a serialization failure or
+///   deadlock, a read-only standby, any other error the server reports). Whether the call
+///   took effect is unknown; the HTTP layer answers 503.
+/// - [`StoreError::Corrupt`]: a row this version cannot read.
+/// - [`StoreError::InvalidRequest`]: a malformed URL or option, or a value out of the
+///   server's range.
+pub(crate) fn pg_error(error: sqlx_core::Error) -> StoreError {
+    use sqlx_core::Error as E;
+    match error {
+        E::ColumnDecode { .. }
+        | E::Decode(_)
+        | E::ColumnNotFound(_)
+        | E::ColumnIndexOutOfBounds { .. }
+        | E::TypeNotFound { .. } => StoreError::Corrupt(error.to_string()),
+        E::Configuration(_) | E::InvalidArgument(_) => StoreError::InvalidRequest(error.to_string()),
+        E::Database(ref db) => {
+            let code = db.code().map(|code| code.into_owned()).unwrap_or_default();
+            // Class 22: data exception (a time out of range, say): the request, not the
+            // database, is at fault.
+            if code.starts_with("22") {
+                StoreError::InvalidRequest(error.to_string())
+            } else {
+                StoreError::Unavailable(Box::new(error))
+            }
+        }
+        other => StoreError::Unavailable(Box::new(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_up_to_whole_microseconds() {
+        assert_eq!(micros(Duration::from_nanos(1)).ok(), Some(1.0));
+        assert_eq!(micros(Duration::from_millis(400)).ok(), Some(400_000.0));
+        assert_eq!(micros(Duration::ZERO).ok(), Some(0.0));
+        assert!(micros(MAX_DURATION).is_ok());
+        assert!(matches!(micros(Duration::MAX), Err(StoreError::InvalidRequest(_))));
+    }
+
+    #[test]
+    fn times_round_trip_and_negative_ones_are_corrupt() {
+        let time = to_time(1_700_000_000_123_456).expect("in range");
+        assert_eq!(time.duration_since(UNIX_EPOCH).map(|d| d.as_micros()).ok(), Some(1_700_000_000_123_456));
+        assert!(matches!(to_time(-1), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn pool_timeouts_are_unavailable_and_bad_urls_invalid() {
+        assert!(matches!(pg_error(sqlx_core::Error::PoolTimedOut), StoreError::Unavailable(_)));
+        assert!(matches!(pg_error(sqlx_core::Error::PoolClosed), StoreError::Unavailable(_)));
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(matches!(pg_error(sqlx_core::Error::Io(io)), StoreError::Unavailable(_)));
+        assert!(matches!(pg_error(sqlx_core::Error::Configuration("bad".into())), StoreError::InvalidRequest(_)));
+        assert!(matches!(pg_error(sqlx_core::Error::ColumnNotFound("x".into())), StoreError::Corrupt(_)));
+    }
+}
