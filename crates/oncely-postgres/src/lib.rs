@@ -152,11 +152,10 @@ use tokio::task::JoinHandle;
 
 mod codec;
 mod sql;
-mod waiters;
 
 use codec::{micros, pg_error, read_record, uuid};
+use oncely::store::waiters::Waiters;
 use sql::{Sql, TableName};
-use waiters::Waiters;
 
 /// The default table.
 pub const DEFAULT_TABLE: &str = "oncely_records";
@@ -553,6 +552,22 @@ async fn listen(pool: &PgPool, channel: &str) -> Result<PgListener, StoreError> 
 /// The listener task: wakes the waiters of each key notified; after the connection was
 /// lost, reconnects, listens again, and wakes every waiter (notifications in between are
 /// lost, so each re-checks its key).
+// How waiters are woken across processes. A subscription resolves on every change committed to its key, by any process
+// sharing the table, after the subscription's check (see `PostgresStore::subscribe`)
+// marked the record as waited for: the change's statement sends `pg_notify` in its own
+// transaction, PostgreSQL delivers it at commit to every session that `LISTEN`s on the
+// table's channel, and this store's listener task calls `Waiters::wake` for its key.
+// The check runs only after the listener's `LISTEN` is in effect, and a `Notified`
+// receives every `notify_waiters` issued after its creation, polled or not, so no wake
+// can fall between a subscription and its first poll.
+//
+// Notifications are not queued for a session that is not connected: when the
+// listener's connection is lost, the listener reconnects, `LISTEN`s again and then wakes
+// every waiter (`Waiters::wake_all`), which re-checks its key; a change committed in
+// the gap is seen then. The engine also polls, so a waiter is never stranded.
+//
+// The map holds an entry only while someone subscribes: a wake removes it, and the last
+// subscription of a key to be dropped removes it too.
 async fn dispatch(mut listener: PgListener, pool: PgPool, channel: String, waiters: Arc<Waiters>) {
     let mut backoff = Duration::from_millis(50);
     loop {

@@ -59,11 +59,10 @@ use tokio::sync::oneshot;
 mod codec;
 mod reader;
 mod schema;
-mod waiters;
 mod writer;
 
+use oncely::store::waiters::Waiters;
 use reader::{Query, Reply};
-use waiters::Waiters;
 use writer::{Command, Write, Writer};
 
 /// When an acknowledged write is on disk.

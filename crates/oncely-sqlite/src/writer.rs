@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, named_params}
 use crate::Durability;
 use crate::codec::{CREATED_AT_COLUMN, Millis, after, copy_error, now_ms, read_record, record_columns, sqlite_error};
 use crate::reader::{Reply, get};
-use crate::waiters::Waiters;
+use oncely::store::waiters::Waiters;
 
 /// The most requests one transaction carries. Bounds a batch's latency and memory when
 /// requests arrive faster than commits finish; what is left waits for the next batch.

@@ -26,6 +26,7 @@ use bytes::Bytes;
 use crate::{ClaimId, Fingerprint, IdempotencyKey, Record, Scope, StorageKey};
 
 pub mod memory;
+pub mod waiters;
 
 /// A boxed error from a store's client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

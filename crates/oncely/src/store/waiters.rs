@@ -1,23 +1,17 @@
-//! Waiters on in-progress records, and the listener that wakes them.
+//! Waking the waiters of in-progress records: a registry of which task waits for which key,
+//! shared by the stores that hear of changes themselves (SQLite's writer thread,
+//! PostgreSQL's `LISTEN` connection).
 //!
-//! # Guarantee
+//! A [`Subscription`] resolves on every [`Waiters::wake`] of its key made after
+//! [`Waiters::subscribe`] returned: `wake` notifies under the same lock that `subscribe`
+//! creates its `Notified` under, and a `Notified` created before a `notify_waiters` call
+//! is woken by it even if it was never polled. Wake only after the change committed, so
+//! that the woken waiter's re-check sees it. [`Waiters::wake_all`] wakes everyone, for
+//! when notifications may have been lost (a reconnect); each waiter then re-checks.
 //!
-//! A [`Subscription`] resolves on every change committed to its key, by any process
-//! sharing the table, after the subscription's check (see `PostgresStore::subscribe`)
-//! marked the record as waited for: the change's statement sends `pg_notify` in its own
-//! transaction, PostgreSQL delivers it at commit to every session that `LISTEN`s on the
-//! table's channel, and this store's listener task calls [`Waiters::wake`] for its key.
-//! The check runs only after the listener's `LISTEN` is in effect, and a `Notified`
-//! receives every `notify_waiters` issued after its creation, polled or not, so no wake
-//! can fall between a subscription and its first poll.
-//!
-//! Notifications are not queued for a session that is not connected: when the
-//! listener's connection is lost, the listener reconnects, `LISTEN`s again and then wakes
-//! every waiter ([`Waiters::wake_all`]), which re-checks its key; a change committed in
-//! the gap is seen then. The engine also polls, so a waiter is never stranded.
-//!
-//! The map holds an entry only while someone subscribes: a wake removes it, and the last
-//! subscription of a key to be dropped removes it too.
+//! An entry lives while some subscription of its key is alive: a wake removes it, and the
+//! last subscription of a key to be dropped removes it too, so keys that never change do
+//! not accumulate.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,13 +19,29 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
-use oncely::StorageKey;
+use crate::StorageKey;
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 
-/// Who waits for which key.
+/// Who waits for which key, for stores that learn of changes by themselves (a writer
+/// thread, a `LISTEN` connection) and want [`Store::subscribe`](crate::Store::subscribe)
+/// futures woken by them.
+///
+/// ```
+/// use std::sync::Arc;
+/// use oncely::store::waiters::Waiters;
+/// use oncely::{IdempotencyKey, Scope, StorageKey};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let waiters = Arc::new(Waiters::default());
+/// let key = StorageKey::derive(&Scope::global(), &IdempotencyKey::new("order-1").unwrap());
+/// let woken = waiters.subscribe(key);   // what `subscribe` returns, boxed
+/// waiters.wake(&[key]);                  // after the change to `key` committed
+/// woken.await;
+/// # }
+/// ```
 #[derive(Default)]
-pub(crate) struct Waiters {
+pub struct Waiters {
     map: Mutex<HashMap<StorageKey, Arc<Notify>>>,
 }
 
@@ -43,7 +53,7 @@ impl Waiters {
     }
 
     /// A future that resolves on the next wake of `key`.
-    pub(crate) fn subscribe(self: &Arc<Self>, key: StorageKey) -> Subscription {
+    pub fn subscribe(self: &Arc<Self>, key: StorageKey) -> Subscription {
         let mut map = self.lock();
         let notify = Arc::clone(map.entry(key).or_default());
         // Created under the lock that `wake` notifies under (see the module docs).
@@ -53,7 +63,7 @@ impl Waiters {
     }
 
     /// Wakes every subscription of `keys`. Called after the changes to them committed.
-    pub(crate) fn wake(&self, keys: &[StorageKey]) {
+    pub fn wake(&self, keys: &[StorageKey]) {
         if keys.is_empty() {
             return;
         }
@@ -69,7 +79,7 @@ impl Waiters {
     }
 
     /// Wakes every subscription: after notifications may have been lost.
-    pub(crate) fn wake_all(&self) {
+    pub fn wake_all(&self) {
         let map = std::mem::take(&mut *self.lock());
         for notify in map.values() {
             notify.notify_waiters();
@@ -77,9 +87,13 @@ impl Waiters {
     }
 
     /// Keys with live subscriptions.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Whether nobody waits for anything.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
     }
 }
 
@@ -87,7 +101,7 @@ impl Waiters {
 ///
 /// Field order matters: `notified` (which holds a reference to the `Notify`) is dropped
 /// before `_registration` looks whether anyone else still uses the entry.
-pub(crate) struct Subscription {
+pub struct Subscription {
     notified: Pin<Box<OwnedNotified>>,
     _registration: Registration,
 }
@@ -123,7 +137,7 @@ impl Drop for Registration {
 mod tests {
     use std::time::Duration;
 
-    use oncely::{IdempotencyKey, Scope};
+    use crate::{IdempotencyKey, Scope};
 
     use super::*;
 
