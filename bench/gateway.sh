@@ -630,8 +630,8 @@ if ((REDIS)); then
         [[ -n $label ]] && log "redis-benchmark $label -P $pipeline: $rps ops/s"
         return 0
     }
-    claim() { echo EVALSHA "$CLAIM_SHA" 2 "$1" "$1:w" "$CLAIM_ID" "$FP" key scope 30000 86400000 p; }
-    complete() { echo EVALSHA "$COMPLETE_SHA" 2 "$1" "$1:w" "$CLAIM_ID" "$PAYLOAD" 86400000 p; }
+    claim() { echo EVALSHA "$CLAIM_SHA" 1 "$1" "$CLAIM_ID" "$FP" key scope 30000 86400000 "$1:w" p; }
+    complete() { echo EVALSHA "$COMPLETE_SHA" 1 "$1" "$CLAIM_ID" "$PAYLOAD" 86400000 "$1:w" p; }
     for pipeline in 1 16; do
         # shellcheck disable=SC2046 # the words are the command's arguments
         rb "claim, new key" "$pipeline" "$RB_REQUESTS" 1000000000 $(claim "new$pipeline:{__rand_int__}")

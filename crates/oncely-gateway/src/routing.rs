@@ -41,6 +41,7 @@ impl Routes {
                 .retention(route.ttl)
                 .lease(route.lease)
                 .conflict_mode(route.on_conflict)
+                .track_background(tracker.clone())
                 .build()
                 .map_err(|e| format!("route {}: {e}", route.path))?;
             let statuses = route.store_statuses.clone();

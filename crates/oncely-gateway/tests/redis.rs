@@ -37,7 +37,7 @@ async fn in_flight(gateways: &[&Gateway]) -> usize {
 /// on a wait-mode route whose upstream holds the first request until every request is
 /// inside a gateway: one upstream execution, and 200 identical successful answers (the
 /// waiters in the other process are woken through Redis).
-async fn two_gateways_execute_a_key_once(store: String) {
+async fn two_gateways_execute_a_key_once(store: String, standalone: Option<(&RedisServer, &str)>) {
     let (addr, upstream) = start_upstream().await;
     let (a, dir) = start_gateway(&format!("http://{addr}"), &store, CONFIG, &[]).await;
     let b = spawn_gateway(&format!("http://{addr}"), &store, &dir.path().join("oncely.toml"), &[]).await;
@@ -62,6 +62,14 @@ async fn two_gateways_execute_a_key_once(store: String) {
         assert!(tokio::time::Instant::now() < deadline, "all 200 requests reach the gateways");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if let Some((server, prefix)) = standalone {
+        // Both processes wait on the key's channel: the completion reaches them through
+        // Redis, not through their polling.
+        let channels = server.command(&["PUBSUB", "CHANNELS", &format!("{prefix}:*")]);
+        let channel = channels.lines().next().expect("the key's wake-up channel").to_string();
+        let numsub = server.command(&["PUBSUB", "NUMSUB", &channel]);
+        assert_eq!(numsub.lines().nth(1), Some("2"), "both gateways subscribed to {channel}: {numsub}");
+    }
     upstream.gate.notify_one();
 
     let mut answers = Vec::new();
@@ -77,12 +85,14 @@ async fn two_gateways_execute_a_key_once(store: String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_gateways_on_one_redis_execute_a_key_once() {
-    two_gateways_execute_a_key_once(with_prefix(&RedisServer::shared().url(), "two")).await;
+    let server = RedisServer::shared();
+    let prefix = format!("two-{}", std::process::id());
+    two_gateways_execute_a_key_once(with_prefix(&server.url(), "two"), Some((server, &prefix))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_gateways_on_one_redis_cluster_execute_a_key_once() {
-    two_gateways_execute_a_key_once(with_prefix(&RedisCluster::shared().url(), "two")).await;
+    two_gateways_execute_a_key_once(with_prefix(&RedisCluster::shared().url(), "two"), None).await;
 }
 
 /// Clients retry each of their keys until it succeeds, while Redis (with
@@ -95,7 +105,12 @@ async fn a_redis_restart_under_load_is_503_and_never_a_second_execution() {
     const KEYS_EACH: usize = 25;
     let redis = Arc::new(RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]));
     let (addr, upstream) = start_upstream().await;
-    let (gw, _dir) = start_gateway(&format!("http://{addr}"), &with_prefix(&redis.url(), "restart"), CONFIG, &[]).await;
+    // A 5 s lease: after Redis returns, the background completion of an operation that ran
+    // while it went down must land before the lease lapses, even on a slow machine.
+    let config = CONFIG.replace(r#"lease = "2s""#, r#"lease = "5s""#);
+    assert_ne!(config, CONFIG);
+    let (gw, _dir) =
+        start_gateway(&format!("http://{addr}"), &with_prefix(&redis.url(), "restart"), &config, &[]).await;
     let gw = Arc::new(gw);
 
     let done = Arc::new(AtomicUsize::new(0));

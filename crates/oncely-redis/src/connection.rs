@@ -29,7 +29,8 @@ impl Topology {
     /// - `redis+cluster://[user:password@]host:port,host:port,…`: Cluster;
     /// - options in the query: `prefix=NAME` (the key prefix, default `oncely`),
     ///   `timeout=DURATION` (each command, default `1s`), `connect_timeout=DURATION`
-    ///   (default `1s`). Durations are humantime: `250ms`, `2s`.
+    ///   (default `1s`). Durations are humantime: `250ms`, `2s`. Any other option is
+    ///   refused, so that a misspelt `prefix` cannot silently share the default one.
     ///
     /// ```
     /// use oncely_redis::Topology;
@@ -41,10 +42,10 @@ impl Topology {
     /// # Errors
     /// [`OpenError::InvalidUrl`] for another scheme, no host, or an unknown or bad option.
     pub fn parse(url: &str) -> Result<(Topology, RedisOptions), OpenError> {
-        let invalid = |why: &str| OpenError::InvalidUrl(format!("{url}: {why}"));
+        let shown = redact(url);
+        let invalid = |why: &str| OpenError::InvalidUrl(format!("{shown}: {why}"));
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut options = RedisOptions::default();
-        let mut passthrough = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             match name {
@@ -56,13 +57,10 @@ impl Topology {
                     options.connection_timeout =
                         duration(value).map_err(|e| invalid(&format!("connect_timeout: {e}")))?
                 }
-                _ => passthrough.push(pair),
+                _ => return Err(invalid(&format!("unknown option {name:?}; use prefix, timeout, connect_timeout"))),
             }
         }
         let (scheme, rest) = base.split_once("://").ok_or_else(|| invalid("not a URL"))?;
-        let with_query = |node: String| {
-            if passthrough.is_empty() { node } else { format!("{node}?{}", passthrough.join("&")) }
-        };
         let topology = match scheme {
             "rediss" | "rediss+cluster" => {
                 return Err(invalid("TLS (rediss://) is not enabled in this build; use redis:// on a trusted network"));
@@ -71,7 +69,7 @@ impl Topology {
                 if rest.is_empty() || rest.starts_with('/') {
                     return Err(invalid("no host"));
                 }
-                Topology::Standalone(with_query(base.to_string()))
+                Topology::Standalone(base.to_string())
             }
             "redis+cluster" => {
                 let node_scheme = "redis";
@@ -83,7 +81,7 @@ impl Topology {
                 let nodes: Vec<String> = hosts
                     .split(',')
                     .filter(|h| !h.is_empty())
-                    .map(|host| with_query(format!("{node_scheme}://{userinfo}{host}")))
+                    .map(|host| format!("{node_scheme}://{userinfo}{host}"))
                     .collect();
                 if nodes.is_empty() {
                     return Err(invalid("no nodes"));
@@ -93,6 +91,21 @@ impl Topology {
             _ => return Err(invalid("use redis:// or redis+cluster://")),
         };
         Ok((topology, options))
+    }
+}
+
+/// The URL with its password replaced by `***`, for messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, hosts)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                let hidden = if userinfo.contains(':') { format!("{user}:***") } else { user.to_string() };
+                format!("{scheme}://{hidden}@{hosts}")
+            }
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     }
 }
 
@@ -121,10 +134,11 @@ impl Connection {
         match topology {
             Topology::Standalone(url) => {
                 let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                    .map_err(|e| OpenError::InvalidUrl(format!("{url}: {e}")))?;
+                    .map_err(|e| OpenError::InvalidUrl(format!("{}: {e}", redact(url))))?;
                 let redis_settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
                 let info = info.set_redis_settings(redis_settings);
-                let client = redis::Client::open(info).map_err(|e| OpenError::InvalidUrl(format!("{url}: {e}")))?;
+                let client =
+                    redis::Client::open(info).map_err(|e| OpenError::InvalidUrl(format!("{}: {e}", redact(url))))?;
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(options.response_timeout))
                     .set_connection_timeout(Some(options.connection_timeout))
@@ -142,7 +156,7 @@ impl Connection {
                     .retries(2)
                     .push_sender(push)
                     .build()
-                    .map_err(|e| OpenError::InvalidUrl(format!("{}: {e}", nodes.join(","))))?;
+                    .map_err(|e| OpenError::InvalidUrl(format!("{}: {e}", redact(&nodes.join(",")))))?;
                 let connection = client.get_async_connection().await.map_err(OpenError::Connect)?;
                 Ok(Connection::Cluster(connection))
             }
@@ -212,6 +226,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redact("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact("redis://:secret@h:1"), "redis://:***@h:1");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+        let error = Topology::parse("redis://u:secret@h:1?nope=1").expect_err("unknown option");
+        assert!(!error.to_string().contains("secret"), "{error}");
+    }
+
+    #[test]
     fn urls_are_parsed_with_their_options() {
         let (t, o) = Topology::parse("redis://127.0.0.1:6379/2?timeout=250ms").expect("valid");
         assert_eq!(t, Topology::Standalone("redis://127.0.0.1:6379/2".into()));
@@ -227,6 +250,7 @@ mod tests {
             "redis://h:1?prefix=a{b}",
             "redis://h:1?timeout=soon",
             "redis://h:1?timeout=0s",
+            "redis://h:1?prefx=payments",
         ] {
             assert!(matches!(Topology::parse(bad), Err(OpenError::InvalidUrl(_))), "{bad}");
         }

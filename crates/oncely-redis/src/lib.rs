@@ -25,7 +25,7 @@
 //!   else, so each is atomic. The scripts are loaded once at connect and reloaded
 //!   automatically on `NOSCRIPT` (a restarted or failed-over server). See [`scripts`].
 //! - **Round trips.** A new operation costs two (claim, complete), a replay one: the hit is
-//!   counted inside the claim script. `tests/round_trips.rs` proves it with
+//!   counted inside the claim script. `tests/redis_store.rs` proves it with
 //!   `INFO commandstats`.
 //! - **Time** comes from `TIME` inside the scripts, never from the client's clock.
 //! - **Fencing.** complete/release/touch compare the record's claim id inside the script.
@@ -183,6 +183,9 @@ pub enum OpenError {
     /// The server (or no node of the cluster) could be reached, or refused the scripts.
     #[error("cannot connect to Redis: {0}")]
     Connect(#[source] RedisError),
+    /// The server lacks something the store needs.
+    #[error("this Redis cannot hold the store: {0}")]
+    Unsupported(&'static str),
 }
 
 /// The Redis/Valkey store. Cloning is cheap and clones share the connection.
@@ -226,12 +229,51 @@ impl RedisStore {
         };
         let connection = Connection::open(topology, &options, push).await?;
         let store = RedisStore { connection, prefix: options.prefix.into(), waiters };
+        store.check_server().await?;
         // Loaded once here (on Cluster, `SCRIPT LOAD` goes to every primary); later
         // `NOSCRIPT` answers reload them on demand.
         for script in scripts::all() {
             store.connection.load(script).await.map_err(OpenError::Connect)?;
         }
         Ok(store)
+    }
+
+    /// Refuses a Cluster without sharded pub/sub (before Redis 7.0 a script's `SPUBLISH`
+    /// would fail after its writes), and warns when the server may evict records.
+    async fn check_server(&self) -> Result<(), OpenError> {
+        if self.connection.is_cluster() {
+            let info = self
+                .connection
+                .query(redis::cmd("COMMAND").arg("INFO").arg("SPUBLISH"))
+                .await
+                .map_err(OpenError::Connect)?;
+            let known = matches!(&info, Value::Array(entries) if entries.first().is_some_and(|e| *e != Value::Nil));
+            if !known {
+                return Err(OpenError::Unsupported("the cluster has no SPUBLISH: Redis 7.0 or Valkey 7.2 is required"));
+            }
+        }
+        if let Ok(info) = self.connection.query(redis::cmd("INFO").arg("memory")).await {
+            fn text(value: Value) -> String {
+                match value {
+                    Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                    Value::VerbatimString { text, .. } => text,
+                    // On Cluster: one answer per node.
+                    Value::Map(nodes) => nodes.into_iter().map(|(_, v)| text(v) + "\n").collect(),
+                    _ => String::new(),
+                }
+            }
+            let text = text(info);
+            if let Some(policy) = text.split(['\r', '\n']).find_map(|l| l.strip_prefix("maxmemory_policy:"))
+                && policy.trim() != "noeviction"
+            {
+                tracing::warn!(
+                    policy = policy.trim(),
+                    "Redis may evict records before their retention ends (a retry would then run the operation \
+                     again); set maxmemory-policy noeviction"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The key prefix records live under.
@@ -254,7 +296,8 @@ impl RedisStore {
         if self.connection.is_cluster() { "s" } else { "p" }
     }
 
-    /// Runs `script` on the record at `key`: `KEYS` are the record and its channel.
+    /// Runs `script` on the record at `key`, its only `KEYS`; the channel and the pub/sub
+    /// mode follow the script's own arguments.
     async fn run(
         &self,
         script: &redis::Script,
@@ -262,9 +305,8 @@ impl RedisStore {
         args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
     ) -> Result<Value, StoreError> {
         let mut invocation = script.key(self.record_key(key));
-        invocation.key(self.channel(key));
         args(&mut invocation);
-        invocation.arg(self.mode());
+        invocation.arg(self.channel(key)).arg(self.mode());
         self.connection.invoke(&invocation).await.map_err(unavailable)
     }
 
@@ -448,8 +490,11 @@ impl Store for RedisStore {
         window: Duration,
     ) -> Result<bool, StoreError> {
         let window = codec::millis(window)?;
+        // Tells a re-delivery of this call (the Cluster client resends after a dropped
+        // connection) from another delivery of the same message id.
+        let token = ClaimId::random().to_bytes();
         let reply = self.run(&FIRST_SEEN_SCRIPT, storage_key, |i| {
-            i.arg(key.as_str()).arg(scope.as_str()).arg(window);
+            i.arg(key.as_str()).arg(scope.as_str()).arg(window).arg(&token[..]);
         });
         codec::flag(reply.await?)
     }

@@ -10,16 +10,23 @@
 //! Redis replicates a script's effects, not the script, so `TIME` is allowed before
 //! writes and replicas apply the same values.
 //!
-//! **Cluster.** A script touches exactly the keys it is given: `KEYS[1]` is the record's
-//! hash and `KEYS[2]` its wake-up channel, which share the hash tag `{<storage key>}` and
-//! so one slot. The scripts never build a key name themselves.
+//! **Cluster.** A script touches exactly one key, `KEYS[1]`, the record's hash. Its
+//! wake-up channel (the second-to-last `ARGV`) shares the hash tag `{<storage key>}`, so a
+//! sharded `SPUBLISH` from inside the script stays in the script's slot. The channel is
+//! deliberately not declared in `KEYS`: it never exists as a key, and while its slot is
+//! being migrated Redis answers a multi-key command with a missing key `TRYAGAIN`.
+//!
+//! **Re-delivery.** The Cluster client resends a command whose connection dropped, which
+//! the server may already have run. Every script answers a second delivery as it did the
+//! first: a claim that finds its own claim id in progress is acquired, a first-seen that
+//! finds its own token is new, a repeated completion by the holder succeeds.
 //!
 //! **Expiry.** The scripts treat a record whose `e` (expires at, ms) has passed as absent,
 //! whatever Redis has collected; `PEXPIREAT` at the same instant is only the garbage
 //! collection, on the same clock.
 //!
-//! Every script gets the pub/sub mode as its last `ARGV` (`p` for `PUBLISH`, `s` for
-//! sharded `SPUBLISH` on Cluster).
+//! Every script gets the wake-up channel and the pub/sub mode as its last two `ARGV` (`p`
+//! for `PUBLISH`, `s` for sharded `SPUBLISH` on Cluster).
 //!
 //! The record is a hash with short field names (they are stored once per record):
 //!
@@ -37,14 +44,15 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Reads the server clock into `now` (ms) and defines `publish`, which wakes waiters on
-/// `KEYS[2]` by `PUBLISH` or, on Cluster, sharded `SPUBLISH` (the last `ARGV`).
+/// Reads the server clock into `now` (ms) and defines `publish`, which wakes waiters on the
+/// channel in `ARGV[#ARGV - 1]` by `PUBLISH` or, on Cluster, sharded `SPUBLISH`.
 const PRELUDE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function ms(x) return string.format('%.0f', x) end
 local function publish()
-  if ARGV[#ARGV] == 's' then redis.call('SPUBLISH', KEYS[2], '1') else redis.call('PUBLISH', KEYS[2], '1') end
+  local channel = ARGV[#ARGV - 1]
+  if ARGV[#ARGV] == 's' then redis.call('SPUBLISH', channel, '1') else redis.call('PUBLISH', channel, '1') end
 end
 -- The record's state, claim id and expiry when ARGV[1]'s claim holds it in progress.
 local function held()
@@ -59,10 +67,13 @@ end
 "#;
 
 /// Claim. ARGV: claim id, fingerprint (empty for none), raw key, scope, lease ms,
-/// retention ms, pub/sub mode. Returns `{'a'}` acquired, `{'t'}` taken over, or
-/// `{'c'|'i'|'m', field, value, …}`: completed (hit counted), in progress, mismatch.
+/// retention ms, channel, pub/sub mode. Returns `{'a'}` acquired, `{'t'}` taken over, or
+/// `{'c'|'i'|'m', field, value, …}`: completed (hit counted), in progress, mismatch. The
+/// record lives at least as long as the lease, so it cannot expire under a live claim.
 const CLAIM: &str = r#"
-local r = redis.call('HMGET', KEYS[1], 's', 'l', 'f', 'e')
+local r = redis.call('HMGET', KEYS[1], 's', 'l', 'f', 'e', 'c')
+local lease_until = now + tonumber(ARGV[5])
+local expires = math.max(now + tonumber(ARGV[6]), lease_until)
 if r[1] and tonumber(r[4]) > now then
   if r[3] ~= ARGV[2] then
     return {'m', unpack(redis.call('HGETALL', KEYS[1]))}
@@ -71,24 +82,25 @@ if r[1] and tonumber(r[4]) > now then
     redis.call('HINCRBY', KEYS[1], 'h', 1)
     return {'c', unpack(redis.call('HGETALL', KEYS[1]))}
   end
+  if r[5] == ARGV[1] then
+    return {'a'}
+  end
   if tonumber(r[2]) > now then
     return {'i', unpack(redis.call('HGETALL', KEYS[1]))}
   end
-  local expires = now + tonumber(ARGV[6])
-  redis.call('HSET', KEYS[1], 'c', ARGV[1], 'l', ms(now + tonumber(ARGV[5])), 'e', ms(expires))
+  redis.call('HSET', KEYS[1], 'c', ARGV[1], 'l', ms(lease_until), 'e', ms(expires))
   redis.call('PEXPIREAT', KEYS[1], ms(expires))
   publish()
   return {'t'}
 end
-local expires = now + tonumber(ARGV[6])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 's', 'p', 'c', ARGV[1], 'l', ms(now + tonumber(ARGV[5])), 'f', ARGV[2],
+redis.call('HSET', KEYS[1], 's', 'p', 'c', ARGV[1], 'l', ms(lease_until), 'f', ARGV[2],
   'k', ARGV[3], 'o', ARGV[4], 't', ms(now), 'e', ms(expires))
 redis.call('PEXPIREAT', KEYS[1], ms(expires))
 return {'a'}
 "#;
 
-/// Complete. ARGV: claim id, payload, retention ms, pub/sub mode. Returns 1, or 0 when the
+/// Complete. ARGV: claim id, payload, retention ms, channel, pub/sub mode. Returns 1, or 0 when the
 /// claim no longer holds the record. A second `complete` by the same claim (a retry after
 /// a lost reply) answers 1 and changes nothing.
 const COMPLETE: &str = r#"
@@ -103,7 +115,7 @@ publish()
 return 1
 "#;
 
-/// Release. ARGV: claim id, pub/sub mode. Returns 1, or 0 when the claim does not hold it.
+/// Release. ARGV: claim id, channel, pub/sub mode. Returns 1, or 0 when the claim does not hold it.
 const RELEASE: &str = r#"
 if not held() then return 0 end
 redis.call('DEL', KEYS[1])
@@ -111,7 +123,7 @@ publish()
 return 1
 "#;
 
-/// Touch. ARGV: claim id, lease ms, pub/sub mode. Returns 1, or 0 when the claim does not
+/// Touch. ARGV: claim id, lease ms, channel, pub/sub mode. Returns 1, or 0 when the claim does not
 /// hold it. A renewed lease never outlives the record: `e` moves out with it.
 const TOUCH: &str = r#"
 local r = held()
@@ -146,16 +158,19 @@ if was_live then publish() return 1 end
 return 0
 "#;
 
-/// First seen. ARGV: raw key, scope, window ms, pub/sub mode. Returns 1 for a new id
-/// (now marked seen), 0 for a repeat (hit counted).
+/// First seen. ARGV: raw key, scope, window ms, a random token of this call, channel,
+/// pub/sub mode. Returns 1 for a new id (now marked seen, with the token in `c`), 0 for a
+/// repeat (hit counted). A re-delivery of the same call finds its own token: 1 again.
 const FIRST_SEEN: &str = r#"
 if live() then
-  if redis.call('HGET', KEYS[1], 's') == 'c' then redis.call('HINCRBY', KEYS[1], 'h', 1) end
+  local r = redis.call('HMGET', KEYS[1], 's', 'c')
+  if r[2] == ARGV[4] then return 1 end
+  if r[1] == 'c' then redis.call('HINCRBY', KEYS[1], 'h', 1) end
   return 0
 end
 local expires = now + tonumber(ARGV[3])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 's', 'c', 'c', '', 'f', '', 'k', ARGV[1], 'o', ARGV[2], 't', ms(now),
+redis.call('HSET', KEYS[1], 's', 'c', 'c', ARGV[4], 'f', '', 'k', ARGV[1], 'o', ARGV[2], 't', ms(now),
   'e', ms(expires), 'p', '', 'd', ms(now), 'h', '0')
 redis.call('PEXPIREAT', KEYS[1], ms(expires))
 return 1

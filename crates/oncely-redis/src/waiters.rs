@@ -5,16 +5,25 @@
 //! on that key, once however many tasks wait (a count per channel), and unsubscribes when
 //! the last one leaves.
 //!
-//! Subscribing and unsubscribing a channel are serialised by a per-channel async lock, and
-//! the channel leaves the map only after its `UNSUBSCRIBE` was answered, so a waiter that
-//! arrives while the last one leaves subscribes *after* that unsubscribe, never before it.
+//! Invariants, kept under the map's lock unless said otherwise:
 //!
-//! A message can still be lost (a reconnect, a slot migrating on Cluster). Every such loss
-//! only delays a waiter: the engine also wakes at its poll interval and at the holder's lease end, and a
-//! disconnect wakes every waiter at once so each re-checks the record.
+//! - A channel's entry has an id of its own; the background unsubscribe of a leaving
+//!   waiter acts only on the entry it was registered with, never on a newer one.
+//! - Subscribing and unsubscribing one entry are serialised by the entry's async lock, and
+//!   the entry leaves the map only after its `UNSUBSCRIBE` was answered, so a waiter that
+//!   arrives while the last one leaves subscribes *after* that unsubscribe.
+//! - `subscribed` is set *before* `SUBSCRIBE` is sent: a waiter cancelled while its
+//!   `SUBSCRIBE` is in flight still leaves the channel to be unsubscribed. It is cleared
+//!   when the server ends the subscription by itself (a slot moved away on Cluster), so
+//!   the next waiter subscribes again.
+//!
+//! A message can still be lost (a reconnect, a slot migrating). Every such loss only
+//! delays a waiter: the engine also wakes at its poll interval and at the holder's lease
+//! end, and a disconnect wakes every waiter at once so each re-checks the record.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::Notify;
@@ -25,33 +34,46 @@ use crate::connection::Connection;
 #[derive(Default)]
 pub(crate) struct Waiters {
     channels: Mutex<HashMap<Vec<u8>, Channel>>,
+    next_id: AtomicU64,
 }
 
 struct Channel {
+    id: u64,
     notify: Arc<Notify>,
     waiting: usize,
-    /// Held while subscribing or unsubscribing; true while the server has us subscribed.
-    subscribed: Arc<tokio::sync::Mutex<bool>>,
-    /// Confirmations of our own `UNSUBSCRIBE`s still to come: those are not a reason to
-    /// wake anybody. Counted up before the command is sent, so whichever of the reply and
-    /// the push is seen first, the push is recognised.
+    /// Held while subscribing or unsubscribing.
+    changing: Arc<tokio::sync::Mutex<()>>,
+    /// The server has (or may have) us subscribed.
+    subscribed: Arc<AtomicBool>,
+    /// Confirmations of our own `UNSUBSCRIBE`s still to come: not a reason to wake anybody.
+    /// Counted up before the command is sent, so whichever of the reply and the push is
+    /// seen first, the push is recognised.
     own_unsubscribes: usize,
 }
 
 impl Waiters {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Channel>> {
+        // Every critical section leaves the map consistent: poisoning carries nothing.
+        self.channels.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Registers one more waiter on `channel`; the registration ends when the returned
     /// guard is dropped.
     pub(crate) fn register(self: &Arc<Self>, channel: Vec<u8>, connection: Connection) -> Registration {
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut channels = self.lock();
         let entry = channels.entry(channel.clone()).or_insert_with(|| Channel {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
             notify: Arc::new(Notify::new()),
             waiting: 0,
-            subscribed: Arc::new(tokio::sync::Mutex::new(false)),
+            changing: Arc::new(tokio::sync::Mutex::new(())),
+            subscribed: Arc::new(AtomicBool::new(false)),
             own_unsubscribes: 0,
         });
         entry.waiting += 1;
         Registration {
+            id: entry.id,
             notify: entry.notify.clone(),
+            changing: entry.changing.clone(),
             subscribed: entry.subscribed.clone(),
             waiters: self.clone(),
             channel,
@@ -59,39 +81,29 @@ impl Waiters {
         }
     }
 
-    fn expect_own_unsubscribe(&self, channel: &[u8]) {
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(entry) = channels.get_mut(channel) {
-            entry.own_unsubscribes += 1;
-        }
-    }
-
-    fn waiting(&self, channel: &[u8]) -> usize {
-        let channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        channels.get(channel).map_or(0, |entry| entry.waiting)
-    }
-
     /// Called by the client for every push: wakes the waiters of a message's channel, or
-    /// every waiter when the connection dropped or the server ended a subscription.
+    /// every waiter when the connection dropped.
     pub(crate) fn dispatch(&self, push: PushInfo) {
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut channels = self.lock();
+        let channel = match push.data.first() {
+            Some(Value::BulkString(channel)) => Some(channel.as_slice()),
+            _ => None,
+        };
         match push.kind {
             PushKind::Message | PushKind::SMessage => {
-                if let Some(Value::BulkString(channel)) = push.data.first()
-                    && let Some(entry) = channels.get(channel)
-                {
+                if let Some(entry) = channel.and_then(|c| channels.get(c)) {
                     entry.notify.notify_waiters();
                 }
             }
-            // The server ended a subscription we did not end (a slot moved away): the
-            // waiters re-check and subscribe again.
+            // Our own unsubscribe's confirmation, or the server ending the subscription
+            // (a slot moved away): then the waiters re-check, and the next one subscribes
+            // again, wherever the slot now lives.
             PushKind::Unsubscribe | PushKind::SUnsubscribe => {
-                if let Some(Value::BulkString(channel)) = push.data.first()
-                    && let Some(entry) = channels.get_mut(channel)
-                {
+                if let Some(entry) = channel.and_then(|c| channels.get_mut(c)) {
                     if entry.own_unsubscribes > 0 {
                         entry.own_unsubscribes -= 1;
                     } else {
+                        entry.subscribed.store(false, Ordering::SeqCst);
                         entry.notify.notify_waiters();
                     }
                 }
@@ -100,13 +112,21 @@ impl Waiters {
             _ => {}
         }
     }
+
+    /// Runs `f` on the entry of `channel` if it is still the one with `id`.
+    fn with_entry<T>(&self, channel: &[u8], id: u64, f: impl FnOnce(&mut Channel) -> T) -> Option<T> {
+        let mut channels = self.lock();
+        channels.get_mut(channel).filter(|entry| entry.id == id).map(f)
+    }
 }
 
 /// One waiter's interest in a channel. Dropping the last one unsubscribes, in the
 /// background.
 pub(crate) struct Registration {
+    id: u64,
     notify: Arc<Notify>,
-    subscribed: Arc<tokio::sync::Mutex<bool>>,
+    changing: Arc<tokio::sync::Mutex<()>>,
+    subscribed: Arc<AtomicBool>,
     waiters: Arc<Waiters>,
     channel: Vec<u8>,
     connection: Connection,
@@ -120,10 +140,12 @@ impl Registration {
 
     /// Makes sure the server has this process subscribed to the channel.
     pub(crate) async fn subscribe(&self) -> redis::RedisResult<()> {
-        let mut subscribed = self.subscribed.lock().await;
-        if !*subscribed {
-            self.connection.subscribe(&self.channel).await?;
-            *subscribed = true;
+        let _changing = self.changing.lock().await;
+        if !self.subscribed.swap(true, Ordering::SeqCst)
+            && let Err(error) = self.connection.subscribe(&self.channel).await
+        {
+            self.subscribed.store(false, Ordering::SeqCst);
+            return Err(error);
         }
         Ok(())
     }
@@ -131,33 +153,44 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut channels = self.waiters.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(entry) = channels.get_mut(&self.channel) else { return };
-        entry.waiting -= 1;
-        if entry.waiting > 0 {
+        let last = self.waiters.with_entry(&self.channel, self.id, |entry| {
+            entry.waiting -= 1;
+            entry.waiting == 0
+        });
+        if last != Some(true) {
             return;
         }
-        drop(channels);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let (waiters, subscribed, connection) =
-            (self.waiters.clone(), self.subscribed.clone(), self.connection.clone());
-        let channel = std::mem::take(&mut self.channel);
-        runtime.spawn(async move {
-            let mut subscribed = subscribed.lock().await;
-            if waiters.waiting(&channel) > 0 {
+        let (waiters, connection, id) = (self.waiters.clone(), self.connection.clone(), self.id);
+        let (changing, subscribed) = (self.changing.clone(), self.subscribed.clone());
+        let channel = self.channel.clone();
+        let unsubscribe = async move {
+            let _changing = changing.lock().await;
+            if waiters.with_entry(&channel, id, |entry| entry.waiting) != Some(0) {
                 return; // Somebody arrived meanwhile and keeps the subscription.
             }
-            if *subscribed {
-                waiters.expect_own_unsubscribe(&channel);
+            if subscribed.swap(false, Ordering::SeqCst) {
+                waiters.with_entry(&channel, id, |entry| entry.own_unsubscribes += 1);
                 if let Err(error) = connection.unsubscribe(&channel).await {
                     tracing::debug!(%error, "unsubscribing a wake-up channel failed");
+                    // No confirmation will come for this one.
+                    waiters.with_entry(&channel, id, |entry| entry.own_unsubscribes -= 1);
                 }
-                *subscribed = false;
             }
-            let mut channels = waiters.channels.lock().unwrap_or_else(PoisonError::into_inner);
-            if channels.get(&channel).is_some_and(|entry| entry.waiting == 0) {
+            let mut channels = waiters.lock();
+            if channels.get(&channel).is_some_and(|entry| entry.id == id && entry.waiting == 0) {
                 channels.remove(&channel);
             }
-        });
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(unsubscribe)),
+            // Outside a runtime nothing can be sent; forget the entry so that it does not
+            // stay in the map. The server-side subscription ends with the connection.
+            Err(_) => {
+                let mut channels = self.waiters.lock();
+                if channels.get(&self.channel).is_some_and(|entry| entry.id == self.id && entry.waiting == 0) {
+                    channels.remove(&self.channel);
+                }
+            }
+        }
     }
 }

@@ -197,3 +197,117 @@ async fn a_server_that_does_not_answer_in_time_is_unavailable() {
     assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
     assert!(started.elapsed() < Duration::from_millis(2500), "the command timed out instead of waiting out the pause");
 }
+
+/// A claim, a completion and a replay of a record whose slot is half-way through a
+/// reshard: with the channel declared as a second key, Redis answered every script
+/// `TRYAGAIN` for the whole migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_keeps_working_while_its_slot_is_being_resharded() {
+    let cluster = RedisCluster::start();
+    let (topology, _) = Topology::parse(&cluster.url()).expect("URL");
+    let store = RedisStore::connect(&topology, RedisOptions::default().prefix("reshard").expect("prefix"))
+        .await
+        .expect("connects");
+    let request = claim_request(&unique_key(), None, Duration::from_secs(30));
+    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
+    assert_eq!(store.claim(request.clone()).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+
+    let slot: u16 = cluster.nodes()[0]
+        .command(&["CLUSTER", "KEYSLOT", &store.record_key(&storage_key)])
+        .trim()
+        .parse()
+        .expect("a slot number");
+    let to = (cluster.owner_of(slot) + 1) % cluster.nodes().len();
+    let from = cluster.begin_slot_move(slot, to).expect("another node");
+    store.touch(&storage_key, claim_id, Duration::from_secs(30)).await.expect("touch while the slot is open");
+    store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), Duration::from_secs(60)).await.expect("complete");
+    let again = claim_request(&request.key, None, Duration::from_secs(30));
+    assert!(matches!(store.claim(again).await.expect("replay"), ClaimOutcome::Completed(_)));
+    cluster.finish_slot_move(slot, from, to);
+    assert_eq!(store.get(&storage_key).await.expect("get").expect("the record").hits(), 1);
+}
+
+/// A subscription the server ends when the slot moves away is made again by the next
+/// waiter, on the slot's new owner: the completion wakes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_are_woken_after_their_slot_moved() {
+    let cluster = RedisCluster::start();
+    let (topology, _) = Topology::parse(&cluster.url()).expect("URL");
+    let store = RedisStore::connect(&topology, RedisOptions::default().prefix("wake").expect("prefix"))
+        .await
+        .expect("connects");
+    let request = claim_request(&unique_key(), None, Duration::from_secs(30));
+    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
+    store.claim(request).await.expect("claim");
+    // A waiter that stays subscribed across the move keeps the channel's entry alive.
+    let mut early = store.subscribe(&storage_key);
+    assert!(tokio::time::timeout(Duration::from_millis(100), &mut early).await.is_err(), "in progress: pending");
+
+    let slot: u16 = cluster.nodes()[0]
+        .command(&["CLUSTER", "KEYSLOT", &store.record_key(&storage_key)])
+        .trim()
+        .parse()
+        .expect("a slot number");
+    cluster.move_slot(slot, (cluster.owner_of(slot) + 1) % cluster.nodes().len());
+    // The server ended the subscription (SUNSUBSCRIBE push): the early waiter is woken to
+    // re-check, and a new waiter subscribes again on the new owner.
+    tokio::time::timeout(Duration::from_secs(10), early).await.expect("woken by the slot moving away");
+    let mut late = store.subscribe(&storage_key);
+    assert!(tokio::time::timeout(Duration::from_millis(200), &mut late).await.is_err(), "still in progress");
+    store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), Duration::from_secs(60)).await.expect("complete");
+    tokio::time::timeout(Duration::from_secs(10), late).await.expect("woken by the completion on the new owner");
+}
+
+/// Waiters dropped while their SUBSCRIBE is in flight (the engine's timer won) leave no
+/// subscription behind on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_waiters_leave_no_subscription() {
+    let server = RedisServer::start(&[]);
+    let store = store_at(&server.url()).await;
+    let mut keys = Vec::new();
+    for _ in 0..200 {
+        let request = claim_request(&unique_key(), None, Duration::from_secs(30));
+        keys.push(request.storage_key);
+        store.claim(request).await.expect("claim");
+    }
+    for key in &keys {
+        let mut subscription = store.subscribe(key);
+        // Polled once (the SUBSCRIBE is sent), then dropped.
+        let _ = tokio::time::timeout(Duration::ZERO, &mut subscription).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let channels = server.command(&["PUBSUB", "CHANNELS", "rt:*"]);
+        if channels.trim().is_empty() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "subscriptions left behind: {channels}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The same call delivered twice (the Cluster client resends after a dropped connection)
+/// is answered as the first delivery was: a claim finds its own claim, not a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_claim_is_acquired_not_a_conflict() {
+    let server = RedisServer::shared();
+    let store = store_at(&server.url()).await;
+    let request = claim_request(&unique_key(), None, Duration::from_secs(30));
+    assert_eq!(store.claim(request.clone()).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+    assert!(matches!(store.claim(request).await.expect("again"), ClaimOutcome::Acquired { .. }));
+}
+
+/// A record never expires under a live claim, even with a retention shorter than the
+/// lease (the engine refuses such settings; the store does not rely on that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_outlives_its_lease_even_with_a_shorter_retention() {
+    let server = RedisServer::shared();
+    let store = store_at(&server.url()).await;
+    let key = unique_key();
+    let mut request = claim_request(&key, None, Duration::from_secs(30));
+    request.retention = Duration::from_millis(300);
+    store.claim(request).await.expect("claim");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let second = store.claim(claim_request(&key, None, Duration::from_secs(30))).await.expect("claim");
+    assert!(matches!(second, ClaimOutcome::InProgress(_)), "{second:?}");
+}

@@ -26,16 +26,30 @@ impl TiedProcess {
     /// # Panics
     /// When `sh` cannot be spawned: a test setup failure.
     pub fn spawn(command: Command) -> TiedProcess {
+        Self::spawn_cleaning(command, None)
+    }
+
+    /// As [`spawn`](Self::spawn), and when the test process exits, the watchdog also
+    /// removes `dir` once the server is gone: the directory of a server kept in a static,
+    /// whose `TempDir` is never dropped.
+    pub fn spawn_cleaning(command: Command, dir: Option<&std::path::Path>) -> TiedProcess {
         let program = command.get_program().to_owned();
         let mut watchdog = Command::new("sh");
         watchdog
             .arg("-c")
-            .arg(r#""$@" >/dev/null 2>&1 </dev/null & child=$!; echo "$child"; read _unused; kill -9 "$child" 2>/dev/null"#)
+            .arg(concat!(
+                r#""$@" >/dev/null 2>&1 </dev/null & child=$!; echo "$child"; read _unused; "#,
+                r#"kill -9 "$child" 2>/dev/null; wait "$child" 2>/dev/null; "#,
+                r#"if [ -n "$ONCELY_TIED_CLEANUP" ]; then rm -rf "$ONCELY_TIED_CLEANUP"; fi"#
+            ))
             .arg("sh")
             .arg(&program)
             .args(command.get_args());
         if let Some(dir) = command.get_current_dir() {
             watchdog.current_dir(dir);
+        }
+        if let Some(dir) = dir {
+            watchdog.env("ONCELY_TIED_CLEANUP", dir);
         }
         for (key, value) in command.get_envs() {
             match value {

@@ -29,10 +29,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A `redis-server` on loopback, killed when it is dropped or the test process exits.
 pub struct RedisServer {
+    // Dropped first: the server stops before its directory is removed.
+    process: Mutex<Option<TiedProcess>>,
     port: u16,
     dir: Option<tempfile::TempDir>,
     extra: Vec<String>,
-    process: Mutex<Option<TiedProcess>>,
     external: Option<String>,
 }
 
@@ -97,7 +98,8 @@ impl RedisServer {
             .arg(dir)
             .args(["--logfile", "redis.log", "--protected-mode", "no"])
             .args(&self.extra);
-        let process = TiedProcess::spawn(command);
+        // The directory outlives a server kept in a static; the watchdog removes it.
+        let process = TiedProcess::spawn_cleaning(command, Some(dir));
         wait_for_ping(self.port);
         *self.process.lock().expect("lock") = Some(process);
     }
@@ -189,19 +191,37 @@ impl RedisCluster {
     }
 
     /// Moves `slot` to the node `to` (an index into [`nodes`](Self::nodes)), keys and all,
-    /// the way `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE, then
-    /// SETSLOT NODE on every node. Clients that cached the old owner get `MOVED`.
+    /// the way `redis-cli --cluster reshard` does: [`begin_slot_move`](Self::begin_slot_move),
+    /// then [`finish_slot_move`](Self::finish_slot_move). Clients that cached the old owner
+    /// get `MOVED`.
     pub fn move_slot(&self, slot: u16, to: usize) {
+        if let Some(from) = self.begin_slot_move(slot, to) {
+            self.finish_slot_move(slot, from, to);
+        }
+    }
+
+    /// Opens the migration of `slot` to node `to` (IMPORTING on the target, MIGRATING on
+    /// the source) without moving any key: the state a slot is in during a reshard, where
+    /// commands on missing keys are redirected with `ASK`. Returns the source's index, or
+    /// `None` when `to` already owns the slot.
+    pub fn begin_slot_move(&self, slot: u16, to: usize) -> Option<usize> {
         let slot_s = slot.to_string();
-        let ids: Vec<String> = self.nodes.iter().map(|n| n.command(&["CLUSTER", "MYID"]).trim().to_string()).collect();
+        let ids = self.ids();
         let from = self.owner_of(slot);
         if from == to {
-            return;
+            return None;
         }
+        ok(slot, self.nodes[to].command(&["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &ids[from]]));
+        ok(slot, self.nodes[from].command(&["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &ids[to]]));
+        Some(from)
+    }
+
+    /// Finishes a migration begun by [`begin_slot_move`](Self::begin_slot_move): `MIGRATE`s
+    /// the slot's keys, then assigns the slot to `to` on every node.
+    pub fn finish_slot_move(&self, slot: u16, from: usize, to: usize) {
+        let slot_s = slot.to_string();
+        let ids = self.ids();
         let (source, target) = (&self.nodes[from], &self.nodes[to]);
-        let ok = |reply: String| assert!(reply.starts_with("OK"), "CLUSTER SETSLOT {slot}: {reply}");
-        ok(target.command(&["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &ids[from]]));
-        ok(source.command(&["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &ids[to]]));
         loop {
             let keys = source.command(&["CLUSTER", "GETKEYSINSLOT", &slot_s, "100"]);
             let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
@@ -215,9 +235,13 @@ impl RedisCluster {
             assert!(reply.starts_with("OK") || reply.starts_with("NOKEY"), "MIGRATE failed: {reply}");
         }
         for node in &self.nodes {
-            ok(node.command(&["CLUSTER", "SETSLOT", &slot_s, "NODE", &ids[to]]));
+            ok(slot, node.command(&["CLUSTER", "SETSLOT", &slot_s, "NODE", &ids[to]]));
         }
         self.wait_until_ok();
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.command(&["CLUSTER", "MYID"]).trim().to_string()).collect()
     }
 
     /// The index of the node that owns `slot`.
@@ -259,6 +283,10 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+fn ok(slot: u16, reply: String) {
+    assert!(reply.starts_with("OK"), "CLUSTER SETSLOT {slot}: {reply}");
 }
 
 /// A port that is free now, and (for cluster nodes) whose bus port (+10000) is free too.

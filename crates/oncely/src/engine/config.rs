@@ -97,6 +97,7 @@ pub struct OncelyBuilder<S> {
     store: S,
     config: Config,
     hooks: Hooks,
+    background: Option<tokio_util::task::TaskTracker>,
     /// Whether `keep_alive_ceiling` was set; unset, it follows the retention.
     ceiling_set: bool,
 }
@@ -109,7 +110,7 @@ impl<S: fmt::Debug> fmt::Debug for OncelyBuilder<S> {
 
 impl<S: Store> OncelyBuilder<S> {
     pub(crate) fn new(store: S) -> Self {
-        Self { store, config: Config::default(), hooks: Hooks::default(), ceiling_set: false }
+        Self { store, config: Config::default(), hooks: Hooks::default(), background: None, ceiling_set: false }
     }
 
     /// How long results are kept for replay (default 24 h; at most [`MAX_RETENTION`]).
@@ -136,6 +137,16 @@ impl<S: Store> OncelyBuilder<S> {
     /// Reject or wait on a live claim (default [`ConflictMode::Reject`]).
     pub fn conflict_mode(mut self, mode: ConflictMode) -> Self {
         self.config.conflict = mode;
+        self
+    }
+
+    /// Runs the engine's background work on `tracker`, so that a server can wait for it
+    /// at shutdown (`tracker.close(); tracker.wait().await`). The background work is the
+    /// storing of a result the store could not take at once (see
+    /// [`ClaimGuard::complete`](crate::ClaimGuard::complete)): dropped at exit, its
+    /// operation could run again once the lease lapses.
+    pub fn track_background(mut self, tracker: tokio_util::task::TaskTracker) -> Self {
+        self.background = Some(tracker);
         self
     }
 
@@ -187,7 +198,12 @@ impl<S: Store> OncelyBuilder<S> {
             self.config.keep_alive_ceiling = self.config.keep_alive_ceiling.min(self.config.retention);
         }
         self.config.validate()?;
-        Ok(Oncely::from_shared(Shared { store: self.store, config: self.config, hooks: self.hooks }))
+        Ok(Oncely::from_shared(Shared {
+            store: self.store,
+            config: self.config,
+            hooks: self.hooks,
+            background: self.background,
+        }))
     }
 }
 

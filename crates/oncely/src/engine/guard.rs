@@ -105,7 +105,9 @@ impl<S: Store> ClaimGuard<S> {
     ///
     /// A store that is unreachable is tried three times, with 20 ms then 100 ms between.
     /// If it is still unreachable, this returns the failure, and a background task (when
-    /// called inside a Tokio runtime) keeps trying every 250 ms until the completion
+    /// called inside a Tokio runtime; on the tracker given to
+    /// [`OncelyBuilder::track_background`](crate::OncelyBuilder::track_background), if any)
+    /// keeps trying about every 250 ms until the completion
     /// lands, the claim is lost, or the retention passes. The operation has run: its
     /// result must reach the store before the lease lapses and a retry takes the key
     /// over, which would run it a second time. A store outage longer than the lease
@@ -144,10 +146,13 @@ impl<S: Store> ClaimGuard<S> {
         let (engine, storage_key, claim_id, key) =
             (self.engine.clone(), self.storage_key, self.claim_id, self.key.clone());
         metrics::counter!("oncely_completions_deferred_total").increment(1);
-        runtime.spawn(async move {
+        let retry = async move {
             let give_up = tokio::time::Instant::now() + retention;
             loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                // 125–375 ms apart, jittered so that the operations cut off by one outage
+                // do not all hit the store in the same instant when it returns.
+                let pause = Duration::from_millis(125 + rand::random::<u64>() % 250);
+                tokio::time::sleep(pause).await;
                 match engine.store().complete(&storage_key, claim_id, payload.clone(), retention).await {
                     Ok(()) => {
                         tracing::info!(%key, "the result was stored once the store answered again");
@@ -160,7 +165,11 @@ impl<S: Store> ClaimGuard<S> {
                     }
                 }
             }
-        });
+        };
+        match self.engine.background() {
+            Some(tracker) => drop(tracker.spawn_on(retry, &runtime)),
+            None => drop(runtime.spawn(retry)),
+        }
     }
 
     /// Releases the key so the operation may run again.

@@ -57,6 +57,9 @@ pub(crate) struct Shared<S> {
     pub(crate) store: S,
     pub(crate) config: Config,
     pub(crate) hooks: Hooks,
+    /// Where background work (a completion the store could not take at once) runs, when
+    /// the caller wants to wait for it at shutdown.
+    pub(crate) background: Option<tokio_util::task::TaskTracker>,
 }
 
 impl<S> Clone for Oncely<S> {
@@ -120,7 +123,7 @@ impl<S: Store> Oncely<S> {
     /// An engine with the default settings: 24 h retention, 30 s lease renewed for up to
     /// 10 min, reject mode.
     pub fn new(store: S) -> Self {
-        Self::from_shared(Shared { store, config: Config::default(), hooks: Hooks::default() })
+        Self::from_shared(Shared { store, config: Config::default(), hooks: Hooks::default(), background: None })
     }
 
     /// A builder for the settings and hooks.
@@ -145,6 +148,11 @@ impl<S: Store> Oncely<S> {
     /// The store.
     pub fn store(&self) -> &S {
         &self.shared.store
+    }
+
+    /// The tracker background work runs on, if the builder was given one.
+    pub(crate) fn background(&self) -> Option<&tokio_util::task::TaskTracker> {
+        self.shared.background.as_ref()
     }
 
     /// The settings.
@@ -243,8 +251,12 @@ impl<S: Store> Oncely<S> {
                         None => subscription = Some(self.shared.store.subscribe(&storage_key)),
                         Some(notified) => {
                             // Wake on the notification; at the latest when the lease
-                            // could lapse, at the poll interval, or at the deadline.
-                            let wake = wait_until.min(now + config.poll_interval).min(now + remaining);
+                            // could lapse, at the poll interval, or at the deadline. The
+                            // lease's end is the store's clock read against ours: when ours
+                            // runs ahead, `remaining` is zero for a live claim, and the
+                            // floor keeps the waiter from spinning on the store.
+                            let floor = config.poll_interval.min(Duration::from_millis(50));
+                            let wake = wait_until.min(now + config.poll_interval).min(now + remaining.max(floor));
                             tokio::select! {
                                 () = notified => {}
                                 () = tokio::time::sleep_until(wake) => {}
