@@ -128,7 +128,7 @@ pub async fn serve(
         })
     });
 
-    tracing::info!(%listen, ?admin, upstream = %options.upstream, store = %options.store, routes = config.routes.len(), "oncely gateway ready");
+    tracing::info!(%listen, ?admin, upstream = %options.upstream, store = %stores::redacted(&options.store), routes = config.routes.len(), "oncely gateway ready");
     on_ready(Bound { listen, admin });
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(stop.clone().cancelled_owned())

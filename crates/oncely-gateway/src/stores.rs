@@ -151,7 +151,8 @@ async fn open_postgres(url: &str) -> Result<DynStore, String> {
 }
 
 /// `url` with its password replaced by `***`, for messages.
-fn redacted(url: &str) -> String {
+pub fn redacted(url: &str) -> String {
+    let url = &redact_password_parameter(url);
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     match rest[..authority_end].rsplit_once('@') {
@@ -161,6 +162,19 @@ fn redacted(url: &str) -> String {
         },
         None => url.to_string(),
     }
+}
+
+/// `?password=…` (which the PostgreSQL driver also accepts) as `password=***`.
+fn redact_password_parameter(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else { return url.to_string() };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{base}?{}", pairs.join("&"))
 }
 
 /// Times every store call into `oncely_store_seconds{op}`.
@@ -253,5 +267,7 @@ mod tests {
         );
         assert_eq!(redacted("postgres://app@db/app"), "postgres://app@db/app");
         assert_eq!(redacted("postgres://db/app"), "postgres://db/app");
+        assert_eq!(redacted("postgres://app@db/app?password=s3cret&x=1"), "postgres://app@db/app?password=***&x=1");
+        assert_eq!(redacted("redis://:s3cret@127.0.0.1:6379"), "redis://:***@127.0.0.1:6379");
     }
 }

@@ -316,7 +316,7 @@ impl PostgresStore {
     /// - [`StoreError::Corrupt`]: a table of that name exists and is not an Oncely table.
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<Self, StoreError> {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(StoreError::InvalidRequest(format!("{url}: not a postgres:// or postgresql:// URL")));
+            return Err(StoreError::InvalidRequest("not a postgres:// or postgresql:// URL".into()));
         }
         let mut connect: PgConnectOptions = url.parse().map_err(pg_error)?;
         if let Some(timeout) = options.statement_timeout {
@@ -539,8 +539,18 @@ async fn complete_on<'e, E: Executor<'e, Database = Postgres>>(
 /// `LeaseLost` unless the fenced statement's first column (rows changed) is 1.
 fn held(row: &PgRow) -> Result<(), StoreError> {
     let changed: i64 = row.try_get(0).map_err(pg_error)?;
-    if changed == 1 { Ok(()) } else { Err(StoreError::LeaseLost) }
+    if changed == 1 {
+        return Ok(());
+    }
+    // The completion's third column: not changed, yet still held → the row was locked.
+    match row.try_get::<bool, _>(2) {
+        Ok(true) => Err(StoreError::unavailable(LOCKED)),
+        _ => Err(StoreError::LeaseLost),
+    }
 }
+
+/// What `complete_on` answers for a row locked by another transaction.
+const LOCKED: &str = "the record is locked by another transaction";
 
 /// A listener on `channel`, its `LISTEN` in effect.
 async fn listen(pool: &PgPool, channel: &str) -> Result<PgListener, StoreError> {
@@ -568,10 +578,11 @@ async fn listen(pool: &PgPool, channel: &str) -> Result<PgListener, StoreError> 
 //
 // The map holds an entry only while someone subscribes: a wake removes it, and the last
 // subscription of a key to be dropped removes it too.
-async fn dispatch(mut listener: PgListener, pool: PgPool, channel: String, waiters: Arc<Waiters>) {
+async fn dispatch(listener: PgListener, pool: PgPool, channel: String, waiters: Arc<Waiters>) {
     let mut backoff = Duration::from_millis(50);
-    loop {
-        match listener.try_recv().await {
+    let mut listener = Some(listener);
+    while let Some(current) = listener.as_mut() {
+        match current.try_recv().await {
             Ok(Some(notification)) => {
                 backoff = Duration::from_millis(50);
                 if let Some(key) = StorageKey::from_hex(notification.payload()) {
@@ -583,12 +594,16 @@ async fn dispatch(mut listener: PgListener, pool: PgPool, channel: String, waite
             Err(error) => {
                 tracing::warn!(%error, %channel, "the PostgreSQL store's listener lost its connection; reconnecting");
                 waiters.wake_all();
+                // The old listener may still hold the listen pool's only connection (sqlx
+                // keeps it after a connection reset): drop it before asking for a new one,
+                // or every reconnect would time out waiting for that connection.
+                drop(listener.take());
                 loop {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     match listen(&pool, &channel).await {
                         Ok(fresh) => {
-                            listener = fresh;
+                            listener = Some(fresh);
                             break;
                         }
                         Err(error) => tracing::debug!(%error, "the listener cannot reconnect yet"),
@@ -665,7 +680,27 @@ impl Store for PostgresStore {
         payload: Bytes,
         retention: Duration,
     ) -> Result<(), StoreError> {
-        complete_on(&self.inner.pool, self.sql().complete.clone(), key, claim_id, payload, retention).await
+        // A duplicate's claim or a waiter's mark locks the row for microseconds: a few
+        // short retries. A row still locked after them is held by a transaction, the
+        // holder's own: completing beside it is a mistake, reported as one (not as
+        // "unavailable", which the engine would retry in the background).
+        let mut pause = Duration::from_millis(1);
+        for _ in 0..7 {
+            match complete_on(&self.inner.pool, self.sql().complete.clone(), key, claim_id, payload.clone(), retention)
+                .await
+            {
+                Err(StoreError::Unavailable(e)) if e.to_string() == LOCKED => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                other => return other,
+            }
+        }
+        Err(StoreError::InvalidRequest(
+            "the record is locked by a transaction (the holder's own, from lock_claim): complete it inside that \
+             transaction with complete_in"
+                .into(),
+        ))
     }
 
     /// Removes the record; one with a recovery point is kept with its lease lapsed, so
@@ -682,8 +717,11 @@ impl Store for PostgresStore {
 
     /// Renews the lease. A record locked by its holder's own transaction (see
     /// [`PostgresStore::lock_claim`]) is not waited for: after a few short retries (a
-    /// duplicate's claim locks the row for microseconds) the renewal counts as done,
-    /// since no claim can take over a locked record.
+    /// duplicate's claim locks the row for microseconds) this answers Ok without renewing.
+    /// That is safe because no claim can take over a locked record, and the holder's
+    /// transaction renews the lease itself (`lock_claim` and `set_recovery_point` extend it
+    /// by the lease length from their own clock), so the row a queued claim re-reads at
+    /// the commit has a live lease.
     async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
         let lease = micros(lease.max(Duration::from_millis(1)))?;
         let mut pause = Duration::from_millis(1);

@@ -135,6 +135,7 @@ impl Sql {
         let lapsed = format!("(r.claim_id IS NOT NULL AND r.lease_until <= now() AND {same})");
         let replay = format!("(r.claim_id IS NULL AND {same})");
         let held = "storage_key = $1 AND claim_id = $2 AND expires_at > now()";
+        let renewed = "clock_timestamp() + lease_us * interval '1 microsecond'";
 
         Self {
             migrate: vec![
@@ -152,6 +153,7 @@ impl Sql {
                         expires_at     timestamptz NOT NULL,
                         claim_id       uuid,
                         lease_until    timestamptz,
+                        lease_us       bigint      NOT NULL DEFAULT 0,
                         payload        bytea,
                         completed_at   timestamptz,
                         hits           bigint      NOT NULL DEFAULT 0,
@@ -188,8 +190,8 @@ impl Sql {
             // → mismatch; else completed → replay; else in progress.
             claim: stmt(format!(
                 "INSERT INTO {t} AS r (storage_key, key, scope, fingerprint, created_at, expires_at, claim_id,
-                     lease_until, hits, attempt, waited)
-                 VALUES ($1, $2, $3, $4, now(), {exp}, $5, {lease}, 0, 1, false)
+                     lease_until, lease_us, hits, attempt, waited)
+                 VALUES ($1, $2, $3, $4, now(), {exp}, $5, {lease}, $6::float8::bigint, 0, 1, false)
                  ON CONFLICT (storage_key) DO UPDATE SET
                      key            = CASE WHEN {expired} THEN excluded.key ELSE r.key END,
                      scope          = CASE WHEN {expired} THEN excluded.scope ELSE r.scope END,
@@ -197,6 +199,7 @@ impl Sql {
                      created_at     = CASE WHEN {expired} THEN excluded.created_at ELSE r.created_at END,
                      claim_id       = CASE WHEN {expired} OR {lapsed} THEN excluded.claim_id ELSE r.claim_id END,
                      lease_until    = CASE WHEN {expired} OR {lapsed} THEN excluded.lease_until ELSE r.lease_until END,
+                     lease_us       = CASE WHEN {expired} OR {lapsed} THEN excluded.lease_us ELSE r.lease_us END,
                      expires_at     = CASE WHEN {expired} OR {lapsed} THEN excluded.expires_at ELSE r.expires_at END,
                      payload        = CASE WHEN {expired} THEN NULL ELSE r.payload END,
                      completed_at   = CASE WHEN {expired} THEN NULL ELSE r.completed_at END,
@@ -211,14 +214,22 @@ impl Sql {
             )),
             // Fenced by the claim id; notifies waiters in the same transaction (delivered
             // at its commit).
+            //
+            // A row locked by another transaction is skipped, not waited for, and the third
+            // column says it is still ours: outside `complete_in`, the transaction that
+            // holds it is the holder's own (`lock_claim`), which this call would otherwise
+            // wait for until a timeout, and then be retried in the background after that
+            // transaction rolled back (a completed record with its effect undone).
             complete: stmt(format!(
-                "WITH done AS (
+                "WITH mine AS (SELECT storage_key FROM {t} WHERE {held} FOR UPDATE SKIP LOCKED),
+                 done AS (
                      UPDATE {t} SET claim_id = NULL, lease_until = NULL, payload = $3, completed_at = now(),
                          expires_at = {exp}, hits = 0
-                     WHERE {held}
+                     WHERE storage_key IN (SELECT storage_key FROM mine)
                      RETURNING storage_key, waited),
                  woken AS (SELECT {notify} FROM done WHERE waited)
-                 SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM woken)",
+                 SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM woken),
+                     EXISTS (SELECT 1 FROM {t} WHERE {held})",
                 exp = from_now("$4"),
             )),
             // Fenced by the claim id. A record without a recovery point is removed; one
@@ -244,7 +255,8 @@ impl Sql {
             touch: stmt(format!(
                 "WITH mine AS (SELECT storage_key FROM {t} WHERE {held} FOR UPDATE SKIP LOCKED),
                  renewed AS (
-                     UPDATE {t} SET lease_until = {lease}, expires_at = greatest(expires_at, {lease})
+                     UPDATE {t} SET lease_until = {lease}, expires_at = greatest(expires_at, {lease}),
+                         lease_us = $3::float8::bigint
                      WHERE storage_key IN (SELECT storage_key FROM mine)
                      RETURNING 1)
                  SELECT (SELECT count(*) FROM renewed), EXISTS (SELECT 1 FROM {t} WHERE {held})",
@@ -306,9 +318,22 @@ impl Sql {
                  WHERE storage_key = $1 AND claim_id IS NOT NULL AND lease_until > now() AND expires_at > now()
                  RETURNING 1"
             )),
-            // Inside the caller's transaction: the holder's record, locked until commit.
-            hold: stmt(format!("SELECT attempt, recovery_point FROM {t} WHERE {held} FOR UPDATE")),
-            set_recovery_point: stmt(format!("UPDATE {t} SET recovery_point = $3 WHERE {held}")),
+            // Inside the caller's transaction: the holder's record, locked until commit. Both
+            // renew the lease (by the length of the last claim or touch, from the statement's
+            // own clock): while the caller's transaction holds the row, the engine's
+            // keep-alive cannot renew it (its `touch` skips locked rows), and a claim queued
+            // behind the lock re-reads the row at commit. Renewed here, the row it re-reads
+            // has a live lease and the holder is not taken over between two steps.
+            hold: stmt(format!(
+                "UPDATE {t} SET lease_until = greatest(lease_until, {renewed}),
+                     expires_at = greatest(expires_at, {renewed})
+                 WHERE {held} RETURNING attempt, recovery_point"
+            )),
+            set_recovery_point: stmt(format!(
+                "UPDATE {t} SET recovery_point = $3, lease_until = greatest(lease_until, {renewed}),
+                     expires_at = greatest(expires_at, {renewed})
+                 WHERE {held}"
+            )),
             recovery_point: stmt(format!(
                 "SELECT recovery_point FROM {t} WHERE storage_key = $1 AND expires_at > now()"
             )),

@@ -234,6 +234,45 @@ async fn a_locked_claim_cannot_be_taken_over_and_renewal_does_not_wait_for_it() 
     assert!(matches!(outcome, ClaimOutcome::Completed(_)), "the contender replays the holder's result: {outcome:?}");
 }
 
+/// A step's transaction that holds the record past the lease is not taken over at its
+/// commit: the renewal the engine's keep-alive could not make while the row was locked is
+/// made by the step itself (`set_recovery_point` renews the lease), so a claim queued
+/// behind the lock finds a live holder. Before, every skipped `touch` answered "renewed"
+/// and the queued claim took the key over the moment the step committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_that_outlasts_the_lease_is_not_taken_over_at_its_commit() {
+    let store = common::fresh_store().await;
+    let (key, storage_key, claim_id) = claimed(&store, Duration::from_millis(500)).await;
+    let mut tx = store.pool().begin().await.expect("begin");
+    store.lock_claim(&mut tx, &storage_key, claim_id).await.expect("lock");
+    tokio::time::sleep(Duration::from_millis(700)).await; // the step runs past the lease
+
+    let contender = {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim(claim_request(&key, None, LONG)).await })
+    };
+    // The contender's claim is queued on the row lock (seen by the server, not guessed).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        )
+        .fetch_one(store.pool())
+        .await
+        .expect("pg_stat_activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the contender never queued on the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    store.set_recovery_point(&mut tx, &storage_key, claim_id, "step-1").await.expect("recovery point");
+    tx.commit().await.expect("commit");
+    let outcome = contender.await.expect("task").expect("claim");
+    assert!(matches!(outcome, ClaimOutcome::InProgress(_)), "the holder is alive between steps: {outcome:?}");
+    store.touch(&storage_key, claim_id, LONG).await.expect("still the holder");
+}
+
 /// A multi-step operation: step one commits with a recovery point, the process "dies"
 /// (its guard is abandoned), and the retry takes over and resumes at step two.
 #[tokio::test]
@@ -417,4 +456,106 @@ async fn the_relaxed_commit_of_a_replay_does_not_outlive_its_statement() {
     let setting: String =
         query_scalar("SELECT current_setting('synchronous_commit')").fetch_one(store.pool()).await.expect("show");
     assert_eq!(setting, "on", "the one pooled connection is back to the server's setting");
+}
+
+/// The listener's connection is reset (an RST, not an orderly close): the listener
+/// reconnects and the waiter is woken, by the completion's NOTIFY or by the wake-up of
+/// every waiter after reconnecting, not by its hourly poll. Before, the dead listener kept
+/// the listen pool's only connection and every reconnect timed out, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_are_woken_after_the_listeners_connection_is_reset() {
+    use tokio::net::{TcpListener, TcpStream};
+    let url = common::database_url().await.to_string();
+    let port: u16 = url
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .expect("the URL's port");
+    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_port = proxy.local_addr().expect("addr").port();
+    let (reset_tx, reset_rx) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = proxy.accept().await {
+            let mut reset = reset_rx.clone();
+            reset.borrow_and_update();
+            tokio::spawn(async move {
+                let Ok(mut server) = TcpStream::connect(("127.0.0.1", port)).await else { return };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    _ = reset.changed() => {
+                        // Linger zero: closing sends an RST.
+                        let _ = client.set_zero_linger();
+                    }
+                }
+            });
+        }
+    });
+    let proxied = url.replace(&format!(":{port}/"), &format!(":{proxy_port}/"));
+    let a = common::fresh_store().await;
+    let options = common::fresh_options().table(a.table()).acquire_timeout(Duration::from_secs(1));
+    let b = PostgresStore::connect(&proxied, options).await.expect("connect through the proxy");
+    tokio::time::timeout(Duration::from_secs(10), b.subscribe(&storage_key(&IdempotencyKey::uuid_v4())))
+        .await
+        .expect("the listener starts");
+    reset_tx.send(1).expect("reset every proxied connection");
+
+    let holder = Oncely::builder(a.clone()).lease(Duration::from_secs(600)).build().expect("valid");
+    let waiter = Oncely::builder(b)
+        .lease(Duration::from_secs(600))
+        .conflict_mode(ConflictMode::Wait { timeout: Duration::from_secs(600) })
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .expect("valid");
+    let key = IdempotencyKey::uuid_v4();
+    let Acquired::Execute(guard) = holder.acquire(&key, None).await.expect("acquire") else { panic!("new key") };
+    let waiting = {
+        let key = key.clone();
+        tokio::spawn(async move { waiter.acquire(&key, None).await.map(|a| matches!(a, Acquired::Replay(_))) })
+    };
+    let table = a.table().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let waited: bool = query_scalar(AssertSqlSafe(format!("SELECT waited FROM {table} WHERE storage_key = $1")))
+            .bind(guard.storage_key().as_bytes().as_slice())
+            .fetch_one(a.pool())
+            .await
+            .expect("read the flag");
+        if waited {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the waiter never subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    guard.complete(Bytes::from_static(b"done")).await.expect("complete");
+    let replayed = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiter is woken without its hourly poll")
+        .expect("task")
+        .expect("acquire");
+    assert!(replayed, "the waiter replays the completion");
+}
+
+/// Completing through the guard (the pool) while the holder's own transaction holds the
+/// record is refused as a mistake at once, not reported as "unavailable": the engine would
+/// have retried that in the background and completed the record after the transaction,
+/// and its effect, rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn completing_beside_the_holders_own_transaction_is_refused() {
+    let store = common::fresh_store().await;
+    let effects = format!("{}_fx", store.table());
+    store.pool().execute(AssertSqlSafe(format!("CREATE TABLE {effects} (k text)"))).await.expect("create");
+    let oncely = Oncely::new(store.clone());
+    let key = IdempotencyKey::uuid_v4();
+    let Acquired::Execute(guard) = oncely.acquire(&key, None).await.expect("acquire") else { panic!("new key") };
+    let (storage_key, claim_id) = (*guard.storage_key(), guard.claim_id());
+    let mut tx = store.pool().begin().await.expect("begin");
+    store.lock_claim(&mut tx, &storage_key, claim_id).await.expect("lock");
+    query(AssertSqlSafe(format!("INSERT INTO {effects} VALUES ('x')"))).execute(&mut *tx).await.expect("effect");
+    let wrong = guard.complete(Bytes::from_static(b"\"placed\"")).await; // should be complete_in
+    assert!(matches!(wrong, Err(Error::Store(StoreError::InvalidRequest(_)))), "{wrong:?}");
+    tx.rollback().await.expect("the caller's `?` rolls back");
+    let record = store.get(&storage_key).await.expect("get").expect("the record");
+    assert!(matches!(record.state, RecordState::InProgress { .. }), "nothing completed: {record:?}");
+    // No background retry was started: the claim is still the holder's to complete.
+    store.complete(&storage_key, claim_id, Bytes::from_static(b"\"placed\""), LONG).await.expect("now it can");
 }
