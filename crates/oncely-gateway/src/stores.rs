@@ -10,6 +10,7 @@
 //!
 //! Further stores plug in here, in [`open`], without touching the proxy.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -177,10 +178,23 @@ fn redact_password_parameter(url: &str) -> String {
     format!("{base}?{}", pairs.join("&"))
 }
 
-/// Times every store call into `oncely_store_seconds{op}`.
+/// Times every store call into `oncely_store_seconds{op}`, and bounds the request path's
+/// calls by [`CALL_TIMEOUT`].
 struct Instrumented(DynStore);
 
-fn timed<T>(op: &'static str, started: Instant, result: T) -> T {
+/// The longest a request-path store call may take, whatever the store's own timeouts: a
+/// connection that went silent (a half-open TCP connection, which no server-side
+/// statement timeout notices) answers 503 after this, not after the kernel gives up on it
+/// minutes later. Above every store's own bound (PostgreSQL: 5 s to get a connection plus
+/// a 5 s statement timeout; Redis: 1 s per command; SQLite: a 5 s busy timeout).
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn timed<T>(op: &'static str, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    let started = Instant::now();
+    let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::unavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
+    };
     metrics::histogram!("oncely_store_seconds", "op" => op).record(started.elapsed().as_secs_f64());
     result
 }
@@ -188,8 +202,7 @@ fn timed<T>(op: &'static str, started: Instant, result: T) -> T {
 #[async_trait]
 impl Store for Instrumented {
     async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        let started = Instant::now();
-        timed("claim", started, self.0.claim(request).await)
+        timed("claim", self.0.claim(request)).await
     }
 
     async fn complete(
@@ -199,28 +212,23 @@ impl Store for Instrumented {
         payload: Bytes,
         retention: Duration,
     ) -> Result<(), StoreError> {
-        let started = Instant::now();
-        timed("complete", started, self.0.complete(key, claim_id, payload, retention).await)
+        timed("complete", self.0.complete(key, claim_id, payload, retention)).await
     }
 
     async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError> {
-        let started = Instant::now();
-        timed("release", started, self.0.release(key, claim_id).await)
+        timed("release", self.0.release(key, claim_id)).await
     }
 
     async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
-        let started = Instant::now();
-        timed("touch", started, self.0.touch(key, claim_id, lease).await)
+        timed("touch", self.0.touch(key, claim_id, lease)).await
     }
 
     async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
-        let started = Instant::now();
-        timed("get", started, self.0.get(key).await)
+        timed("get", self.0.get(key)).await
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        let started = Instant::now();
-        timed("delete", started, self.0.delete(key).await)
+        timed("delete", self.0.delete(key)).await
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
@@ -232,8 +240,7 @@ impl Store for Instrumented {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let started = Instant::now();
-        timed("ping", started, self.0.ping().await)
+        timed("ping", self.0.ping()).await
     }
 
     async fn first_seen(
@@ -243,7 +250,7 @@ impl Store for Instrumented {
         scope: &Scope,
         window: Duration,
     ) -> Result<bool, StoreError> {
-        self.0.first_seen(storage_key, key, scope, window).await
+        timed("first_seen", self.0.first_seen(storage_key, key, scope, window)).await
     }
 
     async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
@@ -258,6 +265,12 @@ impl Store for Instrumented {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_store_call_that_never_answers_is_unavailable() {
+        let silent = std::future::pending::<Result<(), StoreError>>();
+        assert!(matches!(timed("claim", silent).await, Err(StoreError::Unavailable(_))));
+    }
 
     #[test]
     fn passwords_are_redacted_from_messages() {
