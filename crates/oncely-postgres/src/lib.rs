@@ -144,6 +144,7 @@ use oncely::{
 use sqlx_core::executor::Executor;
 use sqlx_core::pool::PoolOptions;
 use sqlx_core::query::query;
+use sqlx_core::query_scalar::query_scalar;
 use sqlx_core::row::Row;
 use sqlx_core::sql_str::SqlStr;
 use sqlx_postgres::{PgConnectOptions, PgListener, PgRow};
@@ -500,6 +501,20 @@ impl PostgresStore {
 /// Creates the table and its index when missing, in one transaction under an advisory
 /// lock, checking on the way that a table already there has the columns this version uses.
 async fn migrate(pool: &PgPool, sql: &Sql) -> Result<(), StoreError> {
+    // A reserved word (`order`, `user`) passes the identifier check but cannot name a table
+    // unquoted: say so, rather than fail the migration with a syntax error (a 503).
+    let reserved: bool =
+        query_scalar("SELECT EXISTS (SELECT 1 FROM pg_get_keywords() WHERE word = $1 AND catcode IN ('R', 'T'))")
+            .bind(sql.table.as_str())
+            .fetch_one(pool)
+            .await
+            .map_err(pg_error)?;
+    if reserved {
+        return Err(StoreError::InvalidRequest(format!(
+            "table name {:?} is a reserved word in PostgreSQL; choose another",
+            sql.table.as_str()
+        )));
+    }
     let mut tx = pool.begin().await.map_err(pg_error)?;
     for statement in &sql.migrate {
         match (&mut *tx).execute(statement.clone()).await {

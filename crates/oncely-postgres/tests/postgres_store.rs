@@ -559,3 +559,17 @@ async fn completing_beside_the_holders_own_transaction_is_refused() {
     // No background retry was started: the claim is still the holder's to complete.
     store.complete(&storage_key, claim_id, Bytes::from_static(b"\"placed\""), LONG).await.expect("now it can");
 }
+
+/// A reserved word passes the identifier check but cannot name a table: refused as an
+/// invalid request at connect, not a syntax error reported as "unavailable".
+#[tokio::test]
+async fn a_reserved_word_is_refused_as_a_table_name() {
+    for reserved in ["order", "user", "select"] {
+        let result =
+            PostgresStore::connect(common::database_url().await, common::fresh_options().table(reserved)).await;
+        assert!(
+            matches!(&result, Err(StoreError::InvalidRequest(m)) if m.contains("reserved")),
+            "{reserved}: {result:?}"
+        );
+    }
+}
