@@ -515,6 +515,25 @@ async fn migrate(pool: &PgPool, sql: &Sql) -> Result<(), StoreError> {
             sql.table.as_str()
         )));
     }
+    // Already there (the usual start): check the columns and change nothing. No DDL, so no
+    // table lock queued behind running transactions, and a role with only the rights to
+    // read and write the table can start the store.
+    let t = sql.table.as_str();
+    let present: bool = query_scalar("SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL")
+        .bind(t)
+        .bind(format!("{t}_by_expiry"))
+        .fetch_one(pool)
+        .await
+        .map_err(pg_error)?;
+    if present {
+        return match pool.execute(sql.check_columns.clone()).await {
+            Ok(_) => Ok(()),
+            Err(sqlx_core::Error::Database(e)) if e.code().as_deref() == Some("42703") => {
+                Err(StoreError::Corrupt(format!("table {t} exists but is not an Oncely records table: {e}")))
+            }
+            Err(e) => Err(pg_error(e)),
+        };
+    }
     let mut tx = pool.begin().await.map_err(pg_error)?;
     for statement in &sql.migrate {
         match (&mut *tx).execute(statement.clone()).await {

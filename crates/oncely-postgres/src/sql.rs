@@ -106,6 +106,8 @@ fn record_columns() -> String {
 pub(crate) struct Sql {
     pub(crate) table: TableName,
     pub(crate) migrate: Vec<SqlStr>,
+    /// The migration's column check alone, for a table and index that already exist.
+    pub(crate) check_columns: SqlStr,
     pub(crate) claim: SqlStr,
     pub(crate) complete: SqlStr,
     pub(crate) release: SqlStr,
@@ -337,9 +339,17 @@ impl Sql {
             recovery_point: stmt(format!(
                 "SELECT recovery_point FROM {t} WHERE storage_key = $1 AND expires_at > now()"
             )),
+            check_columns: stmt(check_columns(t)),
             table,
         }
     }
+}
+
+fn check_columns(t: &str) -> String {
+    format!(
+        "SELECT storage_key, key, scope, fingerprint, created_at, expires_at, claim_id, lease_until, \
+         lease_us, payload, completed_at, hits, attempt, recovery_point, waited FROM {t} LIMIT 0"
+    )
 }
 
 #[cfg(test)]

@@ -573,3 +573,24 @@ async fn a_reserved_word_is_refused_as_a_table_name() {
         );
     }
 }
+
+/// A role that may only read and write an existing table starts the store: an existing
+/// table and index are checked, not created again (no DDL, so no ownership needed and no
+/// table lock queued behind running transactions).
+#[tokio::test]
+async fn a_role_without_ddl_rights_starts_on_an_existing_table() {
+    let owner = common::fresh_store().await;
+    let role = unique_name("app");
+    let table = owner.table().to_string();
+    for statement in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role}"),
+        format!("REVOKE CREATE ON SCHEMA public FROM {role}"),
+    ] {
+        owner.pool().execute(AssertSqlSafe(statement)).await.expect("set up the role");
+    }
+    let url = common::database_url().await.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let store = PostgresStore::connect(&url, common::fresh_options().table(&table)).await.expect("the role connects");
+    let request = claim_request(&IdempotencyKey::uuid_v4(), None, LONG);
+    assert_eq!(store.claim(request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+}
