@@ -182,7 +182,9 @@ impl<St: Store> IdempotencyLayer<St> {
     }
 
     /// When the store fails: `false` (default) answers 503 with `Retry-After`; `true`
-    /// passes the request through without idempotency, and logs it.
+    /// passes the request through without idempotency, and logs it, while the store cannot
+    /// answer (unavailable, or full). A store that answers with a damaged record is never
+    /// passed through: the operation may have completed.
     pub fn fail_open(self, open: bool) -> Self {
         self.with(|s| s.fail_open = open)
     }

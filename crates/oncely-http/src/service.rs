@@ -12,7 +12,7 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, BodyStream, Either, Full, LengthLimitError, Limited, StreamBody};
-use oncely::{Acquired, ClaimGuard, Error, IdempotencyKey, Oncely, Record, RecordState, Store};
+use oncely::{Acquired, ClaimGuard, Error, IdempotencyKey, Oncely, Record, RecordState, Store, StoreError};
 use tower_service::Service;
 
 use crate::layer::{IdempotencyLayer, Settings};
@@ -229,7 +229,9 @@ where
             let detail = "this key was used for a request with another method, path, content type or body";
             return Ok(problem(ProblemKind::KeyReused, detail, None));
         }
-        Err(e) if settings.fail_open => {
+        // Fail-open passes requests through only while the store cannot answer (or is
+        // full); a store that answered with a damaged record may hold a completion.
+        Err(e @ Error::Store(StoreError::Unavailable(_) | StoreError::Capacity { .. })) if settings.fail_open => {
             tracing::warn!(%key, error = %e, "idempotency store failed; passing the request through (fail-open)");
             count("failed_open");
             let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;

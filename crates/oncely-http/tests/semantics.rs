@@ -461,42 +461,43 @@ async fn a_response_over_the_storage_cap_reaches_the_client_and_is_never_rerun()
     assert_eq!(c.executions.load(Ordering::SeqCst), 1);
 }
 
-/// A store whose every call fails as an unreachable server would: fault injection for
-/// the fail-closed/fail-open rows (not a stand-in for any supported store).
-struct Unreachable;
+/// A store whose every call fails with one error (`down`: as an unreachable server
+/// would): fault injection for the fail-closed/fail-open rows (not a stand-in for any
+/// supported store).
+struct Failing(fn() -> StoreError);
 
 fn down() -> StoreError {
     StoreError::unavailable(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused"))
 }
 
 #[async_trait]
-impl Store for Unreachable {
+impl Store for Failing {
     async fn claim(&self, _: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        Err(down())
+        Err((self.0)())
     }
     async fn complete(&self, _: &StorageKey, _: ClaimId, _: Bytes, _: Duration) -> Result<(), StoreError> {
-        Err(down())
+        Err((self.0)())
     }
     async fn release(&self, _: &StorageKey, _: ClaimId) -> Result<(), StoreError> {
-        Err(down())
+        Err((self.0)())
     }
     async fn touch(&self, _: &StorageKey, _: ClaimId, _: Duration) -> Result<(), StoreError> {
-        Err(down())
+        Err((self.0)())
     }
     async fn get(&self, _: &StorageKey) -> Result<Option<Record>, StoreError> {
-        Err(down())
+        Err((self.0)())
     }
     async fn delete(&self, _: &StorageKey) -> Result<bool, StoreError> {
-        Err(down())
+        Err((self.0)())
     }
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        Err(down())
+        Err((self.0)())
     }
     async fn stats(&self) -> Result<StoreStats, StoreError> {
-        Err(down())
+        Err((self.0)())
     }
     async fn first_seen(&self, _: &StorageKey, _: &IdempotencyKey, _: &Scope, _: Duration) -> Result<bool, StoreError> {
-        Err(down())
+        Err((self.0)())
     }
     fn subscribe(&self, _: &StorageKey) -> Notified {
         Box::pin(std::future::ready(()))
@@ -506,18 +507,26 @@ impl Store for Unreachable {
 #[tokio::test]
 async fn an_unreachable_store_fails_closed_with_503_or_open_if_configured() {
     let counters = Shared::default();
-    let closed = routes(&counters).layer(IdempotencyLayer::new(Oncely::new(Unreachable)));
+    let closed = routes(&counters).layer(IdempotencyLayer::new(Oncely::new(Failing(down))));
     let answer = send(&closed, post_with("k", "{}")).await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(answer.problem_type(), "urn:oncely:problem:store-unavailable");
     assert_eq!(answer.headers["retry-after"], "1");
     assert_eq!(counters.executions.load(Ordering::SeqCst), 0, "fail-closed runs nothing");
 
-    let open = routes(&counters).layer(IdempotencyLayer::new(Oncely::new(Unreachable)).fail_open(true));
+    let open = routes(&counters).layer(IdempotencyLayer::new(Oncely::new(Failing(down))).fail_open(true));
     let answer = send(&open, post_with("k", r#"{"amount":1}"#)).await;
     assert_eq!(answer.status, StatusCode::CREATED);
     assert!(String::from_utf8_lossy(&answer.body).contains("\"body_len\":12"), "the buffered body reaches the handler");
     assert_eq!(counters.executions.load(Ordering::SeqCst), 1);
+
+    // Fail-open is for a store that cannot answer. One that answers with a damaged record
+    // (the operation may have completed) is never passed through.
+    let damaged = || StoreError::Corrupt("a record's key holds another kind of value".into());
+    let open = routes(&counters).layer(IdempotencyLayer::new(Oncely::new(Failing(damaged))).fail_open(true));
+    let answer = send(&open, post_with("k", r#"{"amount":1}"#)).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(counters.executions.load(Ordering::SeqCst), 1, "nothing more ran");
 }
 
 #[tokio::test]
@@ -571,7 +580,7 @@ async fn composes_with_tower_timeout_and_concurrency_limit() {
 #[tokio::test]
 async fn handlers_see_the_key_under_a_custom_header_even_when_failing_open() {
     let counters = Shared::default();
-    let layer = IdempotencyLayer::new(Oncely::new(Unreachable))
+    let layer = IdempotencyLayer::new(Oncely::new(Failing(down)))
         .header_name(axum::http::HeaderName::from_static("x-request-key"))
         .fail_open(true);
     let app = routes(&counters).layer(layer);

@@ -377,10 +377,15 @@ impl RedisStore {
     }
 }
 
-/// Every client error is "unavailable": whether the command took effect is unknown, and
-/// the HTTP layer answers 503 (connection refused or reset, timeouts, `READONLY`, `OOM`,
-/// `CLUSTERDOWN`, `TRYAGAIN`, `LOADING`, `MASTERDOWN`).
+/// A client error is "unavailable": whether the command took effect is unknown, and the
+/// HTTP layer answers 503 (connection refused or reset, timeouts, `READONLY`, `OOM`,
+/// `CLUSTERDOWN`, `TRYAGAIN`, `LOADING`, `MASTERDOWN`). Except `WRONGTYPE`: something else
+/// wrote a value of another type at a record's key, which no retry mends; that is a
+/// corrupt record (still refused by the HTTP layer, but not as the store being down).
 fn unavailable(error: RedisError) -> StoreError {
+    if error.code() == Some("WRONGTYPE") {
+        return StoreError::Corrupt(format!("a record's key holds another kind of value: {error}"));
+    }
     StoreError::unavailable(error)
 }
 

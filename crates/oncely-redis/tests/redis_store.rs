@@ -311,3 +311,15 @@ async fn a_record_outlives_its_lease_even_with_a_shorter_retention() {
     let second = store.claim(claim_request(&key, None, Duration::from_secs(30))).await.expect("claim");
     assert!(matches!(second, ClaimOutcome::InProgress(_)), "{second:?}");
 }
+
+/// A record's key overwritten with another type (by something other than the store) is a
+/// corrupt record, not "Redis is down".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_is_corrupt_not_unavailable() {
+    let server = RedisServer::shared();
+    let store = store_at(&server.url()).await;
+    let request = claim_request(&unique_key(), None, Duration::from_secs(30));
+    server.command(&["SET", &store.record_key(&request.storage_key), "not a hash"]);
+    let result = store.claim(request).await;
+    assert!(matches!(result, Err(StoreError::Corrupt(_))), "{result:?}");
+}
