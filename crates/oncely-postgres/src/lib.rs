@@ -223,7 +223,9 @@ impl PostgresOptions {
 
     /// The server-side `statement_timeout` of the pool's sessions (default 5 s): a
     /// statement running longer is cancelled and the call fails with
-    /// [`StoreError::Unavailable`]. `None` leaves the server's setting.
+    /// [`StoreError::Unavailable`]. `None` leaves the server's setting; zero, as in
+    /// PostgreSQL, disables the timeout (rather than cancelling every statement at once);
+    /// anything else is rounded up to whole milliseconds.
     /// [`connect`](PostgresStore::connect) only.
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.statement_timeout = timeout;
@@ -321,7 +323,9 @@ impl PostgresStore {
         }
         let mut connect: PgConnectOptions = url.parse().map_err(pg_error)?;
         if let Some(timeout) = options.statement_timeout {
-            connect = connect.options([("statement_timeout", format!("{}ms", timeout.as_millis().max(1)))]);
+            // PostgreSQL reads 0 as "no timeout"; a sub-millisecond one would round down to it.
+            let ms = if timeout.is_zero() { 0 } else { timeout.as_nanos().div_ceil(1_000_000) };
+            connect = connect.options([("statement_timeout", format!("{ms}ms"))]);
         }
         connect = connect.application_name("oncely");
         let pool = PoolOptions::<Postgres>::new()
