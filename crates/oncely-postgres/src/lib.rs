@@ -394,7 +394,10 @@ impl PostgresStore {
     /// the same key by a duplicate request waits for the transaction too: keep such
     /// transactions short. The engine's lease renewal ([`oncely::ClaimGuard::keep_alive`])
     /// does not wait for this lock (it skips a locked record, which nobody can take over
-    /// anyway).
+    /// anyway); instead this call renews the lease, by its length, from the moment it runs,
+    /// and so does [`set_recovery_point`](Self::set_recovery_point): call that last in a
+    /// step's transaction, so the record a queued claim re-reads at the commit has a live
+    /// lease.
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`] when `claim_id` no longer holds the key (taken over,
@@ -423,7 +426,8 @@ impl PostgresStore {
     /// Records that the steps up to `point` are done, in the caller's transaction, so it
     /// commits (or not) with the writes of those steps. A retry that takes the key over
     /// gets `point` back from [`lock_claim`](Self::lock_claim). Any text will do: a step's
-    /// name, or JSON carrying what the next step needs.
+    /// name, or JSON carrying what the next step needs. Renews the lease, as `lock_claim`
+    /// does.
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`] when `claim_id` no longer holds the key: roll back.
