@@ -315,10 +315,14 @@ impl Sql {
             )),
             // Marks a live in-progress record as waited for (so its change notifies) and
             // tells whether there is one to wait for.
+            //
+            // Committed without waiting for the WAL flush: a mark lost with a server crash
+            // costs nothing (the listener's reconnect wakes every waiter), and the flush
+            // would hold the hot row's lock that the holder's completion needs.
             subscribe: stmt(format!(
                 "UPDATE {t} SET waited = true
                  WHERE storage_key = $1 AND claim_id IS NOT NULL AND lease_until > now() AND expires_at > now()
-                 RETURNING 1"
+                 RETURNING 1, set_config('synchronous_commit', 'off', true)"
             )),
             // Inside the caller's transaction: the holder's record, locked until commit. Both
             // renew the lease (by the length of the last claim or touch, from the statement's
