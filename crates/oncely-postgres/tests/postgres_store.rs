@@ -395,6 +395,47 @@ async fn a_waiter_is_woken_by_another_stores_completion() {
     }
 }
 
+/// A waiter in wait mode on store `b` (polling only hourly) meets a key held through store
+/// `a`; once the waiter has marked the record (before that, a completion would not
+/// notify), `a` completes it, and the waiter must be woken and replay: by NOTIFY, or by
+/// `b`'s listener waking everyone after a reconnect, never by its poll.
+async fn a_waiter_on_b_is_woken_by_a_completion_on_a(a: PostgresStore, b: PostgresStore) {
+    let holder = Oncely::builder(a.clone()).lease(Duration::from_secs(600)).build().expect("valid");
+    let waiter = Oncely::builder(b)
+        .lease(Duration::from_secs(600))
+        .conflict_mode(ConflictMode::Wait { timeout: Duration::from_secs(600) })
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .expect("valid");
+    let key = IdempotencyKey::uuid_v4();
+    let Acquired::Execute(guard) = holder.acquire(&key, None).await.expect("acquire") else { panic!("new key") };
+    let waiting = {
+        let key = key.clone();
+        tokio::spawn(async move { waiter.acquire(&key, None).await.map(|a| matches!(a, Acquired::Replay(_))) })
+    };
+    let table = a.table().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let waited: bool = query_scalar(AssertSqlSafe(format!("SELECT waited FROM {table} WHERE storage_key = $1")))
+            .bind(guard.storage_key().as_bytes().as_slice())
+            .fetch_one(a.pool())
+            .await
+            .expect("read the flag");
+        if waited {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the waiter never subscribed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    guard.complete(Bytes::from_static(b"done")).await.expect("complete");
+    let replayed = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiter is woken without its hourly poll")
+        .expect("task")
+        .expect("acquire");
+    assert!(replayed, "the waiter replays the completion");
+}
+
 /// The waiter's listener loses its connection when the server restarts; it reconnects
 /// and listens again by itself, so a waiter that subscribes after the restart is still
 /// woken by NOTIFY (or by the listener's wake-up of every waiter after reconnecting),
@@ -414,38 +455,7 @@ async fn waiters_are_woken_after_the_listener_reconnects() {
     server.stop();
     server.start_again().await;
 
-    let holder = Oncely::builder(a).lease(Duration::from_secs(600)).build().expect("valid");
-    let waiter = Oncely::builder(b)
-        .lease(Duration::from_secs(600))
-        .conflict_mode(ConflictMode::Wait { timeout: Duration::from_secs(600) })
-        .poll_interval(Duration::from_secs(3600))
-        .build()
-        .expect("valid");
-    let key = IdempotencyKey::uuid_v4();
-    let Acquired::Execute(guard) = holder.acquire(&key, None).await.expect("acquire") else { panic!("new key") };
-    let waiting = {
-        let key = key.clone();
-        tokio::spawn(async move { waiter.acquire(&key, None).await.map(|a| matches!(a, Acquired::Replay(_))) })
-    };
-    // Until the waiter has marked the record, a completion would not notify.
-    let pool = holder.store().pool().clone();
-    let table = holder.store().table().to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let waited: bool = query_scalar(AssertSqlSafe(format!("SELECT waited FROM {table} WHERE storage_key = $1")))
-            .bind(guard.storage_key().as_bytes().as_slice())
-            .fetch_one(&pool)
-            .await
-            .expect("read the flag");
-        if waited {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the waiter never subscribed");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    guard.complete(Bytes::from_static(b"after the restart")).await.expect("complete");
-    let woken = tokio::time::timeout(Duration::from_secs(15), waiting).await;
-    assert!(woken.expect("woken, not left to the hourly poll").expect("task").expect("acquire"), "a replay");
+    a_waiter_on_b_is_woken_by_a_completion_on_a(a, b).await;
 }
 
 /// A replay commits without waiting for its WAL flush (a hit count need not survive a
@@ -505,40 +515,7 @@ async fn waiters_are_woken_after_the_listeners_connection_is_reset() {
         .expect("the listener starts");
     reset_tx.send(1).expect("reset every proxied connection");
 
-    let holder = Oncely::builder(a.clone()).lease(Duration::from_secs(600)).build().expect("valid");
-    let waiter = Oncely::builder(b)
-        .lease(Duration::from_secs(600))
-        .conflict_mode(ConflictMode::Wait { timeout: Duration::from_secs(600) })
-        .poll_interval(Duration::from_secs(3600))
-        .build()
-        .expect("valid");
-    let key = IdempotencyKey::uuid_v4();
-    let Acquired::Execute(guard) = holder.acquire(&key, None).await.expect("acquire") else { panic!("new key") };
-    let waiting = {
-        let key = key.clone();
-        tokio::spawn(async move { waiter.acquire(&key, None).await.map(|a| matches!(a, Acquired::Replay(_))) })
-    };
-    let table = a.table().to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let waited: bool = query_scalar(AssertSqlSafe(format!("SELECT waited FROM {table} WHERE storage_key = $1")))
-            .bind(guard.storage_key().as_bytes().as_slice())
-            .fetch_one(a.pool())
-            .await
-            .expect("read the flag");
-        if waited {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the waiter never subscribed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    guard.complete(Bytes::from_static(b"done")).await.expect("complete");
-    let replayed = tokio::time::timeout(Duration::from_secs(20), waiting)
-        .await
-        .expect("the waiter is woken without its hourly poll")
-        .expect("task")
-        .expect("acquire");
-    assert!(replayed, "the waiter replays the completion");
+    a_waiter_on_b_is_woken_by_a_completion_on_a(a, b).await;
 }
 
 /// Completing through the guard (the pool) while the holder's own transaction holds the
