@@ -6,10 +6,10 @@
 
 use std::fmt;
 
-use serde::de::{MapAccess, Visitor};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
+
+mod canonical;
 
 /// A 32-byte SHA-256 digest of a request's content.
 ///
@@ -69,12 +69,16 @@ impl Fingerprint {
     ///
     /// So a match means the two documents have the same meaning to any JSON parser.
     ///
+    /// **Hostile input**: the document is read without recursion, in time linear in its
+    /// size (plus sorting each object's members) and memory linear in it, so any nesting
+    /// depth is safe on any thread. It is still CPU work proportional to the body: HTTP
+    /// callers run large bodies off the async worker threads (`oncely-http` does).
+    ///
     /// # Errors
     /// The parse error when `json` is not a JSON document.
     pub fn from_json(json: &[u8]) -> Result<Self, serde_json::Error> {
-        let document: &RawValue = serde_json::from_slice(json)?;
         let mut canonical = Vec::with_capacity(json.len());
-        if write_canonical_text(document, &mut canonical)? {
+        if canonical::write_canonical(json, &mut canonical)? {
             Ok(Self::from_bytes(&canonical))
         } else {
             Ok(Self::from_parts(&[b"json with duplicate keys", json]))
@@ -100,10 +104,7 @@ impl Fingerprint {
     /// The serializer's error when `value` cannot be represented as JSON (a map with
     /// non-string keys, say).
     pub fn from_serialize<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
-        let value = serde_json::to_value(value)?;
-        let mut canonical = Vec::with_capacity(128);
-        write_canonical(&value, &mut canonical)?;
-        Ok(Self::from_bytes(&canonical))
+        Self::from_json(&serde_json::to_vec(value)?)
     }
 
     /// Wraps a digest read back from a store.
@@ -120,113 +121,6 @@ impl Fingerprint {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
-}
-
-/// Writes the document `raw` with object keys sorted, no whitespace, strings re-escaped
-/// and every number as written. False when an object has a duplicate key.
-fn write_canonical_text(raw: &RawValue, out: &mut Vec<u8>) -> Result<bool, serde_json::Error> {
-    let text = raw.get();
-    match text.as_bytes().first() {
-        Some(b'{') => {
-            let Entries(mut entries) = serde_json::from_str(text)?;
-            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            if entries.windows(2).any(|w| w[0].0 == w[1].0) {
-                return Ok(false);
-            }
-            out.push(b'{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut *out, &key)?;
-                out.push(b':');
-                if !write_canonical_text(item, out)? {
-                    return Ok(false);
-                }
-            }
-            out.push(b'}');
-        }
-        Some(b'[') => {
-            let items: Vec<&RawValue> = serde_json::from_str(text)?;
-            out.push(b'[');
-            for (i, item) in items.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                if !write_canonical_text(item, out)? {
-                    return Ok(false);
-                }
-            }
-            out.push(b']');
-        }
-        Some(b'"') => {
-            let string: String = serde_json::from_str(text)?;
-            serde_json::to_writer(&mut *out, &string)?;
-        }
-        // Numbers, true, false, null: exactly as written (RawValue holds no whitespace).
-        _ => out.extend_from_slice(text.as_bytes()),
-    }
-    Ok(true)
-}
-
-/// An object's members in document order, duplicates kept.
-struct Entries<'a>(Vec<(String, &'a RawValue)>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Entries<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Members<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for Members<'a> {
-            type Value = Entries<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
-                    entries.push(entry);
-                }
-                Ok(Entries(entries))
-            }
-        }
-        deserializer.deserialize_map(Members(std::marker::PhantomData))
-    }
-}
-
-/// Writes `value` with object keys sorted and no whitespace.
-///
-/// Keys are sorted here rather than trusting `serde_json::Map` to be a `BTreeMap`: any
-/// crate in a build that enables serde_json's `preserve_order` feature turns it into an
-/// insertion-ordered map for everyone, which would silently change fingerprints.
-fn write_canonical(value: &serde_json::Value, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
-    use serde_json::Value;
-    match value {
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(item, out)?;
-            }
-            out.push(b']');
-        }
-        Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push(b'{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut *out, key)?;
-                out.push(b':');
-                write_canonical(item, out)?;
-            }
-            out.push(b'}');
-        }
-        leaf => serde_json::to_writer(&mut *out, leaf)?,
-    }
-    Ok(())
 }
 
 impl fmt::Debug for Fingerprint {
