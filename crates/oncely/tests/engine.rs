@@ -247,17 +247,25 @@ async fn an_outcome_that_does_not_encode_is_returned_once_and_never_run_again() 
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
-/// A memory store whose `complete` is unreachable until `outage` is switched off.
+/// A memory store whose `complete` is unreachable until `outage` is switched off (and its
+/// `claim` too, with `claims_fail`). `log` records the calls that reached the store.
+#[derive(Default)]
 struct CompleteOutage {
     inner: MemoryStore,
     outage: std::sync::atomic::AtomicBool,
+    claims_fail: std::sync::atomic::AtomicBool,
     attempts: AtomicUsize,
     landed: tokio::sync::Notify,
+    log: Mutex<Vec<(&'static str, oncely::StorageKey)>>,
 }
 
 #[async_trait::async_trait]
 impl oncely::Store for CompleteOutage {
     async fn claim(&self, request: oncely::ClaimRequest) -> Result<oncely::ClaimOutcome, StoreError> {
+        if self.claims_fail.load(Ordering::SeqCst) {
+            return Err(StoreError::unavailable("connection refused"));
+        }
+        self.log.lock().expect("log").push(("claim", request.storage_key));
         self.inner.claim(request).await
     }
     async fn complete(
@@ -271,6 +279,7 @@ impl oncely::Store for CompleteOutage {
         if self.outage.load(Ordering::SeqCst) {
             return Err(StoreError::unavailable("connection refused"));
         }
+        self.log.lock().expect("log").push(("complete", *key));
         let result = self.inner.complete(key, claim_id, payload, retention).await;
         self.landed.notify_one();
         result
@@ -308,12 +317,7 @@ impl oncely::Store for CompleteOutage {
 /// answers again, before its lease lapses: the retry replays instead of running it twice.
 #[tokio::test]
 async fn a_result_the_store_could_not_take_is_stored_when_it_answers_again() {
-    let store = Arc::new(CompleteOutage {
-        inner: MemoryStore::new(),
-        outage: true.into(),
-        attempts: AtomicUsize::new(0),
-        landed: tokio::sync::Notify::new(),
-    });
+    let store = Arc::new(CompleteOutage { outage: true.into(), ..CompleteOutage::default() });
     let oncely = Oncely::builder(store.clone()).lease(Duration::from_secs(60)).build().expect("settings");
     let runs = AtomicUsize::new(0);
     let op = || async {
@@ -331,4 +335,53 @@ async fn a_result_the_store_could_not_take_is_stored_when_it_answers_again() {
     assert!(again.replayed, "the retry replays the result stored late");
     assert_eq!(again.value, "charged");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// A store outage longer than the lease: the result the store could not take answers
+/// every retry through this engine, and is written before any new claim once the store
+/// is back, so a retry can never take the lapsed claim over and run the operation again.
+#[tokio::test]
+async fn an_outage_longer_than_the_lease_never_runs_an_operation_twice() {
+    let store = Arc::new(CompleteOutage { outage: true.into(), ..CompleteOutage::default() });
+    let lease = Duration::from_millis(400);
+    let oncely = Oncely::builder(store.clone()).lease(lease).build().expect("settings");
+    let runs = AtomicUsize::new(0);
+    let op = || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, Failure<String>>("charged".to_string())
+    };
+    let first = oncely.run(&key("a"), None, op).await.expect("the operation ran and its value is returned");
+    assert!(!first.replayed);
+    assert_eq!(oncely.deferred_completions().len(), 1, "the result is kept for the store");
+    store.claims_fail.store(true, Ordering::SeqCst);
+
+    // While the store is down, the retry is answered from the kept result; other work is
+    // refused without running.
+    let retry = oncely.run(&key("a"), None, op).await.expect("answered from the kept result");
+    assert!(retry.replayed);
+    assert_eq!(retry.value, "charged");
+    let other = oncely.run(&key("b"), None, op).await;
+    assert!(matches!(other, Err(RunError::Idempotency(Error::Store(StoreError::Unavailable(_))))), "{other:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // The outage outlasts the lease: the store alone would let a claim take "a" over.
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    store.outage.store(false, Ordering::SeqCst);
+    store.claims_fail.store(false, Ordering::SeqCst);
+    let after = oncely.run(&key("a"), None, op).await.expect("retry after the outage");
+    assert!(after.replayed, "never run twice");
+    let b = oncely.run(&key("b"), None, op).await.expect("new work runs once the store answers");
+    assert!(!b.replayed);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "a once, b once");
+    assert!(oncely.deferred_completions().is_empty());
+
+    let a = oncely.storage_key(&key("a"));
+    let b = oncely.storage_key(&key("b"));
+    let log = store.log.lock().expect("log").clone();
+    let stored_a = log.iter().position(|call| *call == ("complete", a)).expect("a's result reached the store");
+    let claimed_b = log.iter().position(|call| *call == ("claim", b)).expect("b was claimed");
+    assert!(stored_a < claimed_b, "the kept result is written before any new claim: {log:?}");
+    let later_claims_of_a: Vec<usize> =
+        log.iter().enumerate().filter(|(_, call)| **call == ("claim", a)).map(|(i, _)| i).skip(1).collect();
+    assert!(later_claims_of_a.iter().all(|&i| i > stored_a), "no claim of a before its result landed: {log:?}");
 }

@@ -98,6 +98,7 @@ pub struct OncelyBuilder<S> {
     config: Config,
     hooks: Hooks,
     background: Option<tokio_util::task::TaskTracker>,
+    deferred: super::DeferredCompletions,
     /// Whether `keep_alive_ceiling` was set; unset, it follows the retention.
     ceiling_set: bool,
 }
@@ -110,7 +111,14 @@ impl<S: fmt::Debug> fmt::Debug for OncelyBuilder<S> {
 
 impl<S: Store> OncelyBuilder<S> {
     pub(crate) fn new(store: S) -> Self {
-        Self { store, config: Config::default(), hooks: Hooks::default(), background: None, ceiling_set: false }
+        Self {
+            store,
+            config: Config::default(),
+            hooks: Hooks::default(),
+            background: None,
+            deferred: super::DeferredCompletions::new(),
+            ceiling_set: false,
+        }
     }
 
     /// How long results are kept for replay (default 24 h; at most [`MAX_RETENTION`]).
@@ -147,6 +155,15 @@ impl<S: Store> OncelyBuilder<S> {
     /// operation could run again once the lease lapses.
     pub fn track_background(mut self, tracker: tokio_util::task::TaskTracker) -> Self {
         self.background = Some(tracker);
+        self
+    }
+
+    /// Where results the store could not take are kept until it can (default: a registry
+    /// of this engine's own). Give engines on the same store one registry, so that each
+    /// writes every kept result before its next claim and one readiness check sees them
+    /// all. See [`DeferredCompletions`](super::DeferredCompletions).
+    pub fn deferred_completions(mut self, registry: super::DeferredCompletions) -> Self {
+        self.deferred = registry;
         self
     }
 
@@ -203,6 +220,7 @@ impl<S: Store> OncelyBuilder<S> {
             config: self.config,
             hooks: self.hooks,
             background: self.background,
+            deferred: self.deferred,
         }))
     }
 }

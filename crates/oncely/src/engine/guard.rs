@@ -6,7 +6,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::{ClaimId, Error, IdempotencyKey, Oncely, StorageKey, Store, StoreError};
+use crate::store::ClaimRequest;
+use crate::{ClaimId, Error, Fingerprint, IdempotencyKey, Oncely, Record, RecordState, StorageKey, Store, StoreError};
 
 /// A claim on a key, held while the caller runs the operation.
 ///
@@ -45,6 +46,7 @@ pub struct ClaimGuard<S: Store> {
     storage_key: StorageKey,
     key: IdempotencyKey,
     claim_id: ClaimId,
+    fingerprint: Option<Fingerprint>,
     takeover: bool,
     claimed_at: Instant,
     finished: bool,
@@ -61,14 +63,17 @@ impl<S: Store> std::fmt::Debug for ClaimGuard<S> {
 }
 
 impl<S: Store> ClaimGuard<S> {
-    pub(crate) fn new(
-        engine: Oncely<S>,
-        storage_key: StorageKey,
-        key: IdempotencyKey,
-        claim_id: ClaimId,
-        takeover: bool,
-    ) -> Self {
-        Self { engine, storage_key, key, claim_id, takeover, claimed_at: Instant::now(), finished: false }
+    pub(crate) fn new(engine: Oncely<S>, request: &ClaimRequest, takeover: bool) -> Self {
+        Self {
+            engine,
+            storage_key: request.storage_key,
+            key: request.key.clone(),
+            claim_id: request.claim_id,
+            fingerprint: request.fingerprint,
+            takeover,
+            claimed_at: Instant::now(),
+            finished: false,
+        }
     }
 
     /// The key held.
@@ -104,19 +109,19 @@ impl<S: Store> ClaimGuard<S> {
     /// Stores `payload` as the operation's result for every retry in the retention window.
     ///
     /// A store that is unreachable is tried three times, with 20 ms then 100 ms between.
-    /// If it is still unreachable, this returns the failure, and a background task (when
-    /// called inside a Tokio runtime; on the tracker given to
-    /// [`OncelyBuilder::track_background`](crate::OncelyBuilder::track_background), if any)
-    /// keeps trying about every 250 ms until the completion
-    /// lands, the claim is lost, or the retention passes. The operation has run: its
-    /// result must reach the store before the lease lapses and a retry takes the key
-    /// over, which would run it a second time. A store outage longer than the lease
-    /// leaves a window between the store's return and this task's next attempt in which
-    /// such a retry can win; the task keeps that window to one attempt interval.
+    /// If it is still unreachable, this returns the failure and the engine keeps the
+    /// result in its [`DeferredCompletions`](crate::engine::DeferredCompletions): retries
+    /// through this engine are answered from it, every claim first writes it, and a
+    /// background task (when called inside a Tokio runtime; on the tracker given to
+    /// [`OncelyBuilder::track_background`](crate::OncelyBuilder::track_background), if
+    /// any) keeps writing it about every 250 ms until it lands, the claim is lost, or the
+    /// retention passes. The operation has run: a retry must never take its key over and
+    /// run it a second time because the store was down for longer than the lease.
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`] when the claim was taken over (its write is rejected so
-    /// it cannot overwrite the new holder), or the store's failure.
+    /// it cannot overwrite the new holder), or the store's failure (the result is then
+    /// kept, as above).
     pub async fn complete(mut self, payload: Bytes) -> Result<(), Error> {
         self.finished = true;
         let retention = self.engine.config().retention;
@@ -130,7 +135,7 @@ impl<S: Store> ClaimGuard<S> {
                         tokio::time::sleep(pause).await;
                     }
                     None => {
-                        self.complete_in_background(payload, retention);
+                        self.keep_until_stored(payload, retention);
                         return Err(StoreError::Unavailable(e).into());
                     }
                 },
@@ -139,36 +144,45 @@ impl<S: Store> ClaimGuard<S> {
         }
     }
 
-    /// Keeps trying to store the result of an operation that ran while the store was
-    /// unreachable; see [`complete`](Self::complete).
-    fn complete_in_background(&self, payload: Bytes, retention: Duration) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let (engine, storage_key, claim_id, key) =
-            (self.engine.clone(), self.storage_key, self.claim_id, self.key.clone());
+    /// Keeps the result of an operation that ran while the store was unreachable, and
+    /// makes sure a background writer stores it; see [`complete`](Self::complete).
+    fn keep_until_stored(&self, payload: Bytes, retention: Duration) {
+        let record = Record {
+            storage_key: self.storage_key,
+            key: self.key.clone(),
+            scope: self.engine.scope().clone(),
+            fingerprint: self.fingerprint,
+            created_at: std::time::SystemTime::now() - self.claimed_at.elapsed(),
+            expires_at: std::time::SystemTime::now() + retention,
+            state: RecordState::InProgress { claim_id: self.claim_id, lease_until: std::time::SystemTime::now() },
+        };
+        let deferred = self.engine.deferred_completions();
+        deferred.keep(record, self.claim_id, payload, retention);
         metrics::counter!("oncely_completions_deferred_total").increment(1);
-        let retry = async move {
-            let give_up = tokio::time::Instant::now() + retention;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if !deferred.start_writer() {
+            return;
+        }
+        let engine = self.engine.clone();
+        let writer = async move {
+            let deferred = engine.deferred_completions();
             loop {
-                // 125–375 ms apart, jittered so that the operations cut off by one outage
+                // 125–375 ms apart, jittered so that the processes cut off by one outage
                 // do not all hit the store in the same instant when it returns.
                 let pause = Duration::from_millis(125 + rand::random::<u64>() % 250);
                 tokio::time::sleep(pause).await;
-                match engine.store().complete(&storage_key, claim_id, payload.clone(), retention).await {
-                    Ok(()) => {
-                        tracing::info!(%key, "the result was stored once the store answered again");
-                        return;
-                    }
-                    Err(StoreError::Unavailable(_)) if tokio::time::Instant::now() < give_up => {}
-                    Err(e) => {
-                        tracing::error!(%key, error = %e, "giving up storing the result of an operation that ran");
-                        return;
-                    }
+                if let Err(e) = deferred.flush(engine.store()).await {
+                    tracing::debug!(error = %e, waiting = deferred.len(), "kept results still cannot be stored");
+                    continue;
+                }
+                if !deferred.stop_writer() {
+                    return;
                 }
             }
         };
         match self.engine.background() {
-            Some(tracker) => drop(tracker.spawn_on(retry, &runtime)),
-            None => drop(runtime.spawn(retry)),
+            Some(tracker) => drop(tracker.spawn_on(writer, &runtime)),
+            None => drop(runtime.spawn(writer)),
         }
     }
 

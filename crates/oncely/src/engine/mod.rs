@@ -15,9 +15,11 @@ use crate::{
 };
 
 mod config;
+mod deferred;
 mod guard;
 
 pub use config::{Config, ConflictMode, MAX_RETENTION, MAX_WAIT, OncelyBuilder};
+pub use deferred::DeferredCompletions;
 pub use guard::ClaimGuard;
 
 use config::Hooks;
@@ -60,6 +62,7 @@ pub(crate) struct Shared<S> {
     /// Where background work (a completion the store could not take at once) runs, when
     /// the caller wants to wait for it at shutdown.
     pub(crate) background: Option<tokio_util::task::TaskTracker>,
+    pub(crate) deferred: DeferredCompletions,
 }
 
 impl<S> Clone for Oncely<S> {
@@ -123,7 +126,13 @@ impl<S: Store> Oncely<S> {
     /// An engine with the default settings: 24 h retention, 30 s lease renewed for up to
     /// 10 min, reject mode.
     pub fn new(store: S) -> Self {
-        Self::from_shared(Shared { store, config: Config::default(), hooks: Hooks::default(), background: None })
+        Self::from_shared(Shared {
+            store,
+            config: Config::default(),
+            hooks: Hooks::default(),
+            background: None,
+            deferred: DeferredCompletions::new(),
+        })
     }
 
     /// A builder for the settings and hooks.
@@ -153,6 +162,12 @@ impl<S: Store> Oncely<S> {
     /// The tracker background work runs on, if the builder was given one.
     pub(crate) fn background(&self) -> Option<&tokio_util::task::TaskTracker> {
         self.shared.background.as_ref()
+    }
+
+    /// The results that ran but wait to be stored: empty unless the store failed to take
+    /// a completion. Readiness probes should report not ready while it is not empty.
+    pub fn deferred_completions(&self) -> &DeferredCompletions {
+        &self.shared.deferred
     }
 
     /// The settings.
@@ -193,6 +208,19 @@ impl<S: Store> Oncely<S> {
         // landing between the claim and the wait still wakes it.
         let mut subscription: Option<Notified> = None;
         let mut met_conflict = false;
+        let deferred = &self.shared.deferred;
+        if !deferred.is_empty() {
+            // A result this process could not store wins over anything the store says:
+            // its operation ran, and the store may no longer fence a retry off.
+            if let Some(record) = deferred.replay(&storage_key) {
+                return self.replay_kept(key, record, &request);
+            }
+            // Kept results are written before any new claim (see `DeferredCompletions`).
+            if let Err(e) = deferred.flush(&self.shared.store).await {
+                count("store_error");
+                return Err(e.into());
+            }
+        }
         loop {
             let outcome = match self.shared.store.claim(request.clone()).await {
                 Ok(outcome) => outcome,
@@ -213,7 +241,7 @@ impl<S: Store> Oncely<S> {
                     if let Some(hook) = &hooks.miss {
                         hook(key);
                     }
-                    let guard = ClaimGuard::new(self.clone(), storage_key, key.clone(), request.claim_id, takeover);
+                    let guard = ClaimGuard::new(self.clone(), &request, takeover);
                     return Ok(Acquired::Execute(guard));
                 }
                 ClaimOutcome::Completed(record) => {
@@ -266,6 +294,24 @@ impl<S: Store> Oncely<S> {
                 }
             }
         }
+    }
+
+    /// Answers a claim from a result this process keeps for the store, as the store
+    /// would: a replay, or a mismatch for another fingerprint.
+    fn replay_kept(&self, key: &IdempotencyKey, record: Record, request: &ClaimRequest) -> Result<Acquired<S>, Error> {
+        let hooks = &self.shared.hooks;
+        if record.fingerprint != request.fingerprint {
+            count("mismatch");
+            if let Some(hook) = &hooks.mismatch {
+                hook(key, &record);
+            }
+            return Err(Error::Mismatch);
+        }
+        count("replayed_kept");
+        if let Some(hook) = &hooks.hit {
+            hook(key, &record);
+        }
+        Ok(Acquired::Replay(record))
     }
 
     /// Runs `operation` once for `key`: the first call runs it and stores its outcome;

@@ -1,0 +1,223 @@
+//! Results that ran but could not be stored yet: the process keeps them, answers retries
+//! from them, and writes them before it takes any new claim.
+//!
+//! An operation that ran while its store could not be written (disk full, a lock held by
+//! another process, a network store down) has had its effect. If the outage outlasts the
+//! lease, a retry would find the record's lease lapsed, take the key over and run the
+//! operation a second time. [`DeferredCompletions`] closes that window for every retry
+//! that reaches this process:
+//!
+//! - **Retries are answered from the kept result.** [`Oncely::acquire`] looks here before
+//!   it asks the store, so a retry of a kept key is a replay (or a mismatch) whatever the
+//!   store would say.
+//! - **Kept results are written before new claims.** While anything is kept, every
+//!   `acquire` first writes all kept results ([`DeferredCompletions::flush`]); if the
+//!   store still cannot take them, the claim is not attempted and the caller gets the
+//!   store's `Unavailable` error. So once the store answers again, no claim (which could
+//!   be a takeover of a kept key by a retry through this process) precedes the writes.
+//! - **Readiness**: [`DeferredCompletions::len`] is above zero while anything is kept;
+//!   the gateway's `/readyz` answers 503 then, so operators and orchestrators see that
+//!   results the clients were given live only in this process's memory.
+//! - A background task writes the kept results every 125–375 ms (jittered) until they
+//!   are stored, a record turns out to be someone else's (its write is fenced off:
+//!   [`StoreError::LeaseLost`]), or the retention passes.
+//!
+//! **What remains possible across instances**: another process sharing the store does
+//! not see this process's kept results. Once the store answers again and the lease has
+//! lapsed, a retry that reaches another instance *before* this process's next write
+//! (at most one background interval, about 375 ms, or this process's next claim,
+//! whichever comes first) can take the key over and run the operation again. Keep leases
+//! longer than the outages you expect to ride out, and retries sticky where you can.
+//! A crash of this process loses what it kept (the operation's effect stays; its retry
+//! runs again after the lease).
+//!
+//! [`Oncely::acquire`]: crate::Oncely::acquire
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use crate::{ClaimId, Record, RecordState, StorageKey, Store, StoreError};
+
+/// The results this process holds for the store until it can take them.
+///
+/// Shared by clones: give one registry to every engine on the same store (the gateway
+/// shares one across its routes) so that readiness and the write-before-claim rule see
+/// all of them. See the [module docs](self).
+///
+/// ```
+/// use oncely::{MemoryStore, Oncely};
+/// use oncely::engine::DeferredCompletions;
+///
+/// let deferred = DeferredCompletions::new();
+/// let payments = Oncely::builder(MemoryStore::new()).deferred_completions(deferred.clone()).build()?;
+/// assert!(deferred.is_empty(), "nothing ran while the store was down");
+/// # Ok::<(), oncely::ConfigError>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct DeferredCompletions {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// The kept results by storage key. Never held across an `await`.
+    pending: Mutex<HashMap<StorageKey, Pending>>,
+    /// `pending.len()`, readable without the lock on every `acquire`.
+    len: AtomicUsize,
+    /// One writer at a time, so two callers never send the same completion twice (a
+    /// repeated completion by the same claim is answered `LeaseLost` by some stores).
+    flushing: tokio::sync::Mutex<()>,
+    /// Whether the background writer runs.
+    writer_running: AtomicBool,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    claim_id: ClaimId,
+    /// The completed record as a replay shows it.
+    record: Record,
+    retention: Duration,
+    give_up_at: SystemTime,
+}
+
+impl DeferredCompletions {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many results wait to be stored.
+    pub fn len(&self) -> usize {
+        self.inner.len.load(Ordering::Acquire)
+    }
+
+    /// True when every result this process produced has reached the store.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<StorageKey, Pending>> {
+        self.inner.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps `payload` as the result of `claim_id`'s operation on `record`'s key.
+    /// `record` is the in-progress record as the claim made it; it is kept as completed.
+    pub(crate) fn keep(&self, mut record: Record, claim_id: ClaimId, payload: Bytes, retention: Duration) {
+        let now = SystemTime::now();
+        record.state = RecordState::Completed { payload, completed_at: now, hits: 0 };
+        record.expires_at = now + retention;
+        let pending = Pending { claim_id, give_up_at: record.expires_at, record, retention };
+        let mut map = self.lock();
+        map.insert(pending.record.storage_key, pending);
+        self.inner.len.store(map.len(), Ordering::Release);
+    }
+
+    /// The kept result for `key`, counted as a hit, if there is one.
+    pub(crate) fn replay(&self, key: &StorageKey) -> Option<Record> {
+        let mut map = self.lock();
+        let pending = map.get_mut(key)?;
+        if let RecordState::Completed { hits, .. } = &mut pending.record.state {
+            *hits += 1;
+        }
+        Some(pending.record.clone())
+    }
+
+    /// Writes every kept result to `store`, one writer at a time.
+    ///
+    /// A result is dropped once stored, once the store fences its write off
+    /// ([`StoreError::LeaseLost`]: the key was deleted or is someone else's now; logged as
+    /// an error) or once its retention has passed.
+    ///
+    /// # Errors
+    /// The store's [`StoreError::Unavailable`] when it still cannot take them; what it
+    /// took before failing is dropped from the registry.
+    ///
+    /// When another caller is writing already, this waits for it instead of sending the
+    /// same writes again (so callers queued behind a store that answers slowly wait for
+    /// one round of writes, not one each), then reports whether anything is left.
+    pub async fn flush<S: Store + ?Sized>(&self, store: &S) -> Result<(), StoreError> {
+        let Ok(_writer) = self.inner.flushing.try_lock() else {
+            drop(self.inner.flushing.lock().await);
+            return match self.len() {
+                0 => Ok(()),
+                n => Err(StoreError::unavailable(format!("{n} results kept during a store outage are not stored yet"))),
+            };
+        };
+        let snapshot: Vec<(StorageKey, Pending)> = self.lock().iter().map(|(k, p)| (*k, p.clone())).collect();
+        for (key, pending) in snapshot {
+            let RecordState::Completed { payload, .. } = &pending.record.state else { continue };
+            let outcome = if SystemTime::now() >= pending.give_up_at {
+                tracing::error!(key = %pending.record.key, "giving up storing the result of an operation that ran: its retention passed");
+                Ok(())
+            } else {
+                match store.complete(&key, pending.claim_id, payload.clone(), pending.retention).await {
+                    Ok(()) => {
+                        tracing::info!(key = %pending.record.key, "the result was stored once the store answered again");
+                        Ok(())
+                    }
+                    Err(StoreError::Unavailable(e)) => Err(StoreError::Unavailable(e)),
+                    Err(e) => {
+                        tracing::error!(key = %pending.record.key, error = %e, "a kept result could not be stored; dropping it");
+                        Ok(())
+                    }
+                }
+            };
+            outcome?;
+            let mut map = self.lock();
+            map.remove(&key);
+            self.inner.len.store(map.len(), Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Marks the background writer started; false when one already runs.
+    pub(crate) fn start_writer(&self) -> bool {
+        !self.inner.writer_running.swap(true, Ordering::AcqRel)
+    }
+
+    /// Marks the background writer stopped, unless results arrived meanwhile: true when
+    /// the writer should go on.
+    pub(crate) fn stop_writer(&self) -> bool {
+        self.inner.writer_running.store(false, Ordering::Release);
+        !self.is_empty() && self.start_writer()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{IdempotencyKey, MemoryStore, Scope};
+
+    fn record(key: &str) -> Record {
+        let key = IdempotencyKey::new(key).expect("valid key");
+        let scope = Scope::global();
+        Record {
+            storage_key: StorageKey::derive(&scope, &key),
+            key,
+            scope,
+            fingerprint: None,
+            created_at: SystemTime::now(),
+            expires_at: SystemTime::now() + Duration::from_secs(60),
+            state: RecordState::InProgress { claim_id: ClaimId::random(), lease_until: SystemTime::now() },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_result_the_store_fences_off_is_dropped_not_kept_forever() {
+        let deferred = DeferredCompletions::new();
+        let r = record("k");
+        let key = r.storage_key;
+        deferred.keep(r, ClaimId::random(), Bytes::from_static(b"done"), Duration::from_secs(60));
+        assert_eq!(deferred.len(), 1);
+        let replayed = deferred.replay(&key).expect("kept");
+        assert_eq!(replayed.hits(), 1);
+        assert!(replayed.is_completed());
+        // The memory store holds no claim of this id: the write is fenced off.
+        deferred.flush(&MemoryStore::new()).await.expect("the store answered");
+        assert!(deferred.is_empty());
+    }
+}
