@@ -57,6 +57,11 @@ pub(crate) struct Settings {
     pub(crate) not_replayed: Vec<HeaderName>,
     pub(crate) fail_open: bool,
     pub(crate) tracker: Option<tokio_util::task::TaskTracker>,
+    pub(crate) max_decoded_body: usize,
+    pub(crate) takeover_header: Option<HeaderName>,
+    pub(crate) max_in_progress_per_scope: usize,
+    /// Shared by every clone of the layer (and kept by `Arc::make_mut` copies).
+    pub(crate) in_progress: InProgressCounts,
 }
 
 impl fmt::Debug for Settings {
@@ -71,6 +76,9 @@ impl fmt::Debug for Settings {
             .field("scope", &self.scope)
             .field("not_replayed", &self.not_replayed)
             .field("fail_open", &self.fail_open)
+            .field("max_decoded_body", &self.max_decoded_body)
+            .field("takeover_header", &self.takeover_header)
+            .field("max_in_progress_per_scope", &self.max_in_progress_per_scope)
             .finish_non_exhaustive()
     }
 }
@@ -95,6 +103,10 @@ impl Default for Settings {
             not_replayed: vec![header::SET_COOKIE],
             fail_open: false,
             tracker: None,
+            max_decoded_body: 8 * 1024 * 1024,
+            takeover_header: Some(HeaderName::from_static("idempotency-takeover")),
+            max_in_progress_per_scope: 1000,
+            in_progress: InProgressCounts::default(),
         }
     }
 }
@@ -187,6 +199,70 @@ impl<St: Store> IdempotencyLayer<St> {
     /// passed through: the operation may have completed.
     pub fn fail_open(self, open: bool) -> Self {
         self.with(|s| s.fail_open = open)
+    }
+
+    /// The largest decoded size of a `Content-Encoding: gzip` request body (default
+    /// 8 MiB). The body is decoded only to fingerprint it (the inner service gets it as it
+    /// came); one that inflates past this is answered 413 before anything is stored.
+    pub fn max_decoded_body(self, bytes: usize) -> Self {
+        self.with(|s| s.max_decoded_body = bytes)
+    }
+
+    /// The request header that tells the inner service its request takes over a claim
+    /// whose holder's lease lapsed (default `Idempotency-Takeover: true`; `None` sends
+    /// nothing). Such a request may repeat one the service already saw (its first
+    /// attempt crashed or lost its connection), so a service that can check its own state
+    /// before acting again should. The same header sent by a client is removed from keyed
+    /// requests. Handlers also find the [`Takeover`](crate::Takeover) extension.
+    pub fn takeover_header(self, name: Option<HeaderName>) -> Self {
+        self.with(|s| s.takeover_header = name)
+    }
+
+    /// How many operations one principal (scope) may run at once through this layer in
+    /// this process (default 1,000). A keyed request past it is answered 429
+    /// `too-many-in-progress` with `Retry-After: 1`, its claim released at once, so one
+    /// client cannot fill the store with in-progress records or hold every worker. Every
+    /// request without a scope shares one (the global scope): raise this when anonymous
+    /// clients may legitimately run many operations at once.
+    pub fn max_in_progress_per_scope(self, max: usize) -> Self {
+        self.with(|s| s.max_in_progress_per_scope = max)
+    }
+}
+
+/// How many operations each scope runs at the moment, for
+/// [`IdempotencyLayer::max_in_progress_per_scope`].
+#[derive(Clone, Debug, Default)]
+pub(crate) struct InProgressCounts(Arc<std::sync::Mutex<std::collections::HashMap<Scope, usize>>>);
+
+impl InProgressCounts {
+    /// Takes one of `scope`'s `max` places; `None` when all are taken. The place is given
+    /// back when the returned value drops.
+    pub(crate) fn take(&self, scope: &Scope, max: usize) -> Option<InProgressPlace> {
+        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(scope.clone()).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(InProgressPlace { counts: self.clone(), scope: scope.clone() })
+    }
+}
+
+/// One running operation's place in its scope's count.
+pub(crate) struct InProgressPlace {
+    counts: InProgressCounts,
+    scope: Scope,
+}
+
+impl Drop for InProgressPlace {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.scope) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.scope);
+            }
+        }
     }
 }
 

@@ -36,12 +36,13 @@
 //! | no key, key optional (the default) | passed through untouched |
 //! | no key, [`require_key(true)`](IdempotencyLayer::require_key) | 400 `missing-key` |
 //! | malformed key: empty, over 255 chars, not visible ASCII, bad sf-string, two key fields | 400 `invalid-key` |
-//! | body over [`max_body`](IdempotencyLayer::max_body) | 413 `body-too-large`, nothing stored |
+//! | body over [`max_body`](IdempotencyLayer::max_body), or a gzip body that decodes past [`max_decoded_body`](IdempotencyLayer::max_decoded_body) | 413 `body-too-large`, nothing stored |
 //! | new key | executed once; the response as produced |
 //! | retry of a completed key, same fingerprint | stored status, headers and body; `Idempotent-Replayed: true` |
 //! | same key, different fingerprint | 422 `key-reused` |
 //! | retry while the first runs, reject mode | 409 `request-in-progress`, `Retry-After` |
 //! | same, wait mode | waits up to the engine's timeout, then the replay (or 409) |
+//! | the principal already runs [`max_in_progress_per_scope`](IdempotencyLayer::max_in_progress_per_scope) operations | 429 `too-many-in-progress`, `Retry-After`, nothing ran |
 //! | store unavailable | 503 `store-unavailable`, `Retry-After` (fail-closed); passed through if [`fail_open`](IdempotencyLayer::fail_open) |
 //!
 //! Every error is `application/problem+json` (RFC 9457); the [`problem`] module lists
@@ -51,7 +52,11 @@
 //!
 //! - **Key field**: an sf-string (`"8e03…"`) or a bare token (`8e03…`), the same key.
 //! - **Fingerprint**: method, path and query, media type and body; JSON bodies are
-//!   canonicalised ([`request_fingerprint`]).
+//!   canonicalised without recursion, gzip bodies decoded (bounded), bodies over 32 KiB
+//!   fingerprinted off the async worker threads ([`request_fingerprint`]).
+//! - **Takeovers**: a request that takes over a lapsed claim (its first attempt may have
+//!   acted) reaches the inner service with `Idempotency-Takeover: true` and the
+//!   [`Takeover`] extension.
 //! - **Scope**: a hash of the `Authorization` header by default
 //!   ([`scope_headers`](IdempotencyLayer::scope_headers),
 //!   [`scope_with`](IdempotencyLayer::scope_with)).
@@ -89,7 +94,7 @@ pub use hop_by_hop::strip_hop_by_hop;
 pub use key_header::{KeyHeaderError, parse_key_header};
 pub use layer::{IdempotencyLayer, default_stored_status};
 pub use problem::ProblemKind;
-pub use request::{ScopeSource, request_fingerprint};
+pub use request::{DecodedBodyTooLarge, ScopeSource, request_fingerprint};
 pub use service::{Idempotency, ResponseFuture};
 
 #[cfg(feature = "axum")]
@@ -110,6 +115,27 @@ pub use extract::{Idempotent, KeyRejection};
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OutcomeUnknown;
+
+/// A request extension the layer adds when the request takes over a claim whose holder's
+/// lease lapsed: the holder may have crashed after acting, so this request may repeat one
+/// the handler already saw. A handler that can check its own state first should. The
+/// same news goes out as the `Idempotency-Takeover: true` request header (see
+/// [`IdempotencyLayer::takeover_header`]).
+///
+/// ```
+/// use axum::Extension;
+/// use oncely_http::Takeover;
+///
+/// async fn charge(takeover: Option<Extension<Takeover>>) -> &'static str {
+///     if takeover.is_some() {
+///         // look the charge up before creating it again
+///     }
+///     "charged"
+/// }
+/// # let _ = charge;
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Takeover;
 
 /// A boxed error, as the bodies here carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -7,9 +7,10 @@
 //! | `urn:oncely:problem:missing-key` | 400 | the route requires a key and the request has none |
 //! | `urn:oncely:problem:invalid-key` | 400 | empty, over 255 characters, not visible ASCII, a malformed sf-string, or two key fields |
 //! | `urn:oncely:problem:body-unreadable` | 400 | the request body failed while being read |
-//! | `urn:oncely:problem:body-too-large` | 413 | the request body is over the layer's limit; nothing was stored |
+//! | `urn:oncely:problem:body-too-large` | 413 | the request body (or, with `Content-Encoding: gzip`, the decoded body) is over the layer's limit; nothing was stored |
 //! | `urn:oncely:problem:key-reused` | 422 | the key was first used for a request with another fingerprint |
 //! | `urn:oncely:problem:request-in-progress` | 409 | a request with this key is running (with `Retry-After`) |
+//! | `urn:oncely:problem:too-many-in-progress` | 429 | the request's principal already holds the layer's maximum of running operations; nothing ran (with `Retry-After`) |
 //! | `urn:oncely:problem:store-unavailable` | 503 | the idempotency store failed; fail-closed (with `Retry-After`) |
 //! | `urn:oncely:problem:response-not-stored` | 500 | replay of an operation that completed but whose response could not be kept (over the size cap) |
 //! | `urn:oncely:problem:handler-failed` | 500 | the inner service panicked or its response body failed |
@@ -39,6 +40,8 @@ pub enum ProblemKind {
     KeyReused,
     /// 409: the first request is still running.
     RequestInProgress,
+    /// 429: the principal already holds as many running operations as it may.
+    TooManyInProgress,
     /// 503: the store failed.
     StoreUnavailable,
     /// 500: completed, response over the storage cap.
@@ -57,6 +60,7 @@ impl ProblemKind {
             Self::BodyTooLarge => "urn:oncely:problem:body-too-large",
             Self::KeyReused => "urn:oncely:problem:key-reused",
             Self::RequestInProgress => "urn:oncely:problem:request-in-progress",
+            Self::TooManyInProgress => "urn:oncely:problem:too-many-in-progress",
             Self::StoreUnavailable => "urn:oncely:problem:store-unavailable",
             Self::ResponseNotStored => "urn:oncely:problem:response-not-stored",
             Self::HandlerFailed => "urn:oncely:problem:handler-failed",
@@ -70,6 +74,7 @@ impl ProblemKind {
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RequestInProgress => StatusCode::CONFLICT,
+            Self::TooManyInProgress => StatusCode::TOO_MANY_REQUESTS,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::ResponseNotStored | Self::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -84,6 +89,7 @@ impl ProblemKind {
             Self::BodyTooLarge => "The request body is too large",
             Self::KeyReused => "Idempotency-Key was used for a different request",
             Self::RequestInProgress => "A request with this Idempotency-Key is in progress",
+            Self::TooManyInProgress => "Too many requests of this client are in progress",
             Self::StoreUnavailable => "The idempotency store is unavailable",
             Self::ResponseNotStored => "The original response was not stored",
             Self::HandlerFailed => "The request failed",

@@ -12,14 +12,16 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, BodyStream, Either, Full, LengthLimitError, Limited, StreamBody};
-use oncely::{Acquired, ClaimGuard, Error, IdempotencyKey, Oncely, Record, RecordState, Store, StoreError};
+use oncely::{
+    Acquired, ClaimGuard, Error, Fingerprint, IdempotencyKey, Oncely, Record, RecordState, Store, StoreError,
+};
 use tower_service::Service;
 
 use crate::layer::{IdempotencyLayer, Settings};
 use crate::problem::{ProblemKind, problem};
-use crate::request::request_fingerprint;
+use crate::request::{DecodedBodyTooLarge, is_gzip, request_fingerprint};
 use crate::stored::StoredResponse;
-use crate::{BoxError, OutcomeUnknown, RequestBody, ResponseBody, parse_key_header, strip_hop_by_hop};
+use crate::{BoxError, OutcomeUnknown, RequestBody, ResponseBody, Takeover, parse_key_header, strip_hop_by_hop};
 
 /// How long a client is told to wait after a 503 from a failing store.
 const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -211,10 +213,28 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let fingerprint = request_fingerprint(&parts, &body);
-    let engine = oncely.scoped(settings.scope.scope(&parts));
+    let fingerprint = match fingerprint(&parts, &body, settings.max_decoded_body).await {
+        Ok(fingerprint) => fingerprint,
+        Err(e) => return Ok(problem(ProblemKind::BodyTooLarge, &e.to_string(), None)),
+    };
+    let scope = settings.scope.scope(&parts);
+    let engine = oncely.scoped(scope.clone());
     // Handlers read the key through the extensions, whichever header the layer reads.
     parts.extensions.insert(key.clone());
+    if let Some(name) = &settings.takeover_header {
+        // Only the layer says that a request takes over a lapsed claim.
+        parts.headers.remove(name);
+    }
+    // Taken before the claim (a claim given back after a takeover would lose the news
+    // that its first attempt may have acted); a replay or refusal gives it back at once.
+    let Some(place) = settings.in_progress.take(&scope, settings.max_in_progress_per_scope) else {
+        count("too_many_in_progress");
+        let detail = format!(
+            "this client already has {} requests in progress; retry when one has finished",
+            settings.max_in_progress_per_scope
+        );
+        return Ok(problem(ProblemKind::TooManyInProgress, &detail, Some(STORE_RETRY_AFTER)));
+    };
     let guard = match engine.acquire(&key, Some(fingerprint)).await {
         Ok(Acquired::Execute(guard)) => guard,
         Ok(Acquired::Replay(record)) => {
@@ -243,7 +263,43 @@ where
             return Ok(problem(ProblemKind::StoreUnavailable, detail, Some(STORE_RETRY_AFTER)));
         }
     };
-    execute(inner, Request::from_parts(parts, Either::Left(Full::new(body))), guard, settings).await
+    if guard.is_takeover() {
+        parts.extensions.insert(Takeover);
+        if let Some(name) = &settings.takeover_header {
+            parts.headers.insert(name.clone(), HeaderValue::from_static("true"));
+        }
+    }
+    let response = execute(inner, Request::from_parts(parts, Either::Left(Full::new(body))), guard, settings).await;
+    drop(place);
+    response
+}
+
+/// Bodies at least this large are fingerprinted on the blocking pool: hashing and
+/// canonicalising them takes long enough (a quarter of a millisecond and up) to stall
+/// the other requests on an async worker.
+const BLOCKING_FINGERPRINT: usize = 32 * 1024;
+
+/// The request's fingerprint, computed off the async workers for large or compressed
+/// bodies (compression hides the work a body costs).
+async fn fingerprint(
+    parts: &http::request::Parts,
+    body: &Bytes,
+    max_decoded: usize,
+) -> Result<Fingerprint, DecodedBodyTooLarge> {
+    if body.len() < BLOCKING_FINGERPRINT && !is_gzip(parts) {
+        return request_fingerprint(parts, body, max_decoded);
+    }
+    let mut head = Request::new(());
+    *head.method_mut() = parts.method.clone();
+    *head.uri_mut() = parts.uri.clone();
+    *head.headers_mut() = parts.headers.clone();
+    let (head, _) = head.into_parts();
+    let owned = body.clone();
+    match tokio::task::spawn_blocking(move || request_fingerprint(&head, &owned, max_decoded)).await {
+        Ok(result) => result,
+        // The blocking pool is gone (the runtime shuts down): do the work here.
+        Err(_) => request_fingerprint(parts, body, max_decoded),
+    }
 }
 
 /// What the inner service produced, once its body is read as far as it will be stored.
