@@ -2,7 +2,7 @@
 //!
 //! | URL | store |
 //! |---|---|
-//! | `memory://` | in-process, lost on restart ([`oncely::MemoryStore`]); at most 1,000,000 records and 1 GiB (`?max_entries=N&max_bytes=SIZE` to change; sizes like `512MiB`) |
+//! | `memory://` | in-process, lost on restart ([`oncely::MemoryStore`]); at most 1,000,000 records and 1 GiB (`?max_entries=N&max_bytes=SIZE` to change; sizes like `512MiB`); `?evict_completed_when_full=true` lets a full store evict unexpired results instead of refusing new keys |
 //! | `sqlite://PATH` | embedded, durable (the default: `sqlite://oncely.db`); `?durability=relaxed` syncs on an interval instead of per completion; at most 10,000,000 records and 1 GiB (`?max_records=N&max_bytes=SIZE` to change) |
 //! | `redis://[user:pass@]HOST:PORT[/DB]` | a shared Redis/Valkey server ([`oncely_redis`]); `?prefix=NAME` (default `oncely`), `?timeout=1s`, `?connect_timeout=1s` |
 //! | `redis+cluster://HOST:PORT,HOST:PORT,…` | a Redis Cluster, same options |
@@ -72,21 +72,31 @@ const MEMORY_MAX_ENTRIES: usize = 1_000_000;
 /// The memory store's default bound in bytes: 1 GiB.
 const MEMORY_MAX_BYTES: usize = 1 << 30;
 
-/// `memory://[?max_entries=N&max_bytes=SIZE]`. Always bounded, in records and in bytes:
-/// unique keys and response sizes are client input, and an unbounded map would let any
-/// client grow the process until it is killed.
+/// `memory://[?max_entries=N&max_bytes=SIZE&evict_completed_when_full=BOOL]`. Always
+/// bounded, in records and in bytes: unique keys and response sizes are client input, and
+/// an unbounded map would let any client grow the process until it is killed. Full, it
+/// refuses new keys (503) unless `evict_completed_when_full=true`, which trades the
+/// replay of the results it evicts (their retries run again) for staying available.
 fn open_memory(rest: &str) -> Result<DynStore, String> {
-    let (mut max_entries, mut max_bytes) = (MEMORY_MAX_ENTRIES, MEMORY_MAX_BYTES);
+    let (mut max_entries, mut max_bytes, mut evict) = (MEMORY_MAX_ENTRIES, MEMORY_MAX_BYTES, false);
     for pair in rest.strip_prefix('?').unwrap_or(rest).split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("max_entries", n)) => max_entries = count(n).ok_or_else(|| not_a_count("memory", rest, pair))?,
             Some(("max_bytes", text)) => {
                 max_bytes = crate::config::size("max_bytes", text).map_err(|e| format!("memory://{rest}: {e}"))?;
             }
-            _ => return Err(format!("memory://{rest}: unknown option {pair:?}; use max_entries=N, max_bytes=SIZE")),
+            Some(("evict_completed_when_full", "true")) => evict = true,
+            Some(("evict_completed_when_full", "false")) => evict = false,
+            _ => {
+                return Err(format!(
+                    "memory://{rest}: unknown option {pair:?}; use max_entries=N, max_bytes=SIZE, \
+                     evict_completed_when_full=true|false"
+                ));
+            }
         }
     }
-    Ok(Arc::new(MemoryStore::builder().max_entries(max_entries).max_bytes(max_bytes).build()))
+    let builder = MemoryStore::builder().max_entries(max_entries).max_bytes(max_bytes);
+    Ok(Arc::new(builder.evict_completed_when_full(evict).build()))
 }
 
 /// A positive whole number.
@@ -304,7 +314,12 @@ mod tests {
 
     #[tokio::test]
     async fn store_bounds_are_parsed_from_the_url_and_bad_ones_refused() {
-        for good in ["memory://", "memory://?max_entries=3", "memory://?max_bytes=512MiB&max_entries=10"] {
+        for good in [
+            "memory://",
+            "memory://?max_entries=3",
+            "memory://?max_bytes=512MiB&max_entries=10",
+            "memory://?max_entries=3&evict_completed_when_full=true",
+        ] {
             assert!(open(good).await.is_ok(), "{good}");
         }
         for bad in [
@@ -314,6 +329,7 @@ mod tests {
             "memory://?max_bytes=0",
             "memory://?max_bytes=12 parsecs",
             "memory://?max_size=1",
+            "memory://?evict_completed_when_full=yes",
         ] {
             let error = open(bad).await.err().unwrap_or_else(|| panic!("{bad} is refused"));
             assert!(error.starts_with(bad), "the message names the URL: {error}");

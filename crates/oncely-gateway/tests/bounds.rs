@@ -94,3 +94,14 @@ async fn a_bad_bound_in_the_store_url_stops_the_gateway_at_start() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("max_bytes"), "the error names the option: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_eviction_opted_into_a_full_memory_store_keeps_taking_new_keys() {
+    let (addr, _upstream) = start_upstream().await;
+    let store = "memory://?max_entries=3&evict_completed_when_full=true";
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), store, CONFIG, &[]).await;
+    for i in 0..6 {
+        let response = send_post(&gw, "/payments", Some(&format!("evicting-{i}")), r#"{"amount":1}"#).await;
+        assert_eq!(response.status(), 201, "key {i}: room is made by evicting a completed record");
+    }
+}
