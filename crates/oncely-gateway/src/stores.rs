@@ -2,11 +2,17 @@
 //!
 //! | URL | store |
 //! |---|---|
-//! | `memory://` | in-process, lost on restart ([`oncely::MemoryStore`]); at most 1,000,000 records, `?max_entries=N` to change |
-//! | `sqlite://PATH` | embedded, durable (the default: `sqlite://oncely.db`); `?durability=relaxed` syncs on an interval instead of per completion |
+//! | `memory://` | in-process, lost on restart ([`oncely::MemoryStore`]); at most 1,000,000 records and 1 GiB (`?max_entries=N&max_bytes=SIZE` to change; sizes like `512MiB`); `?evict_completed_when_full=true` lets a full store evict unexpired results instead of refusing new keys |
+//! | `sqlite://PATH` | embedded, durable (the default: `sqlite://oncely.db`); `?durability=relaxed` syncs on an interval instead of per completion; at most 10,000,000 records and 1 GiB (`?max_records=N&max_bytes=SIZE` to change) |
 //! | `redis://[user:pass@]HOST:PORT[/DB]` | a shared Redis/Valkey server ([`oncely_redis`]); `?prefix=NAME` (default `oncely`), `?timeout=1s`, `?connect_timeout=1s` |
 //! | `redis+cluster://HOST:PORT,HOST:PORT,…` | a Redis Cluster, same options |
 //! | `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (or `postgresql://`) | shared by every gateway on the database ([`oncely_postgres::PostgresStore`]); options `table=NAME` (default `oncely_records`), `pool=N` connections (default 16), `acquire_timeout=5s`, `statement_timeout=5s`, `sweep_interval=60s`; other query parameters (`sslmode`, …) go to the driver |
+//!
+//! A bounded store that is full refuses new keys (503 with `Retry-After`) and keeps every
+//! record until its retention ends: it never forgets a result to make room. Bytes are
+//! counted as each store documents ([`oncely::store::memory::RECORD_OVERHEAD`],
+//! [`oncely_sqlite::RECORD_OVERHEAD`]); the defaults keep the memory store near 1 GiB of
+//! the process and the SQLite file near 1 GiB of disk, safe on a machine of a few GiB.
 //!
 //! Further stores plug in here, in [`open`], without touching the proxy.
 
@@ -61,31 +67,57 @@ pub async fn open(url: &str) -> Result<DynStore, String> {
     Ok(Arc::new(Instrumented(store)))
 }
 
-/// `memory://[?max_entries=N]`. Always bounded: unique keys are client input, and an
-/// unbounded map would let any client grow the process until it is killed.
+/// The memory store's default bound in records.
+const MEMORY_MAX_ENTRIES: usize = 1_000_000;
+/// The memory store's default bound in bytes: 1 GiB.
+const MEMORY_MAX_BYTES: usize = 1 << 30;
+
+/// `memory://[?max_entries=N&max_bytes=SIZE&evict_completed_when_full=BOOL]`. Always
+/// bounded, in records and in bytes: unique keys and response sizes are client input, and
+/// an unbounded map would let any client grow the process until it is killed. Full, it
+/// refuses new keys (503) unless `evict_completed_when_full=true`, which trades the
+/// replay of the results it evicts (their retries run again) for staying available.
 fn open_memory(rest: &str) -> Result<DynStore, String> {
-    let mut max_entries = 1_000_000;
+    let (mut max_entries, mut max_bytes, mut evict) = (MEMORY_MAX_ENTRIES, MEMORY_MAX_BYTES, false);
     for pair in rest.strip_prefix('?').unwrap_or(rest).split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
-            Some(("max_entries", n)) => {
-                max_entries = n
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| format!("memory://{rest}: max_entries must be a positive number"))?;
+            Some(("max_entries", n)) => max_entries = count(n).ok_or_else(|| not_a_count("memory", rest, pair))?,
+            Some(("max_bytes", text)) => {
+                max_bytes = crate::config::size("max_bytes", text).map_err(|e| format!("memory://{rest}: {e}"))?;
             }
-            _ => return Err(format!("memory://{rest}: unknown option {pair:?}; use max_entries=N")),
+            Some(("evict_completed_when_full", "true")) => evict = true,
+            Some(("evict_completed_when_full", "false")) => evict = false,
+            _ => {
+                return Err(format!(
+                    "memory://{rest}: unknown option {pair:?}; use max_entries=N, max_bytes=SIZE, \
+                     evict_completed_when_full=true|false"
+                ));
+            }
         }
     }
-    Ok(Arc::new(MemoryStore::builder().max_entries(max_entries).build()))
+    let builder = MemoryStore::builder().max_entries(max_entries).max_bytes(max_bytes);
+    Ok(Arc::new(builder.evict_completed_when_full(evict).build()))
 }
 
-/// `sqlite://PATH[?durability=sync|relaxed[&sync_interval=1s]]`.
+/// A positive whole number.
+fn count<N: std::str::FromStr + Default + PartialOrd>(text: &str) -> Option<N> {
+    text.parse().ok().filter(|n| *n > N::default())
+}
+
+fn not_a_count(scheme: &str, rest: &str, pair: &str) -> String {
+    let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+    format!("{scheme}://{rest}: {name} must be a positive whole number")
+}
+
+/// `sqlite://PATH[?durability=sync|relaxed&sync_interval=1s&max_records=N&max_bytes=SIZE]`.
+/// The bounds default to [`oncely_sqlite::DEFAULT_MAX_RECORDS`] and
+/// [`oncely_sqlite::DEFAULT_MAX_BYTES`].
 async fn open_sqlite(rest: &str) -> Result<DynStore, String> {
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let mut durability = Durability::Sync;
     let mut interval = Duration::from_secs(1);
     let mut relaxed = false;
+    let mut options = SqliteOptions::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("durability", "sync")) => relaxed = false,
@@ -94,9 +126,17 @@ async fn open_sqlite(rest: &str) -> Result<DynStore, String> {
                 interval =
                     crate::config::duration("sync_interval", text).map_err(|e| format!("sqlite://{rest}: {e}"))?;
             }
+            Some(("max_records", n)) => {
+                options = options.max_records(count(n).ok_or_else(|| not_a_count("sqlite", rest, pair))?);
+            }
+            Some(("max_bytes", text)) => {
+                let bytes = crate::config::size("max_bytes", text).map_err(|e| format!("sqlite://{rest}: {e}"))?;
+                options = options.max_bytes(bytes as u64);
+            }
             _ => {
                 return Err(format!(
-                    "sqlite://{rest}: unknown option {pair:?}; use durability=sync|relaxed, sync_interval=DURATION"
+                    "sqlite://{rest}: unknown option {pair:?}; use durability=sync|relaxed, sync_interval=DURATION, \
+                     max_records=N, max_bytes=SIZE"
                 ));
             }
         }
@@ -105,12 +145,12 @@ async fn open_sqlite(rest: &str) -> Result<DynStore, String> {
         durability = Durability::Relaxed { interval };
     }
     let path = path.to_string();
+    let options = options.durability(durability);
     // Opening does file I/O and may wait on another process's lock: off the runtime.
-    let store =
-        tokio::task::spawn_blocking(move || SqliteStore::open(&path, SqliteOptions::default().durability(durability)))
-            .await
-            .map_err(|e| format!("opening the SQLite store: {e}"))?
-            .map_err(|e| format!("sqlite://{rest}: {e}"))?;
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, options))
+        .await
+        .map_err(|e| format!("opening the SQLite store: {e}"))?
+        .map_err(|e| format!("sqlite://{rest}: {e}"))?;
     Ok(Arc::new(store))
 }
 
@@ -270,6 +310,38 @@ mod tests {
     async fn a_store_call_that_never_answers_is_unavailable() {
         let silent = std::future::pending::<Result<(), StoreError>>();
         assert!(matches!(timed("claim", silent).await, Err(StoreError::Unavailable(_))));
+    }
+
+    #[tokio::test]
+    async fn store_bounds_are_parsed_from_the_url_and_bad_ones_refused() {
+        for good in [
+            "memory://",
+            "memory://?max_entries=3",
+            "memory://?max_bytes=512MiB&max_entries=10",
+            "memory://?max_entries=3&evict_completed_when_full=true",
+        ] {
+            assert!(open(good).await.is_ok(), "{good}");
+        }
+        for bad in [
+            "memory://?max_entries=0",
+            "memory://?max_entries=-1",
+            "memory://?max_entries=lots",
+            "memory://?max_bytes=0",
+            "memory://?max_bytes=12 parsecs",
+            "memory://?max_size=1",
+            "memory://?evict_completed_when_full=yes",
+        ] {
+            let error = open(bad).await.err().unwrap_or_else(|| panic!("{bad} is refused"));
+            assert!(error.starts_with(bad), "the message names the URL: {error}");
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("oncely.db");
+        let url = format!("sqlite://{}?max_records=10&max_bytes=1MiB&durability=relaxed", path.display());
+        assert!(open(&url).await.is_ok(), "{url}");
+        for bad in ["max_records=0", "max_records=x", "max_bytes=0", "max_bytes=1 furlong"] {
+            let url = format!("sqlite://{}?{bad}", path.display());
+            assert!(open(&url).await.is_err(), "{url} is refused");
+        }
     }
 
     #[test]

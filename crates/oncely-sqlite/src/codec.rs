@@ -118,7 +118,7 @@ pub(crate) fn sqlite_error(error: rusqlite::Error) -> StoreError {
 pub(crate) fn copy_error(error: &StoreError) -> StoreError {
     match error {
         StoreError::LeaseLost => StoreError::LeaseLost,
-        StoreError::Capacity { capacity } => StoreError::Capacity { capacity: *capacity },
+        StoreError::Capacity { bound, limit } => StoreError::Capacity { bound: *bound, limit: *limit },
         StoreError::Corrupt(message) => StoreError::Corrupt(message.clone()),
         StoreError::InvalidRequest(message) => StoreError::InvalidRequest(message.clone()),
         other => StoreError::unavailable(other.to_string()),

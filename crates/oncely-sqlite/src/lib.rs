@@ -33,6 +33,23 @@
 //! - **Several processes** may open one file (on a local disk: WAL needs shared memory)
 //!   and stay atomic; their writes take turns on SQLite's lock, waiting up to
 //!   [`SqliteOptions::busy_timeout`] before answering [`StoreError::Unavailable`].
+//! - **Bounds.** At most [`SqliteOptions::max_records`] rows and
+//!   [`SqliteOptions::max_bytes`] bytes (counted as [`RECORD_OVERHEAD`] says), so that a
+//!   flood of new keys cannot fill the disk, which would fail every write. A claim or
+//!   `first_seen` that must create a row in a full store first deletes expired rows (they
+//!   are absent anyway), and when that leaves no room answers [`StoreError::Capacity`]
+//!   and changes nothing: an unexpired record, completed or in progress, is never
+//!   dropped to make room. The counts live in the database, kept by triggers in the same
+//!   transaction as each write, so they are right across restarts and for every process
+//!   sharing the file, and checking them costs a claim one row read (see
+//!   `schema::MIGRATIONS`). A completion is never refused for room: the operation has
+//!   run and its result is kept, so the bytes can pass the bound by at most the payloads
+//!   of the records in progress when it was reached. The file itself is larger than the
+//!   counted bytes by SQLite's page slack and free pages, and the WAL beside it.
+//! - **Readiness.** [`Store::ping`] goes through the writer and takes SQLite's write
+//!   lock, so it reports [`StoreError::Unavailable`] while writes cannot proceed: another
+//!   process holding the lock past the busy timeout, or (after a failed write: a full
+//!   disk, a read-only file) until a probe write succeeds again.
 //!
 //! # Schema
 //!
@@ -100,6 +117,18 @@ pub enum Durability {
     },
 }
 
+/// The bytes a row counts against [`SqliteOptions::max_bytes`] beyond the bytes of its
+/// payload, raw key and scope: an estimate of its fixed columns (storage key,
+/// fingerprint, claim id, five integers), the row and cell headers, and its entries in
+/// the primary-key index and `records_by_expiry`.
+pub const RECORD_OVERHEAD: u64 = 256;
+
+/// The default [`SqliteOptions::max_records`]: 10 million.
+pub const DEFAULT_MAX_RECORDS: u64 = 10_000_000;
+
+/// The default [`SqliteOptions::max_bytes`]: 1 GiB.
+pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+
 /// Settings for [`SqliteStore::open`].
 #[derive(Clone, Debug)]
 pub struct SqliteOptions {
@@ -108,6 +137,8 @@ pub struct SqliteOptions {
     sweep_batch: usize,
     readers: usize,
     busy_timeout: Duration,
+    max_records: u64,
+    max_bytes: u64,
 }
 
 impl Default for SqliteOptions {
@@ -118,6 +149,8 @@ impl Default for SqliteOptions {
             sweep_batch: 500,
             readers: 2,
             busy_timeout: Duration::from_secs(5),
+            max_records: DEFAULT_MAX_RECORDS,
+            max_bytes: DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -167,6 +200,35 @@ impl SqliteOptions {
         self.busy_timeout = timeout.min(Duration::from_millis(i32::MAX as u64));
         self
     }
+
+    /// The most rows the file holds, expired-but-unswept ones included (default
+    /// [`DEFAULT_MAX_RECORDS`], 10 million; at least 1). A new record past it is refused
+    /// with [`StoreError::Capacity`] once expired rows are deleted (see the
+    /// [crate docs](crate)). The bound is the file's, checked by every process that opens
+    /// it with its own options.
+    pub fn max_records(mut self, max: u64) -> Self {
+        self.max_records = max.max(1);
+        self
+    }
+
+    /// The most bytes the rows hold, counted as [`RECORD_OVERHEAD`] says (default
+    /// [`DEFAULT_MAX_BYTES`], 1 GiB; at least 1). A new record that would pass it is
+    /// refused with [`StoreError::Capacity`] once expired rows are deleted; a completion
+    /// never is (see the [crate docs](crate)).
+    pub fn max_bytes(mut self, max: u64) -> Self {
+        self.max_bytes = max.max(1);
+        self
+    }
+}
+
+/// What the file holds, as counted against [`SqliteOptions::max_records`] and
+/// [`SqliteOptions::max_bytes`]: expired rows not yet swept included.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Rows in the file.
+    pub records: u64,
+    /// Their bytes, as [`RECORD_OVERHEAD`] says.
+    pub bytes: u64,
 }
 
 /// The SQLite store. Cloning is cheap and shares the writer, the readers and the waiters.
@@ -275,6 +337,11 @@ impl SqliteStore {
         self.inner.durability
     }
 
+    /// What the file holds, as counted against its bounds: one row read.
+    pub async fn usage(&self) -> Result<Usage, StoreError> {
+        self.read(|reply| Query::Usage { reply }).await
+    }
+
     /// Sends a change to the writer and waits for its answer, which comes after the
     /// transaction carrying it commits.
     async fn write<T>(&self, write: impl FnOnce(Reply<T>) -> Write) -> Result<T, StoreError> {
@@ -342,6 +409,19 @@ impl Store for SqliteStore {
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         self.read(|reply| Query::Stats { reply }).await
+    }
+
+    /// Asks the writer for a probe (see `Writer::probe`: it takes SQLite's write lock,
+    /// and writes a row while the last write failed), then reads the usage row through a
+    /// reader. Unavailable while writes cannot proceed, not only while reads fail: a
+    /// gateway whose store can only read should not be sent requests. Costs no disk
+    /// write while writes succeed; waits up to the busy timeout for another process's
+    /// lock.
+    async fn ping(&self) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner.commands.send(Command::Probe(reply)).map_err(|_| stopped("writer"))?;
+        answer.await.map_err(|_| stopped("writer"))??;
+        self.usage().await.map(|_| ())
     }
 
     async fn first_seen(

@@ -1,4 +1,4 @@
-//! Reader threads: `get`, `list`, `stats` and the check behind `subscribe`, each on a
+//! Reader threads: `get`, `list`, `stats`, the usage row and the check behind `subscribe`, each on a
 //! connection of its own, so that a long read (counting ten million records) never holds
 //! up the writer.
 //!
@@ -16,6 +16,7 @@ use oncely::{Record, StorageKey, StoreError, StoreStats};
 use rusqlite::{Connection, OptionalExtension, named_params};
 use tokio::sync::oneshot;
 
+use crate::Usage;
 use crate::codec::{IN_PROGRESS, Millis, now_ms, read_record, record_columns, sqlite_error};
 
 /// Where a reader sends its answer.
@@ -34,6 +35,10 @@ pub(crate) enum Query {
     },
     Stats {
         reply: Reply<StoreStats>,
+    },
+    /// The `records_usage` row.
+    Usage {
+        reply: Reply<Usage>,
     },
     List {
         after: Option<StorageKey>,
@@ -58,6 +63,7 @@ fn answer(conn: &Connection, query: Query) {
         Query::Get { key, reply } => drop(reply.send(now_ms().and_then(|now| get(conn, &key, now)))),
         Query::InProgress { key, reply } => drop(reply.send(now_ms().and_then(|now| in_progress(conn, &key, now)))),
         Query::Stats { reply } => drop(reply.send(now_ms().and_then(|now| stats(conn, now)))),
+        Query::Usage { reply } => drop(reply.send(usage(conn))),
         Query::List { after, limit, reply } => drop(reply.send(now_ms().and_then(|now| list(conn, after, limit, now)))),
     }
 }
@@ -93,6 +99,17 @@ fn stats(conn: &Connection, now: Millis) -> Result<StoreStats, StoreError> {
         .map_err(sqlite_error)?;
     let count = |n: i64| u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a negative count {n}")));
     Ok(StoreStats { records: count(records)?, in_progress: count(in_progress)?, completed: count(completed)? })
+}
+
+/// The `records_usage` row: what the file holds, counted against its bounds. Shared
+/// with the writer, which reads it inside its transaction.
+pub(crate) fn usage(conn: &Connection) -> Result<Usage, StoreError> {
+    let sql = "SELECT records, bytes FROM records_usage WHERE id = 0";
+    let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+    let (records, bytes): (i64, i64) =
+        statement.query_row([], |row| Ok((row.get(0)?, row.get(1)?))).map_err(sqlite_error)?;
+    let count = |n: i64| u64::try_from(n).map_err(|_| StoreError::Corrupt(format!("a negative usage count {n}")));
+    Ok(Usage { records: count(records)?, bytes: count(bytes)? })
 }
 
 /// A page of live records in storage-key order (blobs compare bytewise, as

@@ -19,6 +19,24 @@ use crate::{Durability, SqliteOptions};
 /// `PRAGMA application_id` of an Oncely database: "oncl".
 const APPLICATION_ID: i32 = 0x6f6e_636c;
 
+/// What a row of `records` counts against [`crate::SqliteOptions::max_bytes`], as SQL
+/// over the row named `$row`: [`crate::RECORD_OVERHEAD`] plus the bytes of its key, scope
+/// and payload. Frozen into the version 2 migration's triggers: changing it needs a new
+/// migration that recreates them and recounts.
+macro_rules! cost {
+    ($row:literal) => {
+        concat!(
+            "(256 + octet_length(",
+            $row,
+            ".key) + octet_length(",
+            $row,
+            ".scope) + coalesce(octet_length(",
+            $row,
+            ".payload), 0))"
+        )
+    };
+}
+
 /// The schema, one script per version: `MIGRATIONS[n]` takes `user_version` n to n + 1.
 ///
 /// - `storage_key`: the 32-byte SHA-256 of scope and key; the primary key.
@@ -31,7 +49,17 @@ const APPLICATION_ID: i32 = 0x6f6e_636c;
 ///
 /// The table is `STRICT` and its `CHECK`s tie the columns to the state, so a bug cannot
 /// store a record that reads back as something else.
-const MIGRATIONS: &[&str] = &["
+///
+/// Version 2 adds `records_usage`, the one row that counts what `records` holds against
+/// the store's bounds ([`crate::SqliteOptions::max_records`] and
+/// [`crate::SqliteOptions::max_bytes`]): `records` rows, expired ones included (they
+/// take disk until swept), and `bytes` as [`crate::RECORD_OVERHEAD`] says. It is filled
+/// once by the migration (one scan of an existing table) and from then on kept by
+/// triggers on `records`, in the same transaction as every insert, update and delete:
+/// so it is right for every process sharing the file, survives restarts, and a claim
+/// reads one row to check the bounds instead of counting.
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE records (
         storage_key  BLOB    NOT NULL PRIMARY KEY CHECK (length(storage_key) = 32),
         key          TEXT    NOT NULL,
@@ -49,7 +77,43 @@ const MIGRATIONS: &[&str] = &["
             OR (state = 1 AND claim_id IS NULL AND payload IS NOT NULL AND completed_at IS NOT NULL))
     ) STRICT;
     CREATE INDEX records_by_expiry ON records (expires_at, state);
-"];
+",
+    concat!(
+        "
+    CREATE TABLE records_usage (
+        id      INTEGER NOT NULL PRIMARY KEY CHECK (id = 0),
+        records INTEGER NOT NULL,
+        bytes   INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO records_usage (id, records, bytes)
+        SELECT 0, count(*), coalesce(sum(",
+        cost!("records"),
+        "), 0) FROM records;
+    CREATE TRIGGER records_usage_insert AFTER INSERT ON records BEGIN
+        UPDATE records_usage SET records = records + 1, bytes = bytes + ",
+        cost!("new"),
+        " WHERE id = 0;
+    END;
+    CREATE TRIGGER records_usage_delete AFTER DELETE ON records BEGIN
+        UPDATE records_usage SET records = records - 1, bytes = bytes - ",
+        cost!("old"),
+        " WHERE id = 0;
+    END;
+    CREATE TRIGGER records_usage_update AFTER UPDATE OF key, scope, payload ON records
+        WHEN ",
+        cost!("new"),
+        " IS NOT ",
+        cost!("old"),
+        " BEGIN
+        UPDATE records_usage SET bytes = bytes + ",
+        cost!("new"),
+        " - ",
+        cost!("old"),
+        " WHERE id = 0;
+    END;
+"
+    ),
+];
 
 /// The schema version this build reads and writes.
 pub(crate) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -179,5 +243,13 @@ fn open_error(path: &Path, source: rusqlite::Error) -> StoreError {
         StoreError::Corrupt(format!("{}: {source}", path.display()))
     } else {
         StoreError::Unavailable(Box::new(OpenError { path: path.to_path_buf(), source }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_triggers_count_the_documented_overhead() {
+        assert!(cost!("r").starts_with(&format!("({} + ", crate::RECORD_OVERHEAD)), "{}", cost!("r"));
     }
 }

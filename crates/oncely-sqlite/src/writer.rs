@@ -1,18 +1,20 @@
 //! The writer thread: the one connection that writes, batching every pending request into
-//! one transaction (group commit), sweeping expired records between batches, and, in
-//! relaxed mode, syncing the WAL on an interval.
+//! one transaction (group commit), keeping new records within the store's bounds,
+//! sweeping expired records between batches, answering readiness probes, and, in relaxed
+//! mode, syncing the WAL on an interval.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use oncely::store::CapacityBound;
 use oncely::{ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, RecordState, Scope, StorageKey, StoreError};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, named_params};
 
-use crate::Durability;
 use crate::codec::{CREATED_AT_COLUMN, Millis, after, copy_error, now_ms, read_record, record_columns, sqlite_error};
-use crate::reader::{Reply, get};
+use crate::reader::{Reply, get, usage};
+use crate::{Durability, RECORD_OVERHEAD, Usage};
 use oncely::store::waiters::Waiters;
 
 /// The most requests one transaction carries. Bounds a batch's latency and memory when
@@ -25,6 +27,31 @@ pub(crate) enum Command {
     Write(Write),
     /// Remove every expired record, in sweep-sized batches, and answer how many.
     Purge(Reply<u64>),
+    /// A readiness probe: answered `Ok` once a write transaction commits (see
+    /// [`Writer::probe`]).
+    Probe(Reply<()>),
+}
+
+/// The bounds a new record must fit, and how many expired rows a claim in a full store
+/// deletes per round to make room.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    max_records: u64,
+    max_bytes: u64,
+    purge_batch: usize,
+}
+
+/// Rounds of deleting expired rows one claim may run in a full store before it is refused
+/// (and the sweep is started at once, to delete the rest between batches).
+const MAKE_ROOM_ROUNDS: usize = 4;
+
+/// What a write needs beside its connection, and what it leaves for after the commit.
+struct Context<'a> {
+    limits: Limits,
+    /// Keys whose waiters must be woken once the transaction commits.
+    woken: &'a mut Vec<StorageKey>,
+    /// Set when a claim found more expired rows than it could delete: sweep now.
+    sweep_now: bool,
 }
 
 /// A change to the records, with where to send its answer.
@@ -79,6 +106,11 @@ pub(crate) struct Writer {
     sweep: Option<Sweep>,
     /// Relaxed mode: when the WAL holding commits not yet synced must be synced.
     sync_due: Option<Instant>,
+    limits: Limits,
+    /// Whether the last write failed as the store's failure (not a request's own, like
+    /// `LeaseLost` or `Capacity`): then [`Writer::probe`] writes a row to tell whether
+    /// writes work again, instead of only taking the lock.
+    writes_failing: bool,
 }
 
 /// A sweep in progress. Each `purge_expired` caller counts what was removed after it asked.
@@ -118,6 +150,12 @@ impl Writer {
             next_sweep: options.sweep_interval.and_then(from_now),
             sweep: None,
             sync_due: None,
+            limits: Limits {
+                max_records: options.max_records,
+                max_bytes: options.max_bytes,
+                purge_batch: options.sweep_batch,
+            },
+            writes_failing: false,
         }
     }
 
@@ -197,34 +235,85 @@ impl Writer {
     ///
     /// In [`Durability::Relaxed`], every commit is NORMAL and the WAL is synced on the
     /// interval (see [`Writer::sync_wal`]).
+    ///
+    /// # Readiness probes
+    ///
+    /// A probe in a batch that holds writes shares its fate: it is answered with the
+    /// store's failure when the transaction failed or one of its writes failed as the
+    /// store (an I/O error, a full disk), else `Ok`. A batch of probes alone runs
+    /// [`Writer::probe`].
     fn run_batch(&mut self, batch: &mut Vec<Command>) {
         let mut writes = Vec::with_capacity(batch.len());
+        let mut probes = Vec::new();
         for command in batch.drain(..) {
             match command {
                 Command::Write(write) => writes.push(write),
                 Command::Purge(reply) => self.sweep.get_or_insert_with(Sweep::default).purges.push((reply, 0)),
+                Command::Probe(reply) => probes.push(reply),
             }
         }
         if writes.is_empty() {
+            if !probes.is_empty() {
+                let probed = self.probe();
+                for reply in probes {
+                    let _ = reply.send(probed.as_ref().map(|_| ()).map_err(copy_error));
+                }
+            }
             return;
         }
         let fsync = matches!(self.durability, Durability::Sync) && writes.iter().any(Write::needs_fsync);
         let mut answers = Vec::with_capacity(writes.len());
         let mut woken = Vec::new();
-        match self.transact(fsync, writes, &mut answers, &mut woken) {
+        let mut sweep_now = false;
+        let outcome = match self.transact(fsync, writes, &mut answers, &mut woken, &mut sweep_now) {
             Ok(()) => {
                 self.committed();
                 self.waiters.wake(&woken);
+                answers.iter().find_map(Answer::store_failure).map_or(Ok(()), Err)
             }
             Err(error) => {
                 tracing::warn!(%error, requests = answers.len(), "the SQLite store failed a batch of writes");
                 for answer in &mut answers {
                     answer.fail(&error);
                 }
+                Err(error)
             }
+        };
+        self.writes_failing = outcome.is_err();
+        if sweep_now && self.sweep.is_none() {
+            self.next_sweep = Some(Instant::now());
         }
         for answer in answers {
             answer.send();
+        }
+        for reply in probes {
+            let _ = reply.send(outcome.as_ref().map(|_| ()).map_err(copy_error));
+        }
+    }
+
+    /// A readiness probe with no write to ride on: takes SQLite's write lock in a
+    /// transaction (`BEGIN IMMEDIATE`, waiting up to the busy timeout for a lock another
+    /// process holds) and commits. Taking the lock writes nothing, so a probe costs no
+    /// disk I/O while writes succeed. While the last write failed, the probe also writes
+    /// a row (the usage row, unchanged), so a store whose writes fail (a full disk, a
+    /// file made read-only) is reported unavailable until one succeeds again.
+    fn probe(&mut self) -> Result<(), StoreError> {
+        let write = self.writes_failing;
+        let probed = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).and_then(|tx| {
+            if write {
+                tx.execute("UPDATE records_usage SET records = records WHERE id = 0", [])?;
+            }
+            tx.commit()
+        });
+        match probed {
+            Ok(()) => {
+                self.writes_failing = false;
+                Ok(())
+            }
+            Err(error) => {
+                self.writes_failing = true;
+                Err(sqlite_error(error))
+            }
         }
     }
 
@@ -236,6 +325,7 @@ impl Writer {
         writes: Vec<Write>,
         answers: &mut Vec<Answer>,
         woken: &mut Vec<StorageKey>,
+        sweep_now: &mut bool,
     ) -> Result<(), StoreError> {
         let level = if fsync { Synchronous::Full } else { Synchronous::Normal };
         let begun = self
@@ -248,9 +338,11 @@ impl Writer {
                 return Err(error);
             }
         };
+        let mut context = Context { limits: self.limits, woken, sweep_now: false };
         let mut writes = writes.into_iter();
         for write in writes.by_ref() {
-            answers.push(execute(&tx, write, woken));
+            answers.push(execute(&tx, write, &mut context));
+            *sweep_now |= context.sweep_now;
             if tx.is_autocommit() {
                 // SQLite rolled the whole transaction back after a failed statement (an
                 // I/O error, a full disk). The rest must not run: outside a transaction,
@@ -306,9 +398,7 @@ impl Writer {
     fn sweep_once(&mut self) {
         let removed = self.set_synchronous(Synchronous::Normal).and_then(|()| now_ms()).and_then(|now| {
             let limit = i64::try_from(self.sweep_batch).unwrap_or(i64::MAX);
-            let sql = "DELETE FROM records WHERE rowid IN \
-                       (SELECT rowid FROM records WHERE expires_at <= :now LIMIT :limit)";
-            let mut statement = self.conn.prepare_cached(sql).map_err(sqlite_error)?;
+            let mut statement = self.conn.prepare_cached(SWEEP).map_err(sqlite_error)?;
             statement.execute(named_params! { ":now": now, ":limit": limit }).map_err(sqlite_error)
         });
         let finished = match removed {
@@ -326,6 +416,7 @@ impl Writer {
             }
             Err(error) => {
                 tracing::warn!(%error, "the SQLite store failed to sweep expired records");
+                self.writes_failing = matches!(error, StoreError::Unavailable(_));
                 if let Some(sweep) = self.sweep.as_mut() {
                     for (reply, _) in std::mem::take(&mut sweep.purges) {
                         let _ = reply.send(Err(copy_error(&error)));
@@ -364,6 +455,10 @@ impl Writer {
         }
     }
 }
+
+/// Deletes up to `:limit` rows expired at `:now`, by `records_by_expiry`.
+const SWEEP: &str =
+    "DELETE FROM records WHERE rowid IN (SELECT rowid FROM records WHERE expires_at <= :now LIMIT :limit)";
 
 /// `after` from now; `None` (never) past what `Instant` can represent.
 fn from_now(after: Duration) -> Option<Instant> {
@@ -404,6 +499,16 @@ impl Answer {
         }
     }
 
+    /// The request's error when it is the store's failure (SQLite could not write, or
+    /// the clock failed), not an answer about the record.
+    fn store_failure(&self) -> Option<StoreError> {
+        let error = match self {
+            Self::Claim(_, Err(error)) | Self::Unit(_, Err(error)) | Self::Flag(_, Err(error)) => error,
+            _ => return None,
+        };
+        matches!(error, StoreError::Unavailable(_)).then(|| copy_error(error))
+    }
+
     fn send(self) {
         // A caller that gave up has dropped its receiver; the write stands regardless,
         // which is what `StoreError::Unavailable`'s "whether it took effect is unknown"
@@ -416,21 +521,80 @@ impl Answer {
     }
 }
 
-/// Runs one write inside the batch's transaction; notes in `woken` the keys whose
+/// Runs one write inside the batch's transaction; notes in the context the keys whose
 /// waiters must be woken once it commits.
-fn execute(conn: &Connection, write: Write, woken: &mut Vec<StorageKey>) -> Answer {
+fn execute(conn: &Connection, write: Write, context: &mut Context<'_>) -> Answer {
     match write {
-        Write::Claim { request, reply } => Answer::Claim(reply, claim(conn, &request, woken)),
+        Write::Claim { request, reply } => Answer::Claim(reply, claim(conn, &request, context)),
         Write::Complete { key, claim_id, payload, retention, reply } => {
-            Answer::Unit(reply, complete(conn, &key, claim_id, &payload, retention, woken))
+            Answer::Unit(reply, complete(conn, &key, claim_id, &payload, retention, context.woken))
         }
-        Write::Release { key, claim_id, reply } => Answer::Unit(reply, release(conn, &key, claim_id, woken)),
+        Write::Release { key, claim_id, reply } => Answer::Unit(reply, release(conn, &key, claim_id, context.woken)),
         Write::Touch { key, claim_id, lease, reply } => Answer::Unit(reply, touch(conn, &key, claim_id, lease)),
-        Write::Delete { key, reply } => Answer::Flag(reply, delete(conn, &key, woken)),
+        Write::Delete { key, reply } => Answer::Flag(reply, delete(conn, &key, context.woken)),
         Write::FirstSeen { storage_key, key, scope, window, reply } => {
-            Answer::Flag(reply, first_seen(conn, &storage_key, &key, &scope, window, woken))
+            Answer::Flag(reply, first_seen(conn, &storage_key, &key, &scope, window, context))
         }
     }
+}
+
+/// The bytes a new row counts before its payload, as the `records_usage` triggers count
+/// them (see `schema::MIGRATIONS`).
+fn new_row_cost(key: &IdempotencyKey, scope: &Scope) -> u64 {
+    RECORD_OVERHEAD.saturating_add(key.as_str().len() as u64).saturating_add(scope.as_str().len() as u64)
+}
+
+/// The bound a new row of `cost` bytes would pass, if any.
+fn over(limits: &Limits, usage: Usage, cost: u64) -> Option<CapacityBound> {
+    if usage.records >= limits.max_records {
+        Some(CapacityBound::Records)
+    } else if usage.bytes.saturating_add(cost) > limits.max_bytes {
+        Some(CapacityBound::Bytes)
+    } else {
+        None
+    }
+}
+
+/// Makes sure a claim or `first_seen` at `key` may go ahead, in the batch's transaction
+/// (under SQLite's write lock, so the counts cannot change before the write that
+/// follows): `Ok` when the store has room for a new row of `cost` bytes, or when a row
+/// is already at `key` (the statement then updates it, live or expired, and adds no row).
+///
+/// Otherwise the store is full. Expired rows are deleted to make room, a batch at a time
+/// for up to [`MAKE_ROOM_ROUNDS`] rounds; when that does not make enough,
+/// [`StoreError::Capacity`] and nothing else changes. Unexpired rows are never deleted
+/// here: a full store refuses new keys, it does not forget results. When expired rows
+/// are left over, the sweep is started at once to delete them between batches.
+fn make_room(conn: &Connection, key: &StorageKey, cost: u64, context: &mut Context<'_>) -> Result<(), StoreError> {
+    let limits = context.limits;
+    let Some(mut bound) = over(&limits, usage(conn)?, cost) else { return Ok(()) };
+    let mut statement = conn.prepare_cached("SELECT 1 FROM records WHERE storage_key = :key").map_err(sqlite_error)?;
+    if statement.exists(named_params! { ":key": key.as_bytes() }).map_err(sqlite_error)? {
+        return Ok(());
+    }
+    let now = now_ms()?;
+    let limit = i64::try_from(limits.purge_batch).unwrap_or(i64::MAX);
+    let mut purge = conn.prepare_cached(SWEEP).map_err(sqlite_error)?;
+    for _ in 0..MAKE_ROOM_ROUNDS {
+        let removed = purge.execute(named_params! { ":now": now, ":limit": limit }).map_err(sqlite_error)?;
+        match over(&limits, usage(conn)?, cost) {
+            None => return Ok(()),
+            Some(still) => bound = still,
+        }
+        if removed < limits.purge_batch {
+            return Err(full(&limits, bound));
+        }
+    }
+    context.sweep_now = true;
+    Err(full(&limits, bound))
+}
+
+fn full(limits: &Limits, bound: CapacityBound) -> StoreError {
+    let limit = match bound {
+        CapacityBound::Bytes => limits.max_bytes,
+        _ => limits.max_records,
+    };
+    StoreError::Capacity { bound, limit }
 }
 
 /// The claim, in one statement: insert a new in-progress record, or update the one in the
@@ -479,7 +643,8 @@ const CLAIM: &str = concat!(
 /// - no row → the statement met a live record it must not change: it is read back in the
 ///   same transaction (under the write lock, so it is the record the claim met) and is a
 ///   mismatch when its fingerprint differs, else held by a live lease.
-fn claim(conn: &Connection, request: &ClaimRequest, woken: &mut Vec<StorageKey>) -> Result<ClaimOutcome, StoreError> {
+fn claim(conn: &Connection, request: &ClaimRequest, context: &mut Context<'_>) -> Result<ClaimOutcome, StoreError> {
+    make_room(conn, &request.storage_key, new_row_cost(&request.key, &request.scope), context)?;
     let now = now_ms()?;
     let lease_until = after(now, request.lease.max(Duration::from_millis(1)))?;
     let expires_at = after(now, request.retention)?.max(lease_until);
@@ -507,7 +672,7 @@ fn claim(conn: &Connection, request: &ClaimRequest, woken: &mut Vec<StorageKey>)
                 RecordState::InProgress { claim_id, .. } if claim_id == request.claim_id => {
                     // A takeover changes the holder under any waiter; a new record may
                     // replace an expired one that had waiters.
-                    woken.push(request.storage_key);
+                    context.woken.push(request.storage_key);
                     Ok(ClaimOutcome::Acquired { takeover: created_at != now })
                 }
                 RecordState::Completed { .. } => Ok(ClaimOutcome::Completed(record)),
@@ -640,8 +805,9 @@ fn first_seen(
     key: &IdempotencyKey,
     scope: &Scope,
     window: Duration,
-    woken: &mut Vec<StorageKey>,
+    context: &mut Context<'_>,
 ) -> Result<bool, StoreError> {
+    make_room(conn, storage_key, new_row_cost(key, scope), context)?;
     let now = now_ms()?;
     let expires_at = after(now, window)?;
     let mut statement = conn.prepare_cached(FIRST_SEEN).map_err(sqlite_error)?;
@@ -660,7 +826,7 @@ fn first_seen(
         .map_err(sqlite_error)?;
     let first = hits == Some(0);
     if first {
-        woken.push(*storage_key);
+        context.woken.push(*storage_key);
     }
     Ok(first)
 }

@@ -1,4 +1,5 @@
-//! The in-memory store: sharded, bounded, swept, with in-process notifications.
+//! The in-memory store: sharded, bounded in records and bytes, swept, with in-process
+//! notifications.
 //!
 //! # Guarantees
 //!
@@ -8,15 +9,28 @@
 //!   takes two shard locks at once, and no lock is held across an `.await`.
 //! - **No global lock on the hot path.** Claims, replays and completions of different
 //!   keys contend only when their keys share a shard. The only state shared by all shards
-//!   is an atomic record count, touched when a record is created or removed.
+//!   is two atomic counters (records and bytes), touched when a record is created,
+//!   completed or removed.
 //! - **Durability: none.** Records live as long as the process. Use a durable store for
 //!   anything that must survive a restart.
 //! - **Time** is the process's wall clock (`SystemTime::now()`), read once per call.
-//! - **Bound.** At most [`MemoryStoreBuilder::max_entries`] records. A claim that needs
-//!   room evicts an expired record, else the completed record with the earliest expiry,
-//!   first in its own shard and then in the next shards in turn (with one shard the order
-//!   is exact; with many it is per shard). An in-progress record is never evicted: when
-//!   nothing can be evicted, the claim fails with [`StoreError::Capacity`].
+//! - **Bounds.** At most [`MemoryStoreBuilder::max_entries`] records and
+//!   [`MemoryStoreBuilder::max_bytes`] bytes, counted as [`RECORD_OVERHEAD`] says. A call
+//!   that must create a record (a claim or a `first_seen` of an absent or expired key)
+//!   and finds no room first drops expired records (they are absent to every read
+//!   anyway), in its own shard and then in the next shards in turn. When that leaves no
+//!   room it fails with [`StoreError::Capacity`], naming the bound, and changes nothing:
+//!   **an unexpired record, completed or in progress, is never dropped to make room**, so
+//!   a retry never runs an operation again because a flood of new keys pushed its result
+//!   out. [`MemoryStoreBuilder::evict_completed_when_full`] opts into evicting unexpired
+//!   completed records (the one that expires first, per shard) instead; in-progress
+//!   records are never evicted.
+//! - **Completions are never refused for room.** A claim reserves only the record's fixed
+//!   part (overhead, key and scope); the payload is counted when `complete` stores it,
+//!   always: the operation has run, and dropping its result would let a retry run it
+//!   again. The byte count can therefore pass `max_bytes` by at most the payloads of the
+//!   records that were in progress when the bound was reached; from then on every new
+//!   record is refused until expiry, `delete` or `release` brings the count back under.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,12 +41,42 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::{ClaimOutcome, ClaimRequest, Notified, Store, StoreError, StoreStats};
+use super::{CapacityBound, ClaimOutcome, ClaimRequest, Notified, Store, StoreError, StoreStats};
 use crate::{ClaimId, IdempotencyKey, Record, RecordState, Scope, StorageKey};
 
 /// Expired records removed per shard-lock acquisition while purging, so that a sweep
 /// never holds a shard for long.
 const PURGE_BATCH: usize = 256;
+
+/// The bytes a record counts against [`MemoryStoreBuilder::max_bytes`] beyond its payload,
+/// raw key and scope (which count at their length in bytes).
+///
+/// It estimates what the store spends per record besides those: the slot in the shard's
+/// hash map (key and entry, counted twice because a map that has just grown keeps up to
+/// half of its slots spare), the element of the expiry index (counted twice: a B-tree
+/// node may be half empty), and two allocator headers for the key's and scope's heap
+/// strings: 642 bytes on 64-bit targets today (the size of `Entry` decides).
+///
+/// A payload counts at its length. The store keeps the `Bytes` it is given, so a payload
+/// sliced from a larger buffer keeps all of that buffer alive; the HTTP layer stores a
+/// buffer encoded for the purpose.
+pub const RECORD_OVERHEAD: usize =
+    2 * (size_of::<StorageKey>() + size_of::<Entry>() + 1) + 2 * size_of::<(SystemTime, StorageKey)>() + 2 * 16;
+
+/// The default [`MemoryStoreBuilder::max_bytes`]: 1 GiB.
+pub const DEFAULT_MAX_BYTES: usize = 1 << 30;
+
+/// What a record counts against the byte bound: see [`RECORD_OVERHEAD`].
+fn record_cost(record: &Record) -> usize {
+    let payload = match &record.state {
+        RecordState::Completed { payload, .. } => payload.len(),
+        RecordState::InProgress { .. } => 0,
+    };
+    RECORD_OVERHEAD
+        .saturating_add(record.key.as_str().len())
+        .saturating_add(record.scope.as_str().len())
+        .saturating_add(payload)
+}
 
 /// An in-process store. Cloning shares the records.
 ///
@@ -43,6 +87,7 @@ const PURGE_BATCH: usize = 256;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let store = MemoryStore::builder()
 ///     .max_entries(100_000)
+///     .max_bytes(256 << 20)
 ///     .sweep_interval(Duration::from_secs(30))
 ///     .build();
 /// # let _ = store; }
@@ -56,7 +101,11 @@ struct Inner {
     shards: Box<[Mutex<Shard>]>,
     /// Records in all shards, expired-but-unswept ones included.
     len: AtomicUsize,
+    /// The sum of [`Entry::cost`] over all shards.
+    bytes: AtomicUsize,
     max_entries: usize,
+    max_bytes: usize,
+    evict_completed: bool,
 }
 
 #[derive(Default)]
@@ -68,6 +117,9 @@ struct Shard {
 
 struct Entry {
     record: Record,
+    /// What this record adds to [`Inner::bytes`]: kept beside it so that removing it
+    /// gives back exactly what was counted.
+    cost: usize,
     /// Waiters for this in-progress record, created by the first `subscribe`.
     waiters: Option<Arc<Notify>>,
 }
@@ -84,20 +136,51 @@ impl Entry {
 #[derive(Clone, Debug)]
 pub struct MemoryStoreBuilder {
     max_entries: usize,
+    max_bytes: usize,
+    evict_completed: bool,
     shards: usize,
     sweep_interval: Option<Duration>,
 }
 
 impl Default for MemoryStoreBuilder {
     fn default() -> Self {
-        Self { max_entries: usize::MAX, shards: 64, sweep_interval: Some(Duration::from_secs(60)) }
+        Self {
+            max_entries: usize::MAX,
+            max_bytes: DEFAULT_MAX_BYTES,
+            evict_completed: false,
+            shards: 64,
+            sweep_interval: Some(Duration::from_secs(60)),
+        }
     }
 }
 
 impl MemoryStoreBuilder {
-    /// The most records the store holds (default: unbounded). Must be at least 1.
+    /// The most records the store holds (default: no bound of its own; the byte bound
+    /// keeps the count under `max_bytes / RECORD_OVERHEAD`). Must be at least 1.
     pub fn max_entries(mut self, max: usize) -> Self {
         self.max_entries = max.max(1);
+        self
+    }
+
+    /// The most bytes the store holds, counted as [`RECORD_OVERHEAD`] says (default
+    /// [`DEFAULT_MAX_BYTES`], 1 GiB). Must be at least 1. A new record that would pass it
+    /// is refused with [`StoreError::Capacity`]; a completion never is (see the
+    /// [module docs](self)).
+    pub fn max_bytes(mut self, max: usize) -> Self {
+        self.max_bytes = max.max(1);
+        self
+    }
+
+    /// Whether a full store may evict unexpired *completed* records to make room for a
+    /// new one, the one that expires first (per shard) going first (default `false`).
+    ///
+    /// Off, a full store refuses new records instead, and every completed record is
+    /// replayed until its retention ends. On, a retry of an evicted key runs its operation
+    /// again: choose it only for operations where that is acceptable and staying
+    /// available under a flood of new keys matters more. In-progress records are never
+    /// evicted either way.
+    pub fn evict_completed_when_full(mut self, evict: bool) -> Self {
+        self.evict_completed = evict;
         self
     }
 
@@ -117,7 +200,7 @@ impl MemoryStoreBuilder {
     }
 
     /// No background sweeping: expired records are still invisible to every read and are
-    /// removed by eviction or [`Store::purge_expired`].
+    /// removed when room is needed or by [`Store::purge_expired`].
     pub fn no_sweeper(mut self) -> Self {
         self.sweep_interval = None;
         self
@@ -126,7 +209,14 @@ impl MemoryStoreBuilder {
     /// Builds the store and starts its sweeper.
     pub fn build(self) -> MemoryStore {
         let shards = (0..self.shards).map(|_| Mutex::new(Shard::default())).collect();
-        let inner = Arc::new(Inner { shards, len: AtomicUsize::new(0), max_entries: self.max_entries });
+        let inner = Arc::new(Inner {
+            shards,
+            len: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_entries: self.max_entries,
+            max_bytes: self.max_bytes,
+            evict_completed: self.evict_completed,
+        });
         if let (Some(every), Ok(runtime)) = (self.sweep_interval, tokio::runtime::Handle::try_current()) {
             runtime.spawn(sweep(Arc::downgrade(&inner), every));
         }
@@ -152,7 +242,10 @@ impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
             .field("len", &self.len())
+            .field("bytes", &self.bytes())
             .field("max_entries", &self.inner.max_entries)
+            .field("max_bytes", &self.inner.max_bytes)
+            .field("evict_completed_when_full", &self.inner.evict_completed)
             .field("shards", &self.inner.shards.len())
             .finish()
     }
@@ -165,13 +258,13 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// An unbounded store with 64 shards and a sweeper every 60 s (when created inside a
-    /// Tokio runtime).
+    /// A store with the builder's defaults: at most 1 GiB, 64 shards, no eviction of
+    /// unexpired records, and a sweeper every 60 s (when created inside a Tokio runtime).
     pub fn new() -> Self {
         Self::builder().build()
     }
 
-    /// A builder to set the bound, the shards and the sweeper.
+    /// A builder to set the bounds, the shards and the sweeper.
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder::default()
     }
@@ -184,6 +277,12 @@ impl MemoryStore {
     /// Whether the store holds no record.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Bytes held as counted against [`MemoryStoreBuilder::max_bytes`] (see
+    /// [`RECORD_OVERHEAD`]), expired-but-unswept records included.
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -207,85 +306,169 @@ impl Inner {
         self.shards[index].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes one unit of room under the bound, evicting from `shard` (which the caller
-    /// holds) when full. False when the full shard had nothing evictable.
-    fn reserve(&self, shard: &mut Shard, now: SystemTime) -> bool {
+    /// Takes room for one new record of `cost` bytes under both bounds, or names the
+    /// bound that has none. Each counter moves by a compare-and-swap against its bound,
+    /// so no number of racing callers takes either past it: the record is counted first
+    /// and given back when its bytes do not fit.
+    fn try_reserve(&self, cost: usize) -> Result<(), CapacityBound> {
+        self.len
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |len| (len < self.max_entries).then_some(len + 1))
+            .map_err(|_| CapacityBound::Records)?;
+        let fits = self.bytes.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |bytes| {
+            bytes.checked_add(cost).filter(|total| *total <= self.max_bytes)
+        });
+        if fits.is_err() {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+            return Err(CapacityBound::Bytes);
+        }
+        Ok(())
+    }
+
+    /// Whether a new record of `cost` bytes would fit now (racy: a hint for how long to
+    /// keep making room, never a reservation).
+    fn has_room(&self, cost: usize) -> bool {
+        self.len.load(Ordering::Relaxed) < self.max_entries
+            && self.bytes.load(Ordering::Relaxed).checked_add(cost).is_some_and(|total| total <= self.max_bytes)
+    }
+
+    /// Gives back what a removed record of `cost` bytes counted.
+    fn give_back(&self, cost: usize) {
+        self.len.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(cost, Ordering::AcqRel);
+    }
+
+    /// Counts the change of a record's cost from `old` to `new` bytes.
+    fn recount(&self, old: usize, new: usize) {
+        if new >= old {
+            self.bytes.fetch_add(new - old, Ordering::AcqRel);
+        } else {
+            self.bytes.fetch_sub(old - new, Ordering::AcqRel);
+        }
+    }
+
+    /// Takes room for a new record of `cost` bytes, dropping from `shard` (which the
+    /// caller holds) what a full store may drop (see [`Shard::evict_one`]) until there is
+    /// room or nothing droppable is left.
+    fn reserve(&self, shard: &mut Shard, cost: usize, now: SystemTime) -> Result<(), CapacityBound> {
         loop {
-            let len = self.len.load(Ordering::Relaxed);
-            if len < self.max_entries {
-                if self.len.compare_exchange_weak(len, len + 1, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
-                    return true;
-                }
-                continue;
+            match self.try_reserve(cost) {
+                Ok(()) => return Ok(()),
+                Err(bound) => match shard.evict_one(now, self.evict_completed) {
+                    Some(freed) => self.give_back(freed),
+                    None => return Err(bound),
+                },
             }
-            if !shard.evict_one(now) {
-                return false;
-            }
-            self.len.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
-    /// Inserts into a shard the caller holds, with room already reserved.
-    fn insert(&self, shard: &mut Shard, record: Record) {
-        if shard.insert(record) {
-            self.len.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Evicts one record from some shard other than `skip`, locking one shard at a time.
-    fn make_room_elsewhere(&self, skip: usize, now: SystemTime) -> bool {
+    /// Drops what a full store may drop from the shards other than `skip`, locking one
+    /// at a time, until a new record of `cost` bytes fits; false when no shard had
+    /// enough.
+    fn make_room_elsewhere(&self, skip: usize, cost: usize, now: SystemTime) -> bool {
         let n = self.shards.len();
         for offset in 1..n {
-            let index = (skip + offset) & (n - 1);
-            if self.lock(index).evict_one(now) {
-                self.len.fetch_sub(1, Ordering::AcqRel);
+            let mut shard = self.lock((skip + offset) & (n - 1));
+            while !self.has_room(cost) {
+                match shard.evict_one(now, self.evict_completed) {
+                    Some(freed) => self.give_back(freed),
+                    None => break,
+                }
+            }
+            if self.has_room(cost) {
                 return true;
             }
         }
         false
     }
 
+    /// The error of a store whose `bound` refused a new record.
+    fn full(&self, bound: CapacityBound) -> StoreError {
+        let limit = match bound {
+            CapacityBound::Records => self.max_entries,
+            CapacityBound::Bytes => self.max_bytes,
+        };
+        StoreError::Capacity { bound, limit: limit as u64 }
+    }
+
+    /// The shape shared by `claim` and `first_seen`: under the lock of `key`'s shard,
+    /// `existing` answers from a live record at the key. When it does not, the key holds
+    /// nothing live: an expired record there is dropped (giving its room back), room for
+    /// `record` is reserved, and `record` is inserted, answering `created`.
+    ///
+    /// Making room drops only what [`Shard::evict_one`] may drop, first in this shard
+    /// and then in the others (one lock at a time, never two at once). Each pass is
+    /// atomic under the shard lock; a next pass happens only when room was made in
+    /// another shard in between, and another caller may take that room first, so after
+    /// three passes the store is reported full.
+    fn answer_or_create<T>(
+        &self,
+        key: &StorageKey,
+        now: SystemTime,
+        mut existing: impl FnMut(&mut Shard) -> Option<T>,
+        record: Record,
+        created: T,
+    ) -> Result<T, StoreError> {
+        let cost = record_cost(&record);
+        let index = self.shard_index(key);
+        let mut refused = CapacityBound::Records;
+        for _ in 0..3 {
+            let mut shard = self.lock(index);
+            if let Some(answer) = existing(&mut shard) {
+                return Ok(answer);
+            }
+            if shard.map.get(key).is_some_and(|entry| entry.record.is_expired(now))
+                && let Some(freed) = shard.remove(key)
+            {
+                self.give_back(freed);
+            }
+            match self.reserve(&mut shard, cost, now) {
+                Ok(()) => {
+                    if let Some(replaced) = shard.insert(record, cost) {
+                        // Unreachable: the key held nothing live and its expired record
+                        // was removed above. Counted right all the same.
+                        self.give_back(replaced);
+                    }
+                    return Ok(created);
+                }
+                Err(bound) => refused = bound,
+            }
+            drop(shard);
+            if !self.make_room_elsewhere(index, cost, now) {
+                break;
+            }
+        }
+        Err(self.full(refused))
+    }
+
     fn claim(&self, request: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         let now = SystemTime::now();
         let lease_until = deadline(now, request.lease)?;
         let expires_at = deadline(now, request.retention)?.max(lease_until);
-        let index = self.shard_index(&request.storage_key);
-        // Each pass is atomic under the shard lock. A second pass happens only when the
-        // store was full and room was made in another shard in between.
-        for _ in 0..3 {
-            let mut shard = self.lock(index);
-            if let Some(outcome) = shard.claim_existing(request, now, lease_until, expires_at) {
-                return Ok(outcome);
-            }
-            if self.reserve(&mut shard, now) {
-                self.insert(
-                    &mut shard,
-                    Record {
-                        storage_key: request.storage_key,
-                        key: request.key.clone(),
-                        scope: request.scope.clone(),
-                        fingerprint: request.fingerprint,
-                        created_at: now,
-                        expires_at,
-                        state: RecordState::InProgress { claim_id: request.claim_id, lease_until },
-                    },
-                );
-                return Ok(ClaimOutcome::Acquired { takeover: false });
-            }
-            drop(shard);
-            if !self.make_room_elsewhere(index, now) {
-                break;
-            }
-        }
-        Err(StoreError::Capacity { capacity: self.max_entries })
+        let record = Record {
+            storage_key: request.storage_key,
+            key: request.key.clone(),
+            scope: request.scope.clone(),
+            fingerprint: request.fingerprint,
+            created_at: now,
+            expires_at,
+            state: RecordState::InProgress { claim_id: request.claim_id, lease_until },
+        };
+        self.answer_or_create(
+            &request.storage_key,
+            now,
+            |shard| shard.claim_existing(request, now, lease_until, expires_at),
+            record,
+            ClaimOutcome::Acquired { takeover: false },
+        )
     }
 
     fn purge_expired(&self, now: SystemTime) -> u64 {
         let mut purged = 0;
         for index in 0..self.shards.len() {
             loop {
-                let removed = self.lock(index).remove_expired(now, PURGE_BATCH);
+                let (removed, freed) = self.lock(index).remove_expired(now, PURGE_BATCH);
                 self.len.fetch_sub(removed, Ordering::AcqRel);
+                self.bytes.fetch_sub(freed, Ordering::AcqRel);
                 purged += removed as u64;
                 if removed < PURGE_BATCH {
                     break;
@@ -304,36 +487,23 @@ impl Inner {
     ) -> Result<bool, StoreError> {
         let now = SystemTime::now();
         let expires_at = deadline(now, window)?;
-        let index = self.shard_index(storage_key);
-        for _ in 0..3 {
-            let mut shard = self.lock(index);
-            if let Some(entry) = shard.live_mut(storage_key, now) {
-                if let RecordState::Completed { hits, .. } = &mut entry.record.state {
-                    *hits += 1;
-                }
-                return Ok(false);
+        let marker = Record {
+            storage_key: *storage_key,
+            key: key.clone(),
+            scope: scope.clone(),
+            fingerprint: None,
+            created_at: now,
+            expires_at,
+            state: RecordState::Completed { payload: Bytes::new(), completed_at: now, hits: 0 },
+        };
+        let seen = |shard: &mut Shard| {
+            let entry = shard.live_mut(storage_key, now)?;
+            if let RecordState::Completed { hits, .. } = &mut entry.record.state {
+                *hits += 1;
             }
-            if self.reserve(&mut shard, now) {
-                self.insert(
-                    &mut shard,
-                    Record {
-                        storage_key: *storage_key,
-                        key: key.clone(),
-                        scope: scope.clone(),
-                        fingerprint: None,
-                        created_at: now,
-                        expires_at,
-                        state: RecordState::Completed { payload: Bytes::new(), completed_at: now, hits: 0 },
-                    },
-                );
-                return Ok(true);
-            }
-            drop(shard);
-            if !self.make_room_elsewhere(index, now) {
-                break;
-            }
-        }
-        Err(StoreError::Capacity { capacity: self.max_entries })
+            Some(false)
+        };
+        self.answer_or_create(storage_key, now, seen, marker, true)
     }
 }
 
@@ -343,7 +513,8 @@ impl Shard {
         self.map.get_mut(key).filter(|entry| !entry.record.is_expired(now))
     }
 
-    /// Answers a claim from the existing record; `None` when a record must be created.
+    /// Answers a claim from the existing live record; `None` when a record must be
+    /// created (the key is absent or its record expired).
     fn claim_existing(
         &mut self,
         request: &ClaimRequest,
@@ -351,11 +522,7 @@ impl Shard {
         lease_until: SystemTime,
         expires_at: SystemTime,
     ) -> Option<ClaimOutcome> {
-        let entry = self.map.get_mut(&request.storage_key)?;
-        if entry.record.is_expired(now) {
-            // Absent to the claim; `insert` replaces it.
-            return None;
-        }
+        let entry = self.live_mut(&request.storage_key, now)?;
         if entry.record.fingerprint != request.fingerprint {
             return Some(ClaimOutcome::Mismatch(entry.record.clone()));
         }
@@ -387,31 +554,23 @@ impl Shard {
         }
     }
 
-    /// Inserts `record`, replacing an expired one at its key; true when it replaced one
-    /// (the caller then gives back the room it reserved).
-    fn insert(&mut self, record: Record) -> bool {
+    /// Inserts `record`, which counts `cost` bytes; the cost of a record it replaced, if
+    /// any (callers remove the key's record first, so none).
+    fn insert(&mut self, record: Record, cost: usize) -> Option<usize> {
         self.by_expiry.insert((record.expires_at, record.storage_key));
         let key = record.storage_key;
-        match self.map.insert(key, Entry { record, waiters: None }) {
-            Some(mut old) => {
-                self.by_expiry.remove(&(old.record.expires_at, key));
-                old.wake();
-                true
-            }
-            None => false,
-        }
+        let mut old = self.map.insert(key, Entry { record, cost, waiters: None })?;
+        self.by_expiry.remove(&(old.record.expires_at, key));
+        old.wake();
+        Some(old.cost)
     }
 
-    /// Removes the record at `key` and wakes its waiters; true when there was one.
-    fn remove(&mut self, key: &StorageKey) -> bool {
-        match self.map.remove(key) {
-            Some(mut entry) => {
-                self.by_expiry.remove(&(entry.record.expires_at, *key));
-                entry.wake();
-                true
-            }
-            None => false,
-        }
+    /// Removes the record at `key` and wakes its waiters; its cost when there was one.
+    fn remove(&mut self, key: &StorageKey) -> Option<usize> {
+        let mut entry = self.map.remove(key)?;
+        self.by_expiry.remove(&(entry.record.expires_at, *key));
+        entry.wake();
+        Some(entry.cost)
     }
 
     fn reindex(&mut self, key: &StorageKey, old: SystemTime, new: SystemTime) {
@@ -421,17 +580,31 @@ impl Shard {
         }
     }
 
-    /// Evicts an expired record, else the completed one that expires first.
-    fn evict_one(&mut self, now: SystemTime) -> bool {
-        let victim = self.by_expiry.iter().find_map(|(expires_at, key)| {
-            let expired = *expires_at <= now;
-            let completed = self.map.get(key).is_some_and(|entry| entry.record.is_completed());
-            (expired || completed).then_some(*key)
-        });
-        victim.is_some_and(|key| self.remove(&key))
+    /// Drops one record to make room; its cost, or `None` when the shard holds nothing
+    /// it may drop.
+    ///
+    /// This is where the store keeps its promise that a full store refuses new records
+    /// rather than forgetting results: the victim is an expired record (absent to every
+    /// read already), the one that expired first. Only with `evict_completed` (see
+    /// [`MemoryStoreBuilder::evict_completed_when_full`]) may it instead be the unexpired
+    /// completed record that expires first. An in-progress record is never a victim.
+    fn evict_one(&mut self, now: SystemTime, evict_completed: bool) -> Option<usize> {
+        let expired = |expires_at: &SystemTime| *expires_at <= now;
+        let victim = if evict_completed {
+            self.by_expiry
+                .iter()
+                .find(|(expires_at, key)| {
+                    expired(expires_at) || self.map.get(key).is_some_and(|entry| entry.record.is_completed())
+                })
+                .map(|(_, key)| *key)
+        } else {
+            self.by_expiry.first().filter(|(expires_at, _)| expired(expires_at)).map(|(_, key)| *key)
+        };
+        self.remove(&victim?)
     }
 
-    fn remove_expired(&mut self, now: SystemTime, limit: usize) -> usize {
+    /// Removes up to `limit` expired records; how many, and the bytes they counted.
+    fn remove_expired(&mut self, now: SystemTime, limit: usize) -> (usize, usize) {
         let expired: Vec<StorageKey> = self
             .by_expiry
             .iter()
@@ -439,7 +612,7 @@ impl Shard {
             .take(limit)
             .map(|(_, key)| *key)
             .collect();
-        expired.iter().filter(|key| self.remove(key)).count()
+        expired.iter().filter_map(|key| self.remove(key)).fold((0, 0), |(n, bytes), cost| (n + 1, bytes + cost))
     }
 }
 
@@ -449,6 +622,9 @@ impl Store for MemoryStore {
         self.inner.claim(&request)
     }
 
+    /// Never refused for room: the payload is counted whatever the byte bound says (see
+    /// the [module docs](self)), because the operation has run and losing its result
+    /// would let a retry run it again.
     async fn complete(
         &self,
         key: &StorageKey,
@@ -462,6 +638,9 @@ impl Store for MemoryStore {
         let entry = shard.held_mut(key, claim_id, now)?;
         entry.record.state = RecordState::Completed { payload, completed_at: now, hits: 0 };
         entry.wake();
+        let new_cost = record_cost(&entry.record);
+        let old_cost = std::mem::replace(&mut entry.cost, new_cost);
+        self.inner.recount(old_cost, new_cost);
         let old_expiry = std::mem::replace(&mut entry.record.expires_at, expires_at);
         shard.reindex(key, old_expiry, expires_at);
         Ok(())
@@ -471,9 +650,9 @@ impl Store for MemoryStore {
         let now = SystemTime::now();
         let mut shard = self.inner.shard(key);
         shard.held_mut(key, claim_id, now)?;
-        shard.remove(key);
-        drop(shard);
-        self.inner.len.fetch_sub(1, Ordering::AcqRel);
+        if let Some(freed) = shard.remove(key) {
+            self.inner.give_back(freed);
+        }
         Ok(())
     }
 
@@ -501,10 +680,8 @@ impl Store for MemoryStore {
         let now = SystemTime::now();
         let mut shard = self.inner.shard(key);
         let live = shard.live_mut(key, now).is_some();
-        let removed = shard.remove(key);
-        drop(shard);
-        if removed {
-            self.inner.len.fetch_sub(1, Ordering::AcqRel);
+        if let Some(freed) = shard.remove(key) {
+            self.inner.give_back(freed);
         }
         Ok(live)
     }

@@ -44,11 +44,21 @@ pub enum StoreError {
     /// caller's write was rejected so that it cannot overwrite the new holder.
     #[error("the claim no longer holds the key (lease taken over, released, deleted or expired)")]
     LeaseLost,
-    /// A bounded store is full and holds no completed record it could evict.
-    #[error("the store is full ({capacity} records) and has no completed record to evict")]
+    /// A bounded store is full: a new record would take it past one of its bounds, and
+    /// it holds no record it may drop to make room. Expired records are dropped first
+    /// (they are absent anyway); an unexpired record, completed or in progress, is never
+    /// dropped to make room unless the store was told it may evict completed ones.
+    /// Nothing was changed; the HTTP layer answers 503 with `Retry-After`.
+    ///
+    /// Only the creation of a record is refused this way. A claim or `first_seen` that
+    /// meets an existing record, and every `complete`, are answered as usual: an
+    /// operation that ran keeps its result even when that takes the store past its bound.
+    #[error("the store is full: it holds at most {limit} {bound} and has no expired record to drop")]
     Capacity {
-        /// The store's maximum number of records.
-        capacity: usize,
+        /// The bound a new record would pass.
+        bound: CapacityBound,
+        /// That bound, in records or in bytes as `bound` says.
+        limit: u64,
     },
     /// The store could not be reached or did not answer in time. Whether the call took
     /// effect is unknown; the HTTP layer answers 503.
@@ -60,6 +70,25 @@ pub enum StoreError {
     /// The request cannot be carried out as asked (a duration that overflows the clock).
     #[error("invalid store request: {0}")]
     InvalidRequest(String),
+}
+
+/// Which bound of a full store refused a new record; see [`StoreError::Capacity`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CapacityBound {
+    /// The most records the store holds.
+    Records,
+    /// The most bytes the store holds, as the store counts them (its docs say how).
+    Bytes,
+}
+
+impl std::fmt::Display for CapacityBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Records => "records",
+            Self::Bytes => "bytes",
+        })
+    }
 }
 
 impl StoreError {
