@@ -4,8 +4,8 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /healthz` | 200 while the process serves |
-//! | `GET /readyz` | 200 when the store answers, else 503 |
-//! | `GET /metrics` | Prometheus text: `oncely_outcomes_total{outcome}`, `oncely_http_requests_total{outcome}`, `oncely_store_seconds{op}` (histogram), `oncely_operations_in_flight`, `oncely_records{state}` (not on Redis, where counting scans the key space) |
+//! | `GET /readyz` | 200 when the store answers (SQLite: can take a write), else 503; 503 too while results of operations that ran wait in memory for the store to take them |
+//! | `GET /metrics` | Prometheus text: `oncely_outcomes_total{outcome}`, `oncely_http_requests_total{outcome}`, `oncely_store_seconds{op}` (histogram), `oncely_operations_in_flight`, `oncely_completions_kept` (results waiting for the store), `oncely_records{state}` (not on Redis, where counting scans the key space) |
 //! | `GET /keys?after=HASH&limit=N` | records, in storage-key order (token) |
 //! | `GET /keys/HASH` | one record (token) |
 //! | `DELETE /keys/HASH` | deletes it: the next request with the key runs again (token) |
@@ -38,6 +38,8 @@ pub struct AdminState {
     pub metrics: Option<PrometheusHandle>,
     /// Running operations.
     pub tracker: TaskTracker,
+    /// Results the store could not take yet: readiness is 503 while there are any.
+    pub deferred: oncely::engine::DeferredCompletions,
     /// Whether `/metrics` refreshes `oncely_records{state}` from the store's counts on
     /// every scrape (off for stores that count by scanning: Redis).
     pub count_records: bool,
@@ -58,6 +60,11 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
+    let kept = state.deferred.len();
+    if kept > 0 {
+        let text = format!("not ready: {kept} results of operations that ran wait to be stored\n");
+        return (StatusCode::SERVICE_UNAVAILABLE, text).into_response();
+    }
     match state.store.ping().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {e}\n")).into_response(),
@@ -69,6 +76,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         return (StatusCode::NOT_FOUND, "metrics are not installed\n").into_response();
     };
     metrics::gauge!("oncely_operations_in_flight").set(state.tracker.len() as f64);
+    metrics::gauge!("oncely_completions_kept").set(state.deferred.len() as f64);
     if state.count_records
         && let Ok(stats) = state.store.stats().await
     {

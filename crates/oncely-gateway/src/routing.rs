@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use http::{Request, Response};
 use oncely::Oncely;
+use oncely::engine::DeferredCompletions;
 use oncely_http::{Idempotency, IdempotencyLayer, ResponseBody};
 use tokio_util::task::TaskTracker;
 use tower::Layer;
@@ -35,13 +36,23 @@ struct Table {
 impl Routes {
     /// Builds one layer per route over `proxy`, all on `store`, spawning keyed operations
     /// on `tracker`.
-    pub fn new(config: &Config, store: &DynStore, proxy: &Proxy, tracker: &TaskTracker) -> Result<Self, String> {
+    ///
+    /// Every route keeps the results its store could not take in `deferred`, so that one
+    /// readiness check sees them all and each route writes them before its next claim.
+    pub fn new(
+        config: &Config,
+        store: &DynStore,
+        proxy: &Proxy,
+        tracker: &TaskTracker,
+        deferred: &DeferredCompletions,
+    ) -> Result<Self, String> {
         let build = |route: &RouteSettings| -> Result<RouteService, String> {
             let oncely = Oncely::builder(Arc::clone(store))
                 .retention(route.ttl)
                 .lease(route.lease)
                 .conflict_mode(route.on_conflict)
                 .track_background(tracker.clone())
+                .deferred_completions(deferred.clone())
                 .build()
                 .map_err(|e| format!("route {}: {e}", route.path))?;
             let statuses = route.store_statuses.clone();

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use oncely::engine::DeferredCompletions;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -93,7 +94,8 @@ pub async fn serve(
     let store = stores::open(&options.store).await?;
     let tracker = TaskTracker::new();
     let proxy = Proxy::new(&options.upstream, config.upstream_timeout)?;
-    let routes = Routes::new(&config, &store, &proxy, &tracker)?;
+    let deferred = DeferredCompletions::new();
+    let routes = Routes::new(&config, &store, &proxy, &tracker, &deferred)?;
     let app = Router::new().fallback_service(routes);
 
     let listener = TcpListener::bind(options.listen).await.map_err(|e| format!("--listen {}: {e}", options.listen))?;
@@ -119,6 +121,7 @@ pub async fn serve(
             store: Arc::clone(&store),
             metrics: metrics_handle(),
             tracker: tracker.clone(),
+            deferred: deferred.clone(),
             count_records: stores::counts_records_cheaply(&options.store),
             token: config.admin_token.as_deref().map(Arc::from),
         };

@@ -3,7 +3,7 @@
 //! | URL | store |
 //! |---|---|
 //! | `memory://` | in-process, lost on restart ([`oncely::MemoryStore`]); at most 1,000,000 records and 1 GiB (`?max_entries=N&max_bytes=SIZE` to change; sizes like `512MiB`); `?evict_completed_when_full=true` lets a full store evict unexpired results instead of refusing new keys |
-//! | `sqlite://PATH` | embedded, durable (the default: `sqlite://oncely.db`); `?durability=relaxed` syncs on an interval instead of per completion; at most 10,000,000 records and 1 GiB (`?max_records=N&max_bytes=SIZE` to change) |
+//! | `sqlite://PATH` | embedded, durable (the default: `sqlite://oncely.db`); `?durability=relaxed` syncs on an interval instead of per completion; at most 10,000,000 records and 1 GiB (`?max_records=N&max_bytes=SIZE` to change); `?busy_timeout=5s`: how long a write waits for another process's lock before the store answers unavailable |
 //! | `redis://[user:pass@]HOST:PORT[/DB]` | a shared Redis/Valkey server ([`oncely_redis`]); `?prefix=NAME` (default `oncely`), `?timeout=1s`, `?connect_timeout=1s` |
 //! | `redis+cluster://HOST:PORT,HOST:PORT,…` | a Redis Cluster, same options |
 //! | `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (or `postgresql://`) | shared by every gateway on the database ([`oncely_postgres::PostgresStore`]); options `table=NAME` (default `oncely_records`), `pool=N` connections (default 16), `acquire_timeout=5s`, `statement_timeout=5s`, `sweep_interval=60s`; other query parameters (`sslmode`, …) go to the driver |
@@ -109,7 +109,7 @@ fn not_a_count(scheme: &str, rest: &str, pair: &str) -> String {
     format!("{scheme}://{rest}: {name} must be a positive whole number")
 }
 
-/// `sqlite://PATH[?durability=sync|relaxed&sync_interval=1s&max_records=N&max_bytes=SIZE]`.
+/// `sqlite://PATH[?durability=sync|relaxed&sync_interval=1s&max_records=N&max_bytes=SIZE&busy_timeout=5s]`.
 /// The bounds default to [`oncely_sqlite::DEFAULT_MAX_RECORDS`] and
 /// [`oncely_sqlite::DEFAULT_MAX_BYTES`].
 async fn open_sqlite(rest: &str) -> Result<DynStore, String> {
@@ -133,10 +133,15 @@ async fn open_sqlite(rest: &str) -> Result<DynStore, String> {
                 let bytes = crate::config::size("max_bytes", text).map_err(|e| format!("sqlite://{rest}: {e}"))?;
                 options = options.max_bytes(bytes as u64);
             }
+            Some(("busy_timeout", text)) => {
+                let timeout =
+                    crate::config::duration("busy_timeout", text).map_err(|e| format!("sqlite://{rest}: {e}"))?;
+                options = options.busy_timeout(timeout);
+            }
             _ => {
                 return Err(format!(
                     "sqlite://{rest}: unknown option {pair:?}; use durability=sync|relaxed, sync_interval=DURATION, \
-                     max_records=N, max_bytes=SIZE"
+                     max_records=N, max_bytes=SIZE, busy_timeout=DURATION"
                 ));
             }
         }

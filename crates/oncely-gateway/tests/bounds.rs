@@ -28,7 +28,7 @@ async fn assert_full(response: reqwest::Response) {
     assert_eq!(response.status(), 503);
     let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
     assert!(retry_after.is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s > 0)), "Retry-After in seconds");
-    assert_eq!(problem_type(response).await, "urn:oncely:problem:store-unavailable");
+    assert_eq!(problem_type(response).await, "urn:oncely:problem:store-full");
 }
 
 /// Every stored key is replayed, without reaching the upstream.

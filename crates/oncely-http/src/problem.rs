@@ -12,6 +12,7 @@
 //! | `urn:oncely:problem:request-in-progress` | 409 | a request with this key is running (with `Retry-After`) |
 //! | `urn:oncely:problem:too-many-in-progress` | 429 | the request's principal already holds the layer's maximum of running operations; nothing ran (with `Retry-After`) |
 //! | `urn:oncely:problem:store-unavailable` | 503 | the idempotency store failed; fail-closed (with `Retry-After`) |
+//! | `urn:oncely:problem:store-full` | 503 | the store is at its bound (records or bytes) and takes no new key until records expire; nothing ran (with `Retry-After`) |
 //! | `urn:oncely:problem:response-not-stored` | 500 | replay of an operation that completed but whose response could not be kept (over the size cap) |
 //! | `urn:oncely:problem:handler-failed` | 500 | the inner service panicked or its response body failed |
 
@@ -44,6 +45,8 @@ pub enum ProblemKind {
     TooManyInProgress,
     /// 503: the store failed.
     StoreUnavailable,
+    /// 503: the store is at its bound and takes no new key until records expire.
+    StoreFull,
     /// 500: completed, response over the storage cap.
     ResponseNotStored,
     /// 500: the inner service failed unexpectedly.
@@ -62,6 +65,7 @@ impl ProblemKind {
             Self::RequestInProgress => "urn:oncely:problem:request-in-progress",
             Self::TooManyInProgress => "urn:oncely:problem:too-many-in-progress",
             Self::StoreUnavailable => "urn:oncely:problem:store-unavailable",
+            Self::StoreFull => "urn:oncely:problem:store-full",
             Self::ResponseNotStored => "urn:oncely:problem:response-not-stored",
             Self::HandlerFailed => "urn:oncely:problem:handler-failed",
         }
@@ -75,7 +79,7 @@ impl ProblemKind {
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RequestInProgress => StatusCode::CONFLICT,
             Self::TooManyInProgress => StatusCode::TOO_MANY_REQUESTS,
-            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::ResponseNotStored | Self::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -91,6 +95,7 @@ impl ProblemKind {
             Self::RequestInProgress => "A request with this Idempotency-Key is in progress",
             Self::TooManyInProgress => "Too many requests of this client are in progress",
             Self::StoreUnavailable => "The idempotency store is unavailable",
+            Self::StoreFull => "The idempotency store is full",
             Self::ResponseNotStored => "The original response was not stored",
             Self::HandlerFailed => "The request failed",
         }

@@ -257,6 +257,12 @@ where
             let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;
             return Ok(response.map(boxed));
         }
+        Err(e @ Error::Store(StoreError::Capacity { .. })) => {
+            // A flood of new keys must not become a flood of error logs.
+            tracing::warn!(%key, error = %e, "idempotency store full; refusing the request");
+            let detail = "the idempotency store is full; the request was not processed";
+            return Ok(problem(ProblemKind::StoreFull, detail, Some(STORE_RETRY_AFTER)));
+        }
         Err(e) => {
             tracing::error!(%key, error = %e, "idempotency store failed; refusing the request (fail-closed)");
             let detail = "the idempotency store could not be reached; the request was not processed";
