@@ -34,6 +34,12 @@
 //! so a client under the cap is never queued behind a flood. The admin listener has its
 //! own cap (`admin.max_connections`), so a flood on the proxy port cannot take it.
 //!
+//! Descriptors: every connection is a file descriptor, and a proxied request may hold
+//! another to the upstream. At start [`fit_descriptors`] raises the soft
+//! `RLIMIT_NOFILE` towards the hard limit as far as the caps need, and if that is not
+//! enough lowers the caps (with a warning) so that a flood on the proxy port runs into
+//! `max_connections`, not into `EMFILE`, and the admin listener can still accept.
+//!
 //! HTTP/2: at most `max_concurrent_streams` streams per connection; keep-alive pings every
 //! 20 s while a connection is open, closing it if one is not answered within 20 s; hyper's
 //! defaults bound reset floods and the header list (16 KiB, then the stream is refused).
@@ -134,6 +140,49 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
 }
+
+/// Descriptors kept for everything but client and upstream connections: standard
+/// streams, the listeners, store files and connections, logs.
+const RESERVED_DESCRIPTORS: u64 = 32;
+
+/// Makes the caps fit the process's descriptor limit. Each proxy connection is counted
+/// as 1.25 descriptors (a quarter more for upstream connections of requests in flight),
+/// each admin connection as one, plus a reserve of 32. The soft limit is raised as far as
+/// that needs (no further than the hard limit); if it is still short, the admin cap is
+/// lowered to at most a quarter of the limit and the proxy cap to 80% of what is left.
+#[cfg(unix)]
+pub fn fit_descriptors(proxy: &mut ServerLimits, admin: &mut ServerLimits) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let Some(mut soft) = limit.current else { return };
+    let (proxy_cap, admin_cap) = (proxy.max_connections as u64, admin.max_connections as u64);
+    let needed = proxy_cap.saturating_add(proxy_cap / 4).saturating_add(admin_cap).saturating_add(RESERVED_DESCRIPTORS);
+    if soft < needed {
+        let raised = limit.maximum.map_or(needed, |hard| hard.min(needed));
+        if raised > soft
+            && setrlimit(Resource::Nofile, Rlimit { current: Some(raised), maximum: limit.maximum }).is_ok()
+        {
+            soft = raised;
+        }
+    }
+    if soft >= needed {
+        return;
+    }
+    let admin_fit = admin_cap.min(soft / 4).max(1);
+    let proxy_fit = (soft.saturating_sub(admin_fit + RESERVED_DESCRIPTORS) * 4 / 5).clamp(1, proxy_cap.max(1));
+    tracing::warn!(
+        descriptors = soft,
+        max_connections = proxy_fit,
+        admin_max_connections = admin_fit,
+        "the descriptor limit (ulimit -n) is too low for the connection caps; lowering the caps to fit"
+    );
+    proxy.max_connections = usize::try_from(proxy_fit).unwrap_or(proxy.max_connections);
+    admin.max_connections = usize::try_from(admin_fit).unwrap_or(admin.max_connections);
+}
+
+/// Without descriptor limits to read, the caps stay as configured.
+#[cfg(not(unix))]
+pub fn fit_descriptors(_proxy: &mut ServerLimits, _admin: &mut ServerLimits) {}
 
 fn is_connection_error(e: &io::Error) -> bool {
     matches!(

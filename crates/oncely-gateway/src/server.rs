@@ -91,7 +91,8 @@ pub async fn serve(
     overrides: RawSettings,
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), String> {
-    let config = Config::resolve(&raw, &overrides).map_err(|e| e.to_string())?;
+    let mut config = Config::resolve(&raw, &overrides).map_err(|e| e.to_string())?;
+    listener::fit_descriptors(&mut config.server, &mut config.admin_server);
     let store = stores::open(&options.store).await?;
     let tracker = TaskTracker::new();
     let proxy = Proxy::new(&options.upstream, config.upstream_timeout)?;

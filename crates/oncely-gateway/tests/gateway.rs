@@ -493,3 +493,148 @@ async fn spellings_of_a_path_cannot_slip_past_its_route() {
     }
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 0);
 }
+
+/// Connects to the gateway from `source` (any 127.0.0.0/8 address is local on Linux), so
+/// that one test can be several clients.
+async fn connect_from(gw: &Gateway, source: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(format!("{source}:0").parse().expect("source")).expect("bind source");
+    socket.connect(proxy_addr(gw).parse().expect("gateway addr")).await.expect("connect")
+}
+
+const GET_PAYMENTS: &str = "GET /payments HTTP/1.1\r\nhost: gw\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_and_slow_clients_are_closed_by_the_limits_while_others_are_served() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, upstream) = start_upstream().await;
+    // Set by variables (flags and `[server]` work alike; the check-config test covers them).
+    let limits =
+        [("ONCELY_HEADER_READ_TIMEOUT", "1s"), ("ONCELY_IDLE_TIMEOUT", "1s"), ("ONCELY_BODY_READ_TIMEOUT", "1s")];
+    let (gw, _dir) = start_gateway_with_env(&format!("http://{addr}"), "memory://", CONFIG, &[], &limits).await;
+    let connect = || tokio::net::TcpStream::connect(proxy_addr(&gw));
+    let started = std::time::Instant::now();
+
+    // Connects and says nothing.
+    let mut silent = connect().await.expect("connect");
+    // An HTTP/2 client that sends the preface and its settings, and no request.
+    let mut h2 = connect().await.expect("connect");
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.expect("preface");
+    // Slow loris: a head trickled one field every 200 ms, never finished.
+    let (mut loris, mut loris_out) = connect().await.expect("connect").into_split();
+    loris_out.write_all(b"POST /orders HTTP/1.1\r\nhost: gw\r\n").await.expect("head");
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if loris_out.write_all(b"x-slow: 1\r\n").await.is_err() {
+                return;
+            }
+        }
+    });
+    // Keep-alive: one request answered, then nothing.
+    let mut kept = connect().await.expect("connect");
+    let answer = exchange(&mut kept, GET_PAYMENTS).await.expect("answered");
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    // A keyed request whose body stops after 10 of its 100 bytes.
+    let mut stalled = connect().await.expect("connect");
+    stalled
+        .write_all(
+            b"POST /payments HTTP/1.1\r\nhost: gw\r\nidempotency-key: k-stalled\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"amount\":",
+        )
+        .await
+        .expect("send");
+
+    // Meanwhile another client is served.
+    assert_eq!(send_post(&gw, "/orders", None, "{}").await.status(), 201);
+
+    let limit = Duration::from_secs(10);
+    let (data, closed) = read_until_closed(&mut silent, limit).await;
+    assert!(closed && data.is_empty(), "a silent connection is closed by header_read_timeout");
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed by the limit, not at once");
+    assert!(read_until_closed(&mut h2, limit).await.1, "an HTTP/2 connection with no request is closed");
+    assert!(read_until_closed(&mut loris, limit).await.1, "a trickled head is closed by header_read_timeout");
+    assert!(read_until_closed(&mut kept, limit).await.1, "an idle keep-alive connection is closed by idle_timeout");
+    let (data, closed) = read_until_closed(&mut stalled, limit).await;
+    let text = String::from_utf8_lossy(&data);
+    assert!(closed, "a stalled body ends its connection: {text}");
+    assert!(text.starts_with("HTTP/1.1 400") && text.contains("body-unreadable"), "{text}");
+    trickle.abort();
+
+    // The gateway still serves, and nothing slow reached the upstream.
+    assert_eq!(send_post(&gw, "/orders", None, "{}").await.status(), 201);
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 3, "GET /payments and the two POST /orders");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_the_connection_caps_new_connections_are_closed_while_existing_clients_work() {
+    let (addr, upstream) = start_upstream().await;
+    let caps = [("ONCELY_MAX_CONNECTIONS", "3"), ("ONCELY_MAX_CONNECTIONS_PER_CLIENT", "2")];
+    let (gw, _dir) = start_gateway_with_env(&format!("http://{addr}"), "memory://", CONFIG, &[], &caps).await;
+    let served = |answer: Option<String>| answer.is_some_and(|a| a.starts_with("HTTP/1.1 201"));
+
+    // Client A holds two connections, one of them working, one idle.
+    let mut working = connect_from(&gw, "127.0.0.1").await;
+    assert!(served(exchange(&mut working, GET_PAYMENTS).await));
+    let _idle = connect_from(&gw, "127.0.0.1").await;
+    // A third from A is over the per-client cap: closed at once, before any timeout.
+    let (data, closed) = read_until_closed(&mut connect_from(&gw, "127.0.0.1").await, Duration::from_secs(5)).await;
+    assert!(closed && data.is_empty(), "over max_connections_per_client: closed at once");
+    // Client B still gets a connection: the third and last.
+    let mut other = connect_from(&gw, "127.0.0.2").await;
+    assert!(served(exchange(&mut other, GET_PAYMENTS).await), "another client is under its own cap");
+    // Client C is over the total cap.
+    let (data, closed) = read_until_closed(&mut connect_from(&gw, "127.0.0.3").await, Duration::from_secs(5)).await;
+    assert!(closed && data.is_empty(), "over max_connections: closed at once");
+    // Existing clients keep working, and so does the admin listener.
+    assert!(served(exchange(&mut working, GET_PAYMENTS).await));
+    assert!(served(exchange(&mut other, GET_PAYMENTS).await));
+    assert_eq!(client().get(format!("{}/healthz", gw.admin)).send().await.expect("admin").status(), 200);
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 4);
+
+    // A closed connection gives its place back.
+    drop(other);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = connect_from(&gw, "127.0.0.3").await;
+        if served(exchange(&mut again, GET_PAYMENTS).await) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the place is given back once the connection closes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_on_the_proxy_port_leaves_the_admin_listener_reachable() {
+    let (addr, _upstream) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("oncely.toml");
+    std::fs::write(&config, CONFIG).expect("write config");
+    // 128 descriptors and the default caps (10000 connections): without the caps fitted
+    // to the descriptors, the flood would use them all (for the 10 s header timeout, and
+    // for ever before there was one) and neither listener could accept.
+    let gw = spawn_gateway_with_descriptors(128, &format!("http://{addr}"), "memory://", &config, &[]).await;
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(proxy_addr(&gw)).await {
+            flood.push(stream);
+        }
+    }
+    let admin = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
+    let health = admin.get(format!("{}/healthz", gw.admin)).send().await.expect("the admin listener answers");
+    assert_eq!(health.status(), 200);
+    // The proxy is at its cap: a new connection is closed at once rather than queued.
+    let (_, closed) = read_until_closed(&mut connect_from(&gw, "127.0.0.1").await, Duration::from_secs(5)).await;
+    assert!(closed, "over the fitted max_connections: closed at once");
+    // Once the flood goes, the proxy serves again.
+    drop(flood);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = connect_from(&gw, "127.0.0.1").await;
+        if exchange(&mut again, GET_PAYMENTS).await.is_some_and(|a| a.starts_with("HTTP/1.1 201")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the proxy serves again after the flood");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
