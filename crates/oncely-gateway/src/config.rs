@@ -593,11 +593,15 @@ mod tests {
             scope_headers = ["authorization"]
             max_body = "1MiB"
             store_statuses = "default"
+            case_insensitive = false
+            match_suffixes = false
 
             [[routes]]
             path = "/payments"
             required = true
             on_conflict = "wait"
+            case_insensitive = true
+            match_suffixes = [".json"]
 
             [[routes]]
             path = "/payments/refunds"
@@ -614,6 +618,50 @@ mod tests {
         assert!(refunds.store_statuses.contains(StatusCode::BAD_GATEWAY));
         assert!(!refunds.store_statuses.contains(StatusCode::CREATED));
         assert!(!config.route_for("/paymentsx").required, "prefixes match whole segments");
+        assert!(config.route_for("/PAYMENTS/ch_1").required, "case_insensitive");
+        assert!(config.route_for("/payments.json").required, "match_suffixes");
+        assert!(config.route_for("/Payments.JSON/ch_1").required);
+        assert!(!config.route_for("/payments.xml").required, "only the listed suffixes");
+        assert!(!config.route_for("/payments.jsonx").required, "a suffix ends on a segment boundary");
+        assert_eq!(config.server.max_connections, 10_000);
+        assert_eq!(config.server.max_connections_per_client, Some(256));
+        assert_eq!(config.admin_server.max_connections, 64);
+    }
+
+    #[test]
+    fn the_server_table_sets_the_limits() {
+        let config = resolve(
+            r#"
+            [server]
+            header_read_timeout = "10s"
+            idle_timeout = "60s"
+            body_read_timeout = "30s"
+            max_connections = 10000
+            max_connections_per_client = 0
+            max_concurrent_streams = 100
+
+            [admin]
+            max_connections = 8
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(config.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.server.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(config.server.max_connections_per_client, None, "0 turns the per-client cap off");
+        assert_eq!(config.admin_server.max_connections, 8);
+        assert_eq!(config.admin_server.idle_timeout, Duration::from_secs(60), "the admin listener's timeouts");
+    }
+
+    #[test]
+    fn any_suffix_is_letters_and_digits_after_a_dot() {
+        let any = Suffixes::Any;
+        assert!(route_matches("/payments", false, &any, "/payments.json"));
+        assert!(route_matches("/payments", false, &any, "/payments.v2/x"));
+        assert!(!route_matches("/payments", false, &any, "/payments."));
+        assert!(!route_matches("/payments", false, &any, "/payments.j-s"));
+        assert!(!route_matches("/payments", true, &Suffixes::None, "/PAYMENTSX"));
+        assert!(!route_matches("/pay", false, &Suffixes::None, "/pa"));
     }
 
     #[test]
@@ -640,6 +688,18 @@ mod tests {
             ("[defaults]\nttl = \"400days\"", "defaults.ttl"),
             ("[defaults]\non_conflict = \"wait\"\nwait_timeout = \"2days\"", "defaults.wait_timeout"),
             ("[nonsense]\na = 1", "nonsense"),
+            ("[server]\nidle_timeout = \"soon\"", "server.idle_timeout"),
+            ("[server]\nheader_read_timeout = \"0s\"", "server.header_read_timeout"),
+            ("[server]\nbody_read_timeout = \"x\"", "server.body_read_timeout"),
+            ("[server]\nmax_connections = 0", "server.max_connections"),
+            ("[server]\nmax_connections = -1", "max_connections"),
+            ("[server]\nmax_concurrent_streams = 0", "server.max_concurrent_streams"),
+            ("[server]\nmax_conections = 1", "max_conections"),
+            ("[admin]\nmax_connections = 0", "admin.max_connections"),
+            ("[[routes]]\npath = \"/a\"\nmatch_suffixes = [\"json\"]", "routes[0].match_suffixes"),
+            ("[[routes]]\npath = \"/a\"\nmatch_suffixes = [\".j/s\"]", "routes[0].match_suffixes"),
+            ("[defaults]\nmatch_suffixes = \"yes\"", "match_suffixes"),
+            ("[defaults]\ncase_insensitive = \"yes\"", "case_insensitive"),
         ];
         for (text, key) in cases {
             let message = resolve(text).expect_err(text).0;

@@ -346,9 +346,13 @@ async fn check_config_names_the_bad_key_and_accepts_good_files() {
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 routes)"));
 
-    for (text, key) in
-        [("[defaults]\nttl = \"forever\"", "defaults.ttl"), ("[[routes]]\npath = \"/a\"\nreqired = true", "reqired")]
-    {
+    for (text, key) in [
+        ("[defaults]\nttl = \"forever\"", "defaults.ttl"),
+        ("[[routes]]\npath = \"/a\"\nreqired = true", "reqired"),
+        ("[server]\nidle_timeout = \"a while\"", "server.idle_timeout"),
+        ("[server]\nmax_connections = 0", "server.max_connections"),
+        ("[[routes]]\npath = \"/a\"\nmatch_suffixes = [\"json\"]", "routes[0].match_suffixes"),
+    ] {
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, text).expect("write");
         let out = Command::new(env!("CARGO_BIN_EXE_oncely")).arg("check-config").arg(&bad).output().await.expect("run");
@@ -637,4 +641,107 @@ async fn a_flood_on_the_proxy_port_leaves_the_admin_listener_reachable() {
         assert!(std::time::Instant::now() < deadline, "the proxy serves again after the flood");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The status line's code and the body of a raw answer.
+fn status_and_body(answer: &str) -> (u16, &str) {
+    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, answer.split_once("\r\n\r\n").map_or("", |(_, body)| body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_that_is_not_a_plain_host_is_refused_before_forwarding() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let injection = r#"a", for=7.7.7.7;proto=https;host="evil"#;
+    for hosts in [
+        vec![injection],
+        vec!["evil.com, gw.example"],
+        vec!["user@gw.example"],
+        vec!["gw.example:99999"],
+        vec!["gw.example", "other.example"],
+    ] {
+        let fields: String = hosts.iter().map(|h| format!("host: {h}\r\n")).collect();
+        for key in ["", "idempotency-key: k-host\r\n"] {
+            let answer = raw_request(
+                &gw,
+                &format!("POST /orders HTTP/1.1\r\n{fields}{key}content-length: 2\r\nconnection: close\r\n\r\n{{}}"),
+            )
+            .await;
+            let (status, body) = status_and_body(&answer);
+            assert_eq!(status, 400, "{hosts:?}: {answer}");
+            assert!(answer.to_ascii_lowercase().contains("content-type: application/problem+json"), "{answer}");
+            assert!(body.contains("urn:oncely:problem:bad-host"), "{answer}");
+        }
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 0, "nothing reached the upstream");
+
+    // A plain host is passed on, whole, in one Forwarded element.
+    let answer = raw_request(
+        &gw,
+        "POST /echo HTTP/1.1\r\nhost: gw.example:8080\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let (status, body) = status_and_body(&answer);
+    assert_eq!(status, 200, "{answer}");
+    let seen: Value = serde_json::from_str(body).expect("echoed headers");
+    assert_eq!(seen["forwarded"], r#"for=127.0.0.1;proto=http;host="gw.example:8080""#);
+    assert_eq!(seen["x-forwarded-host"], "gw.example:8080");
+    // Keyed requests are not stored when refused: the same key now runs.
+    let answer = raw_request(
+        &gw,
+        "POST /orders HTTP/1.1\r\nhost: gw.example\r\nidempotency-key: k-host\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+    )
+    .await;
+    assert_eq!(status_and_body(&answer).0, 201, "{answer}");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_spellings_that_servers_read_as_a_required_route_are_refused_or_covered() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let post =
+        |path: &str| format!("POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}");
+    // Spellings a servlet container, or a framework that decodes %2F or trims, routes to
+    // the handler of /payments.
+    for path in [
+        "/payments;jsessionid=1",
+        "/payments%2F",
+        "/payments%2f1",
+        "/payments%5C",
+        "/payments%20",
+        "/payments%09",
+        "/payments%00",
+        "/x%2F..%2Fpayments",
+        "/payments;a=b/refunds",
+    ] {
+        let answer = raw_request(&gw, &post(path)).await;
+        let (status, body) = status_and_body(&answer);
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert!(body.contains("urn:oncely:problem:ambiguous-path"), "{path}: {answer}");
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 0, "no spelling reached the upstream without a key");
+    // A keyed request on an unambiguous path is served; an encoded slash where both
+    // readings fall on the same route passes as it came (the upstream has no such path).
+    assert_eq!(send_post(&gw, "/payments", Some("k-path"), "{}").await.status(), 201);
+    assert_eq!(status_and_body(&raw_request(&gw, &post("/orders%2Fx")).await).0, 404);
+    // Methods no route covers pass through, whatever the spelling.
+    let get = "GET /payments;jsessionid=1 HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n";
+    assert_eq!(status_and_body(&raw_request(&gw, get).await).0, 404, "axum's own router has no such path");
+
+    // For upstreams that route /PAYMENTS and /payments.json to /payments.
+    let config = format!(
+        "{CONFIG}\n[[routes]]\npath = \"/orders\"\nrequired = true\ncase_insensitive = true\nmatch_suffixes = [\".json\"]\n"
+    );
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", &config, &[]).await;
+    let calls = upstream.calls.load(Ordering::SeqCst);
+    for path in ["/ORDERS", "/Orders/1", "/orders.json", "/ORDERS.JSON/1"] {
+        let r = send_post(&gw, path, None, "{}").await;
+        assert_eq!(r.status(), 400, "{path}: the /orders route covers it and requires a key");
+        assert_eq!(problem_type(r).await, "urn:oncely:problem:missing-key");
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), calls);
+    let r = send_post(&gw, "/orders.xml", None, "{}").await;
+    assert_eq!(r.status(), 404, "a suffix not listed is another path, passed through");
 }
