@@ -42,9 +42,9 @@
 //!
 //! HTTP/2: at most `max_concurrent_streams` streams per connection; keep-alive pings every
 //! 20 s while a connection is open, closing it if one is not answered within 20 s; hyper's
-//! defaults bound reset floods and the header list (16 KiB, then the stream is refused).
-//! HTTP/1.1 heads are bounded by hyper's read buffer (about 400 KiB) and 100 fields:
-//! beyond either the answer is 431.
+//! defaults bound reset floods and the header list (16 KiB). HTTP/1.1 heads are bounded
+//! by hyper's read buffer (about 400 KiB) and 100 fields. Past any of these the answer
+//! is 431.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
