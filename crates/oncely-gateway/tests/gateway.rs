@@ -679,7 +679,7 @@ async fn a_host_that_is_not_a_plain_host_is_refused_before_forwarding() {
     // A plain host is passed on, whole, in one Forwarded element.
     let answer = raw_request(
         &gw,
-        "POST /echo HTTP/1.1\r\nhost: gw.example:8080\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        "POST /echo HTTP/1.1\r\nhost: gw.example:8080\r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc",
     )
     .await;
     let (status, body) = status_and_body(&answer);
@@ -687,6 +687,12 @@ async fn a_host_that_is_not_a_plain_host_is_refused_before_forwarding() {
     let seen: Value = serde_json::from_str(body).expect("echoed headers");
     assert_eq!(seen["forwarded"], r#"for=127.0.0.1;proto=http;host="gw.example:8080""#);
     assert_eq!(seen["x-forwarded-host"], "gw.example:8080");
+    assert_eq!(seen["content-length"], "3", "a streamed body keeps its framing through the body read timeout");
+    assert!(seen.get("transfer-encoding").is_none());
+    // And a request without a body is forwarded without one (not as an empty chunked body).
+    let answer = raw_request(&gw, "POST /echo HTTP/1.1\r\nhost: gw.example\r\nconnection: close\r\n\r\n").await;
+    let seen: Value = serde_json::from_str(status_and_body(&answer).1).expect("echoed headers");
+    assert!(seen.get("transfer-encoding").is_none(), "{seen}");
     // Keyed requests are not stored when refused: the same key now runs.
     let answer = raw_request(
         &gw,
