@@ -539,6 +539,19 @@ async fn idle_and_slow_clients_are_closed_by_the_limits_while_others_are_served(
     let mut kept = connect().await.expect("connect");
     let answer = exchange(&mut kept, GET_PAYMENTS).await.expect("answered");
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    // HTTP/2: one request answered, then nothing; the connection's driver ends when the
+    // gateway closes it.
+    let (mut sender, h2_idle) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(connect().await.expect("connect")),
+    )
+    .await
+    .expect("h2 handshake");
+    let h2_idle = tokio::spawn(h2_idle);
+    let request = http::Request::get(format!("{}/payments", gw.url))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    assert_eq!(sender.send_request(request).await.expect("h2 answer").status(), 201);
     // A keyed request whose body stops after 10 of its 100 bytes.
     let mut stalled = connect().await.expect("connect");
     stalled
@@ -558,6 +571,8 @@ async fn idle_and_slow_clients_are_closed_by_the_limits_while_others_are_served(
     assert!(read_until_closed(&mut h2, limit).await.1, "an HTTP/2 connection with no request is closed");
     assert!(read_until_closed(&mut loris, limit).await.1, "a trickled head is closed by header_read_timeout");
     assert!(read_until_closed(&mut kept, limit).await.1, "an idle keep-alive connection is closed by idle_timeout");
+    let h2_closed = tokio::time::timeout(limit, h2_idle).await;
+    assert!(h2_closed.is_ok(), "an idle HTTP/2 connection is closed by idle_timeout");
     let (data, closed) = read_until_closed(&mut stalled, limit).await;
     let text = String::from_utf8_lossy(&data);
     assert!(closed, "a stalled body ends its connection: {text}");
@@ -566,7 +581,7 @@ async fn idle_and_slow_clients_are_closed_by_the_limits_while_others_are_served(
 
     // The gateway still serves, and nothing slow reached the upstream.
     assert_eq!(send_post(&gw, "/orders", None, "{}").await.status(), 201);
-    assert_eq!(upstream.calls.load(Ordering::SeqCst), 3, "GET /payments and the two POST /orders");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 4, "two GET /payments and two POST /orders");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
