@@ -130,19 +130,15 @@ fn check_host<B>(request: &Request<B>) -> Result<(), String> {
         (Some(_), Some(_)) => return Err("more than one Host field".to_string()),
         (Some(value), None) => match value.to_str() {
             Ok("") => return Ok(()),
-            Ok(text) => text.to_string(),
+            Ok(text) => text,
             Err(_) => return Err("the Host field is not visible ASCII".to_string()),
         },
-        (None, None) | (None, Some(_)) => match request.uri().authority() {
-            Some(authority) => authority.as_str().to_string(),
+        (None, _) => match request.uri().authority() {
+            Some(authority) => authority.as_str(),
             None => return Ok(()),
         },
     };
-    if valid_host(&host) {
-        Ok(())
-    } else {
-        Err(format!("{host:?} is not a host name or address with an optional port"))
-    }
+    if valid_host(host) { Ok(()) } else { Err(format!("{host:?} is not a host name or address with an optional port")) }
 }
 
 /// The path as a lenient upstream may read it, if it has anything such an upstream reads
