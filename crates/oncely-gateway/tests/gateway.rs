@@ -585,6 +585,24 @@ async fn idle_and_slow_clients_are_closed_by_the_limits_while_others_are_served(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_does_not_read_its_response_is_closed_by_idle_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, _upstream) = start_upstream().await;
+    let limits = [("ONCELY_IDLE_TIMEOUT", "1s")];
+    let (gw, _dir) = start_gateway_with_env(&format!("http://{addr}"), "memory://", CONFIG, &[], &limits).await;
+    let mut reader = tokio::net::TcpStream::connect(proxy_addr(&gw)).await.expect("connect");
+    reader.write_all(b"GET /big HTTP/1.1\r\nhost: gw\r\n\r\n").await.expect("send");
+    // Not reading is what this client does: the gateway's writes stall meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (data, closed) = read_until_closed(&mut reader, Duration::from_secs(20)).await;
+    assert!(closed);
+    assert!(data.starts_with(b"HTTP/1.1 200"));
+    assert!(data.len() < BIG, "the connection was closed before the whole response was written");
+    // Others are served.
+    assert_eq!(send_post(&gw, "/orders", None, "{}").await.status(), 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn over_the_connection_caps_new_connections_are_closed_while_existing_clients_work() {
     let (addr, upstream) = start_upstream().await;
     let caps = [("ONCELY_MAX_CONNECTIONS", "3"), ("ONCELY_MAX_CONNECTIONS_PER_CLIENT", "2")];

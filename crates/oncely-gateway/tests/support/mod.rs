@@ -76,6 +76,14 @@ pub async fn echo_headers(headers: HeaderMap) -> String {
     Value::Object(map).to_string()
 }
 
+/// 32 MiB: more than the socket buffers between a client that does not read and the
+/// gateway hold.
+pub const BIG: usize = 32 << 20;
+
+pub async fn big() -> Vec<u8> {
+    vec![b'x'; BIG]
+}
+
 pub async fn start_upstream() -> (SocketAddr, Shared) {
     let shared = Shared::default();
     let app = Router::new()
@@ -88,6 +96,7 @@ pub async fn start_upstream() -> (SocketAddr, Shared) {
         .route("/hang", post(hang))
         .route("/stall", post(stall))
         .route("/echo", post(echo_headers))
+        .route("/big", axum::routing::get(big))
         .with_state(shared.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
     let addr = listener.local_addr().expect("addr");
