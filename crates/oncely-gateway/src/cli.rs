@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use oncely::StorageKey;
 
 use crate::admin::RecordView;
-use crate::config::{Config, RawConfig, RawSettings, StatusItem, StatusSpec};
+use crate::config::{Config, RawConfig, RawSettings, StatusItem, StatusSpec, SuffixSpec};
 use crate::server::{ServeOptions, serve};
 use crate::stores::{self, DEFAULT_STORE};
 
@@ -81,7 +81,56 @@ struct ServeArgs {
     #[arg(long, env = "ONCELY_UPSTREAM_TIMEOUT")]
     upstream_timeout: Option<String>,
     #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
     defaults: DefaultsArgs,
+}
+
+/// Flags and variables that override the file's `[server]` (and `admin.max_connections`).
+#[derive(Debug, Args, Default)]
+struct ServerArgs {
+    /// How long a new connection may take to send its first request head (`server.header_read_timeout`).
+    #[arg(long, env = "ONCELY_HEADER_READ_TIMEOUT")]
+    header_read_timeout: Option<String>,
+    /// How long a connection may stay open with no request in flight (`server.idle_timeout`).
+    #[arg(long, env = "ONCELY_IDLE_TIMEOUT")]
+    idle_timeout: Option<String>,
+    /// How long a request body may send nothing (`server.body_read_timeout`).
+    #[arg(long, env = "ONCELY_BODY_READ_TIMEOUT")]
+    body_read_timeout: Option<String>,
+    /// Open proxy connections (`server.max_connections`).
+    #[arg(long, env = "ONCELY_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Open proxy connections per client IP, 0 for no cap (`server.max_connections_per_client`).
+    #[arg(long, env = "ONCELY_MAX_CONNECTIONS_PER_CLIENT")]
+    max_connections_per_client: Option<usize>,
+    /// HTTP/2 streams per connection (`server.max_concurrent_streams`).
+    #[arg(long, env = "ONCELY_MAX_CONCURRENT_STREAMS")]
+    max_concurrent_streams: Option<u32>,
+    /// Open admin connections (`admin.max_connections`).
+    #[arg(long, env = "ONCELY_ADMIN_MAX_CONNECTIONS")]
+    admin_max_connections: Option<usize>,
+}
+
+impl ServerArgs {
+    /// Lays the flags that are set over `raw`.
+    fn apply(&self, raw: &mut RawConfig) {
+        let server = &mut raw.server;
+        let texts = [
+            (&mut server.header_read_timeout, &self.header_read_timeout),
+            (&mut server.idle_timeout, &self.idle_timeout),
+            (&mut server.body_read_timeout, &self.body_read_timeout),
+        ];
+        for (slot, flag) in texts {
+            if flag.is_some() {
+                slot.clone_from(flag);
+            }
+        }
+        server.max_connections = self.max_connections.or(server.max_connections);
+        server.max_connections_per_client = self.max_connections_per_client.or(server.max_connections_per_client);
+        server.max_concurrent_streams = self.max_concurrent_streams.or(server.max_concurrent_streams);
+        raw.admin.max_connections = self.admin_max_connections.or(raw.admin.max_connections);
+    }
 }
 
 /// Flags and variables that override the file's `[defaults]`.
@@ -117,6 +166,12 @@ struct DefaultsArgs {
     /// `default` or statuses/ranges, comma-separated (`defaults.store_statuses`).
     #[arg(long, env = "ONCELY_STORE_STATUSES")]
     store_statuses: Option<String>,
+    /// Whether path prefixes match ignoring ASCII case (`defaults.case_insensitive`).
+    #[arg(long, env = "ONCELY_CASE_INSENSITIVE")]
+    case_insensitive: Option<bool>,
+    /// `true`, `false`, or suffixes, comma-separated: `.json,.xml` (`defaults.match_suffixes`).
+    #[arg(long, env = "ONCELY_MATCH_SUFFIXES")]
+    match_suffixes: Option<String>,
 }
 
 impl DefaultsArgs {
@@ -136,6 +191,12 @@ impl DefaultsArgs {
                 list => {
                     StatusSpec::List(list.split(',').map(|item| StatusItem::Text(item.trim().to_string())).collect())
                 }
+            }),
+            case_insensitive: self.case_insensitive,
+            match_suffixes: self.match_suffixes.as_ref().map(|s| match s.trim() {
+                "true" => SuffixSpec::Flag(true),
+                "false" => SuffixSpec::Flag(false),
+                list => SuffixSpec::List(list.split(',').map(|item| item.trim().to_string()).collect()),
             }),
         }
     }
@@ -244,6 +305,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             if args.upstream_timeout.is_some() {
                 raw.upstream.timeout = args.upstream_timeout.clone();
             }
+            args.server.apply(&mut raw);
             let overrides = args.defaults.to_raw();
             Config::resolve(&raw, &overrides).map_err(|e| Failure::Usage(e.to_string()))?;
             let options = ServeOptions {

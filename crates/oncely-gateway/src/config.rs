@@ -14,6 +14,9 @@
 //! max_body = "1MiB"
 //! store_statuses = "default" # or a list of statuses / ranges: [200, "4xx", "500-502"]
 //!
+//! case_insensitive = false  # true: the prefix matches ignoring ASCII case (`/PAYMENTS`)
+//! match_suffixes = false     # true: `/payments.<ext>` matches `/payments`; or a list: [".json"]
+//!
 //! [[routes]]                 # longest path prefix wins; unset keys come from [defaults]
 //! path = "/payments"
 //! required = true
@@ -21,9 +24,23 @@
 //! [upstream]
 //! timeout = "60s"            # no answer by then: 504, and the key lapses with its lease
 //!
+//! [server]                   # limits on client connections (see `listener`)
+//! header_read_timeout = "10s" # a connection's first request head must arrive by then
+//! idle_timeout = "60s"       # keep-alive: no request in flight for this long closes it
+//! body_read_timeout = "30s"  # a request body that sends nothing for this long fails
+//! max_connections = 10000    # open proxy connections; more are closed at once
+//! max_connections_per_client = 256 # per client IP address; 0 turns the cap off
+//! max_concurrent_streams = 100 # HTTP/2 streams per connection
+//!
 //! [admin]
 //! token = "…"                # bearer token for /keys on the admin listener
+//! max_connections = 64       # the admin listener's own cap
 //! ```
+//!
+//! Matching: a route's `path` is a prefix that matches whole segments of the request
+//! path as an upstream would read it (see [`crate::routing`]); `case_insensitive` and
+//! `match_suffixes` widen it for upstreams that route `/PAYMENTS` or `/payments.json` to
+//! the same handler as `/payments`.
 
 use std::time::Duration;
 
@@ -71,6 +88,10 @@ pub struct RawSettings {
     pub max_body: Option<String>,
     /// Stored statuses.
     pub store_statuses: Option<StatusSpec>,
+    /// Whether the path prefix matches ignoring ASCII case.
+    pub case_insensitive: Option<bool>,
+    /// Extensions (`.json`) that may follow the path prefix: `true` for any.
+    pub match_suffixes: Option<SuffixSpec>,
 }
 
 impl RawSettings {
@@ -87,6 +108,8 @@ impl RawSettings {
             scope_headers: over.scope_headers.clone().or_else(|| self.scope_headers.clone()),
             max_body: over.max_body.clone().or_else(|| self.max_body.clone()),
             store_statuses: over.store_statuses.clone().or_else(|| self.store_statuses.clone()),
+            case_insensitive: over.case_insensitive.or(self.case_insensitive),
+            match_suffixes: over.match_suffixes.clone().or_else(|| self.match_suffixes.clone()),
         }
     }
 }
@@ -109,6 +132,28 @@ pub enum StatusItem {
     Code(u16),
     /// `"4xx"` or `"500-502"` or `"201"`.
     Text(String),
+}
+
+/// `match_suffixes`: `true`/`false`, or a list of suffixes such as `[".json"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SuffixSpec {
+    /// `true`: any `.<letters and digits>`; `false`: none.
+    Flag(bool),
+    /// Only these, each starting with `.`.
+    List(Vec<String>),
+}
+
+/// Which suffixes may follow a route's path prefix in the same segment.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Suffixes {
+    /// None: `/payments` does not match `/payments.json`.
+    #[default]
+    None,
+    /// Any `.` and one or more ASCII letters or digits.
+    Any,
+    /// These, each starting with `.`.
+    Listed(Vec<String>),
 }
 
 /// A route as written.
@@ -136,6 +181,26 @@ pub struct RawUpstream {
 pub struct RawAdmin {
     /// The bearer token for the key endpoints.
     pub token: Option<String>,
+    /// The admin listener's connection cap.
+    pub max_connections: Option<usize>,
+}
+
+/// `[server]`: limits on client connections.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// How long a new connection may take to send its first request head.
+    pub header_read_timeout: Option<String>,
+    /// How long a connection may stay open with no request in flight.
+    pub idle_timeout: Option<String>,
+    /// How long a request body may send nothing.
+    pub body_read_timeout: Option<String>,
+    /// Open proxy connections.
+    pub max_connections: Option<usize>,
+    /// Open proxy connections per client IP address; 0: no cap.
+    pub max_connections_per_client: Option<usize>,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: Option<u32>,
 }
 
 /// The configuration file as written.
@@ -154,6 +219,9 @@ pub struct RawConfig {
     /// `[admin]`.
     #[serde(default)]
     pub admin: RawAdmin,
+    /// `[server]`.
+    #[serde(default)]
+    pub server: RawServer,
 }
 
 impl RawConfig {
@@ -211,6 +279,35 @@ pub struct RouteSettings {
     pub max_body: usize,
     /// Stored statuses.
     pub store_statuses: StoredStatuses,
+    /// Whether the prefix matches ignoring ASCII case.
+    pub case_insensitive: bool,
+    /// Suffixes that may follow the prefix.
+    pub match_suffixes: Suffixes,
+}
+
+impl RouteSettings {
+    /// Whether this route's prefix matches `path` (already [normalised](crate::routing::normalize)).
+    pub fn matches(&self, path: &str) -> bool {
+        route_matches(&self.path, self.case_insensitive, &self.match_suffixes, path)
+    }
+}
+
+/// The limits of one listener's connections (see [`crate::listener`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// A new connection's first request head must be complete by then; on HTTP/1.1 the
+    /// same bound runs again from the first byte of each later request head.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request body that delivers nothing for this long fails.
+    pub body_read_timeout: Duration,
+    /// Open connections; more are closed at once.
+    pub max_connections: usize,
+    /// Open connections per client IP address, if capped.
+    pub max_connections_per_client: Option<usize>,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
 }
 
 /// The whole checked configuration.
@@ -224,6 +321,10 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// The admin bearer token, if key endpoints are enabled.
     pub admin_token: Option<String>,
+    /// The proxy listener's limits.
+    pub server: ServerLimits,
+    /// The admin listener's limits: the same timeouts, its own connection cap.
+    pub admin_server: ServerLimits,
 }
 
 impl Config {
@@ -249,22 +350,95 @@ impl Config {
             None => Duration::from_secs(60),
         };
         let admin_token = raw.admin.token.clone().filter(|t| !t.is_empty());
-        Ok(Self { defaults, routes, upstream_timeout, admin_token })
+        let server = resolve_server(&raw.server)?;
+        let admin_server = ServerLimits {
+            max_connections: positive("admin.max_connections", raw.admin.max_connections.unwrap_or(64))?,
+            max_connections_per_client: None,
+            ..server.clone()
+        };
+        Ok(Self { defaults, routes, upstream_timeout, admin_token, server, admin_server })
     }
 
     /// The settings for `path`: the longest route prefix that matches whole segments
     /// (`/payments` matches `/payments` and `/payments/1`, not `/paymentsx`), else the
     /// defaults.
     pub fn route_for(&self, path: &str) -> &RouteSettings {
-        self.routes.iter().find(|r| prefix_matches(&r.path, path)).unwrap_or(&self.defaults)
+        self.routes.iter().find(|r| r.matches(path)).unwrap_or(&self.defaults)
     }
 }
 
 /// Whether `prefix` matches `path` on a segment boundary.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
-        None => false,
+    route_matches(prefix, false, &Suffixes::None, path)
+}
+
+/// Whether `prefix` matches `path` on a segment boundary, ignoring ASCII case if
+/// `case_insensitive`, and allowing one of `suffixes` between the prefix and the
+/// boundary (`/payments` + `.json` matches `/payments.json` and `/payments.json/1`).
+pub fn route_matches(prefix: &str, case_insensitive: bool, suffixes: &Suffixes, path: &str) -> bool {
+    let same = |a: &[u8], b: &[u8]| if case_insensitive { a.eq_ignore_ascii_case(b) } else { a == b };
+    let Some(head) = path.as_bytes().get(..prefix.len()) else { return false };
+    if !same(head, prefix.as_bytes()) {
+        return false;
+    }
+    let Some(rest) = path.get(prefix.len()..) else { return false };
+    let boundary = |rest: &str| rest.is_empty() || rest.starts_with('/');
+    if boundary(rest) || prefix.ends_with('/') {
+        return true;
+    }
+    match suffixes {
+        Suffixes::None => false,
+        Suffixes::Any => {
+            let Some(ext) = rest.strip_prefix('.') else { return false };
+            let len = ext.bytes().take_while(u8::is_ascii_alphanumeric).count();
+            len > 0 && boundary(&ext[len..])
+        }
+        Suffixes::Listed(list) => list.iter().any(|suffix| {
+            rest.as_bytes().get(..suffix.len()).is_some_and(|s| same(s, suffix.as_bytes()))
+                && rest.get(suffix.len()..).is_some_and(boundary)
+        }),
+    }
+}
+
+fn positive<T: PartialEq + Default + std::fmt::Display>(key: &str, value: T) -> Result<T, ConfigError> {
+    if value == T::default() {
+        return Err(err(key, "must be larger than zero"));
+    }
+    Ok(value)
+}
+
+fn resolve_server(raw: &RawServer) -> Result<ServerLimits, ConfigError> {
+    let timeout = |name: &str, value: &Option<String>, default: &str| {
+        duration(&format!("server.{name}"), value.as_deref().unwrap_or(default))
+    };
+    Ok(ServerLimits {
+        header_read_timeout: timeout("header_read_timeout", &raw.header_read_timeout, "10s")?,
+        idle_timeout: timeout("idle_timeout", &raw.idle_timeout, "60s")?,
+        body_read_timeout: timeout("body_read_timeout", &raw.body_read_timeout, "30s")?,
+        max_connections: positive("server.max_connections", raw.max_connections.unwrap_or(10_000))?,
+        max_connections_per_client: match raw.max_connections_per_client {
+            Some(0) => None,
+            other => Some(other.unwrap_or(256)),
+        },
+        max_concurrent_streams: positive("server.max_concurrent_streams", raw.max_concurrent_streams.unwrap_or(100))?,
+    })
+}
+
+fn resolve_suffixes(key: &str, spec: Option<&SuffixSpec>) -> Result<Suffixes, ConfigError> {
+    match spec {
+        None | Some(SuffixSpec::Flag(false)) => Ok(Suffixes::None),
+        Some(SuffixSpec::Flag(true)) => Ok(Suffixes::Any),
+        Some(SuffixSpec::List(list)) if list.is_empty() => Ok(Suffixes::None),
+        Some(SuffixSpec::List(list)) => {
+            for suffix in list {
+                let ext = suffix.strip_prefix('.').unwrap_or("");
+                let valid = !ext.is_empty() && ext.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if !valid {
+                    return Err(err(key, format!("{suffix:?} is not a suffix like \".json\"")));
+                }
+            }
+            Ok(Suffixes::Listed(list.clone()))
+        }
     }
 }
 
@@ -338,6 +512,7 @@ fn resolve_settings(at: &str, path: &str, raw: &RawSettings) -> Result<RouteSett
             items.iter().map(|item| status_range(&key("store_statuses"), item)).collect::<Result<_, _>>()?,
         ),
     };
+    let match_suffixes = resolve_suffixes(&key("match_suffixes"), raw.match_suffixes.as_ref())?;
     Ok(RouteSettings {
         path: path.to_string(),
         header,
@@ -349,6 +524,8 @@ fn resolve_settings(at: &str, path: &str, raw: &RawSettings) -> Result<RouteSett
         scope_headers,
         max_body,
         store_statuses,
+        case_insensitive: raw.case_insensitive.unwrap_or(false),
+        match_suffixes,
     })
 }
 
@@ -416,11 +593,15 @@ mod tests {
             scope_headers = ["authorization"]
             max_body = "1MiB"
             store_statuses = "default"
+            case_insensitive = false
+            match_suffixes = false
 
             [[routes]]
             path = "/payments"
             required = true
             on_conflict = "wait"
+            case_insensitive = true
+            match_suffixes = [".json"]
 
             [[routes]]
             path = "/payments/refunds"
@@ -437,6 +618,50 @@ mod tests {
         assert!(refunds.store_statuses.contains(StatusCode::BAD_GATEWAY));
         assert!(!refunds.store_statuses.contains(StatusCode::CREATED));
         assert!(!config.route_for("/paymentsx").required, "prefixes match whole segments");
+        assert!(config.route_for("/PAYMENTS/ch_1").required, "case_insensitive");
+        assert!(config.route_for("/payments.json").required, "match_suffixes");
+        assert!(config.route_for("/Payments.JSON/ch_1").required);
+        assert!(!config.route_for("/payments.xml").required, "only the listed suffixes");
+        assert!(!config.route_for("/payments.jsonx").required, "a suffix ends on a segment boundary");
+        assert_eq!(config.server.max_connections, 10_000);
+        assert_eq!(config.server.max_connections_per_client, Some(256));
+        assert_eq!(config.admin_server.max_connections, 64);
+    }
+
+    #[test]
+    fn the_server_table_sets_the_limits() {
+        let config = resolve(
+            r#"
+            [server]
+            header_read_timeout = "10s"
+            idle_timeout = "60s"
+            body_read_timeout = "30s"
+            max_connections = 10000
+            max_connections_per_client = 0
+            max_concurrent_streams = 100
+
+            [admin]
+            max_connections = 8
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(config.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.server.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(config.server.max_connections_per_client, None, "0 turns the per-client cap off");
+        assert_eq!(config.admin_server.max_connections, 8);
+        assert_eq!(config.admin_server.idle_timeout, Duration::from_secs(60), "the admin listener's timeouts");
+    }
+
+    #[test]
+    fn any_suffix_is_letters_and_digits_after_a_dot() {
+        let any = Suffixes::Any;
+        assert!(route_matches("/payments", false, &any, "/payments.json"));
+        assert!(route_matches("/payments", false, &any, "/payments.v2/x"));
+        assert!(!route_matches("/payments", false, &any, "/payments."));
+        assert!(!route_matches("/payments", false, &any, "/payments.j-s"));
+        assert!(!route_matches("/payments", true, &Suffixes::None, "/PAYMENTSX"));
+        assert!(!route_matches("/pay", false, &Suffixes::None, "/pa"));
     }
 
     #[test]
@@ -463,6 +688,18 @@ mod tests {
             ("[defaults]\nttl = \"400days\"", "defaults.ttl"),
             ("[defaults]\non_conflict = \"wait\"\nwait_timeout = \"2days\"", "defaults.wait_timeout"),
             ("[nonsense]\na = 1", "nonsense"),
+            ("[server]\nidle_timeout = \"soon\"", "server.idle_timeout"),
+            ("[server]\nheader_read_timeout = \"0s\"", "server.header_read_timeout"),
+            ("[server]\nbody_read_timeout = \"x\"", "server.body_read_timeout"),
+            ("[server]\nmax_connections = 0", "server.max_connections"),
+            ("[server]\nmax_connections = -1", "max_connections"),
+            ("[server]\nmax_concurrent_streams = 0", "server.max_concurrent_streams"),
+            ("[server]\nmax_conections = 1", "max_conections"),
+            ("[admin]\nmax_connections = 0", "admin.max_connections"),
+            ("[[routes]]\npath = \"/a\"\nmatch_suffixes = [\"json\"]", "routes[0].match_suffixes"),
+            ("[[routes]]\npath = \"/a\"\nmatch_suffixes = [\".j/s\"]", "routes[0].match_suffixes"),
+            ("[defaults]\nmatch_suffixes = \"yes\"", "match_suffixes"),
+            ("[defaults]\ncase_insensitive = \"yes\"", "case_insensitive"),
         ];
         for (text, key) in cases {
             let message = resolve(text).expect_err(text).0;

@@ -12,13 +12,15 @@
 //! - [`proxy`]: forwarding to the upstream;
 //! - [`routing`]: per-route idempotency layers, longest prefix first;
 //! - [`admin`]: health, readiness, metrics, keys;
-//! - [`server`]: listeners and graceful shutdown;
+//! - [`server`]: starting, metrics, logs and graceful shutdown;
+//! - [`listener`]: the accept loop and the limits on client connections;
 //! - [`demo`]: the built-in payments API for `oncely demo`.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod listener;
 pub mod proxy;
 pub mod routing;
 pub mod server;

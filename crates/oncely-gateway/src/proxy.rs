@@ -5,6 +5,11 @@
 //! `X-Forwarded-Proto` and `Forwarded` (appended to any the client sent). Bodies stream
 //! through unless the idempotency layer needs them whole.
 //!
+//! The host in `Forwarded` and `X-Forwarded-Host` is the request's `Host` (or, on
+//! HTTP/2, its `:authority`) only if it passes [`valid_host`]; the route table refuses
+//! a request whose host does not with 400 `bad-host` before anything is forwarded or
+//! stored, so a `Host` cannot add elements or parameters to those headers.
+//!
 //! Upstream failures, both `application/problem+json`:
 //!
 //! | failure | status | the key |
@@ -80,7 +85,38 @@ impl Proxy {
     }
 }
 
+/// Whether `host` is a `host[:port]` safe to pass on in `Forwarded` and
+/// `X-Forwarded-Host`: an IPv4 address or a reg-name of unreserved characters
+/// (letters, digits, `-`, `.`, `_`, `~`), or an IPv6 address in brackets, then optionally
+/// `:` and a port of 1 to 5 digits up to 65535. Stricter than RFC 3986's reg-name: its
+/// sub-delims (`,` `;` `=` …), percent-encoding and user info, which no DNS name uses, are
+/// refused, so the value can never be read as more than one list element or parameter.
+pub fn valid_host(host: &str) -> bool {
+    let (name_ok, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, after)) => (ip.parse::<std::net::Ipv6Addr>().is_ok(), after),
+            None => return false,
+        },
+        None => {
+            let (name, port) = host.find(':').map_or((host, ""), |at| host.split_at(at));
+            let unreserved = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+            (!name.is_empty() && name.len() <= 253 && name.bytes().all(unreserved), port)
+        }
+    };
+    let port_ok = match port {
+        "" => true,
+        p => p.strip_prefix(':').is_some_and(|digits| {
+            (1..=5).contains(&digits.len())
+                && digits.bytes().all(|b| b.is_ascii_digit())
+                && digits.parse::<u16>().is_ok()
+        }),
+    };
+    name_ok && port_ok
+}
+
 fn append_forwarding(headers: &mut HeaderMap, client: Option<SocketAddr>, host: Option<HeaderValue>) {
+    // Only a checked host is passed on (the route table has refused the rest already).
+    let host = host.filter(|h| h.to_str().is_ok_and(valid_host));
     if let Some(addr) = client {
         let ip = addr.ip().to_string();
         let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -133,7 +169,10 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
             }
         };
         let client_addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-        let host = parts.headers.remove(header::HOST);
+        let host = parts.headers.remove(header::HOST).or_else(|| {
+            // HTTP/2 carries the host in `:authority`.
+            parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         strip_hop_by_hop(&mut parts.headers);
         append_forwarding(&mut parts.headers, client_addr, host);
         parts.uri = uri;
@@ -184,5 +223,36 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
             strip_hop_by_hop(response.headers_mut());
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_host;
+
+    #[test]
+    fn only_plain_hosts_are_valid() {
+        for good in ["example.com", "example.com:8080", "127.0.0.1:7100", "[::1]:80", "[2001:db8::1]", "a_b.local", "x"]
+        {
+            assert!(valid_host(good), "{good}");
+        }
+        for bad in [
+            "",
+            "a\", for=7.7.7.7;proto=https;host=\"evil",
+            "evil.com, other.com",
+            "a;b",
+            "user@host",
+            "host:",
+            "host:99999",
+            "host:8o",
+            "[::1",
+            "[::1]x",
+            "[zz::1]",
+            "ex ample.com",
+            "ex%41mple.com",
+            ":80",
+        ] {
+            assert!(!valid_host(bad), "{bad:?}");
+        }
     }
 }

@@ -1,6 +1,23 @@
 //! The route table: each configured path prefix gets its own idempotency layer (its own
 //! methods, key rule, retention, lease, conflict mode…) around the one proxy; the longest
 //! matching prefix wins.
+//!
+//! Routes are matched on the path as an upstream is likely to read it ([`normalize`]:
+//! `//payments`, `/./payments`, `/%70ayments` are `/payments`). Some upstreams read more
+//! spellings as the same path: Java servlet containers drop `;` matrix parameters
+//! (`/payments;jsessionid=1`), many frameworks decode `%2F` and `%5C` to `/` or treat `\`
+//! as `/`, and some trim trailing whitespace (`/payments%20`). Such a path is read both
+//! ways, strictly and [leniently](lenient); when the two readings fall on different routes
+//! and either route covers the request's method, the gateway cannot know which one the
+//! upstream will run, and refuses the request with 400 `urn:oncely:problem:ambiguous-path`
+//! (never forwarded, nothing stored). Paths whose readings agree pass as they came, so
+//! an `%2F` inside an identifier on a route of its own (`/projects/a%2Fb`) still works.
+//! Case (`/PAYMENTS`) and extension (`/payments.json`) spellings are matched per route
+//! with `case_insensitive` and `match_suffixes`, for upstreams that route that way.
+//!
+//! Before routing, the request's `Host` (or HTTP/2 `:authority`) is checked: one that is
+//! not a plain `host[:port]` ([`crate::proxy::valid_host`]), or more than one `Host`
+//! field, is 400 `urn:oncely:problem:bad-host`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,15 +26,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::{Request, Response};
+use http::{Request, Response, StatusCode, header};
 use oncely::Oncely;
 use oncely::engine::DeferredCompletions;
+use oncely_http::problem::problem_response;
 use oncely_http::{Idempotency, IdempotencyLayer, ResponseBody};
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 
-use crate::config::{Config, RouteSettings, prefix_matches};
-use crate::proxy::Proxy;
+use crate::config::{Config, RouteSettings};
+use crate::proxy::{Proxy, valid_host};
 use crate::stores::DynStore;
 
 type RouteService = Idempotency<Proxy, DynStore>;
@@ -29,8 +47,8 @@ pub struct Routes {
 }
 
 struct Table {
-    routes: Vec<(String, RouteService)>,
-    default: RouteService,
+    routes: Vec<(RouteSettings, RouteService)>,
+    default: (RouteSettings, RouteService),
 }
 
 impl Routes {
@@ -66,18 +84,121 @@ impl Routes {
                 .track_operations(tracker.clone());
             Ok(layer.layer(proxy.clone()))
         };
-        let routes = config.routes.iter().map(|r| Ok((r.path.clone(), build(r)?))).collect::<Result<_, String>>()?;
-        Ok(Self { inner: Arc::new(Table { routes, default: build(&config.defaults)? }) })
+        let routes = config.routes.iter().map(|r| Ok((r.clone(), build(r)?))).collect::<Result<_, String>>()?;
+        let default = (config.defaults.clone(), build(&config.defaults)?);
+        Ok(Self { inner: Arc::new(Table { routes, default }) })
     }
 
     /// The route for a request path, matched on its [normalised](normalize) form so that
     /// `//payments`, `/./payments` or `/%70ayments` cannot slip past a route that requires
     /// a key. The request itself is forwarded as it came.
-    fn route(&self, path: &str) -> &RouteService {
+    fn route(&self, path: &str) -> &(RouteSettings, RouteService) {
         let table = &self.inner;
-        let path = normalize(path);
-        table.routes.iter().find(|(prefix, _)| prefix_matches(prefix, &path)).map_or(&table.default, |(_, s)| s)
+        table.routes.iter().find(|(settings, _)| settings.matches(path)).unwrap_or(&table.default)
     }
+
+    /// The problem to answer instead of routing, if any: a bad host, or a path whose
+    /// route depends on how the upstream reads it.
+    fn refusal<B>(&self, request: &Request<B>) -> Option<Response<ResponseBody>> {
+        if let Err(detail) = check_host(request) {
+            return Some(problem_response(
+                "urn:oncely:problem:bad-host",
+                "Bad Host",
+                StatusCode::BAD_REQUEST,
+                &detail,
+                None,
+            ));
+        }
+        let raw = request.uri().path();
+        let lenient = lenient(raw)?;
+        let (strict, _) = self.route(&normalize(raw));
+        let (other, _) = self.route(&lenient);
+        let covered = |route: &RouteSettings| route.methods.contains(request.method());
+        if strict.path == other.path || !(covered(strict) || covered(other)) {
+            return None;
+        }
+        let detail = format!(
+            "the path {raw:?} falls under the route {:?} as written, and under {:?} as some servers read it; \
+             send it without matrix parameters, encoded slashes or backslashes, or trailing encoded whitespace",
+            strict.path, other.path
+        );
+        Some(problem_response(
+            "urn:oncely:problem:ambiguous-path",
+            "Ambiguous path",
+            StatusCode::BAD_REQUEST,
+            &detail,
+            None,
+        ))
+    }
+}
+
+/// Checks the request's host: one `Host` field at most, and it, or HTTP/2's
+/// `:authority`, a plain `host[:port]`. An empty `Host` (allowed when the target has no
+/// authority) passes, and is not forwarded.
+fn check_host<B>(request: &Request<B>) -> Result<(), String> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err("more than one Host field".to_string()),
+        (Some(value), None) => match value.to_str() {
+            Ok("") => return Ok(()),
+            Ok(text) => text,
+            Err(_) => return Err("the Host field is not visible ASCII".to_string()),
+        },
+        (None, _) => match request.uri().authority() {
+            Some(authority) => authority.as_str(),
+            None => return Ok(()),
+        },
+    };
+    if valid_host(host) { Ok(()) } else { Err(format!("{host:?} is not a host name or address with an optional port")) }
+}
+
+/// The path as a lenient upstream may read it, if it has anything such an upstream reads
+/// differently: `%2F`, `%5C` and `\` as `/`; `;` matrix parameters dropped from each
+/// segment; encoded whitespace and control characters (`%00`-`%20`, `%7F`) trimmed from
+/// the end of each segment; then [`normalize`]d. `None` when the path has none of `;`,
+/// `\` or `%`.
+pub fn lenient(path: &str) -> Option<String> {
+    if !path.contains([';', '\\', '%']) {
+        return None;
+    }
+    let bytes = path.as_bytes();
+    let decoded_at = |i: usize| -> Option<u8> {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes.get(i), bytes.get(i + 1), bytes.get(i + 2)) {
+            (Some(b'%'), Some(&h), Some(&l)) => Some((hex(h)? * 16 + hex(l)?) as u8),
+            _ => None,
+        }
+    };
+    let mut slashed = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            slashed.push(b'/');
+        } else if let Some(b'/' | b'\\') = decoded_at(i) {
+            slashed.push(b'/');
+            i += 3;
+            continue;
+        } else {
+            slashed.push(bytes[i]);
+        }
+        i += 1;
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(slashed.len());
+    for (n, segment) in slashed.split(|&b| b == b'/').enumerate() {
+        if n > 0 {
+            out.push(b'/');
+        }
+        let mut segment = segment.split(|&b| b == b';').next().unwrap_or_default();
+        while let [rest @ .., b'%', h, l] = segment
+            && let (Some(h), Some(l)) = ((*h as char).to_digit(16), (*l as char).to_digit(16))
+            && (h * 16 + l <= 0x20 || h * 16 + l == 0x7f)
+        {
+            segment = rest;
+        }
+        out.extend_from_slice(segment);
+    }
+    let text = String::from_utf8_lossy(&out);
+    Some(normalize(&text).into_owned())
 }
 
 /// A path as an upstream is likely to read it, for route matching: percent-encoded
@@ -143,9 +264,15 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
             .then(|| (request.method().clone(), request.uri().path().to_string(), Instant::now()));
         // The route services need no `poll_ready` first: `Idempotency` is ready when its
         // inner service is, and the proxy always is (its pool queues internally).
-        let response = self.route(request.uri().path()).clone().call(request);
+        let next = match self.refusal(&request) {
+            Some(problem) => Next::Refused(problem),
+            None => Next::Routed(self.route(&normalize(request.uri().path())).1.clone().call(request)),
+        };
         Box::pin(async move {
-            let response = response.await?;
+            let response = match next {
+                Next::Refused(problem) => problem,
+                Next::Routed(response) => response.await?,
+            };
             let Some((method, path, started)) = log else { return Ok(response) };
             let replayed = response.headers().contains_key("idempotent-replayed");
             tracing::info!(
@@ -161,9 +288,35 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
     }
 }
 
+/// A request refused before routing, or on its way through its route.
+enum Next<F> {
+    Refused(Response<ResponseBody>),
+    Routed(F),
+}
+
 #[cfg(test)]
 mod tests {
-    use super::normalize;
+    use super::{lenient, normalize};
+
+    #[test]
+    fn lenient_readings_drop_what_some_upstreams_drop() {
+        for (raw, read) in [
+            ("/payments", None),
+            ("/payments;jsessionid=1", Some("/payments")),
+            ("/payments;a=1/refunds;b", Some("/payments/refunds")),
+            ("/payments%2F", Some("/payments/")),
+            ("/payments%2f1", Some("/payments/1")),
+            ("/payments%5Cx", Some("/payments/x")),
+            ("/payments%20", Some("/payments")),
+            ("/payments%09%00/1", Some("/payments/1")),
+            ("/x%2F..%2Fpayments", Some("/payments")),
+            ("/pay%20ments", Some("/pay%20ments")),
+            ("/a/%", Some("/a/%")),
+            ("/a/%2", Some("/a/%2")),
+        ] {
+            assert_eq!(lenient(raw).as_deref(), read, "{raw}");
+        }
+    }
 
     #[test]
     fn paths_are_matched_as_an_upstream_would_read_them() {

@@ -1,4 +1,5 @@
-//! Running the gateway: listeners, metrics, logs, and graceful shutdown.
+//! Running the gateway: listeners (see [`crate::listener`] for their limits), metrics,
+//! logs, and graceful shutdown.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -13,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, RawConfig, RawSettings};
+use crate::listener;
 use crate::proxy::Proxy;
 use crate::routing::Routes;
 use crate::stores;
@@ -90,7 +92,8 @@ pub async fn serve(
     overrides: RawSettings,
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), String> {
-    let config = Config::resolve(&raw, &overrides).map_err(|e| e.to_string())?;
+    let mut config = Config::resolve(&raw, &overrides).map_err(|e| e.to_string())?;
+    listener::fit_descriptors(&mut config.server, &mut config.admin_server);
     let store = stores::open(&options.store).await?;
     let tracker = TaskTracker::new();
     let proxy = Proxy::new(&options.upstream, config.upstream_timeout)?;
@@ -125,18 +128,13 @@ pub async fn serve(
             count_records: stores::counts_records_cheaply(&options.store),
             token: config.admin_token.as_deref().map(Arc::from),
         };
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, admin::router(state)).with_graceful_shutdown(stop.cancelled_owned()).await
-        })
+        let (stop, limits) = (stop.clone(), config.admin_server.clone());
+        tokio::spawn(listener::serve(listener, "admin", admin::router(state), limits, stop))
     });
 
     tracing::info!(%listen, ?admin, upstream = %options.upstream, store = %stores::redacted(&options.store), routes = config.routes.len(), "oncely gateway ready");
     on_ready(Bound { listen, admin });
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .await
-        .map_err(|e| format!("serving: {e}"))?;
+    listener::serve(listener, "proxy", app, config.server.clone(), stop.clone()).await;
     stop.cancel();
     if let Some(task) = admin_task {
         let _ = task.await;

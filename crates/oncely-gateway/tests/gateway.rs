@@ -346,9 +346,13 @@ async fn check_config_names_the_bad_key_and_accepts_good_files() {
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 routes)"));
 
-    for (text, key) in
-        [("[defaults]\nttl = \"forever\"", "defaults.ttl"), ("[[routes]]\npath = \"/a\"\nreqired = true", "reqired")]
-    {
+    for (text, key) in [
+        ("[defaults]\nttl = \"forever\"", "defaults.ttl"),
+        ("[[routes]]\npath = \"/a\"\nreqired = true", "reqired"),
+        ("[server]\nidle_timeout = \"a while\"", "server.idle_timeout"),
+        ("[server]\nmax_connections = 0", "server.max_connections"),
+        ("[[routes]]\npath = \"/a\"\nmatch_suffixes = [\"json\"]", "routes[0].match_suffixes"),
+    ] {
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, text).expect("write");
         let out = Command::new(env!("CARGO_BIN_EXE_oncely")).arg("check-config").arg(&bad).output().await.expect("run");
@@ -492,4 +496,291 @@ async fn spellings_of_a_path_cannot_slip_past_its_route() {
         assert_eq!(problem_type(r).await, "urn:oncely:problem:missing-key");
     }
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 0);
+}
+
+/// Connects to the gateway from `source` (any 127.0.0.0/8 address is local on Linux), so
+/// that one test can be several clients.
+async fn connect_from(gw: &Gateway, source: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(format!("{source}:0").parse().expect("source")).expect("bind source");
+    socket.connect(proxy_addr(gw).parse().expect("gateway addr")).await.expect("connect")
+}
+
+const GET_PAYMENTS: &str = "GET /payments HTTP/1.1\r\nhost: gw\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_and_slow_clients_are_closed_by_the_limits_while_others_are_served() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, upstream) = start_upstream().await;
+    // Set by variables (flags and `[server]` work alike; the check-config test covers them).
+    let limits =
+        [("ONCELY_HEADER_READ_TIMEOUT", "1s"), ("ONCELY_IDLE_TIMEOUT", "1s"), ("ONCELY_BODY_READ_TIMEOUT", "1s")];
+    let (gw, _dir) = start_gateway_with_env(&format!("http://{addr}"), "memory://", CONFIG, &[], &limits).await;
+    let connect = || tokio::net::TcpStream::connect(proxy_addr(&gw));
+    let started = std::time::Instant::now();
+
+    // Connects and says nothing.
+    let mut silent = connect().await.expect("connect");
+    // An HTTP/2 client that sends the preface and its settings, and no request.
+    let mut h2 = connect().await.expect("connect");
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.expect("preface");
+    // Slow loris: a head trickled one field every 200 ms, never finished.
+    let (mut loris, mut loris_out) = connect().await.expect("connect").into_split();
+    loris_out.write_all(b"POST /orders HTTP/1.1\r\nhost: gw\r\n").await.expect("head");
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if loris_out.write_all(b"x-slow: 1\r\n").await.is_err() {
+                return;
+            }
+        }
+    });
+    // Keep-alive: one request answered, then nothing.
+    let mut kept = connect().await.expect("connect");
+    let answer = exchange(&mut kept, GET_PAYMENTS).await.expect("answered");
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    // HTTP/2: one request answered, then nothing; the connection's driver ends when the
+    // gateway closes it.
+    let (mut sender, h2_idle) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(connect().await.expect("connect")),
+    )
+    .await
+    .expect("h2 handshake");
+    let h2_idle = tokio::spawn(h2_idle);
+    let request = http::Request::get(format!("{}/payments", gw.url))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    assert_eq!(sender.send_request(request).await.expect("h2 answer").status(), 201);
+    // A keyed request whose body stops after 10 of its 100 bytes.
+    let mut stalled = connect().await.expect("connect");
+    stalled
+        .write_all(
+            b"POST /payments HTTP/1.1\r\nhost: gw\r\nidempotency-key: k-stalled\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"amount\":",
+        )
+        .await
+        .expect("send");
+
+    // Meanwhile another client is served.
+    assert_eq!(send_post(&gw, "/orders", None, "{}").await.status(), 201);
+
+    let limit = Duration::from_secs(10);
+    let (data, closed) = read_until_closed(&mut silent, limit).await;
+    assert!(closed && data.is_empty(), "a silent connection is closed by header_read_timeout");
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed by the limit, not at once");
+    assert!(read_until_closed(&mut h2, limit).await.1, "an HTTP/2 connection with no request is closed");
+    assert!(read_until_closed(&mut loris, limit).await.1, "a trickled head is closed by header_read_timeout");
+    assert!(read_until_closed(&mut kept, limit).await.1, "an idle keep-alive connection is closed by idle_timeout");
+    let h2_closed = tokio::time::timeout(limit, h2_idle).await;
+    assert!(h2_closed.is_ok(), "an idle HTTP/2 connection is closed by idle_timeout");
+    let (data, closed) = read_until_closed(&mut stalled, limit).await;
+    let text = String::from_utf8_lossy(&data);
+    assert!(closed, "a stalled body ends its connection: {text}");
+    assert!(text.starts_with("HTTP/1.1 400") && text.contains("body-unreadable"), "{text}");
+    trickle.abort();
+
+    // The gateway still serves, and nothing slow reached the upstream.
+    assert_eq!(send_post(&gw, "/orders", None, "{}").await.status(), 201);
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 4, "two GET /payments and two POST /orders");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_does_not_read_its_response_is_closed_by_idle_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let (addr, _upstream) = start_upstream().await;
+    let limits = [("ONCELY_IDLE_TIMEOUT", "1s")];
+    let (gw, _dir) = start_gateway_with_env(&format!("http://{addr}"), "memory://", CONFIG, &[], &limits).await;
+    let mut reader = tokio::net::TcpStream::connect(proxy_addr(&gw)).await.expect("connect");
+    reader.write_all(b"GET /big HTTP/1.1\r\nhost: gw\r\n\r\n").await.expect("send");
+    // Not reading is what this client does: the gateway's writes stall meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (data, closed) = read_until_closed(&mut reader, Duration::from_secs(20)).await;
+    assert!(closed);
+    assert!(data.starts_with(b"HTTP/1.1 200"));
+    assert!(data.len() < BIG, "the connection was closed before the whole response was written");
+    // Others are served.
+    assert_eq!(send_post(&gw, "/orders", None, "{}").await.status(), 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_the_connection_caps_new_connections_are_closed_while_existing_clients_work() {
+    let (addr, upstream) = start_upstream().await;
+    let caps = [("ONCELY_MAX_CONNECTIONS", "3"), ("ONCELY_MAX_CONNECTIONS_PER_CLIENT", "2")];
+    let (gw, _dir) = start_gateway_with_env(&format!("http://{addr}"), "memory://", CONFIG, &[], &caps).await;
+    let served = |answer: Option<String>| answer.is_some_and(|a| a.starts_with("HTTP/1.1 201"));
+
+    // Client A holds two connections, one of them working, one idle.
+    let mut working = connect_from(&gw, "127.0.0.1").await;
+    assert!(served(exchange(&mut working, GET_PAYMENTS).await));
+    let _idle = connect_from(&gw, "127.0.0.1").await;
+    // A third from A is over the per-client cap: closed at once, before any timeout.
+    let (data, closed) = read_until_closed(&mut connect_from(&gw, "127.0.0.1").await, Duration::from_secs(5)).await;
+    assert!(closed && data.is_empty(), "over max_connections_per_client: closed at once");
+    // Client B still gets a connection: the third and last.
+    let mut other = connect_from(&gw, "127.0.0.2").await;
+    assert!(served(exchange(&mut other, GET_PAYMENTS).await), "another client is under its own cap");
+    // Client C is over the total cap.
+    let (data, closed) = read_until_closed(&mut connect_from(&gw, "127.0.0.3").await, Duration::from_secs(5)).await;
+    assert!(closed && data.is_empty(), "over max_connections: closed at once");
+    // Existing clients keep working, and so does the admin listener.
+    assert!(served(exchange(&mut working, GET_PAYMENTS).await));
+    assert!(served(exchange(&mut other, GET_PAYMENTS).await));
+    assert_eq!(client().get(format!("{}/healthz", gw.admin)).send().await.expect("admin").status(), 200);
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 4);
+
+    // A closed connection gives its place back.
+    drop(other);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = connect_from(&gw, "127.0.0.3").await;
+        if served(exchange(&mut again, GET_PAYMENTS).await) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the place is given back once the connection closes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_on_the_proxy_port_leaves_the_admin_listener_reachable() {
+    let (addr, _upstream) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("oncely.toml");
+    std::fs::write(&config, CONFIG).expect("write config");
+    // 128 descriptors and the default caps (10000 connections): without the caps fitted
+    // to the descriptors, the flood would use them all (for the 10 s header timeout, and
+    // for ever before there was one) and neither listener could accept.
+    let gw = spawn_gateway_with_descriptors(128, &format!("http://{addr}"), "memory://", &config, &[]).await;
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(proxy_addr(&gw)).await {
+            flood.push(stream);
+        }
+    }
+    let admin = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
+    let health = admin.get(format!("{}/healthz", gw.admin)).send().await.expect("the admin listener answers");
+    assert_eq!(health.status(), 200);
+    // The proxy is at its cap: a new connection is closed at once rather than queued.
+    let (_, closed) = read_until_closed(&mut connect_from(&gw, "127.0.0.1").await, Duration::from_secs(5)).await;
+    assert!(closed, "over the fitted max_connections: closed at once");
+    // Once the flood goes, the proxy serves again.
+    drop(flood);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = connect_from(&gw, "127.0.0.1").await;
+        if exchange(&mut again, GET_PAYMENTS).await.is_some_and(|a| a.starts_with("HTTP/1.1 201")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the proxy serves again after the flood");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The status line's code and the body of a raw answer.
+fn status_and_body(answer: &str) -> (u16, &str) {
+    let status = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, answer.split_once("\r\n\r\n").map_or("", |(_, body)| body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_that_is_not_a_plain_host_is_refused_before_forwarding() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let injection = r#"a", for=7.7.7.7;proto=https;host="evil"#;
+    for hosts in [
+        vec![injection],
+        vec!["evil.com, gw.example"],
+        vec!["user@gw.example"],
+        vec!["gw.example:99999"],
+        vec!["gw.example", "other.example"],
+    ] {
+        let fields: String = hosts.iter().map(|h| format!("host: {h}\r\n")).collect();
+        for key in ["", "idempotency-key: k-host\r\n"] {
+            let answer = raw_request(
+                &gw,
+                &format!("POST /orders HTTP/1.1\r\n{fields}{key}content-length: 2\r\nconnection: close\r\n\r\n{{}}"),
+            )
+            .await;
+            let (status, body) = status_and_body(&answer);
+            assert_eq!(status, 400, "{hosts:?}: {answer}");
+            assert!(answer.to_ascii_lowercase().contains("content-type: application/problem+json"), "{answer}");
+            assert!(body.contains("urn:oncely:problem:bad-host"), "{answer}");
+        }
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 0, "nothing reached the upstream");
+
+    // A plain host is passed on, whole, in one Forwarded element.
+    let answer = raw_request(
+        &gw,
+        "POST /echo HTTP/1.1\r\nhost: gw.example:8080\r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc",
+    )
+    .await;
+    let (status, body) = status_and_body(&answer);
+    assert_eq!(status, 200, "{answer}");
+    let seen: Value = serde_json::from_str(body).expect("echoed headers");
+    assert_eq!(seen["forwarded"], r#"for=127.0.0.1;proto=http;host="gw.example:8080""#);
+    assert_eq!(seen["x-forwarded-host"], "gw.example:8080");
+    assert_eq!(seen["content-length"], "3", "a streamed body keeps its framing through the body read timeout");
+    assert!(seen.get("transfer-encoding").is_none());
+    // And a request without a body is forwarded without one (not as an empty chunked body).
+    let answer = raw_request(&gw, "POST /echo HTTP/1.1\r\nhost: gw.example\r\nconnection: close\r\n\r\n").await;
+    let seen: Value = serde_json::from_str(status_and_body(&answer).1).expect("echoed headers");
+    assert!(seen.get("transfer-encoding").is_none(), "{seen}");
+    // Keyed requests are not stored when refused: the same key now runs.
+    let answer = raw_request(
+        &gw,
+        "POST /orders HTTP/1.1\r\nhost: gw.example\r\nidempotency-key: k-host\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+    )
+    .await;
+    assert_eq!(status_and_body(&answer).0, 201, "{answer}");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_spellings_that_servers_read_as_a_required_route_are_refused_or_covered() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let post =
+        |path: &str| format!("POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}");
+    // Spellings a servlet container, or a framework that decodes %2F or trims, routes to
+    // the handler of /payments.
+    for path in [
+        "/payments;jsessionid=1",
+        "/payments%2F",
+        "/payments%2f1",
+        "/payments%5C",
+        "/payments%20",
+        "/payments%09",
+        "/payments%00",
+        "/x%2F..%2Fpayments",
+        "/payments;a=b/refunds",
+    ] {
+        let answer = raw_request(&gw, &post(path)).await;
+        let (status, body) = status_and_body(&answer);
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert!(body.contains("urn:oncely:problem:ambiguous-path"), "{path}: {answer}");
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 0, "no spelling reached the upstream without a key");
+    // A keyed request on an unambiguous path is served; an encoded slash where both
+    // readings fall on the same route passes as it came (the upstream has no such path).
+    assert_eq!(send_post(&gw, "/payments", Some("k-path"), "{}").await.status(), 201);
+    assert_eq!(status_and_body(&raw_request(&gw, &post("/orders%2Fx")).await).0, 404);
+    // Methods no route covers pass through, whatever the spelling.
+    let get = "GET /payments;jsessionid=1 HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n";
+    assert_eq!(status_and_body(&raw_request(&gw, get).await).0, 404, "axum's own router has no such path");
+
+    // For upstreams that route /PAYMENTS and /payments.json to /payments.
+    let config = format!(
+        "{CONFIG}\n[[routes]]\npath = \"/orders\"\nrequired = true\ncase_insensitive = true\nmatch_suffixes = [\".json\"]\n"
+    );
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", &config, &[]).await;
+    let calls = upstream.calls.load(Ordering::SeqCst);
+    for path in ["/ORDERS", "/Orders/1", "/orders.json", "/ORDERS.JSON/1"] {
+        let r = send_post(&gw, path, None, "{}").await;
+        assert_eq!(r.status(), 400, "{path}: the /orders route covers it and requires a key");
+        assert_eq!(problem_type(r).await, "urn:oncely:problem:missing-key");
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), calls);
+    let r = send_post(&gw, "/orders.xml", None, "{}").await;
+    assert_eq!(r.status(), 404, "a suffix not listed is another path, passed through");
 }

@@ -76,6 +76,14 @@ pub async fn echo_headers(headers: HeaderMap) -> String {
     Value::Object(map).to_string()
 }
 
+/// 32 MiB: more than the socket buffers between a client that does not read and the
+/// gateway hold.
+pub const BIG: usize = 32 << 20;
+
+pub async fn big() -> Vec<u8> {
+    vec![b'x'; BIG]
+}
+
 pub async fn start_upstream() -> (SocketAddr, Shared) {
     let shared = Shared::default();
     let app = Router::new()
@@ -88,6 +96,7 @@ pub async fn start_upstream() -> (SocketAddr, Shared) {
         .route("/hang", post(hang))
         .route("/stall", post(stall))
         .route("/echo", post(echo_headers))
+        .route("/big", axum::routing::get(big))
         .with_state(shared.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
     let addr = listener.local_addr().expect("addr");
@@ -121,15 +130,52 @@ token = "secret-token"
 "#;
 
 pub async fn start_gateway(upstream: &str, store: &str, config: &str, extra: &[&str]) -> (Gateway, tempfile::TempDir) {
+    start_gateway_with_env(upstream, store, config, extra, &[]).await
+}
+
+/// Like [`start_gateway`], with `ONCELY_*` variables set for the process.
+pub async fn start_gateway_with_env(
+    upstream: &str,
+    store: &str,
+    config: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Gateway, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config_path = dir.path().join("oncely.toml");
     std::fs::write(&config_path, config).expect("write config");
-    let gateway = spawn_gateway(upstream, store, &config_path, extra).await;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_oncely"));
+    command.envs(env.iter().copied());
+    let gateway = spawn_gateway_with(command, upstream, store, &config_path, extra).await;
     (gateway, dir)
 }
 
 pub async fn spawn_gateway(upstream: &str, store: &str, config: &std::path::Path, extra: &[&str]) -> Gateway {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_oncely"))
+    spawn_gateway_with(Command::new(env!("CARGO_BIN_EXE_oncely")), upstream, store, config, extra).await
+}
+
+/// `oncely serve` run by bash with at most `descriptors` open files (`ulimit -n`, soft and
+/// hard), so that the gateway cannot raise it.
+pub async fn spawn_gateway_with_descriptors(
+    descriptors: u32,
+    upstream: &str,
+    store: &str,
+    config: &std::path::Path,
+    extra: &[&str],
+) -> Gateway {
+    let mut command = Command::new("bash");
+    command.arg("-c").arg(format!("ulimit -n {descriptors} && exec \"$0\" \"$@\"")).arg(env!("CARGO_BIN_EXE_oncely"));
+    spawn_gateway_with(command, upstream, store, config, extra).await
+}
+
+async fn spawn_gateway_with(
+    mut command: Command,
+    upstream: &str,
+    store: &str,
+    config: &std::path::Path,
+    extra: &[&str],
+) -> Gateway {
+    let mut child = command
         .args(["serve", "--upstream", upstream, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(["--store", store, "--log-level", "warn"])
         .arg("--config")
@@ -186,4 +232,68 @@ pub async fn problem_type(response: reqwest::Response) -> String {
 
 pub fn replayed(response: &reqwest::Response) -> bool {
     response.headers().get("idempotent-replayed").is_some_and(|v| v == "true")
+}
+
+/// The gateway's proxy address, `host:port`.
+pub fn proxy_addr(gw: &Gateway) -> String {
+    gw.url.trim_start_matches("http://").to_string()
+}
+
+/// Reads until the peer closes the connection (EOF or reset) or `limit` passes: what was
+/// read, and whether it was closed.
+pub async fn read_until_closed<R: tokio::io::AsyncRead + Unpin>(stream: &mut R, limit: Duration) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut data = Vec::new();
+    let closed = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => data.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (data, closed)
+}
+
+/// Sends `head` (a request without a body, keep-alive) on `stream` and reads one
+/// response: its head and `Content-Length` body, as text. None if the connection closed.
+pub async fn exchange(stream: &mut tokio::net::TcpStream, head: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(head.as_bytes()).await.ok()?;
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                let text = String::from_utf8_lossy(&data[..end]).to_ascii_lowercase();
+                let length = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if data.len() >= end + 4 + length {
+                    return Some(String::from_utf8_lossy(&data[..end + 4 + length]).into_owned());
+                }
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => data.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.ok().flatten()
+}
+
+/// Sends raw bytes on a new connection (the request should say `Connection: close`)
+/// and returns everything the gateway answered.
+pub async fn raw_request(gw: &Gateway, request: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(proxy_addr(gw)).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let (data, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(closed, "the gateway answers and closes: {}", String::from_utf8_lossy(&data));
+    String::from_utf8_lossy(&data).into_owned()
 }
