@@ -172,6 +172,15 @@ struct DefaultsArgs {
     /// `true`, `false`, or suffixes, comma-separated: `.json,.xml` (`defaults.match_suffixes`).
     #[arg(long, env = "ONCELY_MATCH_SUFFIXES")]
     match_suffixes: Option<String>,
+    /// Running operations one principal may hold at once (`defaults.max_in_progress_per_scope`).
+    #[arg(long, env = "ONCELY_MAX_IN_PROGRESS_PER_SCOPE")]
+    max_in_progress_per_scope: Option<usize>,
+    /// Decoded size limit of a gzip request body (`defaults.max_decoded_body`).
+    #[arg(long, env = "ONCELY_MAX_DECODED_BODY")]
+    max_decoded_body: Option<String>,
+    /// The header announcing a takeover to the upstream, "" for none (`defaults.takeover_header`).
+    #[arg(long, env = "ONCELY_TAKEOVER_HEADER")]
+    takeover_header: Option<String>,
 }
 
 impl DefaultsArgs {
@@ -198,6 +207,9 @@ impl DefaultsArgs {
                 "false" => SuffixSpec::Flag(false),
                 list => SuffixSpec::List(list.split(',').map(|item| item.trim().to_string()).collect()),
             }),
+            max_in_progress_per_scope: self.max_in_progress_per_scope,
+            max_decoded_body: self.max_decoded_body.clone(),
+            takeover_header: self.takeover_header.clone(),
         }
     }
 }

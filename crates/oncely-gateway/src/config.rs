@@ -16,6 +16,9 @@
 //!
 //! case_insensitive = false  # true: the prefix matches ignoring ASCII case (`/PAYMENTS`)
 //! match_suffixes = false     # true: `/payments.<ext>` matches `/payments`; or a list: [".json"]
+//! max_in_progress_per_scope = 1000 # running operations per principal; more get 429
+//! max_decoded_body = "8MiB"  # a gzip body decoding past this gets 413
+//! takeover_header = "Idempotency-Takeover" # sent `true` on a takeover; "" sends none
 //!
 //! [[routes]]                 # longest path prefix wins; unset keys come from [defaults]
 //! path = "/payments"
@@ -92,6 +95,12 @@ pub struct RawSettings {
     pub case_insensitive: Option<bool>,
     /// Extensions (`.json`) that may follow the path prefix: `true` for any.
     pub match_suffixes: Option<SuffixSpec>,
+    /// Running operations one principal may hold at once.
+    pub max_in_progress_per_scope: Option<usize>,
+    /// Decoded size limit of a gzip request body.
+    pub max_decoded_body: Option<String>,
+    /// The header announcing a takeover to the upstream; `""` for none.
+    pub takeover_header: Option<String>,
 }
 
 impl RawSettings {
@@ -110,6 +119,9 @@ impl RawSettings {
             store_statuses: over.store_statuses.clone().or_else(|| self.store_statuses.clone()),
             case_insensitive: over.case_insensitive.or(self.case_insensitive),
             match_suffixes: over.match_suffixes.clone().or_else(|| self.match_suffixes.clone()),
+            max_in_progress_per_scope: over.max_in_progress_per_scope.or(self.max_in_progress_per_scope),
+            max_decoded_body: over.max_decoded_body.clone().or_else(|| self.max_decoded_body.clone()),
+            takeover_header: over.takeover_header.clone().or_else(|| self.takeover_header.clone()),
         }
     }
 }
@@ -283,6 +295,12 @@ pub struct RouteSettings {
     pub case_insensitive: bool,
     /// Suffixes that may follow the prefix.
     pub match_suffixes: Suffixes,
+    /// Running operations one principal may hold at once (429 past it).
+    pub max_in_progress_per_scope: usize,
+    /// Decoded size limit of a gzip request body (413 past it).
+    pub max_decoded_body: usize,
+    /// The request header announcing a takeover to the upstream, if any.
+    pub takeover_header: Option<HeaderName>,
 }
 
 impl RouteSettings {
@@ -513,6 +531,22 @@ fn resolve_settings(at: &str, path: &str, raw: &RawSettings) -> Result<RouteSett
         ),
     };
     let match_suffixes = resolve_suffixes(&key("match_suffixes"), raw.match_suffixes.as_ref())?;
+    let max_in_progress_per_scope = match raw.max_in_progress_per_scope {
+        Some(0) => return Err(err(&key("max_in_progress_per_scope"), "must be at least 1")),
+        Some(n) => n,
+        None => 1000,
+    };
+    let max_decoded_body = match &raw.max_decoded_body {
+        Some(text) => size(&key("max_decoded_body"), text)?,
+        None => 8 * 1024 * 1024,
+    };
+    let takeover_header = match raw.takeover_header.as_deref() {
+        None => Some(HeaderName::from_static("idempotency-takeover")),
+        Some("") => None,
+        Some(h) => Some(
+            HeaderName::try_from(h).map_err(|_| err(&key("takeover_header"), format!("{h:?} is not a header name")))?,
+        ),
+    };
     Ok(RouteSettings {
         path: path.to_string(),
         header,
@@ -526,6 +560,9 @@ fn resolve_settings(at: &str, path: &str, raw: &RawSettings) -> Result<RouteSett
         store_statuses,
         case_insensitive: raw.case_insensitive.unwrap_or(false),
         match_suffixes,
+        max_in_progress_per_scope,
+        max_decoded_body,
+        takeover_header,
     })
 }
 
@@ -700,6 +737,9 @@ mod tests {
             ("[[routes]]\npath = \"/a\"\nmatch_suffixes = [\".j/s\"]", "routes[0].match_suffixes"),
             ("[defaults]\nmatch_suffixes = \"yes\"", "match_suffixes"),
             ("[defaults]\ncase_insensitive = \"yes\"", "case_insensitive"),
+            ("[defaults]\nmax_in_progress_per_scope = 0", "defaults.max_in_progress_per_scope"),
+            ("[defaults]\nmax_decoded_body = \"huge\"", "defaults.max_decoded_body"),
+            ("[defaults]\ntakeover_header = \"a b\"", "defaults.takeover_header"),
         ];
         for (text, key) in cases {
             let message = resolve(text).expect_err(text).0;

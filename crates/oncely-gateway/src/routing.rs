@@ -81,6 +81,9 @@ impl Routes {
                 .max_body(route.max_body)
                 .scope_headers(route.scope_headers.clone())
                 .store_statuses(move |status| statuses.contains(status))
+                .max_in_progress_per_scope(route.max_in_progress_per_scope)
+                .max_decoded_body(route.max_decoded_body)
+                .takeover_header(route.takeover_header.clone())
                 .track_operations(tracker.clone());
             Ok(layer.layer(proxy.clone()))
         };

@@ -70,6 +70,12 @@ pub async fn stall(State(u): State<Shared>) -> axum::response::Response {
     axum::response::Response::new(axum::body::Body::from_stream(chunks))
 }
 
+/// `slow`, answering with the request's headers as JSON.
+pub async fn slow_echo(State(u): State<Shared>, headers: HeaderMap) -> (StatusCode, String) {
+    slow(State(u)).await;
+    (StatusCode::CREATED, echo_headers(headers).await)
+}
+
 pub async fn echo_headers(headers: HeaderMap) -> String {
     let map: serde_json::Map<String, Value> =
         headers.iter().map(|(k, v)| (k.to_string(), Value::from(v.to_str().unwrap_or("?")))).collect();
@@ -96,6 +102,7 @@ pub async fn start_upstream() -> (SocketAddr, Shared) {
         .route("/hang", post(hang))
         .route("/stall", post(stall))
         .route("/echo", post(echo_headers))
+        .route("/slow-echo", post(slow_echo))
         .route("/big", axum::routing::get(big))
         .with_state(shared.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
