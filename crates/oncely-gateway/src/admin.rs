@@ -206,7 +206,12 @@ async fn show(
     Path(hash): Path<String>,
 ) -> Result<Response, AdminError> {
     authorize(&state, &headers)?;
-    let record = state.store.get(&parse_hash(&hash)?).await?.ok_or(AdminError::NotFound)?;
+    let key = parse_hash(&hash)?;
+    // A result kept in memory for the store is what retries get: show that one.
+    let record = match state.deferred.get(&key) {
+        Some(kept) => kept,
+        None => state.store.get(&key).await?.ok_or(AdminError::NotFound)?,
+    };
     Ok(axum::Json(RecordView::from(&record)).into_response())
 }
 
@@ -216,7 +221,10 @@ async fn remove(
     Path(hash): Path<String>,
 ) -> Result<StatusCode, AdminError> {
     authorize(&state, &headers)?;
-    if state.store.delete(&parse_hash(&hash)?).await? { Ok(StatusCode::NO_CONTENT) } else { Err(AdminError::NotFound) }
+    let key = parse_hash(&hash)?;
+    // A result kept in memory for the store goes too, or retries would still get it.
+    let kept = state.deferred.forget(&key);
+    if state.store.delete(&key).await? || kept { Ok(StatusCode::NO_CONTENT) } else { Err(AdminError::NotFound) }
 }
 
 async fn stats(State(state): State<AdminState>, headers: HeaderMap) -> Result<Response, AdminError> {

@@ -141,6 +141,9 @@ async fn a_takeover_after_kill_9_is_announced_to_the_upstream() {
     let fresh = post_raw(&second_gw.url, "/echo", "fresh", &forged, Vec::new()).await;
     let seen: Value = fresh.json().await.expect("echo");
     assert!(seen.get("idempotency-takeover").is_none(), "{seen}");
+    let unkeyed = client().post(format!("{}/echo", second_gw.url)).header("idempotency-takeover", "true").send();
+    let seen: Value = unkeyed.await.expect("echo").json().await.expect("echo");
+    assert!(seen.get("idempotency-takeover").is_none(), "removed from requests without a key too: {seen}");
 
     // Retry after the dead gateway's lease lapsed (lease 1 s).
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -156,4 +159,5 @@ async fn a_takeover_after_kill_9_is_announced_to_the_upstream() {
     assert_eq!(retry.status(), 201);
     let seen: Value = retry.json().await.expect("echo");
     assert_eq!(seen["idempotency-takeover"], "true", "{seen}");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 2, "the lapsed claim was taken over and forwarded");
 }

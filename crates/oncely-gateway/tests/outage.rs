@@ -30,6 +30,7 @@ async fn retrying_client(url: String, key: String, stop: tokio_util::sync::Cance
             .await;
         let Ok(response) = sent else {
             // A second execution waits on the upstream's gate forever: a timeout, retried.
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let status = response.status().as_u16();
@@ -75,22 +76,30 @@ async fn a_write_outage_longer_than_the_lease_runs_nothing_twice() {
     locker.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
     upstream.gate.notify_waiters();
 
-    // Readiness reports the results held in memory, while the lock is held for several
-    // leases with every client retrying every 50 ms.
+    // Readiness reports every result held in memory (not merely that the store cannot
+    // be written), while the clients keep retrying every 50 ms.
     let ready = |admin: String| async move {
-        client().get(format!("{admin}/readyz")).send().await.expect("admin answers").status().as_u16()
+        let response = client().get(format!("{admin}/readyz")).send().await.expect("admin answers");
+        (response.status().as_u16(), response.text().await.unwrap_or_default())
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while ready(gw.admin.clone()).await != 503 {
-        assert!(tokio::time::Instant::now() < deadline, "readiness never reported the kept results");
+    let all_kept = format!("not ready: {} results of operations that ran wait to be stored", keys.len());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, text) = ready(gw.admin.clone()).await;
+        if status == 503 && text.starts_with(&all_kept) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "readiness never reported the kept results: {status} {text}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Every result is kept; hold the lock past the lease (1 s) so that the store alone
+    // would let each retry take its key over.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     locker.execute_batch("ROLLBACK").expect("release the write lock");
     drop(locker);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while ready(gw.admin.clone()).await != 200 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while ready(gw.admin.clone()).await.0 != 200 {
         assert!(tokio::time::Instant::now() < deadline, "the kept results were never stored");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -98,7 +107,10 @@ async fn a_write_outage_longer_than_the_lease_runs_nothing_twice() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     for (key, client) in keys.iter().zip(clients) {
-        let bodies = client.await.expect("client task");
+        let bodies = tokio::time::timeout(Duration::from_secs(30), client)
+            .await
+            .unwrap_or_else(|_| panic!("{key}: the client never got its result"))
+            .expect("client task");
         assert!(bodies.windows(2).all(|w| w[0] == w[1]), "{key}: every answer is the first result: {bodies:?}");
     }
     assert_eq!(upstream.calls.load(Ordering::SeqCst), keys.len(), "at most once per key");

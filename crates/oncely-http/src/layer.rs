@@ -212,18 +212,22 @@ impl<St: Store> IdempotencyLayer<St> {
     /// whose holder's lease lapsed (default `Idempotency-Takeover: true`; `None` sends
     /// nothing). Such a request may repeat one the service already saw (its first
     /// attempt crashed or lost its connection), so a service that can check its own state
-    /// before acting again should. The same header sent by a client is removed from keyed
-    /// requests. Handlers also find the [`Takeover`](crate::Takeover) extension.
+    /// before acting again should. The same header sent by a client is removed from every
+    /// request the layer sees. Handlers also find the [`Takeover`](crate::Takeover)
+    /// extension.
     pub fn takeover_header(self, name: Option<HeaderName>) -> Self {
         self.with(|s| s.takeover_header = name)
     }
 
     /// How many operations one principal (scope) may run at once through this layer in
     /// this process (default 1,000). A keyed request past it is answered 429
-    /// `too-many-in-progress` with `Retry-After: 1`, its claim released at once, so one
-    /// client cannot fill the store with in-progress records or hold every worker. Every
-    /// request without a scope shares one (the global scope): raise this when anonymous
-    /// clients may legitimately run many operations at once.
+    /// `too-many-in-progress` with `Retry-After: 1` before it claims anything, so one
+    /// client cannot fill the store with in-progress records or hold every worker.
+    ///
+    /// A place is held from the claim until the operation's response is produced (so a
+    /// waiter in wait mode holds one while it waits, and a replay holds one for its
+    /// claim). Every request without a scope shares one scope (the global one): raise
+    /// this when anonymous clients may legitimately run many operations at once.
     pub fn max_in_progress_per_scope(self, max: usize) -> Self {
         self.with(|s| s.max_in_progress_per_scope = max)
     }

@@ -110,8 +110,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let settings = &self.layer.settings;
+        if let Some(name) = &settings.takeover_header {
+            // Only the layer says that a request takes over a lapsed claim: a client's
+            // own claim to it is dropped, on every request the layer sees.
+            request.headers_mut().remove(name);
+        }
         if !settings.methods.contains(request.method()) {
             return pass_through(&mut self.inner, request.map(Either::Right));
         }
@@ -221,10 +226,6 @@ where
     let engine = oncely.scoped(scope.clone());
     // Handlers read the key through the extensions, whichever header the layer reads.
     parts.extensions.insert(key.clone());
-    if let Some(name) = &settings.takeover_header {
-        // Only the layer says that a request takes over a lapsed claim.
-        parts.headers.remove(name);
-    }
     // Taken before the claim (a claim given back after a takeover would lose the news
     // that its first attempt may have acted); a replay or refusal gives it back at once.
     let Some(place) = settings.in_progress.take(&scope, settings.max_in_progress_per_scope) else {
@@ -301,11 +302,26 @@ async fn fingerprint(
     *head.headers_mut() = parts.headers.clone();
     let (head, _) = head.into_parts();
     let owned = body.clone();
-    match tokio::task::spawn_blocking(move || request_fingerprint(&head, &owned, max_decoded)).await {
+    // At most one large fingerprint per core at a time: each costs CPU and memory in
+    // proportion to its (decoded) body, and the blocking pool alone would run hundreds.
+    let permit = blocking_fingerprints().acquire().await;
+    let result = tokio::task::spawn_blocking(move || request_fingerprint(&head, &owned, max_decoded)).await;
+    drop(permit);
+    match result {
         Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         // The blocking pool is gone (the runtime shuts down): do the work here.
         Err(_) => request_fingerprint(parts, body, max_decoded),
     }
+}
+
+/// The permits for fingerprints on the blocking pool: one per core, for the process.
+fn blocking_fingerprints() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        tokio::sync::Semaphore::new(cores)
+    })
 }
 
 /// What the inner service produced, once its body is read as far as it will be stored.

@@ -11,6 +11,8 @@ use sha2::{Digest, Sha256};
 
 mod canonical;
 
+use canonical::Canonical;
+
 /// A 32-byte SHA-256 digest of a request's content.
 ///
 /// ```
@@ -66,23 +68,25 @@ impl Fingerprint {
     ///   numbers the same way each time).
     /// - **Duplicate object keys**: a document that has any is hashed as raw bytes, since
     ///   parsers disagree on which one wins.
+    /// - **Nesting deeper than 10,000 levels**: hashed as raw bytes too (a retry must then
+    ///   send the same bytes; no real API nests this deep).
     ///
     /// So a match means the two documents have the same meaning to any JSON parser.
     ///
     /// **Hostile input**: the document is read without recursion, in time linear in its
-    /// size (plus sorting each object's members) and memory linear in it, so any nesting
-    /// depth is safe on any thread. It is still CPU work proportional to the body: HTTP
+    /// size (plus sorting each object's members) and memory linear in it (about ten times
+    /// the document at worst), so any nesting depth is safe on any thread. It is still CPU work proportional to the body: HTTP
     /// callers run large bodies off the async worker threads (`oncely-http` does).
     ///
     /// # Errors
     /// The parse error when `json` is not a JSON document.
     pub fn from_json(json: &[u8]) -> Result<Self, serde_json::Error> {
         let mut canonical = Vec::with_capacity(json.len());
-        if canonical::write_canonical(json, &mut canonical)? {
-            Ok(Self::from_bytes(&canonical))
-        } else {
-            Ok(Self::from_parts(&[b"json with duplicate keys", json]))
-        }
+        Ok(match canonical::write_canonical(json, &mut canonical)? {
+            Canonical::Written => Self::from_bytes(&canonical),
+            Canonical::DuplicateKeys => Self::from_parts(&[b"json with duplicate keys", json]),
+            Canonical::TooDeep => Self::from_parts(&[b"json nested too deep", json]),
+        })
     }
 
     /// The fingerprint of any serializable value, through the same canonical JSON as
@@ -104,7 +108,9 @@ impl Fingerprint {
     /// The serializer's error when `value` cannot be represented as JSON (a map with
     /// non-string keys, say).
     pub fn from_serialize<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
-        Self::from_json(&serde_json::to_vec(value)?)
+        // Through `Value`, as before this used the text form: `f32`s widened to `f64`,
+        // duplicate map keys merged, so fingerprints stored by earlier versions still match.
+        Self::from_json(&serde_json::to_vec(&serde_json::to_value(value)?)?)
     }
 
     /// Wraps a digest read back from a store.

@@ -11,10 +11,13 @@
 //!   it asks the store, so a retry of a kept key is a replay (or a mismatch) whatever the
 //!   store would say.
 //! - **Kept results are written before new claims.** While anything is kept, every
-//!   `acquire` first writes all kept results ([`DeferredCompletions::flush`]); if the
-//!   store still cannot take them, the claim is not attempted and the caller gets the
-//!   store's `Unavailable` error. So once the store answers again, no claim (which could
-//!   be a takeover of a kept key by a retry through this process) precedes the writes.
+//!   `acquire` first writes the kept results ([`DeferredCompletions::flush`], or waits
+//!   for the write already under way), then claims. So once the store answers again,
+//!   this process sends its kept results before any new claim. A result the store keeps
+//!   refusing does not hold other work up: the claim goes ahead after one attempt (and
+//!   fails by itself while the store is down).
+//! - **Kept from the first failure.** A completion is kept as soon as the store fails to
+//!   take it, before any retry, so no retry through this process can slip into the gap.
 //! - **Readiness**: [`DeferredCompletions::len`] is above zero while anything is kept;
 //!   the gateway's `/readyz` answers 503 then, so operators and orchestrators see that
 //!   results the clients were given live only in this process's memory.
@@ -34,7 +37,7 @@
 //! [`Oncely::acquire`]: crate::Oncely::acquire
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -64,15 +67,22 @@ pub struct DeferredCompletions {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// The kept results by storage key. Never held across an `await`.
-    pending: Mutex<HashMap<StorageKey, Pending>>,
-    /// `pending.len()`, readable without the lock on every `acquire`.
+    /// The kept results and whether a background writer runs. Never held across an
+    /// `await`; every decision about starting or stopping the writer is made under it,
+    /// so a result kept just as the writer stops always finds a writer.
+    state: Mutex<State>,
+    /// `state.pending.len()`, readable without the lock on every `acquire`; written
+    /// only under the lock.
     len: AtomicUsize,
     /// One writer at a time, so two callers never send the same completion twice (a
     /// repeated completion by the same claim is answered `LeaseLost` by some stores).
     flushing: tokio::sync::Mutex<()>,
-    /// Whether the background writer runs.
-    writer_running: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    pending: HashMap<StorageKey, Pending>,
+    writer_running: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -100,45 +110,69 @@ impl DeferredCompletions {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<StorageKey, Pending>> {
-        self.inner.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn remove(&self, key: &StorageKey) -> bool {
+        let mut state = self.lock();
+        let removed = state.pending.remove(key).is_some();
+        self.inner.len.store(state.pending.len(), Ordering::Release);
+        removed
     }
 
     /// Keeps `payload` as the result of `claim_id`'s operation on `record`'s key.
     /// `record` is the in-progress record as the claim made it; it is kept as completed.
-    pub(crate) fn keep(&self, mut record: Record, claim_id: ClaimId, payload: Bytes, retention: Duration) {
+    /// True when the caller must start the background writer (none runs).
+    #[must_use]
+    pub(crate) fn keep(&self, mut record: Record, claim_id: ClaimId, payload: Bytes, retention: Duration) -> bool {
         let now = SystemTime::now();
         record.state = RecordState::Completed { payload, completed_at: now, hits: 0 };
         record.expires_at = now + retention;
         let pending = Pending { claim_id, give_up_at: record.expires_at, record, retention };
-        let mut map = self.lock();
-        map.insert(pending.record.storage_key, pending);
-        self.inner.len.store(map.len(), Ordering::Release);
+        let mut state = self.lock();
+        state.pending.insert(pending.record.storage_key, pending);
+        self.inner.len.store(state.pending.len(), Ordering::Release);
+        !std::mem::replace(&mut state.writer_running, true)
     }
 
-    /// The kept result for `key`, counted as a hit, if there is one.
+    /// The kept result for `key`, counted as a hit, if there is one. The hits counted
+    /// here are not added to the store's count when the result lands.
     pub(crate) fn replay(&self, key: &StorageKey) -> Option<Record> {
-        let mut map = self.lock();
-        let pending = map.get_mut(key)?;
+        let mut state = self.lock();
+        let pending = state.pending.get_mut(key)?;
         if let RecordState::Completed { hits, .. } = &mut pending.record.state {
             *hits += 1;
         }
         Some(pending.record.clone())
     }
 
+    /// The kept result for `key`, if there is one, as a replay would show it (for admin
+    /// tools: the store holds the key in progress meanwhile).
+    pub fn get(&self, key: &StorageKey) -> Option<Record> {
+        self.lock().pending.get(key).map(|p| p.record.clone())
+    }
+
+    /// Drops the kept result for `key` without storing it: for an operator who deletes
+    /// the key (the next request with it runs again). True when one was kept.
+    pub fn forget(&self, key: &StorageKey) -> bool {
+        self.remove(key)
+    }
+
     /// Writes every kept result to `store`, one writer at a time.
     ///
     /// A result is dropped once stored, once the store fences its write off
     /// ([`StoreError::LeaseLost`]: the key was deleted or is someone else's now; logged as
-    /// an error) or once its retention has passed.
-    ///
-    /// # Errors
-    /// The store's [`StoreError::Unavailable`] when it still cannot take them; what it
-    /// took before failing is dropped from the registry.
+    /// an error) or once its retention has passed. The first `Unavailable` ends the round:
+    /// the store is down, and trying the rest would only wait on it again.
     ///
     /// When another caller is writing already, this waits for it instead of sending the
     /// same writes again (so callers queued behind a store that answers slowly wait for
     /// one round of writes, not one each), then reports whether anything is left.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when results remain kept; what the store took before
+    /// failing is dropped from the registry.
     pub async fn flush<S: Store + ?Sized>(&self, store: &S) -> Result<(), StoreError> {
         let Ok(_writer) = self.inner.flushing.try_lock() else {
             drop(self.inner.flushing.lock().await);
@@ -147,43 +181,43 @@ impl DeferredCompletions {
                 n => Err(StoreError::unavailable(format!("{n} results kept during a store outage are not stored yet"))),
             };
         };
-        let snapshot: Vec<(StorageKey, Pending)> = self.lock().iter().map(|(k, p)| (*k, p.clone())).collect();
+        let snapshot: Vec<(StorageKey, Pending)> = self.lock().pending.iter().map(|(k, p)| (*k, p.clone())).collect();
         for (key, pending) in snapshot {
             let RecordState::Completed { payload, .. } = &pending.record.state else { continue };
-            let outcome = if SystemTime::now() >= pending.give_up_at {
+            if SystemTime::now() >= pending.give_up_at {
                 tracing::error!(key = %pending.record.key, "giving up storing the result of an operation that ran: its retention passed");
-                Ok(())
             } else {
                 match store.complete(&key, pending.claim_id, payload.clone(), pending.retention).await {
                     Ok(()) => {
-                        tracing::info!(key = %pending.record.key, "the result was stored once the store answered again");
-                        Ok(())
+                        tracing::info!(key = %pending.record.key, "the result was stored once the store answered again")
                     }
-                    Err(StoreError::Unavailable(e)) => Err(StoreError::Unavailable(e)),
+                    Err(StoreError::Unavailable(e)) => return Err(StoreError::Unavailable(e)),
                     Err(e) => {
-                        tracing::error!(key = %pending.record.key, error = %e, "a kept result could not be stored; dropping it");
-                        Ok(())
+                        tracing::error!(key = %pending.record.key, error = %e, "a kept result could not be stored (the key was deleted or taken over meanwhile, or a timed-out attempt stored it); dropping it");
                     }
                 }
-            };
-            outcome?;
-            let mut map = self.lock();
-            map.remove(&key);
-            self.inner.len.store(map.len(), Ordering::Release);
+            }
+            self.remove(&key);
         }
         Ok(())
     }
 
-    /// Marks the background writer started; false when one already runs.
-    pub(crate) fn start_writer(&self) -> bool {
-        !self.inner.writer_running.swap(true, Ordering::AcqRel)
+    /// Called by the background writer when a round left nothing kept: true when it must
+    /// go on after all (a result was kept meanwhile), else it is marked stopped.
+    pub(crate) fn writer_may_stop(&self) -> bool {
+        let mut state = self.lock();
+        if state.pending.is_empty() {
+            state.writer_running = false;
+            true
+        } else {
+            false
+        }
     }
 
-    /// Marks the background writer stopped, unless results arrived meanwhile: true when
-    /// the writer should go on.
-    pub(crate) fn stop_writer(&self) -> bool {
-        self.inner.writer_running.store(false, Ordering::Release);
-        !self.is_empty() && self.start_writer()
+    /// Marks the writer stopped whatever is kept: for a writer task that is dropped (its
+    /// runtime shuts down), so that the next kept result starts another.
+    pub(crate) fn writer_gone(&self) {
+        self.lock().writer_running = false;
     }
 }
 
@@ -211,7 +245,7 @@ mod tests {
         let deferred = DeferredCompletions::new();
         let r = record("k");
         let key = r.storage_key;
-        deferred.keep(r, ClaimId::random(), Bytes::from_static(b"done"), Duration::from_secs(60));
+        assert!(deferred.keep(r, ClaimId::random(), Bytes::from_static(b"done"), Duration::from_secs(60)));
         assert_eq!(deferred.len(), 1);
         let replayed = deferred.replay(&key).expect("kept");
         assert_eq!(replayed.hits(), 1);

@@ -108,15 +108,17 @@ impl<S: Store> ClaimGuard<S> {
 
     /// Stores `payload` as the operation's result for every retry in the retention window.
     ///
-    /// A store that is unreachable is tried three times, with 20 ms then 100 ms between.
-    /// If it is still unreachable, this returns the failure and the engine keeps the
-    /// result in its [`DeferredCompletions`](crate::engine::DeferredCompletions): retries
-    /// through this engine are answered from it, every claim first writes it, and a
-    /// background task (when called inside a Tokio runtime; on the tracker given to
+    /// When the store does not take it (unreachable, or its write lock held elsewhere),
+    /// the engine keeps the result at once in its
+    /// [`DeferredCompletions`](crate::engine::DeferredCompletions): from then on, retries
+    /// through this engine are answered from it and every claim first writes it. This
+    /// call then tries twice more, 20 ms then 100 ms later, and a background task (inside
+    /// a Tokio runtime; on the tracker given to
     /// [`OncelyBuilder::track_background`](crate::OncelyBuilder::track_background), if
-    /// any) keeps writing it about every 250 ms until it lands, the claim is lost, or the
-    /// retention passes. The operation has run: a retry must never take its key over and
-    /// run it a second time because the store was down for longer than the lease.
+    /// any) keeps writing about every 250 ms until the result lands, the key turns out to
+    /// be someone else's, or the retention passes. The operation has run: a retry must
+    /// never take its key over and run it a second time because the store was down for
+    /// longer than the lease.
     ///
     /// # Errors
     /// [`StoreError::LeaseLost`] when the claim was taken over (its write is rejected so
@@ -126,22 +128,24 @@ impl<S: Store> ClaimGuard<S> {
         self.finished = true;
         let retention = self.engine.config().retention;
         let store = self.engine.store();
-        let mut backoff = [Duration::from_millis(20), Duration::from_millis(100)].into_iter();
-        loop {
-            match store.complete(&self.storage_key, self.claim_id, payload.clone(), retention).await {
-                Err(StoreError::Unavailable(e)) => match backoff.next() {
-                    Some(pause) => {
-                        tracing::warn!(key = %self.key, error = %e, "completion failed; retrying");
-                        tokio::time::sleep(pause).await;
-                    }
-                    None => {
-                        self.keep_until_stored(payload, retention);
-                        return Err(StoreError::Unavailable(e).into());
-                    }
-                },
-                other => return Ok(other?),
+        let error = match store.complete(&self.storage_key, self.claim_id, payload.clone(), retention).await {
+            Err(StoreError::Unavailable(e)) => e,
+            other => return Ok(other?),
+        };
+        tracing::warn!(key = %self.key, error = %error, "completion failed; the result is kept until the store takes it");
+        self.keep_until_stored(payload, retention);
+        let deferred = self.engine.deferred_completions();
+        let mut last = StoreError::Unavailable(error);
+        for pause in [Duration::from_millis(20), Duration::from_millis(100)] {
+            tokio::time::sleep(pause).await;
+            match deferred.flush(store).await {
+                // Written, or dropped by the registry with an error logged.
+                Ok(()) if deferred.get(&self.storage_key).is_none() => return Ok(()),
+                Ok(()) => {}
+                Err(e) => last = e,
             }
         }
+        Err(last.into())
     }
 
     /// Keeps the result of an operation that ran while the store was unreachable, and
@@ -157,15 +161,28 @@ impl<S: Store> ClaimGuard<S> {
             state: RecordState::InProgress { claim_id: self.claim_id, lease_until: std::time::SystemTime::now() },
         };
         let deferred = self.engine.deferred_completions();
-        deferred.keep(record, self.claim_id, payload, retention);
+        let start_writer = deferred.keep(record, self.claim_id, payload, retention);
         metrics::counter!("oncely_completions_deferred_total").increment(1);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        if !deferred.start_writer() {
+        if !start_writer {
             return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            deferred.writer_gone();
+            return;
+        };
         let engine = self.engine.clone();
         let writer = async move {
+            /// Marks the writer gone if its task is dropped before it stops by itself.
+            struct Running(Option<super::DeferredCompletions>);
+            impl Drop for Running {
+                fn drop(&mut self) {
+                    if let Some(deferred) = self.0.take() {
+                        deferred.writer_gone();
+                    }
+                }
+            }
             let deferred = engine.deferred_completions();
+            let mut running = Running(Some(deferred.clone()));
             loop {
                 // 125–375 ms apart, jittered so that the processes cut off by one outage
                 // do not all hit the store in the same instant when it returns.
@@ -175,7 +192,8 @@ impl<S: Store> ClaimGuard<S> {
                     tracing::debug!(error = %e, waiting = deferred.len(), "kept results still cannot be stored");
                     continue;
                 }
-                if !deferred.stop_writer() {
+                if deferred.writer_may_stop() {
+                    running.0 = None;
                     return;
                 }
             }

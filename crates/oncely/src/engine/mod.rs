@@ -209,19 +209,22 @@ impl<S: Store> Oncely<S> {
         let mut subscription: Option<Notified> = None;
         let mut met_conflict = false;
         let deferred = &self.shared.deferred;
-        if !deferred.is_empty() {
-            // A result this process could not store wins over anything the store says:
-            // its operation ran, and the store may no longer fence a retry off.
-            if let Some(record) = deferred.replay(&storage_key) {
-                return self.replay_kept(key, record, &request);
-            }
-            // Kept results are written before any new claim (see `DeferredCompletions`).
-            if let Err(e) = deferred.flush(&self.shared.store).await {
-                count("store_error");
-                return Err(e.into());
-            }
-        }
         loop {
+            // Checked before every claim, a waiter's included: one atomic load when
+            // nothing is kept.
+            if !deferred.is_empty() {
+                // A result this process could not store wins over anything the store
+                // says: its operation ran, and the store may no longer fence a retry off.
+                if let Some(record) = deferred.replay(&storage_key) {
+                    return self.replay_kept(key, record, &request);
+                }
+                // Kept results are written before any new claim (see
+                // `DeferredCompletions`); one the store still refuses does not hold this
+                // claim up, which fails by itself while the store is down.
+                if let Err(e) = deferred.flush(&self.shared.store).await {
+                    tracing::debug!(error = %e, "kept results not stored before a claim");
+                }
+            }
             let outcome = match self.shared.store.claim(request.clone()).await {
                 Ok(outcome) => outcome,
                 Err(e) => {
@@ -425,21 +428,29 @@ impl<S: Store> Oncely<S> {
         StorageKey::derive_raw(&format!("oncely.first_seen\u{0}{}", self.scope), id.as_str())
     }
 
-    /// The record of `key` in this scope, if any (no hit is counted).
+    /// The record of `key` in this scope, if any (no hit is counted): a result kept for
+    /// the store (see [`DeferredCompletions`]) as it will be stored, else the store's.
     ///
     /// # Errors
     /// [`Error::Store`] when the store fails.
     pub async fn get(&self, key: &IdempotencyKey) -> Result<Option<Record>, Error> {
-        Ok(self.shared.store.get(&self.storage_key(key)).await?)
+        let storage_key = self.storage_key(key);
+        if let Some(kept) = self.shared.deferred.get(&storage_key) {
+            return Ok(Some(kept));
+        }
+        Ok(self.shared.store.get(&storage_key).await?)
     }
 
-    /// Deletes the record of `key` in this scope whatever its state; true when there was
-    /// one. The next request with the key runs the operation again.
+    /// Deletes the record of `key` in this scope whatever its state, and a result kept
+    /// for the store; true when there was one. The next request with the key runs the
+    /// operation again.
     ///
     /// # Errors
     /// [`Error::Store`] when the store fails.
     pub async fn delete(&self, key: &IdempotencyKey) -> Result<bool, Error> {
-        Ok(self.shared.store.delete(&self.storage_key(key)).await?)
+        let storage_key = self.storage_key(key);
+        let kept = self.shared.deferred.forget(&storage_key);
+        Ok(self.shared.store.delete(&storage_key).await? || kept)
     }
 }
 

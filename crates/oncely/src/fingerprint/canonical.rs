@@ -20,35 +20,55 @@
 //! [`Fingerprint::from_json`]: super::Fingerprint::from_json
 
 use std::borrow::Cow;
-use std::ops::Range;
 
-/// One value of the document.
+/// Nesting deeper than this is not canonicalised: the document is hashed as it came
+/// (see [`Canonical::TooDeep`]). No request body of a real API nests this deep, and the
+/// bound keeps the memory a hostile document costs proportional to its size with a small
+/// factor. Before this module, such documents crashed the process, so no stored
+/// fingerprint depends on canonicalising them.
+pub(super) const MAX_DEPTH: usize = 10_000;
+
+/// What [`write_canonical`] made of a valid document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Canonical {
+    /// The canonical form was written.
+    Written,
+    /// An object has the same key twice; parsers disagree on which member wins.
+    DuplicateKeys,
+    /// Nested deeper than [`MAX_DEPTH`] (or longer than 4 GiB).
+    TooDeep,
+}
+
+/// One value of the document, 12 bytes: offsets into the text, `Arena::children` or
+/// `Arena::strings`, as `u32`.
+#[derive(Clone, Copy)]
 enum Node {
     /// A number, `true`, `false` or `null`: its text, written as it is.
-    Literal(Range<usize>),
-    /// A string: its decoded text.
-    String(Box<str>),
+    Literal { start: u32, end: u32 },
     /// A string whose text needs no decoding (no escape): the bytes between its quotes.
-    PlainString(Range<usize>),
+    PlainString { start: u32, end: u32 },
+    /// A string with escapes: its decoded text, at this index of `Arena::strings`.
+    String { index: u32 },
     /// An array: its items, a range of `Arena::children`.
-    Array(Range<usize>),
-    /// An object: its members as (key node, value node) pairs, a range of
-    /// `Arena::children` holding key and value alternately.
-    Object(Range<usize>),
+    Array { start: u32, end: u32 },
+    /// An object: its members as key and value node ids in turn, a range of
+    /// `Arena::children`.
+    Object { start: u32, end: u32 },
 }
 
 struct Arena<'a> {
     text: &'a [u8],
     nodes: Vec<Node>,
-    children: Vec<usize>,
+    children: Vec<u32>,
+    strings: Vec<Box<str>>,
 }
 
 impl Arena<'_> {
     /// A string node's decoded text as bytes (the sort key of object members).
-    fn string_bytes(&self, id: usize) -> &[u8] {
-        match &self.nodes[id] {
-            Node::String(s) => s.as_bytes(),
-            Node::PlainString(range) => &self.text[range.clone()],
+    fn string_bytes(&self, id: u32) -> &[u8] {
+        match self.nodes[id as usize] {
+            Node::String { index } => self.strings[index as usize].as_bytes(),
+            Node::PlainString { start, end } => &self.text[start as usize..end as usize],
             _ => b"",
         }
     }
@@ -56,32 +76,37 @@ impl Arena<'_> {
 
 /// Writes the canonical form of `text` to `out`: object members sorted by the UTF-8 bytes
 /// of their keys, no insignificant whitespace, strings re-escaped minimally (as
-/// serde_json writes them), numbers and literals exactly as written.
-///
-/// `Ok(false)` when an object has the same key twice (the caller hashes the raw bytes
-/// instead: parsers disagree on which member wins).
+/// serde_json writes them), numbers and literals exactly as written. What is written is
+/// only meaningful with [`Canonical::Written`]; otherwise the caller hashes the raw bytes.
 ///
 /// # Errors
 /// serde_json's error when `text` is not one valid JSON document (including invalid
 /// UTF-8 and lone surrogate escapes).
-pub(super) fn write_canonical(text: &[u8], out: &mut Vec<u8>) -> Result<bool, serde_json::Error> {
+pub(super) fn write_canonical(text: &[u8], out: &mut Vec<u8>) -> Result<Canonical, serde_json::Error> {
     serde_json::from_slice::<serde::de::IgnoredAny>(text)?;
     // serde_json skips the strings it ignores without checking their UTF-8; strings
     // without escapes are copied as they are below, so check the whole text once here.
     if let Err(e) = std::str::from_utf8(text) {
         return Err(serde::de::Error::custom(format_args!("invalid UTF-8 in a JSON document: {e}")));
     }
-    let arena = parse(text)?;
-    Ok(write(&arena, out))
+    if u32::try_from(text.len()).is_err() {
+        return Ok(Canonical::TooDeep);
+    }
+    match parse(text)? {
+        Some(arena) => Ok(write(&arena, out)),
+        None => Ok(Canonical::TooDeep),
+    }
 }
 
-fn parse(text: &[u8]) -> Result<Arena<'_>, serde_json::Error> {
-    struct Open {
-        object: bool,
-        items: Vec<usize>,
-    }
-    let mut arena = Arena { text, nodes: Vec::new(), children: Vec::new() };
-    let mut open: Vec<Open> = Vec::new();
+/// Reads the document into an arena; `None` past [`MAX_DEPTH`]. `text` is valid JSON of
+/// at most `u32::MAX` bytes.
+fn parse(text: &[u8]) -> Result<Option<Arena<'_>>, serde_json::Error> {
+    let mut arena = Arena { text, nodes: Vec::new(), children: Vec::new(), strings: Vec::new() };
+    // The values completed inside the containers still open, innermost last, and for each
+    // open container whether it is an object and where its values start in `pending`.
+    let mut pending: Vec<u32> = Vec::new();
+    let mut open: Vec<(bool, usize)> = Vec::new();
+    let offset = |i: usize| i as u32;
     let mut i = 0;
     while i < text.len() {
         let completed = match text[i] {
@@ -90,46 +115,50 @@ fn parse(text: &[u8]) -> Result<Arena<'_>, serde_json::Error> {
                 continue;
             }
             b'[' | b'{' => {
-                open.push(Open { object: text[i] == b'{', items: Vec::new() });
+                if open.len() == MAX_DEPTH {
+                    return Ok(None);
+                }
+                open.push((text[i] == b'{', pending.len()));
                 i += 1;
                 continue;
             }
             b']' | b'}' => {
                 i += 1;
-                let Some(frame) = open.pop() else { break };
-                let start = arena.children.len();
-                arena.children.extend_from_slice(&frame.items);
-                let range = start..arena.children.len();
-                if frame.object { Node::Object(range) } else { Node::Array(range) }
+                let Some((object, first)) = open.pop() else { break };
+                let start = offset(arena.children.len());
+                arena.children.extend(pending.drain(first..));
+                let end = offset(arena.children.len());
+                if object { Node::Object { start, end } } else { Node::Array { start, end } }
             }
             b'"' => {
                 let end = string_end(text, i);
-                let inner = i + 1..end - 1;
                 let token = &text[i..end];
-                i = end;
-                if token.contains(&b'\\') {
+                let node = if token.contains(&b'\\') {
                     let decoded: Cow<'_, str> = serde_json::from_slice(token)?;
-                    Node::String(decoded.into_owned().into_boxed_str())
+                    arena.strings.push(decoded.into_owned().into_boxed_str());
+                    Node::String { index: offset(arena.strings.len() - 1) }
                 } else {
-                    Node::PlainString(inner)
-                }
+                    Node::PlainString { start: offset(i + 1), end: offset(end - 1) }
+                };
+                i = end;
+                node
             }
             _ => {
                 let start = i;
                 while i < text.len() && !matches!(text[i], b',' | b']' | b'}' | b' ' | b'\t' | b'\n' | b'\r') {
                     i += 1;
                 }
-                Node::Literal(start..i)
+                Node::Literal { start: offset(start), end: offset(i) }
             }
         };
-        let id = arena.nodes.len();
+        let id = offset(arena.nodes.len());
         arena.nodes.push(completed);
-        match open.last_mut() {
-            Some(frame) => frame.items.push(id),
-            None => break,
+        if open.is_empty() {
+            break;
         }
+        pending.push(id);
     }
-    Ok(arena)
+    Ok(Some(arena))
 }
 
 /// The index just past the closing quote of the string opening at `start`. The document
@@ -146,59 +175,80 @@ fn string_end(text: &[u8], start: usize) -> usize {
     text.len()
 }
 
-/// Writes the arena's root (the last node created) canonically; false on a duplicate key.
-fn write(arena: &Arena<'_>, out: &mut Vec<u8>) -> bool {
-    /// A container being written: the child nodes in output order, and how many are done.
-    struct Writing {
-        object: bool,
-        order: Vec<usize>,
-        next: usize,
+/// Writes the arena's root (the last node created) canonically.
+fn write(arena: &Arena<'_>, out: &mut Vec<u8>) -> Canonical {
+    /// A container being written.
+    enum Writing {
+        /// Items `start..end` of `Arena::children`, `next` the one to write.
+        Array { start: u32, next: u32, end: u32 },
+        /// Members as (key, value) in output order, `next` counting keys and values.
+        Object { members: Vec<(u32, u32)>, next: usize },
     }
-    let Some(root) = arena.nodes.len().checked_sub(1) else { return true };
+    let Some(root) = arena.nodes.len().checked_sub(1) else { return Canonical::Written };
     let mut stack: Vec<Writing> = Vec::new();
-    let mut pending = Some(root);
+    let mut pending = Some(root as u32);
     loop {
         if let Some(id) = pending.take() {
-            match &arena.nodes[id] {
-                Node::Literal(range) => out.extend_from_slice(&arena.text[range.clone()]),
-                Node::PlainString(range) => {
+            match arena.nodes[id as usize] {
+                Node::Literal { start, end } => out.extend_from_slice(&arena.text[start as usize..end as usize]),
+                Node::PlainString { start, end } => {
                     out.push(b'"');
-                    out.extend_from_slice(&arena.text[range.clone()]);
+                    out.extend_from_slice(&arena.text[start as usize..end as usize]);
                     out.push(b'"');
                 }
-                Node::String(s) => {
+                Node::String { index } => {
                     // Writing a `str` into a `Vec` cannot fail.
-                    let _ = serde_json::to_writer(&mut *out, s);
+                    let _ = serde_json::to_writer(&mut *out, &arena.strings[index as usize]);
                 }
-                Node::Array(range) => {
+                Node::Array { start, end } => {
                     out.push(b'[');
-                    stack.push(Writing { object: false, order: arena.children[range.clone()].to_vec(), next: 0 });
+                    stack.push(Writing::Array { start, next: start, end });
                 }
-                Node::Object(range) => {
-                    let mut members: Vec<(usize, usize)> =
-                        arena.children[range.clone()].chunks_exact(2).map(|kv| (kv[0], kv[1])).collect();
+                Node::Object { start, end } => {
+                    let mut members: Vec<(u32, u32)> =
+                        arena.children[start as usize..end as usize].chunks_exact(2).map(|kv| (kv[0], kv[1])).collect();
                     members.sort_unstable_by(|a, b| arena.string_bytes(a.0).cmp(arena.string_bytes(b.0)));
                     if members.windows(2).any(|w| arena.string_bytes(w[0].0) == arena.string_bytes(w[1].0)) {
-                        return false;
+                        return Canonical::DuplicateKeys;
                     }
                     out.push(b'{');
-                    let order = members.into_iter().flat_map(|(k, v)| [k, v]).collect();
-                    stack.push(Writing { object: true, order, next: 0 });
+                    stack.push(Writing::Object { members, next: 0 });
                 }
             }
         }
-        let Some(top) = stack.last_mut() else { return true };
-        if top.next == top.order.len() {
-            out.push(if top.object { b'}' } else { b']' });
-            stack.pop();
-            continue;
+        match stack.last_mut() {
+            None => return Canonical::Written,
+            Some(Writing::Array { start, next, end }) => {
+                if next == end {
+                    out.push(b']');
+                    stack.pop();
+                    continue;
+                }
+                if next > start {
+                    out.push(b',');
+                }
+                pending = Some(arena.children[*next as usize]);
+                *next += 1;
+            }
+            Some(Writing::Object { members, next }) => {
+                if *next == members.len() * 2 {
+                    out.push(b'}');
+                    stack.pop();
+                    continue;
+                }
+                let (key, value) = members[*next / 2];
+                if *next % 2 == 0 {
+                    if *next > 0 {
+                        out.push(b',');
+                    }
+                    pending = Some(key);
+                } else {
+                    out.push(b':');
+                    pending = Some(value);
+                }
+                *next += 1;
+            }
         }
-        if top.next > 0 {
-            // In an object, odd positions are values (after a key): a colon; else a comma.
-            out.push(if top.object && top.next % 2 == 1 { b':' } else { b',' });
-        }
-        pending = Some(top.order[top.next]);
-        top.next += 1;
     }
 }
 
@@ -208,7 +258,7 @@ mod tests {
 
     fn canonical(text: &str) -> String {
         let mut out = Vec::new();
-        assert!(write_canonical(text.as_bytes(), &mut out).expect("valid JSON"), "no duplicate keys in {text}");
+        assert_eq!(write_canonical(text.as_bytes(), &mut out).expect("valid JSON"), Canonical::Written, "{text}");
         String::from_utf8(out).expect("canonical JSON is UTF-8")
     }
 
@@ -249,20 +299,21 @@ mod tests {
     }
 
     #[test]
-    fn deep_nesting_costs_heap_not_stack() {
-        let depth = 200_000;
-        let doc = format!("{}{}", "[{\"a\":".repeat(depth), "}]".repeat(depth)).replace(":}", ":1}");
+    fn deep_nesting_costs_heap_not_stack_and_is_bounded() {
+        let nest = |pairs: usize| format!("{}{}", "[{\"a\":".repeat(pairs), "}]".repeat(pairs)).replace(":}", ":1}");
         // A thread with a quarter of a Tokio worker's stack: any recursion per level
         // would overflow it within a few thousand levels.
         let handle = std::thread::Builder::new()
             .stack_size(512 * 1024)
             .spawn(move || {
                 let mut out = Vec::new();
-                write_canonical(doc.as_bytes(), &mut out).map(|unique| (unique, out.len()))
+                let deepest = write_canonical(nest(MAX_DEPTH / 2).as_bytes(), &mut out).map(|c| (c, out.len()));
+                let deeper = write_canonical(nest(200_000).as_bytes(), &mut Vec::new());
+                (deepest, deeper)
             })
             .expect("thread starts");
-        let (unique, len) = handle.join().expect("no stack overflow").expect("valid JSON");
-        assert!(unique);
-        assert_eq!(len, depth * "[{\"a\":}]".len() + 1);
+        let (deepest, deeper) = handle.join().expect("no stack overflow");
+        assert_eq!(deepest.expect("valid JSON"), (Canonical::Written, MAX_DEPTH / 2 * "[{\"a\":}]".len() + 1));
+        assert_eq!(deeper.expect("valid JSON"), Canonical::TooDeep);
     }
 }
