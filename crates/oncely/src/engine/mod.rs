@@ -183,6 +183,17 @@ impl<S: Store> Oncely<S> {
     /// Claims `key`, or finds its stored result, in one store call when the key is
     /// uncontended. Meeting a live claim, it rejects or waits as configured.
     ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe. Dropping the future while a claim is in flight can leave a claim
+    /// the store committed with no [`ClaimGuard`] to finish it: the key then stays in
+    /// progress until its lease lapses (one lease, never the retention), and the next
+    /// claim takes it over with [`ClaimGuard::is_takeover`] set. Nothing runs twice
+    /// because of it, but a retry waits a lease. Servers that may drop the caller (a
+    /// client that hangs up) run `acquire` and the operation in a task of their own, as
+    /// `oncely-http` does. Dropping it while it waits for a duplicate (wait mode) or
+    /// before the claim is sent is harmless.
+    ///
     /// # Errors
     /// [`Error::Conflict`] on a live claim (reject mode, or wait timed out),
     /// [`Error::Mismatch`] when the key was used with another fingerprint, and
