@@ -1,40 +1,4 @@
-//! Results that ran but could not be stored yet: the process keeps them, answers retries
-//! from them, and writes them before it takes any new claim.
-//!
-//! An operation that ran while its store could not be written (disk full, a lock held by
-//! another process, a network store down) has had its effect. If the outage outlasts the
-//! lease, a retry would find the record's lease lapsed, take the key over and run the
-//! operation a second time. [`DeferredCompletions`] closes that window for every retry
-//! that reaches this process:
-//!
-//! - **Retries are answered from the kept result.** [`Oncely::acquire`] looks here before
-//!   it asks the store, so a retry of a kept key is a replay (or a mismatch) whatever the
-//!   store would say.
-//! - **Kept results are written before new claims.** While anything is kept, every
-//!   `acquire` first writes the kept results ([`DeferredCompletions::flush`], or waits
-//!   for the write already under way), then claims. So once the store answers again,
-//!   this process sends its kept results before any new claim. A result the store keeps
-//!   refusing does not hold other work up: the claim goes ahead after one attempt (and
-//!   fails by itself while the store is down).
-//! - **Kept from the first failure.** A completion is kept as soon as the store fails to
-//!   take it, before any retry, so no retry through this process can slip into the gap.
-//! - **Readiness**: [`DeferredCompletions::len`] is above zero while anything is kept;
-//!   the gateway's `/readyz` answers 503 then, so operators and orchestrators see that
-//!   results the clients were given live only in this process's memory.
-//! - A background task writes the kept results every 125–375 ms (jittered) until they
-//!   are stored, a record turns out to be someone else's (its write is fenced off:
-//!   [`StoreError::LeaseLost`]), or the retention passes.
-//!
-//! **What remains possible across instances**: another process sharing the store does
-//! not see this process's kept results. Once the store answers again and the lease has
-//! lapsed, a retry that reaches another instance *before* this process's next write
-//! (at most one background interval, about 375 ms, or this process's next claim,
-//! whichever comes first) can take the key over and run the operation again. Keep leases
-//! longer than the outages you expect to ride out, and retries sticky where you can.
-//! A crash of this process loses what it kept (the operation's effect stays; its retry
-//! runs again after the lease).
-//!
-//! [`Oncely::acquire`]: crate::Oncely::acquire
+//! [`DeferredCompletions`]: results that ran but could not be stored yet.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,11 +9,47 @@ use bytes::Bytes;
 
 use crate::{ClaimId, Record, RecordState, StorageKey, Store, StoreError};
 
-/// The results this process holds for the store until it can take them.
+/// Results that ran but could not be stored yet: the process keeps them, answers retries
+/// from them, and writes them before it takes any new claim.
+///
+/// An operation that ran while its store could not be written (disk full, a lock held by
+/// another process, a network store down) has had its effect. If the outage outlasts the
+/// lease, a retry would find the record's lease lapsed, take the key over and run the
+/// operation a second time. [`DeferredCompletions`] closes that window for every retry
+/// that reaches this process:
+///
+/// - **Retries are answered from the kept result.** [`Oncely::acquire`] looks here before
+///   it asks the store, so a retry of a kept key is a replay (or a mismatch) whatever the
+///   store would say.
+/// - **Kept results are written before new claims.** While anything is kept, every
+///   `acquire` first writes the kept results ([`DeferredCompletions::flush`], or waits
+///   for the write already under way), then claims. So once the store answers again,
+///   this process sends its kept results before any new claim. A result the store keeps
+///   refusing does not hold other work up: the claim goes ahead after one attempt (and
+///   fails by itself while the store is down).
+/// - **Kept from the first failure.** A completion is kept as soon as the store fails to
+///   take it, before any retry, so no retry through this process can slip into the gap.
+/// - **Readiness**: [`DeferredCompletions::len`] is above zero while anything is kept;
+///   the gateway's `/readyz` answers 503 then, so operators and orchestrators see that
+///   results the clients were given live only in this process's memory.
+/// - A background task writes the kept results every 125–375 ms (jittered) until they
+///   are stored, a record turns out to be someone else's (its write is fenced off:
+///   [`StoreError::LeaseLost`]), or the retention passes.
+///
+/// **What remains possible across instances**: another process sharing the store does
+/// not see this process's kept results. Once the store answers again and the lease has
+/// lapsed, a retry that reaches another instance *before* this process's next write
+/// (at most one background interval, about 375 ms, or this process's next claim,
+/// whichever comes first) can take the key over and run the operation again. Keep leases
+/// longer than the outages you expect to ride out, and retries sticky where you can.
+/// A crash of this process loses what it kept (the operation's effect stays; its retry
+/// runs again after the lease).
+///
+/// [`Oncely::acquire`]: crate::Oncely::acquire
 ///
 /// Shared by clones: give one registry to every engine on the same store (the gateway
 /// shares one across its routes) so that readiness and the write-before-claim rule see
-/// all of them. See the [module docs](self).
+/// all of them.
 ///
 /// ```
 /// use oncely::{MemoryStore, Oncely};
