@@ -68,7 +68,7 @@ struct ServeArgs {
     /// Where the admin API (health, metrics, keys) listens; off when unset.
     #[arg(long, env = "ONCELY_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
-    /// The store: memory://, sqlite://PATH.
+    /// The store: memory://, sqlite://PATH, redis://HOST:PORT, redis+cluster://…, postgres://… (options: the oncely-stores docs).
     #[arg(long, env = "ONCELY_STORE", default_value = DEFAULT_STORE)]
     store: String,
     /// The TOML configuration file.
