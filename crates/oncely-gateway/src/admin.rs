@@ -41,7 +41,7 @@ pub struct AdminState {
     /// Results the store could not take yet: readiness is 503 while there are any.
     pub deferred: oncely::engine::DeferredCompletions,
     /// Whether `/metrics` refreshes `oncely_records{state}` from the store's counts on
-    /// every scrape (off for stores that count by scanning: Redis).
+    /// every scrape: the store says whether counting is cheap (Redis counts by scanning).
     pub count_records: bool,
     /// The bearer token for the key routes.
     pub token: Option<Arc<str>>,

@@ -68,7 +68,7 @@ struct ServeArgs {
     /// Where the admin API (health, metrics, keys) listens; off when unset.
     #[arg(long, env = "ONCELY_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
-    /// The store: memory://, sqlite://PATH.
+    /// The store: memory://, sqlite://PATH, redis://HOST:PORT, redis+cluster://…, postgres://… (options: the oncely-stores docs).
     #[arg(long, env = "ONCELY_STORE", default_value = DEFAULT_STORE)]
     store: String,
     /// The TOML configuration file.
@@ -339,7 +339,7 @@ async fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Keys { action } => keys(action).await,
         Command::Stats { store } => {
-            let store = stores::open(&store).await.map_err(Failure::Usage)?;
+            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.store;
             let stats = store.stats().await.map_err(|e| Failure::Runtime(e.to_string()))?;
             println!("records: {}\nin_progress: {}\ncompleted: {}", stats.records, stats.in_progress, stats.completed);
             Ok(())
@@ -370,7 +370,7 @@ async fn keys(action: KeysAction) -> Result<(), Failure> {
     match action {
         KeysAction::Get { hash, store } => {
             let key = hash_arg(&hash)?;
-            let store = stores::open(&store).await.map_err(Failure::Usage)?;
+            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.store;
             match store.get(&key).await.map_err(runtime)? {
                 Some(record) => print_json(&RecordView::from(&record)),
                 None => Err(Failure::Runtime(format!("no record {hash}"))),
@@ -378,7 +378,7 @@ async fn keys(action: KeysAction) -> Result<(), Failure> {
         }
         KeysAction::Delete { hash, store } => {
             let key = hash_arg(&hash)?;
-            let store = stores::open(&store).await.map_err(Failure::Usage)?;
+            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.store;
             if store.delete(&key).await.map_err(runtime)? {
                 println!("deleted {hash}");
                 Ok(())
@@ -388,7 +388,7 @@ async fn keys(action: KeysAction) -> Result<(), Failure> {
         }
         KeysAction::List { store, limit, after } => {
             let after = after.as_deref().map(hash_arg).transpose()?;
-            let store = stores::open(&store).await.map_err(Failure::Usage)?;
+            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.store;
             let records = store.list(after, limit).await.map_err(runtime)?;
             print_json(&records.iter().map(RecordView::from).collect::<Vec<_>>())
         }

@@ -8,7 +8,7 @@
 //!
 //! - [`cli`]: the commands (`serve`, `demo`, `check-config`, `keys`, `stats`);
 //! - [`config`]: the TOML file and its checks;
-//! - [`stores`]: store URLs;
+//! - [`stores`]: the store, opened from its URL by `oncely_stores`, timed on every call;
 //! - [`proxy`]: forwarding to the upstream;
 //! - [`routing`]: per-route idempotency layers, longest prefix first;
 //! - [`admin`]: health, readiness, metrics, keys;

@@ -94,7 +94,8 @@ pub async fn serve(
 ) -> Result<(), String> {
     let mut config = Config::resolve(&raw, &overrides).map_err(|e| e.to_string())?;
     listener::fit_descriptors(&mut config.server, &mut config.admin_server);
-    let store = stores::open(&options.store).await?;
+    let opened = stores::open(&options.store).await.map_err(|e| e.to_string())?;
+    let store = opened.store;
     let tracker = TaskTracker::new();
     let proxy = Proxy::new(&options.upstream, config.upstream_timeout)?;
     let deferred = DeferredCompletions::new();
@@ -125,7 +126,7 @@ pub async fn serve(
             metrics: metrics_handle(),
             tracker: tracker.clone(),
             deferred: deferred.clone(),
-            count_records: stores::counts_records_cheaply(&options.store),
+            count_records: opened.abilities.counts_records_cheaply,
             token: config.admin_token.as_deref().map(Arc::from),
         };
         let (stop, limits) = (stop.clone(), config.admin_server.clone());

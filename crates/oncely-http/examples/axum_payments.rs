@@ -15,13 +15,17 @@
 //! - a 4xx from the handler (amount 0) stored and replayed too: it is a final answer;
 //! - keys scoped by `Authorization`: two API keys using the same idempotency key are two
 //!   different requests;
-//! - the handler reading the key with the `Idempotent` extractor.
+//! - the handler reading the key with the `Idempotent` extractor;
+//! - any store, picked by its URL through `oncely_stores::open`: the in-process
+//!   `memory://` by default, or `sqlite://payments.db`, `redis://127.0.0.1:6379`,
+//!   `postgres://app@127.0.0.1/app` (`--store URL`, or the `ONCELY_STORE` variable).
 //!
 //! Run it, then paste the curl commands it prints into another terminal:
 //!
 //! ```text
 //! cargo run -p oncely-http --example axum_payments
-//! cargo run -p oncely-http --example axum_payments -- --listen 127.0.0.1:8080 --store memory://
+//! cargo run -p oncely-http --example axum_payments -- --listen 127.0.0.1:8080 --store sqlite://payments.db
+//! ONCELY_STORE=redis://127.0.0.1:6379 cargo run -p oncely-http --example axum_payments
 //! ```
 //!
 //! Or let it check itself: `--self-test` serves on a free loopback port, sends real HTTP
@@ -29,6 +33,7 @@
 //!
 //! ```text
 //! cargo run -p oncely-http --example axum_payments -- --self-test
+//! cargo run -p oncely-http --example axum_payments -- --self-test --store redis://127.0.0.1:6379
 //! ```
 
 use std::net::SocketAddr;
@@ -42,12 +47,14 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use oncely::{ConflictMode, MemoryStore, Oncely, Store};
+use oncely::{ConflictMode, Oncely, Store};
 use oncely_http::{IdempotencyLayer, Idempotent};
 use serde::{Deserialize, Serialize};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:3000";
 const DEFAULT_STORE: &str = "memory://";
+/// The variable naming the store when `--store` does not: the gateway's too.
+const STORE_VARIABLE: &str = "ONCELY_STORE";
 
 /// How long the pretend card processor takes: long enough to fire a duplicate from
 /// another terminal while the first request is still running.
@@ -57,7 +64,9 @@ const USAGE: &str = "\
 usage: cargo run -p oncely-http --example axum_payments -- [OPTIONS]
 
   --listen ADDR   where to serve (default 127.0.0.1:3000)
-  --store URL     the idempotency store (default memory://)
+  --store URL     the idempotency store: memory://, sqlite://PATH, redis://HOST:PORT,
+                  postgres://USER@HOST/DB, with options (default $ONCELY_STORE, or
+                  memory://)
   --self-test     serve on a free loopback port, check the API over HTTP, exit
                   (0 when every check passes); --listen is ignored
   -h, --help      this text";
@@ -240,21 +249,13 @@ fn api_problem(status: StatusCode, slug: &str, detail: &str) -> Response {
 // Wiring: the store, the engine, the layer, the router.
 // ---------------------------------------------------------------------------------------
 
-/// The idempotency store named by `url`.
+/// The idempotency store named by `url`: any store `oncely_stores::open` knows, with
+/// the options its URL takes.
 ///
 /// `Arc<dyn Store>` is itself a `Store`, so the rest of the program does not care which
-/// store it got. More stores (`sqlite://`, `redis://`, `postgres://`, `dynamodb://`) get
-/// an arm here when their crates exist.
-fn store_from_url(url: &str) -> Result<Arc<dyn Store>, String> {
-    match url.split_once("://") {
-        // The in-process store: fine for one process, gone on restart.
-        Some(("memory", "")) => Ok(Arc::new(MemoryStore::new())),
-        Some(("memory", rest)) => Err(format!("memory:// takes nothing after the scheme, got {rest:?}")),
-        _ => Err(format!(
-            "unsupported store URL {url:?}; this example knows these stores: \
-             memory:// (in-process, not durable)"
-        )),
-    }
+/// store it got.
+async fn store_from_url(url: &str) -> Result<Arc<dyn Store>, String> {
+    oncely_stores::open(url).await.map(|opened| opened.store).map_err(|e| e.to_string())
 }
 
 /// The app: the POST routes behind the idempotency layer, the GET route beside it.
@@ -295,10 +296,10 @@ struct Args {
     help: bool,
 }
 
-/// Parses `--listen ADDR`, `--store URL` (also as `--flag=value`), `--self-test`, `--help`.
-fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
-    let mut parsed =
-        Args { listen: DEFAULT_LISTEN.to_owned(), store: DEFAULT_STORE.to_owned(), self_test: false, help: false };
+/// Parses `--listen ADDR`, `--store URL` (also as `--flag=value`), `--self-test`, `--help`;
+/// the store is `default_store` unless `--store` is given.
+fn parse_args(args: impl IntoIterator<Item = String>, default_store: String) -> Result<Args, String> {
+    let mut parsed = Args { listen: DEFAULT_LISTEN.to_owned(), store: default_store, self_test: false, help: false };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let (flag, inline_value) = match arg.split_once('=') {
@@ -326,7 +327,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let default_store = std::env::var(STORE_VARIABLE).ok().filter(|url| !url.is_empty());
+    let args = match parse_args(std::env::args().skip(1), default_store.unwrap_or_else(|| DEFAULT_STORE.to_owned())) {
         Ok(args) => args,
         Err(e) => {
             eprintln!("error: {e}\n\n{USAGE}");
@@ -367,12 +369,12 @@ fn main() -> ExitCode {
 
 /// Serves until Ctrl-C; requests in flight finish (and store their results) first.
 async fn serve(args: &Args) -> Result<(), String> {
-    let store = store_from_url(&args.store)?;
+    let store = store_from_url(&args.store).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| format!("cannot read the listen address: {e}"))?;
-    print_cheat_sheet(addr, &args.store);
+    print_cheat_sheet(addr, &oncely_stores::redacted(&args.store));
 
     let shutdown = async {
         if tokio::signal::ctrl_c().await.is_err() {
@@ -444,7 +446,7 @@ fn self_test_blocking(store_url: &str) -> Result<(), String> {
 
 /// Serves the app on a free loopback port, runs the checks against it, shuts it down.
 async fn self_test(store_url: &str) -> Result<(), String> {
-    let store = store_from_url(store_url)?;
+    let store = store_from_url(store_url).await?;
     let listener =
         tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("cannot bind a loopback port: {e}"))?;
     let addr = listener.local_addr().map_err(|e| format!("cannot read the listen address: {e}"))?;
@@ -456,7 +458,7 @@ async fn self_test(store_url: &str) -> Result<(), String> {
             })
             .await
     });
-    println!("self-test: serving on http://{addr} (store: {store_url})");
+    println!("self-test: serving on http://{addr} (store: {})", oncely_stores::redacted(store_url));
 
     let result = checks(TestClient::new(addr)).await;
 
@@ -490,7 +492,7 @@ async fn checks(client: TestClient) -> Result<(), String> {
     ensure!(!first.replayed(), "first request: marked replayed: {first}");
     let charge = first.json()?;
     let charge_id = charge["id"].as_str().ok_or_else(|| format!("first request: no charge id in {first}"))?.to_owned();
-    ensure!(charge["idempotency_key"] == "selftest-1", "the handler did not see the key: {first}");
+    ensure!(charge["idempotency_key"] == client.key("selftest-1").as_str(), "the handler did not see the key: {first}");
     println!("  ok  first request: 201, charge {charge_id}");
 
     // 2. The retry: the stored response, byte for byte, marked replayed.
@@ -584,6 +586,9 @@ struct TestClient {
         http_body_util::Full<bytes::Bytes>,
     >,
     base: String,
+    /// Put before every key sent: a durable or shared store still holds the records of
+    /// earlier runs, which this run's first requests must not replay.
+    run: String,
 }
 
 /// A response, read whole.
@@ -596,7 +601,14 @@ struct Reply {
 impl TestClient {
     fn new(addr: SocketAddr) -> Self {
         let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-        Self { client, base: format!("http://{addr}") }
+        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let run = format!("{:x}-{}", started.as_nanos(), std::process::id());
+        Self { client, base: format!("http://{addr}"), run }
+    }
+
+    /// The key sent for `key` in this run.
+    fn key(&self, key: &str) -> String {
+        format!("{}-{key}", self.run)
     }
 
     async fn post(&self, path: &str, authorization: &str, key: Option<&str>, json: &str) -> Result<Reply, String> {
@@ -604,7 +616,7 @@ impl TestClient {
             .header(header::AUTHORIZATION, authorization)
             .header(header::CONTENT_TYPE, "application/json");
         if let Some(key) = key {
-            request = request.header("idempotency-key", key);
+            request = request.header("idempotency-key", self.key(key));
         }
         self.send(request, json.to_owned()).await
     }
@@ -668,10 +680,31 @@ mod tests {
         super::self_test_blocking(super::DEFAULT_STORE).expect("self test");
     }
 
+    /// A durable store, opened from its URL like any other; run twice on one file, since
+    /// a durable store still holds the first run's records.
     #[test]
-    fn store_urls() {
-        assert!(super::store_from_url("memory://").is_ok());
-        let unknown = super::store_from_url("redis://127.0.0.1").err().expect("redis:// is not built in yet");
-        assert!(unknown.contains("memory://"), "the error names the stores that exist: {unknown}");
+    fn self_test_passes_on_sqlite_twice() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}?durability=relaxed", dir.path().join("payments.db").display());
+        super::self_test_blocking(&url).expect("self test on sqlite");
+        super::self_test_blocking(&url).expect("self test again on the same file");
+    }
+
+    #[test]
+    fn the_store_comes_from_the_flag_or_the_default() {
+        let args = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let parsed = super::parse_args(args(&[]), "sqlite://env.db".into()).expect("no flags");
+        assert_eq!(parsed.store, "sqlite://env.db");
+        let parsed = super::parse_args(args(&["--store", "redis://h:1"]), "sqlite://env.db".into()).expect("--store");
+        assert_eq!(parsed.store, "redis://h:1");
+    }
+
+    #[tokio::test]
+    async fn bad_store_urls_name_the_option() {
+        assert!(super::store_from_url("memory://").await.is_ok());
+        let bad = super::store_from_url("memory://?max_entries=none").await.err().unwrap_or_default();
+        assert!(bad.contains("max_entries"), "the error names the option: {bad}");
+        let unknown = super::store_from_url("mysql://db").await.err().unwrap_or_default();
+        assert!(unknown.contains("sqlite://"), "the error names the stores that exist: {unknown}");
     }
 }

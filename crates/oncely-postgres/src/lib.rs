@@ -153,6 +153,8 @@ use tokio::task::JoinHandle;
 
 mod codec;
 mod sql;
+mod url;
+pub use url::PostgresUrl;
 
 use codec::{micros, pg_error, read_record, uuid};
 use oncely::store::waiters::Waiters;

@@ -97,7 +97,9 @@ use redis::{RedisError, Value};
 mod codec;
 mod connection;
 pub mod scripts;
+mod url;
 mod waiters;
+pub use url::RedisUrl;
 
 pub use connection::Topology;
 

@@ -76,7 +76,9 @@ use tokio::sync::oneshot;
 mod codec;
 mod reader;
 mod schema;
+mod url;
 mod writer;
+pub use url::SqliteUrl;
 
 use oncely::store::waiters::Waiters;
 use reader::{Query, Reply};

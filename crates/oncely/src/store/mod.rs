@@ -25,8 +25,15 @@ use bytes::Bytes;
 
 use crate::{ClaimId, Fingerprint, IdempotencyKey, Record, Scope, StorageKey};
 
+pub mod abilities;
 pub mod memory;
+mod memory_url;
+pub mod url;
 pub mod waiters;
+
+pub use abilities::StoreAbilities;
+pub use memory_url::URL_DEFAULT_MAX_ENTRIES;
+pub use url::UrlError;
 
 /// A boxed error from a store's client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

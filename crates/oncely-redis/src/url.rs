@@ -1,0 +1,163 @@
+//! The Redis store's URL parsed into its [`Topology`] and [`RedisOptions`], the way
+//! every store crate parses its own; and the store's abilities.
+
+use std::fmt;
+use std::str::FromStr;
+
+use oncely::store::StoreAbilities;
+use oncely::store::url::{self, UrlError, redacted};
+
+use crate::{OpenError, RedisOptions, RedisStore, Topology};
+
+const KNOWN: &str = "prefix=NAME, timeout=DURATION, connect_timeout=DURATION";
+
+/// A parsed `redis://` or `redis+cluster://` URL: where the records are and the store's
+/// options. The grammar is [`Topology::parse`]'s; the options' errors are typed
+/// ([`UrlError`], naming the option) like every store's.
+///
+/// ```no_run
+/// use oncely_redis::RedisUrl;
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = "redis://127.0.0.1:6379?prefix=payments&timeout=500ms".parse::<RedisUrl>()?.open().await?;
+/// # let _ = store; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisUrl {
+    topology: Topology,
+    options: RedisOptions,
+}
+
+impl RedisUrl {
+    /// The server or the cluster's nodes.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The options the URL set.
+    pub fn options(&self) -> &RedisOptions {
+        &self.options
+    }
+
+    /// The topology and the options, for [`RedisStore::connect`].
+    pub fn into_parts(self) -> (Topology, RedisOptions) {
+        (self.topology, self.options)
+    }
+
+    /// Connects ([`RedisStore::connect`]).
+    ///
+    /// # Errors
+    /// As [`RedisStore::connect`].
+    pub async fn open(self) -> Result<RedisStore, OpenError> {
+        RedisStore::connect(&self.topology, self.options).await
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    /// Passwords shown as `***`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (kind, nodes) = match &self.topology {
+            Topology::Standalone(url) => ("Standalone", vec![redacted(url)]),
+            Topology::Cluster(nodes) => ("Cluster", nodes.iter().map(|node| redacted(node)).collect()),
+        };
+        f.debug_struct("RedisUrl").field(kind, &nodes).field("options", &self.options).finish()
+    }
+}
+
+impl FromStr for RedisUrl {
+    type Err = UrlError;
+
+    fn from_str(text: &str) -> Result<Self, UrlError> {
+        let (base, pairs) = url::split_options(text);
+        let mut options = RedisOptions::default();
+        for (name, value) in pairs {
+            options = match name {
+                "prefix" => options.prefix(value).map_err(|e| UrlError::invalid("prefix", reason(e)))?,
+                "timeout" => options.response_timeout(url::duration("timeout", value)?),
+                "connect_timeout" => options.connection_timeout(url::duration("connect_timeout", value)?),
+                _ => return Err(UrlError::UnknownOption { option: name.to_string(), known: KNOWN }),
+            };
+        }
+        let scheme = base.split_once("://").map(|(scheme, _)| scheme);
+        if !matches!(scheme, Some("redis" | "redis+cluster" | "rediss" | "rediss+cluster")) {
+            return Err(UrlError::Scheme { expected: "redis:// or redis+cluster://" });
+        }
+        // Without the options, `Topology::parse` reads only where the records are.
+        let (topology, _) = Topology::parse(base).map_err(|e| {
+            let shown = format!("{}: ", redacted(base));
+            let why = reason(e);
+            UrlError::Malformed(why.strip_prefix(&shown).unwrap_or(&why).to_string())
+        })?;
+        Ok(RedisUrl { topology, options })
+    }
+}
+
+/// What an [`OpenError::InvalidUrl`] says, without the "invalid Redis store URL" its
+/// `Display` puts first.
+fn reason(error: OpenError) -> String {
+    match error {
+        OpenError::InvalidUrl(why) => why,
+        other => other.to_string(),
+    }
+}
+
+impl RedisStore {
+    /// What this store can do: list its records (by scanning the key space: an admin
+    /// tool's call, not a metrics scrape's), but not count them cheaply (a count is the
+    /// same scan); shared by every process on the server; durable as the server's
+    /// persistence settings make it (see the [crate docs](crate)).
+    pub fn abilities(&self) -> StoreAbilities {
+        StoreAbilities::NONE
+            .counts_records_cheaply(false)
+            .lists_records(true)
+            .shared_between_processes(true)
+            .durable(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn parse(text: &str) -> Result<RedisUrl, UrlError> {
+        text.parse()
+    }
+
+    #[test]
+    fn topology_and_options_come_from_the_url() {
+        let url =
+            parse("redis://:s3cret@127.0.0.1:6379/2?prefix=pay&timeout=250ms&connect_timeout=2s").expect("parses");
+        assert_eq!(url.topology(), &Topology::Standalone("redis://:s3cret@127.0.0.1:6379/2".into()));
+        assert_eq!(url.options().prefix_str(), "pay");
+        assert_eq!(url.options().response_timeout, Duration::from_millis(250));
+        assert_eq!(url.options().connection_timeout, Duration::from_secs(2));
+        assert!(!format!("{url:?}").contains("s3cret"));
+
+        let cluster = parse("redis+cluster://10.0.0.1:7000,10.0.0.2:7000").expect("parses");
+        assert_eq!(
+            cluster.topology(),
+            &Topology::Cluster(vec!["redis://10.0.0.1:7000".into(), "redis://10.0.0.2:7000".into()])
+        );
+        assert_eq!(cluster.options().prefix_str(), "oncely");
+    }
+
+    #[test]
+    fn bad_urls_name_what_is_wrong() {
+        for (bad, option) in [
+            ("redis://127.0.0.1?prefix=a{b}", "prefix"),
+            ("redis://127.0.0.1?timeout=soon", "timeout"),
+            ("redis://127.0.0.1?connect_timeout=0s", "connect_timeout"),
+            ("redis://127.0.0.1?prefx=a", "prefx"),
+        ] {
+            let error = parse(bad).err().unwrap_or_else(|| panic!("{bad} is refused"));
+            assert_eq!(error.option(), Some(option), "{bad}: {error}");
+            assert!(error.to_string().contains(option), "{bad}: {error}");
+        }
+        assert_eq!(parse("redis://").err(), Some(UrlError::Malformed("no host".into())));
+        assert!(matches!(parse("rediss://h"), Err(UrlError::Malformed(why)) if why.contains("TLS")));
+        assert!(matches!(parse("memory://"), Err(UrlError::Scheme { .. })));
+        assert!(matches!(parse("127.0.0.1:6379"), Err(UrlError::Scheme { .. })));
+    }
+}
