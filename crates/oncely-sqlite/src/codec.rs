@@ -121,6 +121,8 @@ pub(crate) fn copy_error(error: &StoreError) -> StoreError {
         StoreError::Capacity { bound, limit } => StoreError::Capacity { bound: *bound, limit: *limit },
         StoreError::Corrupt(message) => StoreError::Corrupt(message.clone()),
         StoreError::InvalidRequest(message) => StoreError::InvalidRequest(message.clone()),
+        StoreError::Unsupported(message) => StoreError::Unsupported(message.clone()),
+        StoreError::Timeout(source) => StoreError::timeout(source.to_string()),
         other => StoreError::unavailable(other.to_string()),
     }
 }
