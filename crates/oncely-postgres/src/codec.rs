@@ -1,4 +1,4 @@
-//! Rows to records, durations to parameters, SQLx errors to store errors.
+//! Rows to records, and durations and claim ids to parameters.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -8,6 +8,8 @@ use oncely::{ClaimId, Record, StoreError};
 use sqlx_core::row::Row;
 use sqlx_postgres::PgRow;
 use uuid::Uuid;
+
+use crate::error::pg_error;
 
 /// The longest lease, retention or window accepted: 1,000 years. Longer ones are
 /// [`StoreError::InvalidRequest`] (PostgreSQL's timestamps end in the year 294276, and
@@ -68,39 +70,6 @@ pub(crate) fn read_record(row: &PgRow) -> Result<(Record, i32), StoreError> {
     Ok((record, column(row, 11)?))
 }
 
-/// Maps an SQLx error to a store error.
-///
-/// - [`StoreError::Unavailable`]: the database could not be reached or did not answer in
-///   time (pool timeout, I/O, a closed connection, TLS), or refused for a passing reason
-///   (a statement timeout, a shutdown, too many connections, a serialization failure or
-///   deadlock, a read-only standby, any other error the server reports). Whether the call
-///   took effect is unknown; the HTTP layer answers 503.
-/// - [`StoreError::Corrupt`]: a row this version cannot read.
-/// - [`StoreError::InvalidRequest`]: a malformed URL or option, or a value out of the
-///   server's range.
-pub(crate) fn pg_error(error: sqlx_core::Error) -> StoreError {
-    use sqlx_core::Error as E;
-    match error {
-        E::ColumnDecode { .. }
-        | E::Decode(_)
-        | E::ColumnNotFound(_)
-        | E::ColumnIndexOutOfBounds { .. }
-        | E::TypeNotFound { .. } => StoreError::Corrupt(error.to_string()),
-        E::Configuration(_) | E::InvalidArgument(_) => StoreError::InvalidRequest(error.to_string()),
-        E::Database(ref db) => {
-            let code = db.code().map(|code| code.into_owned()).unwrap_or_default();
-            // Class 22: data exception (a time out of range, say): the request, not the
-            // database, is at fault.
-            if code.starts_with("22") {
-                StoreError::InvalidRequest(error.to_string())
-            } else {
-                StoreError::Unavailable(Box::new(error))
-            }
-        }
-        other => StoreError::Unavailable(Box::new(other)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,15 +88,5 @@ mod tests {
         let time = to_time(1_700_000_000_123_456).expect("in range");
         assert_eq!(time.duration_since(UNIX_EPOCH).map(|d| d.as_micros()).ok(), Some(1_700_000_000_123_456));
         assert!(matches!(to_time(-1), Err(StoreError::Corrupt(_))));
-    }
-
-    #[test]
-    fn pool_timeouts_are_unavailable_and_bad_urls_invalid() {
-        assert!(matches!(pg_error(sqlx_core::Error::PoolTimedOut), StoreError::Unavailable(_)));
-        assert!(matches!(pg_error(sqlx_core::Error::PoolClosed), StoreError::Unavailable(_)));
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        assert!(matches!(pg_error(sqlx_core::Error::Io(io)), StoreError::Unavailable(_)));
-        assert!(matches!(pg_error(sqlx_core::Error::Configuration("bad".into())), StoreError::InvalidRequest(_)));
-        assert!(matches!(pg_error(sqlx_core::Error::ColumnNotFound("x".into())), StoreError::Corrupt(_)));
     }
 }

@@ -106,10 +106,14 @@
 //!   process. Records nobody waits for send nothing: `NOTIFY` makes committing
 //!   transactions take turns, cluster-wide. Notifications lost while the listener
 //!   reconnects are made up by waking every waiter; the engine polls as the fallback.
-//! - **Failures are typed.** An unreachable database, a pool that has no connection to
-//!   give within the acquire timeout, a statement timeout: [`StoreError::Unavailable`]
-//!   (the HTTP layer answers 503). A row this version cannot read:
-//!   [`StoreError::Corrupt`]. Nothing from the network is unwrapped.
+//! - **Failures are typed**, by the error's SQLSTATE code and the driver's error variant,
+//!   never by message text (the table is in `src/error.rs`). An unreachable database, a
+//!   pool that has no connection to give within the acquire timeout, a lost connection, a
+//!   server shutting down or out of resources: [`StoreError::Unavailable`]. A statement
+//!   cancelled by the statement timeout (or a lock timeout): [`StoreError::Timeout`].
+//!   The HTTP layer answers 503 for both. A row or table this version cannot read:
+//!   [`StoreError::Corrupt`]. A server that does not understand the store's statements
+//!   (too old): [`StoreError::Unsupported`]. Nothing from the network is unwrapped.
 //!
 //! # Schema
 //!
@@ -134,6 +138,7 @@
 use oncely::{Store, StoreError};
 
 mod codec;
+mod error;
 mod listener;
 mod migrate;
 mod options;

@@ -25,7 +25,7 @@ use oncely::store::waiters::Waiters;
 use oncely::{StorageKey, StoreError};
 use sqlx_postgres::{PgListener, PgPool};
 
-use crate::codec::pg_error;
+use crate::error::pg_error;
 use crate::store::{Inner, PostgresStore};
 
 impl PostgresStore {

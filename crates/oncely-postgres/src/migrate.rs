@@ -6,7 +6,7 @@ use sqlx_core::executor::Executor;
 use sqlx_core::query_scalar::query_scalar;
 use sqlx_postgres::PgPool;
 
-use crate::codec::pg_error;
+use crate::error::pg_error;
 use crate::sql::Sql;
 
 /// Creates the table and its index when missing, in one transaction under an advisory

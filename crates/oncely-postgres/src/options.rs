@@ -72,7 +72,7 @@ impl PostgresOptions {
 
     /// The server-side `statement_timeout` of the pool's sessions (default 5 s): a
     /// statement running longer is cancelled and the call fails with
-    /// [`StoreError::Unavailable`]. `None` leaves the server's setting; zero, as in
+    /// [`StoreError::Timeout`]. `None` leaves the server's setting; zero, as in
     /// PostgreSQL, disables the timeout (rather than cancelling every statement at once);
     /// anything else is rounded up to whole milliseconds.
     /// [`connect`](PostgresStore::connect) only.

@@ -22,7 +22,8 @@ use sqlx_postgres::{PgConnectOptions, PgPool, PgRow, Postgres};
 use tokio::task::JoinHandle;
 
 use crate::PostgresOptions;
-use crate::codec::{micros, pg_error, read_record, uuid};
+use crate::codec::{micros, read_record, uuid};
+use crate::error::pg_error;
 use crate::migrate::migrate;
 use crate::sql::{Sql, TableName};
 use crate::sweeper::{purge, sweep};
@@ -152,7 +153,7 @@ pub(crate) async fn complete_on<'e, E: Executor<'e, Database = Postgres>>(
     claim_id: ClaimId,
     payload: Bytes,
     retention: Duration,
-) -> Result<(), StoreError> {
+) -> Result<Fenced, StoreError> {
     let row = query(statement)
         .bind(key.as_bytes().as_slice())
         .bind(uuid(claim_id))
@@ -161,24 +162,55 @@ pub(crate) async fn complete_on<'e, E: Executor<'e, Database = Postgres>>(
         .fetch_one(executor)
         .await
         .map_err(pg_error)?;
-    held(&row)
+    fenced(&row)
 }
 
-/// `LeaseLost` unless the fenced statement's first column (rows changed) is 1.
-fn held(row: &PgRow) -> Result<(), StoreError> {
+/// What a statement fenced by the claim id did, when the claim still holds the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fenced {
+    /// The change was made.
+    Done,
+    /// Nothing changed: another transaction holds the row's lock (the statement skips
+    /// locked rows rather than wait for them).
+    Locked,
+}
+
+impl Fenced {
+    /// `Ok` when done; a row still locked is [`StoreError::Unavailable`], with
+    /// [`RecordLocked`] as its source.
+    pub(crate) fn done(self) -> Result<(), StoreError> {
+        match self {
+            Self::Done => Ok(()),
+            Self::Locked => Err(StoreError::unavailable(RecordLocked)),
+        }
+    }
+}
+
+/// The record is locked by another transaction.
+#[derive(Debug)]
+pub(crate) struct RecordLocked;
+
+impl fmt::Display for RecordLocked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the record is locked by another transaction")
+    }
+}
+
+impl std::error::Error for RecordLocked {}
+
+/// Reads a fenced statement's answer: its first column is the rows changed; `LeaseLost`
+/// unless that is 1 or the third column (when the statement has one) says the claim
+/// still holds the record, which was then locked.
+fn fenced(row: &PgRow) -> Result<Fenced, StoreError> {
     let changed: i64 = row.try_get(0).map_err(pg_error)?;
     if changed == 1 {
-        return Ok(());
+        return Ok(Fenced::Done);
     }
-    // The completion's third column: not changed, yet still held → the row was locked.
     match row.try_get::<bool, _>(2) {
-        Ok(true) => Err(StoreError::unavailable(LOCKED)),
+        Ok(true) => Ok(Fenced::Locked),
         _ => Err(StoreError::LeaseLost),
     }
 }
-
-/// What `complete_on` answers for a row locked by another transaction.
-const LOCKED: &str = "the record is locked by another transaction";
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -222,13 +254,13 @@ impl Store for PostgresStore {
         let mut pause = Duration::from_millis(1);
         for _ in 0..7 {
             match complete_on(&self.inner.pool, self.sql().complete.clone(), key, claim_id, payload.clone(), retention)
-                .await
+                .await?
             {
-                Err(StoreError::Unavailable(e)) if e.to_string() == LOCKED => {
+                Fenced::Done => return Ok(()),
+                Fenced::Locked => {
                     tokio::time::sleep(pause).await;
                     pause *= 2;
                 }
-                other => return other,
             }
         }
         Err(StoreError::InvalidRequest(
@@ -247,7 +279,7 @@ impl Store for PostgresStore {
             .fetch_one(&self.inner.pool)
             .await
             .map_err(pg_error)?;
-        held(&row)
+        fenced(&row)?.done()
     }
 
     /// Renews the lease. A record locked by its holder's own transaction (see

@@ -9,7 +9,7 @@ use oncely::StoreError;
 use sqlx_core::query::query;
 use sqlx_postgres::PgPool;
 
-use crate::codec::pg_error;
+use crate::error::pg_error;
 use crate::sql::Sql;
 
 /// Deletes expired records, a bounded batch per statement, until a batch finds fewer

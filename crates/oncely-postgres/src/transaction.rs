@@ -12,7 +12,8 @@ use sqlx_core::row::Row;
 use sqlx_postgres::PgTransaction;
 
 use crate::PostgresStore;
-use crate::codec::{pg_error, uuid};
+use crate::codec::uuid;
+use crate::error::pg_error;
 use crate::store::complete_on;
 
 /// The holder's view of its record inside its own transaction, from
@@ -46,7 +47,8 @@ impl PostgresStore {
     /// # Errors
     /// [`StoreError::LeaseLost`] when `claim_id` no longer holds the key (taken over,
     /// released, deleted or expired): roll back, since another holder may be doing the
-    /// work. [`StoreError::Unavailable`] when the statement fails.
+    /// work. [`StoreError::Timeout`] when the statement timeout passed first (waiting for
+    /// a duplicate's claim, say), [`StoreError::Unavailable`] when the database failed.
     pub async fn lock_claim(
         &self,
         tx: &mut PgTransaction<'_>,
@@ -111,7 +113,7 @@ impl PostgresStore {
         payload: Bytes,
         retention: Duration,
     ) -> Result<(), StoreError> {
-        complete_on(&mut **tx, self.sql().complete.clone(), key, claim_id, payload, retention).await
+        complete_on(&mut **tx, self.sql().complete.clone(), key, claim_id, payload, retention).await?.done()
     }
 
     /// The recovery point of the live record at `key`, for inspection. Holders read it
