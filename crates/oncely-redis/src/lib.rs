@@ -39,9 +39,10 @@
 //!   deleted or taken over (`PUBLISH`, or sharded `SPUBLISH` on Cluster), and
 //!   [`Store::subscribe`] subscribes (`SSUBSCRIBE` on Cluster) for as long as a task waits.
 //!   A lost message only delays a waiter until the engine's poll.
-//! - **Failures.** A refused connection, a timeout, `READONLY` (a replica after failover),
-//!   `OOM`, `CLUSTERDOWN`, `LOADING` … are all [`StoreError::Unavailable`]: the HTTP
-//!   layer answers 503, and nothing is reported as executed that was not.
+//! - **Failures.** A refused connection, `READONLY` (a replica after failover), `OOM`,
+//!   `CLUSTERDOWN`, `LOADING` … are [`StoreError::Unavailable`]; no answer within the
+//!   response timeout is [`StoreError::Timeout`] (the command may still run). The HTTP
+//!   layer answers 503 for both, and nothing is reported as executed that was not.
 //!
 //! # The client
 //!

@@ -60,7 +60,8 @@ impl RedisOptions {
         &self.prefix
     }
 
-    /// How long any one command may take before it fails as unavailable (default 1 s).
+    /// How long any one command may take before it fails with
+    /// [`StoreError::Timeout`](oncely::StoreError::Timeout) (default 1 s).
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
         self

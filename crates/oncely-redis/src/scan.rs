@@ -7,7 +7,7 @@ use oncely::{Record, StorageKey, Store, StoreError, StoreStats};
 
 use crate::RedisStore;
 use crate::connection::Connection;
-use crate::store::unavailable;
+use crate::store::store_error;
 
 /// How admin scans ([`Store::stats`], [`Store::list`]) read records: this many at once.
 const SCAN_CONCURRENCY: usize = 32;
@@ -26,7 +26,7 @@ impl RedisStore {
             let mut cursor: u64 = 0;
             loop {
                 let cmd = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).clone();
-                let reply = self.connection.query_node(cmd, &host, port).await.map_err(unavailable)?;
+                let reply = self.connection.query_node(cmd, &host, port).await.map_err(store_error)?;
                 let (next, batch): (u64, Vec<Vec<u8>>) =
                     redis::from_redis_value(reply).map_err(|e| StoreError::Corrupt(format!("SCAN reply: {e}")))?;
                 keys.extend(batch.iter().filter_map(|name| self.storage_key_of(name)));
@@ -49,7 +49,7 @@ impl RedisStore {
 
     /// The primaries of the cluster, from `CLUSTER NODES`.
     async fn primaries(&self) -> Result<Vec<(String, u16)>, StoreError> {
-        let reply = self.connection.query(&redis::cmd("CLUSTER").arg("NODES").clone()).await.map_err(unavailable)?;
+        let reply = self.connection.query(&redis::cmd("CLUSTER").arg("NODES").clone()).await.map_err(store_error)?;
         let text: String =
             redis::from_redis_value(reply).map_err(|e| StoreError::Corrupt(format!("CLUSTER NODES reply: {e}")))?;
         let mut primaries = Vec::new();

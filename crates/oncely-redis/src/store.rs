@@ -137,7 +137,7 @@ impl RedisStore {
         let mut invocation = script.key(self.record_key(key));
         args(&mut invocation);
         invocation.arg(self.channel(key)).arg(self.mode());
-        self.connection.invoke(&invocation).await.map_err(unavailable)
+        self.connection.invoke(&invocation).await.map_err(store_error)
     }
 
     /// Whether a live in-progress record is at `key` (one script call).
@@ -151,14 +151,25 @@ impl RedisStore {
     }
 }
 
-/// A client error is "unavailable": whether the command took effect is unknown, and the
-/// HTTP layer answers 503 (connection refused or reset, timeouts, `READONLY`, `OOM`,
-/// `CLUSTERDOWN`, `TRYAGAIN`, `LOADING`, `MASTERDOWN`). Except `WRONGTYPE`: something else
-/// wrote a value of another type at a record's key, which no retry mends; that is a
-/// corrupt record (still refused by the HTTP layer, but not as the store being down).
-pub(crate) fn unavailable(error: RedisError) -> StoreError {
+/// A client error as a store error, by the client's error kind and the server's error
+/// code, never by the message:
+///
+/// - no answer within the response timeout (an I/O `TimedOut`): [`StoreError::Timeout`].
+///   The command was sent and may still run (a paused or busy server runs it later), so
+///   whether it took effect is unknown. redis-rs reports a connection attempt that timed
+///   out the same way; calling that a timeout too is only cautious;
+/// - `WRONGTYPE`: something else wrote a value of another type at a record's key, which
+///   no retry mends: [`StoreError::Corrupt`] (still refused by the HTTP layer, but not as
+///   the store being down);
+/// - anything else (connection refused or reset, `READONLY`, `OOM`, `CLUSTERDOWN`,
+///   `TRYAGAIN`, `LOADING`, `MASTERDOWN`): [`StoreError::Unavailable`]. The HTTP layer
+///   answers 503 for it and for a timeout.
+pub(crate) fn store_error(error: RedisError) -> StoreError {
     if error.code() == Some("WRONGTYPE") {
         return StoreError::Corrupt(format!("a record's key holds another kind of value: {error}"));
+    }
+    if error.is_timeout() {
+        return StoreError::timeout(error);
     }
     StoreError::unavailable(error)
 }
@@ -241,7 +252,7 @@ impl Store for RedisStore {
 
     /// `PING` (on Cluster, every node): never a scan.
     async fn ping(&self) -> Result<(), StoreError> {
-        self.connection.query(&redis::cmd("PING")).await.map(|_| ()).map_err(unavailable)
+        self.connection.query(&redis::cmd("PING")).await.map(|_| ()).map_err(store_error)
     }
 
     async fn first_seen(
@@ -288,5 +299,24 @@ impl Store for RedisStore {
                 notified.await;
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use oncely::store::StoreErrorKind;
+
+    use super::*;
+
+    #[test]
+    fn client_errors_have_their_kinds() {
+        let io = |kind| store_error(RedisError::from(io::Error::from(kind))).kind();
+        assert_eq!(io(io::ErrorKind::TimedOut), StoreErrorKind::Timeout);
+        assert_eq!(io(io::ErrorKind::ConnectionRefused), StoreErrorKind::Unavailable);
+        assert_eq!(io(io::ErrorKind::ConnectionReset), StoreErrorKind::Unavailable);
+        let client = RedisError::from((redis::ErrorKind::Client, "no connection"));
+        assert_eq!(store_error(client).kind(), StoreErrorKind::Unavailable);
     }
 }
