@@ -105,7 +105,7 @@ impl IntoResponse for AdminError {
             }
             Self::BadHash => (StatusCode::BAD_REQUEST, "a key hash is 64 hex digits (see GET /keys)\n").into_response(),
             Self::NotFound => (StatusCode::NOT_FOUND, "no such record\n").into_response(),
-            Self::Store(e @ oncely::StoreError::InvalidRequest(_)) => {
+            Self::Store(e @ (oncely::StoreError::Unsupported(_) | oncely::StoreError::InvalidRequest(_))) => {
                 (StatusCode::NOT_IMPLEMENTED, format!("{e}\n")).into_response()
             }
             Self::Store(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),

@@ -42,7 +42,7 @@ async fn timed<T>(op: &'static str, call: impl Future<Output = Result<T, StoreEr
     let started = Instant::now();
     let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(result) => result,
-        Err(_) => Err(StoreError::unavailable(format!("no answer within {CALL_TIMEOUT:?}"))),
+        Err(_) => Err(StoreError::timeout(format!("no answer within {CALL_TIMEOUT:?}"))),
     };
     metrics::histogram!("oncely_store_seconds", "op" => op).record(started.elapsed().as_secs_f64());
     result
@@ -116,9 +116,9 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn a_store_call_that_never_answers_is_unavailable() {
+    async fn a_store_call_that_never_answers_times_out() {
         let silent = std::future::pending::<Result<(), StoreError>>();
-        assert!(matches!(timed("claim", silent).await, Err(StoreError::Unavailable(_))));
+        assert!(matches!(timed("claim", silent).await, Err(StoreError::Timeout(_))));
     }
 
     #[tokio::test]

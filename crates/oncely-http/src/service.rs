@@ -252,7 +252,9 @@ where
         }
         // Fail-open passes requests through only while the store cannot answer (or is
         // full); a store that answered with a damaged record may hold a completion.
-        Err(e @ Error::Store(StoreError::Unavailable(_) | StoreError::Capacity { .. })) if settings.fail_open => {
+        Err(e @ Error::Store(StoreError::Unavailable(_) | StoreError::Timeout(_) | StoreError::Capacity { .. }))
+            if settings.fail_open =>
+        {
             tracing::warn!(%key, error = %e, "idempotency store failed; passing the request through (fail-open)");
             count("failed_open");
             let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;

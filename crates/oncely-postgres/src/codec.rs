@@ -1,12 +1,15 @@
-//! Rows to records, durations to parameters, SQLx errors to store errors.
+//! Rows to records, and durations and claim ids to parameters.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use oncely::{ClaimId, Fingerprint, IdempotencyKey, Record, RecordState, Scope, StorageKey, StoreError};
+use oncely::record::RecordParts;
+use oncely::{ClaimId, Record, StoreError};
 use sqlx_core::row::Row;
 use sqlx_postgres::PgRow;
 use uuid::Uuid;
+
+use crate::error::pg_error;
 
 /// The longest lease, retention or window accepted: 1,000 years. Longer ones are
 /// [`StoreError::InvalidRequest`] (PostgreSQL's timestamps end in the year 294276, and
@@ -45,86 +48,26 @@ where
     row.try_get(index).map_err(pg_error)
 }
 
-/// Reads a record from a row of `sql::record_columns`; also returns its `attempt`.
+/// Reads a record from a row of `sql::record_columns`; also returns its `attempt`. The
+/// table keeps no state marker: [`Record::from_parts`] tells the state from the columns,
+/// as the table's `CHECK` ties them.
 pub(crate) fn read_record(row: &PgRow) -> Result<(Record, i32), StoreError> {
-    let storage_key: Vec<u8> = column(row, 0)?;
-    let key: String = column(row, 1)?;
-    let scope: String = column(row, 2)?;
-    let fingerprint: Option<Vec<u8>> = column(row, 3)?;
-    let created_at: i64 = column(row, 4)?;
-    let expires_at: i64 = column(row, 5)?;
-    let claim_id: Option<Uuid> = column(row, 6)?;
-    let lease_until: Option<i64> = column(row, 7)?;
-    let payload: Option<Vec<u8>> = column(row, 8)?;
-    let completed_at: Option<i64> = column(row, 9)?;
-    let hits: i64 = column(row, 10)?;
-    let attempt: i32 = column(row, 11)?;
-
-    let state = match (claim_id, lease_until, payload, completed_at) {
-        (Some(claim_id), Some(lease_until), None, _) => RecordState::InProgress {
-            claim_id: ClaimId::from_u128(claim_id.as_u128()),
-            lease_until: to_time(lease_until)?,
-        },
-        (None, _, Some(payload), Some(completed_at)) => RecordState::Completed {
-            payload: Bytes::from(payload),
-            completed_at: to_time(completed_at)?,
-            hits: u64::try_from(hits).map_err(|_| StoreError::Corrupt(format!("negative hit count {hits}")))?,
-        },
-        _ => return Err(StoreError::Corrupt("a record lacks the columns of its state".into())),
-    };
-    let storage_key: [u8; 32] = storage_key
-        .try_into()
-        .map_err(|bytes: Vec<u8>| StoreError::Corrupt(format!("a storage key of {} bytes", bytes.len())))?;
-    let fingerprint = fingerprint
-        .map(|bytes| {
-            <[u8; 32]>::try_from(bytes)
-                .map(Fingerprint::from_digest)
-                .map_err(|bytes| StoreError::Corrupt(format!("a fingerprint of {} bytes", bytes.len())))
-        })
-        .transpose()?;
-    let record = Record {
-        storage_key: StorageKey::from_bytes(storage_key),
-        key: IdempotencyKey::new(&key).map_err(|e| StoreError::Corrupt(format!("stored key {key:?}: {e}")))?,
-        scope: Scope::new(scope),
-        fingerprint,
-        created_at: to_time(created_at)?,
-        expires_at: to_time(expires_at)?,
-        state,
-    };
-    Ok((record, attempt))
-}
-
-/// Maps an SQLx error to a store error.
-///
-/// - [`StoreError::Unavailable`]: the database could not be reached or did not answer in
-///   time (pool timeout, I/O, a closed connection, TLS), or refused for a passing reason
-///   (a statement timeout, a shutdown, too many connections, a serialization failure or
-///   deadlock, a read-only standby, any other error the server reports). Whether the call
-///   took effect is unknown; the HTTP layer answers 503.
-/// - [`StoreError::Corrupt`]: a row this version cannot read.
-/// - [`StoreError::InvalidRequest`]: a malformed URL or option, or a value out of the
-///   server's range.
-pub(crate) fn pg_error(error: sqlx_core::Error) -> StoreError {
-    use sqlx_core::Error as E;
-    match error {
-        E::ColumnDecode { .. }
-        | E::Decode(_)
-        | E::ColumnNotFound(_)
-        | E::ColumnIndexOutOfBounds { .. }
-        | E::TypeNotFound { .. } => StoreError::Corrupt(error.to_string()),
-        E::Configuration(_) | E::InvalidArgument(_) => StoreError::InvalidRequest(error.to_string()),
-        E::Database(ref db) => {
-            let code = db.code().map(|code| code.into_owned()).unwrap_or_default();
-            // Class 22: data exception (a time out of range, say): the request, not the
-            // database, is at fault.
-            if code.starts_with("22") {
-                StoreError::InvalidRequest(error.to_string())
-            } else {
-                StoreError::Unavailable(Box::new(error))
-            }
-        }
-        other => StoreError::Unavailable(Box::new(other)),
-    }
+    let optional_time = |index| column::<Option<i64>>(row, index)?.map(to_time).transpose();
+    let record = Record::from_parts(RecordParts {
+        storage_key: column(row, 0)?,
+        key: column(row, 1)?,
+        scope: column(row, 2)?,
+        fingerprint: column(row, 3)?,
+        created_at: to_time(column(row, 4)?)?,
+        expires_at: to_time(column(row, 5)?)?,
+        state: None,
+        claim_id: column::<Option<Uuid>>(row, 6)?.map(|id| ClaimId::from_u128(id.as_u128())),
+        lease_until: optional_time(7)?,
+        payload: column::<Option<Vec<u8>>>(row, 8)?.map(Bytes::from),
+        completed_at: optional_time(9)?,
+        hits: Some(column(row, 10)?),
+    })?;
+    Ok((record, column(row, 11)?))
 }
 
 #[cfg(test)]
@@ -145,15 +88,5 @@ mod tests {
         let time = to_time(1_700_000_000_123_456).expect("in range");
         assert_eq!(time.duration_since(UNIX_EPOCH).map(|d| d.as_micros()).ok(), Some(1_700_000_000_123_456));
         assert!(matches!(to_time(-1), Err(StoreError::Corrupt(_))));
-    }
-
-    #[test]
-    fn pool_timeouts_are_unavailable_and_bad_urls_invalid() {
-        assert!(matches!(pg_error(sqlx_core::Error::PoolTimedOut), StoreError::Unavailable(_)));
-        assert!(matches!(pg_error(sqlx_core::Error::PoolClosed), StoreError::Unavailable(_)));
-        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        assert!(matches!(pg_error(sqlx_core::Error::Io(io)), StoreError::Unavailable(_)));
-        assert!(matches!(pg_error(sqlx_core::Error::Configuration("bad".into())), StoreError::InvalidRequest(_)));
-        assert!(matches!(pg_error(sqlx_core::Error::ColumnNotFound("x".into())), StoreError::Corrupt(_)));
     }
 }

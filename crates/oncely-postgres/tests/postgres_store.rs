@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use oncely::store::StoreErrorKind;
 use oncely::{
     Acquired, ClaimOutcome, ConflictMode, Error, IdempotencyKey, Oncely, RecordState, Scope, StorageKey, Store,
     StoreError,
@@ -108,6 +109,7 @@ async fn an_outage_is_unavailable_and_the_store_recovers() {
     let started = std::time::Instant::now();
     let claim = store.claim(claim_request(&IdempotencyKey::uuid_v4(), None, LONG)).await;
     assert!(matches!(claim, Err(StoreError::Unavailable(_))), "{claim:?}");
+    assert_eq!(claim.map_err(|e| e.kind()).err(), Some(StoreErrorKind::Unavailable), "no connection: nothing was sent");
     let complete = store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await;
     assert!(matches!(complete, Err(StoreError::Unavailable(_))), "{complete:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "failures are prompt: {:?}", started.elapsed());
@@ -115,6 +117,26 @@ async fn an_outage_is_unavailable_and_the_store_recovers() {
     server.start_again().await;
     store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await.expect("the claim survived");
     assert_eq!(store.stats().await.expect("stats").completed, 1);
+}
+
+/// A duplicate's claim waits for the row lock of the holder's transaction; past the
+/// statement timeout the server cancels it, and the call is a `Timeout` (read from the
+/// error's SQLSTATE, 57014), not `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_past_the_statement_timeout_is_a_timeout() {
+    let holder = common::fresh_store().await;
+    let (key, storage_key, claim_id) = claimed(&holder, LONG).await;
+    let mut tx = holder.pool().begin().await.expect("begin");
+    holder.lock_claim(&mut tx, &storage_key, claim_id).await.expect("the row is locked until the transaction ends");
+
+    let options = common::fresh_options().table(holder.table()).statement_timeout(Some(Duration::from_millis(200)));
+    let impatient = PostgresStore::connect(common::database_url().await, options).await.expect("connect");
+    let started = std::time::Instant::now();
+    let claim = impatient.claim(claim_request(&key, None, LONG)).await;
+    assert!(matches!(claim, Err(StoreError::Timeout(_))), "{claim:?}");
+    assert_eq!(claim.map_err(|e| e.kind()).err(), Some(StoreErrorKind::Timeout));
+    assert!(started.elapsed() < Duration::from_secs(5), "cancelled by the timeout: {:?}", started.elapsed());
+    tx.rollback().await.expect("rollback");
 }
 
 #[tokio::test]

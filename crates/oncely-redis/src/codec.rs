@@ -4,7 +4,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use oncely::{ClaimId, ClaimOutcome, Fingerprint, IdempotencyKey, Record, RecordState, Scope, StorageKey, StoreError};
+use oncely::record::{RecordParts, RecordStateKind};
+use oncely::{ClaimId, ClaimOutcome, Record, StorageKey, StoreError};
 use redis::Value;
 
 /// Milliseconds for a script argument; durations beyond what a record can live are refused.
@@ -78,7 +79,7 @@ pub(crate) fn record(storage_key: &StorageKey, fields: Vec<Value>) -> Result<Rec
             b"e" => f.expires_at = Some(time(&value)?),
             b"p" => f.payload = Some(value),
             b"d" => f.completed_at = Some(time(&value)?),
-            b"h" => f.hits = Some(number(&value)?),
+            b"h" => f.hits = Some(signed(&value)?),
             _ => {}
         }
     }
@@ -86,42 +87,38 @@ pub(crate) fn record(storage_key: &StorageKey, fields: Vec<Value>) -> Result<Rec
     let text = |bytes: Vec<u8>, field: &str| {
         String::from_utf8(bytes).map_err(|_| corrupt(format!("record {storage_key}: field {field:?} is not UTF-8")))
     };
-    let key = text(f.key.ok_or_else(|| missing("k"))?, "k")?;
-    let key = IdempotencyKey::new(&key).map_err(|e| corrupt(format!("record {storage_key}: bad key: {e}")))?;
-    let scope = Scope::new(text(f.scope.ok_or_else(|| missing("o"))?, "o")?);
-    let fingerprint = match f.fingerprint.ok_or_else(|| missing("f"))? {
-        bytes if bytes.is_empty() => None,
-        bytes => Some(Fingerprint::from_digest(
-            bytes.try_into().map_err(|_| corrupt(format!("record {storage_key}: fingerprint is not 32 bytes")))?,
-        )),
-    };
     let state = match f.state.ok_or_else(|| missing("s"))?.as_slice() {
-        b"p" => {
-            let claim: [u8; 16] = f
-                .claim
-                .ok_or_else(|| missing("c"))?
-                .try_into()
-                .map_err(|_| corrupt(format!("record {storage_key}: claim id is not 16 bytes")))?;
-            RecordState::InProgress {
-                claim_id: ClaimId::from_bytes(claim),
-                lease_until: f.lease_until.ok_or_else(|| missing("l"))?,
-            }
-        }
-        b"c" => RecordState::Completed {
-            payload: Bytes::from(f.payload.ok_or_else(|| missing("p"))?),
-            completed_at: f.completed_at.ok_or_else(|| missing("d"))?,
-            hits: f.hits.ok_or_else(|| missing("h"))?,
-        },
+        b"p" => RecordStateKind::InProgress,
+        b"c" => RecordStateKind::Completed,
         _ => return Err(corrupt(format!("record {storage_key} has an unknown state"))),
     };
-    Ok(Record {
-        storage_key: *storage_key,
-        key,
-        scope,
-        fingerprint,
+    let claim_id = f
+        .claim
+        .map(|claim| {
+            <[u8; 16]>::try_from(claim)
+                .map(ClaimId::from_bytes)
+                .map_err(|_| corrupt(format!("record {storage_key}: claim id is not 16 bytes")))
+        })
+        .transpose();
+    Record::from_parts(RecordParts {
+        storage_key: storage_key.as_bytes().to_vec(),
+        key: text(f.key.ok_or_else(|| missing("k"))?, "k")?,
+        scope: text(f.scope.ok_or_else(|| missing("o"))?, "o")?,
+        // An empty `f`: the request had no fingerprint.
+        fingerprint: Some(f.fingerprint.ok_or_else(|| missing("f"))?).filter(|bytes| !bytes.is_empty()),
         created_at: f.created_at.ok_or_else(|| missing("t"))?,
         expires_at: f.expires_at.ok_or_else(|| missing("e"))?,
-        state,
+        state: Some(state),
+        // A completed record keeps its claim id, which the rule ignores; only a holder's
+        // must be a claim id.
+        claim_id: match state {
+            RecordStateKind::InProgress => claim_id?,
+            RecordStateKind::Completed => None,
+        },
+        lease_until: f.lease_until,
+        payload: f.payload.map(Bytes::from),
+        completed_at: f.completed_at,
+        hits: f.hits,
     })
 }
 
@@ -137,10 +134,19 @@ struct Fields {
     expires_at: Option<SystemTime>,
     payload: Option<Vec<u8>>,
     completed_at: Option<SystemTime>,
-    hits: Option<u64>,
+    hits: Option<i64>,
 }
 
 fn number(bytes: &[u8]) -> Result<u64, StoreError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| corrupt(format!("expected a number, got {:?}", String::from_utf8_lossy(bytes))))
+}
+
+/// A hit count: `HINCRBY` keeps it a signed 64-bit number; the record rule refuses a
+/// negative one.
+fn signed(bytes: &[u8]) -> Result<i64, StoreError> {
     std::str::from_utf8(bytes)
         .ok()
         .and_then(|s| s.parse().ok())

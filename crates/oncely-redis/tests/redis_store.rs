@@ -135,7 +135,7 @@ async fn an_unreachable_server_is_unavailable_and_the_store_recovers() {
                 assert_eq!(outcome, ClaimOutcome::Acquired { takeover: false });
                 break;
             }
-            Err(StoreError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
+            Err(StoreError::Unavailable(_) | StoreError::Timeout(_)) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
             Err(e) => panic!("the store did not recover: {e}"),
@@ -188,14 +188,30 @@ async fn bad_urls_are_refused_with_the_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_does_not_answer_in_time_is_unavailable() {
+async fn a_server_that_does_not_answer_in_time_is_a_timeout() {
     let server = RedisServer::start(&[]);
     let store = store_at(&server.url()).await; // response timeout: 500 ms
     server.command(&["CLIENT", "PAUSE", "3000", "ALL"]);
     let started = std::time::Instant::now();
-    let result = store.claim(claim_request(&unique_key(), None, Duration::from_secs(5))).await;
-    assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+    let request = claim_request(&unique_key(), None, Duration::from_secs(60));
+    let storage_key = request.storage_key;
+    let result = store.claim(request).await;
+    // Not "unavailable": the claim was sent, so whether it took effect is unknown to
+    // the caller.
+    assert!(matches!(result, Err(StoreError::Timeout(_))), "{result:?}");
     assert!(started.elapsed() < Duration::from_millis(2500), "the command timed out instead of waiting out the pause");
+    // And indeed it ran once the pause ended.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.get(&storage_key).await {
+            Ok(Some(record)) => {
+                assert!(!record.is_completed());
+                break;
+            }
+            _ if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("the timed-out claim never landed: {other:?}"),
+        }
+    }
 }
 
 /// A claim, a completion and a replay of a record whose slot is half-way through a

@@ -12,7 +12,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use oncely::{ClaimId, Fingerprint, IdempotencyKey, Record, RecordState, Scope, StorageKey, StoreError};
+use oncely::record::{RecordParts, RecordStateKind};
+use oncely::{ClaimId, Record, StoreError};
 use rusqlite::{ErrorCode, Row};
 
 /// Milliseconds since the Unix epoch, as stored.
@@ -61,42 +62,32 @@ pub(crate) fn to_time(millis: Millis) -> Result<SystemTime, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("a stored time of {millis} ms since the epoch is out of range")))
 }
 
-/// Reads a record from a row of [`record_columns!`].
+/// Reads a record from a row of [`record_columns!`]; whether the columns make a valid
+/// record is [`Record::from_parts`]'s rule.
 pub(crate) fn read_record(row: &Row<'_>) -> Result<Record, StoreError> {
-    let storage_key: [u8; 32] = row.get(0).map_err(sqlite_error)?;
-    let key: String = row.get(1).map_err(sqlite_error)?;
-    let scope: String = row.get(2).map_err(sqlite_error)?;
-    let fingerprint: Option<[u8; 32]> = row.get(3).map_err(sqlite_error)?;
-    let created_at: Millis = row.get(4).map_err(sqlite_error)?;
-    let expires_at: Millis = row.get(5).map_err(sqlite_error)?;
-    let state: i64 = row.get(6).map_err(sqlite_error)?;
-    let claim_id: Option<[u8; 16]> = row.get(7).map_err(sqlite_error)?;
-    let lease_until: Option<Millis> = row.get(8).map_err(sqlite_error)?;
-    let payload: Option<Vec<u8>> = row.get(9).map_err(sqlite_error)?;
-    let completed_at: Option<Millis> = row.get(10).map_err(sqlite_error)?;
-    let hits: i64 = row.get(11).map_err(sqlite_error)?;
-
-    let state = match (state, claim_id, lease_until, payload, completed_at) {
-        (IN_PROGRESS, Some(claim_id), Some(lease_until), _, _) => {
-            RecordState::InProgress { claim_id: ClaimId::from_bytes(claim_id), lease_until: to_time(lease_until)? }
-        }
-        (COMPLETED, _, _, Some(payload), Some(completed_at)) => RecordState::Completed {
-            payload: Bytes::from(payload),
-            completed_at: to_time(completed_at)?,
-            hits: u64::try_from(hits).map_err(|_| StoreError::Corrupt(format!("negative hit count {hits}")))?,
-        },
-        (state, ..) => {
-            return Err(StoreError::Corrupt(format!("a record in state {state} lacks the columns of that state")));
-        }
+    fn column<T: rusqlite::types::FromSql>(row: &Row<'_>, index: usize) -> Result<T, StoreError> {
+        row.get(index).map_err(sqlite_error)
+    }
+    let time = |index| column(row, index).and_then(to_time);
+    let optional_time = |index| column::<Option<Millis>>(row, index)?.map(to_time).transpose();
+    let state = match column(row, 6)? {
+        IN_PROGRESS => RecordStateKind::InProgress,
+        COMPLETED => RecordStateKind::Completed,
+        state => return Err(StoreError::Corrupt(format!("a record in the unknown state {state}"))),
     };
-    Ok(Record {
-        storage_key: StorageKey::from_bytes(storage_key),
-        key: IdempotencyKey::new(&key).map_err(|e| StoreError::Corrupt(format!("stored key {key:?}: {e}")))?,
-        scope: Scope::new(scope),
-        fingerprint: fingerprint.map(Fingerprint::from_digest),
-        created_at: to_time(created_at)?,
-        expires_at: to_time(expires_at)?,
-        state,
+    Record::from_parts(RecordParts {
+        storage_key: column(row, 0)?,
+        key: column(row, 1)?,
+        scope: column(row, 2)?,
+        fingerprint: column(row, 3)?,
+        created_at: time(4)?,
+        expires_at: time(5)?,
+        state: Some(state),
+        claim_id: column::<Option<[u8; 16]>>(row, 7)?.map(ClaimId::from_bytes),
+        lease_until: optional_time(8)?,
+        payload: column::<Option<Vec<u8>>>(row, 9)?.map(Bytes::from),
+        completed_at: optional_time(10)?,
+        hits: Some(column(row, 11)?),
     })
 }
 
@@ -121,6 +112,8 @@ pub(crate) fn copy_error(error: &StoreError) -> StoreError {
         StoreError::Capacity { bound, limit } => StoreError::Capacity { bound: *bound, limit: *limit },
         StoreError::Corrupt(message) => StoreError::Corrupt(message.clone()),
         StoreError::InvalidRequest(message) => StoreError::InvalidRequest(message.clone()),
+        StoreError::Unsupported(message) => StoreError::Unsupported(message.clone()),
+        StoreError::Timeout(source) => StoreError::timeout(source.to_string()),
         other => StoreError::unavailable(other.to_string()),
     }
 }

@@ -19,7 +19,8 @@ pub enum Error {
     /// The key was first used for a request with another fingerprint.
     #[error("the idempotency key was already used for a different request")]
     Mismatch,
-    /// The store failed (unreachable, full, or the claim was lost).
+    /// The store failed (unreachable, timed out, full, or the claim was lost): see
+    /// [`StoreError::kind`].
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A stored result could not be decoded as the requested type: written by another

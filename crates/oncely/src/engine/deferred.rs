@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+use crate::store::StoreErrorKind;
 use crate::{ClaimId, Record, RecordState, StorageKey, Store, StoreError};
 
 /// Results that ran but could not be stored yet: the process keeps them, answers retries
@@ -163,16 +164,16 @@ impl DeferredCompletions {
     ///
     /// A result is dropped once stored, once the store fences its write off
     /// ([`StoreError::LeaseLost`]: the key was deleted or is someone else's now; logged as
-    /// an error) or once its retention has passed. The first `Unavailable` ends the round:
-    /// the store is down, and trying the rest would only wait on it again.
+    /// an error) or once its retention has passed. The first `Unavailable` or `Timeout`
+    /// ends the round: the store is down, and trying the rest would only wait on it again.
     ///
     /// When another caller is writing already, this waits for it instead of sending the
     /// same writes again (so callers queued behind a store that answers slowly wait for
     /// one round of writes, not one each), then reports whether anything is left.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when results remain kept; what the store took before
-    /// failing is dropped from the registry.
+    /// [`StoreError::Unavailable`] or [`StoreError::Timeout`] when results remain kept;
+    /// what the store took before failing is dropped from the registry.
     pub async fn flush<S: Store + ?Sized>(&self, store: &S) -> Result<(), StoreError> {
         let Ok(_writer) = self.inner.flushing.try_lock() else {
             drop(self.inner.flushing.lock().await);
@@ -191,7 +192,9 @@ impl DeferredCompletions {
                     Ok(()) => {
                         tracing::info!(key = %pending.record.key, "the result was stored once the store answered again")
                     }
-                    Err(StoreError::Unavailable(e)) => return Err(StoreError::Unavailable(e)),
+                    Err(e) if matches!(e.kind(), StoreErrorKind::Unavailable | StoreErrorKind::Timeout) => {
+                        return Err(e);
+                    }
                     Err(e) => {
                         tracing::error!(key = %pending.record.key, error = %e, "a kept result could not be stored (the key was deleted or taken over meanwhile, or a timed-out attempt stored it); dropping it");
                     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::store::ClaimRequest;
+use crate::store::{ClaimRequest, StoreErrorKind};
 use crate::{ClaimId, Error, Fingerprint, IdempotencyKey, Oncely, Record, RecordState, StorageKey, Store, StoreError};
 
 /// A claim on a key, held while the caller runs the operation.
@@ -128,14 +128,17 @@ impl<S: Store> ClaimGuard<S> {
         self.finished = true;
         let retention = self.engine.config().retention;
         let store = self.engine.store();
+        // A timed-out completion may or may not have landed; writing it again is safe
+        // (the holder's repeated completion changes nothing), so it is kept like one that
+        // never reached the store.
         let error = match store.complete(&self.storage_key, self.claim_id, payload.clone(), retention).await {
-            Err(StoreError::Unavailable(e)) => e,
+            Err(e) if matches!(e.kind(), StoreErrorKind::Unavailable | StoreErrorKind::Timeout) => e,
             other => return Ok(other?),
         };
         tracing::warn!(key = %self.key, error = %error, "completion failed; the result is kept until the store takes it");
         self.keep_until_stored(payload, retention);
         let deferred = self.engine.deferred_completions();
-        let mut last = StoreError::Unavailable(error);
+        let mut last = error;
         for pause in [Duration::from_millis(20), Duration::from_millis(100)] {
             tokio::time::sleep(pause).await;
             match deferred.flush(store).await {

@@ -43,6 +43,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub type Notified = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 /// What a store failed at.
+///
+/// Match on [`kind`](Self::kind) to decide what to do (retry later, report, refuse);
+/// the variants carry what each failure knows, and [`Unavailable`](Self::Unavailable)
+/// and [`Timeout`](Self::Timeout) carry the client library's error as their source.
+/// Stores choose the variant from structured data (an error's type, variant or code),
+/// never from its message.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -67,16 +73,63 @@ pub enum StoreError {
         /// That bound, in records or in bytes as `bound` says.
         limit: u64,
     },
-    /// The store could not be reached or did not answer in time. Whether the call took
-    /// effect is unknown; the HTTP layer answers 503.
+    /// The store could not be reached, or refused for a passing reason (its connection
+    /// was lost, it is shutting down, out of resources, a read-only replica). A call that
+    /// failed after its request was sent may have taken effect. A retry later may
+    /// succeed; the HTTP layer answers 503.
     #[error("the store is unavailable: {0}")]
     Unavailable(#[source] BoxError),
+    /// The store did not answer in time: the request was sent (or was being sent) and
+    /// the caller stopped waiting. Whether the call took effect is unknown. A retry
+    /// later may succeed; the HTTP layer answers 503, as for
+    /// [`Unavailable`](Self::Unavailable).
+    #[error("the store did not answer in time: {0}")]
+    Timeout(#[source] BoxError),
     /// The store holds data this version cannot read.
     #[error("the store returned a malformed record: {0}")]
     Corrupt(String),
+    /// The store cannot do this at all: a store that cannot list its records asked to
+    /// list them, or a server lacking a feature the store needs. No retry mends it.
+    #[error("the store does not support this: {0}")]
+    Unsupported(String),
     /// The request cannot be carried out as asked (a duration that overflows the clock).
     #[error("invalid store request: {0}")]
     InvalidRequest(String),
+}
+
+/// What kind of failure a [`StoreError`] is: a small `Copy` value to match on, in the
+/// manner of [`std::io::ErrorKind`]. More kinds may be added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// [`StoreError::Unavailable`]: not reached, or refused for a passing reason.
+    Unavailable,
+    /// [`StoreError::Timeout`]: no answer in time; whether the call took effect is unknown.
+    Timeout,
+    /// [`StoreError::Corrupt`]: stored data this version cannot read.
+    Corrupt,
+    /// [`StoreError::LeaseLost`]: the caller's claim no longer holds the key.
+    LeaseLost,
+    /// [`StoreError::Capacity`]: a bounded store is full.
+    Capacity,
+    /// [`StoreError::Unsupported`]: the store cannot do this.
+    Unsupported,
+    /// [`StoreError::InvalidRequest`]: the request cannot be carried out as asked.
+    InvalidRequest,
+}
+
+impl std::fmt::Display for StoreErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Unavailable => "unavailable",
+            Self::Timeout => "timeout",
+            Self::Corrupt => "corrupt",
+            Self::LeaseLost => "lease lost",
+            Self::Capacity => "capacity",
+            Self::Unsupported => "unsupported",
+            Self::InvalidRequest => "invalid request",
+        })
+    }
 }
 
 /// Which bound of a full store refused a new record; see [`StoreError::Capacity`].
@@ -102,6 +155,33 @@ impl StoreError {
     /// Wraps a client library's error as [`StoreError::Unavailable`].
     pub fn unavailable(error: impl Into<BoxError>) -> Self {
         Self::Unavailable(error.into())
+    }
+
+    /// Wraps a client library's error as [`StoreError::Timeout`].
+    pub fn timeout(error: impl Into<BoxError>) -> Self {
+        Self::Timeout(error.into())
+    }
+
+    /// What kind of failure this is.
+    ///
+    /// ```
+    /// use oncely::StoreError;
+    /// use oncely::store::StoreErrorKind;
+    ///
+    /// let error = StoreError::timeout("no answer within 1s");
+    /// assert_eq!(error.kind(), StoreErrorKind::Timeout);
+    /// assert_eq!(StoreError::LeaseLost.kind(), StoreErrorKind::LeaseLost);
+    /// ```
+    pub fn kind(&self) -> StoreErrorKind {
+        match self {
+            Self::LeaseLost => StoreErrorKind::LeaseLost,
+            Self::Capacity { .. } => StoreErrorKind::Capacity,
+            Self::Unavailable(_) => StoreErrorKind::Unavailable,
+            Self::Timeout(_) => StoreErrorKind::Timeout,
+            Self::Corrupt(_) => StoreErrorKind::Corrupt,
+            Self::Unsupported(_) => StoreErrorKind::Unsupported,
+            Self::InvalidRequest(_) => StoreErrorKind::InvalidRequest,
+        }
     }
 }
 
@@ -225,10 +305,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` unexpired records in storage-key order, starting after `after`: for
     /// admin tools, not for the request path (stores may scan to answer it). Counts no
-    /// hit. The default answers [`StoreError::InvalidRequest`] for stores that cannot list.
+    /// hit. The default answers [`StoreError::Unsupported`] for stores that cannot list.
     async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
         let _ = (after, limit);
-        Err(StoreError::InvalidRequest("this store cannot list its records".into()))
+        Err(StoreError::Unsupported("this store cannot list its records".into()))
     }
 
     /// A future that resolves when the in-progress record at `key` may have changed.
@@ -302,5 +382,74 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn subscribe(&self, key: &StorageKey) -> Notified {
         (**self).subscribe(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_its_kind_and_the_client_error_as_source() {
+        use std::error::Error as _;
+        let io = || std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer");
+        let cases = [
+            (StoreError::LeaseLost, StoreErrorKind::LeaseLost),
+            (StoreError::Capacity { bound: CapacityBound::Records, limit: 1 }, StoreErrorKind::Capacity),
+            (StoreError::unavailable(io()), StoreErrorKind::Unavailable),
+            (StoreError::timeout(io()), StoreErrorKind::Timeout),
+            (StoreError::Corrupt("x".into()), StoreErrorKind::Corrupt),
+            (StoreError::Unsupported("x".into()), StoreErrorKind::Unsupported),
+            (StoreError::InvalidRequest("x".into()), StoreErrorKind::InvalidRequest),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(error.kind(), kind, "{error}");
+            let has_source = matches!(kind, StoreErrorKind::Unavailable | StoreErrorKind::Timeout);
+            assert_eq!(error.source().is_some(), has_source, "{error}");
+        }
+        assert_eq!(StoreErrorKind::LeaseLost.to_string(), "lease lost");
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_list_says_unsupported() {
+        struct Unlisted;
+        #[async_trait]
+        impl Store for Unlisted {
+            async fn claim(&self, _: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+                unimplemented!()
+            }
+            async fn complete(&self, _: &StorageKey, _: ClaimId, _: Bytes, _: Duration) -> Result<(), StoreError> {
+                unimplemented!()
+            }
+            async fn release(&self, _: &StorageKey, _: ClaimId) -> Result<(), StoreError> {
+                unimplemented!()
+            }
+            async fn touch(&self, _: &StorageKey, _: ClaimId, _: Duration) -> Result<(), StoreError> {
+                unimplemented!()
+            }
+            async fn get(&self, _: &StorageKey) -> Result<Option<Record>, StoreError> {
+                unimplemented!()
+            }
+            async fn delete(&self, _: &StorageKey) -> Result<bool, StoreError> {
+                unimplemented!()
+            }
+            async fn purge_expired(&self) -> Result<u64, StoreError> {
+                unimplemented!()
+            }
+            async fn stats(&self) -> Result<StoreStats, StoreError> {
+                unimplemented!()
+            }
+            async fn first_seen(
+                &self,
+                _: &StorageKey,
+                _: &IdempotencyKey,
+                _: &Scope,
+                _: Duration,
+            ) -> Result<bool, StoreError> {
+                unimplemented!()
+            }
+        }
+        let listed = Unlisted.list(None, 10).await;
+        assert_eq!(listed.map_err(|e| e.kind()).err(), Some(StoreErrorKind::Unsupported));
     }
 }

@@ -1,4 +1,8 @@
-//! Waking waiters: pub/sub messages dispatched to the local tasks that wait on a key.
+//! The process's pub/sub subscriptions to records' wake-up channels ([`Subscriptions`]),
+//! and the dispatch of their messages to the local tasks that wait on a key. (Not to be
+//! confused with core's `oncely::store::waiters::Waiters`, the in-process wake registry
+//! of the memory and PostgreSQL stores: this one also subscribes and unsubscribes on the
+//! server.)
 //!
 //! The scripts publish on a record's channel when it is completed, released, deleted or
 //! taken over. Each process subscribes to a channel only while some task of its own waits
@@ -32,7 +36,7 @@ use crate::connection::Connection;
 
 /// The channels this process waits on, each with its local waiters.
 #[derive(Default)]
-pub(crate) struct Waiters {
+pub(crate) struct Subscriptions {
     channels: Mutex<HashMap<Vec<u8>, Channel>>,
     next_id: AtomicU64,
 }
@@ -51,7 +55,7 @@ struct Channel {
     own_unsubscribes: usize,
 }
 
-impl Waiters {
+impl Subscriptions {
     fn lock(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Channel>> {
         // Every critical section leaves the map consistent: poisoning carries nothing.
         self.channels.lock().unwrap_or_else(PoisonError::into_inner)
@@ -75,7 +79,7 @@ impl Waiters {
             notify: entry.notify.clone(),
             changing: entry.changing.clone(),
             subscribed: entry.subscribed.clone(),
-            waiters: self.clone(),
+            subscriptions: self.clone(),
             channel,
             connection,
         }
@@ -127,7 +131,7 @@ pub(crate) struct Registration {
     notify: Arc<Notify>,
     changing: Arc<tokio::sync::Mutex<()>>,
     subscribed: Arc<AtomicBool>,
-    waiters: Arc<Waiters>,
+    subscriptions: Arc<Subscriptions>,
     channel: Vec<u8>,
     connection: Connection,
 }
@@ -153,30 +157,30 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let last = self.waiters.with_entry(&self.channel, self.id, |entry| {
+        let last = self.subscriptions.with_entry(&self.channel, self.id, |entry| {
             entry.waiting -= 1;
             entry.waiting == 0
         });
         if last != Some(true) {
             return;
         }
-        let (waiters, connection, id) = (self.waiters.clone(), self.connection.clone(), self.id);
+        let (subscriptions, connection, id) = (self.subscriptions.clone(), self.connection.clone(), self.id);
         let (changing, subscribed) = (self.changing.clone(), self.subscribed.clone());
         let channel = self.channel.clone();
         let unsubscribe = async move {
             let _changing = changing.lock().await;
-            if waiters.with_entry(&channel, id, |entry| entry.waiting) != Some(0) {
+            if subscriptions.with_entry(&channel, id, |entry| entry.waiting) != Some(0) {
                 return; // Somebody arrived meanwhile and keeps the subscription.
             }
             if subscribed.swap(false, Ordering::SeqCst) {
-                waiters.with_entry(&channel, id, |entry| entry.own_unsubscribes += 1);
+                subscriptions.with_entry(&channel, id, |entry| entry.own_unsubscribes += 1);
                 if let Err(error) = connection.unsubscribe(&channel).await {
                     tracing::debug!(%error, "unsubscribing a wake-up channel failed");
                     // No confirmation will come for this one.
-                    waiters.with_entry(&channel, id, |entry| entry.own_unsubscribes -= 1);
+                    subscriptions.with_entry(&channel, id, |entry| entry.own_unsubscribes -= 1);
                 }
             }
-            let mut channels = waiters.lock();
+            let mut channels = subscriptions.lock();
             if channels.get(&channel).is_some_and(|entry| entry.id == id && entry.waiting == 0) {
                 channels.remove(&channel);
             }
@@ -186,7 +190,7 @@ impl Drop for Registration {
             // Outside a runtime nothing can be sent; forget the entry so that it does not
             // stay in the map. The server-side subscription ends with the connection.
             Err(_) => {
-                let mut channels = self.waiters.lock();
+                let mut channels = self.subscriptions.lock();
                 if channels.get(&self.channel).is_some_and(|entry| entry.id == self.id && entry.waiting == 0) {
                     channels.remove(&self.channel);
                 }
