@@ -153,6 +153,12 @@ use tokio::task::JoinHandle;
 
 mod codec;
 mod sql;
+/// Fuzzing only: the table-name check and the time and duration conversions of the codec.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_parts(table: &str, us: i64, d: Duration) -> (Option<String>, Option<std::time::SystemTime>, Option<f64>) {
+    (TableName::new(table).ok().map(|t| t.as_str().to_owned()), codec::to_time(us).ok(), micros(d).ok())
+}
 
 use codec::{micros, pg_error, read_record, uuid};
 use oncely::store::waiters::Waiters;

@@ -98,6 +98,12 @@ mod codec;
 mod connection;
 pub mod scripts;
 mod waiters;
+/// Fuzzing only: decodes a claim script's reply, records included.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_claim_outcome(key: &StorageKey, reply: Value) -> Result<ClaimOutcome, StoreError> {
+    codec::claim_outcome(key, reply)
+}
 
 pub use connection::Topology;
 

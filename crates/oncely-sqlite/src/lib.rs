@@ -60,6 +60,12 @@ mod codec;
 mod reader;
 mod schema;
 mod writer;
+/// Fuzzing only: reads a record from a row of the record columns.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_read_record(row: &rusqlite::Row<'_>) -> Result<Record, StoreError> {
+    codec::read_record(row)
+}
 
 use oncely::store::waiters::Waiters;
 use reader::{Query, Reply};
