@@ -140,6 +140,59 @@ impl Doc {
     }
 }
 
+/// `json` with what it leaves open closed: an open string, then every open array and
+/// object, innermost first (`[{"a":[` becomes `[{"a":[]}]`); `None` when nothing is open.
+///
+/// Why: a random mutation rarely keeps brackets balanced, so a fuzzer that only gets
+/// complete documents almost never nests deeper than a few dozen levels (measured:
+/// 69 after 15 minutes). With this, any run of `[` or `{"a":` is a document as deep as
+/// it is long, and libFuzzer's stack-depth feedback can grow it by copying parts of it
+/// into itself.
+pub fn close_open(json: &[u8]) -> Option<Vec<u8>> {
+    let mut open = Vec::new();
+    let (mut in_string, mut escaped) = (false, false);
+    let mut last = 0u8;
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' => open.push(b']'),
+            b'{' => open.push(b'}'),
+            b']' | b'}' => {
+                open.pop();
+            }
+            _ => {}
+        }
+        if !b.is_ascii_whitespace() {
+            last = b;
+        }
+    }
+    if open.is_empty() && !in_string {
+        return None;
+    }
+    let mut out = json.to_vec();
+    if in_string {
+        if escaped {
+            out.pop();
+        }
+        out.push(b'"');
+        last = b'"';
+    }
+    if matches!(last, b':' | b',') {
+        out.extend_from_slice(b"null");
+    }
+    out.extend(open.iter().rev());
+    Some(out)
+}
+
 fn object_members(text: &str) -> Option<Vec<(String, &RawValue)>> {
     use serde::de::{Deserializer, MapAccess, Visitor};
     struct Members;
