@@ -35,7 +35,13 @@ pub fn on_worker_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static
 /// A thread that overflows its stack then cannot run any handler at all: the kernel
 /// kills the process with SIGSEGV, libFuzzer never learns which input did it, and no
 /// crash file is written. So: a SIGSEGV handler that runs on an alternate stack
-/// (`SA_ONSTACK`, with a `sigaltstack` per thread from [`AltStack`]) and aborts.
+/// (`SA_ONSTACK`, with a `sigaltstack` per thread from [`AltStack`]).
+///
+/// The handler does not abort on the overflowing thread: the overflow can hit inside
+/// `malloc` with that thread's arena locked, and libFuzzer's crash report allocates, so
+/// it would wait for that lock forever (seen: a hung smoke run). It sends SIGABRT to the
+/// main thread instead, which waits in `join` with its own arena free, makes the report
+/// and exits; the overflowing thread sleeps until then.
 pub fn stack_overflow_aborts() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -54,10 +60,18 @@ pub fn stack_overflow_aborts() {
 
 extern "C" fn on_segv(_signal: libc::c_int, _info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
     const MESSAGE: &[u8] = b"\n==oncely-fuzz== SIGSEGV (a thread overflowed its stack, or a bad access): aborting\n";
-    // SAFETY: write(2) and abort(3) are async-signal-safe.
+    // SAFETY: write(2), getpid(2), gettid(2), tgkill(2), pause(2) and abort(3) are all
+    // async-signal-safe.
     unsafe {
         libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
-        libc::abort();
+        let pid = libc::getpid();
+        if libc::gettid() == pid {
+            libc::abort();
+        }
+        libc::syscall(libc::SYS_tgkill, pid, pid, libc::SIGABRT);
+        loop {
+            libc::pause();
+        }
     }
 }
 
