@@ -84,6 +84,12 @@ pub mod problem;
 mod request;
 mod service;
 mod stored;
+/// Fuzzing only: decodes a stored response; `Ok(true)` when its encoding decodes to it again.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_stored_response(bytes: Bytes) -> Result<bool, &'static str> {
+    stored::StoredResponse::decode(bytes).map(|r| stored::StoredResponse::decode(r.encode()).as_ref() == Ok(&r))
+}
 
 #[cfg(feature = "axum")]
 mod extract;

@@ -148,6 +148,17 @@ mod sweeper;
 mod transaction;
 mod url;
 
+/// Fuzzing only: the table-name check and the time and duration conversions of the codec.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_parts(
+    table: &str,
+    us: i64,
+    d: std::time::Duration,
+) -> (Option<String>, Option<std::time::SystemTime>, Option<f64>) {
+    (sql::TableName::new(table).ok().map(|t| t.as_str().to_owned()), codec::to_time(us).ok(), codec::micros(d).ok())
+}
+
 pub use url::PostgresUrl;
 
 pub use options::{DEFAULT_TABLE, PostgresOptions};

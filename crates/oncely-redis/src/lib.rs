@@ -97,6 +97,16 @@ mod url;
 
 pub use url::RedisUrl;
 
+/// Fuzzing only: decodes a claim script's reply, records included.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_claim_outcome(
+    key: &oncely::StorageKey,
+    reply: redis::Value,
+) -> Result<oncely::ClaimOutcome, oncely::StoreError> {
+    codec::claim_outcome(key, reply)
+}
+
 pub use connection::Topology;
 pub use options::{OpenError, RedisOptions};
 pub use store::RedisStore;

@@ -80,6 +80,13 @@ mod url;
 mod writer;
 pub use url::SqliteUrl;
 
+/// Fuzzing only: reads a record from a row of the record columns.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_read_record(row: &rusqlite::Row<'_>) -> Result<oncely::Record, oncely::StoreError> {
+    codec::read_record(row)
+}
+
 use oncely::store::waiters::Waiters;
 use reader::{Query, Reply};
 use writer::{Command, Write, Writer};
