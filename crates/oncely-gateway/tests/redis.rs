@@ -65,10 +65,21 @@ async fn two_gateways_execute_a_key_once(store: String, standalone: Option<(&Red
     if let Some((server, prefix)) = standalone {
         // Both processes wait on the key's channel: the completion reaches them through
         // Redis, not through their polling.
-        let channels = server.command(&["PUBSUB", "CHANNELS", &format!("{prefix}:*")]);
-        let channel = channels.lines().next().expect("the key's wake-up channel").to_string();
-        let numsub = server.command(&["PUBSUB", "NUMSUB", &channel]);
-        assert_eq!(numsub.lines().nth(1), Some("2"), "both gateways subscribed to {channel}: {numsub}");
+        // A waiter subscribes after its claim met the running one, so a process whose
+        // requests are all inside may still be on its way: poll what Redis reports.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let channels = server.command(&["PUBSUB", "CHANNELS", &format!("{prefix}:*")]);
+            let numsub = match channels.lines().next() {
+                Some(channel) => server.command(&["PUBSUB", "NUMSUB", channel]),
+                None => String::new(),
+            };
+            if numsub.lines().nth(1) == Some("2") {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "both gateways subscribe to the key's channel: {numsub}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     upstream.gate.notify_one();
 
