@@ -412,32 +412,36 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_that_cannot_list_says_unsupported() {
+        // Only `list` is called; the rest answer as a store that does nothing would.
+        fn unused() -> StoreError {
+            StoreError::Unsupported("not used by this test".into())
+        }
         struct Unlisted;
         #[async_trait]
         impl Store for Unlisted {
             async fn claim(&self, _: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-                unimplemented!()
+                Err(unused())
             }
             async fn complete(&self, _: &StorageKey, _: ClaimId, _: Bytes, _: Duration) -> Result<(), StoreError> {
-                unimplemented!()
+                Err(unused())
             }
             async fn release(&self, _: &StorageKey, _: ClaimId) -> Result<(), StoreError> {
-                unimplemented!()
+                Err(unused())
             }
             async fn touch(&self, _: &StorageKey, _: ClaimId, _: Duration) -> Result<(), StoreError> {
-                unimplemented!()
+                Err(unused())
             }
             async fn get(&self, _: &StorageKey) -> Result<Option<Record>, StoreError> {
-                unimplemented!()
+                Err(unused())
             }
             async fn delete(&self, _: &StorageKey) -> Result<bool, StoreError> {
-                unimplemented!()
+                Err(unused())
             }
             async fn purge_expired(&self) -> Result<u64, StoreError> {
-                unimplemented!()
+                Err(unused())
             }
             async fn stats(&self) -> Result<StoreStats, StoreError> {
-                unimplemented!()
+                Err(unused())
             }
             async fn first_seen(
                 &self,
@@ -446,7 +450,7 @@ mod tests {
                 _: &Scope,
                 _: Duration,
             ) -> Result<bool, StoreError> {
-                unimplemented!()
+                Err(unused())
             }
         }
         let listed = Unlisted.list(None, 10).await;
