@@ -273,6 +273,15 @@ impl Threads {
     }
 }
 
+/// Closes a thread's connection, one thread at a time. SQLite folds the WAL into the
+/// database and removes it when the last connection closes, and a closing connection
+/// knows it is the last by taking an exclusive lock: connections of this store closing
+/// at the same instant would each see the others and all leave the WAL behind.
+fn close_in_turn(turn: &Mutex<()>, conn: rusqlite::Connection) {
+    let _turn = turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    drop(conn);
+}
+
 impl Drop for Threads {
     fn drop(&mut self) {
         for handle in self.0.drain(..) {
@@ -327,11 +336,16 @@ impl SqliteStore {
         // Should a spawn fail, dropping `inner` drops the senders and then joins the
         // threads already started, which see their queue closed and stop.
         let writer = Writer::new(writer_conn, command_queue, waiters, &options);
-        inner.threads.spawn("oncely-sqlite-writer".into(), move || writer.run())?;
+        let closing = Arc::new(Mutex::new(()));
+        let turn = Arc::clone(&closing);
+        inner.threads.spawn("oncely-sqlite-writer".into(), move || close_in_turn(&turn, writer.run()))?;
         let query_queue = Arc::new(Mutex::new(query_queue));
         for (n, conn) in reader_conns.into_iter().enumerate() {
             let queue = Arc::clone(&query_queue);
-            inner.threads.spawn(format!("oncely-sqlite-reader-{n}"), move || reader::run(conn, queue))?;
+            let turn = Arc::clone(&closing);
+            inner
+                .threads
+                .spawn(format!("oncely-sqlite-reader-{n}"), move || close_in_turn(&turn, reader::run(conn, queue)))?;
         }
         Ok(Self { inner: Arc::new(inner) })
     }

@@ -47,12 +47,13 @@ pub(crate) enum Query {
     },
 }
 
-/// Answers queries until every sender is gone. The reader threads share one receiver.
-pub(crate) fn run(conn: Connection, queries: Arc<Mutex<Receiver<Query>>>) {
+/// Answers queries until every sender is gone, then hands the connection back to be
+/// closed. The reader threads share one receiver.
+pub(crate) fn run(conn: Connection, queries: Arc<Mutex<Receiver<Query>>>) -> Connection {
     loop {
         // A poisoned lock only means another reader panicked; the receiver is intact.
         let query = queries.lock().unwrap_or_else(PoisonError::into_inner).recv();
-        let Ok(query) = query else { return };
+        let Ok(query) = query else { return conn };
         answer(&conn, query);
     }
 }

@@ -159,8 +159,8 @@ impl Writer {
         }
     }
 
-    /// Runs until the store is dropped.
-    pub(crate) fn run(mut self) {
+    /// Runs until the store is dropped, then hands its connection back to be closed.
+    pub(crate) fn run(mut self) -> Connection {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
             match self.next_command() {
@@ -183,6 +183,7 @@ impl Writer {
             // A clean shutdown leaves nothing unsynced, even in relaxed mode.
             self.sync_wal();
         }
+        self.conn
     }
 
     /// Waits for a command, but not past the next timer, and not at all while a sweep is
