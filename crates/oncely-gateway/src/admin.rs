@@ -23,17 +23,17 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
-use oncely::{Record, RecordState, StorageKey};
+use oncely::{Record, RecordState, StorageKey, StoreAdmin};
 use serde::{Deserialize, Serialize};
 use tokio_util::task::TaskTracker;
 
-use crate::stores::DynStore;
+use crate::stores::GatewayStore;
 
 /// What the admin handlers share.
 #[derive(Clone)]
 pub struct AdminState {
     /// The gateway's store.
-    pub store: DynStore,
+    pub store: GatewayStore,
     /// The Prometheus recorder's handle, if metrics are installed.
     pub metrics: Option<PrometheusHandle>,
     /// Running operations.

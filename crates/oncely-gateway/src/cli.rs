@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use oncely::StorageKey;
+use oncely::{StorageKey, StoreAdmin};
 
 use crate::admin::RecordView;
 use crate::config::{Config, RawConfig, RawSettings, StatusItem, StatusSpec, SuffixSpec};
@@ -339,7 +339,7 @@ async fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Keys { action } => keys(action).await,
         Command::Stats { store } => {
-            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.store;
+            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.0;
             let stats = store.stats().await.map_err(|e| Failure::Runtime(e.to_string()))?;
             println!("records: {}\nin_progress: {}\ncompleted: {}", stats.records, stats.in_progress, stats.completed);
             Ok(())
@@ -370,7 +370,7 @@ async fn keys(action: KeysAction) -> Result<(), Failure> {
     match action {
         KeysAction::Get { hash, store } => {
             let key = hash_arg(&hash)?;
-            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.store;
+            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.0;
             match store.get(&key).await.map_err(runtime)? {
                 Some(record) => print_json(&RecordView::from(&record)),
                 None => Err(Failure::Runtime(format!("no record {hash}"))),
@@ -378,7 +378,7 @@ async fn keys(action: KeysAction) -> Result<(), Failure> {
         }
         KeysAction::Delete { hash, store } => {
             let key = hash_arg(&hash)?;
-            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.store;
+            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.0;
             if store.delete(&key).await.map_err(runtime)? {
                 println!("deleted {hash}");
                 Ok(())
@@ -388,7 +388,7 @@ async fn keys(action: KeysAction) -> Result<(), Failure> {
         }
         KeysAction::List { store, limit, after } => {
             let after = after.as_deref().map(hash_arg).transpose()?;
-            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.store;
+            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.0;
             let records = store.list(after, limit).await.map_err(runtime)?;
             print_json(&records.iter().map(RecordView::from).collect::<Vec<_>>())
         }

@@ -36,9 +36,9 @@ use tower::Layer;
 
 use crate::config::{Config, RouteSettings};
 use crate::proxy::{Proxy, valid_host};
-use crate::stores::DynStore;
+use crate::stores::GatewayStore;
 
-type RouteService = Idempotency<Proxy, DynStore>;
+type RouteService = Idempotency<Proxy, GatewayStore>;
 
 /// Dispatches each request to its route's layered proxy, and logs one line per request.
 #[derive(Clone)]
@@ -49,6 +49,8 @@ pub struct Routes {
 struct Table {
     routes: Vec<(RouteSettings, RouteService)>,
     default: (RouteSettings, RouteService),
+    /// Every route's engine, for flushing their replay counts at shutdown.
+    engines: Vec<Oncely<GatewayStore>>,
 }
 
 impl Routes {
@@ -59,13 +61,14 @@ impl Routes {
     /// readiness check sees them all and each route writes them before its next claim.
     pub fn new(
         config: &Config,
-        store: &DynStore,
+        store: &GatewayStore,
         proxy: &Proxy,
         tracker: &TaskTracker,
         deferred: &DeferredCompletions,
     ) -> Result<Self, String> {
+        let engines = std::sync::Mutex::new(Vec::new());
         let build = |route: &RouteSettings| -> Result<RouteService, String> {
-            let oncely = Oncely::builder(Arc::clone(store))
+            let oncely = Oncely::builder(store.clone())
                 .retention(route.ttl)
                 .lease(route.lease)
                 .conflict_mode(route.on_conflict)
@@ -73,6 +76,7 @@ impl Routes {
                 .deferred_completions(deferred.clone())
                 .build()
                 .map_err(|e| format!("route {}: {e}", route.path))?;
+            engines.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(oncely.clone());
             let statuses = route.store_statuses.clone();
             let layer = IdempotencyLayer::new(oncely)
                 .header_name(route.header.clone())
@@ -89,7 +93,19 @@ impl Routes {
         };
         let routes = config.routes.iter().map(|r| Ok((r.clone(), build(r)?))).collect::<Result<_, String>>()?;
         let default = (config.defaults.clone(), build(&config.defaults)?);
-        Ok(Self { inner: Arc::new(Table { routes, default }) })
+        let engines = engines.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(Self { inner: Arc::new(Table { routes, default, engines }) })
+    }
+
+    /// Writes every route's unflushed replay counts to the store: at a graceful
+    /// shutdown, so that no count is lost (each engine also flushes by itself within a
+    /// second of a replay).
+    pub async fn flush_hits(&self) {
+        for engine in &self.inner.engines {
+            if let Err(e) = engine.flush_hits().await {
+                tracing::warn!(error = %e, "replay counts not written at shutdown");
+            }
+        }
     }
 
     /// The route for a request path, matched on its [normalised](normalize) form so that

@@ -94,13 +94,12 @@ pub async fn serve(
 ) -> Result<(), String> {
     let mut config = Config::resolve(&raw, &overrides).map_err(|e| e.to_string())?;
     listener::fit_descriptors(&mut config.server, &mut config.admin_server);
-    let opened = stores::open(&options.store).await.map_err(|e| e.to_string())?;
-    let store = opened.store;
+    let (store, abilities) = stores::open(&options.store).await.map_err(|e| e.to_string())?;
     let tracker = TaskTracker::new();
     let proxy = Proxy::new(&options.upstream, config.upstream_timeout)?;
     let deferred = DeferredCompletions::new();
     let routes = Routes::new(&config, &store, &proxy, &tracker, &deferred)?;
-    let app = Router::new().fallback_service(routes);
+    let app = Router::new().fallback_service(routes.clone());
 
     let listener = TcpListener::bind(options.listen).await.map_err(|e| format!("--listen {}: {e}", options.listen))?;
     let listen = listener.local_addr().map_err(|e| e.to_string())?;
@@ -122,11 +121,11 @@ pub async fn serve(
 
     let admin_task = admin_listener.map(|listener| {
         let state = AdminState {
-            store: Arc::clone(&store),
+            store: store.clone(),
             metrics: metrics_handle(),
             tracker: tracker.clone(),
             deferred: deferred.clone(),
-            count_records: opened.abilities.counts_records_cheaply,
+            count_records: abilities.counts_records_cheaply,
             token: config.admin_token.as_deref().map(Arc::from),
         };
         let (stop, limits) = (stop.clone(), config.admin_server.clone());
@@ -149,6 +148,7 @@ pub async fn serve(
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
         tracing::error!(running = tracker.len(), "operations still running after {drain:?}; exiting without them");
     }
+    routes.flush_hits().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -3,33 +3,31 @@
 //! used through.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use oncely::store::Notified;
-use oncely::{
-    ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, Record, Scope, StorageKey, Store, StoreError, StoreStats,
-};
+use oncely::store::{Claim, ClaimOutcome, ClaimRequest, DynStore, FirstSeen, Notified, StoreAdmin};
+use oncely::{Record, StorageKey, Store, StoreError, StoreStats};
 pub use oncely_stores::{OpenError, OpenedStore, redacted};
 
-/// The store the gateway runs on, chosen at start from a URL.
-pub type DynStore = Arc<dyn Store>;
+/// The store the gateway runs on: chosen at start from a URL, its type erased once
+/// ([`DynStore`]), and timed by [`Instrumented`]. One boxed future per store call.
+pub type GatewayStore = Instrumented<DynStore>;
 
 /// The default store URL.
 pub const DEFAULT_STORE: &str = "sqlite://oncely.db";
 
 /// Opens the store a URL names, wrapped so that every call is timed in the
 /// `oncely_store_seconds` histogram; its abilities are the store's own.
-pub async fn open(url: &str) -> Result<OpenedStore, OpenError> {
+pub async fn open(url: &str) -> Result<(GatewayStore, oncely::store::StoreAbilities), OpenError> {
     let opened = oncely_stores::open(url).await?;
-    Ok(OpenedStore { store: Arc::new(Instrumented(opened.store)), abilities: opened.abilities })
+    Ok((Instrumented(opened.store), opened.abilities))
 }
 
 /// Times every store call into `oncely_store_seconds{op}`, and bounds the request path's
 /// calls by [`CALL_TIMEOUT`].
-struct Instrumented(DynStore);
+#[derive(Clone, Debug)]
+pub struct Instrumented<S>(S);
 
 /// The longest a request-path store call may take, whatever the store's own timeouts: a
 /// connection that went silent (a half-open TCP connection, which no server-side
@@ -48,30 +46,39 @@ async fn timed<T>(op: &'static str, call: impl Future<Output = Result<T, StoreEr
     result
 }
 
-#[async_trait]
-impl Store for Instrumented {
-    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+impl<S: Store> Store for Instrumented<S> {
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         timed("claim", self.0.claim(request)).await
     }
 
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        claim_id: ClaimId,
-        payload: Bytes,
-        retention: Duration,
-    ) -> Result<(), StoreError> {
-        timed("complete", self.0.complete(key, claim_id, payload, retention)).await
+    async fn complete(&self, claim: Claim, payload: Bytes, retention: Duration) -> Result<(), StoreError> {
+        timed("complete", self.0.complete(claim, payload, retention)).await
     }
 
-    async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError> {
-        timed("release", self.0.release(key, claim_id)).await
+    async fn release(&self, claim: Claim) -> Result<(), StoreError> {
+        timed("release", self.0.release(claim)).await
     }
 
-    async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
-        timed("touch", self.0.touch(key, claim_id, lease)).await
+    async fn touch(&self, claim: Claim, lease: Duration) -> Result<(), StoreError> {
+        timed("touch", self.0.touch(claim, lease)).await
     }
 
+    async fn first_seen(&self, request: &FirstSeen<'_>) -> Result<bool, StoreError> {
+        timed("first_seen", self.0.first_seen(request)).await
+    }
+
+    async fn record_hits(&self, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
+        timed("record_hits", self.0.record_hits(hits)).await
+    }
+
+    fn subscribe(&self, key: &StorageKey) -> Notified {
+        self.0.subscribe(key)
+    }
+}
+
+/// `get`, `delete` and `ping` are timed and bounded like the request path; `stats`,
+/// `purge_expired` and `list` may scan the store and are neither.
+impl<S: StoreAdmin> StoreAdmin for Instrumented<S> {
     async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
         timed("get", self.0.get(key)).await
     }
@@ -92,22 +99,8 @@ impl Store for Instrumented {
         timed("ping", self.0.ping()).await
     }
 
-    async fn first_seen(
-        &self,
-        storage_key: &StorageKey,
-        key: &IdempotencyKey,
-        scope: &Scope,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        timed("first_seen", self.0.first_seen(storage_key, key, scope, window)).await
-    }
-
     async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
         self.0.list(after, limit).await
-    }
-
-    fn subscribe(&self, key: &StorageKey) -> Notified {
-        self.0.subscribe(key)
     }
 }
 
@@ -123,9 +116,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_store_is_instrumented_and_states_its_abilities() {
-        let opened = open("memory://?max_entries=3").await.expect("memory://");
-        assert!(opened.abilities.counts_records_cheaply);
-        opened.store.ping().await.expect("ping through the wrapper");
+        let (store, abilities) = open("memory://?max_entries=3").await.expect("memory://");
+        assert!(abilities.counts_records_cheaply);
+        store.ping().await.expect("ping through the wrapper");
         let error = open("memory://?max_entries=0").await.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(error.starts_with("memory://?max_entries=0: `max_entries`"), "{error}");
     }

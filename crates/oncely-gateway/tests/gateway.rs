@@ -314,11 +314,20 @@ async fn the_admin_api_shows_health_metrics_and_keys_behind_a_token() {
     assert!(metrics.contains("oncely_operations_in_flight"));
 
     assert_eq!(admin("/keys").send().await.expect("keys").status(), 401);
-    let keys: Vec<Value> =
-        admin("/keys").bearer_auth("secret-token").send().await.expect("keys").json().await.expect("json");
+    // The replay's hit is counted in the process and flushed within a second (a replay
+    // writes nothing to the store): the listing shows it once flushed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let keys = loop {
+        let keys: Vec<Value> =
+            admin("/keys").bearer_auth("secret-token").send().await.expect("keys").json().await.expect("json");
+        if keys.first().is_some_and(|k| k["hits"] == 1) || tokio::time::Instant::now() > deadline {
+            break keys;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0]["key"], "k-admin");
-    assert_eq!(keys[0]["hits"], 1);
+    assert_eq!(keys[0]["hits"], 1, "the hit is flushed within the flush interval");
     let hash = keys[0]["hash"].as_str().expect("hash").to_string();
     let one: Value = admin(&format!("/keys/{hash}"))
         .bearer_auth("secret-token")
@@ -393,7 +402,13 @@ async fn a_restart_between_first_request_and_retry_still_replays_on_sqlite() {
     assert!(replayed(&retry), "the completion survived the kill");
     assert_eq!(retry.bytes().await.expect("body"), first_body);
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
-    drop(second_gw);
+    // A graceful stop writes the replay's hit, counted in the process, to the store.
+    let mut second_gw = second_gw;
+    let pid = second_gw.child.id().expect("running");
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill").success());
+    let exit =
+        tokio::time::timeout(Duration::from_secs(20), second_gw.child.wait()).await.expect("exits").expect("status");
+    assert!(exit.success(), "a graceful stop exits 0: {exit:?}");
 
     // The command line reads the same file.
     let oncely = |args: &[&str]| {

@@ -47,7 +47,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use oncely::{ConflictMode, Oncely, Store};
+use oncely::{ConflictMode, DynStore, Oncely};
 use oncely_http::{IdempotencyLayer, Idempotent};
 use serde::{Deserialize, Serialize};
 
@@ -252,14 +252,14 @@ fn api_problem(status: StatusCode, slug: &str, detail: &str) -> Response {
 /// The idempotency store named by `url`: any store `oncely_stores::open` knows, with
 /// the options its URL takes.
 ///
-/// `Arc<dyn Store>` is itself a `Store`, so the rest of the program does not care which
+/// A `DynStore` is itself a `Store`, so the rest of the program does not care which
 /// store it got.
-async fn store_from_url(url: &str) -> Result<Arc<dyn Store>, String> {
+async fn store_from_url(url: &str) -> Result<DynStore, String> {
     oncely_stores::open(url).await.map(|opened| opened.store).map_err(|e| e.to_string())
 }
 
 /// The app: the POST routes behind the idempotency layer, the GET route beside it.
-fn app(store: Arc<dyn Store>, state: AppState) -> Router {
+fn app(store: DynStore, state: AppState) -> Router {
     // The engine: how long results are kept for replay, and what a duplicate does while
     // the first request still runs. Wait mode: it waits (up to 5 s) for the first
     // request's response and replays it; reject mode would answer 409 at once.

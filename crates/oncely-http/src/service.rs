@@ -12,9 +12,7 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, BodyStream, Either, Full, LengthLimitError, Limited, StreamBody};
-use oncely::{
-    Acquired, ClaimGuard, Error, Fingerprint, IdempotencyKey, Oncely, Record, RecordState, Store, StoreError,
-};
+use oncely::{Acquired, ClaimGuard, Error, Fingerprint, IdempotencyKey, Oncely, Replay, Store, StoreError};
 use tower_service::Service;
 
 use crate::layer::{IdempotencyLayer, Settings};
@@ -238,9 +236,9 @@ where
     };
     let guard = match engine.acquire(&key, Some(fingerprint)).await {
         Ok(Acquired::Execute(guard)) => guard,
-        Ok(Acquired::Replay(record)) => {
+        Ok(Acquired::Replay(stored)) => {
             count("replayed");
-            return Ok(replay(&record, &settings));
+            return Ok(replay(&key, stored, &settings));
         }
         Err(Error::Conflict { retry_after }) => {
             let detail = "a request with this key is still being processed; retry later";
@@ -465,11 +463,8 @@ fn replayable_headers(headers: &HeaderMap, settings: &Settings) -> HeaderMap {
     kept
 }
 
-fn replay(record: &Record, settings: &Settings) -> Response<ResponseBody> {
-    let RecordState::Completed { payload, .. } = &record.state else {
-        return problem(ProblemKind::HandlerFailed, "the replayed record is not completed", None);
-    };
-    let mut response = match StoredResponse::decode(payload.clone()) {
+fn replay(key: &IdempotencyKey, stored: Replay, settings: &Settings) -> Response<ResponseBody> {
+    let mut response = match StoredResponse::decode(stored.payload) {
         Ok(StoredResponse { status, headers, body: Some(body) }) => {
             let mut response = Response::new(full(body));
             *response.status_mut() = status;
@@ -482,7 +477,7 @@ fn replay(record: &Record, settings: &Settings) -> Response<ResponseBody> {
             None,
         ),
         Err(reason) => {
-            tracing::error!(key = %record.key, reason, "stored response does not decode");
+            tracing::error!(%key, reason, "stored response does not decode");
             problem(
                 ProblemKind::ResponseNotStored,
                 "the request was processed, but its stored response is unreadable",

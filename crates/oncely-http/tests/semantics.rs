@@ -5,17 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
-use oncely::store::Notified;
+use oncely::store::{FirstSeen, Notified};
 use oncely::{
-    ClaimId, ClaimOutcome, ClaimRequest, ConflictMode, IdempotencyKey, MemoryStore, Oncely, Record, Scope, StorageKey,
-    Store, StoreError, StoreStats,
+    Claim, ClaimOutcome, ClaimRequest, ConflictMode, MemoryStore, Oncely, StorageKey, Store, StoreAdmin, StoreError,
 };
 use oncely_http::{IdempotencyLayer, Idempotent};
 use tokio::sync::{Barrier, Notify, mpsc};
@@ -470,33 +468,23 @@ fn down() -> StoreError {
     StoreError::unavailable(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused"))
 }
 
-#[async_trait]
 impl Store for Failing {
-    async fn claim(&self, _: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+    async fn claim(&self, _: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         Err((self.0)())
     }
-    async fn complete(&self, _: &StorageKey, _: ClaimId, _: Bytes, _: Duration) -> Result<(), StoreError> {
+    async fn complete(&self, _: Claim, _: Bytes, _: Duration) -> Result<(), StoreError> {
         Err((self.0)())
     }
-    async fn release(&self, _: &StorageKey, _: ClaimId) -> Result<(), StoreError> {
+    async fn release(&self, _: Claim) -> Result<(), StoreError> {
         Err((self.0)())
     }
-    async fn touch(&self, _: &StorageKey, _: ClaimId, _: Duration) -> Result<(), StoreError> {
+    async fn touch(&self, _: Claim, _: Duration) -> Result<(), StoreError> {
         Err((self.0)())
     }
-    async fn get(&self, _: &StorageKey) -> Result<Option<Record>, StoreError> {
+    async fn first_seen(&self, _: &FirstSeen<'_>) -> Result<bool, StoreError> {
         Err((self.0)())
     }
-    async fn delete(&self, _: &StorageKey) -> Result<bool, StoreError> {
-        Err((self.0)())
-    }
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        Err((self.0)())
-    }
-    async fn stats(&self) -> Result<StoreStats, StoreError> {
-        Err((self.0)())
-    }
-    async fn first_seen(&self, _: &StorageKey, _: &IdempotencyKey, _: &Scope, _: Duration) -> Result<bool, StoreError> {
+    async fn record_hits(&self, _: &[(StorageKey, u64)]) -> Result<(), StoreError> {
         Err((self.0)())
     }
     fn subscribe(&self, _: &StorageKey) -> Notified {
@@ -629,11 +617,16 @@ struct DetachedClaims {
     open: Arc<std::sync::atomic::AtomicBool>,
 }
 
-#[async_trait]
 impl Store for DetachedClaims {
-    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         let inner = self.inner.clone();
-        let committed = tokio::spawn(async move { inner.claim(request).await });
+        let (scope, key, fingerprint) =
+            (request.scope().clone(), request.key().clone(), request.fingerprint().copied());
+        let (lease, retention, claim_id) = (request.lease(), request.retention(), request.claim_id());
+        let committed = tokio::spawn(async move {
+            let request = ClaimRequest::new(&scope, &key, fingerprint, lease, retention).with_claim_id(claim_id);
+            inner.claim(&request).await
+        });
         let opened = self.gate.notified();
         self.claiming.notify_one();
         if !self.open.load(Ordering::SeqCst) {
@@ -641,35 +634,20 @@ impl Store for DetachedClaims {
         }
         committed.await.map_err(StoreError::unavailable)?
     }
-    async fn complete(&self, k: &StorageKey, c: ClaimId, p: Bytes, r: Duration) -> Result<(), StoreError> {
-        self.inner.complete(k, c, p, r).await
+    async fn complete(&self, c: Claim, p: Bytes, r: Duration) -> Result<(), StoreError> {
+        self.inner.complete(c, p, r).await
     }
-    async fn release(&self, k: &StorageKey, c: ClaimId) -> Result<(), StoreError> {
-        self.inner.release(k, c).await
+    async fn release(&self, c: Claim) -> Result<(), StoreError> {
+        self.inner.release(c).await
     }
-    async fn touch(&self, k: &StorageKey, c: ClaimId, l: Duration) -> Result<(), StoreError> {
-        self.inner.touch(k, c, l).await
+    async fn touch(&self, c: Claim, l: Duration) -> Result<(), StoreError> {
+        self.inner.touch(c, l).await
     }
-    async fn get(&self, k: &StorageKey) -> Result<Option<Record>, StoreError> {
-        self.inner.get(k).await
+    async fn first_seen(&self, request: &FirstSeen<'_>) -> Result<bool, StoreError> {
+        self.inner.first_seen(request).await
     }
-    async fn delete(&self, k: &StorageKey) -> Result<bool, StoreError> {
-        self.inner.delete(k).await
-    }
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        self.inner.purge_expired().await
-    }
-    async fn stats(&self) -> Result<StoreStats, StoreError> {
-        self.inner.stats().await
-    }
-    async fn first_seen(
-        &self,
-        s: &StorageKey,
-        k: &IdempotencyKey,
-        sc: &Scope,
-        w: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.first_seen(s, k, sc, w).await
+    async fn record_hits(&self, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
+        self.inner.record_hits(hits).await
     }
     fn subscribe(&self, k: &StorageKey) -> Notified {
         self.inner.subscribe(k)

@@ -23,7 +23,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::{Json, Router, routing::post};
-use oncely::{Acquired, ConflictMode, IdempotencyKey, Oncely, RecordState};
+use oncely::{Acquired, ConflictMode, IdempotencyKey, Oncely};
 use oncely_postgres::{PgPool, PgTransaction, PostgresOptions, PostgresStore};
 use serde::{Deserialize, Serialize};
 // With the `sqlx` facade these are `sqlx::query` and `sqlx::query_scalar`.
@@ -103,21 +103,19 @@ impl Shop {
     ) -> Result<Option<Receipt>, Box<dyn Error>> {
         let key = IdempotencyKey::new(order)?;
         let guard = match self.oncely.acquire(&key, None).await? {
-            Acquired::Replay(record) => {
-                let RecordState::Completed { payload, .. } = record.state else {
-                    unreachable!("a replay is completed")
-                };
+            Acquired::Replay(replay) => {
                 println!("  {order}: replayed, nothing done");
-                return Ok(Some(serde_json::from_slice(&payload)?));
+                return Ok(Some(serde_json::from_slice(&replay.payload)?));
             }
             Acquired::Execute(guard) => guard,
         };
-        let (storage_key, claim_id) = (*guard.storage_key(), guard.claim_id());
+        // What the transactional calls act for: the record and the claim id holding it.
+        let claim = guard.claim();
         // Opens a step's transaction: the fence first (LeaseLost if another claim took
         // the order over), which also says where the last attempt got to.
         let begin = async || {
             let mut tx = self.pool.begin().await?;
-            let locked = self.store.lock_claim(&mut tx, &storage_key, claim_id).await?;
+            let locked = self.store.lock_claim(&mut tx, claim).await?;
             Ok::<_, Box<dyn Error>>((tx, locked))
         };
 
@@ -128,7 +126,7 @@ impl Shop {
         // Step 1, local: reserve the stock.
         if point.is_empty() {
             reserve(&mut tx, order, sku).await?;
-            self.store.set_recovery_point(&mut tx, &storage_key, claim_id, STOCK_RESERVED).await?;
+            self.store.set_recovery_point(&mut tx, claim, STOCK_RESERVED).await?;
             tx.commit().await?;
             println!("  {order}: step 1 committed (stock reserved)");
             if crash == Crash::AfterReserving {
@@ -170,7 +168,7 @@ impl Shop {
                     .execute(&mut *record_tx)
                     .await?;
                 let next = format!("{CHARGED}{}", charge.id);
-                self.store.set_recovery_point(&mut record_tx, &storage_key, claim_id, &next).await?;
+                self.store.set_recovery_point(&mut record_tx, claim, &next).await?;
                 record_tx.commit().await?;
                 println!("  {order}: step 2 committed (charge recorded)");
                 tx = begin().await?.0;
@@ -182,9 +180,7 @@ impl Shop {
         query("UPDATE shop_orders SET status = 'confirmed' WHERE order_id = $1").bind(order).execute(&mut *tx).await?;
         let receipt = Receipt { order: order.to_string(), charge: charge_id, status: "confirmed".into() };
         let retention = self.oncely.config().retention;
-        self.store
-            .complete_in(&mut tx, &storage_key, claim_id, serde_json::to_vec(&receipt)?.into(), retention)
-            .await?;
+        self.store.complete_in(&mut tx, claim, serde_json::to_vec(&receipt)?.into(), retention).await?;
         tx.commit().await?;
         guard.finished_elsewhere();
         println!("  {order}: step 3 committed (confirmed and completed)");

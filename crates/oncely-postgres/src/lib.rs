@@ -40,14 +40,14 @@
 //!         let mut tx = pool.begin().await?;
 //!         // Fenced: fails with LeaseLost if another claim took the key over; from here
 //!         // to the commit, nobody can.
-//!         store.lock_claim(&mut tx, guard.storage_key(), guard.claim_id()).await?;
+//!         store.lock_claim(&mut tx, guard.claim()).await?;
 //!         query("INSERT INTO orders (id, total) VALUES ('order-17', 1999)").execute(&mut *tx).await?;
 //!         let retention = oncely.config().retention;
-//!         store.complete_in(&mut tx, guard.storage_key(), guard.claim_id(), "order 17 placed".into(), retention).await?;
+//!         store.complete_in(&mut tx, guard.claim(), "order 17 placed".into(), retention).await?;
 //!         tx.commit().await?; // the order and its completion, or neither
 //!         guard.finished_elsewhere();
 //!     }
-//!     Acquired::Replay(record) => { /* the stored result */ let _ = record; }
+//!     Acquired::Replay(replay) => { /* the stored result */ let _ = replay.payload; }
 //! }
 //! # Ok(()) }
 //! ```
@@ -79,22 +79,29 @@
 //! # Guarantees
 //!
 //! - **Atomicity.** Every [`Store`] method is one SQL statement in its own transaction
-//!   (autocommit), so PostgreSQL's row locks order it against every other call on the
-//!   key, from any process. A claim is one `INSERT … ON CONFLICT DO UPDATE … RETURNING`
-//!   that decides and applies the outcome under the row's lock and returns the row it
-//!   left, including the one that blocked it (the statement is documented at
-//!   `Sql::claim` in `src/sql.rs`). `complete`, `release` and `touch` name the claim id
-//!   in their `WHERE`, so a fenced-off holder changes nothing and gets
-//!   [`StoreError::LeaseLost`].
+//!   (autocommit), so PostgreSQL's row locks order its writes against every other call
+//!   on the key, from any process. A claim is one statement (the statement and why it is
+//!   safe are documented at `Sql::claim` in `src/sql.rs`): a plain `SELECT` of the live
+//!   record, which answers a replay, a mismatch and a live claim from the statement's
+//!   snapshot, and only otherwise an `INSERT … ON CONFLICT DO UPDATE … RETURNING` that
+//!   decides and applies the outcome under the row's lock (so among concurrent claims of
+//!   an absent key exactly one acquires, and a record completed after the snapshot is
+//!   never overwritten). `complete`, `release` and `touch` name the claim id in their
+//!   `WHERE`, so a fenced-off holder changes nothing and gets [`StoreError::LeaseLost`].
+//! - **A replay is a read.** The claim that finds a completed record takes no row lock
+//!   (not even behind a holder's open transaction), gets no transaction id and writes no
+//!   WAL: one read-only round trip. The engine counts replays in the process and flushes
+//!   them with [`Store::record_hits`], one `UPDATE` for the whole batch.
 //! - **Durability.** A call returns after its transaction committed, with the server's
 //!   `synchronous_commit` (default `on`: the WAL is flushed to disk first). Killing the
 //!   calling process loses nothing acknowledged; with `synchronous_commit = on`, neither
-//!   does a crash of the server or its machine. Two outcomes are committed without
+//!   does a crash of the server or its machine. Three outcomes are committed without
 //!   waiting for the flush, because nothing depends on them surviving a server crash: a
-//!   replay's hit count, and a claim that found the key held and changed nothing (see
-//!   `relaxed_unless` in `src/sql.rs`). A new claim, a takeover, a completion, a release
-//!   and a first sighting always wait for it. A completion made with
-//!   [`PostgresStore::complete_in`] is exactly as durable as the caller's transaction.
+//!   flush of hit counts, a repeated first sighting, and a claim that met a record
+//!   changed since its snapshot and left it unchanged (see `relaxed_unless` in
+//!   `src/sql.rs`). A new claim, a takeover, a completion, a release and a first sighting
+//!   always wait for it. A completion made with [`PostgresStore::complete_in`] is exactly
+//!   as durable as the caller's transaction.
 //! - **Expiry on every read.** Every statement compares `expires_at` with `now()`; the
 //!   sweeper only collects the garbage, in bounded batches.
 //! - **Time** is the server's `now()` (the start of the statement's transaction, in
@@ -129,7 +136,7 @@
 //! | `created_at`, `expires_at` | `timestamptz` | |
 //! | `claim_id`, `lease_until` | `uuid`, `timestamptz` | set while in progress |
 //! | `payload`, `completed_at` | `bytea`, `timestamptz` | set once completed |
-//! | `hits` | `bigint` | replays counted |
+//! | `hits` | `bigint` | replays counted (flushed by the engine in batches) |
 //! | `attempt` | `integer` | 1, plus one per takeover |
 //! | `recovery_point` | `text` | the last step a multi-step operation committed |
 //! | `waited` | `boolean` | someone subscribed: changes notify |

@@ -75,10 +75,10 @@ fn stmt(text: String) -> SqlStr {
 /// without waiting for its WAL to reach the disk (`synchronous_commit = off`, local to
 /// the transaction) unless `durable` holds for the returned row.
 ///
-/// Used where a statement's outcome need not survive a crash of the *server*: a replay's
-/// hit count, or a claim that found the key held and changed nothing. Those then release
-/// the row's lock as soon as they commit instead of one WAL flush later, which is what
-/// bounds replays of one hot key (they take turns on its row). A new claim or a takeover
+/// Used where a statement's outcome need not survive a crash of the *server*: a repeated
+/// `first_seen` (a marker's hit count), or a claim that met a record changed since its
+/// snapshot and changed nothing (see `Sql::claim`). Those then release the row's lock as
+/// soon as they commit instead of one WAL flush later. A new claim or a takeover
 /// (someone now runs the operation: a lost claim would let a retry run it again while the
 /// holder lives) and a first sighting keep the server's setting. Nothing changes for the
 /// calling process: the commit is visible to everyone at once, and is lost only if the
@@ -109,6 +109,7 @@ pub(crate) struct Sql {
     /// The migration's column check alone, for a table and index that already exist.
     pub(crate) check_columns: SqlStr,
     pub(crate) claim: SqlStr,
+    pub(crate) record_hits: SqlStr,
     pub(crate) complete: SqlStr,
     pub(crate) release: SqlStr,
     pub(crate) touch: SqlStr,
@@ -130,12 +131,11 @@ impl Sql {
         let record = record_columns();
         // The notification channel is the table's name; the payload is the storage key in hex.
         let notify = format!("pg_notify('{t}', encode(storage_key, 'hex'))");
-        // Conditions on the existing row `r` in the claim (the `SET` expressions all read
-        // the row as it was before the statement).
+        // Conditions on the existing row `r` in the claim's upsert (the `SET` expressions
+        // all read the row as the conflict locked it, before the update).
         let expired = "r.expires_at <= now()";
         let same = "r.fingerprint IS NOT DISTINCT FROM excluded.fingerprint";
         let lapsed = format!("(r.claim_id IS NOT NULL AND r.lease_until <= now() AND {same})");
-        let replay = format!("(r.claim_id IS NULL AND {same})");
         let held = "storage_key = $1 AND claim_id = $2 AND expires_at > now()";
         let renewed = "clock_timestamp() + lease_us * interval '1 microsecond'";
 
@@ -176,43 +176,130 @@ impl Sql {
                 stmt(format!("CREATE INDEX IF NOT EXISTS {t}_by_expiry ON {t} (expires_at)")),
                 stmt(format!("COMMENT ON TABLE {t} IS 'Oncely idempotency records (schema 1)'")),
             ],
-            // The claim in one statement. The insert either creates the record or meets
-            // the one in the way, locks it, and always updates it, so that RETURNING hands
-            // back the row as the claim left it in every case (a record the claim must not
-            // change is "updated" to itself):
+            // The claim in one statement (one round trip), which writes only when the
+            // claim may acquire the key. The outcome is read off the one row it returns.
+            //
+            // 1. `found` reads the live record with a plain SELECT: the statement's
+            //    snapshot, no row lock (not even FOR SHARE).
+            // 2. `settled` keeps that row when the snapshot alone decides the outcome:
+            //    - another fingerprint → mismatch. A live record's fingerprint never
+            //      changes (only a new record after its expiry or deletion has another),
+            //      and `now()` is fixed for the statement, so at the snapshot's instant the
+            //      key held a live record of another request: the answer is that instant's;
+            //    - completed, same fingerprint → replay. A completed record changes only
+            //      by expiry, deletion or `record_hits`: the snapshot's record is the
+            //      answer at that instant, hits as counted by then;
+            //    - in progress, same fingerprint, lease live (`lease_until > now()`) →
+            //      in progress, the holder's lease as the snapshot had it.
+            //    These write nothing: no row lock, no transaction id, no WAL record (a
+            //    read-only transaction's commit writes none either), so replays of a hot
+            //    key never queue on its row, not even behind a holder's transaction that
+            //    holds the row's lock (`lock_claim`).
+            // 3. Only otherwise (no live record, or a lapsed lease of the same
+            //    fingerprint: the claim may acquire) does `claimed` run the insert. With
+            //    `settled` non-empty its SELECT yields no row, so nothing is inserted and
+            //    ON CONFLICT never runs.
+            //
+            // The insert is the concurrency guard, exactly as when it was the whole
+            // claim: it either creates the record or meets the one in the way, waits for
+            // and locks its newest committed version (newer than the snapshot when a
+            // transaction committed in between), and always updates it, so that RETURNING
+            // hands back the row as the claim left it in every case (a record the claim
+            // must not change is "updated" to itself). Every SET reads that locked row,
+            // not the snapshot, so what happened since the snapshot decides:
             //
             // - expired → replaced by the new claim, every column (attempt 1);
             // - same fingerprint, in progress, lease lapsed → taken over: new claim id,
             //   lease and expiry, attempt + 1; created_at and recovery_point kept;
-            // - same fingerprint, completed → hits + 1;
-            // - otherwise (another fingerprint, or a live lease) → unchanged.
+            // - otherwise (completed since the snapshot, another fingerprint, a live lease,
+            //   or a concurrent claim of an absent key that inserted first) → unchanged.
             //
-            // The caller reads the outcome off the returned row: the request's claim id
-            // holds it → acquired (a takeover when attempt > 1); else another fingerprint
-            // → mismatch; else completed → replay; else in progress.
+            // So two claims of an absent key give one acquired (the second insert meets the
+            // first's row and leaves it as it is), and a record completed or taken over
+            // between the snapshot and the insert is never overwritten. Only in that race
+            // does a claim that did not acquire write (the row to itself), and it commits
+            // relaxed (`relaxed_unless`). Hits are never counted here: the engine counts
+            // replays and flushes them with `record_hits`.
+            //
+            // Exactly one branch yields the one row: `settled`, or else `claimed`. The
+            // caller reads the outcome off it: the request's claim id holds it → acquired
+            // (a takeover when attempt > 1); else another fingerprint → mismatch; else
+            // completed → replay; else in progress.
             claim: stmt(format!(
-                "INSERT INTO {t} AS r (storage_key, key, scope, fingerprint, created_at, expires_at, claim_id,
-                     lease_until, lease_us, hits, attempt, waited)
-                 VALUES ($1, $2, $3, $4, now(), {exp}, $5, {lease}, $6::float8::bigint, 0, 1, false)
-                 ON CONFLICT (storage_key) DO UPDATE SET
-                     key            = CASE WHEN {expired} THEN excluded.key ELSE r.key END,
-                     scope          = CASE WHEN {expired} THEN excluded.scope ELSE r.scope END,
-                     fingerprint    = CASE WHEN {expired} THEN excluded.fingerprint ELSE r.fingerprint END,
-                     created_at     = CASE WHEN {expired} THEN excluded.created_at ELSE r.created_at END,
-                     claim_id       = CASE WHEN {expired} OR {lapsed} THEN excluded.claim_id ELSE r.claim_id END,
-                     lease_until    = CASE WHEN {expired} OR {lapsed} THEN excluded.lease_until ELSE r.lease_until END,
-                     lease_us       = CASE WHEN {expired} OR {lapsed} THEN excluded.lease_us ELSE r.lease_us END,
-                     expires_at     = CASE WHEN {expired} OR {lapsed} THEN excluded.expires_at ELSE r.expires_at END,
-                     payload        = CASE WHEN {expired} THEN NULL ELSE r.payload END,
-                     completed_at   = CASE WHEN {expired} THEN NULL ELSE r.completed_at END,
-                     hits           = CASE WHEN {expired} THEN 0 WHEN {replay} THEN r.hits + 1 ELSE r.hits END,
-                     attempt        = CASE WHEN {expired} THEN 1 WHEN {lapsed} THEN r.attempt + 1 ELSE r.attempt END,
-                     recovery_point = CASE WHEN {expired} THEN NULL ELSE r.recovery_point END,
-                     waited         = CASE WHEN {expired} THEN false ELSE r.waited END
-                 RETURNING {record}, {relaxed}",
+                "WITH found AS (
+                     SELECT claim_id, fingerprint, lease_until, payload, completed_at, hits, attempt
+                     FROM {t} WHERE storage_key = $1 AND expires_at > now()),
+                 settled AS (
+                     SELECT * FROM found
+                     WHERE fingerprint IS DISTINCT FROM $4 OR claim_id IS NULL OR lease_until > now()),
+                 claimed AS (
+                     INSERT INTO {t} AS r (storage_key, key, scope, fingerprint, created_at, expires_at, claim_id,
+                         lease_until, lease_us, hits, attempt, waited)
+                     SELECT $1, $2, $3, $4, now(), {exp}, $5, {lease}, $6::float8::bigint, 0, 1, false
+                     WHERE NOT EXISTS (SELECT FROM settled)
+                     ON CONFLICT (storage_key) DO UPDATE SET
+                         key            = CASE WHEN {expired} THEN excluded.key ELSE r.key END,
+                         scope          = CASE WHEN {expired} THEN excluded.scope ELSE r.scope END,
+                         fingerprint    = CASE WHEN {expired} THEN excluded.fingerprint ELSE r.fingerprint END,
+                         created_at     = CASE WHEN {expired} THEN excluded.created_at ELSE r.created_at END,
+                         claim_id       = CASE WHEN {expired} OR {lapsed} THEN excluded.claim_id ELSE r.claim_id END,
+                         lease_until    = CASE WHEN {expired} OR {lapsed} THEN excluded.lease_until
+                                               ELSE r.lease_until END,
+                         lease_us       = CASE WHEN {expired} OR {lapsed} THEN excluded.lease_us ELSE r.lease_us END,
+                         expires_at     = CASE WHEN {expired} OR {lapsed} THEN excluded.expires_at
+                                               ELSE r.expires_at END,
+                         payload        = CASE WHEN {expired} THEN NULL ELSE r.payload END,
+                         completed_at   = CASE WHEN {expired} THEN NULL ELSE r.completed_at END,
+                         hits           = CASE WHEN {expired} THEN 0 ELSE r.hits END,
+                         attempt        = CASE WHEN {expired} THEN 1 WHEN {lapsed} THEN r.attempt + 1
+                                               ELSE r.attempt END,
+                         recovery_point = CASE WHEN {expired} THEN NULL ELSE r.recovery_point END,
+                         waited         = CASE WHEN {expired} THEN false ELSE r.waited END
+                     RETURNING claim_id, fingerprint, lease_until, payload, completed_at, hits, attempt,
+                         {relaxed} AS relaxed),
+                 answer AS (
+                     SELECT claim_id, fingerprint, lease_until, payload, completed_at, hits, attempt, relaxed
+                     FROM claimed
+                     UNION ALL
+                     SELECT claim_id, fingerprint, lease_until, payload, completed_at, hits, attempt, NULL
+                     FROM settled)
+                 SELECT coalesce(claim_id = $5, false), fingerprint IS NOT DISTINCT FROM $4, claim_id IS NULL,
+                     CASE WHEN claim_id IS NULL AND fingerprint IS NOT DISTINCT FROM $4 THEN payload END,
+                     {completed_at}, hits, {lease_until}, attempt, relaxed
+                 FROM answer",
                 relaxed = relaxed_unless("claim_id = $5"),
                 exp = from_now("$7"),
                 lease = from_now("$6"),
+                completed_at = us("completed_at"),
+                lease_until = us("lease_until"),
+            )),
+            // Replay counts flushed by the engine, for the whole batch in one statement.
+            // A key may appear more than once: the batch is summed per key first. Only
+            // live completed records count; absent, expired and in-progress keys are
+            // skipped. Counts saturate at the largest bigint rather than fail the batch.
+            //
+            // The rows are locked in storage-key order (`locked`), so two processes
+            // flushing overlapping batches at once take turns instead of deadlocking. The
+            // UPDATE re-checks the conditions on the row it updates (the newest version,
+            // when a transaction changed it while the lock was awaited).
+            //
+            // Committed without waiting for the WAL flush: a hit count need not survive a
+            // crash of the server (counts are statistics; nothing decides on them).
+            record_hits: stmt(format!(
+                "WITH batch AS (
+                     SELECT k, least(sum(n), {max}) AS n
+                     FROM unnest($1::bytea[], $2::int8[]) AS b(k, n) GROUP BY k),
+                 locked AS (
+                     SELECT r.storage_key, batch.n FROM {t} r JOIN batch ON r.storage_key = batch.k
+                     WHERE r.claim_id IS NULL AND r.expires_at > now()
+                     ORDER BY r.storage_key FOR UPDATE OF r),
+                 counted AS (
+                     UPDATE {t} r SET hits = least(r.hits + locked.n, {max})::int8
+                     FROM locked
+                     WHERE r.storage_key = locked.storage_key AND r.claim_id IS NULL AND r.expires_at > now()
+                     RETURNING 1)
+                 SELECT count(*), set_config('synchronous_commit', 'off', true) FROM counted",
+                max = i64::MAX,
             )),
             // Fenced by the claim id; notifies waiters in the same transaction (delivered
             // at its commit).

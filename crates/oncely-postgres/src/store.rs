@@ -1,18 +1,14 @@
 //! The store itself: [`PostgresStore`], its connection pool and background tasks, and
-//! its [`Store`] implementation, one SQL statement per call.
+//! its [`Store`] and [`StoreAdmin`] implementations, one SQL statement per call.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use oncely::store::Notified;
 use oncely::store::waiters::Waiters;
-use oncely::{
-    ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, Record, RecordState, Scope, StorageKey, Store, StoreError,
-    StoreStats,
-};
+use oncely::store::{Claim, FirstSeen, Notified, Replay, StoreAdmin};
+use oncely::{ClaimOutcome, ClaimRequest, Record, StorageKey, Store, StoreError, StoreStats};
 use sqlx_core::executor::Executor;
 use sqlx_core::pool::PoolOptions;
 use sqlx_core::query::query;
@@ -22,7 +18,7 @@ use sqlx_postgres::{PgConnectOptions, PgPool, PgRow, Postgres};
 use tokio::task::JoinHandle;
 
 use crate::PostgresOptions;
-use crate::codec::{micros, read_record, uuid};
+use crate::codec::{micros, read_record, to_time, uuid};
 use crate::error::pg_error;
 use crate::migrate::migrate;
 use crate::sql::{Sql, TableName};
@@ -149,14 +145,13 @@ impl PostgresStore {
 pub(crate) async fn complete_on<'e, E: Executor<'e, Database = Postgres>>(
     executor: E,
     statement: SqlStr,
-    key: &StorageKey,
-    claim_id: ClaimId,
+    claim: Claim,
     payload: Bytes,
     retention: Duration,
 ) -> Result<Fenced, StoreError> {
     let row = query(statement)
-        .bind(key.as_bytes().as_slice())
-        .bind(uuid(claim_id))
+        .bind(claim.storage_key.as_bytes().as_slice())
+        .bind(uuid(claim.claim_id))
         .bind(payload.as_ref())
         .bind(micros(retention)?)
         .fetch_one(executor)
@@ -212,50 +207,58 @@ fn fenced(row: &PgRow) -> Result<Fenced, StoreError> {
     }
 }
 
-#[async_trait]
 impl Store for PostgresStore {
-    /// One statement (see `Sql::claim`); the outcome is read off the row it returns.
-    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        let lease = micros(request.lease.max(Duration::from_millis(1)))?;
-        let retention = micros(request.retention)?.max(lease);
+    /// One statement (see `Sql::claim`): a plain read that answers a replay, a mismatch
+    /// or a live claim without writing, and an upsert only when the key may be acquired.
+    /// The outcome is read off the one row it returns.
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        let lease = micros(request.lease().max(Duration::from_millis(1)))?;
+        let retention = micros(request.retention())?.max(lease);
         let row = query(self.sql().claim.clone())
-            .bind(request.storage_key.as_bytes().as_slice())
-            .bind(request.key.as_str())
-            .bind(request.scope.as_str())
-            .bind(request.fingerprint.as_ref().map(|fingerprint| fingerprint.as_bytes().as_slice()))
-            .bind(uuid(request.claim_id))
+            .bind(request.storage_key().as_bytes().as_slice())
+            .bind(request.key().as_str())
+            .bind(request.scope().as_str())
+            .bind(request.fingerprint().map(|fingerprint| fingerprint.as_bytes().as_slice()))
+            .bind(uuid(request.claim_id()))
             .bind(lease)
             .bind(retention)
             .fetch_one(&self.inner.pool)
             .await
             .map_err(pg_error)?;
-        let (record, attempt) = read_record(&row)?;
-        Ok(match record.state {
-            RecordState::InProgress { claim_id, .. } if claim_id == request.claim_id => {
-                ClaimOutcome::Acquired { takeover: attempt > 1 }
-            }
-            _ if record.fingerprint != request.fingerprint => ClaimOutcome::Mismatch(record),
-            RecordState::Completed { .. } => ClaimOutcome::Completed(record),
-            RecordState::InProgress { .. } => ClaimOutcome::InProgress(record),
+        let column = |index: usize| row.try_get::<bool, _>(index).map_err(pg_error);
+        let (mine, same, completed) = (column(0)?, column(1)?, column(2)?);
+        let time = |index: usize| -> Result<SystemTime, StoreError> {
+            let micros: Option<i64> = row.try_get(index).map_err(pg_error)?;
+            to_time(micros.ok_or_else(|| StoreError::Corrupt(format!("a claim's column {index} is null")))?)
+        };
+        Ok(if mine {
+            let attempt: i32 = row.try_get(7).map_err(pg_error)?;
+            ClaimOutcome::Acquired { takeover: attempt > 1 }
+        } else if !same {
+            ClaimOutcome::Mismatch
+        } else if completed {
+            let payload: Option<Vec<u8>> = row.try_get(3).map_err(pg_error)?;
+            let hits: i64 = row.try_get(5).map_err(pg_error)?;
+            ClaimOutcome::Replay(Replay {
+                payload: Bytes::from(
+                    payload.ok_or_else(|| StoreError::Corrupt("a completed record with no payload".into()))?,
+                ),
+                completed_at: time(4)?,
+                hits: u64::try_from(hits).map_err(|_| StoreError::Corrupt(format!("a hit count of {hits}")))?,
+            })
+        } else {
+            ClaimOutcome::InProgress { lease_until: time(6)? }
         })
     }
 
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        claim_id: ClaimId,
-        payload: Bytes,
-        retention: Duration,
-    ) -> Result<(), StoreError> {
-        // A duplicate's claim or a waiter's mark locks the row for microseconds: a few
-        // short retries. A row still locked after them is held by a transaction, the
+    async fn complete(&self, claim: Claim, payload: Bytes, retention: Duration) -> Result<(), StoreError> {
+        // A claim that found the lease lapsed, or a waiter's mark, locks the row for
+        // microseconds: a few short retries. A row still locked after them is held by a transaction, the
         // holder's own: completing beside it is a mistake, reported as one (not as
         // "unavailable", which the engine would retry in the background).
         let mut pause = Duration::from_millis(1);
         for _ in 0..7 {
-            match complete_on(&self.inner.pool, self.sql().complete.clone(), key, claim_id, payload.clone(), retention)
-                .await?
-            {
+            match complete_on(&self.inner.pool, self.sql().complete.clone(), claim, payload.clone(), retention).await? {
                 Fenced::Done => return Ok(()),
                 Fenced::Locked => {
                     tokio::time::sleep(pause).await;
@@ -272,10 +275,10 @@ impl Store for PostgresStore {
 
     /// Removes the record; one with a recovery point is kept with its lease lapsed, so
     /// the next claim takes it over and resumes (see the crate docs).
-    async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError> {
+    async fn release(&self, claim: Claim) -> Result<(), StoreError> {
         let row = query(self.sql().release.clone())
-            .bind(key.as_bytes().as_slice())
-            .bind(uuid(claim_id))
+            .bind(claim.storage_key.as_bytes().as_slice())
+            .bind(uuid(claim.claim_id))
             .fetch_one(&self.inner.pool)
             .await
             .map_err(pg_error)?;
@@ -284,18 +287,18 @@ impl Store for PostgresStore {
 
     /// Renews the lease. A record locked by its holder's own transaction (see
     /// [`PostgresStore::lock_claim`]) is not waited for: after a few short retries (a
-    /// duplicate's claim locks the row for microseconds) this answers Ok without renewing.
-    /// That is safe because no claim can take over a locked record, and the holder's
-    /// transaction renews the lease itself (`lock_claim` and `set_recovery_point` extend it
-    /// by the lease length from their own clock), so the row a queued claim re-reads at
-    /// the commit has a live lease.
-    async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
+    /// claim racing a takeover locks the row for microseconds) this answers Ok without
+    /// renewing. That is safe because no claim can take over a locked record, and the
+    /// holder's transaction renews the lease itself (`lock_claim` and
+    /// `set_recovery_point` extend it by the lease length from their own clock), so the
+    /// row a queued claim re-reads at the commit has a live lease.
+    async fn touch(&self, claim: Claim, lease: Duration) -> Result<(), StoreError> {
         let lease = micros(lease.max(Duration::from_millis(1)))?;
         let mut pause = Duration::from_millis(1);
         for _ in 0..6 {
             let row = query(self.sql().touch.clone())
-                .bind(key.as_bytes().as_slice())
-                .bind(uuid(claim_id))
+                .bind(claim.storage_key.as_bytes().as_slice())
+                .bind(uuid(claim.claim_id))
                 .bind(lease)
                 .fetch_one(&self.inner.pool)
                 .await
@@ -314,6 +317,63 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn first_seen(&self, request: &FirstSeen<'_>) -> Result<bool, StoreError> {
+        let row = query(self.sql().first_seen.clone())
+            .bind(request.storage_key().as_bytes().as_slice())
+            .bind(request.key().as_str())
+            .bind(request.scope().as_str())
+            .bind(micros(request.window())?)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(pg_error)?;
+        row.try_get(0).map_err(pg_error)
+    }
+
+    /// The whole batch in one statement (see `Sql::record_hits`); an empty batch sends
+    /// nothing.
+    async fn record_hits(&self, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
+        if hits.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&[u8]> = hits.iter().map(|(key, _)| key.as_bytes().as_slice()).collect();
+        let counts: Vec<i64> = hits.iter().map(|(_, n)| i64::try_from(*n).unwrap_or(i64::MAX)).collect();
+        query(self.sql().record_hits.clone())
+            .bind(keys)
+            .bind(counts)
+            .execute(&self.inner.pool)
+            .await
+            .map(|_| ())
+            .map_err(pg_error)
+    }
+
+    /// Registers the waiter at once; when first polled, makes sure the listener is
+    /// listening, then marks the record as waited for in one statement that also tells
+    /// whether a live claim holds it. A change committed before that statement shows in
+    /// its answer (the future resolves at once when nothing is in progress, or when the
+    /// statement fails: waiters re-check); a change committed after it notifies, and the
+    /// listener, listening already, wakes the waiter. If the listener cannot be started,
+    /// the future never resolves and the engine polls.
+    fn subscribe(&self, key: &StorageKey) -> Notified {
+        let subscription = self.inner.waiters.subscribe(*key);
+        let store = self.clone();
+        let key = *key;
+        Box::pin(async move {
+            if let Err(error) = store.ensure_listening().await {
+                tracing::debug!(%error, "no PostgreSQL listener; the engine polls instead");
+                return std::future::pending().await;
+            }
+            let waiting = query(store.sql().subscribe.clone())
+                .bind(key.as_bytes().as_slice())
+                .fetch_optional(&store.inner.pool)
+                .await;
+            if let Ok(Some(_)) = waiting {
+                subscription.await;
+            }
+        })
+    }
+}
+
+impl StoreAdmin for PostgresStore {
     async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
         let row = query(self.sql().get.clone())
             .bind(key.as_bytes().as_slice())
@@ -354,24 +414,6 @@ impl Store for PostgresStore {
         query("SELECT 1").execute(&self.inner.pool).await.map(|_| ()).map_err(pg_error)
     }
 
-    async fn first_seen(
-        &self,
-        storage_key: &StorageKey,
-        key: &IdempotencyKey,
-        scope: &Scope,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        let row = query(self.sql().first_seen.clone())
-            .bind(storage_key.as_bytes().as_slice())
-            .bind(key.as_str())
-            .bind(scope.as_str())
-            .bind(micros(window)?)
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(pg_error)?;
-        row.try_get(0).map_err(pg_error)
-    }
-
     /// One indexed range scan in storage-key order.
     async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
         let after = after.map(|key| key.as_bytes().to_vec()).unwrap_or_default();
@@ -382,31 +424,5 @@ impl Store for PostgresStore {
             .await
             .map_err(pg_error)?;
         rows.iter().map(|row| read_record(row).map(|(record, _)| record)).collect()
-    }
-
-    /// Registers the waiter at once; when first polled, makes sure the listener is
-    /// listening, then marks the record as waited for in one statement that also tells
-    /// whether a live claim holds it. A change committed before that statement shows in
-    /// its answer (the future resolves at once when nothing is in progress, or when the
-    /// statement fails: waiters re-check); a change committed after it notifies, and the
-    /// listener, listening already, wakes the waiter. If the listener cannot be started,
-    /// the future never resolves and the engine polls.
-    fn subscribe(&self, key: &StorageKey) -> Notified {
-        let subscription = self.inner.waiters.subscribe(*key);
-        let store = self.clone();
-        let key = *key;
-        Box::pin(async move {
-            if let Err(error) = store.ensure_listening().await {
-                tracing::debug!(%error, "no PostgreSQL listener; the engine polls instead");
-                return std::future::pending().await;
-            }
-            let waiting = query(store.sql().subscribe.clone())
-                .bind(key.as_bytes().as_slice())
-                .fetch_optional(&store.inner.pool)
-                .await;
-            if let Ok(Some(_)) = waiting {
-                subscription.await;
-            }
-        })
     }
 }

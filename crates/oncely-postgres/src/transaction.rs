@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use oncely::{ClaimId, StorageKey, StoreError};
+use oncely::store::Claim;
+use oncely::{StorageKey, StoreError};
 use sqlx_core::query::query;
 use sqlx_core::row::Row;
 use sqlx_postgres::PgTransaction;
@@ -29,15 +30,16 @@ pub struct LockedClaim {
 }
 
 impl PostgresStore {
-    /// Locks the record held by `claim_id` in the caller's transaction, until it commits
+    /// Locks the record `claim` holds in the caller's transaction, until it commits
     /// or rolls back, and returns the attempt number and the last recovery point.
     ///
     /// Call it first in every transaction that does some of the operation's work: it is
     /// the fence. After it returned, no other claim can take the key over until the
     /// transaction ends (a takeover waits for the lock, then finds the completion or a
-    /// renewed state), so the writes that follow cannot race a second holder. A claim of
-    /// the same key by a duplicate request waits for the transaction too: keep such
-    /// transactions short. The engine's lease renewal ([`oncely::ClaimGuard::keep_alive`])
+    /// renewed state), so the writes that follow cannot race a second holder. A duplicate
+    /// request that finds the lease live answers "in progress" from its snapshot without
+    /// waiting (and replays, after the commit, never wait); only a claim that found the
+    /// lease lapsed waits for the transaction: keep such transactions short. The engine's lease renewal ([`oncely::ClaimGuard::keep_alive`])
     /// does not wait for this lock (it skips a locked record, which nobody can take over
     /// anyway); instead this call renews the lease, by its length, from the moment it runs,
     /// and so does [`set_recovery_point`](Self::set_recovery_point): call that last in a
@@ -45,19 +47,14 @@ impl PostgresStore {
     /// lease.
     ///
     /// # Errors
-    /// [`StoreError::LeaseLost`] when `claim_id` no longer holds the key (taken over,
+    /// [`StoreError::LeaseLost`] when `claim` no longer holds the key (taken over,
     /// released, deleted or expired): roll back, since another holder may be doing the
     /// work. [`StoreError::Timeout`] when the statement timeout passed first (waiting for
-    /// a duplicate's claim, say), [`StoreError::Unavailable`] when the database failed.
-    pub async fn lock_claim(
-        &self,
-        tx: &mut PgTransaction<'_>,
-        key: &StorageKey,
-        claim_id: ClaimId,
-    ) -> Result<LockedClaim, StoreError> {
+    /// a claim that is taking the key over, say), [`StoreError::Unavailable`] when the database failed.
+    pub async fn lock_claim(&self, tx: &mut PgTransaction<'_>, claim: Claim) -> Result<LockedClaim, StoreError> {
         let row = query(self.sql().hold.clone())
-            .bind(key.as_bytes().as_slice())
-            .bind(uuid(claim_id))
+            .bind(claim.storage_key.as_bytes().as_slice())
+            .bind(uuid(claim.claim_id))
             .fetch_optional(&mut **tx)
             .await
             .map_err(pg_error)?
@@ -76,17 +73,16 @@ impl PostgresStore {
     /// does.
     ///
     /// # Errors
-    /// [`StoreError::LeaseLost`] when `claim_id` no longer holds the key: roll back.
+    /// [`StoreError::LeaseLost`] when `claim` no longer holds the key: roll back.
     pub async fn set_recovery_point(
         &self,
         tx: &mut PgTransaction<'_>,
-        key: &StorageKey,
-        claim_id: ClaimId,
+        claim: Claim,
         point: &str,
     ) -> Result<(), StoreError> {
         let done = query(self.sql().set_recovery_point.clone())
-            .bind(key.as_bytes().as_slice())
-            .bind(uuid(claim_id))
+            .bind(claim.storage_key.as_bytes().as_slice())
+            .bind(uuid(claim.claim_id))
             .bind(point)
             .execute(&mut **tx)
             .await
@@ -94,7 +90,7 @@ impl PostgresStore {
         if done.rows_affected() == 1 { Ok(()) } else { Err(StoreError::LeaseLost) }
     }
 
-    /// Completes the operation held by `claim_id` inside the caller's transaction: the
+    /// Completes the operation `claim` holds inside the caller's transaction: the
     /// result is stored, and waiters notified, when the transaction commits, together
     /// with every other write in it; if it rolls back or the process dies first, the
     /// record stays in progress (and its lease lapses) as if the operation never ran.
@@ -103,17 +99,16 @@ impl PostgresStore {
     /// commit, finish the engine's guard with [`oncely::ClaimGuard::finished_elsewhere`].
     ///
     /// # Errors
-    /// [`StoreError::LeaseLost`] when `claim_id` no longer holds the key: roll back, since
+    /// [`StoreError::LeaseLost`] when `claim` no longer holds the key: roll back, since
     /// another holder owns the operation now.
     pub async fn complete_in(
         &self,
         tx: &mut PgTransaction<'_>,
-        key: &StorageKey,
-        claim_id: ClaimId,
+        claim: Claim,
         payload: Bytes,
         retention: Duration,
     ) -> Result<(), StoreError> {
-        complete_on(&mut **tx, self.sql().complete.clone(), key, claim_id, payload, retention).await?.done()
+        complete_on(&mut **tx, self.sql().complete.clone(), claim, payload, retention).await?.done()
     }
 
     /// The recovery point of the live record at `key`, for inspection. Holders read it

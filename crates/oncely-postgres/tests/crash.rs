@@ -22,7 +22,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use oncely::{Acquired, ConflictMode, IdempotencyKey, Oncely, RecordState, Store};
+use oncely::{Acquired, ConflictMode, IdempotencyKey, Oncely, RecordState, StoreAdmin};
 use oncely_postgres::{PgPool, PostgresStore};
 use sqlx_core::query::query;
 use sqlx_core::query_scalar::query_scalar;
@@ -71,17 +71,14 @@ fn child() {
             panic!("the child is the first to use the key")
         };
         let mut tx = pool.begin().await.expect("begin");
-        store.lock_claim(&mut tx, guard.storage_key(), guard.claim_id()).await.expect("lock");
+        store.lock_claim(&mut tx, guard.claim()).await.expect("lock");
         effect(&mut tx, &table, key.as_str(), "one").await;
         if stop == "between_steps" {
-            store.set_recovery_point(&mut tx, guard.storage_key(), guard.claim_id(), "one").await.expect("point");
+            store.set_recovery_point(&mut tx, guard.claim(), "one").await.expect("point");
             tx.commit().await.expect("commit step one");
         } else {
             let result = Bytes::from(format!("done by the child, {stop}"));
-            store
-                .complete_in(&mut tx, guard.storage_key(), guard.claim_id(), result, oncely.config().retention)
-                .await
-                .expect("complete");
+            store.complete_in(&mut tx, guard.claim(), result, oncely.config().retention).await.expect("complete");
             if stop == "after_commit" {
                 tx.commit().await.expect("commit");
             }
@@ -171,37 +168,29 @@ async fn effects(setup: &Setup, key: &str, step: &str) -> i64 {
 }
 
 /// The retry of a new process: completes the key with the effect in one transaction if
-/// it gets to run, resuming after `recovery point "one"` when there is one.
-async fn retry(setup: &Setup, key: &IdempotencyKey) -> Acquired<PostgresStore> {
+/// it gets to run, resuming after `recovery point "one"` when there is one. Returns the
+/// key's stored result: the replayed one, or the one it stored.
+async fn retry(setup: &Setup, key: &IdempotencyKey) -> Bytes {
     let oncely = engine(setup.store.clone(), Duration::from_secs(30));
-    let acquired = oncely.acquire(key, None).await.expect("the retry acquires or replays");
-    let Acquired::Execute(guard) = acquired else { return acquired };
+    let guard = match oncely.acquire(key, None).await.expect("the retry acquires or replays") {
+        Acquired::Replay(replay) => return replay.payload,
+        Acquired::Execute(guard) => guard,
+    };
     assert!(guard.is_takeover(), "the child's claim is taken over once its lease lapsed");
     let mut tx = setup.pool.begin().await.expect("begin");
-    let locked = setup.store.lock_claim(&mut tx, guard.storage_key(), guard.claim_id()).await.expect("lock");
+    let locked = setup.store.lock_claim(&mut tx, guard.claim()).await.expect("lock");
     assert_eq!(locked.attempt, 2);
     if locked.recovery_point.as_deref() != Some("one") {
         effect(&mut tx, &setup.table, key.as_str(), "one").await;
     }
     effect(&mut tx, &setup.table, key.as_str(), "two").await;
-    let (storage_key, claim_id) = (*guard.storage_key(), guard.claim_id());
-    setup
-        .store
-        .complete_in(&mut tx, &storage_key, claim_id, Bytes::from_static(b"done by the retry"), Duration::from_secs(60))
-        .await
-        .expect("complete");
+    let result = Bytes::from_static(b"done by the retry");
+    setup.store.complete_in(&mut tx, guard.claim(), result, Duration::from_secs(60)).await.expect("complete");
     tx.commit().await.expect("commit");
     guard.finished_elsewhere();
-    Acquired::Replay(oncely.get(key).await.expect("get").expect("the completed record"))
-}
-
-fn payload(acquired: &Acquired<PostgresStore>) -> Bytes {
-    match acquired {
-        Acquired::Replay(record) => match &record.state {
-            RecordState::Completed { payload, .. } => payload.clone(),
-            RecordState::InProgress { .. } => panic!("not completed"),
-        },
-        Acquired::Execute(_) => panic!("not completed"),
+    match oncely.get(key).await.expect("get").expect("the completed record").state {
+        RecordState::Completed { payload, .. } => payload,
+        RecordState::InProgress { .. } => panic!("not completed"),
     }
 }
 
@@ -220,10 +209,10 @@ async fn killed_before_commit_neither_exists_and_the_retry_runs_once() {
     assert!(matches!(record.map(|r| r.state), Some(RecordState::InProgress { .. })), "the child's claim remains");
 
     let outcome = retry(&setup, &key).await;
-    assert_eq!(payload(&outcome), "done by the retry", "the retry ran the operation");
+    assert_eq!(outcome, "done by the retry", "the retry ran the operation");
     assert_eq!(effects(&setup, key.as_str(), "one").await, 1, "the effect exists exactly once");
     let again = retry(&setup, &key).await;
-    assert_eq!(payload(&again), "done by the retry", "a further retry replays");
+    assert_eq!(again, "done by the retry", "a further retry replays");
     assert_eq!(effects(&setup, key.as_str(), "one").await, 1);
 }
 
@@ -238,7 +227,7 @@ async fn killed_after_commit_the_retry_replays_and_writes_nothing() {
     tokio::task::spawn_blocking(move || run_child_and_kill(&url, &table, &k, "after_commit")).await.expect("child");
 
     let outcome = retry(&setup, &key).await;
-    assert_eq!(payload(&outcome), "done by the child, after_commit", "the retry replays the child's result");
+    assert_eq!(outcome, "done by the child, after_commit", "the retry replays the child's result");
     assert_eq!(effects(&setup, key.as_str(), "one").await, 1, "the effect exists exactly once");
     assert_eq!(effects(&setup, key.as_str(), "two").await, 0, "the retry did no work");
 }
@@ -256,7 +245,7 @@ async fn killed_between_steps_the_retry_resumes_at_the_next_step() {
     let storage_key = oncely::StorageKey::derive(&oncely::Scope::global(), &key);
     assert_eq!(setup.store.recovery_point(&storage_key).await.expect("point").as_deref(), Some("one"));
     let outcome = retry(&setup, &key).await;
-    assert_eq!(payload(&outcome), "done by the retry");
+    assert_eq!(outcome, "done by the retry");
     assert_eq!(effects(&setup, key.as_str(), "one").await, 1, "step one ran once, in the child");
     assert_eq!(effects(&setup, key.as_str(), "two").await, 1, "step two ran once, in the retry");
 }

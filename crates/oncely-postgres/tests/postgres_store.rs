@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use oncely::store::StoreErrorKind;
+use oncely::store::{Claim, FirstSeen, StoreErrorKind};
 use oncely::{
     Acquired, ClaimOutcome, ConflictMode, Error, IdempotencyKey, Oncely, RecordState, Scope, StorageKey, Store,
-    StoreError,
+    StoreAdmin, StoreError,
 };
 use oncely_postgres::{PostgresOptions, PostgresStore};
 use oncely_testkit::claim_request;
@@ -27,12 +27,13 @@ fn storage_key(key: &IdempotencyKey) -> StorageKey {
     StorageKey::derive(&Scope::global(), key)
 }
 
-async fn claimed(store: &PostgresStore, lease: Duration) -> (IdempotencyKey, StorageKey, oncely::ClaimId) {
+/// A new key, claimed: the key and the claim holding it.
+async fn claimed(store: &PostgresStore, lease: Duration) -> (IdempotencyKey, Claim) {
     let key = IdempotencyKey::uuid_v4();
     let request = claim_request(&key, None, lease);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    assert_eq!(store.claim(request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
-    (key, storage_key, claim_id)
+    assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+    let claim = request.claim();
+    (key, claim)
 }
 
 /// Returns once some session of the test's database waits on a lock (as the server sees
@@ -89,10 +90,10 @@ async fn connecting_twice_to_one_table_is_repeatable_and_shares_records() {
     let b = PostgresStore::connect(common::database_url().await, common::fresh_options().table(a.table()))
         .await
         .expect("the migration is repeatable");
-    let (key, storage_key, claim_id) = claimed(&a, LONG).await;
-    a.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await.expect("complete");
-    let outcome = b.claim(claim_request(&key, None, LONG)).await.expect("claim");
-    assert!(matches!(outcome, ClaimOutcome::Completed(ref r) if r.hits() == 1), "{outcome:?}");
+    let (key, claim) = claimed(&a, LONG).await;
+    a.complete(claim, Bytes::from_static(b"r"), LONG).await.expect("complete");
+    let outcome = b.claim(&claim_request(&key, None, LONG)).await.expect("claim");
+    assert!(matches!(outcome, ClaimOutcome::Replay(ref r) if r.payload == "r"), "{outcome:?}");
 }
 
 /// The server goes away under a running store: calls fail with `Unavailable` within the
@@ -103,36 +104,38 @@ async fn an_outage_is_unavailable_and_the_store_recovers() {
     let url = server.fresh_database().await;
     let options = common::fresh_options().acquire_timeout(Duration::from_secs(1));
     let store = PostgresStore::connect(&url, options).await.expect("connect");
-    let (_, storage_key, claim_id) = claimed(&store, LONG).await;
+    let (_, claim) = claimed(&store, LONG).await;
 
     server.stop();
     let started = std::time::Instant::now();
-    let claim = store.claim(claim_request(&IdempotencyKey::uuid_v4(), None, LONG)).await;
-    assert!(matches!(claim, Err(StoreError::Unavailable(_))), "{claim:?}");
-    assert_eq!(claim.map_err(|e| e.kind()).err(), Some(StoreErrorKind::Unavailable), "no connection: nothing was sent");
-    let complete = store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await;
+    let new = store.claim(&claim_request(&IdempotencyKey::uuid_v4(), None, LONG)).await;
+    assert!(matches!(new, Err(StoreError::Unavailable(_))), "{new:?}");
+    assert_eq!(new.map_err(|e| e.kind()).err(), Some(StoreErrorKind::Unavailable), "no connection: nothing was sent");
+    let complete = store.complete(claim, Bytes::from_static(b"r"), LONG).await;
     assert!(matches!(complete, Err(StoreError::Unavailable(_))), "{complete:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "failures are prompt: {:?}", started.elapsed());
 
     server.start_again().await;
-    store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await.expect("the claim survived");
+    store.complete(claim, Bytes::from_static(b"r"), LONG).await.expect("the claim survived");
     assert_eq!(store.stats().await.expect("stats").completed, 1);
 }
 
-/// A duplicate's claim waits for the row lock of the holder's transaction; past the
-/// statement timeout the server cancels it, and the call is a `Timeout` (read from the
-/// error's SQLSTATE, 57014), not `Unavailable`.
+/// A claim that finds the holder's lease lapsed would take the key over, so it waits for
+/// the row lock of the holder's transaction; past the statement timeout the server
+/// cancels it, and the call is a `Timeout` (read from the error's SQLSTATE, 57014), not
+/// `Unavailable`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_past_the_statement_timeout_is_a_timeout() {
     let holder = common::fresh_store().await;
-    let (key, storage_key, claim_id) = claimed(&holder, LONG).await;
+    let (key, claim) = claimed(&holder, Duration::from_millis(100)).await;
     let mut tx = holder.pool().begin().await.expect("begin");
-    holder.lock_claim(&mut tx, &storage_key, claim_id).await.expect("the row is locked until the transaction ends");
+    holder.lock_claim(&mut tx, claim).await.expect("the row is locked until the transaction ends");
+    tokio::time::sleep(Duration::from_millis(300)).await; // the lease lapses meanwhile
 
     let options = common::fresh_options().table(holder.table()).statement_timeout(Some(Duration::from_millis(200)));
     let impatient = PostgresStore::connect(common::database_url().await, options).await.expect("connect");
     let started = std::time::Instant::now();
-    let claim = impatient.claim(claim_request(&key, None, LONG)).await;
+    let claim = impatient.claim(&claim_request(&key, None, LONG)).await;
     assert!(matches!(claim, Err(StoreError::Timeout(_))), "{claim:?}");
     assert_eq!(claim.map_err(|e| e.kind()).err(), Some(StoreErrorKind::Timeout));
     assert!(started.elapsed() < Duration::from_secs(5), "cancelled by the timeout: {:?}", started.elapsed());
@@ -147,11 +150,11 @@ async fn purge_deletes_in_batches_until_none_is_left() {
             .expect("connect");
     let mut live = Vec::new();
     for i in 0..30 {
-        let (_, storage_key, claim_id) = claimed(&store, LONG).await;
+        let (_, claim) = claimed(&store, LONG).await;
         let retention = if i < 25 { Duration::from_millis(1) } else { LONG };
-        store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), retention).await.expect("complete");
+        store.complete(claim, Bytes::from_static(b"r"), retention).await.expect("complete");
         if retention == LONG {
-            live.push(storage_key);
+            live.push(claim.storage_key);
         }
     }
     tokio::time::sleep(Duration::from_millis(20)).await; // the 1 ms retentions pass
@@ -172,8 +175,8 @@ async fn the_sweeper_removes_expired_rows_by_itself() {
     let options = common::fresh_options().sweep_interval(Duration::from_millis(100)).sweep_batch(3);
     let store = PostgresStore::connect(common::database_url().await, options).await.expect("connect");
     for _ in 0..10 {
-        let (_, storage_key, claim_id) = claimed(&store, LONG).await;
-        store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), Duration::from_millis(1)).await.expect("ok");
+        let (_, claim) = claimed(&store, LONG).await;
+        store.complete(claim, Bytes::from_static(b"r"), Duration::from_millis(1)).await.expect("ok");
     }
     let count = AssertSqlSafe(format!("SELECT count(*) FROM {}", store.table()));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -190,8 +193,9 @@ async fn the_sweeper_removes_expired_rows_by_itself() {
 #[tokio::test]
 async fn durations_past_a_thousand_years_are_invalid() {
     let store = common::fresh_store().await;
-    let request = claim_request(&IdempotencyKey::uuid_v4(), None, Duration::MAX);
-    assert!(matches!(store.claim(request).await, Err(StoreError::InvalidRequest(_))));
+    let key = IdempotencyKey::uuid_v4();
+    let request = claim_request(&key, None, Duration::MAX);
+    assert!(matches!(store.claim(&request).await, Err(StoreError::InvalidRequest(_))));
 }
 
 /// A rolled-back transaction leaves neither the effect nor the completion; a committed
@@ -201,28 +205,28 @@ async fn complete_in_commits_or_rolls_back_with_the_callers_writes() {
     let store = common::fresh_store().await;
     let effects = format!("{}_effects", store.table());
     store.pool().execute(AssertSqlSafe(format!("CREATE TABLE {effects} (k text)"))).await.expect("create");
-    let (_, storage_key, claim_id) = claimed(&store, LONG).await;
+    let (_, claim) = claimed(&store, LONG).await;
 
     let mut tx = store.pool().begin().await.expect("begin");
-    let locked = store.lock_claim(&mut tx, &storage_key, claim_id).await.expect("lock");
+    let locked = store.lock_claim(&mut tx, claim).await.expect("lock");
     assert_eq!((locked.attempt, locked.recovery_point), (1, None));
     query(AssertSqlSafe(format!("INSERT INTO {effects} VALUES ('x')"))).execute(&mut *tx).await.expect("insert");
-    store.complete_in(&mut tx, &storage_key, claim_id, Bytes::from_static(b"r"), LONG).await.expect("complete");
+    store.complete_in(&mut tx, claim, Bytes::from_static(b"r"), LONG).await.expect("complete");
     tx.rollback().await.expect("rollback");
     let rows: i64 = query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {effects}")))
         .fetch_one(store.pool())
         .await
         .expect("count");
     assert_eq!(rows, 0);
-    let record = store.get(&storage_key).await.expect("get").expect("record");
+    let record = store.get(&claim.storage_key).await.expect("get").expect("record");
     assert!(matches!(record.state, RecordState::InProgress { .. }), "rolled back: still in progress");
 
     let mut tx = store.pool().begin().await.expect("begin");
-    store.lock_claim(&mut tx, &storage_key, claim_id).await.expect("lock");
+    store.lock_claim(&mut tx, claim).await.expect("lock");
     query(AssertSqlSafe(format!("INSERT INTO {effects} VALUES ('x')"))).execute(&mut *tx).await.expect("insert");
-    store.complete_in(&mut tx, &storage_key, claim_id, Bytes::from_static(b"r"), LONG).await.expect("complete");
+    store.complete_in(&mut tx, claim, Bytes::from_static(b"r"), LONG).await.expect("complete");
     tx.commit().await.expect("commit");
-    let record = store.get(&storage_key).await.expect("get").expect("record");
+    let record = store.get(&claim.storage_key).await.expect("get").expect("record");
     assert!(matches!(record.state, RecordState::Completed { ref payload, .. } if payload == "r"));
 }
 
@@ -231,16 +235,16 @@ async fn complete_in_commits_or_rolls_back_with_the_callers_writes() {
 #[tokio::test]
 async fn a_fenced_off_holder_gets_lease_lost_in_its_transaction() {
     let store = common::fresh_store().await;
-    let (key, storage_key, old) = claimed(&store, Duration::from_millis(50)).await;
+    let (key, old) = claimed(&store, Duration::from_millis(50)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
-        store.claim(claim_request(&key, None, LONG)).await.expect("claim"),
+        store.claim(&claim_request(&key, None, LONG)).await.expect("claim"),
         ClaimOutcome::Acquired { takeover: true }
     );
     let mut tx = store.pool().begin().await.expect("begin");
-    assert!(matches!(store.lock_claim(&mut tx, &storage_key, old).await, Err(StoreError::LeaseLost)));
-    assert!(matches!(store.set_recovery_point(&mut tx, &storage_key, old, "x").await, Err(StoreError::LeaseLost)));
-    let late = store.complete_in(&mut tx, &storage_key, old, Bytes::from_static(b"late"), LONG).await;
+    assert!(matches!(store.lock_claim(&mut tx, old).await, Err(StoreError::LeaseLost)));
+    assert!(matches!(store.set_recovery_point(&mut tx, old, "x").await, Err(StoreError::LeaseLost)));
+    let late = store.complete_in(&mut tx, old, Bytes::from_static(b"late"), LONG).await;
     assert!(matches!(late, Err(StoreError::LeaseLost)), "{late:?}");
 }
 
@@ -250,29 +254,32 @@ async fn a_fenced_off_holder_gets_lease_lost_in_its_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_locked_claim_cannot_be_taken_over_and_renewal_does_not_wait_for_it() {
     let store = common::fresh_store().await;
-    let (key, storage_key, claim_id) = claimed(&store, Duration::from_millis(100)).await;
+    let (key, claim) = claimed(&store, Duration::from_millis(100)).await;
     let mut tx = store.pool().begin().await.expect("begin");
-    store.lock_claim(&mut tx, &storage_key, claim_id).await.expect("lock");
+    store.lock_claim(&mut tx, claim).await.expect("lock");
     tokio::time::sleep(Duration::from_millis(300)).await; // the lease lapses meanwhile
 
-    let renewal = tokio::time::timeout(Duration::from_secs(5), store.touch(&storage_key, claim_id, LONG)).await;
+    let renewal = tokio::time::timeout(Duration::from_secs(5), store.touch(claim, LONG)).await;
     assert!(matches!(renewal, Ok(Ok(()))), "touch skips the locked row: {renewal:?}");
 
     let (blocked_tx, mut blocked) = tokio::sync::oneshot::channel();
     let contender = {
         let store = store.clone();
         tokio::spawn(async move {
-            let outcome = store.claim(claim_request(&key, None, LONG)).await;
+            let outcome = store.claim(&claim_request(&key, None, LONG)).await;
             let _ = blocked_tx.send(());
             outcome
         })
     };
     until_a_session_waits_on_a_lock(&store).await;
     assert!(blocked.try_recv().is_err(), "the takeover waits for the holder's transaction");
-    store.complete_in(&mut tx, &storage_key, claim_id, Bytes::from_static(b"mine"), LONG).await.expect("complete");
+    store.complete_in(&mut tx, claim, Bytes::from_static(b"mine"), LONG).await.expect("complete");
     tx.commit().await.expect("commit");
     let outcome = contender.await.expect("task").expect("claim");
-    assert!(matches!(outcome, ClaimOutcome::Completed(_)), "the contender replays the holder's result: {outcome:?}");
+    assert!(
+        matches!(outcome, ClaimOutcome::Replay(ref r) if r.payload == "mine"),
+        "the contender replays the holder's result: {outcome:?}"
+    );
 }
 
 /// A step's transaction that holds the record past the lease is not taken over at its
@@ -283,22 +290,22 @@ async fn a_locked_claim_cannot_be_taken_over_and_renewal_does_not_wait_for_it() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_step_that_outlasts_the_lease_is_not_taken_over_at_its_commit() {
     let store = common::fresh_store().await;
-    let (key, storage_key, claim_id) = claimed(&store, Duration::from_millis(500)).await;
+    let (key, claim) = claimed(&store, Duration::from_millis(500)).await;
     let mut tx = store.pool().begin().await.expect("begin");
-    store.lock_claim(&mut tx, &storage_key, claim_id).await.expect("lock");
+    store.lock_claim(&mut tx, claim).await.expect("lock");
     tokio::time::sleep(Duration::from_millis(700)).await; // the step runs past the lease
 
     let contender = {
         let store = store.clone();
-        tokio::spawn(async move { store.claim(claim_request(&key, None, LONG)).await })
+        tokio::spawn(async move { store.claim(&claim_request(&key, None, LONG)).await })
     };
     // The contender's claim is queued on the row lock (seen by the server, not guessed).
     until_a_session_waits_on_a_lock(&store).await;
-    store.set_recovery_point(&mut tx, &storage_key, claim_id, "step-1").await.expect("recovery point");
+    store.set_recovery_point(&mut tx, claim, "step-1").await.expect("recovery point");
     tx.commit().await.expect("commit");
     let outcome = contender.await.expect("task").expect("claim");
-    assert!(matches!(outcome, ClaimOutcome::InProgress(_)), "the holder is alive between steps: {outcome:?}");
-    store.touch(&storage_key, claim_id, LONG).await.expect("still the holder");
+    assert!(matches!(outcome, ClaimOutcome::InProgress { .. }), "the holder is alive between steps: {outcome:?}");
+    store.touch(claim, LONG).await.expect("still the holder");
 }
 
 /// A multi-step operation: step one commits with a recovery point, the process "dies"
@@ -316,11 +323,8 @@ async fn recovery_points_let_a_takeover_resume() {
 
     let Acquired::Execute(first) = oncely.acquire(&key, None).await.expect("acquire") else { panic!("new key") };
     let mut tx = store.pool().begin().await.expect("begin");
-    assert_eq!(
-        store.lock_claim(&mut tx, first.storage_key(), first.claim_id()).await.expect("lock").recovery_point,
-        None
-    );
-    store.set_recovery_point(&mut tx, first.storage_key(), first.claim_id(), "stock_reserved").await.expect("point");
+    assert_eq!(store.lock_claim(&mut tx, first.claim()).await.expect("lock").recovery_point, None);
+    store.set_recovery_point(&mut tx, first.claim(), "stock_reserved").await.expect("point");
     tx.commit().await.expect("commit");
     first.abandon(); // the process dies here
 
@@ -329,20 +333,17 @@ async fn recovery_points_let_a_takeover_resume() {
     };
     assert!(retry.is_takeover());
     let mut tx = store.pool().begin().await.expect("begin");
-    let locked = store.lock_claim(&mut tx, retry.storage_key(), retry.claim_id()).await.expect("lock");
+    let locked = store.lock_claim(&mut tx, retry.claim()).await.expect("lock");
     assert_eq!(locked.attempt, 2);
     assert_eq!(locked.recovery_point.as_deref(), Some("stock_reserved"));
     let retention = oncely.config().retention;
-    store
-        .complete_in(&mut tx, retry.storage_key(), retry.claim_id(), Bytes::from_static(b"\"confirmed\""), retention)
-        .await
-        .expect("complete");
+    store.complete_in(&mut tx, retry.claim(), Bytes::from_static(b"\"confirmed\""), retention).await.expect("complete");
     tx.commit().await.expect("commit");
     retry.finished_elsewhere();
-    let Acquired::Replay(record) = oncely.acquire(&key, None).await.expect("acquire") else {
+    let Acquired::Replay(replay) = oncely.acquire(&key, None).await.expect("acquire") else {
         panic!("completed: a further retry replays")
     };
-    assert!(matches!(record.state, RecordState::Completed { ref payload, .. } if payload == "\"confirmed\""));
+    assert_eq!(replay.payload, "\"confirmed\"");
 }
 
 /// Releasing a claim that committed a recovery point does not forget the progress: the
@@ -350,18 +351,17 @@ async fn recovery_points_let_a_takeover_resume() {
 #[tokio::test]
 async fn release_after_progress_keeps_the_recovery_point_for_the_next_claim() {
     let store = common::fresh_store().await;
-    let (key, storage_key, claim_id) = claimed(&store, LONG).await;
+    let (key, claim) = claimed(&store, LONG).await;
     let mut tx = store.pool().begin().await.expect("begin");
-    store.set_recovery_point(&mut tx, &storage_key, claim_id, "charged").await.expect("point");
+    store.set_recovery_point(&mut tx, claim, "charged").await.expect("point");
     tx.commit().await.expect("commit");
-    store.release(&storage_key, claim_id).await.expect("release");
-    assert!(matches!(store.release(&storage_key, claim_id).await, Err(StoreError::LeaseLost)), "released once");
+    store.release(claim).await.expect("release");
+    assert!(matches!(store.release(claim).await, Err(StoreError::LeaseLost)), "released once");
 
     let request = claim_request(&key, None, LONG);
-    let new_id = request.claim_id;
-    assert_eq!(store.claim(request).await.expect("claim"), ClaimOutcome::Acquired { takeover: true });
+    assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: true });
     let mut tx = store.pool().begin().await.expect("begin");
-    let locked = store.lock_claim(&mut tx, &storage_key, new_id).await.expect("lock");
+    let locked = store.lock_claim(&mut tx, request.claim()).await.expect("lock");
     assert_eq!(locked.recovery_point.as_deref(), Some("charged"));
 }
 
@@ -410,9 +410,7 @@ async fn a_waiter_is_woken_by_another_stores_completion() {
     guard.complete(Bytes::from_static(b"from a")).await.expect("complete");
     let woken = tokio::time::timeout(Duration::from_secs(10), waiting).await;
     match woken.expect("woken by NOTIFY, not by the hourly poll").expect("task") {
-        Ok(Acquired::Replay(record)) => {
-            assert!(matches!(record.state, RecordState::Completed { ref payload, .. } if payload == "from a"))
-        }
+        Ok(Acquired::Replay(replay)) => assert_eq!(replay.payload, "from a"),
         other => panic!("expected the replay, got {:?}", other.map(|_| ()).map_err(|e: Error| e.to_string())),
     }
 }
@@ -480,20 +478,30 @@ async fn waiters_are_woken_after_the_listener_reconnects() {
     a_waiter_on_b_is_woken_by_a_completion_on_a(a, b).await;
 }
 
-/// A replay commits without waiting for its WAL flush (a hit count need not survive a
-/// server crash), but the relaxed setting is local to that one statement's transaction:
-/// the next statement on the same connection, a completion say, waits for it again.
+/// A flush of hit counts and a repeated first sighting commit without waiting for their
+/// WAL flush (counts need not survive a server crash), but the relaxed setting is local
+/// to that one statement's transaction: the next statement on the same connection, a
+/// completion say, waits for it again.
 #[tokio::test]
-async fn the_relaxed_commit_of_a_replay_does_not_outlive_its_statement() {
+async fn the_relaxed_commit_of_a_count_does_not_outlive_its_statement() {
     let options = common::fresh_options().max_connections(1);
     let store = PostgresStore::connect(common::database_url().await, options).await.expect("connect");
-    let (key, storage_key, claim_id) = claimed(&store, LONG).await;
-    store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await.expect("complete");
-    let replay = store.claim(claim_request(&key, None, LONG)).await.expect("claim");
-    assert!(matches!(replay, ClaimOutcome::Completed(ref r) if r.hits() == 1), "{replay:?}");
-    let setting: String =
-        query_scalar("SELECT current_setting('synchronous_commit')").fetch_one(store.pool()).await.expect("show");
-    assert_eq!(setting, "on", "the one pooled connection is back to the server's setting");
+    let synchronous_commit = || async {
+        let setting: String =
+            query_scalar("SELECT current_setting('synchronous_commit')").fetch_one(store.pool()).await.expect("show");
+        setting
+    };
+    let (_, claim) = claimed(&store, LONG).await;
+    store.complete(claim, Bytes::from_static(b"r"), LONG).await.expect("complete");
+    store.record_hits(&[(claim.storage_key, 2)]).await.expect("record_hits");
+    assert_eq!(store.get(&claim.storage_key).await.expect("get").expect("record").hits(), 2);
+    assert_eq!(synchronous_commit().await, "on", "the one pooled connection is back to the server's setting");
+
+    let (scope, id) = (Scope::new("relaxed"), IdempotencyKey::uuid_v4());
+    let seen = FirstSeen::new(&scope, &id, LONG);
+    assert!(store.first_seen(&seen).await.expect("first"));
+    assert!(!store.first_seen(&seen).await.expect("repeat"));
+    assert_eq!(synchronous_commit().await, "on");
 }
 
 /// The listener's connection is reset (an RST, not an orderly close): the listener
@@ -552,17 +560,17 @@ async fn completing_beside_the_holders_own_transaction_is_refused() {
     let oncely = Oncely::new(store.clone());
     let key = IdempotencyKey::uuid_v4();
     let Acquired::Execute(guard) = oncely.acquire(&key, None).await.expect("acquire") else { panic!("new key") };
-    let (storage_key, claim_id) = (*guard.storage_key(), guard.claim_id());
+    let claim = guard.claim();
     let mut tx = store.pool().begin().await.expect("begin");
-    store.lock_claim(&mut tx, &storage_key, claim_id).await.expect("lock");
+    store.lock_claim(&mut tx, claim).await.expect("lock");
     query(AssertSqlSafe(format!("INSERT INTO {effects} VALUES ('x')"))).execute(&mut *tx).await.expect("effect");
     let wrong = guard.complete(Bytes::from_static(b"\"placed\"")).await; // should be complete_in
     assert!(matches!(wrong, Err(Error::Store(StoreError::InvalidRequest(_)))), "{wrong:?}");
     tx.rollback().await.expect("the caller's `?` rolls back");
-    let record = store.get(&storage_key).await.expect("get").expect("the record");
+    let record = store.get(&claim.storage_key).await.expect("get").expect("the record");
     assert!(matches!(record.state, RecordState::InProgress { .. }), "nothing completed: {record:?}");
     // No background retry was started: the claim is still the holder's to complete.
-    store.complete(&storage_key, claim_id, Bytes::from_static(b"\"placed\""), LONG).await.expect("now it can");
+    store.complete(claim, Bytes::from_static(b"\"placed\""), LONG).await.expect("now it can");
 }
 
 /// A reserved word passes the identifier check but cannot name a table: refused as an
@@ -596,6 +604,7 @@ async fn a_role_without_ddl_rights_starts_on_an_existing_table() {
     }
     let url = common::database_url().await.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
     let store = PostgresStore::connect(&url, common::fresh_options().table(&table)).await.expect("the role connects");
-    let request = claim_request(&IdempotencyKey::uuid_v4(), None, LONG);
-    assert_eq!(store.claim(request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+    let key = IdempotencyKey::uuid_v4();
+    let request = claim_request(&key, None, LONG);
+    assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
 }

@@ -1,10 +1,11 @@
-//! Turning script replies back into [`Record`]s. Everything here reads bytes a server sent,
+//! Turning script replies back into claim outcomes and [`Record`]s. Everything here reads bytes a server sent,
 //! so every malformed reply is a [`StoreError::Corrupt`], never a panic.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use oncely::record::{RecordParts, RecordStateKind};
+use oncely::store::Replay;
 use oncely::{ClaimId, ClaimOutcome, Record, StorageKey, StoreError};
 use redis::Value;
 
@@ -46,20 +47,34 @@ pub(crate) fn array(value: Value) -> Result<Vec<Value>, StoreError> {
     }
 }
 
-/// The claim script's reply: a one-letter verdict, then the record's fields when it
-/// matters.
+/// The claim script's reply: a one-letter verdict, then what the outcome carries (a
+/// replay's payload, completion time and hits; an in-progress record's lease end).
 pub(crate) fn claim_outcome(storage_key: &StorageKey, value: Value) -> Result<ClaimOutcome, StoreError> {
     let mut items = array(value)?.into_iter();
     let verdict = items.next().map(bytes_of).transpose()?.ok_or_else(|| corrupt("empty claim reply"))?;
-    let record = |items| record(storage_key, items);
+    let mut field = |name: &str| {
+        items.next().map(bytes_of).transpose()?.ok_or_else(|| corrupt(format!("record {storage_key}: no {name}")))
+    };
     Ok(match verdict.as_slice() {
         b"a" => ClaimOutcome::Acquired { takeover: false },
         b"t" => ClaimOutcome::Acquired { takeover: true },
-        b"c" => ClaimOutcome::Completed(record(items.collect())?),
-        b"i" => ClaimOutcome::InProgress(record(items.collect())?),
-        b"m" => ClaimOutcome::Mismatch(record(items.collect())?),
+        b"c" => {
+            let payload = Bytes::from(field("payload")?);
+            let completed_at = time(&field("completion time")?)?;
+            let hits = signed(&field("hit count")?)?;
+            let hits = u64::try_from(hits).map_err(|_| corrupt(format!("record {storage_key}: hit count {hits}")))?;
+            ClaimOutcome::Replay(Replay { payload, completed_at, hits })
+        }
+        b"i" => ClaimOutcome::InProgress { lease_until: time(&field("lease end")?)? },
+        b"m" => ClaimOutcome::Mismatch,
         other => return Err(corrupt(format!("unknown claim verdict {:?}", String::from_utf8_lossy(other)))),
     })
+}
+
+/// The get script's reply: the record's fields, or none for an absent or expired record.
+pub(crate) fn found_record(storage_key: &StorageKey, value: Value) -> Result<Option<Record>, StoreError> {
+    let fields = array(value)?;
+    if fields.is_empty() { Ok(None) } else { record(storage_key, fields).map(Some) }
 }
 
 /// A record from `HGETALL`'s flat field/value list.
@@ -174,12 +189,39 @@ mod tests {
             Value::Int(3),
             Value::Array(vec![]),
             Value::Array(vec![bulk(b"x")]),
-            Value::Array(vec![bulk(b"c"), bulk(b"s")]),
-            Value::Array(vec![bulk(b"c"), bulk(b"s"), bulk(b"c"), bulk(b"k"), bulk(b"\xff")]),
-            Value::Array(vec![bulk(b"i"), bulk(b"s"), bulk(b"p"), bulk(b"l"), bulk(b"soon")]),
+            Value::Array(vec![bulk(b"c")]),
+            Value::Array(vec![bulk(b"c"), bulk(b"r"), bulk(b"17")]),
+            Value::Array(vec![bulk(b"c"), bulk(b"r"), bulk(b"17"), bulk(b"-1")]),
+            Value::Array(vec![bulk(b"c"), Value::Nil, bulk(b"17"), bulk(b"0")]),
+            Value::Array(vec![bulk(b"i"), bulk(b"soon")]),
+            Value::Array(vec![bulk(b"i")]),
         ] {
-            assert!(matches!(claim_outcome(&key, reply), Err(StoreError::Corrupt(_))));
+            assert!(matches!(claim_outcome(&key, reply.clone()), Err(StoreError::Corrupt(_))), "{reply:?}");
         }
+        for reply in [
+            Value::Int(3),
+            Value::Array(vec![bulk(b"s"), bulk(b"c"), bulk(b"k"), bulk(b"\xff")]),
+            Value::Array(vec![bulk(b"s"), bulk(b"p"), bulk(b"l"), bulk(b"soon")]),
+        ] {
+            assert!(matches!(found_record(&key, reply.clone()), Err(StoreError::Corrupt(_))), "{reply:?}");
+        }
+    }
+
+    #[test]
+    fn claim_replies_decode_to_their_outcomes() {
+        let key = StorageKey::derive_raw("s", "k");
+        let reply = |items: &[&[u8]]| Value::Array(items.iter().map(|item| bulk(item)).collect());
+        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        assert_eq!(claim_outcome(&key, reply(&[b"a"])).ok(), Some(ClaimOutcome::Acquired { takeover: false }));
+        assert_eq!(claim_outcome(&key, reply(&[b"t"])).ok(), Some(ClaimOutcome::Acquired { takeover: true }));
+        assert_eq!(claim_outcome(&key, reply(&[b"m"])).ok(), Some(ClaimOutcome::Mismatch));
+        assert_eq!(
+            claim_outcome(&key, reply(&[b"i", b"1700000000123"])).ok(),
+            Some(ClaimOutcome::InProgress { lease_until: at(1_700_000_000_123) })
+        );
+        let replay = Replay { payload: Bytes::from_static(b"\x00r"), completed_at: at(42), hits: 7 };
+        assert_eq!(claim_outcome(&key, reply(&[b"c", b"\x00r", b"42", b"7"])).ok(), Some(ClaimOutcome::Replay(replay)));
+        assert_eq!(found_record(&key, Value::Array(vec![])).ok(), Some(None));
     }
 
     #[test]

@@ -29,8 +29,10 @@ impl Topology {
     /// - `redis+cluster://[user:password@]host:port,host:port,…`: Cluster;
     /// - options in the query: `prefix=NAME` (the key prefix, default `oncely`),
     ///   `timeout=DURATION` (each command, default `1s`), `connect_timeout=DURATION`
-    ///   (default `1s`). Durations are humantime: `250ms`, `2s`. Any other option is
-    ///   refused, so that a misspelt `prefix` cannot silently share the default one.
+    ///   (default `1s`), `replica=redis://HOST:PORT` (standalone only: serve replays from
+    ///   that replica, see [`RedisOptions::replica`]). Durations are humantime: `250ms`,
+    ///   `2s`. Any other option is refused, so that a misspelt `prefix` cannot silently
+    ///   share the default one.
     ///
     /// ```
     /// use oncely_redis::Topology;
@@ -57,7 +59,12 @@ impl Topology {
                     options.connection_timeout =
                         duration(value).map_err(|e| invalid(&format!("connect_timeout: {e}")))?
                 }
-                _ => return Err(invalid(&format!("unknown option {name:?}; use prefix, timeout, connect_timeout"))),
+                "replica" => options = options.replica(value).map_err(|e| invalid(&e.to_string()))?,
+                _ => {
+                    return Err(invalid(&format!(
+                        "unknown option {name:?}; use prefix, timeout, connect_timeout, replica"
+                    )));
+                }
             }
         }
         let (scheme, rest) = base.split_once("://").ok_or_else(|| invalid("not a URL"))?;
@@ -176,6 +183,48 @@ impl Connection {
         }
     }
 
+    /// Several runs of `script` in one pipeline on a standalone server: one round trip.
+    /// Runs answered `NOSCRIPT` (a restarted or failed-over server; none of them ran) are
+    /// sent again, once, after `SCRIPT LOAD`. Any other error answers the whole call with
+    /// it, though the other runs did run. Cluster has no pipeline across slots: there, each
+    /// run goes on its own, all at once, and the first error answers the call.
+    pub(crate) async fn invoke_all(
+        &self,
+        script: &Script,
+        invocations: &[ScriptInvocation<'_>],
+    ) -> RedisResult<Vec<Value>> {
+        let Connection::Standalone(c) = self else {
+            let runs = invocations.iter().map(|invocation| self.invoke(invocation));
+            return futures_util::future::try_join_all(runs).await;
+        };
+        let pipeline = |runs: &mut dyn Iterator<Item = &ScriptInvocation<'_>>| {
+            let mut pipeline = redis::pipe();
+            pipeline.ignore_errors();
+            for invocation in runs {
+                pipeline.invoke_script(invocation);
+            }
+            pipeline
+        };
+        let no_script = |value: &Value| matches!(value, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript));
+        let mut replies: Vec<Value> = pipeline(&mut invocations.iter()).query_async(&mut c.clone()).await?;
+        let again: Vec<usize> = (0..replies.len()).filter(|&i| no_script(&replies[i])).collect();
+        if !again.is_empty() {
+            self.load(script).await?;
+            let retried: Vec<Value> =
+                pipeline(&mut again.iter().filter_map(|&i| invocations.get(i))).query_async(&mut c.clone()).await?;
+            for (i, reply) in again.into_iter().zip(retried) {
+                replies[i] = reply;
+            }
+        }
+        replies
+            .into_iter()
+            .map(|reply| match reply {
+                Value::ServerError(error) => Err(error.into()),
+                reply => Ok(reply),
+            })
+            .collect()
+    }
+
     /// `SCRIPT LOAD`: on Cluster, on every primary.
     pub(crate) async fn load(&self, script: &Script) -> RedisResult<String> {
         match self {
@@ -240,6 +289,8 @@ mod tests {
         assert_eq!(t, Topology::Standalone("redis://127.0.0.1:6379/2".into()));
         assert_eq!(o.response_timeout, Duration::from_millis(250));
         assert_eq!(o.prefix_str(), "oncely");
+        let (_, o) = Topology::parse("redis://h:1?replica=redis://r:2").expect("valid");
+        assert_eq!(o.replica_url(), Some("redis://r:2"));
         let (t, _) = Topology::parse("redis+cluster://u:p@a:1,b:2/").expect("valid");
         assert_eq!(t, Topology::Cluster(vec!["redis://u:p@a:1".into(), "redis://u:p@b:2".into()]));
         for bad in [
@@ -251,6 +302,7 @@ mod tests {
             "redis://h:1?timeout=soon",
             "redis://h:1?timeout=0s",
             "redis://h:1?prefx=payments",
+            "redis://h:1?replica=rediss://r:1",
         ] {
             assert!(matches!(Topology::parse(bad), Err(OpenError::InvalidUrl(_))), "{bad}");
         }

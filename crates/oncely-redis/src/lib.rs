@@ -19,18 +19,23 @@
 //!
 //! # How it keeps the contract
 //!
-//! - **One script call per state change.** Claim (create, take over a lapsed lease, count a
-//!   hit, or return the existing record), complete, release and touch are each one Lua
-//!   script run with `EVALSHA`; Redis runs a script to its end before serving anything
-//!   else, so each is atomic. The scripts are loaded once at connect and reloaded
-//!   automatically on `NOSCRIPT` (a restarted or failed-over server). See [`scripts`].
-//! - **Round trips.** A new operation costs two (claim, complete), a replay one: the hit is
-//!   counted inside the claim script. `tests/redis_store.rs` proves it with
-//!   `INFO commandstats`.
+//! - **One script call per state change.** Claim (create, take over a lapsed lease, or
+//!   return what holds the key), complete, release and touch are each one Lua script run
+//!   with `EVALSHA`; Redis runs a script to its end before serving anything else, so each
+//!   is atomic. The scripts are loaded once at connect and reloaded automatically on
+//!   `NOSCRIPT` (a restarted or failed-over server). See [`scripts`].
+//! - **A replay writes nothing.** The claim script that finds a completed record reads it
+//!   and returns; Redis 7 replicates a script's effects, so it sends nothing to the AOF or
+//!   the replicas and leaves the server's dirty counter alone. Hits are counted by the
+//!   engine and flushed with [`Store::record_hits`]: one pipeline of hits-script runs on
+//!   a standalone server, one run per slot, sent at once, on Cluster.
+//! - **Round trips.** A new operation costs two (claim, complete), a replay one (the
+//!   claim). `tests/redis_store.rs` proves both with `INFO commandstats`, and that a
+//!   replay writes nothing with the server's dirty counter (`INFO persistence`).
 //! - **Time** comes from `TIME` inside the scripts, never from the client's clock.
 //! - **Fencing.** complete/release/touch compare the record's claim id inside the script.
 //! - **Expiry.** Every script treats a record past its `expires_at` as absent; the record's
-//!   `PEXPIREAT` at that instant is only garbage collection, so [`Store::purge_expired`]
+//!   `PEXPIREAT` at that instant is only garbage collection, so [`StoreAdmin::purge_expired`]
 //!   has nothing to do and answers 0.
 //! - **Cluster.** A record is one hash, `PREFIX:{<storage key hex>}`, and its wake-up
 //!   channel is `PREFIX:{<storage key hex>}:w`: the hash tag puts both in one slot, so
@@ -82,13 +87,25 @@
 //!
 //! If an operation must never run twice even across these failures, use a store whose
 //! acknowledgement is a durable commit (SQLite in sync mode, PostgreSQL).
+//!
+//! # Replays from a replica (opt-in)
+//!
+//! [`RedisOptions::replica`] (`?replica=redis://HOST:PORT` in the URL) reads each claim's
+//! record on a replica first (`EVALSHA_RO`) and answers a replay from there, so replays
+//! take no capacity on the primary; anything else goes on to the primary's claim. A new key
+//! then costs three round trips instead of two. A lagging replica only sends requests on to
+//! the primary; after a failover to a replica that missed a completion the key runs again,
+//! exactly as it would without the option, since the completion was lost with the old
+//! primary. Its documentation lists what else the lag means (a deleted or expired record
+//! may be replayed from the replica for the lag). Standalone only.
 
 #[cfg(doc)]
-use oncely::{Store, StoreError};
+use oncely::{Store, StoreAdmin, StoreError};
 
 mod codec;
 mod connection;
 mod options;
+mod replica;
 mod scan;
 pub mod scripts;
 mod store;
@@ -97,7 +114,7 @@ mod url;
 
 pub use url::RedisUrl;
 
-/// Fuzzing only: decodes a claim script's reply, records included.
+/// Fuzzing only: decodes a claim script's reply.
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub fn fuzz_claim_outcome(
@@ -105,6 +122,16 @@ pub fn fuzz_claim_outcome(
     reply: redis::Value,
 ) -> Result<oncely::ClaimOutcome, oncely::StoreError> {
     codec::claim_outcome(key, reply)
+}
+
+/// Fuzzing only: decodes the get script's reply, a record's fields (or none).
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn fuzz_record(
+    key: &oncely::StorageKey,
+    reply: redis::Value,
+) -> Result<Option<oncely::Record>, oncely::StoreError> {
+    codec::found_record(key, reply)
 }
 
 pub use connection::Topology;

@@ -17,11 +17,24 @@ use crate::RedisStore;
 /// let options = RedisOptions::default().prefix("payments").unwrap().response_timeout(Duration::from_millis(500));
 /// assert_eq!(options.prefix_str(), "payments");
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisOptions {
     pub(crate) prefix: String,
     pub(crate) response_timeout: Duration,
     pub(crate) connection_timeout: Duration,
+    pub(crate) replica: Option<String>,
+}
+
+impl std::fmt::Debug for RedisOptions {
+    /// The replica's password shown as `***`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("prefix", &self.prefix)
+            .field("response_timeout", &self.response_timeout)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("replica", &self.replica.as_deref().map(crate::connection::redact))
+            .finish()
+    }
 }
 
 impl Default for RedisOptions {
@@ -30,6 +43,7 @@ impl Default for RedisOptions {
             prefix: "oncely".into(),
             response_timeout: Duration::from_secs(1),
             connection_timeout: Duration::from_secs(1),
+            replica: None,
         }
     }
 }
@@ -71,6 +85,55 @@ impl RedisOptions {
     pub fn connection_timeout(mut self, timeout: Duration) -> Self {
         self.connection_timeout = timeout;
         self
+    }
+
+    /// Opt-in: serve replays from a replica of the (standalone) primary, at `url`
+    /// (`redis://[user:password@]host:port[/db]`, the primary's database). Off by default.
+    ///
+    /// Each claim first reads the record on the replica with a read-only script
+    /// (`EVALSHA_RO`); a live completed record with the request's fingerprint is replayed
+    /// from there and the primary never hears of the request. Anything else (absent, in
+    /// progress, another fingerprint, or the replica failing or timing out) goes on to the
+    /// primary's claim script, which decides as it always does. Round trips: a replay
+    /// costs one, on the replica; a new key costs three (the replica read, then claim and
+    /// complete on the primary).
+    ///
+    /// What it means, since replication is asynchronous:
+    ///
+    /// - **A lagging replica** may not have a completion yet: the request falls through to
+    ///   the primary, which replays it. Nothing runs twice because of the lag.
+    /// - **Expiry and deletion** are judged by the replica's copy and clock: a record
+    ///   deleted on the primary, or expired by the primary's clock, may still be replayed
+    ///   from the replica for the replication lag (or the clocks' skew).
+    /// - **After a failover** to a replica that had not received a completion, the key
+    ///   runs again. That is the same as without this option: the completion was lost with
+    ///   the old primary either way (see the [crate docs](crate#persistence-what-redis-can-lose)).
+    ///   A replica promoted to primary answers the replica reads too, which stays correct.
+    /// - **A replica that does not answer** costs each claim up to the
+    ///   [response timeout](Self::response_timeout) before the primary is asked (a refused
+    ///   connection costs nothing noticeable); its failures are logged at debug level.
+    ///
+    /// Only for a standalone topology: on Cluster the store refuses to open
+    /// ([`OpenError::Unsupported`]).
+    ///
+    /// # Errors
+    /// [`OpenError::InvalidUrl`] for a URL that is not `redis://` with a host.
+    pub fn replica(mut self, url: &str) -> Result<Self, OpenError> {
+        match url.strip_prefix("redis://") {
+            Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {
+                self.replica = Some(url.to_string());
+                Ok(self)
+            }
+            _ => Err(OpenError::InvalidUrl(format!(
+                "replica {:?}: use redis://host:port",
+                crate::connection::redact(url)
+            ))),
+        }
+    }
+
+    /// The replica replays are served from, if any (see [`replica`](Self::replica)).
+    pub fn replica_url(&self) -> Option<&str> {
+        self.replica.as_deref()
     }
 }
 

@@ -1,15 +1,16 @@
-//! Administration by scanning: [`Store::stats`] and [`Store::list`] read the whole key
+//! Administration by scanning: [`StoreAdmin::stats`] and [`StoreAdmin::list`] read the whole key
 //! space (`SCAN` on the server, or on each primary of a cluster), so they are for admin
 //! tools, never for the request path.
 
 use futures_util::{StreamExt, TryStreamExt};
-use oncely::{Record, StorageKey, Store, StoreError, StoreStats};
+use oncely::store::StoreAdmin;
+use oncely::{Record, StorageKey, StoreError, StoreStats};
 
 use crate::RedisStore;
 use crate::connection::Connection;
 use crate::store::store_error;
 
-/// How admin scans ([`Store::stats`], [`Store::list`]) read records: this many at once.
+/// How admin scans ([`StoreAdmin::stats`], [`StoreAdmin::list`]) read records: this many at once.
 const SCAN_CONCURRENCY: usize = 32;
 
 impl RedisStore {
@@ -69,7 +70,7 @@ impl RedisStore {
         Ok(primaries)
     }
 
-    /// [`Store::stats`]: the state of every record, read [`SCAN_CONCURRENCY`] at a time.
+    /// [`StoreAdmin::stats`]: the state of every record, read [`SCAN_CONCURRENCY`] at a time.
     pub(crate) async fn stats_by_scan(&self) -> Result<StoreStats, StoreError> {
         let keys = self.scan().await?;
         let states: Vec<Option<u8>> = futures_util::stream::iter(keys)
@@ -91,7 +92,7 @@ impl RedisStore {
         Ok(stats)
     }
 
-    /// [`Store::list`]: the storage keys sorted, then the records after `after` read
+    /// [`StoreAdmin::list`]: the storage keys sorted, then the records after `after` read
     /// [`SCAN_CONCURRENCY`] at a time.
     pub(crate) async fn list_by_scan(
         &self,

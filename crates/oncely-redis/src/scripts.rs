@@ -10,7 +10,13 @@
 //! Redis replicates a script's effects, not the script, so `TIME` is allowed before
 //! writes and replicas apply the same values.
 //!
-//! **Cluster.** A script touches exactly one key, `KEYS[1]`, the record's hash. Its
+//! **Replays write nothing.** The claim script writes only when it creates or takes over a
+//! record; one that finds a completed record reads it and returns. Hits are not counted
+//! there: the engine counts them in the process and flushes them in batches through the
+//! hits script, which is the only script with several keys.
+//!
+//! **Cluster.** A script touches exactly one key, `KEYS[1]`, the record's hash (the hits
+//! script: several records, all of one slot, since the store groups a batch by slot). Its
 //! wake-up channel (the second-to-last `ARGV`) shares the hash tag `{<storage key>}`, so a
 //! sharded `SPUBLISH` from inside the script stays in the script's slot. The channel is
 //! deliberately not declared in `KEYS`: it never exists as a key, and while its slot is
@@ -25,8 +31,9 @@
 //! whatever Redis has collected; `PEXPIREAT` at the same instant is only the garbage
 //! collection, on the same clock.
 //!
-//! Every script gets the wake-up channel and the pub/sub mode as its last two `ARGV` (`p`
-//! for `PUBLISH`, `s` for sharded `SPUBLISH` on Cluster).
+//! Every script but the hits and replica-read scripts gets the wake-up channel and the
+//! pub/sub mode as its last two `ARGV` (`p` for `PUBLISH`, `s` for sharded `SPUBLISH` on
+//! Cluster).
 //!
 //! The record is a hash with short field names (they are stored once per record):
 //!
@@ -38,7 +45,7 @@
 //! | `f` | fingerprint, 32 bytes, or empty |
 //! | `k`, `o` | the raw key and scope, for inspection |
 //! | `t`, `e` | created at, expires at (ms) |
-//! | `p`, `d`, `h` | payload, completed at (ms), hits (completed only) |
+//! | `p`, `d`, `h` | payload, completed at (ms), hits flushed so far (completed only) |
 
 use std::sync::LazyLock;
 
@@ -67,26 +74,32 @@ end
 "#;
 
 /// Claim. ARGV: claim id, fingerprint (empty for none), raw key, scope, lease ms,
-/// retention ms, channel, pub/sub mode. Returns `{'a'}` acquired, `{'t'}` taken over, or
-/// `{'c'|'i'|'m', field, value, …}`: completed (hit counted), in progress, mismatch. The
-/// record lives at least as long as the lease, so it cannot expire under a live claim.
+/// retention ms, channel, pub/sub mode. Returns `{'a'}` acquired, `{'t'}` taken over,
+/// `{'c', payload, completed at, hits}` completed, `{'i', lease until}` in progress, or
+/// `{'m'}` mismatch. The record lives at least as long as the lease, so it cannot expire
+/// under a live claim.
+///
+/// **A replay is a read.** On a completed record (and on an in-progress one, a mismatch
+/// or a re-delivery) the script runs only `TIME` and `HMGET`: Redis 7 replicates a
+/// script's effects, so a script that wrote nothing sends nothing to the AOF or the
+/// replicas and leaves the server's dirty counter as it was. Hits are counted by the
+/// engine and flushed with the hits script.
 const CLAIM: &str = r#"
-local r = redis.call('HMGET', KEYS[1], 's', 'l', 'f', 'e', 'c')
+local r = redis.call('HMGET', KEYS[1], 's', 'l', 'f', 'e', 'c', 'p', 'd', 'h')
 local lease_until = now + tonumber(ARGV[5])
 local expires = math.max(now + tonumber(ARGV[6]), lease_until)
 if r[1] and tonumber(r[4]) > now then
   if r[3] ~= ARGV[2] then
-    return {'m', unpack(redis.call('HGETALL', KEYS[1]))}
+    return {'m'}
   end
   if r[1] == 'c' then
-    redis.call('HINCRBY', KEYS[1], 'h', 1)
-    return {'c', unpack(redis.call('HGETALL', KEYS[1]))}
+    return {'c', r[6], r[7], r[8]}
   end
   if r[5] == ARGV[1] then
     return {'a'}
   end
   if tonumber(r[2]) > now then
-    return {'i', unpack(redis.call('HGETALL', KEYS[1]))}
+    return {'i', r[2]}
   end
   redis.call('HSET', KEYS[1], 'c', ARGV[1], 'l', ms(lease_until), 'e', ms(expires))
   redis.call('PEXPIREAT', KEYS[1], ms(expires))
@@ -176,6 +189,38 @@ redis.call('PEXPIREAT', KEYS[1], ms(expires))
 return 1
 "#;
 
+/// Hits. KEYS: records; ARGV: the count to add to each, in the same order. Adds each
+/// count to a live completed record and skips any other (absent, expired, in progress).
+/// Returns how many records were counted. One run is atomic, and each record it counts is
+/// checked and incremented under that one run, so a count never lands on a record that
+/// expired or was replaced in between. A key of another type, or a count that would
+/// overflow, is skipped (`pcall`) rather than abandoning the run half-way: a script's
+/// writes are not rolled back when it fails. On Cluster every key of one run is in one
+/// slot.
+const HITS: &str = r#"
+local counted = 0
+for i, key in ipairs(KEYS) do
+  local r = redis.pcall('HMGET', key, 's', 'e')
+  if not r.err and r[1] == 'c' and tonumber(r[2]) > now then
+    if type(redis.pcall('HINCRBY', key, 'h', ARGV[i])) == 'number' then counted = counted + 1 end
+  end
+end
+return counted
+"#;
+
+/// Replica read, for the opt-in replays from a replica (run there with `EVALSHA_RO`, so the
+/// server refuses it any write). ARGV: fingerprint (empty for none). Returns
+/// `{'c', payload, completed at, hits}` for a live completed record with that fingerprint,
+/// by the replica's clock, and an empty array for anything else, which the primary's claim
+/// script then decides.
+const REPLICA_READ: &str = r#"
+local r = redis.call('HMGET', KEYS[1], 's', 'f', 'e', 'p', 'd', 'h')
+if r[1] == 'c' and tonumber(r[3]) > now and r[2] == ARGV[1] then
+  return {'c', r[4], r[5], r[6]}
+end
+return {}
+"#;
+
 fn script(body: &str) -> Script {
     Script::new(&format!("{PRELUDE}{body}"))
 }
@@ -196,9 +241,15 @@ pub static STATE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(STATE));
 pub static DELETE_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(DELETE));
 /// The first-seen script, ready for `EVALSHA`.
 pub static FIRST_SEEN_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(FIRST_SEEN));
+/// The hits script, ready for `EVALSHA`.
+pub static HITS_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(HITS));
+
+/// The replica read script, for `EVALSHA_RO` on a replica. Not among [`all`]: it is
+/// loaded on the replica, not the primary.
+pub static REPLICA_READ_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(REPLICA_READ));
 
 /// Every script, for loading them all once at connect (`SCRIPT LOAD`).
-pub fn all() -> [&'static Script; 8] {
+pub fn all() -> [&'static Script; 9] {
     [
         &CLAIM_SCRIPT,
         &COMPLETE_SCRIPT,
@@ -208,5 +259,6 @@ pub fn all() -> [&'static Script; 8] {
         &STATE_SCRIPT,
         &DELETE_SCRIPT,
         &FIRST_SEEN_SCRIPT,
+        &HITS_SCRIPT,
     ]
 }

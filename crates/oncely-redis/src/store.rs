@@ -1,19 +1,19 @@
 //! The store on the request path: [`RedisStore`], its connection and key naming, and
 //! its [`Store`] implementation, one script call per state change.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use oncely::store::Notified;
-use oncely::{
-    ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, Record, Scope, StorageKey, Store, StoreError, StoreStats,
-};
+use oncely::store::{Claim, FirstSeen, Notified, StoreAdmin};
+use oncely::{ClaimId, ClaimOutcome, ClaimRequest, Record, StorageKey, Store, StoreError, StoreStats};
+use redis::cluster_routing::Slot;
 use redis::{RedisError, Value};
 
 use crate::codec;
 use crate::connection::Connection;
+use crate::replica::Replica;
 use crate::scripts::{self, *};
 use crate::subscriptions::Subscriptions;
 use crate::{OpenError, RedisOptions, Topology};
@@ -24,6 +24,8 @@ pub struct RedisStore {
     pub(crate) connection: Connection,
     pub(crate) prefix: Arc<str>,
     subscriptions: Arc<Subscriptions>,
+    /// The replica replays are read from first, when [`RedisOptions::replica`] is set.
+    replica: Option<Replica>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -31,6 +33,7 @@ impl std::fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
             .field("cluster", &self.connection.is_cluster())
+            .field("replica_reads", &self.replica.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -45,12 +48,20 @@ impl RedisStore {
         Self::connect(&topology, options).await
     }
 
-    /// Connects, and loads the scripts on every primary.
+    /// Connects, and loads the scripts on every primary (and the replica read on the
+    /// replica, with [`RedisOptions::replica`]).
     ///
     /// # Errors
     /// [`OpenError::Connect`] when no connection can be made or the scripts cannot be
-    /// loaded.
+    /// loaded; [`OpenError::Unsupported`] for a replica on Cluster.
     pub async fn connect(topology: &Topology, options: RedisOptions) -> Result<Self, OpenError> {
+        let replica = match (&options.replica, topology) {
+            (None, _) => None,
+            (Some(url), Topology::Standalone(_)) => Some(Replica::open(url, &options).await?),
+            (Some(_), Topology::Cluster(_)) => {
+                return Err(OpenError::Unsupported("replica reads are for a standalone primary, not a Cluster"));
+            }
+        };
         let subscriptions = Arc::new(Subscriptions::default());
         let dispatch = subscriptions.clone();
         let push = move |push: redis::PushInfo| {
@@ -58,7 +69,7 @@ impl RedisStore {
             Ok::<(), redis::aio::SendError>(())
         };
         let connection = Connection::open(topology, &options, push).await?;
-        let store = RedisStore { connection, prefix: options.prefix.into(), subscriptions };
+        let store = RedisStore { connection, prefix: options.prefix.into(), subscriptions, replica };
         store.check_server().await?;
         // Loaded once here (on Cluster, `SCRIPT LOAD` goes to every primary); later
         // `NOSCRIPT` answers reload them on demand.
@@ -151,6 +162,40 @@ impl RedisStore {
     }
 }
 
+/// How many records one run of the hits script counts at most, so that a large flush
+/// never holds the server for long (a run costs about a microsecond per record); a flush
+/// of more is several runs, still in one pipeline.
+const HITS_PER_RUN: usize = 512;
+
+impl RedisStore {
+    /// [`Store::record_hits`], in [`HITS_PER_RUN`]-record runs of the hits script.
+    pub(crate) async fn add_hits(&self, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
+        // By slot on Cluster; one group (`None`) on a standalone server.
+        let mut groups: HashMap<Option<Slot>, Vec<(String, i64)>> = HashMap::new();
+        for (key, n) in hits.iter().filter(|(_, n)| *n > 0) {
+            let record_key = self.record_key(key);
+            let slot = self.connection.is_cluster().then(|| Slot::for_key(&record_key));
+            // `HINCRBY` takes a signed 64-bit increment.
+            groups.entry(slot).or_default().push((record_key, i64::try_from(*n).unwrap_or(i64::MAX)));
+        }
+        let invocations: Vec<redis::ScriptInvocation<'_>> = groups
+            .values()
+            .flat_map(|group| group.chunks(HITS_PER_RUN))
+            .map(|run| {
+                let mut invocation = HITS_SCRIPT.prepare_invoke();
+                for (record_key, n) in run {
+                    invocation.key(record_key).arg(n);
+                }
+                invocation
+            })
+            .collect();
+        if invocations.is_empty() {
+            return Ok(());
+        }
+        self.connection.invoke_all(&HITS_SCRIPT, &invocations).await.map(drop).map_err(store_error)
+    }
+}
+
 /// A client error as a store error, by the client's error kind and the server's error
 /// code, never by the message:
 ///
@@ -178,103 +223,98 @@ fn lease_lost_unless(held: bool) -> Result<(), StoreError> {
     if held { Ok(()) } else { Err(StoreError::LeaseLost) }
 }
 
-#[async_trait]
 impl Store for RedisStore {
-    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        let (lease, retention) = (codec::millis(request.lease)?, codec::millis(request.retention)?);
-        let fingerprint: &[u8] = match &request.fingerprint {
+    /// One `EVALSHA` of the claim script. Atomic: Redis runs the script to its end before
+    /// any other command. A replay (and an in-progress or mismatched record) is a read: the
+    /// script writes nothing, so nothing reaches the AOF or the replicas.
+    ///
+    /// With [`RedisOptions::replica`], one `EVALSHA_RO` on the replica first: a replay it
+    /// holds is answered from there; anything else, or a replica that fails, goes on to
+    /// the claim script on the primary, which alone decides everything but a replay.
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        let (lease, retention) = (codec::millis(request.lease())?, codec::millis(request.retention())?);
+        if let Some(replica) = &self.replica {
+            match replica.replay(&self.record_key(request.storage_key()), request).await {
+                Ok(Some(replay)) => return Ok(ClaimOutcome::Replay(replay)),
+                Ok(None) => {}
+                Err(error) => tracing::debug!(%error, "the replica read failed; claiming on the primary"),
+            }
+        }
+        let fingerprint: &[u8] = match request.fingerprint() {
             Some(fingerprint) => fingerprint.as_bytes(),
             None => b"",
         };
+        let claim_id = request.claim_id().to_bytes();
         let reply = self
-            .run(&CLAIM_SCRIPT, &request.storage_key, |i| {
-                i.arg(&request.claim_id.to_bytes()[..])
+            .run(&CLAIM_SCRIPT, request.storage_key(), |i| {
+                i.arg(&claim_id[..])
                     .arg(fingerprint)
-                    .arg(request.key.as_str())
-                    .arg(request.scope.as_str())
+                    .arg(request.key().as_str())
+                    .arg(request.scope().as_str())
                     .arg(lease)
                     .arg(retention);
             })
             .await?;
-        codec::claim_outcome(&request.storage_key, reply)
+        codec::claim_outcome(request.storage_key(), reply)
     }
 
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        claim_id: ClaimId,
-        payload: Bytes,
-        retention: Duration,
-    ) -> Result<(), StoreError> {
+    /// One `EVALSHA` of the complete script: fenced by the claim id inside the script.
+    /// Acknowledged once the primary applied it; durable as the server's persistence
+    /// settings make it (see the [crate docs](crate)).
+    async fn complete(&self, claim: Claim, payload: Bytes, retention: Duration) -> Result<(), StoreError> {
         let retention = codec::millis(retention)?;
+        let claim_id = claim.claim_id.to_bytes();
         let reply = self
-            .run(&COMPLETE_SCRIPT, key, |i| {
-                i.arg(&claim_id.to_bytes()[..]).arg(&payload[..]).arg(retention);
+            .run(&COMPLETE_SCRIPT, &claim.storage_key, |i| {
+                i.arg(&claim_id[..]).arg(&payload[..]).arg(retention);
             })
             .await?;
         lease_lost_unless(codec::flag(reply)?)
     }
 
-    async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError> {
-        let reply = self.run(&RELEASE_SCRIPT, key, |i| {
-            i.arg(&claim_id.to_bytes()[..]);
+    async fn release(&self, claim: Claim) -> Result<(), StoreError> {
+        let claim_id = claim.claim_id.to_bytes();
+        let reply = self.run(&RELEASE_SCRIPT, &claim.storage_key, |i| {
+            i.arg(&claim_id[..]);
         });
         lease_lost_unless(codec::flag(reply.await?)?)
     }
 
-    async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
+    async fn touch(&self, claim: Claim, lease: Duration) -> Result<(), StoreError> {
         let lease = codec::millis(lease)?;
-        let reply = self.run(&TOUCH_SCRIPT, key, |i| {
-            i.arg(&claim_id.to_bytes()[..]).arg(lease);
+        let claim_id = claim.claim_id.to_bytes();
+        let reply = self.run(&TOUCH_SCRIPT, &claim.storage_key, |i| {
+            i.arg(&claim_id[..]).arg(lease);
         });
         lease_lost_unless(codec::flag(reply.await?)?)
     }
 
-    async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
-        let fields = codec::array(self.run(&GET_SCRIPT, key, |_| {}).await?)?;
-        if fields.is_empty() { Ok(None) } else { codec::record(key, fields).map(Some) }
-    }
-
-    async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        codec::flag(self.run(&DELETE_SCRIPT, key, |_| {}).await?)
-    }
-
-    /// Redis removes each record itself at its `expires_at` (`PEXPIREAT`, on the same clock
-    /// the scripts read), so there is nothing to purge: answers 0.
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        Ok(0)
-    }
-
-    /// Scans the key space: an admin call, not for the request path.
-    async fn stats(&self) -> Result<StoreStats, StoreError> {
-        self.stats_by_scan().await
-    }
-
-    /// `PING` (on Cluster, every node): never a scan.
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.connection.query(&redis::cmd("PING")).await.map(|_| ()).map_err(store_error)
-    }
-
-    async fn first_seen(
-        &self,
-        storage_key: &StorageKey,
-        key: &IdempotencyKey,
-        scope: &Scope,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        let window = codec::millis(window)?;
+    async fn first_seen(&self, request: &FirstSeen<'_>) -> Result<bool, StoreError> {
+        let window = codec::millis(request.window())?;
         // Tells a re-delivery of this call (the Cluster client resends after a dropped
         // connection) from another delivery of the same message id.
         let token = ClaimId::random().to_bytes();
-        let reply = self.run(&FIRST_SEEN_SCRIPT, storage_key, |i| {
-            i.arg(key.as_str()).arg(scope.as_str()).arg(window).arg(&token[..]);
+        let reply = self.run(&FIRST_SEEN_SCRIPT, request.storage_key(), |i| {
+            i.arg(request.key().as_str()).arg(request.scope().as_str()).arg(window).arg(&token[..]);
         });
         codec::flag(reply.await?)
     }
 
-    /// Scans the key space and sorts it: an admin call, not for the request path.
-    async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
-        self.list_by_scan(after, limit).await
+    /// Adds each count to its record when the record is live and completed, by the
+    /// server's clock (the hits script).
+    ///
+    /// **Round trips.** On a standalone server, one for the whole batch: runs of the hits
+    /// script, up to 512 records each, in one pipeline. On Cluster no script or
+    /// pipeline may span slots, so the batch is grouped by slot and the runs are sent all
+    /// at once over the per-node connections (one round trip's time, one run per slot).
+    ///
+    /// **Atomicity.** Each run is atomic: a record is checked and incremented with nothing
+    /// in between, so no count lands on a record that expired, was deleted or replaced.
+    /// Runs are independent: a batch that fails part-way may have counted some records,
+    /// and the engine retries the whole batch, so a failure can count some replays twice.
+    /// Hits are statistics; nothing decides on them.
+    async fn record_hits(&self, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
+        self.add_hits(hits).await
     }
 
     /// Subscribes to the record's channel, then checks the record once more: a change
@@ -299,6 +339,38 @@ impl Store for RedisStore {
                 notified.await;
             }
         })
+    }
+}
+
+impl StoreAdmin for RedisStore {
+    /// One `EVALSHA` of the get script: a read, counting nothing.
+    async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
+        codec::found_record(key, self.run(&GET_SCRIPT, key, |_| {}).await?)
+    }
+
+    async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        codec::flag(self.run(&DELETE_SCRIPT, key, |_| {}).await?)
+    }
+
+    /// Redis removes each record itself at its `expires_at` (`PEXPIREAT`, on the same clock
+    /// the scripts read), so there is nothing to purge: answers 0.
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    /// Scans the key space: an admin call, not for the request path.
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.stats_by_scan().await
+    }
+
+    /// `PING` (on Cluster, every node): never a scan.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.connection.query(&redis::cmd("PING")).await.map(|_| ()).map_err(store_error)
+    }
+
+    /// Scans the key space and sorts it: an admin call, not for the request path.
+    async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
+        self.list_by_scan(after, limit).await
     }
 }
 

@@ -9,7 +9,7 @@ use oncely::store::url::{self, UrlError, redacted};
 
 use crate::{OpenError, RedisOptions, RedisStore, Topology};
 
-const KNOWN: &str = "prefix=NAME, timeout=DURATION, connect_timeout=DURATION";
+const KNOWN: &str = "prefix=NAME, timeout=DURATION, connect_timeout=DURATION, replica=URL";
 
 /// A parsed `redis://` or `redis+cluster://` URL: where the records are and the store's
 /// options. The grammar is [`Topology::parse`]'s; the options' errors are typed
@@ -75,6 +75,7 @@ impl FromStr for RedisUrl {
                 "prefix" => options.prefix(value).map_err(|e| UrlError::invalid("prefix", reason(e)))?,
                 "timeout" => options.response_timeout(url::duration("timeout", value)?),
                 "connect_timeout" => options.connection_timeout(url::duration("connect_timeout", value)?),
+                "replica" => options.replica(value).map_err(|e| UrlError::invalid("replica", reason(e)))?,
                 _ => return Err(UrlError::UnknownOption { option: name.to_string(), known: KNOWN }),
             };
         }
@@ -135,6 +136,11 @@ mod tests {
         assert_eq!(url.options().connection_timeout, Duration::from_secs(2));
         assert!(!format!("{url:?}").contains("s3cret"));
 
+        let replicated = parse("redis://10.0.0.1:6379?replica=redis://:s3cret@10.0.0.2:6379/0").expect("parses");
+        assert_eq!(replicated.options().replica_url(), Some("redis://:s3cret@10.0.0.2:6379/0"));
+        assert_eq!(url.options().replica_url(), None, "replica reads are opt-in");
+        assert!(!format!("{replicated:?}").contains("s3cret"), "{replicated:?}");
+
         let cluster = parse("redis+cluster://10.0.0.1:7000,10.0.0.2:7000").expect("parses");
         assert_eq!(
             cluster.topology(),
@@ -150,6 +156,8 @@ mod tests {
             ("redis://127.0.0.1?timeout=soon", "timeout"),
             ("redis://127.0.0.1?connect_timeout=0s", "connect_timeout"),
             ("redis://127.0.0.1?prefx=a", "prefx"),
+            ("redis://127.0.0.1?replica=http://r:1", "replica"),
+            ("redis://127.0.0.1?replica=redis://", "replica"),
         ] {
             let error = parse(bad).err().unwrap_or_else(|| panic!("{bad} is refused"));
             assert_eq!(error.option(), Some(option), "{bad}: {error}");

@@ -33,9 +33,6 @@ macro_rules! record_columns {
 }
 pub(crate) use record_columns;
 
-/// Index of `created_at` in [`record_columns!`].
-pub(crate) const CREATED_AT_COLUMN: usize = 4;
-
 /// The process clock now, in milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> Result<Millis, StoreError> {
     SystemTime::now()

@@ -14,8 +14,17 @@
 //!
 //! - **Atomicity.** One writer thread owns the only connection that writes and runs
 //!   every request in a `BEGIN IMMEDIATE` transaction, which holds SQLite's write lock
-//!   against other processes too. A claim is one statement that decides and applies the
-//!   outcome together. Details at `Writer::run_batch` in `src/writer.rs`.
+//!   against other processes too. A claim that writes is one statement that decides and
+//!   applies the outcome together. Details at `Writer::run_batch` in `src/writer.rs`.
+//! - **A replay is a read.** A claim first looks its key up on a reader connection, in
+//!   one read-only statement (`reader::found` in `src/reader.rs`); a completed record
+//!   with the same fingerprint is answered from there, as are a mismatch and a live
+//!   lease. Those answers never enter the writer's queue, never take the write lock and
+//!   write nothing, not even a hit count: the engine counts replays in the process and
+//!   flushes them with [`Store::record_hits`], one writer request per batch. Each
+//!   answer is true of the committed state it read. Any other claim goes on to the
+//!   writer, which decides again under the write lock (the reader's view is only a
+//!   shortcut), so exactly one of any number of concurrent claims of a key acquires it.
 //! - **Durability.** In [`Durability::Sync`] (the default) a completion is fsynced before
 //!   `complete` returns; concurrent completions share one fsync (group commit). In
 //!   [`Durability::Relaxed`] commits are not fsynced one by one; the WAL is synced on an
@@ -24,8 +33,9 @@
 //! - **Expiry on every read.** Every statement compares `expires_at` with the time now;
 //!   the sweep only collects the garbage, a batch at a time between requests.
 //! - **Time** is the process's wall clock, as integer milliseconds since the Unix epoch,
-//!   read once per call; durations round up to whole milliseconds. Processes that share a
-//!   file must keep their clocks in step.
+//!   read once per request by the thread that runs it (a claim that goes on to the
+//!   writer reads it again there); durations round up to whole milliseconds. Processes
+//!   that share a file must keep their clocks in step.
 //! - **Waiting.** [`Store::subscribe`] is woken in-process by the writer after the commit
 //!   of a completion, release, delete or takeover. Other processes sharing the file (and
 //!   other `SqliteStore::open`s of it) are not notified: their waiters fall back to the
@@ -46,10 +56,34 @@
 //!   run and its result is kept, so the bytes can pass the bound by at most the payloads
 //!   of the records in progress when it was reached. The file itself is larger than the
 //!   counted bytes by SQLite's page slack and free pages, and the WAL beside it.
-//! - **Readiness.** [`Store::ping`] goes through the writer and takes SQLite's write
+//! - **Readiness.** [`StoreAdmin::ping`] goes through the writer and takes SQLite's write
 //!   lock, so it reports [`StoreError::Unavailable`] while writes cannot proceed: another
 //!   process holding the lock past the busy timeout, or (after a failed write: a full
 //!   disk, a read-only file) until a probe write succeeds again.
+//!
+//! # What a call costs
+//!
+//! A "request" below is one message to one of the store's threads and its answer, on
+//! channels within the process; the file is local, so there is no network round trip.
+//!
+//! | call                                             | reader requests | writer requests | writes          |
+//! |--------------------------------------------------|-----------------|-----------------|-----------------|
+//! | claim answered by a replay, mismatch, live lease | 1               | 0               | none            |
+//! | claim of a new or expired key, or a takeover     | 1               | 1               | the claim       |
+//! | complete, release, touch, `first_seen`, delete   | 0               | 1               | the change      |
+//! | `record_hits`, a whole batch                     | 0               | 1               | one transaction |
+//!
+//! So an operation run for the first time costs two store calls (claim, complete) and
+//! three thread requests (the claim's look-up, its write, the completion); a replay
+//! costs one store call and one reader request: one indexed point read of the row,
+//! payload included, on a reader thread. It waits for nothing the writer does: neither
+//! the writer's queue and group-commit fsyncs nor another process holding the write
+//! lock. Readers are a small pool ([`SqliteOptions::readers`]) shared with the admin
+//! reads; a slow admin read (`stats` over millions of rows) occupies one of them while
+//! it runs.
+//!
+//! Where the caller waits, it awaits a channel: every SQLite statement runs on the
+//! store's own threads, never on the async runtime's.
 //!
 //! # Schema
 //!
@@ -60,17 +94,15 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use oncely::store::Notified;
-use oncely::{
-    ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, Record, Scope, StorageKey, Store, StoreError, StoreStats,
-};
+use oncely::store::{Claim, ClaimOutcome, ClaimRequest, FirstSeen, Notified, StoreAdmin, StoreStats};
+use oncely::{Record, StorageKey, Store, StoreError};
 use tokio::sync::oneshot;
 
 mod codec;
@@ -89,7 +121,7 @@ pub fn fuzz_read_record(row: &rusqlite::Row<'_>) -> Result<oncely::Record, oncel
 
 use oncely::store::waiters::Waiters;
 use reader::{Query, Reply};
-use writer::{Command, Write, Writer};
+use writer::{ClaimJob, Command, Write, Writer};
 
 /// When an acknowledged write is on disk.
 ///
@@ -180,7 +212,7 @@ impl SqliteOptions {
     }
 
     /// No periodic sweep: expired records stay on disk (invisible) until
-    /// [`Store::purge_expired`] or a claim of the same key replaces them.
+    /// [`StoreAdmin::purge_expired`] or a claim of the same key replaces them.
     pub fn no_sweeper(mut self) -> Self {
         self.sweep_interval = None;
         self
@@ -194,9 +226,10 @@ impl SqliteOptions {
         self
     }
 
-    /// How many reader threads, each with a connection, answer `get`, `list`, `stats`
-    /// and the check behind `subscribe` (default 2, at least 1). Claims and every other
-    /// change go through the one writer.
+    /// How many reader threads, each with a connection, answer the look-up every claim
+    /// starts with (which answers replays), `get`, `list`, `stats` and the check behind
+    /// `subscribe` (default 2, at least 1). Claims that must write and every other change
+    /// go through the one writer.
     pub fn readers(mut self, readers: usize) -> Self {
         self.readers = readers.max(1);
         self
@@ -256,6 +289,9 @@ struct Inner {
     waiters: Arc<Waiters>,
     path: PathBuf,
     durability: Durability,
+    /// Requests sent to the writer and to the readers: see [`SqliteStore::requests_sent`].
+    writer_requests: AtomicU64,
+    reader_requests: AtomicU64,
     /// Declared last, so dropped last: the senders above are gone by then, which is what
     /// lets the threads it joins finish.
     threads: Threads,
@@ -331,6 +367,8 @@ impl SqliteStore {
             waiters: Arc::clone(&waiters),
             path,
             durability: options.durability,
+            writer_requests: AtomicU64::new(0),
+            reader_requests: AtomicU64::new(0),
             threads: Threads::default(),
         };
         // Should a spawn fail, dropping `inner` drops the senders and then joins the
@@ -365,101 +403,99 @@ impl SqliteStore {
         self.read(|reply| Query::Usage { reply }).await
     }
 
+    /// How many requests this store (all its clones) has sent to its writer thread, and
+    /// to its reader threads, since it was opened: for tests that prove which path a
+    /// call takes (a replay: one reader request and no writer request).
+    #[doc(hidden)]
+    pub fn requests_sent(&self) -> RequestsSent {
+        RequestsSent {
+            writer: self.inner.writer_requests.load(Ordering::Relaxed),
+            reader: self.inner.reader_requests.load(Ordering::Relaxed),
+        }
+    }
+
     /// Sends a change to the writer and waits for its answer, which comes after the
     /// transaction carrying it commits.
     async fn write<T>(&self, write: impl FnOnce(Reply<T>) -> Write) -> Result<T, StoreError> {
+        self.send_to_writer(|reply| Command::Write(write(reply))).await
+    }
+
+    /// Sends a command to the writer thread's queue and waits for its answer. The only
+    /// way into that queue. Awaiting the answer holds no runtime thread: the writer runs
+    /// on its own thread and answers on a oneshot channel.
+    async fn send_to_writer<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.inner.commands.send(Command::Write(write(reply))).map_err(|_| stopped("writer"))?;
+        self.inner.writer_requests.fetch_add(1, Ordering::Relaxed);
+        self.inner.commands.send(command(reply)).map_err(|_| stopped("writer"))?;
         answer.await.map_err(|_| stopped("writer"))?
     }
 
-    /// Sends a query to a reader and waits for its answer.
+    /// Sends a query to a reader and waits for its answer. The query runs on a reader
+    /// thread; the caller's task only awaits a oneshot channel, so no runtime thread is
+    /// held while SQLite reads.
     async fn read<T>(&self, query: impl FnOnce(Reply<T>) -> Query) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
+        self.inner.reader_requests.fetch_add(1, Ordering::Relaxed);
         self.inner.queries.send(query(reply)).map_err(|_| stopped("reader"))?;
         answer.await.map_err(|_| stopped("reader"))?
     }
+}
+
+/// Requests a store has sent to its threads: see [`SqliteStore::requests_sent`].
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestsSent {
+    /// To the writer thread: each is part of a write transaction.
+    pub writer: u64,
+    /// To the reader threads: each is one read-only statement.
+    pub reader: u64,
 }
 
 fn stopped(which: &str) -> StoreError {
     StoreError::unavailable(format!("the SQLite store's {which} thread stopped"))
 }
 
-#[async_trait]
 impl Store for SqliteStore {
-    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+    /// Looks the key up on a reader first: a replay, a mismatch or a live lease is
+    /// answered there, in one read-only statement that never reaches the writer and
+    /// writes nothing (see `reader::found` in `src/reader.rs`). Only a claim that must write (the key is
+    /// absent, expired, or held by a lapsed lease) goes on to the writer, which decides
+    /// again under the write lock (see `writer::claim`).
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        let (key, fingerprint) = (*request.storage_key(), request.fingerprint().copied());
+        if let Some(outcome) = self.read(|reply| Query::Claim { key, fingerprint, reply }).await? {
+            return Ok(outcome);
+        }
+        let request = ClaimJob::from(request);
         self.write(|reply| Write::Claim { request, reply }).await
     }
 
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        claim_id: ClaimId,
-        payload: Bytes,
-        retention: Duration,
-    ) -> Result<(), StoreError> {
-        let key = *key;
-        self.write(|reply| Write::Complete { key, claim_id, payload, retention, reply }).await
+    async fn complete(&self, claim: Claim, payload: Bytes, retention: Duration) -> Result<(), StoreError> {
+        self.write(|reply| Write::Complete { claim, payload, retention, reply }).await
     }
 
-    async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError> {
-        let key = *key;
-        self.write(|reply| Write::Release { key, claim_id, reply }).await
+    async fn release(&self, claim: Claim) -> Result<(), StoreError> {
+        self.write(|reply| Write::Release { claim, reply }).await
     }
 
-    async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
-        let key = *key;
-        self.write(|reply| Write::Touch { key, claim_id, lease, reply }).await
+    async fn touch(&self, claim: Claim, lease: Duration) -> Result<(), StoreError> {
+        self.write(|reply| Write::Touch { claim, lease, reply }).await
     }
 
-    async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
-        let key = *key;
-        self.read(|reply| Query::Get { key, reply }).await
-    }
-
-    async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        let key = *key;
-        self.write(|reply| Write::Delete { key, reply }).await
-    }
-
-    /// Runs the sweep now, a batch per transaction between other requests, until no
-    /// expired record is left; answers how many were removed after the call.
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.inner.commands.send(Command::Purge(reply)).map_err(|_| stopped("writer"))?;
-        answer.await.map_err(|_| stopped("writer"))?
-    }
-
-    async fn stats(&self) -> Result<StoreStats, StoreError> {
-        self.read(|reply| Query::Stats { reply }).await
-    }
-
-    /// Asks the writer for a probe (see `Writer::probe`: it takes SQLite's write lock,
-    /// and writes a row while the last write failed), then reads the usage row through a
-    /// reader. Unavailable while writes cannot proceed, not only while reads fail: a
-    /// gateway whose store can only read should not be sent requests. Costs no disk
-    /// write while writes succeed; waits up to the busy timeout for another process's
-    /// lock.
-    async fn ping(&self) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.inner.commands.send(Command::Probe(reply)).map_err(|_| stopped("writer"))?;
-        answer.await.map_err(|_| stopped("writer"))??;
-        self.usage().await.map(|_| ())
-    }
-
-    async fn first_seen(
-        &self,
-        storage_key: &StorageKey,
-        key: &IdempotencyKey,
-        scope: &Scope,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        let (storage_key, key, scope) = (*storage_key, key.clone(), scope.clone());
+    async fn first_seen(&self, request: &FirstSeen<'_>) -> Result<bool, StoreError> {
+        let (storage_key, key, scope, window) =
+            (*request.storage_key(), request.key().clone(), request.scope().clone(), request.window());
         self.write(|reply| Write::FirstSeen { storage_key, key, scope, window, reply }).await
     }
 
-    async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
-        self.read(|reply| Query::List { after, limit, reply }).await
+    /// One writer request for the whole batch, applied in one transaction, all or
+    /// nothing (see `writer::record_hits`). An empty batch costs nothing.
+    async fn record_hits(&self, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
+        if hits.is_empty() {
+            return Ok(());
+        }
+        let hits = hits.to_vec();
+        self.write(|reply| Write::RecordHits { hits, reply }).await
     }
 
     /// Registers the waiter first, then reads the record: a change committed before the
@@ -475,5 +511,42 @@ impl Store for SqliteStore {
                 subscription.await;
             }
         })
+    }
+}
+
+impl StoreAdmin for SqliteStore {
+    async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
+        let key = *key;
+        self.read(|reply| Query::Get { key, reply }).await
+    }
+
+    async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
+        let key = *key;
+        self.write(|reply| Write::Delete { key, reply }).await
+    }
+
+    /// Runs the sweep now, a batch per transaction between other requests, until no
+    /// expired record is left; answers how many were removed after the call.
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        self.send_to_writer(Command::Purge).await
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.read(|reply| Query::Stats { reply }).await
+    }
+
+    /// Asks the writer for a probe (see `Writer::probe`: it takes SQLite's write lock,
+    /// and writes a row while the last write failed), then reads the usage row through a
+    /// reader. Unavailable while writes cannot proceed, not only while reads fail: a
+    /// gateway whose store can only read should not be sent requests. Costs no disk
+    /// write while writes succeed; waits up to the busy timeout for another process's
+    /// lock.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.send_to_writer(Command::Probe).await?;
+        self.usage().await.map(|_| ())
+    }
+
+    async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
+        self.read(|reply| Query::List { after, limit, reply }).await
     }
 }

@@ -1,6 +1,7 @@
-//! Reader threads: `get`, `list`, `stats`, the usage row and the check behind `subscribe`, each on a
-//! connection of its own, so that a long read (counting ten million records) never holds
-//! up the writer.
+//! Reader threads: the look-up that answers a replay (and every other claim that changes
+//! nothing), `get`, `list`, `stats`, the usage row and the check behind `subscribe`, each
+//! on a connection of its own, so that a long read (counting ten million records) never
+//! holds up the writer, and no read waits for it.
 //!
 //! # Consistency
 //!
@@ -8,22 +9,33 @@
 //! committed before it started, and so every write whose reply a caller already has.
 //! Expiry is applied in the query (`expires_at > now`): a record past its `expires_at`
 //! is absent whether or not the sweep has removed it.
+//!
+//! A reader never takes SQLite's write lock (its connection is `query_only`) and, in WAL
+//! mode, never waits for one: it answers while the writer, or another process, holds it.
 
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use oncely::{Record, StorageKey, StoreError, StoreStats};
+use bytes::Bytes;
+use oncely::{ClaimOutcome, Fingerprint, Record, Replay, StorageKey, StoreError, StoreStats};
 use rusqlite::{Connection, OptionalExtension, named_params};
 use tokio::sync::oneshot;
 
 use crate::Usage;
-use crate::codec::{IN_PROGRESS, Millis, now_ms, read_record, record_columns, sqlite_error};
+use crate::codec::{COMPLETED, IN_PROGRESS, Millis, now_ms, read_record, record_columns, sqlite_error, to_time};
 
 /// Where a reader sends its answer.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A read request.
 pub(crate) enum Query {
+    /// What a claim of `key` with `fingerprint` answers without writing, if anything:
+    /// see [`found`].
+    Claim {
+        key: StorageKey,
+        fingerprint: Option<Fingerprint>,
+        reply: Reply<Option<ClaimOutcome>>,
+    },
     Get {
         key: StorageKey,
         reply: Reply<Option<Record>>,
@@ -61,6 +73,9 @@ pub(crate) fn run(conn: Connection, queries: Arc<Mutex<Receiver<Query>>>) -> Con
 fn answer(conn: &Connection, query: Query) {
     // A caller that gave up has dropped its receiver; its answer is not needed.
     match query {
+        Query::Claim { key, fingerprint, reply } => {
+            drop(reply.send(now_ms().and_then(|now| found(conn, &key, fingerprint.as_ref(), now))))
+        }
         Query::Get { key, reply } => drop(reply.send(now_ms().and_then(|now| get(conn, &key, now)))),
         Query::InProgress { key, reply } => drop(reply.send(now_ms().and_then(|now| in_progress(conn, &key, now)))),
         Query::Stats { reply } => drop(reply.send(now_ms().and_then(|now| stats(conn, now)))),
@@ -78,6 +93,66 @@ pub(crate) fn get(conn: &Connection, key: &StorageKey, now: Millis) -> Result<Op
         .optional()
         .map_err(sqlite_error)?
         .transpose()
+}
+
+/// What a claim of `key` with `fingerprint` meets that it must not change, read in one
+/// statement that writes nothing, as of `now`:
+///
+/// - a live record with another fingerprint → [`ClaimOutcome::Mismatch`];
+/// - a live completed record → [`ClaimOutcome::Replay`] with its payload and the hits
+///   it holds (the replay's own hit is the engine's to count and flush);
+/// - a live in-progress record whose lease has not lapsed → [`ClaimOutcome::InProgress`];
+/// - `None` when the claim must write: the key is absent, expired, or held by a lapsed
+///   lease with the same fingerprint.
+///
+/// Reader threads run it first for every claim, so that these answers never go through
+/// the writer: each is true of the snapshot it read, a state that held at some instant
+/// during the call. Shared with the writer, which runs it in its transaction (under the
+/// write lock) when its claim statement changed nothing, to tell which of them it met.
+pub(crate) fn found(
+    conn: &Connection,
+    key: &StorageKey,
+    fingerprint: Option<&Fingerprint>,
+    now: Millis,
+) -> Result<Option<ClaimOutcome>, StoreError> {
+    let sql = "SELECT fingerprint IS :fingerprint, state, lease_until, payload, completed_at, hits \
+               FROM records WHERE storage_key = :key AND expires_at > :now";
+    let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+    let params = named_params! {
+        ":fingerprint": fingerprint.map(|fingerprint| fingerprint.as_bytes()),
+        ":key": key.as_bytes(),
+        ":now": now,
+    };
+    let row = statement
+        .query_row(params, |row| {
+            Ok(match row.get::<_, i64>(1)? {
+                _ if !row.get::<_, bool>(0)? => Ok(Some(ClaimOutcome::Mismatch)),
+                // A NULL payload or completion time fails the conversion: corrupt (the
+                // table's `CHECK` rules both out).
+                COMPLETED => {
+                    let payload = Bytes::from(row.get::<_, Vec<u8>>(3)?);
+                    replay(key, payload, row.get(4)?, row.get(5)?).map(Some)
+                }
+                IN_PROGRESS => match row.get::<_, Option<Millis>>(2)? {
+                    Some(lease_until) if lease_until > now => {
+                        to_time(lease_until).map(|lease_until| Some(ClaimOutcome::InProgress { lease_until }))
+                    }
+                    Some(_) => Ok(None),
+                    None => Err(StoreError::Corrupt(format!("record {key}: in progress without a lease"))),
+                },
+                state => Err(StoreError::Corrupt(format!("record {key}: in the unknown state {state}"))),
+            })
+        })
+        .optional()
+        .map_err(sqlite_error)?;
+    row.transpose().map(Option::flatten)
+}
+
+/// A completed row's answer; a negative count (no write stores one) is corruption.
+fn replay(key: &StorageKey, payload: Bytes, completed_at: Millis, hits: i64) -> Result<ClaimOutcome, StoreError> {
+    let completed_at = to_time(completed_at)?;
+    let hits = u64::try_from(hits).map_err(|_| StoreError::Corrupt(format!("record {key}: {hits} hits")))?;
+    Ok(ClaimOutcome::Replay(Replay { payload, completed_at, hits }))
 }
 
 fn in_progress(conn: &Connection, key: &StorageKey, now: Millis) -> Result<bool, StoreError> {

@@ -8,12 +8,12 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use oncely::store::CapacityBound;
-use oncely::{ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, RecordState, Scope, StorageKey, StoreError};
+use oncely::store::{CapacityBound, Claim, ClaimRequest};
+use oncely::{ClaimId, ClaimOutcome, Fingerprint, IdempotencyKey, Scope, StorageKey, StoreError};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, named_params};
 
-use crate::codec::{CREATED_AT_COLUMN, Millis, after, copy_error, now_ms, read_record, record_columns, sqlite_error};
-use crate::reader::{Reply, get, usage};
+use crate::codec::{Millis, after, copy_error, now_ms, sqlite_error};
+use crate::reader::{Reply, found, usage};
 use crate::{Durability, RECORD_OVERHEAD, Usage};
 use oncely::store::waiters::Waiters;
 
@@ -54,14 +54,70 @@ struct Context<'a> {
     sweep_now: bool,
 }
 
+/// A claim as the writer thread takes it: [`ClaimRequest`]'s fields, owned (the key and
+/// the scope are shared strings; cloning them copies no text).
+pub(crate) struct ClaimJob {
+    storage_key: StorageKey,
+    key: IdempotencyKey,
+    scope: Scope,
+    fingerprint: Option<Fingerprint>,
+    claim_id: ClaimId,
+    lease: Duration,
+    retention: Duration,
+}
+
+impl From<&ClaimRequest<'_>> for ClaimJob {
+    fn from(request: &ClaimRequest<'_>) -> Self {
+        Self {
+            storage_key: *request.storage_key(),
+            key: request.key().clone(),
+            scope: request.scope().clone(),
+            fingerprint: request.fingerprint().copied(),
+            claim_id: request.claim_id(),
+            lease: request.lease(),
+            retention: request.retention(),
+        }
+    }
+}
+
 /// A change to the records, with where to send its answer.
 pub(crate) enum Write {
-    Claim { request: ClaimRequest, reply: Reply<ClaimOutcome> },
-    Complete { key: StorageKey, claim_id: ClaimId, payload: Bytes, retention: Duration, reply: Reply<()> },
-    Release { key: StorageKey, claim_id: ClaimId, reply: Reply<()> },
-    Touch { key: StorageKey, claim_id: ClaimId, lease: Duration, reply: Reply<()> },
-    Delete { key: StorageKey, reply: Reply<bool> },
-    FirstSeen { storage_key: StorageKey, key: IdempotencyKey, scope: Scope, window: Duration, reply: Reply<bool> },
+    Claim {
+        request: ClaimJob,
+        reply: Reply<ClaimOutcome>,
+    },
+    Complete {
+        claim: Claim,
+        payload: Bytes,
+        retention: Duration,
+        reply: Reply<()>,
+    },
+    Release {
+        claim: Claim,
+        reply: Reply<()>,
+    },
+    Touch {
+        claim: Claim,
+        lease: Duration,
+        reply: Reply<()>,
+    },
+    Delete {
+        key: StorageKey,
+        reply: Reply<bool>,
+    },
+    FirstSeen {
+        storage_key: StorageKey,
+        key: IdempotencyKey,
+        scope: Scope,
+        window: Duration,
+        reply: Reply<bool>,
+    },
+    /// The engine's flush of the replays it counted: the whole batch in one request, so
+    /// in one transaction (see [`record_hits`]).
+    RecordHits {
+        hits: Vec<(StorageKey, u64)>,
+        reply: Reply<()>,
+    },
 }
 
 impl Write {
@@ -74,7 +130,7 @@ impl Write {
     /// as it was before it; the holder died with the machine, so a durable claim would
     /// only have made the retry wait for its lease to lapse before running the operation
     /// again), a release (the key then stays blocked until the released lease lapses: one
-    /// lease, as for a crashed holder) and a replay's hit count (a counter, never an
+    /// lease, as for a crashed holder) and a flush of hit counts (a counter, never an
     /// answer).
     fn needs_fsync(&self) -> bool {
         matches!(self, Self::Complete { .. } | Self::FirstSeen { .. } | Self::Delete { .. })
@@ -215,8 +271,9 @@ impl Writer {
     /// before the first read, so no other writer (another process on the same file
     /// included) changes a record between a request's read and its write. Every request
     /// is a single statement (a claim whose statement changed nothing adds a read of the
-    /// row it met), and a statement that fails is rolled back by SQLite alone, so a
-    /// failing request has no effect and the others in the batch still commit. Should
+    /// row it met; a flush of hit counts runs one statement per key inside a savepoint of
+    /// its own, see [`record_hits`]), and a statement that fails is rolled back by SQLite
+    /// alone, so a failing request has no effect and the others in the batch still commit. Should
     /// SQLite roll the whole transaction back (an I/O error, a full disk), or the commit
     /// fail, every request of the batch is answered with the error, none with success.
     ///
@@ -477,9 +534,10 @@ impl Answer {
     fn failed(write: Write, error: StoreError) -> Self {
         match write {
             Write::Claim { reply, .. } => Self::Claim(reply, Err(error)),
-            Write::Complete { reply, .. } | Write::Release { reply, .. } | Write::Touch { reply, .. } => {
-                Self::Unit(reply, Err(error))
-            }
+            Write::Complete { reply, .. }
+            | Write::Release { reply, .. }
+            | Write::Touch { reply, .. }
+            | Write::RecordHits { reply, .. } => Self::Unit(reply, Err(error)),
             Write::Delete { reply, .. } | Write::FirstSeen { reply, .. } => Self::Flag(reply, Err(error)),
         }
     }
@@ -527,15 +585,20 @@ impl Answer {
 fn execute(conn: &Connection, write: Write, context: &mut Context<'_>) -> Answer {
     match write {
         Write::Claim { request, reply } => Answer::Claim(reply, claim(conn, &request, context)),
-        Write::Complete { key, claim_id, payload, retention, reply } => {
-            Answer::Unit(reply, complete(conn, &key, claim_id, &payload, retention, context.woken))
+        Write::Complete { claim, payload, retention, reply } => {
+            Answer::Unit(reply, complete(conn, &claim.storage_key, claim.claim_id, &payload, retention, context.woken))
         }
-        Write::Release { key, claim_id, reply } => Answer::Unit(reply, release(conn, &key, claim_id, context.woken)),
-        Write::Touch { key, claim_id, lease, reply } => Answer::Unit(reply, touch(conn, &key, claim_id, lease)),
+        Write::Release { claim, reply } => {
+            Answer::Unit(reply, release(conn, &claim.storage_key, claim.claim_id, context.woken))
+        }
+        Write::Touch { claim, lease, reply } => {
+            Answer::Unit(reply, touch(conn, &claim.storage_key, claim.claim_id, lease))
+        }
         Write::Delete { key, reply } => Answer::Flag(reply, delete(conn, &key, context.woken)),
         Write::FirstSeen { storage_key, key, scope, window, reply } => {
             Answer::Flag(reply, first_seen(conn, &storage_key, &key, &scope, window, context))
         }
+        Write::RecordHits { hits, reply } => Answer::Unit(reply, record_hits(conn, &hits)),
     }
 }
 
@@ -598,59 +661,64 @@ fn full(limits: &Limits, bound: CapacityBound) -> StoreError {
     StoreError::Capacity { bound, limit }
 }
 
-/// The claim, in one statement: insert a new in-progress record, or update the one in the
-/// way, and return the row as it now is.
+/// The claim, in one statement: insert a new in-progress record, or replace the one in
+/// the way when the claim may, and return the holder it now has.
 ///
 /// Conditions on the existing row (`E` = it expired: `expires_at <= :now`):
 /// - `E` → replaced by the new claim, every column (`created_at` = now);
-/// - live, same fingerprint, completed → `hits + 1`;
 /// - live, same fingerprint, in progress with `lease_until <= :now` → taken over: new
 ///   `claim_id`, `lease_until`, `expires_at`; `created_at` kept;
-/// - otherwise (another fingerprint, or a live lease) → the `WHERE` is false: nothing is
-///   written and nothing returned.
+/// - otherwise (another fingerprint, a live lease, or completed) → the `WHERE` is false:
+///   nothing is written and nothing returned. A completed record in particular is never
+///   touched: a replay writes nothing, not even its hit count.
 ///
-/// All `SET` expressions read the row as it was before the update.
-const CLAIM: &str = concat!(
-    "INSERT INTO records (storage_key, key, scope, fingerprint, created_at, expires_at, state, claim_id, \
-         lease_until, payload, completed_at, hits)
-     VALUES (:storage_key, :key, :scope, :fingerprint, :now, :expires_at, 0, :claim_id, :lease_until, \
-         NULL, NULL, 0)
-     ON CONFLICT (storage_key) DO UPDATE SET
-         key          = iif(expires_at <= :now, excluded.key, key),
-         scope        = iif(expires_at <= :now, excluded.scope, scope),
-         fingerprint  = iif(expires_at <= :now, excluded.fingerprint, fingerprint),
-         created_at   = iif(expires_at <= :now, excluded.created_at, created_at),
-         state        = iif(expires_at <= :now, 0, state),
-         claim_id     = iif(expires_at <= :now OR state = 0, excluded.claim_id, claim_id),
-         lease_until  = iif(expires_at <= :now OR state = 0, excluded.lease_until, lease_until),
-         expires_at   = iif(expires_at <= :now OR state = 0, excluded.expires_at, expires_at),
-         payload      = iif(expires_at <= :now, NULL, payload),
-         completed_at = iif(expires_at <= :now, NULL, completed_at),
-         hits         = iif(expires_at <= :now, 0, hits + (state = 1))
-     WHERE expires_at <= :now
-        OR (fingerprint IS excluded.fingerprint AND (state = 1 OR lease_until <= :now))
-     RETURNING ",
-    record_columns!()
-);
+/// All `SET` expressions read the row as it was before the update. The columns of a
+/// completed state are cleared for a replaced row; a taken-over one has none.
+const CLAIM: &str = "
+    INSERT INTO records (storage_key, key, scope, fingerprint, created_at, expires_at, state, claim_id,
+        lease_until, payload, completed_at, hits)
+    VALUES (:storage_key, :key, :scope, :fingerprint, :now, :expires_at, 0, :claim_id, :lease_until,
+        NULL, NULL, 0)
+    ON CONFLICT (storage_key) DO UPDATE SET
+        key          = iif(expires_at <= :now, excluded.key, key),
+        scope        = iif(expires_at <= :now, excluded.scope, scope),
+        fingerprint  = iif(expires_at <= :now, excluded.fingerprint, fingerprint),
+        created_at   = iif(expires_at <= :now, excluded.created_at, created_at),
+        state        = 0,
+        claim_id     = excluded.claim_id,
+        lease_until  = excluded.lease_until,
+        expires_at   = excluded.expires_at,
+        payload      = NULL,
+        completed_at = NULL,
+        hits         = 0
+    WHERE expires_at <= :now
+       OR (state = 0 AND lease_until <= :now AND fingerprint IS excluded.fingerprint)
+    RETURNING created_at, claim_id";
 
-/// [`CLAIM`], then the outcome from the row it returned:
+/// The writer's claim: [`CLAIM`], then the outcome.
 ///
-/// - held by the request's claim id → acquired; a takeover when `created_at` is not this
-///   call's `now` (a new or replaced record gets `created_at = now`; a taken-over one keeps
-///   its own, which is earlier, because leases are at least 1 ms and a lease lapsed before
-///   `now`; only a wall clock stepped back to that very millisecond could make the two
-///   equal, and the label alone would then be wrong, never who holds the key);
-/// - completed → a replay, its hit already counted;
-/// - no row → the statement met a live record it must not change: it is read back in the
-///   same transaction (under the write lock, so it is the record the claim met) and is a
-///   mismatch when its fingerprint differs, else held by a live lease.
-fn claim(conn: &Connection, request: &ClaimRequest, context: &mut Context<'_>) -> Result<ClaimOutcome, StoreError> {
+/// The caller ([`SqliteStore::claim`](crate::SqliteStore)) has already looked the key up
+/// on a reader and sends here only claims that found nothing to answer without a write.
+/// That look-up is a shortcut and decides nothing: this runs under the write lock and
+/// decides again from the row as it is now.
+///
+/// - a row returned → held by the request's claim id: acquired; a takeover when
+///   `created_at` is not this call's `now` (a new or replaced record gets `created_at =
+///   now`; a taken-over one keeps its own, which is earlier, because leases are at least
+///   1 ms and a lease lapsed before `now`; only a wall clock stepped back to that very
+///   millisecond could make the two equal, and the label alone would then be wrong,
+///   never who holds the key);
+/// - no row → the statement met a live record it must not change (something committed
+///   since the reader looked: a completion, another claim): it is read back with
+///   [`found`] in the same transaction (under the write lock, so it is the record the
+///   claim met): a mismatch, a replay (nothing written) or a live lease.
+fn claim(conn: &Connection, request: &ClaimJob, context: &mut Context<'_>) -> Result<ClaimOutcome, StoreError> {
     make_room(conn, &request.storage_key, new_row_cost(&request.key, &request.scope), context)?;
     let now = now_ms()?;
     let lease_until = after(now, request.lease.max(Duration::from_millis(1)))?;
     let expires_at = after(now, request.retention)?.max(lease_until);
     let mut statement = conn.prepare_cached(CLAIM).map_err(sqlite_error)?;
-    let returned = statement
+    let returned: Option<(Millis, Option<[u8; 16]>)> = statement
         .query_row(
             named_params! {
                 ":storage_key": request.storage_key.as_bytes(),
@@ -662,31 +730,20 @@ fn claim(conn: &Connection, request: &ClaimRequest, context: &mut Context<'_>) -
                 ":claim_id": request.claim_id.to_bytes(),
                 ":lease_until": lease_until,
             },
-            |row| Ok((row.get::<_, Millis>(CREATED_AT_COLUMN)?, read_record(row))),
+            |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .optional()
         .map_err(sqlite_error)?;
     match returned {
-        Some((created_at, record)) => {
-            let record = record?;
-            match record.state {
-                RecordState::InProgress { claim_id, .. } if claim_id == request.claim_id => {
-                    // A takeover changes the holder under any waiter; a new record may
-                    // replace an expired one that had waiters.
-                    context.woken.push(request.storage_key);
-                    Ok(ClaimOutcome::Acquired { takeover: created_at != now })
-                }
-                RecordState::Completed { .. } => Ok(ClaimOutcome::Completed(record)),
-                RecordState::InProgress { .. } => {
-                    Err(StoreError::Corrupt("a claim changed a record it does not hold".into()))
-                }
-            }
+        Some((created_at, Some(claim_id))) if ClaimId::from_bytes(claim_id) == request.claim_id => {
+            // A takeover changes the holder under any waiter; a new record may replace an
+            // expired one that had waiters.
+            context.woken.push(request.storage_key);
+            Ok(ClaimOutcome::Acquired { takeover: created_at != now })
         }
-        None => match get(conn, &request.storage_key, now)? {
-            Some(record) if record.fingerprint != request.fingerprint => Ok(ClaimOutcome::Mismatch(record)),
-            Some(record) => Ok(ClaimOutcome::InProgress(record)),
-            None => Err(StoreError::Corrupt("a claim met a record it cannot read back".into())),
-        },
+        Some(_) => Err(StoreError::Corrupt("a claim changed a record it does not hold".into())),
+        None => found(conn, &request.storage_key, request.fingerprint.as_ref(), now)?
+            .ok_or_else(|| StoreError::Corrupt("a claim met a record it cannot read back".into())),
     }
 }
 
@@ -830,4 +887,45 @@ fn first_seen(
         context.woken.push(*storage_key);
     }
     Ok(first)
+}
+
+/// Adds one key's replays to its live completed record: a key absent, expired or in
+/// progress is left alone. Saturates at `i64::MAX` (a STRICT `INTEGER` column would
+/// refuse the float SQLite turns an overflowing sum into).
+const RECORD_HITS: &str = "UPDATE records SET hits = iif(hits > 9223372036854775807 - :hits, 9223372036854775807, \
+                           hits + :hits) \
+                           WHERE storage_key = :key AND state = 1 AND expires_at > :now";
+
+/// The engine's flush of replay counts, in the batch's transaction: one statement per
+/// entry (a key listed twice gets both counts).
+///
+/// # Atomicity
+///
+/// All of it or none of it: the statements run inside `SAVEPOINT record_hits`, released
+/// when all succeed and rolled back to when one fails, so a failed flush (which the
+/// engine may send again) has added nothing, and the other requests of the batch still
+/// commit. A hit count changes no counted byte: `hits` is not among the columns the
+/// `records_usage` triggers watch (see `schema::MIGRATIONS`), so the flush never needs
+/// room. Not fsynced on its own in [`Durability::Sync`] (see [`Write::needs_fsync`]).
+fn record_hits(conn: &Connection, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
+    conn.execute_batch("SAVEPOINT record_hits").map_err(sqlite_error)?;
+    let applied = now_ms().and_then(|now| {
+        let mut statement = conn.prepare_cached(RECORD_HITS).map_err(sqlite_error)?;
+        for (key, n) in hits {
+            let n = i64::try_from(*n).unwrap_or(i64::MAX);
+            statement
+                .execute(named_params! { ":hits": n, ":key": key.as_bytes(), ":now": now })
+                .map_err(sqlite_error)?;
+        }
+        Ok(())
+    });
+    // When SQLite has rolled the whole transaction back, the savepoint went with it and
+    // both statements below fail; the batch sees the rollback and answers every request.
+    match applied {
+        Ok(()) => conn.execute_batch("RELEASE record_hits").map_err(sqlite_error),
+        Err(error) => {
+            let _ = conn.execute_batch("ROLLBACK TO record_hits; RELEASE record_hits");
+            Err(error)
+        }
+    }
 }

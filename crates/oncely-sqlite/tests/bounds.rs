@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use oncely::store::CapacityBound;
-use oncely::{ClaimOutcome, IdempotencyKey, Scope, StorageKey, Store, StoreError};
+use oncely::store::{CapacityBound, FirstSeen};
+use oncely::{ClaimOutcome, IdempotencyKey, Scope, StorageKey, Store, StoreAdmin, StoreError};
 use oncely_sqlite::{SqliteOptions, SqliteStore, Usage};
 use oncely_testkit::{claim_request, claim_request_in, unique_key};
 
@@ -23,14 +23,14 @@ fn storage_key(key: &IdempotencyKey) -> StorageKey {
 
 /// Claims and completes `key` with `payload`.
 async fn complete(store: &SqliteStore, key: &IdempotencyKey, payload: Bytes, retention: Duration) {
-    let request = claim_request_in(&Scope::global(), key, None, LONG, LONG);
-    let claim_id = request.claim_id;
-    assert_eq!(store.claim(request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
-    store.complete(&storage_key(key), claim_id, payload, retention).await.expect("complete");
+    let scope = Scope::global();
+    let request = claim_request_in(&scope, key, None, LONG, LONG);
+    assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+    store.complete(request.claim(), payload, retention).await.expect("complete");
 }
 
 async fn replays(store: &SqliteStore, key: &IdempotencyKey) -> bool {
-    matches!(store.claim(claim_request(key, None, LONG)).await, Ok(ClaimOutcome::Completed(_)))
+    matches!(store.claim(&claim_request(key, None, LONG)).await, Ok(ClaimOutcome::Replay(_)))
 }
 
 fn is_full<T: std::fmt::Debug>(result: &Result<T, StoreError>, bound: CapacityBound, limit: u64) -> bool {
@@ -59,19 +59,19 @@ async fn a_full_store_refuses_a_new_key_and_keeps_every_record() {
     let (a, b, held) = (unique_key(), unique_key(), unique_key());
     complete(&store, &a, Bytes::from_static(b"result a"), LONG).await;
     complete(&store, &b, Bytes::from_static(b"result b"), LONG).await;
-    store.claim(claim_request(&held, None, LONG)).await.expect("claim");
+    store.claim(&claim_request(&held, None, LONG)).await.expect("claim");
 
     for _ in 0..3 {
-        let refused = store.claim(claim_request(&unique_key(), None, LONG)).await;
+        let refused = store.claim(&claim_request(&unique_key(), None, LONG)).await;
         assert!(is_full(&refused, CapacityBound::Records, 3), "{refused:?}");
     }
     let new = unique_key();
-    let refused = store.first_seen(&storage_key(&new), &new, &Scope::global(), LONG).await;
+    let refused = store.first_seen(&FirstSeen::new(&Scope::global(), &new, LONG)).await;
     assert!(is_full(&refused, CapacityBound::Records, 3), "{refused:?}");
 
     assert!(replays(&store, &a).await && replays(&store, &b).await, "every completed record is kept");
-    let still = store.claim(claim_request(&held, None, LONG)).await.expect("claim");
-    assert!(matches!(still, ClaimOutcome::InProgress(_)), "the in-progress record is kept: {still:?}");
+    let still = store.claim(&claim_request(&held, None, LONG)).await.expect("claim");
+    assert!(matches!(still, ClaimOutcome::InProgress { .. }), "the in-progress record is kept: {still:?}");
     assert_eq!(store.usage().await.expect("usage").records, 3);
     assert_eq!(recount(&path).records, 3, "nothing was added or dropped");
 }
@@ -85,12 +85,12 @@ async fn the_byte_bound_trips_before_the_record_bound_with_large_payloads() {
     let mut stored = Vec::new();
     let refused = loop {
         let key = unique_key();
-        let request = claim_request_in(&Scope::global(), &key, None, LONG, LONG);
-        let claim_id = request.claim_id;
-        match store.claim(request).await {
+        let scope = Scope::global();
+        let request = claim_request_in(&scope, &key, None, LONG, LONG);
+        match store.claim(&request).await {
             Ok(ClaimOutcome::Acquired { .. }) => {
                 let payload = Bytes::from(vec![7; PAYLOAD]);
-                store.complete(&storage_key(&key), claim_id, payload, LONG).await.expect("complete");
+                store.complete(request.claim(), payload, LONG).await.expect("complete");
                 stored.push(key);
             }
             other => break other,
@@ -120,7 +120,7 @@ async fn expired_rows_are_deleted_to_make_room_and_unexpired_ones_never() {
         complete(&store, key, Bytes::from_static(b"long"), LONG).await;
     }
     assert_eq!(recount(&path).records, 3, "each new row took the room of expired ones");
-    let refused = store.claim(claim_request(&unique_key(), None, LONG)).await;
+    let refused = store.claim(&claim_request(&unique_key(), None, LONG)).await;
     assert!(is_full(&refused, CapacityBound::Records, 3), "{refused:?}");
     for key in &long {
         assert!(replays(&store, key).await);
@@ -134,10 +134,10 @@ async fn a_completion_past_the_byte_bound_is_kept_and_new_keys_wait_for_room() {
     let big = unique_key();
     complete(&store, &big, Bytes::from(vec![9; 64 * 1024]), LONG).await;
     assert!(replays(&store, &big).await, "a completion is never refused for room");
-    let refused = store.claim(claim_request(&unique_key(), None, LONG)).await;
+    let refused = store.claim(&claim_request(&unique_key(), None, LONG)).await;
     assert!(is_full(&refused, CapacityBound::Bytes, 8 * 1024), "{refused:?}");
     assert!(store.delete(&storage_key(&big)).await.expect("delete"));
-    store.claim(claim_request(&unique_key(), None, LONG)).await.expect("room again once it is gone");
+    store.claim(&claim_request(&unique_key(), None, LONG)).await.expect("room again once it is gone");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -158,7 +158,7 @@ async fn a_restart_keeps_the_counts_and_the_bound() {
 
     let store = open(&path, options());
     assert_eq!(store.usage().await.expect("usage"), before, "the counts are in the file");
-    let refused = store.claim(claim_request(&unique_key(), None, LONG)).await;
+    let refused = store.claim(&claim_request(&unique_key(), None, LONG)).await;
     assert!(is_full(&refused, CapacityBound::Records, 3), "{refused:?}");
     for key in &kept {
         assert!(replays(&store, key).await);
@@ -166,7 +166,7 @@ async fn a_restart_keeps_the_counts_and_the_bound() {
     drop(store);
 
     let store = open(&path, SqliteOptions::default().max_records(4));
-    store.claim(claim_request(&unique_key(), None, LONG)).await.expect("a larger bound makes room");
+    store.claim(&claim_request(&unique_key(), None, LONG)).await.expect("a larger bound makes room");
 }
 
 /// Two stores on one file stand for two processes: the counts are kept by the file's
@@ -178,23 +178,24 @@ async fn the_counts_match_a_recount_after_every_kind_of_write_from_two_stores() 
     let stores = [open(&path, SqliteOptions::default().no_sweeper()), open(&path, SqliteOptions::default())];
     let scope = Scope::new("tenant-ü");
     for (i, store) in stores.iter().enumerate() {
-        // completed, replayed, and completed with an empty payload
+        // completed, replayed, its hits flushed, and completed with an empty payload
         let key = unique_key();
         complete(store, &key, Bytes::from(vec![3; 500 + i]), LONG).await;
         assert!(replays(store, &key).await);
+        store.record_hits(&[(storage_key(&key), 2)]).await.expect("record_hits");
         complete(store, &unique_key(), Bytes::new(), LONG).await;
         // released, deleted, touched
-        let request = claim_request_in(&scope, &unique_key(), None, LONG, LONG);
-        let (sk, claim_id) = (request.storage_key, request.claim_id);
-        store.claim(request).await.expect("claim");
-        store.touch(&sk, claim_id, LONG).await.expect("touch");
-        store.release(&sk, claim_id).await.expect("release");
+        let held = unique_key();
+        let request = claim_request_in(&scope, &held, None, LONG, LONG);
+        store.claim(&request).await.expect("claim");
+        store.touch(request.claim(), LONG).await.expect("touch");
+        store.release(request.claim()).await.expect("release");
         complete(store, &key_for_delete(i), Bytes::from_static(b"gone"), LONG).await;
         assert!(store.delete(&storage_key(&key_for_delete(i))).await.expect("delete"));
         // markers, repeated
         let marker = unique_key();
         for _ in 0..2 {
-            store.first_seen(&StorageKey::derive(&scope, &marker), &marker, &scope, LONG).await.expect("mark");
+            store.first_seen(&FirstSeen::new(&scope, &marker, LONG)).await.expect("mark");
         }
         // expired, then replaced by a claim of the same key, then purged
         let expiring = unique_key();
@@ -234,7 +235,7 @@ async fn a_database_from_before_the_bounds_is_counted_once_at_open() {
     let store = open(&path, SqliteOptions::default().max_records(5));
     assert_eq!(store.usage().await.expect("usage"), recount(&path));
     assert_eq!(store.usage().await.expect("usage").records, 5);
-    let refused = store.claim(claim_request(&unique_key(), None, LONG)).await;
+    let refused = store.claim(&claim_request(&unique_key(), None, LONG)).await;
     assert!(is_full(&refused, CapacityBound::Records, 5), "{refused:?}");
 }
 
@@ -249,13 +250,13 @@ async fn ping_is_unavailable_while_another_connection_holds_the_write_lock() {
     other.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
     let pinged = store.ping().await;
     assert!(matches!(pinged, Err(StoreError::Unavailable(_))), "reads still work, writes do not: {pinged:?}");
-    let claimed = store.claim(claim_request(&unique_key(), None, LONG)).await;
+    let claimed = store.claim(&claim_request(&unique_key(), None, LONG)).await;
     assert!(matches!(claimed, Err(StoreError::Unavailable(_))), "{claimed:?}");
     assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))));
 
     other.execute_batch("COMMIT").expect("release the lock");
     store.ping().await.expect("ready again once the lock is free");
-    store.claim(claim_request(&unique_key(), None, LONG)).await.expect("writes work again");
+    store.claim(&claim_request(&unique_key(), None, LONG)).await.expect("writes work again");
 }
 
 /// A failing write with the lock free (as on a full disk) is simulated by triggers that
@@ -274,7 +275,7 @@ async fn ping_is_unavailable_after_a_failed_write_until_a_write_succeeds() {
         .expect("simulate failing writes");
     store.ping().await.expect("no write has failed yet, and the lock is free");
 
-    let claimed = store.claim(claim_request(&unique_key(), None, LONG)).await;
+    let claimed = store.claim(&claim_request(&unique_key(), None, LONG)).await;
     assert!(matches!(claimed, Err(StoreError::Unavailable(_))), "{claimed:?}");
     for _ in 0..2 {
         let pinged = store.ping().await;
@@ -283,5 +284,5 @@ async fn ping_is_unavailable_after_a_failed_write_until_a_write_succeeds() {
 
     other.execute_batch("DROP TRIGGER fail_insert; DROP TRIGGER fail_usage;").expect("writes work again");
     store.ping().await.expect("the probe's write succeeded");
-    store.claim(claim_request(&unique_key(), None, LONG)).await.expect("claims work again");
+    store.claim(&claim_request(&unique_key(), None, LONG)).await.expect("claims work again");
 }

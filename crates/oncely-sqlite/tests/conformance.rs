@@ -3,12 +3,9 @@
 
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use oncely::store::Notified;
-use oncely::{
-    ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, Record, Scope, StorageKey, Store, StoreError, StoreStats,
-};
+use oncely::store::{Claim, ClaimOutcome, ClaimRequest, FirstSeen, Notified, StoreAdmin, StoreStats};
+use oncely::{Record, StorageKey, Store, StoreError};
 use oncely_sqlite::{Durability, SqliteOptions, SqliteStore};
 use tempfile::TempDir;
 
@@ -26,30 +23,37 @@ fn temp_store(durability: Durability) -> TempStore {
     TempStore { store, _dir: dir }
 }
 
-#[async_trait]
 impl Store for TempStore {
-    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         self.store.claim(request).await
     }
 
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        claim_id: ClaimId,
-        payload: Bytes,
-        retention: Duration,
-    ) -> Result<(), StoreError> {
-        self.store.complete(key, claim_id, payload, retention).await
+    async fn complete(&self, claim: Claim, payload: Bytes, retention: Duration) -> Result<(), StoreError> {
+        self.store.complete(claim, payload, retention).await
     }
 
-    async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError> {
-        self.store.release(key, claim_id).await
+    async fn release(&self, claim: Claim) -> Result<(), StoreError> {
+        self.store.release(claim).await
     }
 
-    async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
-        self.store.touch(key, claim_id, lease).await
+    async fn touch(&self, claim: Claim, lease: Duration) -> Result<(), StoreError> {
+        self.store.touch(claim, lease).await
     }
 
+    async fn first_seen(&self, request: &FirstSeen<'_>) -> Result<bool, StoreError> {
+        self.store.first_seen(request).await
+    }
+
+    async fn record_hits(&self, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
+        self.store.record_hits(hits).await
+    }
+
+    fn subscribe(&self, key: &StorageKey) -> Notified {
+        self.store.subscribe(key)
+    }
+}
+
+impl StoreAdmin for TempStore {
     async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
         self.store.get(key).await
     }
@@ -66,22 +70,12 @@ impl Store for TempStore {
         self.store.stats().await
     }
 
-    async fn first_seen(
-        &self,
-        storage_key: &StorageKey,
-        key: &IdempotencyKey,
-        scope: &Scope,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        self.store.first_seen(storage_key, key, scope, window).await
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.store.ping().await
     }
 
     async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
         self.store.list(after, limit).await
-    }
-
-    fn subscribe(&self, key: &StorageKey) -> Notified {
-        self.store.subscribe(key)
     }
 }
 

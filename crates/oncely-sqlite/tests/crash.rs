@@ -14,7 +14,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use oncely::{ClaimOutcome, IdempotencyKey, RecordState, Scope, StorageKey, Store};
+use oncely::{ClaimOutcome, IdempotencyKey, RecordState, Scope, StorageKey, Store, StoreAdmin};
 use oncely_sqlite::{Durability, SqliteOptions, SqliteStore};
 use oncely_testkit::{claim_request, unique_key};
 
@@ -47,11 +47,10 @@ fn child_completes_keys_until_killed() {
                 while tokio::time::Instant::now() < deadline {
                     let key = unique_key();
                     let request = claim_request(&key, None, Duration::from_secs(60));
-                    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-                    let outcome = store.claim(request).await.expect("claim");
+                    let outcome = store.claim(&request).await.expect("claim");
                     assert_eq!(outcome, ClaimOutcome::Acquired { takeover: false });
                     store
-                        .complete(&storage_key, claim_id, payload_of(key.as_str()), Duration::from_secs(3600))
+                        .complete(request.claim(), payload_of(key.as_str()), Duration::from_secs(3600))
                         .await
                         .expect("complete");
                     // Acknowledged only now: one write of one short line, so the parent

@@ -1,14 +1,17 @@
-//! What the SQLite store promises beyond the conformance suite: records survive a
-//! restart, bad files are typed errors, several stores on one file stay atomic, expired
-//! records are swept, and the schema stores what its docs say.
+//! What the SQLite store promises beyond the conformance suite: a replay is a read that
+//! never reaches the writer, records survive a restart, bad files are typed errors,
+//! several stores on one file stay atomic, expired records are swept, and the schema
+//! stores what its docs say.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use oncely::{ClaimOutcome, IdempotencyKey, RecordState, Scope, StorageKey, Store, StoreError};
-use oncely_sqlite::{Durability, SqliteOptions, SqliteStore};
+use oncely::{
+    ClaimOutcome, Fingerprint, IdempotencyKey, RecordState, Scope, StorageKey, Store, StoreAdmin, StoreError,
+};
+use oncely_sqlite::{Durability, RequestsSent, SqliteOptions, SqliteStore};
 use oncely_testkit::{claim_request, unique_key};
 use tokio::sync::Barrier;
 
@@ -25,9 +28,16 @@ fn open(path: &Path, durability: Durability) -> SqliteStore {
 /// Claims and completes `key` with `payload`.
 async fn complete(store: &impl Store, key: &IdempotencyKey, payload: &'static [u8], retention: Duration) {
     let request = claim_request(key, None, LONG);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    assert_eq!(store.claim(request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
-    store.complete(&storage_key, claim_id, Bytes::from_static(payload), retention).await.expect("complete");
+    assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+    store.complete(request.claim(), Bytes::from_static(payload), retention).await.expect("complete");
+}
+
+/// The hit count a replay of `key` reports.
+async fn replay_hits(store: &impl Store, key: &IdempotencyKey) -> u64 {
+    match store.claim(&claim_request(key, None, LONG)).await.expect("claim") {
+        ClaimOutcome::Replay(replay) => replay.hits,
+        other => panic!("expected a replay, got {other:?}"),
+    }
 }
 
 fn storage_key(key: &IdempotencyKey) -> StorageKey {
@@ -51,19 +61,17 @@ async fn a_restart_keeps_completed_records_and_their_hit_counts() {
             let store = open(&path, durability);
             complete(&store, &key, b"the result", LONG).await;
             for _ in 0..2 {
-                assert!(matches!(store.claim(claim_request(&key, None, LONG)).await, Ok(ClaimOutcome::Completed(_))));
+                assert_eq!(replay_hits(&store, &key).await, 0, "a replay counts nothing in the store");
             }
-            store.claim(claim_request(&in_progress, None, LONG)).await.expect("claim");
+            store.record_hits(&[(storage_key(&key), 2)]).await.expect("the engine's flush");
+            store.claim(&claim_request(&in_progress, None, LONG)).await.expect("claim");
         }
         let store = open(&path, durability);
         let record = store.get(&storage_key(&key)).await.expect("get").expect("the record survived");
         assert!(matches!(record.state, RecordState::Completed { ref payload, hits: 2, .. } if payload == "the result"));
-        match store.claim(claim_request(&key, None, LONG)).await.expect("claim") {
-            ClaimOutcome::Completed(record) => assert_eq!(record.hits(), 3, "{durability:?}"),
-            other => panic!("expected a replay after the restart, got {other:?}"),
-        }
-        let held = store.claim(claim_request(&in_progress, None, LONG)).await.expect("claim");
-        assert!(matches!(held, ClaimOutcome::InProgress(_)), "a live claim survives a restart: {held:?}");
+        assert_eq!(replay_hits(&store, &key).await, 2, "{durability:?}");
+        let held = store.claim(&claim_request(&in_progress, None, LONG)).await.expect("claim");
+        assert!(matches!(held, ClaimOutcome::InProgress { .. }), "a live claim survives a restart: {held:?}");
         assert_eq!(store.stats().await.expect("stats").records, 2);
     }
 }
@@ -143,17 +151,18 @@ async fn two_stores_on_one_file_acquire_a_key_once() {
         let start = Arc::new(Barrier::new(TASKS));
         let mut tasks = Vec::new();
         for i in 0..TASKS {
-            let (store, start, request) = (stores[i % 2].clone(), start.clone(), claim_request(&key, None, LONG));
+            let (store, start, key) = (stores[i % 2].clone(), start.clone(), key.clone());
             tasks.push(tokio::spawn(async move {
+                let request = claim_request(&key, None, LONG);
                 start.wait().await;
-                store.claim(request).await.expect("claim")
+                store.claim(&request).await.expect("claim")
             }));
         }
         let mut acquired = 0;
         for task in tasks {
             match task.await.expect("task") {
                 ClaimOutcome::Acquired { takeover: false } => acquired += 1,
-                ClaimOutcome::InProgress(_) => {}
+                ClaimOutcome::InProgress { .. } => {}
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -161,10 +170,12 @@ async fn two_stores_on_one_file_acquire_a_key_once() {
     }
     let key = unique_key();
     complete(&stores[0], &key, b"from the first", LONG).await;
-    match stores[1].claim(claim_request(&key, None, LONG)).await.expect("claim") {
-        ClaimOutcome::Completed(record) => assert_eq!(record.hits(), 1),
+    match stores[1].claim(&claim_request(&key, None, LONG)).await.expect("claim") {
+        ClaimOutcome::Replay(replay) => assert_eq!(replay.payload, "from the first"),
         other => panic!("the other store sees the completion, got {other:?}"),
     }
+    stores[1].record_hits(&[(storage_key(&key), 1)]).await.expect("record_hits");
+    assert_eq!(replay_hits(&stores[0], &key).await, 1, "a flush through one store shows through the other");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -227,9 +238,9 @@ async fn times_are_stored_as_milliseconds_since_the_epoch() {
 async fn durations_that_overflow_the_clock_are_typed_errors() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(&dir.path().join("oncely.db"), Durability::Sync);
-    let mut request = claim_request(&unique_key(), None, LONG);
-    request.retention = Duration::MAX;
-    assert!(matches!(store.claim(request).await, Err(StoreError::InvalidRequest(_))));
+    let key = unique_key();
+    let request = oncely_testkit::claim_request_in(&oncely_testkit::GLOBAL, &key, None, LONG, Duration::MAX);
+    assert!(matches!(store.claim(&request).await, Err(StoreError::InvalidRequest(_))));
     assert_eq!(store.stats().await.expect("stats").records, 0, "nothing stored");
 }
 
@@ -247,14 +258,13 @@ async fn subscribe_resolves_at_once_unless_in_progress_and_then_on_completion() 
 
     let key = unique_key();
     let request = claim_request(&key, None, LONG);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    store.claim(request).await.expect("claim");
-    let mut waiting = store.subscribe(&storage_key);
+    store.claim(&request).await.expect("claim");
+    let mut waiting = store.subscribe(request.storage_key());
     assert!(
         tokio::time::timeout(Duration::from_millis(100), &mut waiting).await.is_err(),
         "in progress: waits for a change"
     );
-    store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await.expect("complete");
+    store.complete(request.claim(), Bytes::from_static(b"r"), LONG).await.expect("complete");
     soon(waiting).await.expect("woken by the completion");
 }
 
@@ -294,4 +304,141 @@ async fn a_clone_shares_the_writer_and_a_dropped_store_closes_the_file() {
     // Every connection is closed once the last clone is gone: SQLite then checkpoints and
     // removes the WAL.
     assert!(!dir.path().join("oncely.db-wal").exists(), "the WAL was folded in and removed at close");
+}
+
+/// Requests `store` sent to its threads since `before`.
+fn sent_since(store: &SqliteStore, before: RequestsSent) -> RequestsSent {
+    let now = store.requests_sent();
+    RequestsSent { writer: now.writer - before.writer, reader: now.reader - before.reader }
+}
+
+/// `PRAGMA data_version` of a connection of the test's own: it changes exactly when
+/// another connection commits a change to the file.
+fn data_version(conn: &rusqlite::Connection) -> i64 {
+    conn.query_row("PRAGMA data_version", [], |row| row.get(0)).expect("data_version")
+}
+
+/// A new key costs the claim's look-up on a reader, then two writer requests (claim,
+/// complete); a replay, a mismatch and a claim of a key held by a live lease cost one
+/// reader request each, never reach the writer, and commit nothing to the file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_is_one_read_that_never_reaches_the_writer_and_commits_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("oncely.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default().no_sweeper()).expect("open");
+    let fingerprint = Some(Fingerprint::from_bytes(b"the request"));
+    let (key, held) = (unique_key(), unique_key());
+
+    let before = store.requests_sent();
+    let request = claim_request(&key, fingerprint, LONG);
+    assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+    store.complete(request.claim(), Bytes::from_static(b"the result"), LONG).await.expect("complete");
+    assert_eq!(sent_since(&store, before), RequestsSent { writer: 2, reader: 1 }, "a new key");
+    store.claim(&claim_request(&held, fingerprint, LONG)).await.expect("claim");
+
+    let watcher = rusqlite::Connection::open(&path).expect("a connection of the test's own");
+    let version = data_version(&watcher);
+    let before = store.requests_sent();
+    for _ in 0..10 {
+        match store.claim(&claim_request(&key, fingerprint, LONG)).await.expect("claim") {
+            ClaimOutcome::Replay(replay) => assert_eq!((replay.payload.as_ref(), replay.hits), (&b"the result"[..], 0)),
+            other => panic!("expected a replay, got {other:?}"),
+        }
+    }
+    let other = Some(Fingerprint::from_bytes(b"another request"));
+    assert_eq!(store.claim(&claim_request(&key, other, LONG)).await.expect("claim"), ClaimOutcome::Mismatch);
+    let in_progress = store.claim(&claim_request(&held, fingerprint, LONG)).await.expect("claim");
+    assert!(matches!(in_progress, ClaimOutcome::InProgress { .. }), "{in_progress:?}");
+    assert_eq!(sent_since(&store, before), RequestsSent { writer: 0, reader: 12 }, "one read each, no write");
+    assert_eq!(data_version(&watcher), version, "nothing was committed to the file");
+
+    // The probe sees a write when there is one: the engine's flush commits.
+    store.record_hits(&[(storage_key(&key), 10)]).await.expect("record_hits");
+    assert_eq!(sent_since(&store, before).writer, 1, "the whole batch is one writer request");
+    assert_ne!(data_version(&watcher), version, "a flush commits");
+    assert_eq!(store.get(&storage_key(&key)).await.expect("get").expect("record").hits(), 10);
+}
+
+/// Another connection holds SQLite's write lock (as another process in a transaction
+/// would): the writer cannot begin a transaction, so a new key's claim waits for the
+/// lock, while replays, mismatches and live leases are answered at once from a reader.
+#[tokio::test(flavor = "multi_thread")]
+async fn replays_are_answered_while_another_connection_holds_the_write_lock() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("oncely.db");
+    // Far longer than the test: a request that needs the write lock waits for it.
+    let options = SqliteOptions::default().busy_timeout(Duration::from_secs(120)).no_sweeper();
+    let store = SqliteStore::open(&path, options).expect("open");
+    let (key, held, new) = (unique_key(), unique_key(), unique_key());
+    complete(&store, &key, b"the result", LONG).await;
+    store.claim(&claim_request(&held, None, LONG)).await.expect("claim");
+
+    let other = rusqlite::Connection::open(&path).expect("a second connection");
+    other.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
+    let mut blocked = tokio::spawn({
+        let store = store.clone();
+        async move { store.claim(&claim_request(&new, None, LONG)).await }
+    });
+
+    let promptly = |what: &'static str| {
+        move |answered: Result<Result<ClaimOutcome, StoreError>, tokio::time::error::Elapsed>| {
+            answered.unwrap_or_else(|_| panic!("{what} waited for the write lock")).expect(what)
+        }
+    };
+    let within = Duration::from_secs(5);
+    for _ in 0..20 {
+        let replay = tokio::time::timeout(within, store.claim(&claim_request(&key, None, LONG))).await;
+        assert!(matches!(promptly("a replay")(replay), ClaimOutcome::Replay(r) if r.payload == "the result"));
+    }
+    let fingerprint = Some(Fingerprint::from_bytes(b"another request"));
+    let mismatch = tokio::time::timeout(within, store.claim(&claim_request(&key, fingerprint, LONG))).await;
+    assert_eq!(promptly("a mismatch")(mismatch), ClaimOutcome::Mismatch);
+    let in_progress = tokio::time::timeout(within, store.claim(&claim_request(&held, None, LONG))).await;
+    assert!(matches!(promptly("a live lease")(in_progress), ClaimOutcome::InProgress { .. }));
+
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut blocked).await.is_err(),
+        "a new key's claim needs the write lock, and waits for it"
+    );
+    other.execute_batch("COMMIT").expect("release the lock");
+    let acquired = tokio::time::timeout(Duration::from_secs(20), blocked).await;
+    let acquired = acquired.expect("the claim goes on once the lock is free").expect("task").expect("claim");
+    assert_eq!(acquired, ClaimOutcome::Acquired { takeover: false });
+}
+
+/// `record_hits` adds every count of a batch (a key twice gets both), skips what is not
+/// a live completed record, saturates, and is all or nothing: a batch with one failing
+/// entry adds nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn record_hits_applies_a_batch_all_or_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("oncely.db");
+    let store = open(&path, Durability::Sync);
+    let (a, poison, expired) = (unique_key(), IdempotencyKey::new("poison").expect("key"), unique_key());
+    complete(&store, &a, b"a", LONG).await;
+    complete(&store, &poison, b"p", LONG).await;
+    complete(&store, &expired, b"e", Duration::from_millis(1)).await;
+
+    let other = rusqlite::Connection::open(&path).expect("a second connection");
+    other
+        .execute_batch(
+            "CREATE TRIGGER fail_hits BEFORE UPDATE OF hits ON records WHEN new.key = 'poison'
+             BEGIN SELECT RAISE(ABORT, 'simulated failure'); END;",
+        )
+        .expect("make the poison key's update fail");
+    let failed = store.record_hits(&[(storage_key(&a), 1), (storage_key(&poison), 1)]).await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(replay_hits(&store, &a).await, 0, "the failed batch added nothing, not even before the failure");
+
+    other.execute_batch("DROP TRIGGER fail_hits").expect("drop the trigger");
+    let batch = [(storage_key(&a), 2), (storage_key(&poison), 1), (storage_key(&a), 3), (storage_key(&expired), 4)];
+    store.record_hits(&batch).await.expect("record_hits");
+    assert_eq!((replay_hits(&store, &a).await, replay_hits(&store, &poison).await), (5, 1));
+    let expired_hits: i64 = other
+        .query_row("SELECT hits FROM records WHERE key = ?1", [expired.as_str()], |row| row.get(0))
+        .expect("the expired row is still on disk");
+    assert_eq!(expired_hits, 0, "an expired record is not counted");
+
+    store.record_hits(&[(storage_key(&a), u64::MAX), (storage_key(&a), 1)]).await.expect("record_hits");
+    assert_eq!(replay_hits(&store, &a).await, i64::MAX as u64, "the count saturates");
 }

@@ -23,7 +23,7 @@
 //! |---|---|
 //! | `memory://` | in-process, lost on restart ([`oncely::MemoryStore`]); at most 1,000,000 records and 1 GiB (`?max_entries=N&max_bytes=SIZE` to change; sizes like `512MiB`); `?evict_completed_when_full=true` lets a full store evict unexpired results instead of refusing new keys |
 //! | `sqlite://PATH` | embedded, durable ([`oncely_sqlite::SqliteStore`]; the gateway's default is `sqlite://oncely.db`); `?durability=relaxed` syncs on an interval (`sync_interval=1s`) instead of per completion; at most 10,000,000 records and 1 GiB (`?max_records=N&max_bytes=SIZE` to change); `?busy_timeout=5s`: how long a write waits for another process's lock before the store answers unavailable |
-//! | `redis://[user:pass@]HOST:PORT[/DB]` | a shared Redis/Valkey server ([`oncely_redis::RedisStore`]); `?prefix=NAME` (default `oncely`), `?timeout=1s`, `?connect_timeout=1s` |
+//! | `redis://[user:pass@]HOST:PORT[/DB]` | a shared Redis/Valkey server ([`oncely_redis::RedisStore`]); `?prefix=NAME` (default `oncely`), `?timeout=1s`, `?connect_timeout=1s`, `?replica=redis://HOST:PORT` (replays served by a replica; standalone only) |
 //! | `redis+cluster://HOST:PORT,HOST:PORT,…` | a Redis Cluster, same options |
 //! | `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (or `postgresql://`) | shared by every process on the database ([`oncely_postgres::PostgresStore`]); options `table=NAME` (default `oncely_records`), `pool=N` connections (default 16), `acquire_timeout=5s`, `statement_timeout=5s`, `sweep_interval=60s`; other query parameters (`sslmode`, …) go to the driver |
 //!
@@ -49,10 +49,9 @@
 //! | `postgres://` | yes | yes | yes | yes |
 
 use std::fmt;
-use std::sync::Arc;
 
 use oncely::store::{BoxError, StoreAbilities, UrlError};
-use oncely::{MemoryStoreBuilder, Store};
+use oncely::{DynStore, MemoryStoreBuilder};
 use oncely_postgres::PostgresUrl;
 use oncely_redis::RedisUrl;
 use oncely_sqlite::SqliteUrl;
@@ -64,9 +63,10 @@ pub const STORE_URLS: &str =
 /// A store opened from a URL, its type erased once, with what it can do.
 #[derive(Clone)]
 pub struct OpenedStore {
-    /// The store. `Arc<dyn Store>` is itself a [`Store`], so it goes to `Oncely::new`,
-    /// the HTTP layer or a wrapper as it is.
-    pub store: Arc<dyn Store>,
+    /// The store, its type erased once: a [`DynStore`] is itself a [`Store`](oncely::Store) and a
+    /// [`StoreAdmin`](oncely::StoreAdmin), so it goes to `Oncely::new`, the HTTP layer
+    /// or a wrapper as it is, at one boxed future per call.
+    pub store: DynStore,
     /// What the store stated it can do.
     pub abilities: StoreAbilities,
 }
@@ -142,19 +142,19 @@ pub async fn open(url: &str) -> Result<OpenedStore, OpenError> {
     Ok(match scheme {
         Some("memory") => {
             let store = url.parse::<MemoryStoreBuilder>().map_err(bad)?.build();
-            OpenedStore { abilities: store.abilities(), store: Arc::new(store) }
+            OpenedStore { abilities: store.abilities(), store: DynStore::new(store) }
         }
         Some("sqlite") => {
             let store = url.parse::<SqliteUrl>().map_err(bad)?.open().await.map_err(|e| failed(e.into()))?;
-            OpenedStore { abilities: store.abilities(), store: Arc::new(store) }
+            OpenedStore { abilities: store.abilities(), store: DynStore::new(store) }
         }
         Some("redis" | "rediss" | "redis+cluster" | "rediss+cluster") => {
             let store = url.parse::<RedisUrl>().map_err(bad)?.open().await.map_err(|e| failed(e.into()))?;
-            OpenedStore { abilities: store.abilities(), store: Arc::new(store) }
+            OpenedStore { abilities: store.abilities(), store: DynStore::new(store) }
         }
         Some("postgres" | "postgresql") => {
             let store = url.parse::<PostgresUrl>().map_err(bad)?.open().await.map_err(|e| failed(e.into()))?;
-            OpenedStore { abilities: store.abilities(), store: Arc::new(store) }
+            OpenedStore { abilities: store.abilities(), store: DynStore::new(store) }
         }
         _ => return Err(OpenError::UnknownScheme { url: redacted(url) }),
     })

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use oncely::store::UrlError;
-use oncely::{ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, Scope, StorageKey};
+use oncely::store::{FirstSeen, UrlError};
+use oncely::{ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, Scope, Store, StoreAdmin};
 use oncely_stores::{OpenError, OpenedStore, open};
 use oncely_testkit::postgres::PostgresServer;
 use oncely_testkit::redis::RedisServer;
@@ -14,22 +14,12 @@ async fn round_trip(opened: &OpenedStore) {
     let store = &opened.store;
     let key = IdempotencyKey::new(format!("open-{}", ClaimId::random())).expect("key");
     let scope = Scope::new("tests");
-    let storage_key = StorageKey::derive(&scope, &key);
-    let claim_id = ClaimId::random();
-    let request = ClaimRequest {
-        storage_key,
-        key,
-        scope,
-        fingerprint: None,
-        claim_id,
-        lease: Duration::from_secs(30),
-        retention: Duration::from_secs(60),
-    };
-    let first = store.claim(request.clone()).await.expect("claim");
+    let request = ClaimRequest::new(&scope, &key, None, Duration::from_secs(30), Duration::from_secs(60));
+    let first = store.claim(&request).await.expect("claim");
     assert_eq!(first, ClaimOutcome::Acquired { takeover: false });
-    store.complete(&storage_key, claim_id, "done".into(), Duration::from_secs(60)).await.expect("complete");
-    let again = ClaimRequest { claim_id: ClaimId::random(), ..request };
-    assert!(matches!(store.claim(again).await.expect("replay"), ClaimOutcome::Completed(_)));
+    store.complete(request.claim(), "done".into(), Duration::from_secs(60)).await.expect("complete");
+    let again = ClaimRequest::new(&scope, &key, None, Duration::from_secs(30), Duration::from_secs(60));
+    assert!(matches!(store.claim(&again).await.expect("replay"), ClaimOutcome::Replay(_)));
     store.ping().await.expect("ping");
     assert!(store.stats().await.expect("stats").completed >= 1);
     if opened.abilities.lists_records {
@@ -48,7 +38,7 @@ async fn memory_opens_with_its_bounds_and_abilities() {
     let bounded = open("memory://?max_entries=1").await.expect("opens");
     round_trip(&bounded).await;
     let (key, scope) = (IdempotencyKey::new("second").expect("key"), Scope::new("t"));
-    let full = bounded.store.first_seen(&StorageKey::derive(&scope, &key), &key, &scope, Duration::from_secs(60)).await;
+    let full = bounded.store.first_seen(&FirstSeen::new(&scope, &key, Duration::from_secs(60))).await;
     assert!(full.is_err(), "max_entries=1 was applied: a second record is refused");
 }
 

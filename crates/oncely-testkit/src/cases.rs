@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use oncely::{
     Acquired, ClaimOutcome, ConflictMode, Error, Failure, Fingerprint, Oncely, RecordState, RunError, Scope,
-    StorageKey, Store, StoreError,
+    StorageKey, Store, StoreAdmin, StoreError,
 };
 use tokio::sync::{Barrier, mpsc};
 
@@ -38,54 +38,47 @@ async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
 
 fn payload_of(outcome: &ClaimOutcome) -> Bytes {
     match outcome {
-        ClaimOutcome::Completed(record) => match &record.state {
-            RecordState::Completed { payload, .. } => payload.clone(),
-            RecordState::InProgress { .. } => panic!("completed outcome with an in-progress record"),
-        },
-        other => panic!("expected a completed record, got {other:?}"),
+        ClaimOutcome::Replay(replay) => replay.payload.clone(),
+        other => panic!("expected a replay, got {other:?}"),
     }
 }
 
 /// 64 tasks claim one absent key at the same instant: exactly one acquires, every other
 /// sees it in progress; after completion all 64 see the one result.
-pub async fn concurrent_claimers_acquire_once<S: Store>(store: S) {
+pub async fn concurrent_claimers_acquire_once<S: Store + StoreAdmin>(store: S) {
     const TASKS: usize = 64;
     let store = Arc::new(store);
     let key = unique_key();
     let start = Arc::new(Barrier::new(TASKS));
     let mut tasks = Vec::new();
     for _ in 0..TASKS {
-        let (store, start, request) = (store.clone(), start.clone(), claim_request(&key, fp("same"), LONG));
+        let (store, start, key) = (store.clone(), start.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
+            let request = claim_request(&key, fp("same"), LONG);
             start.wait().await;
-            let claim_id = request.claim_id;
-            (claim_id, store.claim(request).await.expect("claim succeeds"))
+            (request.claim(), store.claim(&request).await.expect("claim succeeds"))
         }));
     }
     let mut winners = Vec::new();
     for task in tasks {
         match task.await.expect("task completes") {
-            (claim_id, ClaimOutcome::Acquired { takeover: false }) => winners.push(claim_id),
-            (_, ClaimOutcome::InProgress(_)) => {}
+            (claim, ClaimOutcome::Acquired { takeover: false }) => winners.push(claim),
+            (_, ClaimOutcome::InProgress { .. }) => {}
             (_, other) => panic!("unexpected outcome {other:?}"),
         }
     }
     assert_eq!(winners.len(), 1, "exactly one of {TASKS} concurrent claims acquires the key");
 
-    let storage_key = StorageKey::derive(&Scope::global(), &key);
-    store
-        .complete(&storage_key, winners[0], Bytes::from_static(b"the one result"), LONG)
-        .await
-        .expect("winner completes");
+    store.complete(winners[0], Bytes::from_static(b"the one result"), LONG).await.expect("winner completes");
     for _ in 0..TASKS {
-        let outcome = store.claim(claim_request(&key, fp("same"), LONG)).await.expect("claim succeeds");
+        let outcome = store.claim(&claim_request(&key, fp("same"), LONG)).await.expect("claim succeeds");
         assert_eq!(payload_of(&outcome), Bytes::from_static(b"the one result"));
     }
 }
 
 /// 100 callers of `Oncely::run` with one key at once (reject mode): the operation runs
 /// once; every caller either gets its value (run or replayed) or a conflict.
-pub async fn engine_runs_once_among_concurrent_callers<S: Store>(store: S) {
+pub async fn engine_runs_once_among_concurrent_callers<S: Store + StoreAdmin>(store: S) {
     const TASKS: usize = 100;
     let oncely = Oncely::new(store);
     let key = unique_key();
@@ -119,7 +112,7 @@ pub async fn engine_runs_once_among_concurrent_callers<S: Store>(store: S) {
 
 /// 1,000 tasks over 10 keys in wait mode: exactly 10 operations run, and every task sees
 /// its key's one result.
-pub async fn thousand_tasks_over_ten_keys_run_ten_operations<S: Store>(store: S) {
+pub async fn thousand_tasks_over_ten_keys_run_ten_operations<S: Store + StoreAdmin>(store: S) {
     const TASKS: usize = 1000;
     const KEYS: usize = 10;
     let oncely =
@@ -161,16 +154,16 @@ pub async fn thousand_tasks_over_ten_keys_run_ten_operations<S: Store>(store: S)
 
 /// A replay hands back the stored payload byte for byte: every byte value, an empty
 /// payload, and a large one.
-pub async fn replay_returns_stored_bytes_exactly<S: Store>(store: S) {
+pub async fn replay_returns_stored_bytes_exactly<S: Store + StoreAdmin>(store: S) {
     let every_byte: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
     let large: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     for payload in [Bytes::from(every_byte), Bytes::new(), Bytes::from(large)] {
         let key = unique_key();
         let request = claim_request(&key, None, LONG);
-        let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-        assert_eq!(store.claim(request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
-        store.complete(&storage_key, claim_id, payload.clone(), LONG).await.expect("complete");
-        let replayed = payload_of(&store.claim(claim_request(&key, None, LONG)).await.expect("claim"));
+        let claim = request.claim();
+        assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+        store.complete(claim, payload.clone(), LONG).await.expect("complete");
+        let replayed = payload_of(&store.claim(&claim_request(&key, None, LONG)).await.expect("claim"));
         assert_eq!(replayed.len(), payload.len());
         assert!(replayed == payload, "replayed bytes equal stored bytes");
     }
@@ -178,54 +171,51 @@ pub async fn replay_returns_stored_bytes_exactly<S: Store>(store: S) {
 
 /// A key reused with another fingerprint is a mismatch, whether the record is in
 /// progress or completed, and no hit is counted.
-pub async fn fingerprint_mismatch_is_reported_without_a_hit<S: Store>(store: S) {
+pub async fn fingerprint_mismatch_is_reported_without_a_hit<S: Store + StoreAdmin>(store: S) {
     let key = unique_key();
     let request = claim_request(&key, fp("A"), LONG);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    store.claim(request).await.expect("claim");
+    let (storage_key, claim) = (*request.storage_key(), request.claim());
+    store.claim(&request).await.expect("claim");
 
-    let in_progress = store.claim(claim_request(&key, fp("B"), LONG)).await.expect("claim");
-    assert!(matches!(in_progress, ClaimOutcome::Mismatch(ref r) if r.fingerprint == fp("A")), "{in_progress:?}");
+    let in_progress = store.claim(&claim_request(&key, fp("B"), LONG)).await.expect("claim");
+    assert!(matches!(in_progress, ClaimOutcome::Mismatch), "{in_progress:?}");
 
-    store.complete(&storage_key, claim_id, Bytes::from_static(b"A's result"), LONG).await.expect("complete");
+    store.complete(claim, Bytes::from_static(b"A's result"), LONG).await.expect("complete");
     for other in [fp("B"), None] {
-        let outcome = store.claim(claim_request(&key, other, LONG)).await.expect("claim");
-        assert!(matches!(outcome, ClaimOutcome::Mismatch(_)), "{outcome:?}");
+        let outcome = store.claim(&claim_request(&key, other, LONG)).await.expect("claim");
+        assert!(matches!(outcome, ClaimOutcome::Mismatch), "{outcome:?}");
     }
     let record = store.get(&storage_key).await.expect("get").expect("record exists");
     assert_eq!(record.hits(), 0, "a mismatch counts no hit");
-    assert_eq!(payload_of(&store.claim(claim_request(&key, fp("A"), LONG)).await.expect("claim")), "A's result");
+    assert_eq!(payload_of(&store.claim(&claim_request(&key, fp("A"), LONG)).await.expect("claim")), "A's result");
 }
 
 /// Once a holder's lease lapses, the next claim takes the key over with a new claim id,
 /// and the old holder's complete, release and touch are all rejected.
-pub async fn lapsed_lease_is_taken_over_and_old_holder_fenced<S: Store>(store: S) {
+pub async fn lapsed_lease_is_taken_over_and_old_holder_fenced<S: Store + StoreAdmin>(store: S) {
     let key = unique_key();
     let old = claim_request(&key, fp("x"), SHORT);
-    let (storage_key, old_id) = (old.storage_key, old.claim_id);
-    store.claim(old).await.expect("claim");
+    let (storage_key, old_claim) = (*old.storage_key(), old.claim());
+    store.claim(&old).await.expect("claim");
 
     tokio::time::sleep(PAST_SHORT).await;
     let new = claim_request(&key, fp("x"), LONG);
-    let new_id = new.claim_id;
-    assert_eq!(store.claim(new).await.expect("claim"), ClaimOutcome::Acquired { takeover: true });
+    let new_id = new.claim_id();
+    assert_eq!(store.claim(&new).await.expect("claim"), ClaimOutcome::Acquired { takeover: true });
 
-    assert!(matches!(store.touch(&storage_key, old_id, LONG).await, Err(StoreError::LeaseLost)));
-    assert!(matches!(
-        store.complete(&storage_key, old_id, Bytes::from_static(b"late"), LONG).await,
-        Err(StoreError::LeaseLost)
-    ));
-    assert!(matches!(store.release(&storage_key, old_id).await, Err(StoreError::LeaseLost)));
+    assert!(matches!(store.touch(old_claim, LONG).await, Err(StoreError::LeaseLost)));
+    assert!(matches!(store.complete(old_claim, Bytes::from_static(b"late"), LONG).await, Err(StoreError::LeaseLost)));
+    assert!(matches!(store.release(old_claim).await, Err(StoreError::LeaseLost)));
 
     let record = store.get(&storage_key).await.expect("get").expect("the new holder's record");
     assert!(matches!(record.state, RecordState::InProgress { claim_id, .. } if claim_id == new_id));
-    store.complete(&storage_key, new_id, Bytes::from_static(b"new"), LONG).await.expect("new holder completes");
-    assert_eq!(payload_of(&store.claim(claim_request(&key, fp("x"), LONG)).await.expect("claim")), "new");
+    store.complete(new.claim(), Bytes::from_static(b"new"), LONG).await.expect("new holder completes");
+    assert_eq!(payload_of(&store.claim(&claim_request(&key, fp("x"), LONG)).await.expect("claim")), "new");
 }
 
 /// An operation that runs for several leases keeps its key: the engine renews the lease,
 /// so every duplicate meanwhile is a conflict, and the operation runs once.
-pub async fn keep_alive_prevents_takeover_of_live_holder<S: Store>(store: S) {
+pub async fn keep_alive_prevents_takeover_of_live_holder<S: Store + StoreAdmin>(store: S) {
     let lease = Duration::from_millis(900);
     let oncely = Oncely::builder(Arc::new(store)).lease(lease).build().expect("valid settings");
     let key = unique_key();
@@ -264,29 +254,29 @@ pub async fn keep_alive_prevents_takeover_of_live_holder<S: Store>(store: S) {
 
 /// `touch` renews a lease: a key touched with a long lease is not taken over after its
 /// first, short lease would have lapsed.
-pub async fn touch_extends_the_lease<S: Store>(store: S) {
+pub async fn touch_extends_the_lease<S: Store + StoreAdmin>(store: S) {
     let key = unique_key();
     let request = claim_request(&key, None, SHORT);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    store.claim(request).await.expect("claim");
-    store.touch(&storage_key, claim_id, LONG).await.expect("holder touches");
+    let claim = request.claim();
+    store.claim(&request).await.expect("claim");
+    store.touch(claim, LONG).await.expect("holder touches");
     tokio::time::sleep(PAST_SHORT).await;
-    let outcome = store.claim(claim_request(&key, None, LONG)).await.expect("claim");
-    assert!(matches!(outcome, ClaimOutcome::InProgress(_)), "touched lease still holds: {outcome:?}");
+    let outcome = store.claim(&claim_request(&key, None, LONG)).await.expect("claim");
+    assert!(matches!(outcome, ClaimOutcome::InProgress { .. }), "touched lease still holds: {outcome:?}");
 }
 
 /// A released key is claimable at once; through the engine, a released failure lets the
 /// next call run the operation again.
-pub async fn release_lets_the_next_caller_run<S: Store>(store: S) {
+pub async fn release_lets_the_next_caller_run<S: Store + StoreAdmin>(store: S) {
     let store = Arc::new(store);
     let key = unique_key();
     let request = claim_request(&key, None, LONG);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    store.claim(request).await.expect("claim");
-    store.release(&storage_key, claim_id).await.expect("release");
+    let (storage_key, claim) = (*request.storage_key(), request.claim());
+    store.claim(&request).await.expect("claim");
+    store.release(claim).await.expect("release");
     assert!(store.get(&storage_key).await.expect("get").is_none(), "a released record is gone");
     assert_eq!(
-        store.claim(claim_request(&key, None, LONG)).await.expect("claim"),
+        store.claim(&claim_request(&key, None, LONG)).await.expect("claim"),
         ClaimOutcome::Acquired { takeover: false }
     );
 
@@ -306,41 +296,104 @@ pub async fn release_lets_the_next_caller_run<S: Store>(store: S) {
 }
 
 /// A completed record lives for its retention and not longer: after it, the key is new.
-pub async fn retention_expiry_makes_the_key_new_again<S: Store>(store: S) {
+pub async fn retention_expiry_makes_the_key_new_again<S: Store + StoreAdmin>(store: S) {
     let key = unique_key();
     let request = claim_request(&key, None, LONG);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    store.claim(request).await.expect("claim");
-    store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), SHORT).await.expect("complete");
+    let (storage_key, claim) = (*request.storage_key(), request.claim());
+    store.claim(&request).await.expect("claim");
+    store.complete(claim, Bytes::from_static(b"r"), SHORT).await.expect("complete");
     assert!(store.get(&storage_key).await.expect("get").is_some());
     tokio::time::sleep(PAST_SHORT).await;
     assert!(store.get(&storage_key).await.expect("get").is_none(), "an expired record is absent to reads");
     assert_eq!(
-        store.claim(claim_request(&key, None, LONG)).await.expect("claim"),
+        store.claim(&claim_request(&key, None, LONG)).await.expect("claim"),
         ClaimOutcome::Acquired { takeover: false }
     );
 }
 
-/// Each replay counts one hit, in the same call, and `get` counts none.
-pub async fn hits_are_counted_in_the_claim<S: Store>(store: S) {
+/// A replay is a read: the claim that finds a completed record changes nothing (its
+/// hit count stays), `get` counts nothing, and the hits the engine counted reach the store
+/// through `record_hits`, summed, once flushed.
+pub async fn replays_write_nothing_and_hits_are_flushed<S: Store + StoreAdmin>(store: S) {
     let key = unique_key();
     let request = claim_request(&key, None, LONG);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    store.claim(request).await.expect("claim");
-    store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await.expect("complete");
-    for expected in 1..=5 {
-        match store.claim(claim_request(&key, None, LONG)).await.expect("claim") {
-            ClaimOutcome::Completed(record) => assert_eq!(record.hits(), expected),
+    let (storage_key, claim) = (*request.storage_key(), request.claim());
+    store.claim(&request).await.expect("claim");
+    store.complete(claim, Bytes::from_static(b"r"), LONG).await.expect("complete");
+    for _ in 0..5 {
+        match store.claim(&claim_request(&key, None, LONG)).await.expect("claim") {
+            ClaimOutcome::Replay(replay) => assert_eq!(replay.hits, 0, "a replay counts nothing in the store"),
             other => panic!("expected a replay, got {other:?}"),
         }
     }
+    assert_eq!(store.get(&storage_key).await.expect("get").expect("record").hits(), 0);
+
+    store.record_hits(&[(storage_key, 3), (storage_key, 2)]).await.expect("record_hits");
+    let absent = StorageKey::derive(&Scope::global(), &unique_key());
+    store.record_hits(&[(absent, 7)]).await.expect("hits of an absent key are skipped");
+    assert!(store.get(&absent).await.expect("get").is_none(), "record_hits creates nothing");
     assert_eq!(store.get(&storage_key).await.expect("get").expect("record").hits(), 5);
+    match store.claim(&claim_request(&key, None, LONG)).await.expect("claim") {
+        ClaimOutcome::Replay(replay) => assert_eq!(replay.hits, 5),
+        other => panic!("expected a replay, got {other:?}"),
+    }
+
+    // In progress: nothing to count.
+    let held = unique_key();
+    let request = claim_request(&held, None, LONG);
+    store.claim(&request).await.expect("claim");
+    store.record_hits(&[(*request.storage_key(), 4)]).await.expect("record_hits");
+    assert_eq!(store.get(request.storage_key()).await.expect("get").expect("record").hits(), 0);
+}
+
+/// The engine counts replays in the process and flushes them: within the flush
+/// interval by itself, and at once on `flush_hits` (what a graceful shutdown calls), so
+/// that a second engine on the same store (another process) sees every replay.
+pub async fn engine_hits_reach_the_store<S: Store + StoreAdmin>(store: S) {
+    let store = Arc::new(store);
+    let oncely =
+        Oncely::builder(store.clone()).hit_flush_interval(Duration::from_millis(50)).build().expect("valid settings");
+    let key = unique_key();
+    let run = || oncely.run(&key, None, || async { Ok::<_, Failure<String>>(1) });
+    run().await.expect("first run");
+    for _ in 0..3 {
+        assert!(run().await.expect("replay").replayed);
+    }
+    // Flushed by the interval, without any call: wait for the store to show it.
+    let storage_key = StorageKey::derive(&Scope::global(), &key);
+    within("the flusher writing 3 hits", async {
+        loop {
+            if store.get(&storage_key).await.expect("get").expect("record").hits() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // A graceful shutdown: counts flushed on demand, long before the interval.
+    let slow = Oncely::builder(store.clone()).hit_flush_interval(Duration::from_secs(3600)).build().expect("valid");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let hooked = Oncely::builder(store.clone())
+        .hit_flush_interval(Duration::from_secs(3600))
+        .on_hit(move |_, replay| {
+            let _ = tx.send(replay.hits);
+        })
+        .build()
+        .expect("valid settings");
+    for _ in 0..2 {
+        assert!(slow.run(&key, None, || async { Ok::<_, Failure<String>>(2) }).await.expect("replay").replayed);
+    }
+    assert_eq!(store.get(&storage_key).await.expect("get").expect("record").hits(), 3, "not flushed yet");
+    slow.flush_hits().await.expect("flush");
     assert_eq!(store.get(&storage_key).await.expect("get").expect("record").hits(), 5);
+    assert!(hooked.run(&key, None, || async { Ok::<_, Failure<String>>(3) }).await.expect("replay").replayed);
+    assert_eq!(rx.recv().expect("the hook ran"), 6, "the hook sees the stored count plus this replay");
 }
 
 /// Set up a holder and a waiter in wait mode whose only wake-up can be the store's
 /// notification (the poll interval and the lease are far longer than the test).
-async fn holder_and_waiter<S: Store>(
+async fn holder_and_waiter<S: Store + StoreAdmin>(
     store: S,
 ) -> (oncely::ClaimGuard<Arc<S>>, tokio::task::JoinHandle<Result<Acquired<Arc<S>>, Error>>) {
     let store = Arc::new(store);
@@ -365,19 +418,17 @@ async fn holder_and_waiter<S: Store>(
 }
 
 /// A waiter in wait mode is woken by the completion, not by polling, and replays it.
-pub async fn waiters_are_woken_on_completion<S: Store>(store: S) {
+pub async fn waiters_are_woken_on_completion<S: Store + StoreAdmin>(store: S) {
     let (guard, waiting) = holder_and_waiter(store).await;
     guard.complete(Bytes::from_static(b"done")).await.expect("complete");
     match within("the waiter being woken by completion", waiting).await.expect("task").expect("acquire") {
-        Acquired::Replay(record) => {
-            assert!(matches!(record.state, RecordState::Completed { ref payload, .. } if payload == "done"))
-        }
+        Acquired::Replay(replay) => assert_eq!(replay.payload, "done"),
         Acquired::Execute(_) => panic!("the waiter must replay the completed result"),
     }
 }
 
 /// A waiter in wait mode is woken by a release and then runs the operation itself.
-pub async fn waiters_are_woken_on_release<S: Store>(store: S) {
+pub async fn waiters_are_woken_on_release<S: Store + StoreAdmin>(store: S) {
     let (guard, waiting) = holder_and_waiter(store).await;
     guard.release().await.expect("release");
     match within("the waiter being woken by release", waiting).await.expect("task").expect("acquire") {
@@ -388,7 +439,7 @@ pub async fn waiters_are_woken_on_release<S: Store>(store: S) {
 
 /// `first_seen` is true once per window and false for repeats inside it; after the
 /// window the id is new again.
-pub async fn first_seen_inside_and_outside_its_window<S: Store>(store: S) {
+pub async fn first_seen_inside_and_outside_its_window<S: Store + StoreAdmin>(store: S) {
     let oncely = Oncely::new(store);
     let id = unique_key();
     assert!(oncely.first_seen(&id, SHORT).await.expect("first_seen"));
@@ -406,14 +457,15 @@ pub async fn first_seen_inside_and_outside_its_window<S: Store>(store: S) {
 }
 
 /// `purge_expired` removes expired records and leaves live ones.
-pub async fn purge_removes_only_expired_records<S: Store>(store: S) {
+pub async fn purge_removes_only_expired_records<S: Store + StoreAdmin>(store: S) {
     let mut live = Vec::new();
     for i in 0..10 {
-        let request = claim_request(&unique_key(), None, LONG);
-        let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-        store.claim(request).await.expect("claim");
+        let key = unique_key();
+        let request = claim_request(&key, None, LONG);
+        let (storage_key, claim) = (*request.storage_key(), request.claim());
+        store.claim(&request).await.expect("claim");
         let retention = if i % 2 == 0 { SHORT } else { LONG };
-        store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), retention).await.expect("complete");
+        store.complete(claim, Bytes::from_static(b"r"), retention).await.expect("complete");
         if retention == LONG {
             live.push(storage_key);
         }
@@ -428,19 +480,21 @@ pub async fn purge_removes_only_expired_records<S: Store>(store: S) {
 }
 
 /// `stats` counts unexpired records by state.
-pub async fn stats_count_records_by_state<S: Store>(store: S) {
+pub async fn stats_count_records_by_state<S: Store + StoreAdmin>(store: S) {
     for i in 0..5 {
-        let request = claim_request(&unique_key(), None, LONG);
-        let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-        store.claim(request).await.expect("claim");
+        let key = unique_key();
+        let request = claim_request(&key, None, LONG);
+        let claim = request.claim();
+        store.claim(&request).await.expect("claim");
         if i < 2 {
-            store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await.expect("complete");
+            store.complete(claim, Bytes::from_static(b"r"), LONG).await.expect("complete");
         }
     }
-    let request = claim_request(&unique_key(), None, LONG);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    store.claim(request).await.expect("claim");
-    store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), SHORT).await.expect("complete");
+    let key = unique_key();
+    let request = claim_request(&key, None, LONG);
+    let claim = request.claim();
+    store.claim(&request).await.expect("claim");
+    store.complete(claim, Bytes::from_static(b"r"), SHORT).await.expect("complete");
     tokio::time::sleep(PAST_SHORT).await;
     let stats = store.stats().await.expect("stats");
     assert_eq!(stats, oncely::StoreStats { records: 5, in_progress: 3, completed: 2 });
@@ -448,30 +502,27 @@ pub async fn stats_count_records_by_state<S: Store>(store: S) {
 
 /// `delete` removes a record whatever its state; its holder is fenced off and the key is
 /// new again.
-pub async fn delete_removes_and_fences_the_holder<S: Store>(store: S) {
+pub async fn delete_removes_and_fences_the_holder<S: Store + StoreAdmin>(store: S) {
     let key = unique_key();
     let request = claim_request(&key, None, LONG);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    store.claim(request).await.expect("claim");
+    let (storage_key, claim) = (*request.storage_key(), request.claim());
+    store.claim(&request).await.expect("claim");
     assert!(store.delete(&storage_key).await.expect("delete"));
     assert!(!store.delete(&storage_key).await.expect("delete"), "nothing left to delete");
-    assert!(matches!(
-        store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await,
-        Err(StoreError::LeaseLost)
-    ));
+    assert!(matches!(store.complete(claim, Bytes::from_static(b"r"), LONG).await, Err(StoreError::LeaseLost)));
     assert_eq!(
-        store.claim(claim_request(&key, None, LONG)).await.expect("claim"),
+        store.claim(&claim_request(&key, None, LONG)).await.expect("claim"),
         ClaimOutcome::Acquired { takeover: false }
     );
 }
 
 /// A record keeps the raw key, the scope and the fingerprint for inspection.
-pub async fn records_keep_raw_key_and_scope<S: Store>(store: S) {
+pub async fn records_keep_raw_key_and_scope<S: Store + StoreAdmin>(store: S) {
     let scope = Scope::new("tenant-7");
     let key = unique_key();
     let request = claim_request_in(&scope, &key, fp("body"), LONG, LONG);
-    let storage_key = request.storage_key;
-    store.claim(request).await.expect("claim");
+    let storage_key = *request.storage_key();
+    store.claim(&request).await.expect("claim");
     let record = store.get(&storage_key).await.expect("get").expect("record");
     assert_eq!(record.storage_key, storage_key);
     assert_eq!(record.key, key);
@@ -483,7 +534,7 @@ pub async fn records_keep_raw_key_and_scope<S: Store>(store: S) {
 }
 
 /// Two scopes using the same key run two operations and never see each other's results.
-pub async fn scopes_never_share_records<S: Store>(store: S) {
+pub async fn scopes_never_share_records<S: Store + StoreAdmin>(store: S) {
     let oncely = Oncely::new(store);
     let key = unique_key();
     let alice = oncely.scoped(Scope::new("alice"));
@@ -498,18 +549,18 @@ pub async fn scopes_never_share_records<S: Store>(store: S) {
 
 /// `subscribe` resolves at once when the record is absent or completed (nothing to wait
 /// for), and stays pending while a live claim holds the key.
-pub async fn subscribe_resolves_at_once_when_nothing_is_in_progress<S: Store>(store: S) {
+pub async fn subscribe_resolves_at_once_when_nothing_is_in_progress<S: Store + StoreAdmin>(store: S) {
     let key = unique_key();
     let request = claim_request(&key, None, LONG);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
+    let (storage_key, claim) = (*request.storage_key(), request.claim());
     within("subscribe on an absent key", store.subscribe(&storage_key)).await;
 
-    store.claim(request).await.expect("claim");
+    store.claim(&request).await.expect("claim");
     let mut held = store.subscribe(&storage_key);
     let pending = tokio::time::timeout(Duration::from_millis(50), &mut held).await;
     assert!(pending.is_err(), "a live claim: nothing to wake for yet");
 
-    store.complete(&storage_key, claim_id, Bytes::from_static(b"r"), LONG).await.expect("complete");
+    store.complete(claim, Bytes::from_static(b"r"), LONG).await.expect("complete");
     within("the earlier subscription after completion", held).await;
     within("subscribe on a completed key", store.subscribe(&storage_key)).await;
 }

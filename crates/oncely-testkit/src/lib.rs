@@ -24,7 +24,9 @@
 
 use std::time::Duration;
 
-use oncely::{ClaimId, ClaimRequest, Fingerprint, IdempotencyKey, Scope, StorageKey};
+use std::sync::LazyLock;
+
+use oncely::{ClaimRequest, Fingerprint, IdempotencyKey, Scope};
 
 pub mod cases;
 #[cfg(feature = "postgres")]
@@ -48,7 +50,8 @@ macro_rules! store_conformance {
             touch_extends_the_lease,
             release_lets_the_next_caller_run,
             retention_expiry_makes_the_key_new_again,
-            hits_are_counted_in_the_claim,
+            replays_write_nothing_and_hits_are_flushed,
+            engine_hits_reach_the_store,
             waiters_are_woken_on_completion,
             waiters_are_woken_on_release,
             first_seen_inside_and_outside_its_window,
@@ -80,26 +83,21 @@ pub fn unique_key() -> IdempotencyKey {
     IdempotencyKey::uuid_v4()
 }
 
+/// The global scope, as a `'static` value that requests can borrow.
+pub static GLOBAL: LazyLock<Scope> = LazyLock::new(Scope::global);
+
 /// A claim request for `key` in the global scope with a fresh claim id.
-pub fn claim_request(key: &IdempotencyKey, fingerprint: Option<Fingerprint>, lease: Duration) -> ClaimRequest {
-    claim_request_in(&Scope::global(), key, fingerprint, lease, Duration::from_secs(3600))
+pub fn claim_request(key: &IdempotencyKey, fingerprint: Option<Fingerprint>, lease: Duration) -> ClaimRequest<'_> {
+    claim_request_in(&GLOBAL, key, fingerprint, lease, Duration::from_secs(3600))
 }
 
 /// A claim request with every field chosen.
-pub fn claim_request_in(
-    scope: &Scope,
-    key: &IdempotencyKey,
+pub fn claim_request_in<'a>(
+    scope: &'a Scope,
+    key: &'a IdempotencyKey,
     fingerprint: Option<Fingerprint>,
     lease: Duration,
     retention: Duration,
-) -> ClaimRequest {
-    ClaimRequest {
-        storage_key: StorageKey::derive(scope, key),
-        key: key.clone(),
-        scope: scope.clone(),
-        fingerprint,
-        claim_id: ClaimId::random(),
-        lease,
-        retention,
-    }
+) -> ClaimRequest<'a> {
+    ClaimRequest::new(scope, key, fingerprint, lease, retention)
 }

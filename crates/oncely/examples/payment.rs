@@ -85,7 +85,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let oncely = Oncely::builder(MemoryStore::new())
         .conflict_mode(ConflictMode::Wait { timeout: Duration::from_secs(5) })
         .on_miss(|key| println!("  on_miss {key}: new key, calling the provider"))
-        .on_hit(|key, record| println!("  on_hit  {key}: replayed (hit #{})", record.hits()))
+        .on_hit(|key, replay| println!("  on_hit  {key}: replayed (hit #{})", replay.hits))
         .build()?;
     let provider = Arc::new(Provider::default());
 

@@ -40,7 +40,8 @@
 //! - [`key`]: [`IdempotencyKey`], [`Scope`], the hashed [`StorageKey`], key generation.
 //! - [`fingerprint`]: [`Fingerprint`], canonical JSON.
 //! - [`record`]: [`Record`], its [`RecordState`] and the fencing [`ClaimId`].
-//! - [`store`]: the [`Store`] trait and its contract; [`MemoryStore`].
+//! - [`store`]: the [`Store`] (request path) and [`StoreAdmin`] traits and their
+//!   contract; [`DynStore`] for a store picked at run time; [`MemoryStore`].
 //! - [`engine`]: [`Oncely`] (`run`, `acquire`, `first_seen`), its builder, the
 //!   [`ClaimGuard`].
 //! - [`error`]: [`Error`], [`RunError`], the per-error [`Failure`] policy.
@@ -68,4 +69,4 @@ pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, KeyError, Scope, StorageKey};
 pub use record::{ClaimId, Record, RecordState};
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};
-pub use store::{ClaimOutcome, ClaimRequest, Store, StoreError, StoreStats};
+pub use store::{Claim, ClaimOutcome, ClaimRequest, DynStore, Replay, Store, StoreAdmin, StoreError, StoreStats};

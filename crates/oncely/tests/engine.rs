@@ -90,11 +90,11 @@ async fn hooks_see_every_outcome_with_hit_counts() {
         let (hits, misses, mismatches, conflicts) =
             (hits.clone(), misses.clone(), mismatches.clone(), conflicts.clone());
         Oncely::builder(MemoryStore::new())
-            .on_hit(move |_, record| hits.lock().expect("lock").push(record.hits()))
+            .on_hit(move |_, replay| hits.lock().expect("lock").push(replay.hits))
             .on_miss(move |_| {
                 misses.fetch_add(1, Ordering::SeqCst);
             })
-            .on_mismatch(move |_, _| {
+            .on_mismatch(move |_| {
                 mismatches.fetch_add(1, Ordering::SeqCst);
             })
             .on_conflict(move |_, _| {
@@ -259,19 +259,17 @@ struct CompleteOutage {
     log: Mutex<Vec<(&'static str, oncely::StorageKey)>>,
 }
 
-#[async_trait::async_trait]
 impl oncely::Store for CompleteOutage {
-    async fn claim(&self, request: oncely::ClaimRequest) -> Result<oncely::ClaimOutcome, StoreError> {
+    async fn claim(&self, request: &oncely::ClaimRequest<'_>) -> Result<oncely::ClaimOutcome, StoreError> {
         if self.claims_fail.load(Ordering::SeqCst) {
             return Err(StoreError::unavailable("connection refused"));
         }
-        self.log.lock().expect("log").push(("claim", request.storage_key));
+        self.log.lock().expect("log").push(("claim", *request.storage_key()));
         self.inner.claim(request).await
     }
     async fn complete(
         &self,
-        key: &oncely::StorageKey,
-        claim_id: oncely::ClaimId,
+        claim: oncely::Claim,
         payload: bytes::Bytes,
         retention: Duration,
     ) -> Result<(), StoreError> {
@@ -279,17 +277,26 @@ impl oncely::Store for CompleteOutage {
         if self.outage.load(Ordering::SeqCst) {
             return Err(StoreError::unavailable("connection refused"));
         }
-        self.log.lock().expect("log").push(("complete", *key));
-        let result = self.inner.complete(key, claim_id, payload, retention).await;
+        self.log.lock().expect("log").push(("complete", claim.storage_key));
+        let result = self.inner.complete(claim, payload, retention).await;
         self.landed.notify_one();
         result
     }
-    async fn release(&self, key: &oncely::StorageKey, claim_id: oncely::ClaimId) -> Result<(), StoreError> {
-        self.inner.release(key, claim_id).await
+    async fn release(&self, claim: oncely::Claim) -> Result<(), StoreError> {
+        self.inner.release(claim).await
     }
-    async fn touch(&self, key: &oncely::StorageKey, id: oncely::ClaimId, lease: Duration) -> Result<(), StoreError> {
-        self.inner.touch(key, id, lease).await
+    async fn touch(&self, claim: oncely::Claim, lease: Duration) -> Result<(), StoreError> {
+        self.inner.touch(claim, lease).await
     }
+    async fn first_seen(&self, request: &oncely::store::FirstSeen<'_>) -> Result<bool, StoreError> {
+        self.inner.first_seen(request).await
+    }
+    async fn record_hits(&self, hits: &[(oncely::StorageKey, u64)]) -> Result<(), StoreError> {
+        self.inner.record_hits(hits).await
+    }
+}
+
+impl oncely::StoreAdmin for CompleteOutage {
     async fn get(&self, key: &oncely::StorageKey) -> Result<Option<oncely::Record>, StoreError> {
         self.inner.get(key).await
     }
@@ -301,15 +308,6 @@ impl oncely::Store for CompleteOutage {
     }
     async fn stats(&self) -> Result<oncely::StoreStats, StoreError> {
         self.inner.stats().await
-    }
-    async fn first_seen(
-        &self,
-        storage_key: &oncely::StorageKey,
-        key: &IdempotencyKey,
-        scope: &oncely::Scope,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.first_seen(storage_key, key, scope, window).await
     }
 }
 

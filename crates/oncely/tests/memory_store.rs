@@ -5,17 +5,18 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use oncely::store::CapacityBound;
+use oncely::store::{CapacityBound, FirstSeen};
 use oncely::{
-    ClaimOutcome, Error, Failure, IdempotencyKey, MemoryStore, Oncely, RecordState, RunError, Scope, StorageKey, Store,
+    ClaimOutcome, Error, Failure, IdempotencyKey, MemoryStore, Oncely, RunError, Scope, StorageKey, Store, StoreAdmin,
     StoreError,
 };
 use oncely_testkit::{claim_request, claim_request_in, unique_key};
 
 const LONG: Duration = Duration::from_secs(60);
 
-fn key(name: &str) -> IdempotencyKey {
-    IdempotencyKey::new(name).expect("valid test key")
+/// A key that lives for the whole test, so requests can borrow it from a temporary.
+fn key(name: &str) -> &'static IdempotencyKey {
+    Box::leak(Box::new(IdempotencyKey::new(name).expect("valid test key")))
 }
 
 fn storage(key: &IdempotencyKey) -> StorageKey {
@@ -24,23 +25,23 @@ fn storage(key: &IdempotencyKey) -> StorageKey {
 
 /// Claims and completes `key` with the given retention.
 async fn complete(store: &MemoryStore, key: &IdempotencyKey, retention: Duration) {
-    let request = claim_request_in(&Scope::global(), key, None, LONG, LONG);
-    let claim_id = request.claim_id;
-    assert_eq!(store.claim(request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
-    store.complete(&storage(key), claim_id, Bytes::from_static(b"r"), retention).await.expect("complete");
+    let request = claim_request_in(&oncely_testkit::GLOBAL, key, None, LONG, LONG);
+    let claim = request.claim();
+    assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+    store.complete(claim, Bytes::from_static(b"r"), retention).await.expect("complete");
 }
 
 /// Claims and completes `key` with `payload` and the given retention.
 async fn complete_with(store: &MemoryStore, key: &IdempotencyKey, payload: Bytes, retention: Duration) {
-    let request = claim_request_in(&Scope::global(), key, None, LONG, LONG);
-    let claim_id = request.claim_id;
-    assert_eq!(store.claim(request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
-    store.complete(&storage(key), claim_id, payload, retention).await.expect("complete");
+    let request = claim_request_in(&oncely_testkit::GLOBAL, key, None, LONG, LONG);
+    let claim = request.claim();
+    assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+    store.complete(claim, payload, retention).await.expect("complete");
 }
 
 /// A claim of `key` replays its completed record.
 async fn replays(store: &MemoryStore, key: &IdempotencyKey) -> bool {
-    matches!(store.claim(claim_request(key, None, LONG)).await, Ok(ClaimOutcome::Completed(_)))
+    matches!(store.claim(&claim_request(key, None, LONG)).await, Ok(ClaimOutcome::Replay(_)))
 }
 
 fn is_full(result: &Result<ClaimOutcome, StoreError>, bound: CapacityBound, limit: usize) -> bool {
@@ -51,14 +52,14 @@ fn is_full(result: &Result<ClaimOutcome, StoreError>, bound: CapacityBound, limi
 async fn a_full_store_refuses_a_new_key_and_replays_every_completed_record() {
     let store = MemoryStore::builder().max_entries(3).build();
     for name in ["a", "b", "c"] {
-        complete(&store, &key(name), LONG).await;
+        complete(&store, key(name), LONG).await;
     }
     for _ in 0..5 {
-        let refused = store.claim(claim_request(&unique_key(), None, LONG)).await;
+        let refused = store.claim(&claim_request(&unique_key(), None, LONG)).await;
         assert!(is_full(&refused, CapacityBound::Records, 3), "{refused:?}");
     }
     for name in ["a", "b", "c"] {
-        assert!(replays(&store, &key(name)).await, "{name} is still replayed, not evicted");
+        assert!(replays(&store, key(name)).await, "{name} is still replayed, not evicted");
     }
     assert_eq!(store.len(), 3);
 }
@@ -71,11 +72,11 @@ async fn the_byte_bound_trips_before_the_entry_bound_with_large_payloads() {
     let mut stored = Vec::new();
     let refused = loop {
         let key = unique_key();
-        let request = claim_request_in(&Scope::global(), &key, None, LONG, LONG);
-        let claim_id = request.claim_id;
-        match store.claim(request).await {
+        let request = claim_request_in(&oncely_testkit::GLOBAL, &key, None, LONG, LONG);
+        let claim = request.claim();
+        match store.claim(&request).await {
             Ok(ClaimOutcome::Acquired { .. }) => {
-                store.complete(&storage(&key), claim_id, Bytes::from(vec![7; PAYLOAD]), LONG).await.expect("complete");
+                store.complete(claim, Bytes::from(vec![7; PAYLOAD]), LONG).await.expect("complete");
                 stored.push(key);
             }
             other => break other,
@@ -97,41 +98,41 @@ async fn expired_records_are_reclaimed_from_any_shard_but_unexpired_ones_never()
     // The entry bound, with records spread over 64 shards.
     let store = MemoryStore::builder().max_entries(4).shards(64).no_sweeper().build();
     for i in 0..4 {
-        complete(&store, &key(&format!("short{i}")), Duration::from_millis(50)).await;
+        complete(&store, key(&format!("short{i}")), Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(120)).await;
     for i in 0..4 {
-        complete(&store, &key(&format!("long{i}")), LONG).await;
+        complete(&store, key(&format!("long{i}")), LONG).await;
     }
     assert_eq!(store.len(), 4, "each new record took the room of an expired one");
-    let refused = store.claim(claim_request(&key("one-more"), None, LONG)).await;
+    let refused = store.claim(&claim_request(key("one-more"), None, LONG)).await;
     assert!(is_full(&refused, CapacityBound::Records, 4), "{refused:?}");
 
     // The byte bound: big expired payloads make room for new ones.
     let payload = || Bytes::from(vec![1; 32 * 1024]);
     let store = MemoryStore::builder().max_bytes(96 * 1024).shards(64).no_sweeper().build();
     for i in 0..3 {
-        complete_with(&store, &key(&format!("short{i}")), payload(), Duration::from_millis(50)).await;
+        complete_with(&store, key(&format!("short{i}")), payload(), Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(120)).await;
     for i in 0..3 {
-        complete_with(&store, &key(&format!("long{i}")), payload(), LONG).await;
+        complete_with(&store, key(&format!("long{i}")), payload(), LONG).await;
     }
     assert_eq!(store.stats().await.expect("stats").records, 3);
-    let refused = store.claim(claim_request(&key("one-more"), None, LONG)).await;
+    let refused = store.claim(&claim_request(key("one-more"), None, LONG)).await;
     assert!(is_full(&refused, CapacityBound::Bytes, 96 * 1024), "{refused:?}");
     assert_eq!(store.len(), 3, "every expired record was dropped before refusing");
     for i in 0..3 {
-        assert!(replays(&store, &key(&format!("long{i}"))).await);
+        assert!(replays(&store, key(&format!("long{i}"))).await);
     }
 }
 
 #[tokio::test]
 async fn an_expired_record_at_the_claimed_key_gives_its_room_to_the_new_claim() {
     let store = MemoryStore::builder().max_entries(1).no_sweeper().build();
-    complete(&store, &key("k"), Duration::from_millis(20)).await;
+    complete(&store, key("k"), Duration::from_millis(20)).await;
     tokio::time::sleep(Duration::from_millis(60)).await;
-    let outcome = store.claim(claim_request(&key("k"), None, LONG)).await.expect("the expired record is replaced");
+    let outcome = store.claim(&claim_request(key("k"), None, LONG)).await.expect("the expired record is replaced");
     assert_eq!(outcome, ClaimOutcome::Acquired { takeover: false });
     assert_eq!(store.len(), 1);
 }
@@ -139,35 +140,32 @@ async fn an_expired_record_at_the_claimed_key_gives_its_room_to_the_new_claim() 
 #[tokio::test]
 async fn a_completion_past_the_byte_bound_is_kept_and_new_keys_wait_for_room() {
     let store = MemoryStore::builder().max_bytes(8 * 1024).build();
-    let request = claim_request_in(&Scope::global(), &key("big"), None, LONG, LONG);
-    let claim_id = request.claim_id;
-    store.claim(request).await.expect("a claim reserves only the record's fixed part");
+    let request = claim_request_in(&oncely_testkit::GLOBAL, key("big"), None, LONG, LONG);
+    let claim = request.claim();
+    store.claim(&request).await.expect("a claim reserves only the record's fixed part");
     let big = Bytes::from(vec![9; 64 * 1024]);
-    store.complete(&storage(&key("big")), claim_id, big.clone(), LONG).await.expect("a completion is never refused");
+    store.complete(claim, big.clone(), LONG).await.expect("a completion is never refused");
     assert!(store.bytes() > 8 * 1024);
-    match store.claim(claim_request(&key("big"), None, LONG)).await.expect("replay") {
-        ClaimOutcome::Completed(record) => {
-            assert!(matches!(record.state, RecordState::Completed { ref payload, .. } if *payload == big))
-        }
+    match store.claim(&claim_request(key("big"), None, LONG)).await.expect("replay") {
+        ClaimOutcome::Replay(replay) => assert_eq!(replay.payload, big),
         other => panic!("expected the big result replayed, got {other:?}"),
     }
-    let refused = store.claim(claim_request(&key("next"), None, LONG)).await;
+    let refused = store.claim(&claim_request(key("next"), None, LONG)).await;
     assert!(is_full(&refused, CapacityBound::Bytes, 8 * 1024), "{refused:?}");
-    assert!(store.delete(&storage(&key("big"))).await.expect("delete"));
-    store.claim(claim_request(&key("next"), None, LONG)).await.expect("room again once it is gone");
+    assert!(store.delete(&storage(key("big"))).await.expect("delete"));
+    store.claim(&claim_request(key("next"), None, LONG)).await.expect("room again once it is gone");
 }
 
 #[tokio::test]
 async fn first_seen_markers_count_against_the_bound_and_are_never_evicted() {
     let store = MemoryStore::builder().max_entries(2).build();
-    let scope = Scope::global();
     for name in ["m1", "m2"] {
-        assert!(store.first_seen(&storage(&key(name)), &key(name), &scope, LONG).await.expect("mark"));
+        assert!(store.first_seen(&FirstSeen::new(&oncely_testkit::GLOBAL, key(name), LONG)).await.expect("mark"));
     }
-    let full = store.first_seen(&storage(&key("m3")), &key("m3"), &scope, LONG).await;
+    let full = store.first_seen(&FirstSeen::new(&oncely_testkit::GLOBAL, key("m3"), LONG)).await;
     assert!(matches!(full, Err(StoreError::Capacity { bound: CapacityBound::Records, limit: 2 })), "{full:?}");
     for name in ["m1", "m2"] {
-        let repeat = store.first_seen(&storage(&key(name)), &key(name), &scope, LONG).await.expect("repeat");
+        let repeat = store.first_seen(&FirstSeen::new(&oncely_testkit::GLOBAL, key(name), LONG)).await.expect("repeat");
         assert!(!repeat, "{name} is still a repeat: its marker was kept");
     }
 }
@@ -176,27 +174,27 @@ async fn first_seen_markers_count_against_the_bound_and_are_never_evicted() {
 async fn the_counters_come_back_to_zero_however_records_leave() {
     let store = MemoryStore::builder().no_sweeper().build();
     // released
-    let request = claim_request(&key("released"), None, LONG);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    store.claim(request).await.expect("claim");
-    store.release(&storage_key, claim_id).await.expect("release");
+    let request = claim_request(key("released"), None, LONG);
+    let claim = request.claim();
+    store.claim(&request).await.expect("claim");
+    store.release(claim).await.expect("release");
     // deleted while completed, and while in progress
-    complete_with(&store, &key("deleted"), Bytes::from(vec![0; 1000]), LONG).await;
-    assert!(store.delete(&storage(&key("deleted"))).await.expect("delete"));
-    store.claim(claim_request(&key("deleted-held"), None, LONG)).await.expect("claim");
-    assert!(store.delete(&storage(&key("deleted-held"))).await.expect("delete"));
+    complete_with(&store, key("deleted"), Bytes::from(vec![0; 1000]), LONG).await;
+    assert!(store.delete(&storage(key("deleted"))).await.expect("delete"));
+    store.claim(&claim_request(key("deleted-held"), None, LONG)).await.expect("claim");
+    assert!(store.delete(&storage(key("deleted-held"))).await.expect("delete"));
     // purged, and replaced while expired
-    complete_with(&store, &key("purged"), Bytes::from(vec![0; 500]), Duration::from_millis(10)).await;
-    complete_with(&store, &key("replaced"), Bytes::from(vec![0; 700]), Duration::from_millis(10)).await;
+    complete_with(&store, key("purged"), Bytes::from(vec![0; 500]), Duration::from_millis(10)).await;
+    complete_with(&store, key("replaced"), Bytes::from(vec![0; 700]), Duration::from_millis(10)).await;
     store
-        .first_seen(&storage(&key("marker")), &key("marker"), &Scope::global(), Duration::from_millis(10))
+        .first_seen(&FirstSeen::new(&oncely_testkit::GLOBAL, key("marker"), Duration::from_millis(10)))
         .await
         .expect("mark");
     tokio::time::sleep(Duration::from_millis(40)).await;
-    let request = claim_request(&key("replaced"), None, LONG);
-    let (storage_key, claim_id) = (request.storage_key, request.claim_id);
-    store.claim(request).await.expect("claim replaces the expired record");
-    store.release(&storage_key, claim_id).await.expect("release");
+    let request = claim_request(key("replaced"), None, LONG);
+    let claim = request.claim();
+    store.claim(&request).await.expect("claim replaces the expired record");
+    store.release(claim).await.expect("release");
     assert_eq!(store.purge_expired().await.expect("purge"), 2);
     assert_eq!((store.len(), store.bytes()), (0, 0));
 }
@@ -204,58 +202,58 @@ async fn the_counters_come_back_to_zero_however_records_leave() {
 #[tokio::test]
 async fn evicting_unexpired_completed_records_is_an_opt_in_taking_the_earliest_expiry() {
     let store = MemoryStore::builder().max_entries(3).shards(1).evict_completed_when_full(true).build();
-    complete(&store, &key("a"), Duration::from_secs(30)).await;
-    complete(&store, &key("b"), Duration::from_secs(10)).await;
-    complete(&store, &key("c"), Duration::from_secs(20)).await;
+    complete(&store, key("a"), Duration::from_secs(30)).await;
+    complete(&store, key("b"), Duration::from_secs(10)).await;
+    complete(&store, key("c"), Duration::from_secs(20)).await;
 
-    let outcome = store.claim(claim_request(&key("d"), None, LONG)).await.expect("claim makes room");
+    let outcome = store.claim(&claim_request(key("d"), None, LONG)).await.expect("claim makes room");
     assert_eq!(outcome, ClaimOutcome::Acquired { takeover: false });
     assert_eq!(store.len(), 3);
-    assert!(store.get(&storage(&key("b"))).await.expect("get").is_none(), "b expired first and was evicted");
+    assert!(store.get(&storage(key("b"))).await.expect("get").is_none(), "b expired first and was evicted");
     for kept in ["a", "c", "d"] {
-        assert!(store.get(&storage(&key(kept))).await.expect("get").is_some(), "{kept} is kept");
+        assert!(store.get(&storage(key(kept))).await.expect("get").is_some(), "{kept} is kept");
     }
 
     // The byte bound evicts as many as it takes, earliest expiry first.
     let store = MemoryStore::builder().max_bytes(100 * 1024).shards(1).evict_completed_when_full(true).build();
     for i in 0..3 {
-        complete_with(&store, &key(&format!("k{i}")), Bytes::from(vec![0; 30 * 1024]), LONG).await;
+        complete_with(&store, key(&format!("k{i}")), Bytes::from(vec![0; 30 * 1024]), LONG).await;
     }
-    complete_with(&store, &key("huge"), Bytes::from(vec![0; 90 * 1024]), LONG).await;
-    complete(&store, &key("after"), LONG).await;
+    complete_with(&store, key("huge"), Bytes::from(vec![0; 90 * 1024]), LONG).await;
+    complete(&store, key("after"), LONG).await;
     for gone in ["k0", "k1", "k2"] {
-        assert!(store.get(&storage(&key(gone))).await.expect("get").is_none(), "{gone} was evicted");
+        assert!(store.get(&storage(key(gone))).await.expect("get").is_none(), "{gone} was evicted");
     }
     for kept in ["huge", "after"] {
-        assert!(store.get(&storage(&key(kept))).await.expect("get").is_some(), "{kept} is kept");
+        assert!(store.get(&storage(key(kept))).await.expect("get").is_some(), "{kept} is kept");
     }
 }
 
 #[tokio::test]
 async fn in_progress_records_are_never_evicted_even_with_eviction_on() {
     let store = MemoryStore::builder().max_entries(2).shards(1).evict_completed_when_full(true).build();
-    let a = claim_request(&key("a"), None, LONG);
-    let a_claim = a.claim_id;
-    store.claim(a).await.expect("claim a");
-    store.claim(claim_request(&key("b"), None, LONG)).await.expect("claim b");
+    let a = claim_request(key("a"), None, LONG);
+    let a_claim = a.claim();
+    store.claim(&a).await.expect("claim a");
+    store.claim(&claim_request(key("b"), None, LONG)).await.expect("claim b");
 
-    let full = store.claim(claim_request(&key("c"), None, LONG)).await;
+    let full = store.claim(&claim_request(key("c"), None, LONG)).await;
     assert!(is_full(&full, CapacityBound::Records, 2), "{full:?}");
     assert_eq!(store.len(), 2);
 
-    store.complete(&storage(&key("a")), a_claim, Bytes::from_static(b"r"), LONG).await.expect("complete a");
-    store.claim(claim_request(&key("c"), None, LONG)).await.expect("room made by evicting completed a");
-    assert!(store.get(&storage(&key("a"))).await.expect("get").is_none());
-    assert!(store.get(&storage(&key("b"))).await.expect("get").is_some(), "in-progress b survives");
+    store.complete(a_claim, Bytes::from_static(b"r"), LONG).await.expect("complete a");
+    store.claim(&claim_request(key("c"), None, LONG)).await.expect("room made by evicting completed a");
+    assert!(store.get(&storage(key("a"))).await.expect("get").is_none());
+    assert!(store.get(&storage(key("b"))).await.expect("get").is_some(), "in-progress b survives");
 }
 
 #[tokio::test]
 async fn capacity_reaches_the_caller_as_a_typed_error() {
     let oncely = Oncely::new(MemoryStore::builder().max_entries(1).build());
-    let Ok(oncely::Acquired::Execute(_held)) = oncely.acquire(&key("held"), None).await else {
+    let Ok(oncely::Acquired::Execute(_held)) = oncely.acquire(key("held"), None).await else {
         panic!("first key is executed")
     };
-    let result = oncely.run(&key("other"), None, || async { Ok::<_, Failure<String>>(1) }).await;
+    let result = oncely.run(key("other"), None, || async { Ok::<_, Failure<String>>(1) }).await;
     assert!(
         matches!(
             result,
@@ -269,7 +267,7 @@ async fn capacity_reaches_the_caller_as_a_typed_error() {
 async fn with_eviction_on_room_is_made_in_other_shards_when_the_own_shard_has_none() {
     let store = MemoryStore::builder().max_entries(1).shards(64).evict_completed_when_full(true).build();
     for i in 0..50 {
-        complete(&store, &key(&format!("k{i}")), LONG).await;
+        complete(&store, key(&format!("k{i}")), LONG).await;
         assert_eq!(store.len(), 1, "the bound holds whichever shard the key lands in");
     }
 }
@@ -304,14 +302,11 @@ async fn concurrent_new_keys_fill_a_store_exactly_to_its_bound_and_no_further() 
             let mut acquired = Vec::new();
             for _ in 0..50 {
                 let key = unique_key();
-                let request = claim_request_in(&Scope::global(), &key, None, LONG, LONG);
-                let claim_id = request.claim_id;
-                match store.claim(request).await {
+                let request = claim_request_in(&oncely_testkit::GLOBAL, &key, None, LONG, LONG);
+                let claim = request.claim();
+                match store.claim(&request).await {
                     Ok(ClaimOutcome::Acquired { .. }) => {
-                        store
-                            .complete(&storage(&key), claim_id, Bytes::from_static(b"r"), LONG)
-                            .await
-                            .expect("complete");
+                        store.complete(claim, Bytes::from_static(b"r"), LONG).await.expect("complete");
                         acquired.push(key);
                     }
                     Err(StoreError::Capacity { .. }) => {}
@@ -335,7 +330,7 @@ async fn concurrent_new_keys_fill_a_store_exactly_to_its_bound_and_no_further() 
 async fn the_sweeper_removes_expired_records() {
     let store = MemoryStore::builder().sweep_interval(Duration::from_millis(50)).build();
     for i in 0..20 {
-        complete(&store, &key(&format!("k{i}")), Duration::from_millis(100)).await;
+        complete(&store, key(&format!("k{i}")), Duration::from_millis(100)).await;
     }
     assert_eq!(store.len(), 20);
     // Nothing signals a sweep; poll the count with a deadline.
@@ -350,11 +345,11 @@ async fn the_sweeper_removes_expired_records() {
 async fn purge_counts_exactly_what_expired_and_claiming_an_expired_key_reuses_its_room() {
     let store = MemoryStore::builder().no_sweeper().build();
     for i in 0..5 {
-        complete(&store, &key(&format!("short{i}")), Duration::from_millis(100)).await;
-        complete(&store, &key(&format!("long{i}")), LONG).await;
+        complete(&store, key(&format!("short{i}")), Duration::from_millis(100)).await;
+        complete(&store, key(&format!("long{i}")), LONG).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    complete(&store, &key("short0"), LONG).await;
+    complete(&store, key("short0"), LONG).await;
     assert_eq!(store.len(), 10, "the expired record was replaced, not added beside");
     assert_eq!(store.purge_expired().await.expect("purge"), 4);
     assert_eq!(store.len(), 6);
@@ -363,9 +358,8 @@ async fn purge_counts_exactly_what_expired_and_claiming_an_expired_key_reuses_it
 #[tokio::test]
 async fn durations_that_overflow_the_clock_are_typed_errors() {
     let store = MemoryStore::new();
-    let mut request = claim_request(&key("k"), None, LONG);
-    request.retention = Duration::MAX;
-    assert!(matches!(store.claim(request).await, Err(StoreError::InvalidRequest(_))));
+    let request = oncely_testkit::claim_request_in(&oncely_testkit::GLOBAL, key("k"), None, LONG, Duration::MAX);
+    assert!(matches!(store.claim(&request).await, Err(StoreError::InvalidRequest(_))));
     assert!(store.is_empty(), "nothing stored");
 }
 
@@ -373,9 +367,9 @@ async fn durations_that_overflow_the_clock_are_typed_errors() {
 async fn list_pages_through_live_records_in_storage_key_order() {
     let store = MemoryStore::new();
     for i in 0..25 {
-        complete(&store, &key(&format!("k{i}")), LONG).await;
+        complete(&store, key(&format!("k{i}")), LONG).await;
     }
-    complete(&store, &key("gone"), Duration::from_millis(1)).await;
+    complete(&store, key("gone"), Duration::from_millis(1)).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let mut seen = Vec::new();
     let mut after = None;

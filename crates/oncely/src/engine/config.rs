@@ -2,9 +2,10 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use crate::{ConfigError, IdempotencyKey, Record, Store};
+use crate::store::Replay;
+use crate::{ConfigError, IdempotencyKey, Store};
 
 use super::{Oncely, Shared};
 
@@ -39,6 +40,9 @@ pub struct Config {
     pub conflict: ConflictMode,
     /// In wait mode, how often a waiter re-checks when no notification arrives.
     pub poll_interval: Duration,
+    /// The longest a replay's hit stays counted only in the process before it is flushed
+    /// to the store (see [`Oncely::flush_hits`]).
+    pub hit_flush_interval: Duration,
 }
 
 impl Default for Config {
@@ -49,20 +53,22 @@ impl Default for Config {
             keep_alive_ceiling: Duration::from_secs(600),
             conflict: ConflictMode::Reject,
             poll_interval: Duration::from_millis(500),
+            hit_flush_interval: Duration::from_secs(1),
         }
     }
 }
 
 type KeyHook = Arc<dyn Fn(&IdempotencyKey) + Send + Sync>;
-type RecordHook = Arc<dyn Fn(&IdempotencyKey, &Record) + Send + Sync>;
+type ReplayHook = Arc<dyn Fn(&IdempotencyKey, &Replay) + Send + Sync>;
+type ConflictHook = Arc<dyn Fn(&IdempotencyKey, SystemTime) + Send + Sync>;
 
 /// Callbacks on each outcome. They run inline on the request's task: keep them short.
 #[derive(Clone, Default)]
 pub(crate) struct Hooks {
-    pub(crate) hit: Option<RecordHook>,
+    pub(crate) hit: Option<ReplayHook>,
     pub(crate) miss: Option<KeyHook>,
-    pub(crate) conflict: Option<RecordHook>,
-    pub(crate) mismatch: Option<RecordHook>,
+    pub(crate) conflict: Option<ConflictHook>,
+    pub(crate) mismatch: Option<KeyHook>,
     pub(crate) takeover: Option<KeyHook>,
 }
 
@@ -89,7 +95,7 @@ impl fmt::Debug for Hooks {
 ///     .retention(Duration::from_secs(24 * 3600))
 ///     .lease(Duration::from_secs(30))
 ///     .conflict_mode(ConflictMode::Wait { timeout: Duration::from_secs(10) })
-///     .on_hit(|key, record| println!("replayed {key} ({} hits)", record.hits()))
+///     .on_hit(|key, replay| println!("replayed {key} ({} hits)", replay.hits))
 ///     .build()?;
 /// # let _ = oncely; Ok(()) }
 /// ```
@@ -174,9 +180,17 @@ impl<S: Store> OncelyBuilder<S> {
         self
     }
 
-    /// Called when a retry gets a stored result (the seeds' `onCacheHit`); the record
-    /// carries the hit count including this one.
-    pub fn on_hit(mut self, hook: impl Fn(&IdempotencyKey, &Record) + Send + Sync + 'static) -> Self {
+    /// How long a replay's hit may stay counted only in this process before it is
+    /// flushed to the store (default 1 s; 1 ms..=1 h). A crash loses at most this much of
+    /// the counts; see [`Oncely::flush_hits`].
+    pub fn hit_flush_interval(mut self, every: Duration) -> Self {
+        self.config.hit_flush_interval = every;
+        self
+    }
+
+    /// Called when a retry gets a stored result (the seeds' `onCacheHit`); the replay
+    /// carries the hit count as this process knows it, this one included.
+    pub fn on_hit(mut self, hook: impl Fn(&IdempotencyKey, &Replay) + Send + Sync + 'static) -> Self {
         self.hooks.hit = Some(Arc::new(hook));
         self
     }
@@ -188,14 +202,14 @@ impl<S: Store> OncelyBuilder<S> {
     }
 
     /// Called when a request first meets a live claim of its key (before it waits or is
-    /// rejected).
-    pub fn on_conflict(mut self, hook: impl Fn(&IdempotencyKey, &Record) + Send + Sync + 'static) -> Self {
+    /// rejected), with the holder's lease end.
+    pub fn on_conflict(mut self, hook: impl Fn(&IdempotencyKey, SystemTime) + Send + Sync + 'static) -> Self {
         self.hooks.conflict = Some(Arc::new(hook));
         self
     }
 
     /// Called when a key is reused with another fingerprint.
-    pub fn on_mismatch(mut self, hook: impl Fn(&IdempotencyKey, &Record) + Send + Sync + 'static) -> Self {
+    pub fn on_mismatch(mut self, hook: impl Fn(&IdempotencyKey) + Send + Sync + 'static) -> Self {
         self.hooks.mismatch = Some(Arc::new(hook));
         self
     }
@@ -221,6 +235,7 @@ impl<S: Store> OncelyBuilder<S> {
             hooks: self.hooks,
             background: self.background,
             deferred: self.deferred,
+            hits: Default::default(),
         }))
     }
 }
@@ -237,6 +252,7 @@ impl Config {
         check("lease", self.lease, Duration::from_millis(1), self.retention)?;
         check("keep_alive_ceiling", self.keep_alive_ceiling, Duration::ZERO, self.retention)?;
         check("poll_interval", self.poll_interval, Duration::from_millis(1), Duration::from_secs(3600))?;
+        check("hit_flush_interval", self.hit_flush_interval, Duration::from_millis(1), Duration::from_secs(3600))?;
         if let ConflictMode::Wait { timeout } = self.conflict {
             check("conflict_mode(Wait { timeout })", timeout, Duration::from_millis(1), MAX_WAIT)?;
         }

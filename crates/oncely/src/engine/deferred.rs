@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
+use crate::store::Claim;
 use crate::store::StoreErrorKind;
 use crate::{ClaimId, Record, RecordState, StorageKey, Store, StoreError};
 
@@ -174,7 +175,7 @@ impl DeferredCompletions {
     /// # Errors
     /// [`StoreError::Unavailable`] or [`StoreError::Timeout`] when results remain kept;
     /// what the store took before failing is dropped from the registry.
-    pub async fn flush<S: Store + ?Sized>(&self, store: &S) -> Result<(), StoreError> {
+    pub async fn flush<S: Store>(&self, store: &S) -> Result<(), StoreError> {
         let Ok(_writer) = self.inner.flushing.try_lock() else {
             drop(self.inner.flushing.lock().await);
             return match self.len() {
@@ -188,7 +189,14 @@ impl DeferredCompletions {
             if SystemTime::now() >= pending.give_up_at {
                 tracing::error!(key = %pending.record.key, "giving up storing the result of an operation that ran: its retention passed");
             } else {
-                match store.complete(&key, pending.claim_id, payload.clone(), pending.retention).await {
+                match store
+                    .complete(
+                        Claim { storage_key: key, claim_id: pending.claim_id },
+                        payload.clone(),
+                        pending.retention,
+                    )
+                    .await
+                {
                     Ok(()) => {
                         tracing::info!(key = %pending.record.key, "the result was stored once the store answered again")
                     }

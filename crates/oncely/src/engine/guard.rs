@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::store::{ClaimRequest, StoreErrorKind};
+use crate::store::{Claim, ClaimRequest, StoreErrorKind};
 use crate::{ClaimId, Error, Fingerprint, IdempotencyKey, Oncely, Record, RecordState, StorageKey, Store, StoreError};
 
 /// A claim on a key, held while the caller runs the operation.
@@ -33,19 +33,19 @@ use crate::{ClaimId, Error, Fingerprint, IdempotencyKey, Oncely, Record, RecordS
 ///         let receipt = guard.keep_alive(async { Bytes::from_static(b"order 17 placed") }).await;
 ///         guard.complete(receipt).await?;
 ///     }
-///     Acquired::Replay(record) => unreachable!("first use of the key"),
+///     Acquired::Replay(_) => unreachable!("first use of the key"),
 /// }
 ///
-/// let Acquired::Replay(record) = oncely.acquire(&key, None).await? else { unreachable!() };
-/// assert_eq!(record.hits(), 1);
+/// let Acquired::Replay(replay) = oncely.acquire(&key, None).await? else { unreachable!() };
+/// assert_eq!(replay.payload, "order 17 placed");
+/// assert_eq!(replay.hits, 1);
 /// # Ok(()) }
 /// ```
 #[must_use = "a dropped guard leaves its key blocked until the lease lapses"]
 pub struct ClaimGuard<S: Store> {
     engine: Oncely<S>,
-    storage_key: StorageKey,
+    claim: Claim,
     key: IdempotencyKey,
-    claim_id: ClaimId,
     fingerprint: Option<Fingerprint>,
     takeover: bool,
     claimed_at: Instant,
@@ -56,20 +56,19 @@ impl<S: Store> std::fmt::Debug for ClaimGuard<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClaimGuard")
             .field("key", &self.key)
-            .field("claim_id", &self.claim_id)
+            .field("claim_id", &self.claim.claim_id)
             .field("takeover", &self.takeover)
             .finish_non_exhaustive()
     }
 }
 
 impl<S: Store> ClaimGuard<S> {
-    pub(crate) fn new(engine: Oncely<S>, request: &ClaimRequest, takeover: bool) -> Self {
+    pub(crate) fn new(engine: Oncely<S>, request: &ClaimRequest<'_>, takeover: bool) -> Self {
         Self {
             engine,
-            storage_key: request.storage_key,
-            key: request.key.clone(),
-            claim_id: request.claim_id,
-            fingerprint: request.fingerprint,
+            claim: request.claim(),
+            key: request.key().clone(),
+            fingerprint: request.fingerprint().copied(),
             takeover,
             claimed_at: Instant::now(),
             finished: false,
@@ -83,12 +82,18 @@ impl<S: Store> ClaimGuard<S> {
 
     /// The storage key of the record held.
     pub fn storage_key(&self) -> &StorageKey {
-        &self.storage_key
+        &self.claim.storage_key
     }
 
     /// The id this guard holds the key under.
     pub fn claim_id(&self) -> ClaimId {
-        self.claim_id
+        self.claim.claim_id
+    }
+
+    /// The holder, as the store's fenced calls take it: for completing the record by
+    /// other means (`oncely-postgres`'s transactional API).
+    pub fn claim(&self) -> Claim {
+        self.claim
     }
 
     /// True when this claim took over a holder whose lease lapsed: that holder may have
@@ -103,7 +108,7 @@ impl<S: Store> ClaimGuard<S> {
     /// [`StoreError::LeaseLost`] (inside [`Error::Store`]) when the claim was taken over.
     pub async fn touch(&self) -> Result<(), Error> {
         let lease = self.engine.config().lease;
-        Ok(self.engine.store().touch(&self.storage_key, self.claim_id, lease).await?)
+        Ok(self.engine.store().touch(self.claim, lease).await?)
     }
 
     /// Stores `payload` as the operation's result for every retry in the retention window.
@@ -131,7 +136,7 @@ impl<S: Store> ClaimGuard<S> {
         // A timed-out completion may or may not have landed; writing it again is safe
         // (the holder's repeated completion changes nothing), so it is kept like one that
         // never reached the store.
-        let error = match store.complete(&self.storage_key, self.claim_id, payload.clone(), retention).await {
+        let error = match store.complete(self.claim, payload.clone(), retention).await {
             Err(e) if matches!(e.kind(), StoreErrorKind::Unavailable | StoreErrorKind::Timeout) => e,
             other => return Ok(other?),
         };
@@ -143,7 +148,7 @@ impl<S: Store> ClaimGuard<S> {
             tokio::time::sleep(pause).await;
             match deferred.flush(store).await {
                 // Written, or dropped by the registry with an error logged.
-                Ok(()) if deferred.get(&self.storage_key).is_none() => return Ok(()),
+                Ok(()) if deferred.get(&self.claim.storage_key).is_none() => return Ok(()),
                 Ok(()) => {}
                 Err(e) => last = e,
             }
@@ -155,16 +160,16 @@ impl<S: Store> ClaimGuard<S> {
     /// makes sure a background writer stores it; see [`complete`](Self::complete).
     fn keep_until_stored(&self, payload: Bytes, retention: Duration) {
         let record = Record {
-            storage_key: self.storage_key,
+            storage_key: self.claim.storage_key,
             key: self.key.clone(),
             scope: self.engine.scope().clone(),
             fingerprint: self.fingerprint,
             created_at: std::time::SystemTime::now() - self.claimed_at.elapsed(),
             expires_at: std::time::SystemTime::now() + retention,
-            state: RecordState::InProgress { claim_id: self.claim_id, lease_until: std::time::SystemTime::now() },
+            state: RecordState::InProgress { claim_id: self.claim.claim_id, lease_until: std::time::SystemTime::now() },
         };
         let deferred = self.engine.deferred_completions();
-        let start_writer = deferred.keep(record, self.claim_id, payload, retention);
+        let start_writer = deferred.keep(record, self.claim.claim_id, payload, retention);
         metrics::counter!("oncely_completions_deferred_total").increment(1);
         if !start_writer {
             return;
@@ -214,7 +219,7 @@ impl<S: Store> ClaimGuard<S> {
     /// failure (the claim then lapses with its lease).
     pub async fn release(mut self) -> Result<(), Error> {
         self.finished = true;
-        Ok(self.engine.store().release(&self.storage_key, self.claim_id).await?)
+        Ok(self.engine.store().release(self.claim).await?)
     }
 
     /// Gives the claim up without completing or releasing it: the key stays in progress

@@ -9,14 +9,15 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::store::{ClaimOutcome, ClaimRequest, Notified};
+use crate::store::{ClaimOutcome, ClaimRequest, FirstSeen, Notified, Replay, StoreAdmin};
 use crate::{
-    ClaimId, Error, Failure, Fingerprint, IdempotencyKey, Record, RecordState, RunError, Scope, StorageKey, Store,
+    Error, Failure, Fingerprint, IdempotencyKey, Record, RecordState, RunError, Scope, StorageKey, Store, StoreError,
 };
 
 mod config;
 mod deferred;
 mod guard;
+mod hits;
 
 pub use config::{Config, ConflictMode, MAX_RETENTION, MAX_WAIT, OncelyBuilder};
 pub use deferred::DeferredCompletions;
@@ -63,6 +64,8 @@ pub(crate) struct Shared<S> {
     /// the caller wants to wait for it at shutdown.
     pub(crate) background: Option<tokio_util::task::TaskTracker>,
     pub(crate) deferred: DeferredCompletions,
+    /// Replays counted in the process, not yet flushed to the store.
+    pub(crate) hits: hits::HitCounts,
 }
 
 impl<S> Clone for Oncely<S> {
@@ -86,9 +89,9 @@ impl<S> std::fmt::Debug for Oncely<S> {
 pub enum Acquired<S: Store> {
     /// The key is now held by this guard: run the operation, then complete or release.
     Execute(ClaimGuard<S>),
-    /// The operation completed before; the record holds its result (its hit count
-    /// includes this replay).
-    Replay(Record),
+    /// The operation completed before: its stored result (the hit count includes this
+    /// replay).
+    Replay(Replay),
 }
 
 /// A value produced by [`Oncely::run`].
@@ -132,6 +135,7 @@ impl<S: Store> Oncely<S> {
             hooks: Hooks::default(),
             background: None,
             deferred: DeferredCompletions::new(),
+            hits: Default::default(),
         })
     }
 
@@ -201,16 +205,8 @@ impl<S: Store> Oncely<S> {
     pub async fn acquire(&self, key: &IdempotencyKey, fingerprint: Option<Fingerprint>) -> Result<Acquired<S>, Error> {
         let config = &self.shared.config;
         let hooks = &self.shared.hooks;
-        let storage_key = self.storage_key(key);
-        let request = ClaimRequest {
-            storage_key,
-            key: key.clone(),
-            scope: self.scope.clone(),
-            fingerprint,
-            claim_id: ClaimId::random(),
-            lease: config.lease,
-            retention: config.retention,
-        };
+        let request = ClaimRequest::new(&self.scope, key, fingerprint, config.lease, config.retention);
+        let storage_key = *request.storage_key();
         let wait_until = match config.conflict {
             ConflictMode::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
             ConflictMode::Reject => None,
@@ -236,7 +232,7 @@ impl<S: Store> Oncely<S> {
                     tracing::debug!(error = %e, "kept results not stored before a claim");
                 }
             }
-            let outcome = match self.shared.store.claim(request.clone()).await {
+            let outcome = match self.shared.store.claim(&request).await {
                 Ok(outcome) => outcome,
                 Err(e) => {
                     count("store_error");
@@ -258,28 +254,29 @@ impl<S: Store> Oncely<S> {
                     let guard = ClaimGuard::new(self.clone(), &request, takeover);
                     return Ok(Acquired::Execute(guard));
                 }
-                ClaimOutcome::Completed(record) => {
+                ClaimOutcome::Replay(mut replay) => {
                     count("replayed");
+                    replay.hits = replay.hits.saturating_add(self.count_hit(&storage_key));
                     if let Some(hook) = &hooks.hit {
-                        hook(key, &record);
+                        hook(key, &replay);
                     }
-                    return Ok(Acquired::Replay(record));
+                    return Ok(Acquired::Replay(replay));
                 }
-                ClaimOutcome::Mismatch(record) => {
+                ClaimOutcome::Mismatch => {
                     count("mismatch");
                     if let Some(hook) = &hooks.mismatch {
-                        hook(key, &record);
+                        hook(key);
                     }
                     return Err(Error::Mismatch);
                 }
-                ClaimOutcome::InProgress(record) => {
+                ClaimOutcome::InProgress { lease_until } => {
                     if !met_conflict {
                         met_conflict = true;
                         if let Some(hook) = &hooks.conflict {
-                            hook(key, &record);
+                            hook(key, lease_until);
                         }
                     }
-                    let remaining = record.lease_remaining(SystemTime::now());
+                    let remaining = lease_until.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
                     let conflict = || {
                         count("conflict");
                         Error::Conflict { retry_after: retry_after(remaining) }
@@ -312,20 +309,50 @@ impl<S: Store> Oncely<S> {
 
     /// Answers a claim from a result this process keeps for the store, as the store
     /// would: a replay, or a mismatch for another fingerprint.
-    fn replay_kept(&self, key: &IdempotencyKey, record: Record, request: &ClaimRequest) -> Result<Acquired<S>, Error> {
+    fn replay_kept(
+        &self,
+        key: &IdempotencyKey,
+        record: Record,
+        request: &ClaimRequest<'_>,
+    ) -> Result<Acquired<S>, Error> {
         let hooks = &self.shared.hooks;
-        if record.fingerprint != request.fingerprint {
+        if record.fingerprint.as_ref() != request.fingerprint() {
             count("mismatch");
             if let Some(hook) = &hooks.mismatch {
-                hook(key, &record);
+                hook(key);
             }
             return Err(Error::Mismatch);
         }
+        let RecordState::Completed { payload, completed_at, hits } = record.state else {
+            return Err(Error::Store(StoreError::Corrupt("a kept result is not completed".into())));
+        };
         count("replayed_kept");
+        let replay = Replay { payload, completed_at, hits };
         if let Some(hook) = &hooks.hit {
-            hook(key, &record);
+            hook(key, &replay);
         }
-        Ok(Acquired::Replay(record))
+        Ok(Acquired::Replay(replay))
+    }
+
+    /// Counts a replay of `key` in the process; its unflushed count, this one included.
+    /// Starts the flusher when none runs.
+    fn count_hit(&self, key: &StorageKey) -> u64 {
+        let pending = self.shared.hits.add(key, 1);
+        if !self.shared.hits.flusher_running.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            start_flusher(&self.shared);
+        }
+        pending
+    }
+
+    /// Writes the replay counts this process holds to the store, in one
+    /// [`Store::record_hits`] call. A flusher does this by itself within
+    /// [`Config::hit_flush_interval`] of a replay; call it at a graceful shutdown so that
+    /// no count is lost.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the store fails; the counts are kept for the next flush.
+    pub async fn flush_hits(&self) -> Result<(), Error> {
+        Ok(flush_hits(&self.shared).await?)
     }
 
     /// Runs `operation` once for `key`: the first call runs it and stores its outcome;
@@ -362,7 +389,7 @@ impl<S: Store> Oncely<S> {
         let span = tracing::debug_span!("oncely.run", key = %key);
         async move {
             let guard = match self.acquire(key, fingerprint).await? {
-                Acquired::Replay(record) => return replay(&record),
+                Acquired::Replay(stored) => return replay(&stored),
                 Acquired::Execute(guard) => guard,
             };
             match guard.keep_alive(operation()).await {
@@ -417,12 +444,14 @@ impl<S: Store> Oncely<S> {
                 "first_seen window {window:?} is outside 0..={MAX_RETENTION:?}"
             )));
         }
-        let storage_key = self.seen_key(id);
-        let first = self.shared.store.first_seen(&storage_key, id, &self.scope, window).await?;
+        let first = self.shared.store.first_seen(&FirstSeen::new(&self.scope, id, window)).await?;
         count(if first { "first_seen" } else { "duplicate_seen" });
         Ok(first)
     }
+}
 
+/// Reading and deleting records: for stores that offer administration.
+impl<S: Store + StoreAdmin> Oncely<S> {
     /// Forgets that `id` was seen, so its next [`first_seen`](Self::first_seen) is true
     /// again: for a consumer whose handling failed after `first_seen` said true and
     /// which wants the redelivery handled. True when there was a mark to remove.
@@ -430,17 +459,13 @@ impl<S: Store> Oncely<S> {
     /// # Errors
     /// [`Error::Store`] when the store fails.
     pub async fn forget_seen(&self, id: &IdempotencyKey) -> Result<bool, Error> {
-        Ok(self.shared.store.delete(&self.seen_key(id)).await?)
-    }
-
-    fn seen_key(&self, id: &IdempotencyKey) -> StorageKey {
-        // A separate key space from `run`'s, so a message id and an idempotency key with
-        // the same text never meet.
-        StorageKey::derive_raw(&format!("oncely.first_seen\u{0}{}", self.scope), id.as_str())
+        let marker = FirstSeen::new(&self.scope, id, Duration::ZERO);
+        Ok(self.shared.store.delete(marker.storage_key()).await?)
     }
 
     /// The record of `key` in this scope, if any (no hit is counted): a result kept for
-    /// the store (see [`DeferredCompletions`]) as it will be stored, else the store's.
+    /// the store (see [`DeferredCompletions`]) as it will be stored, else the store's,
+    /// with the replays this engine counted and has not flushed yet added to its hits.
     ///
     /// # Errors
     /// [`Error::Store`] when the store fails.
@@ -449,7 +474,11 @@ impl<S: Store> Oncely<S> {
         if let Some(kept) = self.shared.deferred.get(&storage_key) {
             return Ok(Some(kept));
         }
-        Ok(self.shared.store.get(&storage_key).await?)
+        let mut record = self.shared.store.get(&storage_key).await?;
+        if let Some(Record { state: RecordState::Completed { hits, .. }, .. }) = &mut record {
+            *hits = hits.saturating_add(self.shared.hits.peek(&storage_key));
+        }
+        Ok(record)
     }
 
     /// Deletes the record of `key` in this scope whatever its state, and a result kept
@@ -477,11 +506,8 @@ fn encode<T: Serialize, E: Serialize>(outcome: &StoredRef<'_, T, E>) -> Vec<u8> 
     })
 }
 
-fn replay<T: DeserializeOwned, E: DeserializeOwned>(record: &Record) -> Result<Executed<T>, RunError<E>> {
-    let RecordState::Completed { payload, .. } = &record.state else {
-        return Err(Error::Store(crate::StoreError::Corrupt("replayed record is not completed".into())).into());
-    };
-    match serde_json::from_slice::<Stored<T, E>>(payload).map_err(Error::Decode)? {
+fn replay<T: DeserializeOwned, E: DeserializeOwned>(stored: &Replay) -> Result<Executed<T>, RunError<E>> {
+    match serde_json::from_slice::<Stored<T, E>>(&stored.payload).map_err(Error::Decode)? {
         Stored::Ok(value) => Ok(Executed { value, replayed: true }),
         Stored::Err(error) => Err(RunError::Failed { error, replayed: true }),
         Stored::Unencodable(reason) => Err(Error::NotStored(reason).into()),
@@ -504,4 +530,70 @@ fn retry_after(remaining: Duration) -> Duration {
 
 fn count(outcome: &'static str) {
     metrics::counter!("oncely_outcomes_total", "outcome" => outcome).increment(1);
+}
+
+/// Writes the counted hits to the store; a batch the store refuses is kept for the next.
+async fn flush_hits<S: Store>(shared: &Shared<S>) -> Result<(), StoreError> {
+    let batch = shared.hits.take();
+    if batch.is_empty() {
+        return Ok(());
+    }
+    match shared.store.record_hits(&batch).await {
+        Ok(()) => {
+            metrics::counter!("oncely_hits_flushed_total").increment(batch.len() as u64);
+            Ok(())
+        }
+        Err(e) => {
+            shared.hits.restore(&batch);
+            Err(e)
+        }
+    }
+}
+
+/// Starts the task that flushes hits every `hit_flush_interval` while any are counted.
+/// It holds the engine weakly: a dropped engine's flusher ends (call
+/// [`Oncely::flush_hits`] before dropping it). Outside a Tokio runtime none starts, and
+/// the next replay inside one tries again.
+fn start_flusher<S: Store>(shared: &Arc<Shared<S>>) {
+    use std::sync::atomic::Ordering::AcqRel;
+
+    /// Marks the flusher stopped however its task ends (its runtime may drop it).
+    struct Running<S>(std::sync::Weak<Shared<S>>, bool);
+    impl<S> Running<S> {
+        fn disarm(mut self) {
+            self.1 = false;
+        }
+    }
+    impl<S> Drop for Running<S> {
+        fn drop(&mut self) {
+            if let Some(shared) = self.0.upgrade().filter(|_| self.1) {
+                shared.hits.flusher_running.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        shared.hits.flusher_running.store(false, std::sync::atomic::Ordering::Release);
+        return;
+    };
+    let running = Running(Arc::downgrade(shared), true);
+    let interval = shared.config.hit_flush_interval;
+    runtime.spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(shared) = running.0.upgrade() else { return };
+            if let Err(e) = flush_hits(&shared).await {
+                tracing::debug!(error = %e, "replay counts not flushed; kept for the next round");
+            }
+            if shared.hits.is_empty() {
+                shared.hits.flusher_running.store(false, std::sync::atomic::Ordering::Release);
+                // A hit counted between the check and the store found the flusher still
+                // running and started none: look again, and go on if one did.
+                if shared.hits.is_empty() || shared.hits.flusher_running.swap(true, AcqRel) {
+                    running.disarm();
+                    return;
+                }
+            }
+        }
+    });
 }

@@ -37,12 +37,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::{CapacityBound, ClaimOutcome, ClaimRequest, Notified, Store, StoreError, StoreStats};
-use crate::{ClaimId, IdempotencyKey, Record, RecordState, Scope, StorageKey};
+use super::{
+    CapacityBound, Claim, ClaimOutcome, ClaimRequest, FirstSeen, Notified, Replay, Store, StoreAdmin, StoreError,
+    StoreStats,
+};
+use crate::{ClaimId, Record, RecordState, StorageKey};
 
 /// Expired records removed per shard-lock acquisition while purging, so that a sweep
 /// never holds a shard for long.
@@ -405,17 +407,29 @@ impl Inner {
         key: &StorageKey,
         now: SystemTime,
         mut existing: impl FnMut(&mut Shard) -> Option<T>,
-        record: Record,
+        record: impl FnOnce() -> Record,
         created: T,
     ) -> Result<T, StoreError> {
-        let cost = record_cost(&record);
         let index = self.shard_index(key);
         let mut refused = CapacityBound::Records;
+        // Built only when the key holds nothing live: a replay copies nothing.
+        let mut record = Some(record);
+        let mut built: Option<(Record, usize)> = None;
         for _ in 0..3 {
             let mut shard = self.lock(index);
             if let Some(answer) = existing(&mut shard) {
                 return Ok(answer);
             }
+            let cost = match (&built, record.take()) {
+                (Some((_, cost)), _) => *cost,
+                (None, Some(make)) => {
+                    let made = make();
+                    let cost = record_cost(&made);
+                    built = Some((made, cost));
+                    cost
+                }
+                (None, None) => unreachable!("the record is built before it is first needed"),
+            };
             if shard.map.get(key).is_some_and(|entry| entry.record.is_expired(now))
                 && let Some(freed) = shard.remove(key)
             {
@@ -423,6 +437,7 @@ impl Inner {
             }
             match self.reserve(&mut shard, cost, now) {
                 Ok(()) => {
+                    let Some((record, _)) = built.take() else { unreachable!("built above") };
                     if let Some(replaced) = shard.insert(record, cost) {
                         // Unreachable: the key held nothing live and its expired record
                         // was removed above. Counted right all the same.
@@ -440,21 +455,21 @@ impl Inner {
         Err(self.full(refused))
     }
 
-    fn claim(&self, request: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+    fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         let now = SystemTime::now();
-        let lease_until = deadline(now, request.lease)?;
-        let expires_at = deadline(now, request.retention)?.max(lease_until);
-        let record = Record {
-            storage_key: request.storage_key,
-            key: request.key.clone(),
-            scope: request.scope.clone(),
-            fingerprint: request.fingerprint,
+        let lease_until = deadline(now, request.lease())?;
+        let expires_at = deadline(now, request.retention())?.max(lease_until);
+        let record = || Record {
+            storage_key: *request.storage_key(),
+            key: request.key().clone(),
+            scope: request.scope().clone(),
+            fingerprint: request.fingerprint().copied(),
             created_at: now,
             expires_at,
-            state: RecordState::InProgress { claim_id: request.claim_id, lease_until },
+            state: RecordState::InProgress { claim_id: request.claim_id(), lease_until },
         };
         self.answer_or_create(
-            &request.storage_key,
+            request.storage_key(),
             now,
             |shard| shard.claim_existing(request, now, lease_until, expires_at),
             record,
@@ -478,19 +493,14 @@ impl Inner {
         purged
     }
 
-    fn first_seen(
-        &self,
-        storage_key: &StorageKey,
-        key: &IdempotencyKey,
-        scope: &Scope,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
+    fn first_seen(&self, request: &FirstSeen<'_>) -> Result<bool, StoreError> {
         let now = SystemTime::now();
-        let expires_at = deadline(now, window)?;
-        let marker = Record {
+        let expires_at = deadline(now, request.window())?;
+        let storage_key = request.storage_key();
+        let marker = || Record {
             storage_key: *storage_key,
-            key: key.clone(),
-            scope: scope.clone(),
+            key: request.key().clone(),
+            scope: request.scope().clone(),
             fingerprint: None,
             created_at: now,
             expires_at,
@@ -517,28 +527,32 @@ impl Shard {
     /// created (the key is absent or its record expired).
     fn claim_existing(
         &mut self,
-        request: &ClaimRequest,
+        request: &ClaimRequest<'_>,
         now: SystemTime,
         lease_until: SystemTime,
         expires_at: SystemTime,
     ) -> Option<ClaimOutcome> {
-        let entry = self.live_mut(&request.storage_key, now)?;
-        if entry.record.fingerprint != request.fingerprint {
-            return Some(ClaimOutcome::Mismatch(entry.record.clone()));
+        let entry = self.live_mut(request.storage_key(), now)?;
+        if entry.record.fingerprint.as_ref() != request.fingerprint() {
+            return Some(ClaimOutcome::Mismatch);
         }
-        match &mut entry.record.state {
-            RecordState::Completed { hits, .. } => {
-                *hits += 1;
-                Some(ClaimOutcome::Completed(entry.record.clone()))
+        match &entry.record.state {
+            RecordState::Completed { payload, completed_at, hits } => {
+                // A read: the hit is counted by the engine and flushed by `record_hits`.
+                Some(ClaimOutcome::Replay(Replay {
+                    payload: payload.clone(),
+                    completed_at: *completed_at,
+                    hits: *hits,
+                }))
             }
             RecordState::InProgress { lease_until: held_until, .. } if now < *held_until => {
-                Some(ClaimOutcome::InProgress(entry.record.clone()))
+                Some(ClaimOutcome::InProgress { lease_until: *held_until })
             }
             RecordState::InProgress { .. } => {
-                entry.record.state = RecordState::InProgress { claim_id: request.claim_id, lease_until };
+                entry.record.state = RecordState::InProgress { claim_id: request.claim_id(), lease_until };
                 entry.wake();
                 let old_expiry = std::mem::replace(&mut entry.record.expires_at, expires_at);
-                self.reindex(&request.storage_key, old_expiry, expires_at);
+                self.reindex(request.storage_key(), old_expiry, expires_at);
                 Some(ClaimOutcome::Acquired { takeover: true })
             }
         }
@@ -616,22 +630,16 @@ impl Shard {
     }
 }
 
-#[async_trait]
 impl Store for MemoryStore {
-    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        self.inner.claim(&request)
+    async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        self.inner.claim(request)
     }
 
     /// Never refused for room: the payload is counted whatever the byte bound says (see
     /// the [module docs](self)), because the operation has run and losing its result
     /// would let a retry run it again.
-    async fn complete(
-        &self,
-        key: &StorageKey,
-        claim_id: ClaimId,
-        payload: Bytes,
-        retention: Duration,
-    ) -> Result<(), StoreError> {
+    async fn complete(&self, claim: Claim, payload: Bytes, retention: Duration) -> Result<(), StoreError> {
+        let Claim { storage_key: ref key, claim_id } = claim;
         let now = SystemTime::now();
         let expires_at = deadline(now, retention)?;
         let mut shard = self.inner.shard(key);
@@ -646,7 +654,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError> {
+    async fn release(&self, claim: Claim) -> Result<(), StoreError> {
+        let Claim { storage_key: ref key, claim_id } = claim;
         let now = SystemTime::now();
         let mut shard = self.inner.shard(key);
         shard.held_mut(key, claim_id, now)?;
@@ -656,7 +665,8 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
+    async fn touch(&self, claim: Claim, lease: Duration) -> Result<(), StoreError> {
+        let Claim { storage_key: ref key, claim_id } = claim;
         let now = SystemTime::now();
         let lease_until = deadline(now, lease)?;
         let mut shard = self.inner.shard(key);
@@ -671,6 +681,40 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn first_seen(&self, request: &FirstSeen<'_>) -> Result<bool, StoreError> {
+        self.inner.first_seen(request)
+    }
+
+    async fn record_hits(&self, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
+        let now = SystemTime::now();
+        for (key, n) in hits {
+            let mut shard = self.inner.shard(key);
+            if let Some(Entry { record: Record { state: RecordState::Completed { hits, .. }, .. }, .. }) =
+                shard.live_mut(key, now)
+            {
+                *hits = hits.saturating_add(*n);
+            }
+        }
+        Ok(())
+    }
+
+    fn subscribe(&self, key: &StorageKey) -> Notified {
+        let now = SystemTime::now();
+        let mut shard = self.inner.shard(key);
+        match shard.live_mut(key, now) {
+            Some(entry) if !entry.record.is_completed() => {
+                let waiters = entry.waiters.get_or_insert_with(|| Arc::new(Notify::new())).clone();
+                // Created under the shard lock: every change made after this point calls
+                // `notify_waiters` under the same lock, and a `Notified` future receives
+                // every `notify_waiters` issued after its creation, polled or not.
+                Box::pin(waiters.notified_owned())
+            }
+            _ => Box::pin(std::future::ready(())),
+        }
+    }
+}
+
+impl StoreAdmin for MemoryStore {
     async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
         let now = SystemTime::now();
         Ok(self.inner.shard(key).live_mut(key, now).map(|entry| entry.record.clone()))
@@ -706,16 +750,6 @@ impl Store for MemoryStore {
         Ok(stats)
     }
 
-    async fn first_seen(
-        &self,
-        storage_key: &StorageKey,
-        key: &IdempotencyKey,
-        scope: &Scope,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.first_seen(storage_key, key, scope, window)
-    }
-
     /// Scans every shard (one lock at a time) and sorts: for admin use.
     async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
         let now = SystemTime::now();
@@ -734,20 +768,5 @@ impl Store for MemoryStore {
         found.sort_unstable_by_key(|record| record.storage_key);
         found.truncate(limit);
         Ok(found)
-    }
-
-    fn subscribe(&self, key: &StorageKey) -> Notified {
-        let now = SystemTime::now();
-        let mut shard = self.inner.shard(key);
-        match shard.live_mut(key, now) {
-            Some(entry) if !entry.record.is_completed() => {
-                let waiters = entry.waiters.get_or_insert_with(|| Arc::new(Notify::new())).clone();
-                // Created under the shard lock: every change made after this point calls
-                // `notify_waiters` under the same lock, and a `Notified` future receives
-                // every `notify_waiters` issued after its creation, polled or not.
-                Box::pin(waiters.notified_owned())
-            }
-            _ => Box::pin(std::future::ready(())),
-        }
     }
 }

@@ -1,228 +1,60 @@
-//! The [`Store`] trait: the contract between the engine and where records live.
+//! The store contract: [`Store`] (the request path) and [`StoreAdmin`] (administration),
+//! the values they take and answer, and [`DynStore`] for a store picked at run time.
 //!
 //! Every store passes the conformance suite in `oncely-testkit`. What it promises:
 //!
-//! - **Claim is one atomic step that returns the existing record when there is one.** A
-//!   store never implements it as get-then-set, and the caller never needs a second read
-//!   to learn what blocked its claim.
+//! - **Claim is one atomic step that returns what blocked it.** A store never implements
+//!   it as get-then-set, and the caller never needs a second read to learn what blocked
+//!   its claim: the [`ClaimOutcome`] carries a replay's payload or a holder's lease end.
 //! - **Atomic under any number of concurrent callers** (and processes, for shared stores):
 //!   among any number of simultaneous claims of one absent key, exactly one is acquired.
-//! - **Fencing.** `complete`, `release` and `touch` succeed only for the record's current
-//!   claim id and answer [`StoreError::LeaseLost`] otherwise.
+//! - **A replay is a read.** A claim that finds a completed record writes nothing: no hit
+//!   count, no lock held past the read, nothing replicated or logged. The engine counts
+//!   hits in the process and flushes them in batches with [`Store::record_hits`].
+//! - **Fencing.** `complete`, `release` and `touch` act for a [`Claim`] and succeed only
+//!   while it is the record's current one; otherwise they answer
+//!   [`StoreError::LeaseLost`].
 //! - **Expiry on every read.** A record past its `expires_at` is absent to every method,
 //!   whether or not the store has collected it yet.
 //! - **Time from one place** per store: the process clock for in-process stores, the
 //!   server's clock for shared ones, so that callers' clock skew cannot shorten a lease.
 //! - **Round trips**: a new operation costs two store calls (claim, complete), a replay one.
+//! - **Bounded stores refuse, never forget.** A full store answers a new claim with
+//!   [`StoreError::Capacity`]; it never drops an unexpired completed record to make room
+//!   unless told it may.
+//!
+//! The request is borrowed ([`ClaimRequest`], [`FirstSeen`]) and built by constructors
+//! that derive the storage key, so no client input reaches a store's key space raw and a
+//! replay copies no key, scope or record.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{ClaimId, Fingerprint, IdempotencyKey, Record, Scope, StorageKey};
+use crate::{Record, StorageKey};
 
 pub mod abilities;
+mod dynamic;
+mod error;
 pub mod memory;
 mod memory_url;
+mod request;
 pub mod url;
 pub mod waiters;
 
 pub use abilities::StoreAbilities;
+pub use dynamic::DynStore;
+pub use error::{BoxError, CapacityBound, StoreError, StoreErrorKind};
 pub use memory_url::URL_DEFAULT_MAX_ENTRIES;
+pub use request::{Claim, ClaimOutcome, ClaimRequest, FirstSeen, Replay};
 pub use url::UrlError;
-
-/// A boxed error from a store's client library.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A future that resolves when a key's in-progress record may have changed: completed,
 /// released, deleted or taken over. It may also resolve spuriously; waiters re-check.
 pub type Notified = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
-
-/// What a store failed at.
-///
-/// Match on [`kind`](Self::kind) to decide what to do (retry later, report, refuse);
-/// the variants carry what each failure knows, and [`Unavailable`](Self::Unavailable)
-/// and [`Timeout`](Self::Timeout) carry the client library's error as their source.
-/// Stores choose the variant from structured data (an error's type, variant or code),
-/// never from its message.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The caller's claim is not the record's current one: its lease lapsed and another
-    /// claim took the key over, or the record was released, deleted or expired. The
-    /// caller's write was rejected so that it cannot overwrite the new holder.
-    #[error("the claim no longer holds the key (lease taken over, released, deleted or expired)")]
-    LeaseLost,
-    /// A bounded store is full: a new record would take it past one of its bounds, and
-    /// it holds no record it may drop to make room. Expired records are dropped first
-    /// (they are absent anyway); an unexpired record, completed or in progress, is never
-    /// dropped to make room unless the store was told it may evict completed ones.
-    /// Nothing was changed; the HTTP layer answers 503 with `Retry-After`.
-    ///
-    /// Only the creation of a record is refused this way. A claim or `first_seen` that
-    /// meets an existing record, and every `complete`, are answered as usual: an
-    /// operation that ran keeps its result even when that takes the store past its bound.
-    #[error("the store is full: it holds at most {limit} {bound} and has no expired record to drop")]
-    Capacity {
-        /// The bound a new record would pass.
-        bound: CapacityBound,
-        /// That bound, in records or in bytes as `bound` says.
-        limit: u64,
-    },
-    /// The store could not be reached, or refused for a passing reason (its connection
-    /// was lost, it is shutting down, out of resources, a read-only replica). A call that
-    /// failed after its request was sent may have taken effect. A retry later may
-    /// succeed; the HTTP layer answers 503.
-    #[error("the store is unavailable: {0}")]
-    Unavailable(#[source] BoxError),
-    /// The store did not answer in time: the request was sent (or was being sent) and
-    /// the caller stopped waiting. Whether the call took effect is unknown. A retry
-    /// later may succeed; the HTTP layer answers 503, as for
-    /// [`Unavailable`](Self::Unavailable).
-    #[error("the store did not answer in time: {0}")]
-    Timeout(#[source] BoxError),
-    /// The store holds data this version cannot read.
-    #[error("the store returned a malformed record: {0}")]
-    Corrupt(String),
-    /// The store cannot do this at all: a store that cannot list its records asked to
-    /// list them, or a server lacking a feature the store needs. No retry mends it.
-    #[error("the store does not support this: {0}")]
-    Unsupported(String),
-    /// The request cannot be carried out as asked (a duration that overflows the clock).
-    #[error("invalid store request: {0}")]
-    InvalidRequest(String),
-}
-
-/// What kind of failure a [`StoreError`] is: a small `Copy` value to match on, in the
-/// manner of [`std::io::ErrorKind`]. More kinds may be added.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum StoreErrorKind {
-    /// [`StoreError::Unavailable`]: not reached, or refused for a passing reason.
-    Unavailable,
-    /// [`StoreError::Timeout`]: no answer in time; whether the call took effect is unknown.
-    Timeout,
-    /// [`StoreError::Corrupt`]: stored data this version cannot read.
-    Corrupt,
-    /// [`StoreError::LeaseLost`]: the caller's claim no longer holds the key.
-    LeaseLost,
-    /// [`StoreError::Capacity`]: a bounded store is full.
-    Capacity,
-    /// [`StoreError::Unsupported`]: the store cannot do this.
-    Unsupported,
-    /// [`StoreError::InvalidRequest`]: the request cannot be carried out as asked.
-    InvalidRequest,
-}
-
-impl std::fmt::Display for StoreErrorKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Unavailable => "unavailable",
-            Self::Timeout => "timeout",
-            Self::Corrupt => "corrupt",
-            Self::LeaseLost => "lease lost",
-            Self::Capacity => "capacity",
-            Self::Unsupported => "unsupported",
-            Self::InvalidRequest => "invalid request",
-        })
-    }
-}
-
-/// Which bound of a full store refused a new record; see [`StoreError::Capacity`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum CapacityBound {
-    /// The most records the store holds.
-    Records,
-    /// The most bytes the store holds, as the store counts them (its docs say how).
-    Bytes,
-}
-
-impl std::fmt::Display for CapacityBound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Records => "records",
-            Self::Bytes => "bytes",
-        })
-    }
-}
-
-impl StoreError {
-    /// Wraps a client library's error as [`StoreError::Unavailable`].
-    pub fn unavailable(error: impl Into<BoxError>) -> Self {
-        Self::Unavailable(error.into())
-    }
-
-    /// Wraps a client library's error as [`StoreError::Timeout`].
-    pub fn timeout(error: impl Into<BoxError>) -> Self {
-        Self::Timeout(error.into())
-    }
-
-    /// What kind of failure this is.
-    ///
-    /// ```
-    /// use oncely::StoreError;
-    /// use oncely::store::StoreErrorKind;
-    ///
-    /// let error = StoreError::timeout("no answer within 1s");
-    /// assert_eq!(error.kind(), StoreErrorKind::Timeout);
-    /// assert_eq!(StoreError::LeaseLost.kind(), StoreErrorKind::LeaseLost);
-    /// ```
-    pub fn kind(&self) -> StoreErrorKind {
-        match self {
-            Self::LeaseLost => StoreErrorKind::LeaseLost,
-            Self::Capacity { .. } => StoreErrorKind::Capacity,
-            Self::Unavailable(_) => StoreErrorKind::Unavailable,
-            Self::Timeout(_) => StoreErrorKind::Timeout,
-            Self::Corrupt(_) => StoreErrorKind::Corrupt,
-            Self::Unsupported(_) => StoreErrorKind::Unsupported,
-            Self::InvalidRequest(_) => StoreErrorKind::InvalidRequest,
-        }
-    }
-}
-
-/// A request to claim a key.
-#[derive(Clone, Debug)]
-pub struct ClaimRequest {
-    /// The key the record is indexed by: `StorageKey::derive(&scope, &key)`.
-    pub storage_key: StorageKey,
-    /// The raw key, kept in the record for inspection.
-    pub key: IdempotencyKey,
-    /// The owning scope, kept in the record for inspection.
-    pub scope: Scope,
-    /// The fingerprint of the request; a record with another one is a mismatch.
-    pub fingerprint: Option<Fingerprint>,
-    /// The claim id this claim will hold the key under (callers use [`ClaimId::random`]).
-    pub claim_id: ClaimId,
-    /// How long the claim holds the key without a renewal.
-    pub lease: Duration,
-    /// How long the record lives: `expires_at` is set to now + retention at claim (and
-    /// again at completion).
-    pub retention: Duration,
-}
-
-/// What a claim found, decided in the same atomic step as the claim itself.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClaimOutcome {
-    /// The key was absent (or expired), or held by a lapsed lease with the same
-    /// fingerprint: the request's claim id now holds it and the caller runs the operation.
-    Acquired {
-        /// True when a lapsed claim was taken over rather than a new record created.
-        takeover: bool,
-    },
-    /// The operation already completed with the same fingerprint. The store counted this
-    /// as a hit in the same step; the record shows the new count.
-    Completed(Record),
-    /// A live claim with the same fingerprint holds the key.
-    InProgress(Record),
-    /// The record was created by a request with a different fingerprint (completed, in
-    /// progress or lapsed alike). Nothing was changed and no hit was counted.
-    Mismatch(Record),
-}
 
 /// Counts of what a store holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -235,81 +67,214 @@ pub struct StoreStats {
     pub completed: u64,
 }
 
-/// Where records live. See the [module docs](self) for the contract every store keeps.
+/// The request path: where the engine claims keys and stores results. See the
+/// [module docs](self) for the contract every store keeps, and [`StoreAdmin`] for the
+/// calls of admin tools.
 ///
-/// Implemented with [`async_trait`] so that `Arc<dyn Store>` works: the gateway picks its
-/// store from a URL at start.
-#[async_trait]
+/// Methods return `impl Future + Send` (a store writes them as `async fn`), so generic
+/// code such as `Oncely<S>` calls a store with no box per call. Code that picks its store
+/// at run time erases the type once with [`DynStore`].
+///
+/// # Implementing a store
+///
+/// A store keeps records by [`StorageKey`] and makes each method one atomic step. The
+/// smallest complete one, a map behind a mutex (what [`MemoryStore`](crate::MemoryStore)
+/// does, without its bounds, sweeping and notifications):
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use std::time::{Duration, SystemTime};
+///
+/// use bytes::Bytes;
+/// use oncely::store::{Claim, ClaimOutcome, ClaimRequest, FirstSeen, Replay, StoreAdmin, StoreStats};
+/// use oncely::{IdempotencyKey, Oncely, Record, RecordState, StorageKey, Store, StoreError};
+///
+/// #[derive(Default)]
+/// struct MapStore(Mutex<HashMap<StorageKey, Record>>);
+///
+/// impl MapStore {
+///     /// The unexpired record at `key`, under the lock: expiry is checked on every read.
+///     fn live<'m>(map: &'m mut HashMap<StorageKey, Record>, key: &StorageKey, now: SystemTime) -> Option<&'m mut Record> {
+///         map.get_mut(key).filter(|record| !record.is_expired(now))
+///     }
+///
+///     /// Runs `change` on the record `claim` holds, or answers `LeaseLost` (fencing).
+///     fn held(&self, claim: Claim, change: impl FnOnce(&mut HashMap<StorageKey, Record>, SystemTime)) -> Result<(), StoreError> {
+///         let mut map = self.0.lock().unwrap();
+///         let now = SystemTime::now();
+///         match Self::live(&mut map, &claim.storage_key, now).map(|r| &r.state) {
+///             Some(RecordState::InProgress { claim_id, .. }) if *claim_id == claim.claim_id => {
+///                 change(&mut map, now);
+///                 Ok(())
+///             }
+///             _ => Err(StoreError::LeaseLost),
+///         }
+///     }
+/// }
+///
+/// impl Store for MapStore {
+///     async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+///         let mut map = self.0.lock().unwrap();
+///         let now = SystemTime::now();
+///         let mut takeover = false;
+///         if let Some(record) = Self::live(&mut map, request.storage_key(), now) {
+///             if record.fingerprint.as_ref() != request.fingerprint() {
+///                 return Ok(ClaimOutcome::Mismatch);
+///             }
+///             match &record.state {
+///                 RecordState::Completed { payload, completed_at, hits } => {
+///                     let replay = Replay { payload: payload.clone(), completed_at: *completed_at, hits: *hits };
+///                     return Ok(ClaimOutcome::Replay(replay));
+///                 }
+///                 RecordState::InProgress { lease_until, .. } if now < *lease_until => {
+///                     return Ok(ClaimOutcome::InProgress { lease_until: *lease_until });
+///                 }
+///                 RecordState::InProgress { .. } => takeover = true,
+///             }
+///         }
+///         let record = Record {
+///             storage_key: *request.storage_key(),
+///             key: request.key().clone(),
+///             scope: request.scope().clone(),
+///             fingerprint: request.fingerprint().copied(),
+///             created_at: now,
+///             expires_at: now + request.retention(),
+///             state: RecordState::InProgress { claim_id: request.claim_id(), lease_until: now + request.lease() },
+///         };
+///         map.insert(*request.storage_key(), record);
+///         Ok(ClaimOutcome::Acquired { takeover })
+///     }
+///
+///     async fn complete(&self, claim: Claim, payload: Bytes, retention: Duration) -> Result<(), StoreError> {
+///         self.held(claim, |map, now| {
+///             if let Some(record) = map.get_mut(&claim.storage_key) {
+///                 record.expires_at = now + retention;
+///                 record.state = RecordState::Completed { payload, completed_at: now, hits: 0 };
+///             }
+///         })
+///     }
+///
+///     async fn release(&self, claim: Claim) -> Result<(), StoreError> {
+///         self.held(claim, |map, _| drop(map.remove(&claim.storage_key)))
+///     }
+///
+///     async fn touch(&self, claim: Claim, lease: Duration) -> Result<(), StoreError> {
+///         self.held(claim, |map, now| {
+///             if let Some(Record { state: RecordState::InProgress { lease_until, .. }, .. }) = map.get_mut(&claim.storage_key) {
+///                 *lease_until = now + lease;
+///             }
+///         })
+///     }
+///
+///     async fn first_seen(&self, request: &FirstSeen<'_>) -> Result<bool, StoreError> {
+///         let mut map = self.0.lock().unwrap();
+///         let now = SystemTime::now();
+///         if Self::live(&mut map, request.storage_key(), now).is_some() {
+///             return Ok(false);
+///         }
+///         let marker = Record {
+///             storage_key: *request.storage_key(),
+///             key: request.key().clone(),
+///             scope: request.scope().clone(),
+///             fingerprint: None,
+///             created_at: now,
+///             expires_at: now + request.window(),
+///             state: RecordState::Completed { payload: Bytes::new(), completed_at: now, hits: 0 },
+///         };
+///         map.insert(*request.storage_key(), marker);
+///         Ok(true)
+///     }
+///
+///     async fn record_hits(&self, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
+///         let mut map = self.0.lock().unwrap();
+///         let now = SystemTime::now();
+///         for (key, n) in hits {
+///             if let Some(Record { state: RecordState::Completed { hits, .. }, .. }) = Self::live(&mut map, key, now) {
+///                 *hits += n;
+///             }
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// impl StoreAdmin for MapStore {
+///     async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
+///         Ok(Self::live(&mut self.0.lock().unwrap(), key, SystemTime::now()).map(|r| r.clone()))
+///     }
+///
+///     async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
+///         Ok(self.0.lock().unwrap().remove(key).is_some_and(|r| !r.is_expired(SystemTime::now())))
+///     }
+///
+///     async fn purge_expired(&self) -> Result<u64, StoreError> {
+///         let mut map = self.0.lock().unwrap();
+///         let (before, now) = (map.len(), SystemTime::now());
+///         map.retain(|_, record| !record.is_expired(now));
+///         Ok((before - map.len()) as u64)
+///     }
+///
+///     async fn stats(&self) -> Result<StoreStats, StoreError> {
+///         let map = self.0.lock().unwrap();
+///         let now = SystemTime::now();
+///         let live = map.values().filter(|r| !r.is_expired(now));
+///         let completed = live.clone().filter(|r| r.is_completed()).count() as u64;
+///         let records = live.count() as u64;
+///         Ok(StoreStats { records, in_progress: records - completed, completed })
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let oncely = Oncely::new(MapStore::default());
+/// let key = IdempotencyKey::new("order-17")?;
+/// let first = oncely.run(&key, None, || async { Ok::<_, oncely::Failure<()>>(17) }).await?;
+/// let retry = oncely.run(&key, None, || async { Ok::<_, oncely::Failure<()>>(18) }).await?;
+/// assert_eq!((first.value, retry.value, retry.replayed), (17, 17, true));
+/// # Ok(()) }
+/// ```
+///
+/// `oncely-testkit` runs the conformance suite against a store: call its cases from
+/// the store crate's tests, as every store in this workspace does.
 pub trait Store: Send + Sync + 'static {
     /// Claims a key in one atomic step.
     ///
-    /// - absent or expired → a new in-progress record held by `request.claim_id`:
+    /// - absent or expired → a new in-progress record held by `request.claim_id()`:
     ///   [`ClaimOutcome::Acquired`] `{ takeover: false }`;
-    /// - in progress with another fingerprint, or completed with another fingerprint →
-    ///   [`ClaimOutcome::Mismatch`], nothing changed;
-    /// - in progress, lease lapsed → taken over by `request.claim_id` with a fresh lease:
-    ///   [`ClaimOutcome::Acquired`] `{ takeover: true }`;
+    /// - in progress or completed with another fingerprint → [`ClaimOutcome::Mismatch`],
+    ///   nothing changed;
+    /// - in progress, lease lapsed → taken over by `request.claim_id()` with a fresh
+    ///   lease: [`ClaimOutcome::Acquired`] `{ takeover: true }`;
     /// - in progress, lease live → [`ClaimOutcome::InProgress`];
-    /// - completed → hit count incremented, [`ClaimOutcome::Completed`].
-    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError>;
+    /// - completed → [`ClaimOutcome::Replay`], **nothing written**: a replay is a read.
+    fn claim(&self, request: &ClaimRequest<'_>) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send;
 
-    /// Stores the result of the operation held by `claim_id`; the record lives for
-    /// `retention` from now. [`StoreError::LeaseLost`] when `claim_id` no longer holds it.
-    async fn complete(
+    /// Stores the result of the operation `claim` holds; the record lives for
+    /// `retention` from now. [`StoreError::LeaseLost`] when `claim` no longer holds it.
+    fn complete(
         &self,
-        key: &StorageKey,
-        claim_id: ClaimId,
+        claim: Claim,
         payload: Bytes,
         retention: Duration,
-    ) -> Result<(), StoreError>;
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Removes the in-progress record held by `claim_id` so the operation may run again.
-    /// [`StoreError::LeaseLost`] when `claim_id` no longer holds it.
-    async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError>;
+    /// Removes the in-progress record `claim` holds so the operation may run again.
+    /// [`StoreError::LeaseLost`] when `claim` no longer holds it.
+    fn release(&self, claim: Claim) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Renews the lease of `claim_id` to now + `lease`.
-    /// [`StoreError::LeaseLost`] when `claim_id` no longer holds it.
-    async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError>;
+    /// Renews the lease of `claim` to now + `lease`.
+    /// [`StoreError::LeaseLost`] when `claim` no longer holds it.
+    fn touch(&self, claim: Claim, lease: Duration) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The record at `key`, unless absent or expired. Counts no hit.
-    async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError>;
+    /// Message dedup in one atomic step: true when the id was not seen within the last
+    /// window (and marks it seen for the window from now), false for a repeat. A marker
+    /// is a completed record with an empty payload.
+    fn first_seen(&self, request: &FirstSeen<'_>) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Removes the record at `key` whatever its state; true when there was one. A holder
-    /// of a deleted in-progress record gets [`StoreError::LeaseLost`] on its next call.
-    async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError>;
-
-    /// Removes expired records; returns how many. Stores that sweep by themselves need
-    /// not be called, but must accept the call.
-    async fn purge_expired(&self) -> Result<u64, StoreError>;
-
-    /// Counts of unexpired records.
-    async fn stats(&self) -> Result<StoreStats, StoreError>;
-
-    /// Whether the store answers, in one cheap call: for readiness probes. The default
-    /// asks for [`stats`](Self::stats); stores whose `stats` reads every record (Redis
-    /// scans its key space) answer with something cheaper.
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.stats().await.map(|_| ())
-    }
-
-    /// Message dedup in one atomic step: true when `key` was not seen in `scope` within
-    /// the last `window` (and marks it seen for `window` from now), false for a repeat
-    /// (whose hit count goes up). A marker is a completed record with an empty payload.
-    async fn first_seen(
-        &self,
-        storage_key: &StorageKey,
-        key: &IdempotencyKey,
-        scope: &Scope,
-        window: Duration,
-    ) -> Result<bool, StoreError>;
-
-    /// Up to `limit` unexpired records in storage-key order, starting after `after`: for
-    /// admin tools, not for the request path (stores may scan to answer it). Counts no
-    /// hit. The default answers [`StoreError::Unsupported`] for stores that cannot list.
-    async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
-        let _ = (after, limit);
-        Err(StoreError::Unsupported("this store cannot list its records".into()))
-    }
+    /// Adds replay counts to completed records: the engine's batched flush of the hits it
+    /// counted in the process (a replay itself writes nothing). A key that is absent,
+    /// expired or in progress is skipped. One call for the whole batch where the store
+    /// allows.
+    fn record_hits(&self, hits: &[(StorageKey, u64)]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// A future that resolves when the in-progress record at `key` may have changed.
     ///
@@ -322,62 +287,71 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-#[async_trait]
-impl<S: Store + ?Sized> Store for Arc<S> {
-    async fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-        (**self).claim(request).await
+/// Administration: reading, listing, deleting and counting records, for admin tools,
+/// readiness probes and sweepers. Never on the request path of a replay.
+pub trait StoreAdmin: Send + Sync + 'static {
+    /// The record at `key`, unless absent or expired.
+    fn get(&self, key: &StorageKey) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
+
+    /// Removes the record at `key` whatever its state; true when there was one. A holder
+    /// of a deleted in-progress record gets [`StoreError::LeaseLost`] on its next call.
+    fn delete(&self, key: &StorageKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Removes expired records; returns how many. Stores that sweep by themselves need
+    /// not be called, but must accept the call.
+    fn purge_expired(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Counts of unexpired records.
+    fn stats(&self) -> impl Future<Output = Result<StoreStats, StoreError>> + Send;
+
+    /// Whether the store answers, in one cheap call: for readiness probes. The default
+    /// asks for [`stats`](Self::stats); stores whose `stats` reads every record (Redis
+    /// scans its key space) answer with something cheaper.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { self.stats().await.map(|_| ()) }
     }
 
-    async fn complete(
+    /// Up to `limit` unexpired records in storage-key order, starting after `after`: for
+    /// admin tools (stores may scan to answer it). The default answers
+    /// [`StoreError::Unsupported`] for stores that cannot list.
+    fn list(
         &self,
-        key: &StorageKey,
-        claim_id: ClaimId,
+        after: Option<StorageKey>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send {
+        let _ = (after, limit);
+        async { Err(StoreError::Unsupported("this store cannot list its records".into())) }
+    }
+}
+
+impl<S: Store> Store for Arc<S> {
+    fn claim(&self, request: &ClaimRequest<'_>) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send {
+        (**self).claim(request)
+    }
+
+    fn complete(
+        &self,
+        claim: Claim,
         payload: Bytes,
         retention: Duration,
-    ) -> Result<(), StoreError> {
-        (**self).complete(key, claim_id, payload, retention).await
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).complete(claim, payload, retention)
     }
 
-    async fn release(&self, key: &StorageKey, claim_id: ClaimId) -> Result<(), StoreError> {
-        (**self).release(key, claim_id).await
+    fn release(&self, claim: Claim) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).release(claim)
     }
 
-    async fn touch(&self, key: &StorageKey, claim_id: ClaimId, lease: Duration) -> Result<(), StoreError> {
-        (**self).touch(key, claim_id, lease).await
+    fn touch(&self, claim: Claim, lease: Duration) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).touch(claim, lease)
     }
 
-    async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
-        (**self).get(key).await
+    fn first_seen(&self, request: &FirstSeen<'_>) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).first_seen(request)
     }
 
-    async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        (**self).delete(key).await
-    }
-
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        (**self).purge_expired().await
-    }
-
-    async fn stats(&self) -> Result<StoreStats, StoreError> {
-        (**self).stats().await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        (**self).ping().await
-    }
-
-    async fn first_seen(
-        &self,
-        storage_key: &StorageKey,
-        key: &IdempotencyKey,
-        scope: &Scope,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        (**self).first_seen(storage_key, key, scope, window).await
-    }
-
-    async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
-        (**self).list(after, limit).await
+    fn record_hits(&self, hits: &[(StorageKey, u64)]) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).record_hits(hits)
     }
 
     fn subscribe(&self, key: &StorageKey) -> Notified {
@@ -385,75 +359,59 @@ impl<S: Store + ?Sized> Store for Arc<S> {
     }
 }
 
+impl<S: StoreAdmin> StoreAdmin for Arc<S> {
+    fn get(&self, key: &StorageKey) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send {
+        (**self).get(key)
+    }
+
+    fn delete(&self, key: &StorageKey) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        (**self).delete(key)
+    }
+
+    fn purge_expired(&self) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        (**self).purge_expired()
+    }
+
+    fn stats(&self) -> impl Future<Output = Result<StoreStats, StoreError>> + Send {
+        (**self).stats()
+    }
+
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).ping()
+    }
+
+    fn list(
+        &self,
+        after: Option<StorageKey>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send {
+        (**self).list(after, limit)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_error_has_its_kind_and_the_client_error_as_source() {
-        use std::error::Error as _;
-        let io = || std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer");
-        let cases = [
-            (StoreError::LeaseLost, StoreErrorKind::LeaseLost),
-            (StoreError::Capacity { bound: CapacityBound::Records, limit: 1 }, StoreErrorKind::Capacity),
-            (StoreError::unavailable(io()), StoreErrorKind::Unavailable),
-            (StoreError::timeout(io()), StoreErrorKind::Timeout),
-            (StoreError::Corrupt("x".into()), StoreErrorKind::Corrupt),
-            (StoreError::Unsupported("x".into()), StoreErrorKind::Unsupported),
-            (StoreError::InvalidRequest("x".into()), StoreErrorKind::InvalidRequest),
-        ];
-        for (error, kind) in cases {
-            assert_eq!(error.kind(), kind, "{error}");
-            let has_source = matches!(kind, StoreErrorKind::Unavailable | StoreErrorKind::Timeout);
-            assert_eq!(error.source().is_some(), has_source, "{error}");
-        }
-        assert_eq!(StoreErrorKind::LeaseLost.to_string(), "lease lost");
-    }
-
     #[tokio::test]
     async fn a_store_that_cannot_list_says_unsupported() {
-        // Only `list` is called; the rest answer as a store that does nothing would.
-        fn unused() -> StoreError {
-            StoreError::Unsupported("not used by this test".into())
-        }
         struct Unlisted;
-        #[async_trait]
-        impl Store for Unlisted {
-            async fn claim(&self, _: ClaimRequest) -> Result<ClaimOutcome, StoreError> {
-                Err(unused())
-            }
-            async fn complete(&self, _: &StorageKey, _: ClaimId, _: Bytes, _: Duration) -> Result<(), StoreError> {
-                Err(unused())
-            }
-            async fn release(&self, _: &StorageKey, _: ClaimId) -> Result<(), StoreError> {
-                Err(unused())
-            }
-            async fn touch(&self, _: &StorageKey, _: ClaimId, _: Duration) -> Result<(), StoreError> {
-                Err(unused())
-            }
+        impl StoreAdmin for Unlisted {
             async fn get(&self, _: &StorageKey) -> Result<Option<Record>, StoreError> {
-                Err(unused())
+                Ok(None)
             }
             async fn delete(&self, _: &StorageKey) -> Result<bool, StoreError> {
-                Err(unused())
+                Ok(false)
             }
             async fn purge_expired(&self) -> Result<u64, StoreError> {
-                Err(unused())
+                Ok(0)
             }
             async fn stats(&self) -> Result<StoreStats, StoreError> {
-                Err(unused())
-            }
-            async fn first_seen(
-                &self,
-                _: &StorageKey,
-                _: &IdempotencyKey,
-                _: &Scope,
-                _: Duration,
-            ) -> Result<bool, StoreError> {
-                Err(unused())
+                Ok(StoreStats::default())
             }
         }
         let listed = Unlisted.list(None, 10).await;
         assert_eq!(listed.map_err(|e| e.kind()).err(), Some(StoreErrorKind::Unsupported));
+        assert!(Unlisted.ping().await.is_ok(), "ping defaults to stats");
     }
 }

@@ -142,13 +142,15 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// `?password=…` as `password=***`.
+/// `?password=…` as `password=***`, and an option whose value is itself a URL (Redis's
+/// `replica=redis://user:pass@host`) redacted as a URL.
 fn redact_password_option(url: &str) -> String {
     let Some((base, query)) = url.split_once('?') else { return url.to_string() };
     let pairs: Vec<String> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
             Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+            Some((name, value)) if value.contains("://") => format!("{name}={}", redacted(value)),
             _ => pair.to_string(),
         })
         .collect();
@@ -158,6 +160,14 @@ fn redact_password_option(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_inside_an_option_is_redacted_too() {
+        assert_eq!(
+            redacted("redis://:a@10.0.0.1:6379?replica=redis://:s3cret@10.0.0.2:6379/0&prefix=p"),
+            "redis://:***@10.0.0.1:6379?replica=redis://:***@10.0.0.2:6379/0&prefix=p"
+        );
+    }
 
     #[test]
     fn values_parse_and_bad_ones_name_their_option() {
