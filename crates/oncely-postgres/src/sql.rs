@@ -243,10 +243,10 @@ impl Sql {
                          fingerprint    = CASE WHEN {expired} THEN excluded.fingerprint ELSE r.fingerprint END,
                          created_at     = CASE WHEN {expired} THEN excluded.created_at ELSE r.created_at END,
                          claim_id       = CASE WHEN {expired} OR {lapsed} THEN excluded.claim_id ELSE r.claim_id END,
-                         lease_until    = CASE WHEN {expired} OR {lapsed} THEN excluded.lease_until
+                         lease_until    = CASE WHEN {expired} OR {lapsed} THEN {taken_lease}
                                                ELSE r.lease_until END,
                          lease_us       = CASE WHEN {expired} OR {lapsed} THEN excluded.lease_us ELSE r.lease_us END,
-                         expires_at     = CASE WHEN {expired} OR {lapsed} THEN excluded.expires_at
+                         expires_at     = CASE WHEN {expired} OR {lapsed} THEN {taken_expiry}
                                                ELSE r.expires_at END,
                          payload        = CASE WHEN {expired} THEN NULL ELSE r.payload END,
                          completed_at   = CASE WHEN {expired} THEN NULL ELSE r.completed_at END,
@@ -270,6 +270,14 @@ impl Sql {
                 relaxed = relaxed_unless("claim_id = $5"),
                 exp = from_now("$7"),
                 lease = from_now("$6"),
+                // A claim that takes a record over may have waited for its row lock (a
+                // holder's `lock_claim` transaction, a concurrent claim) for longer than a
+                // lease: `now()` is the statement's start, so a lease counted from it
+                // could be over before the claim answers Acquired, and the next claim
+                // would take the key over while this one runs. Counted from the moment the
+                // row is locked instead.
+                taken_lease = "clock_timestamp() + excluded.lease_us * interval '1 microsecond'",
+                taken_expiry = "clock_timestamp() + $7::float8 * interval '1 microsecond'",
                 completed_at = us("completed_at"),
                 lease_until = us("lease_until"),
             )),

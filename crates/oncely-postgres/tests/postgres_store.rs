@@ -142,6 +142,40 @@ async fn a_statement_past_the_statement_timeout_is_a_timeout() {
     tx.rollback().await.expect("rollback");
 }
 
+/// A claim that waited for the row lock (here a holder's `lock_claim` transaction) for
+/// longer than a lease, then took the key over, holds it for a whole lease from when it
+/// got the row: a lease counted from when it asked would already be over when it answers
+/// Acquired, and the next claim would take the key over and run the operation a second
+/// time while this one runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_that_waited_for_the_row_gets_a_whole_lease() {
+    let store = common::fresh_store().await;
+    let lease = Duration::from_millis(400);
+    let (key, claim) = claimed(&store, Duration::from_millis(100)).await;
+    let mut tx = store.pool().begin().await.expect("begin");
+    store.lock_claim(&mut tx, claim).await.expect("the row is locked until the transaction ends");
+    tokio::time::sleep(Duration::from_millis(300)).await; // the holder's lease lapses meanwhile
+
+    let waiting = {
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move { store.claim(&claim_request(&key, None, lease)).await })
+    };
+    until_a_session_waits_on_a_lock(&store).await;
+    // The contender waits on the row for longer than its own lease (time passing is what
+    // is under test here).
+    tokio::time::sleep(lease * 2).await;
+    tx.rollback().await.expect("rollback");
+    let outcome = waiting.await.expect("task").expect("claim");
+    assert_eq!(outcome, ClaimOutcome::Acquired { takeover: true });
+    let answered_at = std::time::SystemTime::now();
+
+    let Some(record) = store.get(&storage_key(&key)).await.expect("get") else { panic!("the record is there") };
+    let RecordState::InProgress { lease_until, .. } = record.state else { panic!("in progress: {record:?}") };
+    assert!(lease_until > answered_at, "the new holder's lease runs from when it got the row, not from when it asked");
+    let duplicate = store.claim(&claim_request(&key, None, lease)).await.expect("claim");
+    assert!(matches!(duplicate, ClaimOutcome::InProgress { .. }), "the key is held: {duplicate:?}");
+}
+
 #[tokio::test]
 async fn purge_deletes_in_batches_until_none_is_left() {
     let store =
