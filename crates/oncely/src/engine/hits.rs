@@ -28,6 +28,11 @@ pub(crate) const MAX_PENDING_KEYS: usize = 100_000;
 #[derive(Debug, Default)]
 pub(crate) struct HitCounts {
     shards: [Mutex<HashMap<StorageKey, u64>>; SHARDS],
+    /// How many keys hold a count. Every access to it and to `flusher_running` is
+    /// `SeqCst`: a replay adds its key, then checks the flag; the flusher clears the flag,
+    /// then checks for keys. Only a single total order guarantees that one of the two
+    /// sees the other (otherwise both could read the old value, and a count would wait
+    /// for the next replay to start a flusher).
     keys: AtomicUsize,
     /// Whether a flusher task is running (or being started).
     pub(crate) flusher_running: AtomicBool,
@@ -46,12 +51,12 @@ impl HitCounts {
             *count = count.saturating_add(n);
             return *count;
         }
-        if self.keys.load(Ordering::Relaxed) >= MAX_PENDING_KEYS {
+        if self.keys.load(Ordering::SeqCst) >= MAX_PENDING_KEYS {
             metrics::counter!("oncely_hits_dropped_total").increment(n);
             return n;
         }
         shard.insert(*key, n);
-        self.keys.fetch_add(1, Ordering::Relaxed);
+        self.keys.fetch_add(1, Ordering::SeqCst);
         n
     }
 
@@ -62,7 +67,7 @@ impl HitCounts {
 
     /// True when no count waits to be flushed.
     pub(crate) fn is_empty(&self) -> bool {
-        self.keys.load(Ordering::Acquire) == 0
+        self.keys.load(Ordering::SeqCst) == 0
     }
 
     /// Takes every unflushed count.
@@ -70,7 +75,7 @@ impl HitCounts {
         let mut batch = Vec::new();
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-            self.keys.fetch_sub(shard.len(), Ordering::AcqRel);
+            self.keys.fetch_sub(shard.len(), Ordering::SeqCst);
             batch.extend(shard.drain());
         }
         batch

@@ -338,7 +338,7 @@ impl<S: Store> Oncely<S> {
     /// Starts the flusher when none runs.
     fn count_hit(&self, key: &StorageKey) -> u64 {
         let pending = self.shared.hits.add(key, 1);
-        if !self.shared.hits.flusher_running.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if !self.shared.hits.flusher_running.swap(true, std::sync::atomic::Ordering::SeqCst) {
             start_flusher(&self.shared);
         }
         pending
@@ -555,7 +555,7 @@ async fn flush_hits<S: Store>(shared: &Shared<S>) -> Result<(), StoreError> {
 /// [`Oncely::flush_hits`] before dropping it). Outside a Tokio runtime none starts, and
 /// the next replay inside one tries again.
 fn start_flusher<S: Store>(shared: &Arc<Shared<S>>) {
-    use std::sync::atomic::Ordering::AcqRel;
+    use std::sync::atomic::Ordering::SeqCst;
 
     /// Marks the flusher stopped however its task ends (its runtime may drop it).
     struct Running<S>(std::sync::Weak<Shared<S>>, bool);
@@ -567,13 +567,13 @@ fn start_flusher<S: Store>(shared: &Arc<Shared<S>>) {
     impl<S> Drop for Running<S> {
         fn drop(&mut self) {
             if let Some(shared) = self.0.upgrade().filter(|_| self.1) {
-                shared.hits.flusher_running.store(false, std::sync::atomic::Ordering::Release);
+                shared.hits.flusher_running.store(false, SeqCst);
             }
         }
     }
 
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        shared.hits.flusher_running.store(false, std::sync::atomic::Ordering::Release);
+        shared.hits.flusher_running.store(false, SeqCst);
         return;
     };
     let running = Running(Arc::downgrade(shared), true);
@@ -586,10 +586,10 @@ fn start_flusher<S: Store>(shared: &Arc<Shared<S>>) {
                 tracing::debug!(error = %e, "replay counts not flushed; kept for the next round");
             }
             if shared.hits.is_empty() {
-                shared.hits.flusher_running.store(false, std::sync::atomic::Ordering::Release);
+                shared.hits.flusher_running.store(false, SeqCst);
                 // A hit counted between the check and the store found the flusher still
                 // running and started none: look again, and go on if one did.
-                if shared.hits.is_empty() || shared.hits.flusher_running.swap(true, AcqRel) {
+                if shared.hits.is_empty() || shared.hits.flusher_running.swap(true, SeqCst) {
                     running.disarm();
                     return;
                 }
