@@ -104,7 +104,12 @@ impl RedisOptions {
     ///   the primary, which replays it. Nothing runs twice because of the lag.
     /// - **Expiry and deletion** are judged by the replica's copy and clock: a record
     ///   deleted on the primary, or expired by the primary's clock, may still be replayed
-    ///   from the replica for the replication lag (or the clocks' skew).
+    ///   from the replica for the replication lag (or the clocks' skew). **A replica cut
+    ///   off from its primary** keeps answering with what it has (Redis's default
+    ///   `replica-serve-stale-data yes`): an operator's delete is then ignored by replays
+    ///   until the link returns or the record expires by the replica's clock. Configure the
+    ///   replica with `replica-serve-stale-data no`, so that it refuses reads while cut off
+    ///   and every claim falls through to the primary.
     /// - **After a failover** to a replica that had not received a completion, the key
     ///   runs again. That is the same as without this option: the completion was lost with
     ///   the old primary either way (see the [crate docs](crate#persistence-what-redis-can-lose)).
