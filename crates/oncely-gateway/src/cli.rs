@@ -304,6 +304,12 @@ enum Failure {
     Runtime(String),
 }
 
+/// A store that could not be reached is a runtime failure (exit 1: try again later); a
+/// URL or setting the store refuses is a usage error (exit 2: fix the command).
+fn open_failure(error: stores::OpenError) -> Failure {
+    if error.is_unreachable() { Failure::Runtime(error.to_string()) } else { Failure::Usage(error.to_string()) }
+}
+
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Serve(args) => {
@@ -339,7 +345,7 @@ async fn run(command: Command) -> Result<(), Failure> {
         }
         Command::Keys { action } => keys(action).await,
         Command::Stats { store } => {
-            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.0;
+            let store = stores::open(&store).await.map_err(open_failure)?.0;
             let stats = store.stats().await.map_err(|e| Failure::Runtime(e.to_string()))?;
             println!("records: {}\nin_progress: {}\ncompleted: {}", stats.records, stats.in_progress, stats.completed);
             Ok(())
@@ -370,7 +376,7 @@ async fn keys(action: KeysAction) -> Result<(), Failure> {
     match action {
         KeysAction::Get { hash, store } => {
             let key = hash_arg(&hash)?;
-            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.0;
+            let store = stores::open(&store).await.map_err(open_failure)?.0;
             match store.get(&key).await.map_err(runtime)? {
                 Some(record) => print_json(&RecordView::from(&record)),
                 None => Err(Failure::Runtime(format!("no record {hash}"))),
@@ -378,7 +384,7 @@ async fn keys(action: KeysAction) -> Result<(), Failure> {
         }
         KeysAction::Delete { hash, store } => {
             let key = hash_arg(&hash)?;
-            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.0;
+            let store = stores::open(&store).await.map_err(open_failure)?.0;
             if store.delete(&key).await.map_err(runtime)? {
                 println!("deleted {hash}");
                 Ok(())
@@ -388,7 +394,7 @@ async fn keys(action: KeysAction) -> Result<(), Failure> {
         }
         KeysAction::List { store, limit, after } => {
             let after = after.as_deref().map(hash_arg).transpose()?;
-            let store = stores::open(&store).await.map_err(|e| Failure::Usage(e.to_string()))?.0;
+            let store = stores::open(&store).await.map_err(open_failure)?.0;
             let records = store.list(after, limit).await.map_err(runtime)?;
             print_json(&records.iter().map(RecordView::from).collect::<Vec<_>>())
         }

@@ -434,6 +434,22 @@ async fn a_restart_between_first_request_and_retry_still_replays_on_sqlite() {
     assert_eq!(bad.status.code(), Some(2));
 }
 
+/// A good URL whose server is down is a runtime failure (exit 1: try again later), not
+/// a usage error (exit 2: fix the command), and says which store it could not reach.
+#[tokio::test]
+async fn a_store_that_cannot_be_reached_exits_1_not_2() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    for store in [
+        format!("redis://127.0.0.1:{closed}?connect_timeout=500ms"),
+        format!("postgres://app@127.0.0.1:{closed}/app?acquire_timeout=500ms"),
+    ] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_oncely")).args(["stats", "--store", &store]).output().await.expect("run");
+        assert_eq!(out.status.code(), Some(1), "{store}: {out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("127.0.0.1:{closed}")), "{out:?}");
+    }
+}
+
 #[tokio::test]
 async fn unknown_store_urls_are_refused_at_start() {
     for store in ["mysql://x", "sqlite://", "sqlite:///tmp/x.db?durability=sometimes"] {

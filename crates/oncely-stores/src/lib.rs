@@ -50,6 +50,7 @@
 
 use std::fmt;
 
+use oncely::store::StoreErrorKind;
 use oncely::store::{BoxError, StoreAbilities, UrlError};
 use oncely::{DynStore, MemoryStoreBuilder};
 use oncely_postgres::PostgresUrl;
@@ -116,6 +117,27 @@ impl OpenError {
         match self {
             Self::BadUrl { url, .. } | Self::UnknownScheme { url } | Self::Open { url, .. } => url,
         }
+    }
+
+    /// Whether the URL was fine and its store could not be reached (a server down or
+    /// refusing connections, no answer in time): a passing failure, worth a retry later,
+    /// unlike a malformed URL or a store that refuses its settings. A command line exits
+    /// with a runtime error for it, not a usage error.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let down = oncely_stores::open("postgres://app@127.0.0.1:1/app?acquire_timeout=200ms").await.err();
+    /// assert!(down.is_some_and(|e| e.is_unreachable()));
+    /// let malformed = oncely_stores::open("postgres://app@127.0.0.1:1/app?pool=0").await.err();
+    /// assert!(malformed.is_some_and(|e| !e.is_unreachable()));
+    /// # }
+    /// ```
+    pub fn is_unreachable(&self) -> bool {
+        let Self::Open { source, .. } = self else { return false };
+        if let Some(error) = source.downcast_ref::<oncely::StoreError>() {
+            return matches!(error.kind(), StoreErrorKind::Unavailable | StoreErrorKind::Timeout);
+        }
+        matches!(source.downcast_ref::<oncely_redis::OpenError>(), Some(oncely_redis::OpenError::Connect(_)))
     }
 
     /// The option at fault, when the URL was refused for one.
