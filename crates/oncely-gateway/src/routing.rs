@@ -49,8 +49,6 @@ pub struct Routes {
 struct Table {
     routes: Vec<(RouteSettings, RouteService)>,
     default: (RouteSettings, RouteService),
-    /// Every route's engine, for flushing their replay counts at shutdown.
-    engines: Vec<Oncely<GatewayStore>>,
 }
 
 impl Routes {
@@ -66,7 +64,6 @@ impl Routes {
         tracker: &TaskTracker,
         deferred: &DeferredCompletions,
     ) -> Result<Self, String> {
-        let engines = std::sync::Mutex::new(Vec::new());
         let build = |route: &RouteSettings| -> Result<RouteService, String> {
             let oncely = Oncely::builder(store.clone())
                 .retention(route.ttl)
@@ -76,7 +73,6 @@ impl Routes {
                 .deferred_completions(deferred.clone())
                 .build()
                 .map_err(|e| format!("route {}: {e}", route.path))?;
-            engines.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(oncely.clone());
             let statuses = route.store_statuses.clone();
             let layer = IdempotencyLayer::new(oncely)
                 .header_name(route.header.clone())
@@ -93,16 +89,16 @@ impl Routes {
         };
         let routes = config.routes.iter().map(|r| Ok((r.clone(), build(r)?))).collect::<Result<_, String>>()?;
         let default = (config.defaults.clone(), build(&config.defaults)?);
-        let engines = engines.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        Ok(Self { inner: Arc::new(Table { routes, default, engines }) })
+        Ok(Self { inner: Arc::new(Table { routes, default }) })
     }
 
     /// Writes every route's unflushed replay counts to the store: at a graceful
     /// shutdown, so that no count is lost (each engine also flushes by itself within a
     /// second of a replay).
     pub async fn flush_hits(&self) {
-        for engine in &self.inner.engines {
-            if let Err(e) = engine.flush_hits().await {
+        let table = &self.inner;
+        for (_, service) in table.routes.iter().chain(std::iter::once(&table.default)) {
+            if let Err(e) = service.engine().flush_hits().await {
                 tracing::warn!(error = %e, "replay counts not written at shutdown");
             }
         }

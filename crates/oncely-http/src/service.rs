@@ -55,6 +55,12 @@ impl<S, St> Idempotency<S, St> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    /// The engine the layer claims keys with: for a server that flushes its replay
+    /// counts at shutdown ([`Oncely::flush_hits`]).
+    pub fn engine(&self) -> &Oncely<St> {
+        &self.layer.oncely
+    }
 }
 
 /// The response future of [`Idempotency`].

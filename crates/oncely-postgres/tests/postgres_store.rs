@@ -36,25 +36,6 @@ async fn claimed(store: &PostgresStore, lease: Duration) -> (IdempotencyKey, Cla
     (key, claim)
 }
 
-/// Returns once some session of the test's database waits on a lock (as the server sees
-/// it), so a test knows a contender is queued rather than guessing with a sleep.
-async fn until_a_session_waits_on_a_lock(store: &PostgresStore) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
-        )
-        .fetch_one(store.pool())
-        .await
-        .expect("pg_stat_activity");
-        if waiting > 0 {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "nobody queued on the lock");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn invalid_table_names_are_refused_before_connecting() {
     for bad in ["", "1records", "records; DROP TABLE users", "a-b", "\"quoted\"", "schema.table", &"x".repeat(51)] {
@@ -160,7 +141,7 @@ async fn a_takeover_that_waited_for_the_row_gets_a_whole_lease() {
         let (store, key) = (store.clone(), key.clone());
         tokio::spawn(async move { store.claim(&claim_request(&key, None, lease)).await })
     };
-    until_a_session_waits_on_a_lock(&store).await;
+    common::until_a_statement_on_waits_for_a_lock(&store).await;
     // The contender waits on the row for longer than its own lease (time passing is what
     // is under test here).
     tokio::time::sleep(lease * 2).await;
@@ -305,7 +286,7 @@ async fn a_locked_claim_cannot_be_taken_over_and_renewal_does_not_wait_for_it() 
             outcome
         })
     };
-    until_a_session_waits_on_a_lock(&store).await;
+    common::until_a_statement_on_waits_for_a_lock(&store).await;
     assert!(blocked.try_recv().is_err(), "the takeover waits for the holder's transaction");
     store.complete_in(&mut tx, claim, Bytes::from_static(b"mine"), LONG).await.expect("complete");
     tx.commit().await.expect("commit");
@@ -334,7 +315,7 @@ async fn a_step_that_outlasts_the_lease_is_not_taken_over_at_its_commit() {
         tokio::spawn(async move { store.claim(&claim_request(&key, None, LONG)).await })
     };
     // The contender's claim is queued on the row lock (seen by the server, not guessed).
-    until_a_session_waits_on_a_lock(&store).await;
+    common::until_a_statement_on_waits_for_a_lock(&store).await;
     store.set_recovery_point(&mut tx, claim, "step-1").await.expect("recovery point");
     tx.commit().await.expect("commit");
     let outcome = contender.await.expect("task").expect("claim");

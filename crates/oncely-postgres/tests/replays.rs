@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use oncely::store::Claim;
 use oncely::{ClaimOutcome, Fingerprint, IdempotencyKey, Store, StoreAdmin};
-use oncely_postgres::{PgPool, PostgresStore};
+use oncely_postgres::PostgresStore;
 use oncely_testkit::claim_request;
 use oncely_testkit::postgres::PostgresServer;
 use sqlx_core::pool::PoolOptions;
@@ -78,26 +78,6 @@ async fn row_version(store: &PostgresStore, claim: Claim) -> (String, String, St
     .expect("the row")
 }
 
-/// Returns once a statement on `table` waits for a lock, as the server sees it.
-async fn until_a_statement_on_waits_for_a_lock(pool: &PgPool, table: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE wait_event_type = 'Lock' AND datname = current_database() AND query LIKE '%' || $1 || '%'",
-        )
-        .bind(table)
-        .fetch_one(pool)
-        .await
-        .expect("pg_stat_activity");
-        if waiting > 0 {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no statement on {table} queued on the lock");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Another transaction holds the lock of a completed record and of a held one
 /// (`SELECT … FOR UPDATE`, as a holder's `lock_claim` or any writer would): a replay, a
 /// mismatch and an "in progress" still answer at once, since they only read. A write on
@@ -136,7 +116,7 @@ async fn a_replay_waits_for_no_row_lock() {
         let store = store.clone();
         tokio::spawn(async move { store.record_hits(&[(done.storage_key, 1)]).await })
     };
-    until_a_statement_on_waits_for_a_lock(store.pool(), store.table()).await;
+    common::until_a_statement_on_waits_for_a_lock(&store).await;
     assert!(!flush.is_finished(), "the flush waits for the lock");
     let replayed = tokio::time::timeout(PROMPT, replay(&store, &key)).await.expect("the replay does not wait");
     assert_eq!(replayed.hits, 0);

@@ -407,29 +407,19 @@ impl Inner {
         key: &StorageKey,
         now: SystemTime,
         mut existing: impl FnMut(&mut Shard) -> Option<T>,
-        record: impl FnOnce() -> Record,
+        record: impl Fn() -> Record,
         created: T,
     ) -> Result<T, StoreError> {
         let index = self.shard_index(key);
         let mut refused = CapacityBound::Records;
-        // Built only when the key holds nothing live: a replay copies nothing.
-        let mut record = Some(record);
-        let mut built: Option<(Record, usize)> = None;
         for _ in 0..3 {
             let mut shard = self.lock(index);
             if let Some(answer) = existing(&mut shard) {
                 return Ok(answer);
             }
-            let cost = match (&built, record.take()) {
-                (Some((_, cost)), _) => *cost,
-                (None, Some(make)) => {
-                    let made = make();
-                    let cost = record_cost(&made);
-                    built = Some((made, cost));
-                    cost
-                }
-                (None, None) => unreachable!("the record is built before it is first needed"),
-            };
+            // Built only when the key holds nothing live: a replay copies nothing.
+            let record = record();
+            let cost = record_cost(&record);
             if shard.map.get(key).is_some_and(|entry| entry.record.is_expired(now))
                 && let Some(freed) = shard.remove(key)
             {
@@ -437,7 +427,6 @@ impl Inner {
             }
             match self.reserve(&mut shard, cost, now) {
                 Ok(()) => {
-                    let Some((record, _)) = built.take() else { unreachable!("built above") };
                     if let Some(replaced) = shard.insert(record, cost) {
                         // Unreachable: the key held nothing live and its expired record
                         // was removed above. Counted right all the same.
