@@ -3,6 +3,11 @@
 //! A record keeps the fingerprint of the request that created it. A later request with the
 //! same key but another fingerprint is a client error (the key was reused for a different
 //! operation) and is refused instead of replayed.
+//!
+//! JSON bodies are compared in canonical form ([`Fingerprint::from_json`]), optionally
+//! with some members left out, named by [`JsonPointer`]s
+//! ([`Fingerprint::from_json_ignoring`]): a webhook redelivery or a queue retry that
+//! changed only its `sent_at` or `attempt` is still the same request.
 
 use std::fmt;
 
@@ -10,8 +15,11 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 mod canonical;
+mod pointer;
 
 use canonical::Canonical;
+use pointer::Ignored;
+pub use pointer::{FindError, JsonPointer, JsonPointerError};
 
 /// A 32-byte SHA-256 digest of a request's content.
 ///
@@ -81,8 +89,60 @@ impl Fingerprint {
     /// # Errors
     /// The parse error when `json` is not a JSON document.
     pub fn from_json(json: &[u8]) -> Result<Self, serde_json::Error> {
+        Self::from_json_ignoring(json, &[])
+    }
+
+    /// [`Fingerprint::from_json`] of the document with the values `ignore` names left
+    /// out: object members (wherever duplicated) and array items, as if they were not
+    /// there. A webhook or queue message whose retry changes only a timestamp or an
+    /// attempt counter still matches, and so does one without those members at all.
+    ///
+    /// ```
+    /// use oncely::Fingerprint;
+    /// use oncely::fingerprint::JsonPointer;
+    ///
+    /// let ignore: Vec<JsonPointer> = ["/metadata/sent_at", "/delivery/attempt"]
+    ///     .into_iter()
+    ///     .map(str::parse)
+    ///     .collect::<Result<_, _>>()?;
+    /// let first = br#"{"id":"evt_1","metadata":{"sent_at":"12:00:00"},"delivery":{"attempt":1}}"#;
+    /// let retry = br#"{"delivery":{"attempt":2},"id":"evt_1","metadata":{"sent_at":"12:05:00"}}"#;
+    /// let other = br#"{"id":"evt_2","metadata":{"sent_at":"12:00:00"},"delivery":{"attempt":1}}"#;
+    /// assert_eq!(Fingerprint::from_json_ignoring(first, &ignore)?, Fingerprint::from_json_ignoring(retry, &ignore)?);
+    /// assert_ne!(Fingerprint::from_json_ignoring(first, &ignore)?, Fingerprint::from_json_ignoring(other, &ignore)?);
+    /// // Nothing to ignore: the same as `from_json`.
+    /// assert_eq!(Fingerprint::from_json_ignoring(first, &[])?, Fingerprint::from_json(first)?);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// What the pointers mean:
+    ///
+    /// - Each is resolved against the document as received, independently of the others:
+    ///   `/items/0` and `/items/1` leave out the first two items, whose removal does not
+    ///   shift the other pointers.
+    /// - A pointer that names nothing (an absent member, a path through a string, an index
+    ///   past the end, `-`) changes nothing. A token is a member name in an object and an
+    ///   index in an array, so `/0` names the member `"0"` of an object too.
+    /// - The empty pointer names the whole document: every JSON document then matches.
+    /// - The fingerprint is that of the document with the values removed. So a document
+    ///   that has none of them keeps the fingerprint [`Fingerprint::from_json`] gives it:
+    ///   adding pointers to a route turns only the in-flight retries that have those
+    ///   members into mismatches.
+    /// - **Duplicate keys** are only looked for among the members kept: a duplicated
+    ///   `sent_at` left out does not matter; a duplicate elsewhere still means the raw
+    ///   bytes are hashed, and so does nesting past the depth cap. The pointers are then
+    ///   not applied: a retry must send the same bytes.
+    ///
+    /// The cost stays linear: the pointers are arranged as a tree of their tokens
+    /// (O(t log p) for `p` pointers of `t` tokens in all), each member of a container on
+    /// a pointer's path costs one lookup in it, and containers off every path none.
+    ///
+    /// # Errors
+    /// The parse error when `json` is not a JSON document.
+    pub fn from_json_ignoring(json: &[u8], ignore: &[JsonPointer]) -> Result<Self, serde_json::Error> {
+        let ignored = Ignored::new(ignore);
         let mut canonical = Vec::with_capacity(json.len());
-        Ok(match canonical::write_canonical(json, &mut canonical)? {
+        Ok(match canonical::write_canonical(json, &ignored, &mut canonical)? {
             Canonical::Written => Self::from_bytes(&canonical),
             Canonical::DuplicateKeys => Self::from_parts(&[b"json with duplicate keys", json]),
             Canonical::TooDeep => Self::from_parts(&[b"json nested too deep", json]),
@@ -203,5 +263,51 @@ mod tests {
         assert!(Fingerprint::from_json(b"{").is_err());
         assert!(Fingerprint::from_json(b"").is_err());
         assert!(Fingerprint::from_json(&[0xff, 0xfe]).is_err());
+    }
+
+    fn ignoring(json: &str, pointers: &[&str]) -> Fingerprint {
+        let pointers: Vec<JsonPointer> = pointers.iter().map(|p| p.parse().expect("valid pointer")).collect();
+        Fingerprint::from_json_ignoring(json.as_bytes(), &pointers).expect("test JSON parses")
+    }
+
+    #[test]
+    fn ignored_members_do_not_count_and_the_rest_still_does() {
+        let rules = ["/metadata/sent_at", "/delivery/attempt", "/items/0/ts"];
+        let first = r#"{"id":"evt_1","metadata":{"sent_at":1},"delivery":{"attempt":1},"items":[{"ts":1,"n":1}]}"#;
+        let retry = r#"{"items":[{"n":1,"ts":9}],"delivery":{"attempt":2},"metadata":{"sent_at":2},"id":"evt_1"}"#;
+        let without = r#"{"id":"evt_1","metadata":{},"delivery":{},"items":[{"n":1}]}"#;
+        assert_eq!(ignoring(first, &rules), ignoring(retry, &rules));
+        assert_eq!(ignoring(first, &rules), ignoring(without, &rules));
+        assert_eq!(ignoring(first, &rules), fp(without), "the document with the values removed");
+        for changed in [
+            r#"{"id":"evt_2","metadata":{"sent_at":1},"delivery":{"attempt":1},"items":[{"ts":1,"n":1}]}"#,
+            r#"{"id":"evt_1","metadata":{"sent_at":1,"x":0},"delivery":{"attempt":1},"items":[{"ts":1,"n":1}]}"#,
+            r#"{"id":"evt_1","metadata":{"sent_at":1},"delivery":{"attempt":1},"items":[{"ts":1,"n":2}]}"#,
+            r#"{"id":"evt_1","metadata":{"sent_at":1},"delivery":{"attempt":1},"items":[{"ts":1,"n":1},{}]}"#,
+            r#"{"id":"evt_1","metadata":{"sent_at":1},"delivery":{"attempt":1},"items":[{"ts":1,"n":1}],"x":1}"#,
+            r#"{"id":"evt_1","metadata":null,"delivery":{"attempt":1},"items":[{"ts":1,"n":1}]}"#,
+        ] {
+            assert_ne!(ignoring(changed, &rules), ignoring(first, &rules), "{changed}");
+        }
+        // Only the first item's `ts` is ignored.
+        assert_ne!(ignoring(r#"{"items":[{},{"ts":1}]}"#, &rules), ignoring(r#"{"items":[{},{"ts":2}]}"#, &rules));
+    }
+
+    #[test]
+    fn ignoring_keeps_the_raw_fallbacks() {
+        let dup = r#"{"a":1,"a":2,"sent_at":1}"#;
+        assert_eq!(ignoring(dup, &["/sent_at"]), fp(dup), "duplicates kept: raw bytes, pointers not applied");
+        assert_ne!(ignoring(dup, &["/sent_at"]), ignoring(r#"{"a":1,"a":2,"sent_at":2}"#, &["/sent_at"]));
+        assert_eq!(ignoring(r#"{"a":1,"sent_at":1,"sent_at":2}"#, &["/sent_at"]), fp(r#"{"a":1}"#));
+        let pointers = [JsonPointer::new("/a").expect("valid")];
+        assert!(Fingerprint::from_json_ignoring(b"{\"a\":", &pointers).is_err(), "not JSON: the parse error");
+        assert!(Fingerprint::from_json_ignoring(b"{\"a\":\"\xff\"}", &pointers).is_err(), "invalid UTF-8");
+    }
+
+    #[test]
+    fn the_empty_pointer_ignores_the_whole_document_but_not_its_validity() {
+        assert_eq!(ignoring(r#"{"a":1}"#, &[""]), ignoring("[2]", &[""]));
+        assert_ne!(ignoring("[2]", &[""]), fp("[2]"));
+        assert!(Fingerprint::from_json_ignoring(b"[", &[JsonPointer::new("").expect("valid")]).is_err());
     }
 }

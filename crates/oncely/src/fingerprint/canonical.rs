@@ -11,8 +11,10 @@
 //! 1. [`parse`] reads it once, left to right, into a flat arena of [`Node`]s, keeping an
 //!    explicit stack of the containers still open. Each node's children are appended to
 //!    one shared vector when its container closes, so every child index is copied once.
-//! 2. [`write`] walks the arena with an explicit stack, writing objects' members sorted
-//!    by their decoded keys.
+//! 2. [`write()`] walks the arena with an explicit stack, writing objects' members sorted
+//!    by their decoded keys, and leaving out the values named by the pointers to ignore
+//!    (see [`Ignored`]): each container on a pointer's path costs a lookup per member,
+//!    every other container none.
 //!
 //! Validation is serde_json's (`IgnoredAny`, whose parser is iterative too), so the
 //! grammar accepted is exactly serde_json's; this module only has to find token ends.
@@ -20,6 +22,8 @@
 //! [`Fingerprint::from_json`]: super::Fingerprint::from_json
 
 use std::borrow::Cow;
+
+use super::pointer::{Ignored, Trie};
 
 /// Nesting deeper than this is not canonicalised: the document is hashed as it came
 /// (see [`Canonical::TooDeep`]). No request body of a real API nests this deep, and the
@@ -76,13 +80,19 @@ impl Arena<'_> {
 
 /// Writes the canonical form of `text` to `out`: object members sorted by the UTF-8 bytes
 /// of their keys, no insignificant whitespace, strings re-escaped minimally (as
-/// serde_json writes them), numbers and literals exactly as written. What is written is
-/// only meaningful with [`Canonical::Written`]; otherwise the caller hashes the raw bytes.
+/// serde_json writes them), numbers and literals exactly as written; the members and
+/// array items `ignored` names left out (nothing at all when it names the root). What is
+/// written is only meaningful with [`Canonical::Written`]; otherwise the caller hashes
+/// the raw bytes.
 ///
 /// # Errors
 /// serde_json's error when `text` is not one valid JSON document (including invalid
 /// UTF-8 and lone surrogate escapes).
-pub(super) fn write_canonical(text: &[u8], out: &mut Vec<u8>) -> Result<Canonical, serde_json::Error> {
+pub(super) fn write_canonical(
+    text: &[u8],
+    ignored: &Ignored<'_>,
+    out: &mut Vec<u8>,
+) -> Result<Canonical, serde_json::Error> {
     serde_json::from_slice::<serde::de::IgnoredAny>(text)?;
     // serde_json skips the strings it ignores without checking their UTF-8; strings
     // without escapes are copied as they are below, so check the whole text once here.
@@ -93,7 +103,7 @@ pub(super) fn write_canonical(text: &[u8], out: &mut Vec<u8>) -> Result<Canonica
         return Ok(Canonical::TooDeep);
     }
     match parse(text)? {
-        Some(arena) => Ok(write(&arena, out)),
+        Some(arena) => Ok(write(&arena, ignored, out)),
         None => Ok(Canonical::TooDeep),
     }
 }
@@ -163,7 +173,7 @@ fn parse(text: &[u8]) -> Result<Option<Arena<'_>>, serde_json::Error> {
 
 /// The index just past the closing quote of the string opening at `start`. The document
 /// is valid, so every string closes; the end of `text` bounds the scan regardless.
-fn string_end(text: &[u8], start: usize) -> usize {
+pub(super) fn string_end(text: &[u8], start: usize) -> usize {
     let mut i = start + 1;
     while i < text.len() {
         match text[i] {
@@ -175,20 +185,27 @@ fn string_end(text: &[u8], start: usize) -> usize {
     text.len()
 }
 
-/// Writes the arena's root (the last node created) canonically.
-fn write(arena: &Arena<'_>, out: &mut Vec<u8>) -> Canonical {
-    /// A container being written.
+/// Writes the arena's root (the last node created) canonically, leaving out what
+/// `ignored` names.
+fn write(arena: &Arena<'_>, ignored: &Ignored<'_>, out: &mut Vec<u8>) -> Canonical {
+    /// A container being written, with its node of `ignored`.
     enum Writing {
-        /// Items `start..end` of `Arena::children`, `next` the one to write.
-        Array { start: u32, next: u32, end: u32 },
-        /// Members as (key, value) in output order, `next` counting keys and values.
-        Object { members: Vec<(u32, u32)>, next: usize },
+        /// Items `start..end` of `Arena::children`, `next` the one to consider; `wrote`
+        /// whether one was written (so the next one needs a comma).
+        Array { start: u32, next: u32, end: u32, wrote: bool, trie: Trie },
+        /// Members as (key, value, node of `ignored`) in output order, those left out
+        /// already dropped; `next` counting keys and values.
+        Object { members: Vec<(u32, u32, Trie)>, next: usize },
     }
     let Some(root) = arena.nodes.len().checked_sub(1) else { return Canonical::Written };
+    let root_trie = ignored.root();
+    if ignored.is_leaf(root_trie) {
+        return Canonical::Written;
+    }
     let mut stack: Vec<Writing> = Vec::new();
-    let mut pending = Some(root as u32);
+    let mut pending = Some((root as u32, root_trie));
     loop {
-        if let Some(id) = pending.take() {
+        if let Some((id, trie)) = pending.take() {
             match arena.nodes[id as usize] {
                 Node::Literal { start, end } => out.extend_from_slice(&arena.text[start as usize..end as usize]),
                 Node::PlainString { start, end } => {
@@ -202,11 +219,17 @@ fn write(arena: &Arena<'_>, out: &mut Vec<u8>) -> Canonical {
                 }
                 Node::Array { start, end } => {
                     out.push(b'[');
-                    stack.push(Writing::Array { start, next: start, end });
+                    stack.push(Writing::Array { start, next: start, end, wrote: false, trie });
                 }
                 Node::Object { start, end } => {
-                    let mut members: Vec<(u32, u32)> =
-                        arena.children[start as usize..end as usize].chunks_exact(2).map(|kv| (kv[0], kv[1])).collect();
+                    // Members left out are dropped before the duplicate check: a key that
+                    // appears twice but is ignored cannot make parsers disagree on what
+                    // the fingerprint covers.
+                    let mut members: Vec<(u32, u32, Trie)> = arena.children[start as usize..end as usize]
+                        .chunks_exact(2)
+                        .map(|kv| (kv[0], kv[1], ignored.member(trie, arena.string_bytes(kv[0]))))
+                        .filter(|&(_, _, child)| !ignored.is_leaf(child))
+                        .collect();
                     members.sort_unstable_by(|a, b| arena.string_bytes(a.0).cmp(arena.string_bytes(b.0)));
                     if members.windows(2).any(|w| arena.string_bytes(w[0].0) == arena.string_bytes(w[1].0)) {
                         return Canonical::DuplicateKeys;
@@ -218,17 +241,25 @@ fn write(arena: &Arena<'_>, out: &mut Vec<u8>) -> Canonical {
         }
         match stack.last_mut() {
             None => return Canonical::Written,
-            Some(Writing::Array { start, next, end }) => {
-                if next == end {
+            Some(Writing::Array { start, next, end, wrote, trie }) => {
+                let mut item = None;
+                while item.is_none() && next != end {
+                    let child = ignored.item(*trie, (*next - *start) as usize);
+                    if !ignored.is_leaf(child) {
+                        item = Some((arena.children[*next as usize], child));
+                    }
+                    *next += 1;
+                }
+                let Some(item) = item else {
                     out.push(b']');
                     stack.pop();
                     continue;
-                }
-                if next > start {
+                };
+                if *wrote {
                     out.push(b',');
                 }
-                pending = Some(arena.children[*next as usize]);
-                *next += 1;
+                *wrote = true;
+                pending = Some(item);
             }
             Some(Writing::Object { members, next }) => {
                 if *next == members.len() * 2 {
@@ -236,15 +267,15 @@ fn write(arena: &Arena<'_>, out: &mut Vec<u8>) -> Canonical {
                     stack.pop();
                     continue;
                 }
-                let (key, value) = members[*next / 2];
+                let (key, value, trie) = members[*next / 2];
                 if *next % 2 == 0 {
                     if *next > 0 {
                         out.push(b',');
                     }
-                    pending = Some(key);
+                    pending = Some((key, Ignored::NONE));
                 } else {
                     out.push(b':');
-                    pending = Some(value);
+                    pending = Some((value, trie));
                 }
                 *next += 1;
             }
@@ -254,11 +285,16 @@ fn write(arena: &Arena<'_>, out: &mut Vec<u8>) -> Canonical {
 
 #[cfg(test)]
 mod tests {
+    use super::super::JsonPointer;
     use super::*;
 
     fn canonical(text: &str) -> String {
         let mut out = Vec::new();
-        assert_eq!(write_canonical(text.as_bytes(), &mut out).expect("valid JSON"), Canonical::Written, "{text}");
+        assert_eq!(
+            write_canonical(text.as_bytes(), &Ignored::new(&[]), &mut out).expect("valid JSON"),
+            Canonical::Written,
+            "{text}"
+        );
         String::from_utf8(out).expect("canonical JSON is UTF-8")
     }
 
@@ -293,9 +329,15 @@ mod tests {
     #[test]
     fn agrees_with_serde_json_on_what_is_valid() {
         for bad in ["", "[", "[1,]", "{\"a\"}", "01", "\"\\ud800\"", "[1] 2", "\"\u{1}\""] {
-            assert!(write_canonical(bad.as_bytes(), &mut Vec::new()).is_err(), "{bad:?} is not JSON");
+            assert!(
+                write_canonical(bad.as_bytes(), &Ignored::new(&[]), &mut Vec::new()).is_err(),
+                "{bad:?} is not JSON"
+            );
         }
-        assert!(write_canonical(b"\"\xff\"", &mut Vec::new()).is_err(), "invalid UTF-8 in a string");
+        assert!(
+            write_canonical(b"\"\xff\"", &Ignored::new(&[]), &mut Vec::new()).is_err(),
+            "invalid UTF-8 in a string"
+        );
     }
 
     #[test]
@@ -307,13 +349,112 @@ mod tests {
             .stack_size(512 * 1024)
             .spawn(move || {
                 let mut out = Vec::new();
-                let deepest = write_canonical(nest(MAX_DEPTH / 2).as_bytes(), &mut out).map(|c| (c, out.len()));
-                let deeper = write_canonical(nest(200_000).as_bytes(), &mut Vec::new());
+                let deepest = write_canonical(nest(MAX_DEPTH / 2).as_bytes(), &Ignored::new(&[]), &mut out)
+                    .map(|c| (c, out.len()));
+                let deeper = write_canonical(nest(200_000).as_bytes(), &Ignored::new(&[]), &mut Vec::new());
                 (deepest, deeper)
             })
             .expect("thread starts");
         let (deepest, deeper) = handle.join().expect("no stack overflow");
         assert_eq!(deepest.expect("valid JSON"), (Canonical::Written, MAX_DEPTH / 2 * "[{\"a\":}]".len() + 1));
         assert_eq!(deeper.expect("valid JSON"), Canonical::TooDeep);
+    }
+
+    fn ignoring(text: &str, pointers: &[&str]) -> Result<String, Canonical> {
+        let pointers: Vec<JsonPointer> = pointers.iter().map(|p| JsonPointer::new(p).expect("valid pointer")).collect();
+        let mut out = Vec::new();
+        match write_canonical(text.as_bytes(), &Ignored::new(&pointers), &mut out).expect("valid JSON") {
+            Canonical::Written => Ok(String::from_utf8(out).expect("canonical JSON is UTF-8")),
+            other => Err(other),
+        }
+    }
+
+    #[test]
+    fn leaves_out_the_members_pointers_name_at_any_depth() {
+        let doc = r#"{"id":"evt_1","metadata":{"sent_at":"12:00","region":"eu"},"delivery":{"attempt":3}}"#;
+        assert_eq!(
+            ignoring(doc, &["/metadata/sent_at", "/delivery/attempt"]),
+            Ok(r#"{"delivery":{},"id":"evt_1","metadata":{"region":"eu"}}"#.to_owned())
+        );
+        assert_eq!(ignoring(doc, &["/delivery", "/metadata"]), Ok(r#"{"id":"evt_1"}"#.to_owned()));
+        // Pointers that name nothing change nothing: absent members, paths through a
+        // scalar, an index into an object that has no such member.
+        assert_eq!(ignoring(doc, &["/nope", "/id/x", "/metadata/0", "/delivery/attempt/x"]), Ok(canonical(doc)));
+        assert_eq!(ignoring(doc, &[]), Ok(canonical(doc)));
+        // The empty pointer names the whole document.
+        assert_eq!(ignoring(doc, &[""]), Ok(String::new()));
+        assert_eq!(ignoring("7", &["/a"]), Ok("7".to_owned()));
+    }
+
+    #[test]
+    fn leaves_out_array_items_and_members_inside_them() {
+        assert_eq!(ignoring("[1,2,3]", &["/0"]), Ok("[2,3]".to_owned()));
+        assert_eq!(ignoring("[1,2,3]", &["/1"]), Ok("[1,3]".to_owned()));
+        assert_eq!(ignoring("[1,2,3]", &["/2", "/7"]), Ok("[1,2]".to_owned()));
+        assert_eq!(ignoring("[1,2,3]", &["/0", "/1", "/2"]), Ok("[]".to_owned()));
+        // Only canonical indices name items; `-` names the item after the last: none.
+        assert_eq!(ignoring("[1,2,3]", &["/01", "/-", "/+1", "/ 1"]), Ok("[1,2,3]".to_owned()));
+        assert_eq!(
+            ignoring(r#"{"items":[{"ts":1,"sku":"a"},{"ts":2,"sku":"b"}]}"#, &["/items/0/ts"]),
+            Ok(r#"{"items":[{"sku":"a"},{"sku":"b","ts":2}]}"#.to_owned())
+        );
+        // A token is a member name in an object, whatever it looks like.
+        assert_eq!(ignoring(r#"{"0":1,"01":2,"-":3,"x":4}"#, &["/0", "/01", "/-"]), Ok(r#"{"x":4}"#.to_owned()));
+    }
+
+    #[test]
+    fn pointers_match_decoded_names_and_unescape_their_own() {
+        let doc = r#"{"a/b":1,"m~n":2,"\u00e9":3,"\u0074s":4,"":5,"keep":{"":6,"x":7}}"#;
+        assert_eq!(
+            ignoring(doc, &["/a~1b", "/m~0n", "/é", "/ts", "/", "/keep/"]),
+            Ok(r#"{"keep":{"x":7}}"#.to_owned())
+        );
+        assert_eq!(ignoring(r#"{"a":{"b":1},"a~1b":2}"#, &["/a/b"]), Ok(r#"{"a":{},"a~1b":2}"#.to_owned()));
+    }
+
+    #[test]
+    fn duplicate_keys_count_only_among_the_members_kept() {
+        // Parsers disagree on which duplicate wins: that still falls back to raw bytes,
+        // unless the duplicated member is left out anyway.
+        assert_eq!(ignoring(r#"{"a":1,"sent_at":1,"sent_at":2}"#, &["/sent_at"]), Ok(r#"{"a":1}"#.to_owned()));
+        assert_eq!(ignoring(r#"{"a":1,"meta":{"x":1,"x":2}}"#, &["/meta"]), Ok(r#"{"a":1}"#.to_owned()));
+        assert_eq!(ignoring(r#"{"a":1,"a":2,"sent_at":1}"#, &["/sent_at"]), Err(Canonical::DuplicateKeys));
+        assert_eq!(
+            ignoring(r#"{"meta":{"sent_at":1},"meta":{"sent_at":2}}"#, &["/meta/sent_at"]),
+            Err(Canonical::DuplicateKeys),
+            "the path goes through a duplicated member"
+        );
+    }
+
+    #[test]
+    fn ignoring_deep_inside_deep_nesting_costs_heap_not_stack() {
+        let depth = MAX_DEPTH - 1;
+        let doc = format!("{}{{\"t\":1,\"k\":2}}{}", "{\"a\":[".repeat(depth / 2), "]}".repeat(depth / 2));
+        let pointer = format!("{}/t", "/a/0".repeat(depth / 2));
+        let expected = format!("{}{{\"k\":2}}{}", "{\"a\":[".repeat(depth / 2), "]}".repeat(depth / 2));
+        let handle = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || (ignoring(&doc, &[&pointer]), ignoring(&format!("[[{doc}]]"), &[&format!("/0/0{pointer}")])))
+            .expect("thread starts");
+        let (written, too_deep) = handle.join().expect("no stack overflow");
+        assert_eq!(written, Ok(expected));
+        assert_eq!(too_deep, Err(Canonical::TooDeep), "the depth cap holds with pointers too");
+    }
+
+    #[test]
+    fn many_pointers_on_many_members_stay_linear() {
+        // 100,000 members and 100,000 pointers, half of them naming a member: a lookup
+        // per member per pointer would be 10^10 steps.
+        let members: Vec<String> = (0..100_000).map(|i| format!("\"k{i}\":{i}")).collect();
+        let doc = format!("{{{}}}", members.join(","));
+        let pointers: Vec<String> = (0..100_000).map(|i| format!("/k{}", i * 2)).collect();
+        let pointers: Vec<&str> = pointers.iter().map(String::as_str).collect();
+        let written = ignoring(&doc, &pointers).expect("no duplicates");
+        assert_eq!(written.matches(':').count(), 50_000);
+        assert!(written.contains("\"k1\":1,") && !written.contains("\"k0\""));
+        let items = format!("[{}]", (0..100_000).map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+        let pointers: Vec<String> = (0..100_000).map(|i| format!("/{}", i * 2)).collect();
+        let pointers: Vec<&str> = pointers.iter().map(String::as_str).collect();
+        assert!(ignoring(&items, &pointers).expect("valid").starts_with("[1,3,5,"));
     }
 }
