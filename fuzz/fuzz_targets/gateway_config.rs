@@ -3,8 +3,9 @@
 //! run them.
 //!
 //! Checks: no panic on any text; an error names something; a resolved configuration
-//! keeps its invariants (lease within ttl, sizes and durations above zero, routes longest
-//! first, each route found by its own path).
+//! keeps its invariants (lease within ttl, the completion limit between the upstream
+//! timeout and the ttl, sizes and durations above zero, routes longest first, each route
+//! found by its own path) and publishes a policy for every route.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -30,14 +31,18 @@ fuzz_target!(|data: &[u8]| {
             }
         };
         for route in std::iter::once(&config.defaults).chain(&config.routes) {
-            assert!(route.lease <= route.ttl, "{route:?}");
-            assert!(!route.lease.is_zero() && route.max_body > 0, "{route:?}");
+            let policy = &route.policy;
+            assert!(policy.lease_seconds <= policy.retention_seconds, "{route:?}");
+            assert!(policy.lease_seconds > 0.0 && policy.max_body > 0, "{route:?}");
+            assert!(route.completion_limit >= config.upstream.timeout, "{route:?}");
+            assert!(route.completion_limit.as_secs_f64() <= policy.retention_seconds, "{route:?}");
             assert!(route.path.starts_with('/'), "{route:?}");
         }
         assert!(config.routes.windows(2).all(|w| w[0].path.len() >= w[1].path.len()), "routes out of order");
         for route in &config.routes {
             assert_eq!(config.route_for(&route.path).path, route.path, "a route not found by its own path");
         }
-        assert!(!config.upstream_timeout.is_zero());
+        assert!(!config.upstream.timeout.is_zero());
+        assert!(config.published_policy()["routes"].as_array().is_some_and(|r| r.len() == config.routes.len()));
     }
 });

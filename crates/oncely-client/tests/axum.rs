@@ -11,27 +11,28 @@ use axum::Router;
 use axum::http::StatusCode;
 use oncely::{ConflictMode, IdempotencyKey, MemoryStore, Oncely};
 use oncely_client::{CallOutcome, Error, IdempotencyMiddleware, KeyFormat, RetryCause, StopReason, key_hash};
-use oncely_http::{IdempotencyLayer, default_stored_status};
+use oncely_http::IdempotencyLayer;
 use support::*;
 
 const ATTEMPT: Duration = Duration::from_secs(1);
 const BODY: &str = r#"{"amount":1999,"currency":"eur"}"#;
 
-/// The payments routes twice: under `/wait` with a wait-mode layer, and at the root with
-/// a reject-mode layer that also stores 500.
+/// The payments routes twice: under `/wait` with a wait-mode layer (the default), and at
+/// the root with a reject-mode layer. Both store 500 (the default): a payments API may
+/// have charged before it failed.
 fn app(shared: &Shared) -> Router {
     let wait = Oncely::builder(MemoryStore::new())
         .conflict_mode(ConflictMode::Wait { timeout: Duration::from_secs(20) })
         .build()
         .expect("valid settings");
-    // A 409's Retry-After is the lease time left, which the client honours: keep it short.
-    let reject = Oncely::builder(MemoryStore::new()).lease(Duration::from_secs(2)).build().expect("valid settings");
-    // The layer releases the key on every 5xx by default (a later issue changes that), so
-    // a retry after "500 after the charge" would charge again; a payments API stores 500.
-    let stores_500 = |status: StatusCode| default_stored_status(status) || status == StatusCode::INTERNAL_SERVER_ERROR;
+    let reject = Oncely::builder(MemoryStore::new())
+        .lease(Duration::from_secs(2))
+        .conflict_mode(ConflictMode::Reject)
+        .build()
+        .expect("valid settings");
     Router::new()
         .nest("/wait", payments_routes(shared.clone()).route_layer(IdempotencyLayer::new(wait)))
-        .merge(payments_routes(shared.clone()).route_layer(IdempotencyLayer::new(reject).store_statuses(stores_500)))
+        .merge(payments_routes(shared.clone()).route_layer(IdempotencyLayer::new(reject)))
 }
 
 async fn start() -> (String, Shared) {

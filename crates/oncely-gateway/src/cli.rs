@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use oncely::{StorageKey, StoreAdmin};
 
 use crate::admin::RecordView;
-use crate::config::{Config, RawConfig, RawSettings, StatusItem, StatusSpec, SuffixSpec};
+use crate::config::{Config, ConfigError, RawAdmin, RawConfig, RawPolicy, RawServer, RawSettings, RawUpstream};
 use crate::server::{ServeOptions, serve};
 use crate::stores::{self, DEFAULT_STORE};
 
@@ -71,146 +71,33 @@ struct ServeArgs {
     /// The store: memory://, sqlite://PATH, redis://HOST:PORT, redis+cluster://…, postgres://… (options: the oncely-stores docs).
     #[arg(long, env = "ONCELY_STORE", default_value = DEFAULT_STORE)]
     store: String,
-    /// The TOML configuration file.
+    /// The TOML configuration file; the flags below override its keys.
     #[arg(long, env = "ONCELY_CONFIG")]
     config: Option<PathBuf>,
-    /// The admin bearer token (overrides `admin.token`).
-    #[arg(long, env = "ONCELY_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
-    /// How long to wait for the upstream's response head (overrides `upstream.timeout`).
-    #[arg(long, env = "ONCELY_UPSTREAM_TIMEOUT")]
-    upstream_timeout: Option<String>,
     #[command(flatten)]
-    server: ServerArgs,
+    defaults: RawSettings,
     #[command(flatten)]
-    defaults: DefaultsArgs,
+    upstream_table: RawUpstream,
+    #[command(flatten)]
+    server: RawServer,
+    #[command(flatten)]
+    admin: RawAdmin,
+    #[command(flatten)]
+    policy: RawPolicy,
 }
 
-/// Flags and variables that override the file's `[server]` (and `admin.max_connections`).
-#[derive(Debug, Args, Default)]
-struct ServerArgs {
-    /// How long a new connection may take to send its first request head (`server.header_read_timeout`).
-    #[arg(long, env = "ONCELY_HEADER_READ_TIMEOUT")]
-    header_read_timeout: Option<String>,
-    /// How long a connection may stay open with no request in flight (`server.idle_timeout`).
-    #[arg(long, env = "ONCELY_IDLE_TIMEOUT")]
-    idle_timeout: Option<String>,
-    /// How long a request body may send nothing (`server.body_read_timeout`).
-    #[arg(long, env = "ONCELY_BODY_READ_TIMEOUT")]
-    body_read_timeout: Option<String>,
-    /// Open proxy connections (`server.max_connections`).
-    #[arg(long, env = "ONCELY_MAX_CONNECTIONS")]
-    max_connections: Option<usize>,
-    /// Open proxy connections per client IP, 0 for no cap (`server.max_connections_per_client`).
-    #[arg(long, env = "ONCELY_MAX_CONNECTIONS_PER_CLIENT")]
-    max_connections_per_client: Option<usize>,
-    /// HTTP/2 streams per connection (`server.max_concurrent_streams`).
-    #[arg(long, env = "ONCELY_MAX_CONCURRENT_STREAMS")]
-    max_concurrent_streams: Option<u32>,
-    /// Open admin connections (`admin.max_connections`).
-    #[arg(long, env = "ONCELY_ADMIN_MAX_CONNECTIONS")]
-    admin_max_connections: Option<usize>,
-}
-
-impl ServerArgs {
-    /// Lays the flags that are set over `raw`.
-    fn apply(&self, raw: &mut RawConfig) {
-        let server = &mut raw.server;
-        let texts = [
-            (&mut server.header_read_timeout, &self.header_read_timeout),
-            (&mut server.idle_timeout, &self.idle_timeout),
-            (&mut server.body_read_timeout, &self.body_read_timeout),
-        ];
-        for (slot, flag) in texts {
-            if flag.is_some() {
-                slot.clone_from(flag);
-            }
-        }
-        server.max_connections = self.max_connections.or(server.max_connections);
-        server.max_connections_per_client = self.max_connections_per_client.or(server.max_connections_per_client);
-        server.max_concurrent_streams = self.max_concurrent_streams.or(server.max_concurrent_streams);
-        raw.admin.max_connections = self.admin_max_connections.or(raw.admin.max_connections);
-    }
-}
-
-/// Flags and variables that override the file's `[defaults]`.
-#[derive(Debug, Args, Default)]
-struct DefaultsArgs {
-    /// The key header (`defaults.header`).
-    #[arg(long, env = "ONCELY_HEADER")]
-    header: Option<String>,
-    /// Covered methods, comma-separated (`defaults.methods`).
-    #[arg(long, env = "ONCELY_METHODS", value_delimiter = ',')]
-    methods: Option<Vec<String>>,
-    /// Whether requests without a key are refused (`defaults.required`).
-    #[arg(long, env = "ONCELY_REQUIRED")]
-    required: Option<bool>,
-    /// How long results are replayed (`defaults.ttl`).
-    #[arg(long, env = "ONCELY_TTL")]
-    ttl: Option<String>,
-    /// How long a crashed request blocks its key (`defaults.lease`).
-    #[arg(long, env = "ONCELY_LEASE")]
-    lease: Option<String>,
-    /// `reject` or `wait` (`defaults.on_conflict`).
-    #[arg(long, env = "ONCELY_ON_CONFLICT")]
-    on_conflict: Option<String>,
-    /// Wait mode's limit (`defaults.wait_timeout`).
-    #[arg(long, env = "ONCELY_WAIT_TIMEOUT")]
-    wait_timeout: Option<String>,
-    /// Principal headers, comma-separated (`defaults.scope_headers`).
-    #[arg(long, env = "ONCELY_SCOPE_HEADERS", value_delimiter = ',')]
-    scope_headers: Option<Vec<String>>,
-    /// Request body limit (`defaults.max_body`).
-    #[arg(long, env = "ONCELY_MAX_BODY")]
-    max_body: Option<String>,
-    /// `default` or statuses/ranges, comma-separated (`defaults.store_statuses`).
-    #[arg(long, env = "ONCELY_STORE_STATUSES")]
-    store_statuses: Option<String>,
-    /// Whether path prefixes match ignoring ASCII case (`defaults.case_insensitive`).
-    #[arg(long, env = "ONCELY_CASE_INSENSITIVE")]
-    case_insensitive: Option<bool>,
-    /// `true`, `false`, or suffixes, comma-separated: `.json,.xml` (`defaults.match_suffixes`).
-    #[arg(long, env = "ONCELY_MATCH_SUFFIXES")]
-    match_suffixes: Option<String>,
-    /// Running operations one principal may hold at once (`defaults.max_in_progress_per_scope`).
-    #[arg(long, env = "ONCELY_MAX_IN_PROGRESS_PER_SCOPE")]
-    max_in_progress_per_scope: Option<usize>,
-    /// Decoded size limit of a gzip request body (`defaults.max_decoded_body`).
-    #[arg(long, env = "ONCELY_MAX_DECODED_BODY")]
-    max_decoded_body: Option<String>,
-    /// The header announcing a takeover to the upstream, "" for none (`defaults.takeover_header`).
-    #[arg(long, env = "ONCELY_TAKEOVER_HEADER")]
-    takeover_header: Option<String>,
-}
-
-impl DefaultsArgs {
-    fn to_raw(&self) -> RawSettings {
-        RawSettings {
-            header: self.header.clone(),
-            methods: self.methods.clone(),
-            required: self.required,
-            ttl: self.ttl.clone(),
-            lease: self.lease.clone(),
-            on_conflict: self.on_conflict.clone(),
-            wait_timeout: self.wait_timeout.clone(),
-            scope_headers: self.scope_headers.clone(),
-            max_body: self.max_body.clone(),
-            store_statuses: self.store_statuses.as_ref().map(|s| match s.as_str() {
-                "default" => StatusSpec::Keyword(s.clone()),
-                list => {
-                    StatusSpec::List(list.split(',').map(|item| StatusItem::Text(item.trim().to_string())).collect())
-                }
-            }),
-            case_insensitive: self.case_insensitive,
-            match_suffixes: self.match_suffixes.as_ref().map(|s| match s.trim() {
-                "true" => SuffixSpec::Flag(true),
-                "false" => SuffixSpec::Flag(false),
-                list => SuffixSpec::List(list.split(',').map(|item| item.trim().to_string()).collect()),
-            }),
-            max_in_progress_per_scope: self.max_in_progress_per_scope,
-            max_decoded_body: self.max_decoded_body.clone(),
-            takeover_header: self.takeover_header.clone(),
-        }
+impl ServeArgs {
+    /// The file (if any) with the flags and variables that are set laid over it, checked.
+    fn resolve(&self) -> Result<Config, ConfigError> {
+        let mut raw = match &self.config {
+            Some(path) => RawConfig::load(path)?,
+            None => RawConfig::default(),
+        };
+        raw.upstream = raw.upstream.overlaid(&self.upstream_table);
+        raw.server = raw.server.overlaid(&self.server);
+        raw.admin = raw.admin.overlaid(&self.admin);
+        raw.policy = raw.policy.overlaid(&self.policy);
+        Config::resolve(&raw, &self.defaults)
     }
 }
 
@@ -313,26 +200,14 @@ fn open_failure(error: stores::OpenError) -> Failure {
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Serve(args) => {
-            let mut raw = match &args.config {
-                Some(path) => RawConfig::load(path).map_err(|e| Failure::Usage(e.to_string()))?,
-                None => RawConfig::default(),
-            };
-            if args.admin_token.is_some() {
-                raw.admin.token = args.admin_token.clone();
-            }
-            if args.upstream_timeout.is_some() {
-                raw.upstream.timeout = args.upstream_timeout.clone();
-            }
-            args.server.apply(&mut raw);
-            let overrides = args.defaults.to_raw();
-            Config::resolve(&raw, &overrides).map_err(|e| Failure::Usage(e.to_string()))?;
+            let config = args.resolve().map_err(|e| Failure::Usage(e.to_string()))?;
             let options = ServeOptions {
                 upstream: args.upstream,
                 listen: args.listen,
                 admin_listen: args.admin_listen,
                 store: args.store,
             };
-            serve(options, raw, overrides, announce).await.map_err(Failure::Runtime)
+            serve(options, config, announce).await.map_err(Failure::Runtime)
         }
         Command::Demo(args) => crate::demo::run(args.listen, args.admin_listen, args.upstream_listen, args.store)
             .await

@@ -2,17 +2,23 @@
 //! checks that name the key at fault.
 //!
 //! ```toml
-//! [defaults]                 # every key optional
+//! [defaults]                 # every key optional; unset keys keep the libraries' defaults
 //! header = "Idempotency-Key"
+//! key_pointer = "/id"        # the key from this JSON member of the body instead
 //! methods = ["POST", "PATCH"]
 //! required = false
 //! ttl = "24h"
 //! lease = "30s"
-//! on_conflict = "reject"     # or "wait"
+//! on_conflict = "wait"       # or "reject"
 //! wait_timeout = "10s"
 //! scope_headers = ["authorization"]
 //! max_body = "1MiB"
-//! store_statuses = "default" # or a list of statuses / ranges: [200, "4xx", "500-502"]
+//! store_statuses = "default" # all but 408, 425, 429, 503; or a list: [200, "4xx", "500-502"]
+//! on_unknown = "hold"        # or "release"
+//! completion_limit = "5m"    # an upstream call goes on this long after its client got 504
+//! mismatch_status = 422      # or 400
+//! fingerprint_ignore = ["/metadata/sent_at"]
+//! fingerprint_headers = ["x-api-version"]
 //!
 //! case_insensitive = false  # true: the prefix matches ignoring ASCII case (`/PAYMENTS`)
 //! match_suffixes = false     # true: `/payments.<ext>` matches `/payments`; or a list: [".json"]
@@ -25,7 +31,11 @@
 //! required = true
 //!
 //! [upstream]
-//! timeout = "60s"            # no answer by then: 504, and the key lapses with its lease
+//! timeout = "60s"            # no answer by then: 504, and the call goes on
+//!
+//! [policy]
+//! path = "/.well-known/idempotency" # "" publishes nothing
+//! documentation_url = "https://api.example.com/docs/idempotency"
 //!
 //! [server]                   # limits on client connections (see `listener`)
 //! header_read_timeout = "10s" # a connection's first request head must arrive by then
@@ -40,6 +50,12 @@
 //! max_connections = 64       # the admin listener's own cap
 //! ```
 //!
+//! Each key is defined once, by `settings_table!` below: its TOML key, its `serve` flag
+//! and its `ONCELY_*` variable. [`Config::resolve`] hands each key that is set to the
+//! builder method of the library that owns it (in `route_layer`), so a key left unset keeps
+//! that library's default; the gateway's own defaults (upstream timeout, completion
+//! limit, policy path) are in `defaults` here.
+//!
 //! Matching: a route's `path` is a prefix that matches whole segments of the request
 //! path as an upstream would read it (see [`crate::routing`]); `case_insensitive` and
 //! `match_suffixes` widen it for upstreams that route `/PAYMENTS` or `/payments.json` to
@@ -48,7 +64,9 @@
 use std::time::Duration;
 
 use http::{HeaderName, Method, StatusCode};
-use oncely::ConflictMode;
+use oncely::fingerprint::JsonPointer;
+use oncely::{ConflictMode, MemoryStore, Oncely, OncelyBuilder, Setting, Store};
+use oncely_http::{IdempotencyLayer, Policy};
 use serde::Deserialize;
 
 /// A configuration error, naming the key at fault.
@@ -67,62 +85,160 @@ fn err(key: &str, message: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("`{key}`: {message}"))
 }
 
-/// The per-route settings as written: every key optional.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSettings {
-    /// The key header.
-    pub header: Option<String>,
-    /// The covered methods.
-    pub methods: Option<Vec<String>>,
-    /// Whether a key is required.
-    pub required: Option<bool>,
-    /// Retention of completed results.
-    pub ttl: Option<String>,
-    /// Lease of a running operation.
-    pub lease: Option<String>,
-    /// `reject` or `wait`.
-    pub on_conflict: Option<String>,
-    /// Wait mode's timeout.
-    pub wait_timeout: Option<String>,
-    /// Headers whose values are the scope.
-    pub scope_headers: Option<Vec<String>>,
-    /// Request body limit.
-    pub max_body: Option<String>,
-    /// Stored statuses.
-    pub store_statuses: Option<StatusSpec>,
-    /// Whether the path prefix matches ignoring ASCII case.
-    pub case_insensitive: Option<bool>,
-    /// Extensions (`.json`) that may follow the path prefix: `true` for any.
-    pub match_suffixes: Option<SuffixSpec>,
-    /// Running operations one principal may hold at once.
-    pub max_in_progress_per_scope: Option<usize>,
-    /// Decoded size limit of a gzip request body.
-    pub max_decoded_body: Option<String>,
-    /// The header announcing a takeover to the upstream; `""` for none.
-    pub takeover_header: Option<String>,
+/// Defines a table of settings once. Each field is at the same time its TOML key (the
+/// field's name), its command-line flag (the name in kebab case, from `#[arg(long)]`) and
+/// its `ONCELY_*` variable (the `env` of its `#[arg]`); its doc comment is the flag's
+/// help. Every field is optional: what is unset comes from the table beneath (a route's
+/// from `[defaults]`, `[defaults]`'s from the flags' absence) and in the end from the
+/// library that owns the setting (`oncely`, `oncely-http`), never from a copy here.
+macro_rules! settings_table {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident { $( $(#[$field_meta:meta])* pub $field:ident : Option<$ty:ty>, )* }
+    ) => {
+        #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+        #[serde(deny_unknown_fields)]
+        $(#[$meta])*
+        pub struct $name { $( $(#[$field_meta])* pub $field: Option<$ty>, )* }
+
+        impl $name {
+            /// `self` with every key `over` sets replacing this one's.
+            pub fn overlaid(&self, over: &Self) -> Self {
+                Self { $( $field: over.$field.clone().or_else(|| self.$field.clone()), )* }
+            }
+        }
+    };
 }
 
-impl RawSettings {
-    /// `self` with every key `over` sets replacing this one's.
-    pub fn overlaid(&self, over: &RawSettings) -> RawSettings {
-        RawSettings {
-            header: over.header.clone().or_else(|| self.header.clone()),
-            methods: over.methods.clone().or_else(|| self.methods.clone()),
-            required: over.required.or(self.required),
-            ttl: over.ttl.clone().or_else(|| self.ttl.clone()),
-            lease: over.lease.clone().or_else(|| self.lease.clone()),
-            on_conflict: over.on_conflict.clone().or_else(|| self.on_conflict.clone()),
-            wait_timeout: over.wait_timeout.clone().or_else(|| self.wait_timeout.clone()),
-            scope_headers: over.scope_headers.clone().or_else(|| self.scope_headers.clone()),
-            max_body: over.max_body.clone().or_else(|| self.max_body.clone()),
-            store_statuses: over.store_statuses.clone().or_else(|| self.store_statuses.clone()),
-            case_insensitive: over.case_insensitive.or(self.case_insensitive),
-            match_suffixes: over.match_suffixes.clone().or_else(|| self.match_suffixes.clone()),
-            max_in_progress_per_scope: over.max_in_progress_per_scope.or(self.max_in_progress_per_scope),
-            max_decoded_body: over.max_decoded_body.clone().or_else(|| self.max_decoded_body.clone()),
-            takeover_header: over.takeover_header.clone().or_else(|| self.takeover_header.clone()),
-        }
+settings_table! {
+    /// A route's settings as written (`[defaults]`, each `[[routes]]`, and the flags and
+    /// variables that override `[defaults]`).
+    #[command(next_help_heading = "Route settings (the file's [defaults]; routes override them)")]
+    pub struct RawSettings {
+        /// The key header (default `Idempotency-Key`; `X-GitHub-Delivery`, `Webhook-Id` for webhooks).
+        #[arg(long, env = "ONCELY_HEADER")]
+        pub header: Option<String>,
+        /// A JSON pointer into the body to take the key from instead of the header (`/id`).
+        #[arg(long, env = "ONCELY_KEY_POINTER")]
+        pub key_pointer: Option<String>,
+        /// Covered methods, comma-separated (default POST, PATCH).
+        #[arg(long, env = "ONCELY_METHODS", value_delimiter = ',')]
+        pub methods: Option<Vec<String>>,
+        /// Whether a covered request without a key is refused with 400.
+        #[arg(long, env = "ONCELY_REQUIRED")]
+        pub required: Option<bool>,
+        /// How long results are replayed (default 24h).
+        #[arg(long, env = "ONCELY_TTL")]
+        pub ttl: Option<String>,
+        /// How long a crashed request blocks its key (default 30s).
+        #[arg(long, env = "ONCELY_LEASE")]
+        pub lease: Option<String>,
+        /// `wait` (the default) or `reject`: what a duplicate of a running request gets.
+        #[arg(long, env = "ONCELY_ON_CONFLICT")]
+        pub on_conflict: Option<String>,
+        /// How long a duplicate waits in wait mode before its 409 (default 10s).
+        #[arg(long, env = "ONCELY_WAIT_TIMEOUT")]
+        pub wait_timeout: Option<String>,
+        /// Principal headers, comma-separated (default authorization).
+        #[arg(long, env = "ONCELY_SCOPE_HEADERS", value_delimiter = ',')]
+        pub scope_headers: Option<Vec<String>>,
+        /// Request body limit (default 1MiB).
+        #[arg(long, env = "ONCELY_MAX_BODY")]
+        pub max_body: Option<String>,
+        /// Stored statuses: `default` (all but 408, 425, 429, 503) or statuses and ranges, comma-separated.
+        #[arg(long, env = "ONCELY_STORE_STATUSES")]
+        pub store_statuses: Option<StatusSpec>,
+        /// `hold` (the default): a key whose outcome is unknown answers 502 until deleted; `release`: it lapses with its lease.
+        #[arg(long, env = "ONCELY_ON_UNKNOWN")]
+        pub on_unknown: Option<String>,
+        /// How long an upstream call may go on after its client got 504 (default 5m).
+        #[arg(long, env = "ONCELY_COMPLETION_LIMIT")]
+        pub completion_limit: Option<String>,
+        /// The status of a reused key: 422 (the default, as the draft says) or 400 (Stripe's SDKs).
+        #[arg(long, env = "ONCELY_MISMATCH_STATUS")]
+        pub mismatch_status: Option<u16>,
+        /// JSON pointers the fingerprint leaves out, comma-separated (`/metadata/sent_at`).
+        #[arg(long, env = "ONCELY_FINGERPRINT_IGNORE", value_delimiter = ',')]
+        pub fingerprint_ignore: Option<Vec<String>>,
+        /// Request headers the fingerprint takes in, comma-separated.
+        #[arg(long, env = "ONCELY_FINGERPRINT_HEADERS", value_delimiter = ',')]
+        pub fingerprint_headers: Option<Vec<String>>,
+        /// Whether path prefixes match ignoring ASCII case.
+        #[arg(long, env = "ONCELY_CASE_INSENSITIVE")]
+        pub case_insensitive: Option<bool>,
+        /// `true`, `false`, or suffixes that may follow the prefix, comma-separated: `.json,.xml`.
+        #[arg(long, env = "ONCELY_MATCH_SUFFIXES")]
+        pub match_suffixes: Option<SuffixSpec>,
+        /// Running operations one principal may hold at once (default 1000; more get 429).
+        #[arg(long, env = "ONCELY_MAX_IN_PROGRESS_PER_SCOPE")]
+        pub max_in_progress_per_scope: Option<usize>,
+        /// Decoded size limit of a gzip request body (default 8MiB).
+        #[arg(long, env = "ONCELY_MAX_DECODED_BODY")]
+        pub max_decoded_body: Option<String>,
+        /// The header announcing a takeover to the upstream (default `Idempotency-Takeover`); "" for none.
+        #[arg(long, env = "ONCELY_TAKEOVER_HEADER")]
+        pub takeover_header: Option<String>,
+    }
+}
+
+settings_table! {
+    /// `[upstream]`.
+    #[command(next_help_heading = "Upstream ([upstream])")]
+    pub struct RawUpstream {
+        /// When a client gets 504 if the upstream has not answered (default 60s); the call goes on up to `completion_limit`.
+        #[arg(id = "upstream_timeout", long = "upstream-timeout", env = "ONCELY_UPSTREAM_TIMEOUT")]
+        pub timeout: Option<String>,
+    }
+}
+
+settings_table! {
+    /// `[admin]`.
+    #[command(next_help_heading = "Admin listener ([admin])")]
+    pub struct RawAdmin {
+        /// The bearer token for /keys on the admin listener; unset: no key endpoints.
+        #[arg(id = "admin_token", long = "admin-token", env = "ONCELY_ADMIN_TOKEN", hide_env_values = true)]
+        pub token: Option<String>,
+        /// Open admin connections (default 64).
+        #[arg(id = "admin_max_connections", long = "admin-max-connections", env = "ONCELY_ADMIN_MAX_CONNECTIONS")]
+        pub max_connections: Option<usize>,
+    }
+}
+
+settings_table! {
+    /// `[server]`: limits on client connections.
+    #[command(next_help_heading = "Client connections ([server])")]
+    pub struct RawServer {
+        /// How long a new connection may take to send its first request head (default 10s).
+        #[arg(long, env = "ONCELY_HEADER_READ_TIMEOUT")]
+        pub header_read_timeout: Option<String>,
+        /// How long a connection may stay open with no request in flight (default 60s).
+        #[arg(long, env = "ONCELY_IDLE_TIMEOUT")]
+        pub idle_timeout: Option<String>,
+        /// How long a request body may send nothing (default 30s).
+        #[arg(long, env = "ONCELY_BODY_READ_TIMEOUT")]
+        pub body_read_timeout: Option<String>,
+        /// Open proxy connections (default 10000).
+        #[arg(long, env = "ONCELY_MAX_CONNECTIONS")]
+        pub max_connections: Option<usize>,
+        /// Open proxy connections per client IP address, 0 for no cap (default 256).
+        #[arg(long, env = "ONCELY_MAX_CONNECTIONS_PER_CLIENT")]
+        pub max_connections_per_client: Option<usize>,
+        /// HTTP/2 streams per connection (default 100).
+        #[arg(long, env = "ONCELY_MAX_CONCURRENT_STREAMS")]
+        pub max_concurrent_streams: Option<u32>,
+    }
+}
+
+settings_table! {
+    /// `[policy]`: where the routes' idempotency policy is published.
+    #[command(next_help_heading = "Published policy ([policy])")]
+    pub struct RawPolicy {
+        /// The path the policy is served at as JSON (default /.well-known/idempotency); "" for none.
+        #[arg(id = "policy_path", long = "policy-path", env = "ONCELY_POLICY_PATH")]
+        pub path: Option<String>,
+        /// A page documenting the policy: problem answers link to it.
+        #[arg(long, env = "ONCELY_DOCUMENTATION_URL")]
+        pub documentation_url: Option<String>,
     }
 }
 
@@ -134,6 +250,19 @@ pub enum StatusSpec {
     Keyword(String),
     /// `[200, "4xx", "500-502"]`.
     List(Vec<StatusItem>),
+}
+
+impl std::str::FromStr for StatusSpec {
+    type Err = std::convert::Infallible;
+
+    /// The flag's form: `default`, or statuses and ranges, comma-separated; checked with
+    /// the file's at resolution.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(match text.trim() {
+            "default" => Self::Keyword(text.trim().to_string()),
+            list => Self::List(list.split(',').map(|item| StatusItem::Text(item.trim().to_string())).collect()),
+        })
+    }
 }
 
 /// One entry of a `store_statuses` list.
@@ -154,6 +283,19 @@ pub enum SuffixSpec {
     Flag(bool),
     /// Only these, each starting with `.`.
     List(Vec<String>),
+}
+
+impl std::str::FromStr for SuffixSpec {
+    type Err = std::convert::Infallible;
+
+    /// The flag's form: `true`, `false`, or suffixes, comma-separated.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(match text.trim() {
+            "true" => Self::Flag(true),
+            "false" => Self::Flag(false),
+            list => Self::List(list.split(',').map(|item| item.trim().to_string()).collect()),
+        })
+    }
 }
 
 /// Which suffixes may follow a route's path prefix in the same segment.
@@ -179,42 +321,6 @@ pub struct RawRoute {
     pub settings: RawSettings,
 }
 
-/// `[upstream]`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawUpstream {
-    /// How long to wait for the upstream's response head.
-    pub timeout: Option<String>,
-}
-
-/// `[admin]`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAdmin {
-    /// The bearer token for the key endpoints.
-    pub token: Option<String>,
-    /// The admin listener's connection cap.
-    pub max_connections: Option<usize>,
-}
-
-/// `[server]`: limits on client connections.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawServer {
-    /// How long a new connection may take to send its first request head.
-    pub header_read_timeout: Option<String>,
-    /// How long a connection may stay open with no request in flight.
-    pub idle_timeout: Option<String>,
-    /// How long a request body may send nothing.
-    pub body_read_timeout: Option<String>,
-    /// Open proxy connections.
-    pub max_connections: Option<usize>,
-    /// Open proxy connections per client IP address; 0: no cap.
-    pub max_connections_per_client: Option<usize>,
-    /// HTTP/2 streams per connection.
-    pub max_concurrent_streams: Option<u32>,
-}
-
 /// The configuration file as written.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -234,6 +340,9 @@ pub struct RawConfig {
     /// `[server]`.
     #[serde(default)]
     pub server: RawServer,
+    /// `[policy]`.
+    #[serde(default)]
+    pub policy: RawPolicy,
 }
 
 impl RawConfig {
@@ -252,7 +361,7 @@ impl RawConfig {
 /// Which response statuses are stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoredStatuses {
-    /// Every status but 5xx, 408 and 429.
+    /// [`oncely_http::default_stored_status`].
     Default,
     /// Statuses within these inclusive ranges.
     Ranges(Vec<(u16, u16)>),
@@ -268,39 +377,26 @@ impl StoredStatuses {
     }
 }
 
-/// One route's checked settings.
+/// One route's checked settings: how it is matched, its settings as written (with
+/// `[defaults]` under them), and the policy its layer applies.
 #[derive(Debug, Clone)]
 pub struct RouteSettings {
     /// The path prefix (`/` for the defaults).
     pub path: String,
-    /// The key header.
-    pub header: HeaderName,
-    /// The covered methods.
-    pub methods: Vec<Method>,
-    /// Whether a key is required.
-    pub required: bool,
-    /// Retention.
-    pub ttl: Duration,
-    /// Lease.
-    pub lease: Duration,
-    /// Reject or wait.
-    pub on_conflict: ConflictMode,
-    /// Scope headers.
-    pub scope_headers: Vec<HeaderName>,
-    /// Body limit.
-    pub max_body: usize,
-    /// Stored statuses.
-    pub store_statuses: StoredStatuses,
+    /// Where errors name this route's keys (`defaults`, `routes[2]`).
+    pub at: String,
     /// Whether the prefix matches ignoring ASCII case.
     pub case_insensitive: bool,
     /// Suffixes that may follow the prefix.
     pub match_suffixes: Suffixes,
-    /// Running operations one principal may hold at once (429 past it).
-    pub max_in_progress_per_scope: usize,
-    /// Decoded size limit of a gzip request body (413 past it).
-    pub max_decoded_body: usize,
-    /// The request header announcing a takeover to the upstream, if any.
-    pub takeover_header: Option<HeaderName>,
+    /// How long the upstream call may go on after its client got 504.
+    pub completion_limit: Duration,
+    /// The route's settings as written, `[defaults]` and flags laid under them.
+    pub raw: RawSettings,
+    /// What every route's layer shares.
+    pub common: Common,
+    /// What the route's layer does, as published.
+    pub policy: Policy,
 }
 
 impl RouteSettings {
@@ -308,6 +404,21 @@ impl RouteSettings {
     pub fn matches(&self, path: &str) -> bool {
         route_matches(&self.path, self.case_insensitive, &self.match_suffixes, path)
     }
+
+    /// This route's layer over `engine` (a builder with the store and the gateway's
+    /// background registries): the settings were checked by [`Config::resolve`].
+    pub fn layer<S: Store>(&self, engine: OncelyBuilder<S>) -> Result<IdempotencyLayer<S>, ConfigError> {
+        route_layer(&self.at, &self.raw, engine, &self.common, self.completion_limit)
+    }
+}
+
+/// The settings outside `[defaults]` and `[[routes]]` that every route's layer takes.
+#[derive(Debug, Clone)]
+pub struct Common {
+    /// When a client still waiting gets 504 (`upstream.timeout`).
+    pub upstream_timeout: Duration,
+    /// The page problems link to (`policy.documentation_url`).
+    pub documentation_url: Option<String>,
 }
 
 /// The limits of one listener's connections (see [`crate::listener`]).
@@ -328,29 +439,86 @@ pub struct ServerLimits {
     pub max_concurrent_streams: u32,
 }
 
-/// The whole checked configuration.
+/// The checked `[upstream]`.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// When a client still waiting gets 504 (the call goes on up to its route's
+    /// completion limit).
+    pub timeout: Duration,
+}
+
+/// The checked `[policy]`.
+#[derive(Debug, Clone)]
+pub struct PolicySettings {
+    /// Where the policy is served, if anywhere.
+    pub path: Option<String>,
+    /// The documentation page problems link to.
+    pub documentation_url: Option<String>,
+}
+
+/// The whole checked configuration: what `serve` runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The settings for paths no route matches.
     pub defaults: RouteSettings,
     /// The routes, longest prefix first.
     pub routes: Vec<RouteSettings>,
-    /// The upstream response timeout.
-    pub upstream_timeout: Duration,
+    /// The upstream's timeouts.
+    pub upstream: Upstream,
     /// The admin bearer token, if key endpoints are enabled.
     pub admin_token: Option<String>,
     /// The proxy listener's limits.
     pub server: ServerLimits,
     /// The admin listener's limits: the same timeouts, its own connection cap.
     pub admin_server: ServerLimits,
+    /// Where the policy is published.
+    pub policy: PolicySettings,
+}
+
+/// The gateway's own defaults: settings no library owns.
+mod defaults {
+    /// When a client gets 504.
+    pub(super) const UPSTREAM_TIMEOUT: &str = "60s";
+    /// How long an upstream call goes on after that.
+    pub(super) const COMPLETION_LIMIT: &str = "5m";
+    /// Where the policy is served.
+    pub(super) const POLICY_PATH: &str = "/.well-known/idempotency";
 }
 
 impl Config {
     /// Checks `raw` (with `overrides` from flags and `ONCELY_*` variables laid over its
-    /// `[defaults]`), naming the key of the first error.
+    /// `[defaults]`), naming the key of the first error. Each route's layer is built once
+    /// here on a memory store, so that what the libraries refuse is refused now, named.
     pub fn resolve(raw: &RawConfig, overrides: &RawSettings) -> Result<Self, ConfigError> {
+        let upstream = Upstream {
+            timeout: duration(
+                "upstream.timeout",
+                raw.upstream.timeout.as_deref().unwrap_or(defaults::UPSTREAM_TIMEOUT),
+            )?,
+        };
+        let policy = PolicySettings {
+            path: match raw.policy.path.as_deref() {
+                None => Some(defaults::POLICY_PATH.to_string()),
+                Some("") => None,
+                Some(path) if path.starts_with('/') => Some(path.to_string()),
+                Some(path) => return Err(err("policy.path", format!("{path:?} must start with `/`"))),
+            },
+            documentation_url: match raw.policy.documentation_url.as_deref() {
+                None | Some("") => None,
+                Some(url) => {
+                    let parsed: http::Uri = url
+                        .parse()
+                        .map_err(|e| err("policy.documentation_url", format!("{url:?} is not a URL ({e})")))?;
+                    if parsed.scheme().is_none() {
+                        return Err(err("policy.documentation_url", format!("{url:?} is not an absolute URL")));
+                    }
+                    Some(url.to_string())
+                }
+            },
+        };
         let base = raw.defaults.overlaid(overrides);
-        let defaults = resolve_settings("defaults", "/", &base)?;
+        let common = Common { upstream_timeout: upstream.timeout, documentation_url: policy.documentation_url.clone() };
+        let defaults = resolve_route("defaults", "/", &base, &common)?;
         let mut routes = Vec::with_capacity(raw.routes.len());
         for (i, route) in raw.routes.iter().enumerate() {
             let at = format!("routes[{i}]");
@@ -360,13 +528,9 @@ impl Config {
             if raw.routes[..i].iter().any(|r| r.path == route.path) {
                 return Err(err(&format!("{at}.path"), format!("{:?} is configured twice", route.path)));
             }
-            routes.push(resolve_settings(&at, &route.path, &base.overlaid(&route.settings))?);
+            routes.push(resolve_route(&at, &route.path, &base.overlaid(&route.settings), &common)?);
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
-        let upstream_timeout = match &raw.upstream.timeout {
-            Some(text) => duration("upstream.timeout", text)?,
-            None => Duration::from_secs(60),
-        };
         let admin_token = raw.admin.token.clone().filter(|t| !t.is_empty());
         let server = resolve_server(&raw.server)?;
         let admin_server = ServerLimits {
@@ -374,7 +538,7 @@ impl Config {
             max_connections_per_client: None,
             ..server.clone()
         };
-        Ok(Self { defaults, routes, upstream_timeout, admin_token, server, admin_server })
+        Ok(Self { defaults, routes, upstream, admin_token, server, admin_server, policy })
     }
 
     /// The settings for `path`: the longest route prefix that matches whole segments
@@ -382,6 +546,24 @@ impl Config {
     /// defaults.
     pub fn route_for(&self, path: &str) -> &RouteSettings {
         self.routes.iter().find(|r| r.matches(path)).unwrap_or(&self.defaults)
+    }
+
+    /// Every route's policy, as published at `[policy] path`.
+    pub fn published_policy(&self) -> serde_json::Value {
+        let route = |r: &RouteSettings| {
+            let mut value = serde_json::to_value(&r.policy).unwrap_or_default();
+            if let Some(object) = value.as_object_mut() {
+                object.insert("path".into(), r.path.clone().into());
+                object.insert("completion_limit_seconds".into(), r.completion_limit.as_secs_f64().into());
+            }
+            value
+        };
+        serde_json::json!({
+            "specification": "https://datatracker.ietf.org/doc/draft-ietf-httpapi-idempotency-key-header/",
+            "routes": self.routes.iter().map(route).collect::<Vec<_>>(),
+            "default": route(&self.defaults),
+            "documentation_url": self.policy.documentation_url,
+        })
     }
 }
 
@@ -460,110 +642,181 @@ fn resolve_suffixes(key: &str, spec: Option<&SuffixSpec>) -> Result<Suffixes, Co
     }
 }
 
-fn resolve_settings(at: &str, path: &str, raw: &RawSettings) -> Result<RouteSettings, ConfigError> {
+fn resolve_route(at: &str, path: &str, raw: &RawSettings, common: &Common) -> Result<RouteSettings, ConfigError> {
     let key = |name: &str| format!("{at}.{name}");
-    let header = match &raw.header {
-        Some(h) => {
-            HeaderName::try_from(h.as_str()).map_err(|_| err(&key("header"), format!("{h:?} is not a header name")))?
+    let completion_limit = match &raw.completion_limit {
+        Some(text) => duration(&key("completion_limit"), text)?,
+        None => {
+            // Unset, it is cut to a short retention (checked with the rest in `route_layer`).
+            let retention = match &raw.ttl {
+                Some(text) => duration(&key("ttl"), text)?,
+                None => oncely::Config::default().retention,
+            };
+            duration("", defaults::COMPLETION_LIMIT).unwrap_or_default().min(retention)
         }
-        None => HeaderName::from_static("idempotency-key"),
     };
-    let methods = match &raw.methods {
-        Some(list) => list
+    if completion_limit < common.upstream_timeout {
+        return Err(err(
+            &key("completion_limit"),
+            format!("{completion_limit:?} is shorter than the upstream timeout {:?}", common.upstream_timeout),
+        ));
+    }
+    let engine = Oncely::builder(MemoryStore::builder().no_sweeper().build());
+    let layer = route_layer(at, raw, engine, common, completion_limit)?;
+    Ok(RouteSettings {
+        path: path.to_string(),
+        at: at.to_string(),
+        case_insensitive: raw.case_insensitive.unwrap_or(false),
+        match_suffixes: resolve_suffixes(&key("match_suffixes"), raw.match_suffixes.as_ref())?,
+        completion_limit,
+        raw: raw.clone(),
+        common: common.clone(),
+        policy: layer.policy(),
+    })
+}
+
+/// Builds a route's idempotency layer from its settings as written: each key that is set
+/// is checked, named in its error, and handed to the builder method that owns it; each
+/// key that is not keeps the library's default. The one place a setting is applied.
+fn route_layer<S: Store>(
+    at: &str,
+    raw: &RawSettings,
+    engine: OncelyBuilder<S>,
+    common: &Common,
+    completion_limit: Duration,
+) -> Result<IdempotencyLayer<S>, ConfigError> {
+    let key = |name: &str| format!("{at}.{name}");
+    let header_name = |name: &str, text: &str| {
+        HeaderName::try_from(text).map_err(|_| err(&key(name), format!("{text:?} is not a header name")))
+    };
+    // The engine: retention, lease and conflict mode, checked by the engine itself.
+    let mut config = oncely::Config::default();
+    if let Some(text) = &raw.ttl {
+        config.retention = duration(&key("ttl"), text)?;
+    }
+    if let Some(text) = &raw.lease {
+        config.lease = duration(&key("lease"), text)?;
+        if config.lease > config.retention {
+            return Err(err(
+                &key("lease"),
+                format!("{:?} is longer than the ttl {:?}", config.lease, config.retention),
+            ));
+        }
+    }
+    let wait_timeout = raw.wait_timeout.as_deref().map(|text| duration(&key("wait_timeout"), text)).transpose()?;
+    config.conflict = match (raw.on_conflict.as_deref(), config.conflict) {
+        (Some("reject"), _) => ConflictMode::Reject,
+        (Some("wait") | None, ConflictMode::Wait { timeout }) => {
+            ConflictMode::Wait { timeout: wait_timeout.unwrap_or(timeout) }
+        }
+        (Some("wait"), ConflictMode::Reject) => {
+            ConflictMode::Wait { timeout: wait_timeout.unwrap_or(oncely::DEFAULT_WAIT_TIMEOUT) }
+        }
+        (None, mode) => mode,
+        (Some(other), _) => {
+            return Err(err(&key("on_conflict"), format!("{other:?} is neither \"wait\" nor \"reject\"")));
+        }
+    };
+    // The lease is renewed while the upstream call goes on, up to its completion limit.
+    config.keep_alive_ceiling = config.keep_alive_ceiling.max(completion_limit);
+    if completion_limit > config.retention {
+        return Err(err(
+            &key("completion_limit"),
+            format!("{completion_limit:?} is longer than the ttl {:?}", config.retention),
+        ));
+    }
+    let oncely = engine.config(config).build().map_err(|e| {
+        let name = match e.setting {
+            Setting::Lease => "lease",
+            Setting::WaitTimeout => "wait_timeout",
+            Setting::KeepAliveCeiling => "completion_limit",
+            _ => "ttl",
+        };
+        err(&key(name), format!("{:?} is outside {:?}..={:?}", e.value, e.min, e.max))
+    })?;
+
+    // The HTTP layer.
+    let mut layer = IdempotencyLayer::new(oncely).answer_within(common.upstream_timeout);
+    if let Some(text) = &raw.header {
+        layer = layer.header_name(header_name("header", text)?);
+    }
+    if let Some(list) = &raw.methods {
+        let methods = list
             .iter()
             .map(|m| {
                 Method::from_bytes(m.to_ascii_uppercase().as_bytes())
                     .map_err(|_| err(&key("methods"), format!("{m:?} is not a method")))
             })
-            .collect::<Result<Vec<_>, _>>()?,
-        None => vec![Method::POST, Method::PATCH],
-    };
-    let ttl = duration(&key("ttl"), raw.ttl.as_deref().unwrap_or("24h"))?;
-    let lease = duration(&key("lease"), raw.lease.as_deref().unwrap_or("30s"))?;
-    if lease > ttl {
-        return Err(err(&key("lease"), format!("{lease:?} is longer than the ttl {ttl:?}")));
+            .collect::<Result<Vec<_>, _>>()?;
+        layer = layer.methods(methods);
     }
-    let wait_timeout = duration(&key("wait_timeout"), raw.wait_timeout.as_deref().unwrap_or("10s"))?;
-    let on_conflict = match raw.on_conflict.as_deref().unwrap_or("reject") {
-        "reject" => ConflictMode::Reject,
-        "wait" => ConflictMode::Wait { timeout: wait_timeout },
-        other => return Err(err(&key("on_conflict"), format!("{other:?} is neither \"reject\" nor \"wait\""))),
-    };
-    // The engine's own checks (retention and wait limits, lease within retention…),
-    // so that check-config refuses what the engine would.
-    let engine = oncely::Config {
-        retention: ttl,
-        lease,
-        keep_alive_ceiling: oncely::Config::default().keep_alive_ceiling.min(ttl),
-        conflict: on_conflict,
-        ..oncely::Config::default()
-    };
-    engine.validate().map_err(|e| {
-        let name = match e.setting {
-            "lease" => "lease",
-            "conflict_mode(Wait { timeout })" => "wait_timeout",
-            _ => "ttl",
-        };
-        err(&key(name), e.reason)
-    })?;
-    let scope_headers = match &raw.scope_headers {
-        Some(list) => list
-            .iter()
-            .map(|h| {
-                HeaderName::try_from(h.as_str())
-                    .map_err(|_| err(&key("scope_headers"), format!("{h:?} is not a header name")))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        None => vec![http::header::AUTHORIZATION],
-    };
-    let max_body = match &raw.max_body {
-        Some(text) => size(&key("max_body"), text)?,
-        None => 1024 * 1024,
-    };
-    let store_statuses = match &raw.store_statuses {
-        None => StoredStatuses::Default,
-        Some(StatusSpec::Keyword(k)) if k == "default" => StoredStatuses::Default,
+    if let Some(required) = raw.required {
+        layer = layer.require_key(required);
+    }
+    if let Some(list) = &raw.scope_headers {
+        let names = list.iter().map(|h| header_name("scope_headers", h)).collect::<Result<Vec<_>, _>>()?;
+        layer = layer.scope_headers(names);
+    }
+    if let Some(text) = &raw.max_body {
+        layer = layer.max_body(size(&key("max_body"), text)?);
+    }
+    match &raw.store_statuses {
+        None => {}
+        Some(StatusSpec::Keyword(k)) if k == "default" => {}
         Some(StatusSpec::Keyword(k)) => {
             return Err(err(&key("store_statuses"), format!("{k:?} is not \"default\" or a list of statuses")));
         }
-        Some(StatusSpec::List(items)) => StoredStatuses::Ranges(
-            items.iter().map(|item| status_range(&key("store_statuses"), item)).collect::<Result<_, _>>()?,
-        ),
-    };
-    let match_suffixes = resolve_suffixes(&key("match_suffixes"), raw.match_suffixes.as_ref())?;
-    let max_in_progress_per_scope = match raw.max_in_progress_per_scope {
+        Some(StatusSpec::List(items)) => {
+            let ranges =
+                items.iter().map(|item| status_range(&key("store_statuses"), item)).collect::<Result<_, _>>()?;
+            let statuses = StoredStatuses::Ranges(ranges);
+            layer = layer.store_statuses(move |status| statuses.contains(status));
+        }
+    }
+    match raw.on_unknown.as_deref() {
+        None => {}
+        Some("hold") => layer = layer.hold_unknown_outcomes(true),
+        Some("release") => layer = layer.hold_unknown_outcomes(false),
+        Some(other) => return Err(err(&key("on_unknown"), format!("{other:?} is neither \"hold\" nor \"release\""))),
+    }
+    if let Some(code) = raw.mismatch_status {
+        match StatusCode::from_u16(code) {
+            Ok(status) if status.is_client_error() => layer = layer.mismatch_status(status),
+            _ => return Err(err(&key("mismatch_status"), format!("{code} is not a 4xx status (422 or 400)"))),
+        }
+    }
+    match raw.max_in_progress_per_scope {
         Some(0) => return Err(err(&key("max_in_progress_per_scope"), "must be at least 1")),
-        Some(n) => n,
-        None => 1000,
+        Some(n) => layer = layer.max_in_progress_per_scope(n),
+        None => {}
+    }
+    if let Some(text) = &raw.max_decoded_body {
+        layer = layer.max_decoded_body(size(&key("max_decoded_body"), text)?);
+    }
+    match raw.takeover_header.as_deref() {
+        None => {}
+        Some("") => layer = layer.takeover_header(None),
+        Some(h) => layer = layer.takeover_header(Some(header_name("takeover_header", h)?)),
+    }
+    let pointer = |name: &str, text: &str| {
+        text.parse::<JsonPointer>()
+            .map_err(|e| err(&key(name), format!("{text:?} is not a JSON pointer like \"/id\" ({e})")))
     };
-    let max_decoded_body = match &raw.max_decoded_body {
-        Some(text) => size(&key("max_decoded_body"), text)?,
-        None => 8 * 1024 * 1024,
-    };
-    let takeover_header = match raw.takeover_header.as_deref() {
-        None => Some(HeaderName::from_static("idempotency-takeover")),
-        Some("") => None,
-        Some(h) => Some(
-            HeaderName::try_from(h).map_err(|_| err(&key("takeover_header"), format!("{h:?} is not a header name")))?,
-        ),
-    };
-    Ok(RouteSettings {
-        path: path.to_string(),
-        header,
-        methods,
-        required: raw.required.unwrap_or(false),
-        ttl,
-        lease,
-        on_conflict,
-        scope_headers,
-        max_body,
-        store_statuses,
-        case_insensitive: raw.case_insensitive.unwrap_or(false),
-        match_suffixes,
-        max_in_progress_per_scope,
-        max_decoded_body,
-        takeover_header,
-    })
+    if let Some(text) = &raw.key_pointer {
+        layer = layer.key_from_body(pointer("key_pointer", text)?);
+    }
+    if let Some(list) = &raw.fingerprint_ignore {
+        let pointers = list.iter().map(|p| pointer("fingerprint_ignore", p)).collect::<Result<Vec<_>, _>>()?;
+        layer = layer.fingerprint_ignore(pointers);
+    }
+    if let Some(list) = &raw.fingerprint_headers {
+        let names = list.iter().map(|h| header_name("fingerprint_headers", h)).collect::<Result<Vec<_>, _>>()?;
+        layer = layer.fingerprint_headers(names);
+    }
+    if let Some(url) = &common.documentation_url {
+        layer = layer.documentation_url(url.clone());
+    }
+    Ok(layer)
 }
 
 /// Parses a humantime duration (`30s`, `24h`, `1h 30m`), refusing zero.
@@ -646,20 +899,22 @@ mod tests {
             "#,
         )
         .expect("valid");
-        assert_eq!(config.defaults.max_body, 1024 * 1024);
-        let payments = config.route_for("/payments/ch_1");
+        assert_eq!(config.defaults.policy.max_body, 1024 * 1024);
+        let payments = &config.route_for("/payments/ch_1").policy;
         assert!(payments.required);
-        assert_eq!(payments.on_conflict, ConflictMode::Wait { timeout: Duration::from_secs(10) });
-        let refunds = config.route_for("/payments/refunds/7");
+        assert_eq!(payments.on_conflict, "wait");
+        assert_eq!(payments.wait_timeout_seconds, Some(10.0));
+        assert_eq!(config.defaults.policy.on_conflict, "reject");
+        let refunds = &config.route_for("/payments/refunds/7").policy;
         assert!(!refunds.required, "unset keys come from [defaults], not from a shorter route");
-        assert!(refunds.store_statuses.contains(StatusCode::BAD_GATEWAY));
-        assert!(!refunds.store_statuses.contains(StatusCode::CREATED));
-        assert!(!config.route_for("/paymentsx").required, "prefixes match whole segments");
-        assert!(config.route_for("/PAYMENTS/ch_1").required, "case_insensitive");
-        assert!(config.route_for("/payments.json").required, "match_suffixes");
-        assert!(config.route_for("/Payments.JSON/ch_1").required);
-        assert!(!config.route_for("/payments.xml").required, "only the listed suffixes");
-        assert!(!config.route_for("/payments.jsonx").required, "a suffix ends on a segment boundary");
+        assert!(!refunds.released_statuses.contains(&502));
+        assert!(refunds.released_statuses.contains(&201));
+        assert!(!config.route_for("/paymentsx").policy.required, "prefixes match whole segments");
+        assert!(config.route_for("/PAYMENTS/ch_1").policy.required, "case_insensitive");
+        assert!(config.route_for("/payments.json").policy.required, "match_suffixes");
+        assert!(config.route_for("/Payments.JSON/ch_1").policy.required);
+        assert!(!config.route_for("/payments.xml").policy.required, "only the listed suffixes");
+        assert!(!config.route_for("/payments.jsonx").policy.required, "a suffix ends on a segment boundary");
         assert_eq!(config.server.max_connections, 10_000);
         assert_eq!(config.server.max_connections_per_client, Some(256));
         assert_eq!(config.admin_server.max_connections, 64);
@@ -704,7 +959,55 @@ mod tests {
     #[test]
     fn a_short_ttl_is_valid() {
         let config = resolve("[defaults]\nttl = \"5m\"").expect("valid");
-        assert_eq!(config.defaults.ttl, Duration::from_secs(300));
+        assert_eq!(config.defaults.policy.retention_seconds, 300.0);
+    }
+
+    #[test]
+    fn unset_keys_keep_the_libraries_defaults() {
+        let config = resolve("").expect("valid");
+        let policy = &config.defaults.policy;
+        let layer = oncely_http::IdempotencyLayer::new(Oncely::new(MemoryStore::new())).policy();
+        assert_eq!(policy.on_conflict, "wait", "seed 001's choice, and what retrying clients need");
+        assert_eq!(policy.methods, layer.methods);
+        assert_eq!(policy.max_body, layer.max_body);
+        assert_eq!(policy.released_statuses, layer.released_statuses);
+        assert_eq!(policy.mismatch_status, 422);
+        assert_eq!(policy.unknown_outcomes, "held");
+        assert_eq!(policy.retention_seconds, oncely::Config::default().retention.as_secs_f64());
+        assert_eq!(config.policy.path.as_deref(), Some("/.well-known/idempotency"));
+        assert_eq!(config.upstream.timeout, Duration::from_secs(60));
+        assert_eq!(config.defaults.completion_limit, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_new_keys_of_retrying_clients_are_applied() {
+        let config = resolve(
+            r#"
+            [defaults]
+            on_conflict = "reject"
+            on_unknown = "release"
+            mismatch_status = 400
+            completion_limit = "2m"
+
+            [upstream]
+            timeout = "30s"
+
+            [policy]
+            path = "/idempotency.json"
+            documentation_url = "https://api.example.com/docs/idempotency"
+            "#,
+        )
+        .expect("valid");
+        let policy = &config.defaults.policy;
+        assert_eq!(policy.on_conflict, "reject");
+        assert_eq!(policy.unknown_outcomes, "lapse with the lease");
+        assert_eq!(policy.mismatch_status, 400);
+        assert_eq!(policy.documentation_url.as_deref(), Some("https://api.example.com/docs/idempotency"));
+        assert_eq!(config.defaults.completion_limit, Duration::from_secs(120));
+        let published = config.published_policy();
+        assert_eq!(published["default"]["completion_limit_seconds"], 120.0);
+        assert_eq!(published["default"]["path"], "/");
+        assert!(resolve("[policy]\npath = \"\"").expect("valid").policy.path.is_none(), "\"\" publishes nothing");
     }
 
     #[test]
@@ -740,6 +1043,18 @@ mod tests {
             ("[defaults]\nmax_in_progress_per_scope = 0", "defaults.max_in_progress_per_scope"),
             ("[defaults]\nmax_decoded_body = \"huge\"", "defaults.max_decoded_body"),
             ("[defaults]\ntakeover_header = \"a b\"", "defaults.takeover_header"),
+            ("[defaults]\non_unknown = \"forget\"", "defaults.on_unknown"),
+            ("[defaults]\nmismatch_status = 200", "defaults.mismatch_status"),
+            ("[defaults]\ncompletion_limit = \"later\"", "defaults.completion_limit"),
+            ("[defaults]\ncompletion_limit = \"1s\"", "defaults.completion_limit"),
+            ("[defaults]\nttl = \"1m\"\ncompletion_limit = \"2m\"", "defaults.completion_limit"),
+            ("[upstream]\ntimeout = \"10m\"", "defaults.completion_limit"),
+            ("[policy]\npath = \"well-known\"", "policy.path"),
+            ("[policy]\ndocumentation_url = \"/docs\"", "policy.documentation_url"),
+            ("[policy]\nurl = \"x\"", "url"),
+            ("[defaults]\nkey_pointer = \"id\"", "defaults.key_pointer"),
+            ("[defaults]\nfingerprint_ignore = [\"/a\", \"b\"]", "defaults.fingerprint_ignore"),
+            ("[defaults]\nfingerprint_headers = [\"a b\"]", "defaults.fingerprint_headers"),
         ];
         for (text, key) in cases {
             let message = resolve(text).expect_err(text).0;

@@ -13,7 +13,7 @@ use axum::routing::post;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::config::{RawConfig, RawRoute, RawSettings};
+use crate::config::{Config, RawConfig, RawRoute, RawSettings};
 use crate::server::{Bound, ServeOptions, serve};
 
 /// The built-in upstream: `POST /payments` charges (slowly, so duplicates overlap).
@@ -43,7 +43,7 @@ pub async fn run(listen: SocketAddr, admin: SocketAddr, upstream: SocketAddr, st
     let config = RawConfig {
         routes: vec![RawRoute {
             path: "/payments".into(),
-            settings: RawSettings { required: Some(true), on_conflict: Some("wait".into()), ..RawSettings::default() },
+            settings: RawSettings { required: Some(true), ..RawSettings::default() },
         }],
         ..RawConfig::default()
     };
@@ -53,7 +53,8 @@ pub async fn run(listen: SocketAddr, admin: SocketAddr, upstream: SocketAddr, st
         admin_listen: Some(admin),
         store: store.clone(),
     };
-    serve(options, config, RawSettings::default(), move |bound| print_tour(bound, upstream_addr, &store)).await
+    let config = Config::resolve(&config, &RawSettings::default()).map_err(|e| e.to_string())?;
+    serve(options, config, move |bound| print_tour(bound, upstream_addr, &store)).await
 }
 
 fn print_tour(bound: Bound, upstream: SocketAddr, store: &str) {

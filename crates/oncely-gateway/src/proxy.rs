@@ -14,10 +14,11 @@
 //!
 //! | failure | status | the key |
 //! |---|---|---|
-//! | connection refused, before anything was sent | 502 `upstream-unreachable` | released (5xx): a retry runs again |
-//! | no response head within `upstream.timeout` | 504 `upstream-timeout` | kept until its lease lapses: the upstream may have acted |
-//! | connection broken after the request was sent | 502 `upstream-failed` | kept until its lease lapses, likewise |
-//! | response body stalls for `upstream.timeout` between chunks | the response is cut off (500 `handler-failed` where the layer reads the body) | kept until its lease lapses |
+//! | connection refused, before anything was sent | 502 `upstream-unreachable` | released ([`NotProcessed`]): a retry runs again |
+//! | no response head within `upstream.timeout` | 504 `upstream-timeout` (from the layer's `answer_within`) | held while the call goes on, up to the route's `completion_limit`; its answer is stored |
+//! | no response head within `completion_limit` | nobody is waiting any more | held as an unknown outcome ([`OutcomeUnknown`]): retries get 502 `outcome-unknown` |
+//! | connection broken after the request was sent | 502 `upstream-failed` | held as an unknown outcome, likewise |
+//! | response body stalls for `completion_limit` between chunks | the response is cut off (500 `handler-failed` where the layer reads the body) | held as an unknown outcome |
 //!
 //! Idle pooled connections are closed after 4 s, below the keep-alive timeouts of common
 //! servers (Node's is 5 s), so the proxy seldom sends on a connection the upstream is
@@ -39,8 +40,8 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use oncely_http::problem::problem_response;
-use oncely_http::{OutcomeUnknown, RequestBody, ResponseBody, strip_hop_by_hop};
+use oncely_http::problem::{SHOULD_RETRY, problem_response};
+use oncely_http::{NotProcessed, OutcomeUnknown, RequestBody, ResponseBody, strip_hop_by_hop};
 use tower_http::timeout::TimeoutBody;
 
 /// The body the proxy forwards.
@@ -55,11 +56,13 @@ pub struct Proxy {
     /// Shared: the proxy is cloned with its route's service on every request.
     base_path: Arc<str>,
     timeout: Duration,
+    completion_limit: Duration,
 }
 
 impl Proxy {
     /// A proxy to `upstream` (`http://host:port[/base]`), giving up on a response head
-    /// after `timeout`.
+    /// after `timeout` (and, for keyed requests, after the
+    /// [completion limit](Self::with_completion_limit), which is the same by default).
     pub fn new(upstream: &str, timeout: Duration) -> Result<Self, String> {
         let uri: Uri = upstream.parse().map_err(|e| format!("--upstream {upstream:?}: {e}"))?;
         let scheme = uri.scheme().cloned().ok_or_else(|| format!("--upstream {upstream:?}: needs http://"))?;
@@ -72,7 +75,16 @@ impl Proxy {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(4)).build(connector);
-        Ok(Self { client, scheme, authority, base_path, timeout })
+        Ok(Self { client, scheme, authority, base_path, timeout, completion_limit: timeout })
+    }
+
+    /// The same proxy (sharing its connection pool), giving up on a keyed request's
+    /// response head, or on its response body sending nothing, only after `limit`: a
+    /// route's completion limit. The idempotency layer has answered the client 504 at the
+    /// upstream timeout already; the call goes on so that its answer can be stored.
+    /// Requests without a key give up at the upstream timeout.
+    pub fn with_completion_limit(&self, limit: Duration) -> Self {
+        Self { completion_limit: limit, ..self.clone() }
     }
 
     fn upstream_uri(&self, original: &Uri) -> Result<Uri, http::Error> {
@@ -169,6 +181,8 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
             }
         };
         let client_addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        // The layer puts the key of a keyed request in its extensions.
+        let keyed = parts.extensions.get::<oncely::IdempotencyKey>().is_some();
         let host = parts.headers.remove(header::HOST).or_else(|| {
             // HTTP/2 carries the host in `:authority`.
             parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
@@ -179,7 +193,7 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
         // The upstream speaks HTTP/1.1 whatever the client spoke.
         parts.version = http::Version::HTTP_11;
         let upstream = self.client.request(Request::from_parts(parts, body));
-        let timeout = self.timeout;
+        let timeout = if keyed { self.completion_limit } else { self.timeout };
         Box::pin(async move {
             let mut response = match tokio::time::timeout(timeout, upstream).await {
                 // A body that stalls between chunks fails after the same timeout, so a
@@ -188,12 +202,15 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
                 Ok(Err(e)) if e.is_connect() => {
                     tracing::warn!(error = %e, "upstream unreachable");
                     let detail = "the upstream refused the connection; the request was not sent";
-                    return Ok(upstream_problem(
+                    let mut response = upstream_problem(
                         "upstream-unreachable",
                         "The upstream is unreachable",
                         StatusCode::BAD_GATEWAY,
                         detail,
-                    ));
+                    );
+                    response.headers_mut().insert(SHOULD_RETRY, HeaderValue::from_static("true"));
+                    response.extensions_mut().insert(NotProcessed);
+                    return Ok(response);
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "upstream failed after the request was sent");

@@ -27,10 +27,11 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
 use oncely::Oncely;
 use oncely::engine::DeferredCompletions;
 use oncely_http::problem::problem_response;
-use oncely_http::{Idempotency, IdempotencyLayer, ResponseBody};
+use oncely_http::{Idempotency, IdempotencyLayer, KeyedOutcome, ResponseBody};
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 
@@ -47,8 +48,17 @@ pub struct Routes {
 }
 
 struct Table {
-    routes: Vec<(RouteSettings, RouteService)>,
-    default: (RouteSettings, RouteService),
+    routes: Vec<Route>,
+    default: Route,
+    /// Where the policy is published, and the JSON served there.
+    policy: Option<(String, bytes::Bytes)>,
+}
+
+/// One route: its settings, its layer (for what it covers) and the layered proxy.
+struct Route {
+    settings: RouteSettings,
+    layer: IdempotencyLayer<GatewayStore>,
+    service: RouteService,
 }
 
 impl Routes {
@@ -64,32 +74,20 @@ impl Routes {
         tracker: &TaskTracker,
         deferred: &DeferredCompletions,
     ) -> Result<Self, String> {
-        let build = |route: &RouteSettings| -> Result<RouteService, String> {
-            let oncely = Oncely::builder(store.clone())
-                .retention(route.ttl)
-                .lease(route.lease)
-                .conflict_mode(route.on_conflict)
-                .track_background(tracker.clone())
-                .deferred_completions(deferred.clone())
-                .build()
-                .map_err(|e| format!("route {}: {e}", route.path))?;
-            let statuses = route.store_statuses.clone();
-            let layer = IdempotencyLayer::new(oncely)
-                .header_name(route.header.clone())
-                .methods(route.methods.clone())
-                .require_key(route.required)
-                .max_body(route.max_body)
-                .scope_headers(route.scope_headers.clone())
-                .store_statuses(move |status| statuses.contains(status))
-                .max_in_progress_per_scope(route.max_in_progress_per_scope)
-                .max_decoded_body(route.max_decoded_body)
-                .takeover_header(route.takeover_header.clone())
-                .track_operations(tracker.clone());
-            Ok(layer.layer(proxy.clone()))
+        let build = |route: &RouteSettings| -> Result<Route, String> {
+            let engine =
+                Oncely::builder(store.clone()).track_background(tracker.clone()).deferred_completions(deferred.clone());
+            let layer = route.layer(engine).map_err(|e| e.to_string())?.track_operations(tracker.clone());
+            let service = layer.layer(proxy.with_completion_limit(route.completion_limit));
+            Ok(Route { settings: route.clone(), layer, service })
         };
-        let routes = config.routes.iter().map(|r| Ok((r.clone(), build(r)?))).collect::<Result<_, String>>()?;
-        let default = (config.defaults.clone(), build(&config.defaults)?);
-        Ok(Self { inner: Arc::new(Table { routes, default }) })
+        let routes = config.routes.iter().map(build).collect::<Result<_, String>>()?;
+        let default = build(&config.defaults)?;
+        let policy = config.policy.path.clone().map(|path| {
+            let json = serde_json::to_vec_pretty(&config.published_policy()).unwrap_or_default();
+            (path, bytes::Bytes::from(json))
+        });
+        Ok(Self { inner: Arc::new(Table { routes, default, policy }) })
     }
 
     /// Writes every route's unflushed replay counts to the store: at a graceful
@@ -97,8 +95,8 @@ impl Routes {
     /// second of a replay).
     pub async fn flush_hits(&self) {
         let table = &self.inner;
-        for (_, service) in table.routes.iter().chain(std::iter::once(&table.default)) {
-            if let Err(e) = service.engine().flush_hits().await {
+        for route in table.routes.iter().chain(std::iter::once(&table.default)) {
+            if let Err(e) = route.service.engine().flush_hits().await {
                 tracing::warn!(error = %e, "replay counts not written at shutdown");
             }
         }
@@ -107,9 +105,22 @@ impl Routes {
     /// The route for a request path, matched on its [normalised](normalize) form so that
     /// `//payments`, `/./payments` or `/%70ayments` cannot slip past a route that requires
     /// a key. The request itself is forwarded as it came.
-    fn route(&self, path: &str) -> &(RouteSettings, RouteService) {
+    fn route(&self, path: &str) -> &Route {
         let table = &self.inner;
-        table.routes.iter().find(|(settings, _)| settings.matches(path)).unwrap_or(&table.default)
+        table.routes.iter().find(|route| route.settings.matches(path)).unwrap_or(&table.default)
+    }
+
+    /// The published policy, for a `GET` or `HEAD` of its path.
+    fn policy<B>(&self, request: &Request<B>) -> Option<Response<ResponseBody>> {
+        let (path, json) = self.inner.policy.as_ref()?;
+        if request.uri().path() != path || !matches!(*request.method(), http::Method::GET | http::Method::HEAD) {
+            return None;
+        }
+        let body = http_body_util::Full::new(json.clone()).map_err(|never| match never {}).boxed_unsync();
+        let mut response = Response::new(body);
+        response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        response.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("max-age=300"));
+        Some(response)
     }
 
     /// The problem to answer instead of routing, if any: a bad host, or a path whose
@@ -126,12 +137,13 @@ impl Routes {
         }
         let raw = request.uri().path();
         let lenient = lenient(raw)?;
-        let (strict, _) = self.route(&normalize(raw));
-        let (other, _) = self.route(&lenient);
-        let covered = |route: &RouteSettings| route.methods.contains(request.method());
-        if strict.path == other.path || !(covered(strict) || covered(other)) {
+        let strict = self.route(&normalize(raw));
+        let other = self.route(&lenient);
+        let covered = |route: &Route| route.layer.covers(request.method());
+        if strict.settings.path == other.settings.path || !(covered(strict) || covered(other)) {
             return None;
         }
+        let (strict, other) = (&strict.settings, &other.settings);
         let detail = format!(
             "the path {raw:?} falls under the route {:?} as written, and under {:?} as some servers read it; \
              send it without matrix parameters, encoded slashes or backslashes, or trailing encoded whitespace",
@@ -279,9 +291,9 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
             .then(|| (request.method().clone(), request.uri().path().to_string(), Instant::now()));
         // The route services need no `poll_ready` first: `Idempotency` is ready when its
         // inner service is, and the proxy always is (its pool queues internally).
-        let next = match self.refusal(&request) {
-            Some(problem) => Next::Refused(problem),
-            None => Next::Routed(self.route(&normalize(request.uri().path())).1.clone().call(request)),
+        let next = match self.refusal(&request).or_else(|| self.policy(&request)) {
+            Some(answer) => Next::Refused(answer),
+            None => Next::Routed(self.route(&normalize(request.uri().path())).service.clone().call(request)),
         };
         Box::pin(async move {
             let response = match next {
@@ -289,6 +301,10 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
                 Next::Routed(response) => response.await?,
             };
             let Some((method, path, started)) = log else { return Ok(response) };
+            if response.extensions().get::<KeyedOutcome>().is_some() {
+                // The layer wrote this keyed request's line, with its key and outcome.
+                return Ok(response);
+            }
             let replayed = response.headers().contains_key("idempotent-replayed");
             tracing::info!(
                 target: "oncely::access",

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, RawConfig, RawSettings};
+use crate::config::Config;
 use crate::listener;
 use crate::proxy::Proxy;
 use crate::routing::Routes;
@@ -86,17 +86,11 @@ async fn shutdown_signal() {
 /// Runs the gateway until SIGTERM or SIGINT: stops accepting, lets running requests
 /// finish, waits for operations whose clients hung up to store their results, then
 /// returns. `on_ready` is called once both listeners are bound.
-pub async fn serve(
-    options: ServeOptions,
-    raw: RawConfig,
-    overrides: RawSettings,
-    on_ready: impl FnOnce(Bound),
-) -> Result<(), String> {
-    let mut config = Config::resolve(&raw, &overrides).map_err(|e| e.to_string())?;
+pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnOnce(Bound)) -> Result<(), String> {
     listener::fit_descriptors(&mut config.server, &mut config.admin_server);
     let (store, abilities) = stores::open(&options.store).await.map_err(|e| e.to_string())?;
     let tracker = TaskTracker::new();
-    let proxy = Proxy::new(&options.upstream, config.upstream_timeout)?;
+    let proxy = Proxy::new(&options.upstream, config.upstream.timeout)?;
     let deferred = DeferredCompletions::new();
     let routes = Routes::new(&config, &store, &proxy, &tracker, &deferred)?;
     let app = Router::new().fallback_service(routes.clone());
@@ -141,10 +135,11 @@ pub async fn serve(
     }
     // Operations whose clients hung up are still running in their own tasks: let them
     // store their results before the process exits.
-    // Each is bounded by the upstream timeout (head, and between body chunks); the cap
-    // only guards against a store that never answers.
+    // Each is bounded by its route's completion limit (head, and between body chunks);
+    // the cap only guards against a store that never answers.
     tracker.close();
-    let drain = config.upstream_timeout.saturating_mul(2) + Duration::from_secs(10);
+    let longest = config.routes.iter().chain([&config.defaults]).map(|r| r.completion_limit).max().unwrap_or_default();
+    let drain = longest + Duration::from_secs(10);
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
         tracing::error!(running = tracker.len(), "operations still running after {drain:?}; exiting without them");
     }

@@ -224,15 +224,20 @@ async fn an_unreachable_upstream_is_502_and_releases_the_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_upstream_timeout_is_504_and_the_key_stays_held_for_its_lease() {
+async fn an_upstream_timeout_is_504_then_the_call_goes_on_and_without_an_answer_the_key_is_held() {
     let (addr, upstream) = start_upstream().await;
-    let (gw, _dir) =
-        start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &["--upstream-timeout", "300ms"]).await;
+    let flags = ["--upstream-timeout", "300ms", "--completion-limit", "1s"];
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &flags).await;
     let r = send_post(&gw, "/hang", Some("k-hang"), "").await;
     assert_eq!(r.status(), 504);
+    assert_eq!(r.headers()["stripe-should-retry"], "true", "the retry will get the answer, if one comes");
     assert_eq!(problem_type(r).await, "urn:oncely:problem:upstream-timeout");
+    // The retry waits (the default) while the call goes on; at the completion limit no
+    // answer has come, and the key is held as an unknown outcome.
     let retry = send_post(&gw, "/hang", Some("k-hang"), "").await;
-    assert_eq!(retry.status(), 409, "the upstream may have acted: the key is held until its lease lapses");
+    assert_eq!(retry.status(), 502);
+    assert_eq!(retry.headers()["stripe-should-retry"], "false");
+    assert_eq!(problem_type(retry).await, "urn:oncely:problem:outcome-unknown");
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
 }
 
@@ -492,16 +497,13 @@ async fn a_store_that_cannot_answer_is_503_fail_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upstream_body_that_stalls_is_cut_off_and_cannot_block_shutdown() {
     let (addr, upstream) = start_upstream().await;
-    let (mut gw, _dir) =
-        start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &["--upstream-timeout", "500ms"]).await;
+    let flags = ["--upstream-timeout", "500ms", "--completion-limit", "1s"];
+    let (mut gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &flags).await;
     let r = send_post(&gw, "/stall", Some("k-stall"), "").await;
-    assert_eq!(r.status(), 500);
-    assert_eq!(problem_type(r).await, "urn:oncely:problem:handler-failed");
-    assert_eq!(
-        send_post(&gw, "/stall", Some("k-stall"), "").await.status(),
-        409,
-        "outcome unknown: held for its lease"
-    );
+    assert_eq!(r.status(), 504, "no whole response by the upstream timeout");
+    let retry = send_post(&gw, "/stall", Some("k-stall"), "").await;
+    assert_eq!(retry.status(), 502, "the body stalled past the completion limit: outcome unknown, held");
+    assert_eq!(problem_type(retry).await, "urn:oncely:problem:outcome-unknown");
 
     // The gateway still serves other requests meanwhile.
     let other = client().get(format!("{}/payments", gw.url)).send().await.expect("answer");
@@ -814,4 +816,117 @@ async fn path_spellings_that_servers_read_as_a_required_route_are_refused_or_cov
     assert_eq!(upstream.calls.load(Ordering::SeqCst), calls);
     let r = send_post(&gw, "/orders.xml", None, "{}").await;
     assert_eq!(r.status(), 404, "a suffix not listed is another path, passed through");
+}
+
+/// The access lines (target `oncely::access`) a gateway wrote to `path` as JSON, once
+/// `ready` holds for them (the gateway writes them as requests finish; polled, as the
+/// lines come from another process).
+async fn access_lines(path: &std::path::Path, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["target"] == "oncely::access")
+            .map(|line| line["fields"].clone())
+            .collect();
+        if ready(&lines) {
+            return lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "access lines so far: {lines:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_keyed_request_has_an_access_line_with_its_key_hash_and_outcome_even_when_its_client_hung_up() {
+    let (addr, upstream) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("oncely.toml");
+    std::fs::write(&config, CONFIG).expect("config");
+    let log_path = dir.path().join("gateway.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .args(["serve", "--upstream", &format!("http://{addr}"), "--listen", "127.0.0.1:0", "--store", "memory://"])
+        .args(["--log-format", "json", "--log-level", "info", "--on-conflict", "reject", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn oncely");
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line).await.expect("listen line");
+    let url = line.trim().strip_prefix("oncely listening on ").expect("listen line").to_string();
+
+    // A client that hangs up while its request runs.
+    let gone = client().post(format!("{url}/slow")).header("idempotency-key", "k-gone").send();
+    let started = upstream.started.notified();
+    let gone = tokio::spawn(async move { tokio::time::timeout(Duration::from_millis(1), gone).await });
+    started.await;
+    assert!(gone.await.expect("task").is_err(), "the client hung up");
+    // A duplicate meets it running (reject mode), then it finishes.
+    let conflict = client().post(format!("{url}/slow")).header("idempotency-key", "k-gone").send().await;
+    assert_eq!(conflict.expect("answer").status(), 409);
+    upstream.gate.notify_one();
+    // Its line is written when it finishes, with nobody left to answer.
+    access_lines(&log_path, |lines| lines.iter().any(|l| l["outcome"] == "executed")).await;
+    let replayed = client().post(format!("{url}/slow")).header("idempotency-key", "k-gone").send().await;
+    assert_eq!(replayed.expect("replay").status(), 201);
+    let mismatch = client().post(format!("{url}/slow")).header("idempotency-key", "k-gone").body("other").send();
+    assert_eq!(mismatch.await.expect("answer").status(), 422);
+    let lines = access_lines(&log_path, |lines| lines.len() >= 4).await;
+
+    let outcomes: Vec<&str> = lines.iter().filter_map(|l| l["outcome"].as_str()).collect();
+    assert_eq!(outcomes, ["conflict", "executed", "replayed", "mismatch"], "{lines:#?}");
+    let executed = &lines[1];
+    assert_eq!(executed["status"], 201, "the hung-up client's request has its line: {executed}");
+    assert_eq!(executed["path"], "/slow");
+    let hash = executed["key"].as_str().expect("key");
+    assert_eq!(hash.len(), 64, "the storage key's hash, never the raw key: {hash}");
+    assert!(lines.iter().all(|l| l["key"] == hash), "one key's history, by its hash: {lines:#?}");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_is_published_and_problems_link_to_the_documentation() {
+    let (addr, upstream) = start_upstream().await;
+    let config = format!(
+        "{CONFIG}\n[policy]\ndocumentation_url = \"https://api.example.com/docs/idempotency\"\n\n\
+         [[routes]]\npath = \"/orders\"\nkey_pointer = \"/order_id\"\nrequired = true\nmismatch_status = 400\n"
+    );
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", &config, &[]).await;
+    let policy = client().get(format!("{}/.well-known/idempotency", gw.url)).send().await.expect("policy");
+    assert_eq!(policy.status(), 200);
+    assert_eq!(policy.headers()["content-type"], "application/json");
+    let policy: Value = policy.json().await.expect("JSON");
+    let routes = policy["routes"].as_array().expect("routes");
+    let payments = routes.iter().find(|r| r["path"] == "/payments").expect("the /payments route");
+    assert_eq!(payments["required"], true);
+    assert_eq!(payments["on_conflict"], "wait");
+    assert_eq!(payments["methods"], serde_json::json!(["POST", "PATCH"]));
+    let orders = routes.iter().find(|r| r["path"] == "/orders").expect("the /orders route");
+    assert_eq!(orders["header"], "body:/order_id");
+    assert_eq!(orders["mismatch_status"], 400);
+    assert_eq!(policy["documentation_url"], "https://api.example.com/docs/idempotency");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 0, "the policy is the gateway's own answer");
+
+    // A keyed route whose key is in the body: the same order id is the same request.
+    for _ in 0..2 {
+        let r = client().post(format!("{}/orders", gw.url)).body(r#"{"order_id":"o-1","qty":2}"#).send().await;
+        assert_eq!(r.expect("answer").status(), 201);
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+    let reused = client().post(format!("{}/orders", gw.url)).body(r#"{"order_id":"o-1","qty":3}"#).send().await;
+    let reused = reused.expect("answer");
+    assert_eq!(reused.status(), 400);
+    assert_eq!(reused.headers()["link"], "<https://api.example.com/docs/idempotency>; rel=\"describedby\"");
+    let body: Value = reused.json().await.expect("problem");
+    assert_eq!(body["error"]["type"], "idempotency_error");
+    assert_eq!(body["error"]["doc_url"], "https://api.example.com/docs/idempotency");
+    let missing = client().post(format!("{}/orders", gw.url)).body(r#"{"qty":3}"#).send().await.expect("answer");
+    assert_eq!(missing.status(), 400);
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
 }

@@ -4,11 +4,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use http::{HeaderName, Method, StatusCode, header};
-use oncely::{Oncely, Scope, Store};
+use oncely::{ConflictMode, Oncely, Scope, Store};
 use tower_layer::Layer;
 
-use crate::request::ScopeSource;
+use crate::request::{FingerprintRules, ScopeSource};
 use crate::service::Idempotency;
+use oncely::fingerprint::JsonPointer;
 
 /// Wraps a service so that each keyed request runs once. See the [crate docs](crate).
 ///
@@ -60,6 +61,12 @@ pub(crate) struct Settings {
     pub(crate) max_decoded_body: usize,
     pub(crate) takeover_header: Option<HeaderName>,
     pub(crate) max_in_progress_per_scope: usize,
+    pub(crate) mismatch_status: StatusCode,
+    pub(crate) documentation_url: Option<Arc<str>>,
+    pub(crate) hold_unknown: bool,
+    pub(crate) answer_within: Option<std::time::Duration>,
+    pub(crate) fingerprint_rules: FingerprintRules,
+    pub(crate) key_pointer: Option<JsonPointer>,
     /// Shared by every clone of the layer (and kept by `Arc::make_mut` copies).
     pub(crate) in_progress: InProgressCounts,
 }
@@ -79,14 +86,32 @@ impl fmt::Debug for Settings {
             .field("max_decoded_body", &self.max_decoded_body)
             .field("takeover_header", &self.takeover_header)
             .field("max_in_progress_per_scope", &self.max_in_progress_per_scope)
+            .field("mismatch_status", &self.mismatch_status)
+            .field("documentation_url", &self.documentation_url)
+            .field("hold_unknown", &self.hold_unknown)
+            .field("answer_within", &self.answer_within)
+            .field("fingerprint_rules", &self.fingerprint_rules)
+            .field("key_pointer", &self.key_pointer)
             .finish_non_exhaustive()
     }
 }
 
-/// The default stored statuses: every status but 5xx, 408 and 429, which release the key
-/// so that the retry runs again.
+/// The default stored statuses: every status but 408, 425, 429 and 503, which say that
+/// the request was not processed, so they release the key and a retry runs again.
+///
+/// A 500 is stored: the handler may have acted before it failed (charged the card, then
+/// failed to write its own record), and a client that retries every 5xx must not make it
+/// act twice. Stripe replays 500s for the same reason.
+///
+/// ```
+/// use http::StatusCode;
+/// use oncely_http::default_stored_status;
+///
+/// assert!(default_stored_status(StatusCode::INTERNAL_SERVER_ERROR));
+/// assert!(!default_stored_status(StatusCode::SERVICE_UNAVAILABLE));
+/// ```
 pub fn default_stored_status(status: StatusCode) -> bool {
-    !(status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS)
+    !matches!(status.as_u16(), 408 | 425 | 429 | 503)
 }
 
 impl Default for Settings {
@@ -106,6 +131,12 @@ impl Default for Settings {
             max_decoded_body: 8 * 1024 * 1024,
             takeover_header: Some(HeaderName::from_static("idempotency-takeover")),
             max_in_progress_per_scope: 1000,
+            mismatch_status: StatusCode::UNPROCESSABLE_ENTITY,
+            documentation_url: None,
+            hold_unknown: true,
+            answer_within: None,
+            fingerprint_rules: FingerprintRules::default(),
+            key_pointer: None,
             in_progress: InProgressCounts::default(),
         }
     }
@@ -231,6 +262,173 @@ impl<St: Store> IdempotencyLayer<St> {
     pub fn max_in_progress_per_scope(self, max: usize) -> Self {
         self.with(|s| s.max_in_progress_per_scope = max)
     }
+
+    /// The status of the `key-reused` problem, for a key sent again with another request
+    /// (default 422, as the draft says). Stripe's SDKs raise their `IdempotencyError`
+    /// only for a 400 whose `error.type` is `idempotency_error`: set 400 for them. A
+    /// status outside 400..=499 is ignored.
+    pub fn mismatch_status(self, status: StatusCode) -> Self {
+        if !status.is_client_error() {
+            return self;
+        }
+        self.with(|s| s.mismatch_status = status)
+    }
+
+    /// A page that documents this API's idempotency policy: problem answers link to it
+    /// (`Link: <url>; rel="describedby"`, and `error.doc_url`). Default none.
+    pub fn documentation_url(self, url: impl Into<String>) -> Self {
+        let url: String = url.into();
+        self.with(|s| s.documentation_url = (!url.is_empty()).then(|| Arc::from(url)))
+    }
+
+    /// What happens to a key whose operation's outcome nobody knows: the inner service
+    /// returned an error, its response body broke off, or it said so with
+    /// [`OutcomeUnknown`](crate::OutcomeUnknown) (a proxy whose upstream connection broke
+    /// after the request was sent).
+    ///
+    /// `true` (the default): the key holds an "outcome unknown" record for the retention,
+    /// and every retry gets at once a 502 `outcome-unknown` problem with
+    /// `Stripe-Should-Retry: false`, until an operator who has checked what happened
+    /// deletes the key. Nothing runs twice.
+    ///
+    /// `false`: the key is neither stored nor released; it lapses with its lease, and a
+    /// retry after that runs the operation again (at most once more per lease).
+    pub fn hold_unknown_outcomes(self, hold: bool) -> Self {
+        self.with(|s| s.hold_unknown = hold)
+    }
+
+    /// How long a client waits for a keyed operation's response (default: as long as it
+    /// takes). Past it, the client gets 504 `upstream-timeout` with `Stripe-Should-Retry:
+    /// true`, while the operation goes on in its own task with its lease kept alive; its
+    /// response is stored when it comes, so the retry (which waits, in wait mode) gets it.
+    /// Bound the operation itself inside the inner service (the gateway's completion
+    /// limit); an answer that never comes is an unknown outcome
+    /// ([`hold_unknown_outcomes`](Self::hold_unknown_outcomes)).
+    pub fn answer_within(self, limit: std::time::Duration) -> Self {
+        self.with(|s| s.answer_within = Some(limit))
+    }
+
+    /// Takes the key from the request body instead of a header: the JSON member at
+    /// `pointer` (a string or an integer), for webhook deliveries and queue messages that
+    /// carry their id (`/id`, `/data/object/id`). A body without it, or not JSON, has no
+    /// key (400 `missing-key` when [required](Self::require_key), else passed through);
+    /// a member that is not a valid key is 400 `invalid-key`. The header is not read.
+    ///
+    /// ```
+    /// use oncely::{MemoryStore, Oncely};
+    /// use oncely_http::IdempotencyLayer;
+    ///
+    /// let pointer = "/id".parse().expect("a JSON pointer");
+    /// let layer = IdempotencyLayer::new(Oncely::new(MemoryStore::new())).key_from_body(pointer);
+    /// # let _ = layer;
+    /// ```
+    pub fn key_from_body(self, pointer: JsonPointer) -> Self {
+        self.with(|s| s.key_pointer = Some(pointer))
+    }
+
+    /// JSON members the fingerprint leaves out (`/metadata/sent_at`, a delivery's attempt
+    /// counter): a retry that differs only there is the same request.
+    pub fn fingerprint_ignore(self, pointers: impl IntoIterator<Item = JsonPointer>) -> Self {
+        self.with(|s| s.fingerprint_rules.ignore = pointers.into_iter().collect())
+    }
+
+    /// Request headers the fingerprint takes in (`X-Api-Version`): the same key sent with
+    /// another value is a reused key.
+    pub fn fingerprint_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.with(|s| s.fingerprint_rules.headers = names.into_iter().collect())
+    }
+
+    /// Whether requests with this method are covered (others pass through untouched).
+    pub fn covers(&self, method: &Method) -> bool {
+        self.settings.methods.contains(method)
+    }
+
+    /// The policy this layer applies, for publishing (the draft asks servers to document
+    /// it): serialise it as JSON.
+    ///
+    /// ```
+    /// use oncely::{MemoryStore, Oncely};
+    /// use oncely_http::IdempotencyLayer;
+    ///
+    /// let policy = IdempotencyLayer::new(Oncely::new(MemoryStore::new())).require_key(true).policy();
+    /// let json = serde_json::to_value(&policy).expect("serialises");
+    /// assert_eq!(json["required"], true);
+    /// assert_eq!(json["on_conflict"], "wait");
+    /// ```
+    pub fn policy(&self) -> Policy {
+        let s = &self.settings;
+        let engine = self.oncely.config();
+        let (on_conflict, wait_timeout) = match engine.conflict {
+            ConflictMode::Reject => ("reject", None),
+            ConflictMode::Wait { timeout } => ("wait", Some(timeout.as_secs_f64())),
+        };
+        let released: Vec<u16> = (100..=599u16)
+            .filter(|code| StatusCode::from_u16(*code).is_ok_and(|status| !(s.stores_status)(status)))
+            .collect();
+        Policy {
+            header: match &s.key_pointer {
+                Some(pointer) => format!("body:{pointer}"),
+                None => s.header.as_str().to_string(),
+            },
+            methods: s.methods.iter().map(|m| m.as_str().to_string()).collect(),
+            required: s.required,
+            key_format: "an sf-string or a bare token of 1 to 255 visible ASCII characters",
+            retention_seconds: engine.retention.as_secs_f64(),
+            lease_seconds: engine.lease.as_secs_f64(),
+            on_conflict,
+            wait_timeout_seconds: wait_timeout,
+            fingerprint: "method, path and query, media type and body (JSON canonicalised)",
+            fingerprint_ignores: s.fingerprint_rules.ignore.iter().map(|p| p.as_str().to_string()).collect(),
+            fingerprint_headers: s.fingerprint_rules.headers.iter().map(|h| h.as_str().to_string()).collect(),
+            released_statuses: released,
+            mismatch_status: s.mismatch_status.as_u16(),
+            unknown_outcomes: if s.hold_unknown { "held" } else { "lapse with the lease" },
+            max_body: s.max_body,
+            documentation_url: s.documentation_url.as_deref().map(str::to_string),
+        }
+    }
+}
+
+/// The idempotency policy of one [`IdempotencyLayer`], as published (JSON).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Policy {
+    /// The request header carrying the key, or `body:POINTER` when it is taken from the body.
+    pub header: String,
+    /// The methods covered.
+    pub methods: Vec<String>,
+    /// Whether a covered request without a key is refused.
+    pub required: bool,
+    /// What a key may be.
+    pub key_format: &'static str,
+    /// How long a result is replayed, in seconds.
+    pub retention_seconds: f64,
+    /// How long a crashed request blocks its key, in seconds.
+    pub lease_seconds: f64,
+    /// `wait` or `reject`.
+    pub on_conflict: &'static str,
+    /// In wait mode, how long a duplicate waits, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_timeout_seconds: Option<f64>,
+    /// What the fingerprint covers.
+    pub fingerprint: &'static str,
+    /// JSON members the fingerprint leaves out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fingerprint_ignores: Vec<String>,
+    /// Request headers the fingerprint takes in.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fingerprint_headers: Vec<String>,
+    /// The statuses that release the key instead of being stored (all others are stored
+    /// and replayed).
+    pub released_statuses: Vec<u16>,
+    /// The status of a reused key.
+    pub mismatch_status: u16,
+    /// What happens to a key whose outcome is unknown.
+    pub unknown_outcomes: &'static str,
+    /// The largest request body, in bytes.
+    pub max_body: usize,
+    /// Where the policy is documented.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub documentation_url: Option<String>,
 }
 
 /// How many operations each scope runs at the moment, for

@@ -39,14 +39,20 @@
 //! | body over [`max_body`](IdempotencyLayer::max_body), or a gzip body that decodes past [`max_decoded_body`](IdempotencyLayer::max_decoded_body) | 413 `body-too-large`, nothing stored |
 //! | new key | executed once; the response as produced |
 //! | retry of a completed key, same fingerprint | stored status, headers and body; `Idempotent-Replayed: true` |
-//! | same key, different fingerprint | 422 `key-reused` |
-//! | retry while the first runs, reject mode | 409 `request-in-progress`, `Retry-After` |
-//! | same, wait mode | waits up to the engine's timeout, then the replay (or 409) |
+//! | same key, different fingerprint | 422 `key-reused` ([`mismatch_status`](IdempotencyLayer::mismatch_status) to change) |
+//! | retry while the first runs, wait mode (the engine's default) | waits up to the engine's timeout (10 s), then the replay (or 409) |
+//! | same, reject mode | 409 `request-in-progress`, `Retry-After: 1` |
+//! | the inner service answered 408, 425, 429 or 503, or marked its answer [`NotProcessed`] | the answer; the key is released, a retry runs again |
+//! | it answered any other status (a 500 included: it may have acted first) | stored and replayed |
+//! | no answer within [`answer_within`](IdempotencyLayer::answer_within) | 504 `upstream-timeout`; the operation goes on, and its answer is stored for the retry |
+//! | the outcome is unknown: an `Err`, a response body that broke off, or [`OutcomeUnknown`] | 502 `outcome-unknown`, to this client and every retry, until the key is deleted ([`hold_unknown_outcomes`](IdempotencyLayer::hold_unknown_outcomes)) |
 //! | the principal already runs [`max_in_progress_per_scope`](IdempotencyLayer::max_in_progress_per_scope) operations | 429 `too-many-in-progress`, `Retry-After`, nothing ran |
 //! | store unavailable | 503 `store-unavailable`, `Retry-After` (fail-closed); passed through if [`fail_open`](IdempotencyLayer::fail_open) |
 //!
-//! Every error is `application/problem+json` (RFC 9457); the [`problem`] module lists
-//! the stable `type` of each.
+//! Every error is `application/problem+json` (RFC 9457) with the `error` member and the
+//! `Stripe-Should-Retry` header that retrying SDKs read; the [`problem`] module lists the
+//! stable `type` of each. [`IdempotencyLayer::policy`] describes the layer for
+//! publishing (the draft asks servers to document their policy).
 //!
 //! # Details
 //!
@@ -60,8 +66,18 @@
 //! - **Scope**: a hash of the `Authorization` header by default
 //!   ([`scope_headers`](IdempotencyLayer::scope_headers),
 //!   [`scope_with`](IdempotencyLayer::scope_with)).
-//! - **What is stored**: every status but 5xx, 408 and 429, which release the key so a
-//!   retry runs again ([`store_statuses`](IdempotencyLayer::store_statuses)).
+//! - **Key from the body**: [`key_from_body`](IdempotencyLayer::key_from_body) takes the
+//!   key from a JSON member (webhook deliveries, queue messages);
+//!   [`fingerprint_ignore`](IdempotencyLayer::fingerprint_ignore) and
+//!   [`fingerprint_headers`](IdempotencyLayer::fingerprint_headers) shape the
+//!   fingerprint; media types are compared normalised (`application/json` and
+//!   `application/json; charset=UTF-8` are the same).
+//! - **What is stored**: every status but 408, 425, 429 and 503, which release the key so
+//!   a retry runs again ([`store_statuses`](IdempotencyLayer::store_statuses)).
+//! - **Access log**: one line per keyed request that reached its claim (target
+//!   `oncely::access`: method, path, the storage key's hash, outcome, status,
+//!   microseconds), written when it is done, also for a client that hung up; its
+//!   answer carries the [`KeyedOutcome`] extension.
 //! - **Replayed headers**: all but hop-by-hop ones, `Date` and `Set-Cookie`
 //!   ([`not_replayed_headers`](IdempotencyLayer::not_replayed_headers)). Response
 //!   trailers are not stored.
@@ -70,12 +86,13 @@
 //! - **Disconnects**: the inner service runs in its own task; a client that hangs up
 //!   does not cancel it, and its response is stored for the retry.
 //! - **Failures after the request ran**: if the response body fails midway, or the inner
-//!   service panics, the outcome is unknown, so the key is neither stored nor released:
-//!   it lapses with its lease (500 `handler-failed` for this request). An inner service
-//!   can say the same of a response it produced with the [`OutcomeUnknown`] extension.
-//!   An `Err` from the inner service is treated the same way. So is a status: put
-//!   timeouts *outside* this layer, or the timeout's 408 (which releases the key) can
-//!   let a retry run an operation that a cancelled handler had half done.
+//!   service returns an `Err` or marks its response [`OutcomeUnknown`], nobody knows
+//!   whether the operation took effect: the key is held as an unknown outcome (or, with
+//!   `hold_unknown_outcomes(false)`, left to lapse with its lease). A panic in the inner
+//!   service leaves the key to lapse with its lease (500 `handler-failed`). Put timeouts
+//!   *outside* this layer, or use [`answer_within`](IdempotencyLayer::answer_within): a
+//!   timeout's 408 inside it releases the key, and a retry could run an operation that
+//!   a cancelled handler had half done.
 
 mod hop_by_hop;
 mod key_header;
@@ -98,18 +115,22 @@ use bytes::Bytes;
 
 pub use hop_by_hop::strip_hop_by_hop;
 pub use key_header::{KeyHeaderError, parse_key_header};
-pub use layer::{IdempotencyLayer, default_stored_status};
+pub use layer::{IdempotencyLayer, Policy, default_stored_status};
 pub use problem::ProblemKind;
-pub use request::{DecodedBodyTooLarge, ScopeSource, request_fingerprint};
+pub use request::{
+    DecodedBodyTooLarge, FingerprintRules, KeyFromBodyError, ScopeSource, key_from_json_body, request_fingerprint,
+    request_fingerprint_with,
+};
 pub use service::{Idempotency, ResponseFuture};
 
 #[cfg(feature = "axum")]
 pub use extract::{Idempotent, KeyRejection};
 
 /// A response extension by which the inner service says it cannot tell whether the
-/// operation took effect (a proxy whose upstream timed out after the request was sent).
-/// The layer then neither stores the response nor releases the key: the key stays in
-/// progress until its lease lapses, and a retry after that runs the operation again.
+/// operation took effect (a proxy whose upstream connection broke after the request was
+/// sent, or that gave up waiting). The layer then holds the key as an unknown outcome
+/// (see [`IdempotencyLayer::hold_unknown_outcomes`]): retries get 502 `outcome-unknown`
+/// until an operator deletes the key; it never runs twice.
 ///
 /// ```
 /// use http::{Response, StatusCode};
@@ -121,6 +142,30 @@ pub use extract::{Idempotent, KeyRejection};
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OutcomeUnknown;
+
+/// A response extension by which the inner service says the operation did not run (a
+/// proxy whose upstream refused the connection, so nothing was sent): the layer releases
+/// the key whatever the status, and a retry runs again.
+///
+/// ```
+/// use http::{Response, StatusCode};
+/// use oncely_http::NotProcessed;
+///
+/// let mut response = Response::new(());
+/// *response.status_mut() = StatusCode::BAD_GATEWAY;
+/// response.extensions_mut().insert(NotProcessed);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NotProcessed;
+
+/// A response extension the layer adds to the answer of every keyed request that reached
+/// its claim: what became of it (`executed`, `replayed`, `waited`, `conflict`,
+/// `mismatch`, `unknown`, `released`, `still_running`, `refused`, `failed_open`). The
+/// layer has written that request's access line (target `oncely::access`, with the
+/// storage key's hash) by then, even for a client that hung up; a server that logs its
+/// own lines can skip those.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyedOutcome(pub &'static str);
 
 /// A request extension the layer adds when the request takes over a claim whose holder's
 /// lease lapsed: the holder may have crashed after acting, so this request may repeat one

@@ -12,14 +12,17 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, BodyStream, Either, Full, LengthLimitError, Limited, StreamBody};
-use oncely::{Acquired, ClaimGuard, Error, Fingerprint, IdempotencyKey, Oncely, Replay, Store, StoreError};
+use oncely::{Acquired, ClaimGuard, Error, Fingerprint, IdempotencyKey, Oncely, Replay, StorageKey, Store, StoreError};
 use tower_service::Service;
 
-use crate::layer::{IdempotencyLayer, Settings};
-use crate::problem::{ProblemKind, problem};
-use crate::request::{DecodedBodyTooLarge, is_gzip, request_fingerprint};
-use crate::stored::StoredResponse;
-use crate::{BoxError, OutcomeUnknown, RequestBody, ResponseBody, Takeover, parse_key_header, strip_hop_by_hop};
+use crate::layer::{IdempotencyLayer, InProgressPlace, Settings};
+use crate::problem::{Problem, ProblemKind, SHOULD_RETRY};
+use crate::request::{DecodedBodyTooLarge, FingerprintRules, is_gzip, key_from_json_body, request_fingerprint_with};
+use crate::stored::{StoredBody, StoredResponse};
+use crate::{
+    BoxError, KeyedOutcome, NotProcessed, OutcomeUnknown, RequestBody, ResponseBody, Takeover, parse_key_header,
+    strip_hop_by_hop,
+};
 
 /// How long a client is told to wait after a 503 from a failing store.
 const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -125,14 +128,16 @@ where
             return pass_through(&mut self.inner, request.map(Either::Right));
         }
         let key = match parse_key_header(request.headers(), &settings.header) {
-            Ok(Some(key)) => key,
+            // The key is in the body: read it first.
+            _ if settings.key_pointer.is_some() => None,
+            Ok(Some(key)) => Some(key),
             Ok(None) if settings.required => {
                 let detail =
                     format!("{} requests to this resource need an {} header", request.method(), settings.header);
-                return ResponseFuture::ready(problem(ProblemKind::MissingKey, &detail, None));
+                return ResponseFuture::ready(answer(settings, ProblemKind::MissingKey, &detail, None));
             }
             Ok(None) => return pass_through(&mut self.inner, request.map(Either::Right)),
-            Err(e) => return ResponseFuture::ready(problem(ProblemKind::InvalidKey, &e.to_string(), None)),
+            Err(e) => return ResponseFuture::ready(answer(settings, ProblemKind::InvalidKey, &e.to_string(), None)),
         };
         // The readied service goes with this request; the clone stays for the next
         // (tower's usual pattern).
@@ -155,12 +160,13 @@ where
     ResponseFuture::new(async move { Ok(future.await?.map(boxed)) })
 }
 
-/// A keyed request: read the body, claim the key, then replay, refuse, or execute.
+/// A keyed request: read the body, claim the key, then replay, refuse, or execute. `key`
+/// is `None` when it is to be found in the body.
 async fn keyed<S, St, ReqBody, ResBody>(
-    inner: S,
+    mut inner: S,
     oncely: Oncely<St>,
     settings: Arc<Settings>,
-    key: IdempotencyKey,
+    key: Option<IdempotencyKey>,
     request: Request<ReqBody>,
 ) -> Result<Response<ResponseBody>, S::Error>
 where
@@ -176,7 +182,7 @@ where
     let (parts, body) = request.into_parts();
     let too_large = || {
         let detail = format!("the request body is over the limit of {} bytes", settings.max_body);
-        problem(ProblemKind::BodyTooLarge, &detail, None)
+        answer(&settings, ProblemKind::BodyTooLarge, &detail, None)
     };
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|len| len > settings.max_body as u64) {
@@ -185,7 +191,31 @@ where
     let body = match Limited::new(body, settings.max_body).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Ok(too_large()),
-        Err(e) => return Ok(problem(ProblemKind::BodyUnreadable, &e.to_string(), None)),
+        Err(e) => return Ok(answer(&settings, ProblemKind::BodyUnreadable, &e.to_string(), None)),
+    };
+    let key = match (key, &settings.key_pointer) {
+        (Some(key), _) => key,
+        // `call` sends a request without a key here only when the key is in the body.
+        (None, None) => {
+            let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;
+            return Ok(response.map(boxed));
+        }
+        (None, Some(pointer)) => match key_from_json_body(&body, pointer) {
+            Ok(Some(key)) => key,
+            Ok(None) if settings.required => {
+                let detail = format!("{} requests to this resource need a key at {pointer} in the body", parts.method);
+                return Ok(answer(&settings, ProblemKind::MissingKey, &detail, None));
+            }
+            Ok(None) => {
+                count("passed_through");
+                let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;
+                return Ok(response.map(boxed));
+            }
+            Err(e) => {
+                let detail = format!("the body's {pointer}: {e}");
+                return Ok(answer(&settings, ProblemKind::InvalidKey, &detail, None));
+            }
+        },
     };
 
     // From the claim on, everything runs in its own task: a client that disconnects drops
@@ -201,32 +231,146 @@ where
         Ok(result) => result,
         Err(e) => {
             tracing::error!(error = %e, "the inner service panicked; its key lapses with its lease");
-            Ok(problem(ProblemKind::HandlerFailed, "the request handler failed", None))
+            Ok(answer(&settings, ProblemKind::HandlerFailed, "the request handler failed", None))
         }
     }
 }
 
 /// Claims the key, then replays, refuses, or executes: the part of a keyed request that
-/// must finish whatever happens to the client's connection.
+/// must finish whatever happens to the client's connection. Writes the request's access
+/// line when it is done, so a request whose client hung up has one too.
 async fn claim_and_run<S, St, ReqBody, ResBody>(
+    inner: S,
+    oncely: Oncely<St>,
+    settings: Arc<Settings>,
+    key: IdempotencyKey,
+    parts: http::request::Parts,
+    body: Bytes,
+) -> Result<Response<ResponseBody>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let started = std::time::Instant::now();
+    let log = tracing::enabled!(target: "oncely::access", tracing::Level::INFO)
+        .then(|| (parts.method.clone(), parts.uri.path().to_string()));
+    let mut storage_key = None;
+    let result = decide(inner, oncely, settings, key, parts, body, &mut storage_key).await;
+    if let Some((method, path)) = log {
+        let (status, outcome) = match &result {
+            Ok((response, outcome)) => (response.status().as_u16(), outcome.as_str()),
+            Err(_) => (0, Outcome::Unknown.as_str()),
+        };
+        tracing::info!(
+            target: "oncely::access",
+            %method,
+            path,
+            key = storage_key.map(|k: StorageKey| k.to_hex()).unwrap_or_default(),
+            outcome,
+            status,
+            micros = started.elapsed().as_micros() as u64,
+        );
+    }
+    result.map(|(mut response, outcome)| {
+        response.extensions_mut().insert(KeyedOutcome(outcome.as_str()));
+        response
+    })
+}
+
+/// What became of a keyed request, for its access line and the response extension
+/// [`KeyedOutcome`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The operation ran and its response was stored (or, past the storage cap, marked).
+    Executed,
+    /// A stored response was replayed at once.
+    Replayed,
+    /// The request met the operation running, waited, and got its response.
+    Waited,
+    /// The operation was still running (reject mode, or the wait timed out): 409.
+    Conflict,
+    /// The key was used for another request.
+    Mismatch,
+    /// Nobody knows whether the operation took effect (now, or replayed).
+    Unknown,
+    /// The operation ran and answered a status that releases the key, or did not run.
+    Released,
+    /// The client got 504; the operation goes on in the background.
+    StillRunning,
+    /// Refused before claiming: too many in progress, the store failed or is full, the
+    /// body could not be fingerprinted.
+    Refused,
+    /// The store failed and the request was passed through (fail-open).
+    FailedOpen,
+}
+
+impl Outcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Executed => "executed",
+            Self::Replayed => "replayed",
+            Self::Waited => "waited",
+            Self::Conflict => "conflict",
+            Self::Mismatch => "mismatch",
+            Self::Unknown => "unknown",
+            Self::Released => "released",
+            Self::StillRunning => "still_running",
+            Self::Refused => "refused",
+            Self::FailedOpen => "failed_open",
+        }
+    }
+}
+
+/// A problem answer of this layer, with its documentation link and the configured
+/// reused-key status.
+fn answer(
+    settings: &Settings,
+    kind: ProblemKind,
+    detail: &str,
+    retry_after: Option<Duration>,
+) -> Response<ResponseBody> {
+    let mut problem =
+        Problem::of(kind, detail).retry_after(retry_after).documentation(settings.documentation_url.as_deref());
+    if kind == ProblemKind::KeyReused {
+        problem = problem.status(settings.mismatch_status);
+    }
+    problem.response()
+}
+
+/// How long a duplicate that met a running operation is told to wait before trying again:
+/// short, because the retry waits (wait mode) or the operation is usually quick, and an
+/// SDK with a retry budget of a few seconds must not be told to give up.
+const CONFLICT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+async fn decide<S, St, ReqBody, ResBody>(
     mut inner: S,
     oncely: Oncely<St>,
     settings: Arc<Settings>,
     key: IdempotencyKey,
     mut parts: http::request::Parts,
     body: Bytes,
-) -> Result<Response<ResponseBody>, S::Error>
+    storage_key: &mut Option<StorageKey>,
+) -> Result<(Response<ResponseBody>, Outcome), S::Error>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
     St: Store,
+    ReqBody: Send + 'static,
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let fingerprint = match fingerprint(&parts, &body, settings.max_decoded_body).await {
+    let fingerprint = match fingerprint(&parts, &body, settings.max_decoded_body, &settings.fingerprint_rules).await {
         Ok(fingerprint) => fingerprint,
-        Err(e) => return Ok(problem(ProblemKind::BodyTooLarge, &e.to_string(), None)),
+        Err(e) => return Ok((answer(&settings, ProblemKind::BodyTooLarge, &e.to_string(), None), Outcome::Refused)),
     };
     let scope = settings.scope.scope(&parts);
+    *storage_key = Some(StorageKey::derive(&scope, &key));
     let engine = oncely.scoped(scope.clone());
     // Handlers read the key through the extensions, whichever header the layer reads.
     parts.extensions.insert(key.clone());
@@ -238,21 +382,32 @@ where
             "this client already has {} requests in progress; retry when one has finished",
             settings.max_in_progress_per_scope
         );
-        return Ok(problem(ProblemKind::TooManyInProgress, &detail, Some(STORE_RETRY_AFTER)));
+        let problem = answer(&settings, ProblemKind::TooManyInProgress, &detail, Some(STORE_RETRY_AFTER));
+        return Ok((problem, Outcome::Refused));
     };
+    let asked_at = std::time::SystemTime::now();
     let guard = match engine.acquire(&key, Some(fingerprint)).await {
         Ok(Acquired::Execute(guard)) => guard,
         Ok(Acquired::Replay(stored)) => {
             count("replayed");
-            return Ok(replay(&key, stored, &settings));
+            // Completed after this request asked: it met the operation running and waited.
+            let waited = stored.completed_at > asked_at;
+            let (response, unknown) = replay(&key, stored, &settings);
+            let outcome = match (unknown, waited) {
+                (true, _) => Outcome::Unknown,
+                (false, true) => Outcome::Waited,
+                (false, false) => Outcome::Replayed,
+            };
+            return Ok((response, outcome));
         }
-        Err(Error::Conflict { retry_after }) => {
+        Err(Error::Conflict { .. }) => {
             let detail = "a request with this key is still being processed; retry later";
-            return Ok(problem(ProblemKind::RequestInProgress, detail, Some(retry_after)));
+            let problem = answer(&settings, ProblemKind::RequestInProgress, detail, Some(CONFLICT_RETRY_AFTER));
+            return Ok((problem, Outcome::Conflict));
         }
         Err(Error::Mismatch) => {
             let detail = "this key was used for a request with another method, path, content type or body";
-            return Ok(problem(ProblemKind::KeyReused, detail, None));
+            return Ok((answer(&settings, ProblemKind::KeyReused, detail, None), Outcome::Mismatch));
         }
         // Fail-open passes requests through only while the store cannot answer (or is
         // full); a store that answered with a damaged record may hold a completion.
@@ -262,18 +417,19 @@ where
             tracing::warn!(%key, error = %e, "idempotency store failed; passing the request through (fail-open)");
             count("failed_open");
             let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;
-            return Ok(response.map(boxed));
+            return Ok((response.map(boxed), Outcome::FailedOpen));
         }
         Err(e @ Error::Store(StoreError::Capacity { .. })) => {
             // A flood of new keys must not become a flood of error logs.
             tracing::warn!(%key, error = %e, "idempotency store full; refusing the request");
             let detail = "the idempotency store is full; the request was not processed";
-            return Ok(problem(ProblemKind::StoreFull, detail, Some(STORE_RETRY_AFTER)));
+            return Ok((answer(&settings, ProblemKind::StoreFull, detail, Some(STORE_RETRY_AFTER)), Outcome::Refused));
         }
         Err(e) => {
             tracing::error!(%key, error = %e, "idempotency store failed; refusing the request (fail-closed)");
             let detail = "the idempotency store could not be reached; the request was not processed";
-            return Ok(problem(ProblemKind::StoreUnavailable, detail, Some(STORE_RETRY_AFTER)));
+            let problem = answer(&settings, ProblemKind::StoreUnavailable, detail, Some(STORE_RETRY_AFTER));
+            return Ok((problem, Outcome::Refused));
         }
     };
     if guard.is_takeover() {
@@ -282,9 +438,7 @@ where
             parts.headers.insert(name.clone(), HeaderValue::from_static("true"));
         }
     }
-    let response = execute(inner, Request::from_parts(parts, Either::Left(Full::new(body))), guard, settings).await;
-    drop(place);
-    response
+    execute(inner, Request::from_parts(parts, Either::Left(Full::new(body))), guard, settings, place).await
 }
 
 /// Bodies at least this large are fingerprinted on the blocking pool: hashing and
@@ -298,9 +452,10 @@ async fn fingerprint(
     parts: &http::request::Parts,
     body: &Bytes,
     max_decoded: usize,
+    rules: &FingerprintRules,
 ) -> Result<Fingerprint, DecodedBodyTooLarge> {
     if body.len() < BLOCKING_FINGERPRINT && !is_gzip(parts) {
-        return request_fingerprint(parts, body, max_decoded);
+        return request_fingerprint_with(parts, body, max_decoded, rules);
     }
     let mut head = Request::new(());
     *head.method_mut() = parts.method.clone();
@@ -311,13 +466,15 @@ async fn fingerprint(
     // At most one large fingerprint per core at a time: each costs CPU and memory in
     // proportion to its (decoded) body, and the blocking pool alone would run hundreds.
     let permit = blocking_fingerprints().acquire().await;
-    let result = tokio::task::spawn_blocking(move || request_fingerprint(&head, &owned, max_decoded)).await;
+    let owned_rules = rules.clone();
+    let result =
+        tokio::task::spawn_blocking(move || request_fingerprint_with(&head, &owned, max_decoded, &owned_rules)).await;
     drop(permit);
     match result {
         Ok(result) => result,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         // The blocking pool is gone (the runtime shuts down): do the work here.
-        Err(_) => request_fingerprint(parts, body, max_decoded),
+        Err(_) => request_fingerprint_with(parts, body, max_decoded, rules),
     }
 }
 
@@ -332,10 +489,10 @@ fn blocking_fingerprints() -> &'static tokio::sync::Semaphore {
 
 /// What the inner service produced, once its body is read as far as it will be stored.
 enum Produced<ResBody> {
-    /// A status that is not stored: release the key, hand the response on as it is.
+    /// A status that is not stored, or an operation that did not run: release the key,
+    /// hand the response on as it is.
     Release(Response<ResBody>),
-    /// The inner service cannot tell whether the operation took effect: neither store
-    /// nor release; the key lapses with its lease.
+    /// The inner service cannot tell whether the operation took effect.
     Unknown(Response<ResBody>),
     /// A status that is stored, with its body read up to the storage cap.
     Store(http::response::Parts, Capped<ResBody>),
@@ -347,76 +504,162 @@ enum Capped<B> {
     Failed(BoxError),
 }
 
+/// Runs the operation under its claim, and settles the claim by what it produced. With
+/// [`answer_within`](crate::IdempotencyLayer::answer_within), a client still waiting at
+/// the limit gets 504 while the operation (and then its settling) goes on in a task of
+/// its own, holding the claim and its place in the scope's count.
 async fn execute<S, St, ReqBody, ResBody>(
     mut inner: S,
     request: Request<RequestBody<ReqBody>>,
     guard: ClaimGuard<St>,
     settings: Arc<Settings>,
-) -> Result<Response<ResponseBody>, S::Error>
+    place: InProgressPlace,
+) -> Result<(Response<ResponseBody>, Outcome), S::Error>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let cap = settings.max_stored_response;
+    let stores = Arc::clone(&settings.stores_status);
+    let key = guard.key().clone();
+    let mut work = Box::pin(async move {
+        let produced = guard
+            .keep_alive(async {
+                let response = inner.call(request).await?;
+                if response.extensions().get::<OutcomeUnknown>().is_some() {
+                    return Ok(Produced::Unknown(response));
+                }
+                if response.extensions().get::<NotProcessed>().is_some() || !stores(response.status()) {
+                    return Ok(Produced::Release(response));
+                }
+                let (parts, body) = response.into_parts();
+                Ok(Produced::Store(parts, read_capped(body, cap).await))
+            })
+            .await;
+        (guard, produced)
+    });
+    let (guard, produced) = match settings.answer_within {
+        None => work.await,
+        Some(limit) => match tokio::time::timeout(limit, &mut work).await {
+            Ok(done) => done,
+            Err(_) => {
+                count("still_running");
+                tracing::warn!(%key, ?limit, "no response in time; the client gets 504, the operation goes on");
+                let background = {
+                    let settings = Arc::clone(&settings);
+                    async move {
+                        let (guard, produced) = work.await;
+                        let _ = settle(guard, produced, &settings).await;
+                        drop(place);
+                    }
+                };
+                match &settings.tracker {
+                    Some(tracker) => drop(tracker.spawn(background)),
+                    None => drop(tokio::spawn(background)),
+                }
+                let detail = format!(
+                    "no response within {}; the request goes on, and a retry with the same key gets its result",
+                    humantime_secs(limit)
+                );
+                return Ok((answer(&settings, ProblemKind::UpstreamTimeout, &detail, None), Outcome::StillRunning));
+            }
+        },
+    };
+    let settled = settle(guard, produced, &settings).await;
+    drop(place);
+    settled
+}
+
+fn humantime_secs(limit: Duration) -> String {
+    format!("{:.3}s", limit.as_secs_f64()).replace(".000s", "s")
+}
+
+/// Stores, releases or holds the claim by what the operation produced, and makes the
+/// response for the client that is still there.
+async fn settle<St, ResBody, E>(
+    guard: ClaimGuard<St>,
+    produced: Result<Produced<ResBody>, E>,
+    settings: &Settings,
+) -> Result<(Response<ResponseBody>, Outcome), E>
+where
     St: Store,
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let produced = guard
-        .keep_alive(async {
-            let response = inner.call(request).await?;
-            if response.extensions().get::<OutcomeUnknown>().is_some() {
-                return Ok(Produced::Unknown(response));
-            }
-            if !(settings.stores_status)(response.status()) {
-                return Ok(Produced::Release(response));
-            }
-            let (parts, body) = response.into_parts();
-            Ok(Produced::Store(parts, read_capped(body, settings.max_stored_response).await))
-        })
-        .await;
     match produced {
         Err(e) => {
             // An error says nothing about whether the operation took effect (a timeout
-            // layer inside this one cancels a handler midway): the key lapses with its
-            // lease rather than letting the retry run at once.
-            count("outcome_unknown");
-            tracing::warn!(key = %guard.key(), "the inner service failed; the key lapses with its lease");
-            guard.abandon();
+            // layer inside this one cancels a handler midway).
+            hold_unknown(guard, settings, "the inner service failed").await;
             Err(e)
         }
         Ok(Produced::Release(response)) => {
             count("released");
             release(guard).await;
-            Ok(response.map(boxed))
+            Ok((response.map(boxed), Outcome::Released))
         }
         Ok(Produced::Unknown(response)) => {
-            count("outcome_unknown");
-            tracing::warn!(key = %guard.key(), status = %response.status(), "outcome unknown; the key lapses with its lease");
-            guard.abandon();
-            Ok(response.map(boxed))
+            let held = hold_unknown(guard, settings, "the inner service cannot tell whether it acted").await;
+            if held {
+                // This client gets what every retry will get.
+                return Ok((outcome_unknown(settings, "the answer to this request never came"), Outcome::Unknown));
+            }
+            Ok((response.map(boxed), Outcome::Unknown))
         }
         Ok(Produced::Store(parts, Capped::Whole(body))) => {
             count("executed");
-            let headers = replayable_headers(&parts.headers, &settings);
-            let stored = StoredResponse { status: parts.status, headers, body: Some(body.clone()) };
+            let headers = replayable_headers(&parts.headers, settings);
+            let stored = StoredResponse { status: parts.status, headers, body: StoredBody::Kept(body.clone()) };
             complete(guard, stored.encode()).await;
-            Ok(Response::from_parts(parts, full(body)))
+            Ok((Response::from_parts(parts, full(body)), Outcome::Executed))
         }
         Ok(Produced::Store(parts, Capped::TooLarge { prefix, rest })) => {
             count("executed_not_stored");
             tracing::warn!(key = %guard.key(), cap = settings.max_stored_response, "response over the storage cap; retries get a response-not-stored problem");
-            let headers = replayable_headers(&parts.headers, &settings);
-            complete(guard, StoredResponse { status: parts.status, headers, body: None }.encode()).await;
+            let headers = replayable_headers(&parts.headers, settings);
+            complete(guard, StoredResponse { status: parts.status, headers, body: StoredBody::NotKept }.encode()).await;
             let head = stream::once(std::future::ready(Ok::<_, BoxError>(Frame::data(prefix))));
             let tail = TryStreamExt::map_err(BodyStream::new(rest), Into::into);
-            Ok(Response::from_parts(parts, StreamBody::new(head.chain(tail)).boxed_unsync()))
+            Ok((Response::from_parts(parts, StreamBody::new(head.chain(tail)).boxed_unsync()), Outcome::Executed))
         }
         Ok(Produced::Store(_, Capped::Failed(e))) => {
-            // The operation ran but its response broke off: its outcome is unknown to the
-            // client, so the key lapses with its lease rather than being released.
-            tracing::error!(key = %guard.key(), error = %e, "response body failed; the key lapses with its lease");
-            guard.abandon();
-            Ok(problem(ProblemKind::HandlerFailed, "the response body failed", None))
+            // The operation ran but its response broke off: nobody knows its outcome.
+            tracing::error!(key = %guard.key(), error = %e, "response body failed");
+            if hold_unknown(guard, settings, "the response body failed").await {
+                return Ok((outcome_unknown(settings, "the response to this request broke off"), Outcome::Unknown));
+            }
+            Ok((answer(settings, ProblemKind::HandlerFailed, "the response body failed", None), Outcome::Unknown))
         }
     }
+}
+
+/// The answer for a key held as an unknown outcome: to the first client, `what` happened;
+/// then the same to every retry.
+fn outcome_unknown(settings: &Settings, what: &str) -> Response<ResponseBody> {
+    let detail = format!(
+        "{what}: the request may or may not have been processed; it is not processed again until an operator \
+         who has checked deletes the key"
+    );
+    answer(settings, ProblemKind::OutcomeUnknown, &detail, None)
+}
+
+/// Settles a claim whose operation's outcome nobody knows: held as an unknown outcome
+/// (the default; `true`), or left to lapse with its lease (`false`).
+async fn hold_unknown<St: Store>(guard: ClaimGuard<St>, settings: &Settings, why: &str) -> bool {
+    count("outcome_unknown");
+    if settings.hold_unknown {
+        tracing::warn!(key = %guard.key(), why, "outcome unknown; the key is held until an operator deletes it");
+        complete(guard, StoredResponse::outcome_unknown().encode()).await;
+    } else {
+        tracing::warn!(key = %guard.key(), why, "outcome unknown; the key lapses with its lease");
+        guard.abandon();
+    }
+    settings.hold_unknown
 }
 
 /// Reads `body` up to `cap` bytes, keeping a single-frame body without a copy.
@@ -469,22 +712,34 @@ fn replayable_headers(headers: &HeaderMap, settings: &Settings) -> HeaderMap {
     kept
 }
 
-fn replay(key: &IdempotencyKey, stored: Replay, settings: &Settings) -> Response<ResponseBody> {
+/// The replay of a stored response, and whether it is an unknown outcome.
+fn replay(key: &IdempotencyKey, stored: Replay, settings: &Settings) -> (Response<ResponseBody>, bool) {
+    let mut unknown = false;
     let mut response = match StoredResponse::decode(stored.payload) {
-        Ok(StoredResponse { status, headers, body: Some(body) }) => {
+        Ok(StoredResponse { status, headers, body: StoredBody::Kept(body) }) => {
             let mut response = Response::new(full(body));
             *response.status_mut() = status;
             *response.headers_mut() = headers;
+            if status.is_client_error() || status.is_server_error() {
+                // The same answer, whatever the retry: an SDK must stop here.
+                response.headers_mut().insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+            }
             response
         }
-        Ok(StoredResponse { body: None, .. }) => problem(
+        Ok(StoredResponse { body: StoredBody::NotKept, .. }) => answer(
+            settings,
             ProblemKind::ResponseNotStored,
             "the request was processed, but its response was too large to keep for replay; it is not processed again",
             None,
         ),
+        Ok(StoredResponse { body: StoredBody::OutcomeUnknown, .. }) => {
+            unknown = true;
+            outcome_unknown(settings, "the answer to the first request with this key never came")
+        }
         Err(reason) => {
             tracing::error!(%key, reason, "stored response does not decode");
-            problem(
+            answer(
+                settings,
                 ProblemKind::ResponseNotStored,
                 "the request was processed, but its stored response is unreadable",
                 None,
@@ -492,7 +747,7 @@ fn replay(key: &IdempotencyKey, stored: Replay, settings: &Settings) -> Response
         }
     };
     response.headers_mut().insert(settings.replayed_header.clone(), HeaderValue::from_static("true"));
-    response
+    (response, unknown)
 }
 
 async fn complete<St: Store>(guard: ClaimGuard<St>, payload: Bytes) {

@@ -1,7 +1,8 @@
 //! The stored form of a response: what a replay gives back byte for byte.
 //!
-//! Layout (all integers big-endian): the magic `OHR1`, a flag byte (1: the body is over
-//! the storage cap and was not kept), the status (u16), the header count (u16), each
+//! Layout (all integers big-endian): the magic `OHR1`, a flag byte (0: the body follows;
+//! 1: the body is over the storage cap and was not kept; 2: the outcome is unknown, no
+//! response at all), the status (u16), the header count (u16), each
 //! header as name length (u16), name, value length (u32), value, and then the body, to
 //! the end. Decoding checks every length; a record that does not decode is reported,
 //! never replayed half.
@@ -16,16 +17,41 @@ const MAGIC: &[u8; 4] = b"OHR1";
 pub(crate) struct StoredResponse {
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
-    /// `None` when the body was over the storage cap and was not kept.
-    pub(crate) body: Option<Bytes>,
+    pub(crate) body: StoredBody,
+}
+
+/// What a stored response holds in place of a body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StoredBody {
+    /// The body, byte for byte.
+    Kept(Bytes),
+    /// The operation completed, but its body was over the storage cap.
+    NotKept,
+    /// Nobody knows whether the operation took effect: its answer never came.
+    OutcomeUnknown,
+}
+
+impl StoredResponse {
+    /// The record of an unknown outcome.
+    pub(crate) fn outcome_unknown() -> Self {
+        Self { status: StatusCode::BAD_GATEWAY, headers: HeaderMap::new(), body: StoredBody::OutcomeUnknown }
+    }
 }
 
 impl StoredResponse {
     pub(crate) fn encode(&self) -> Bytes {
-        let body_len = self.body.as_ref().map_or(0, Bytes::len);
+        let body = match &self.body {
+            StoredBody::Kept(body) => Some(body),
+            _ => None,
+        };
+        let body_len = body.map_or(0, Bytes::len);
         let mut out = BytesMut::with_capacity(16 + self.headers.len() * 48 + body_len);
         out.put_slice(MAGIC);
-        out.put_u8(u8::from(self.body.is_none()));
+        out.put_u8(match self.body {
+            StoredBody::Kept(_) => 0,
+            StoredBody::NotKept => 1,
+            StoredBody::OutcomeUnknown => 2,
+        });
         out.put_u16(self.status.as_u16());
         // Header names are at most 64 KiB by hyper's limits, and a header map stored here
         // holds far fewer than 65,536 entries; saturate rather than wrap if not.
@@ -37,7 +63,7 @@ impl StoredResponse {
             out.put_u32(value.len() as u32);
             out.put_slice(value.as_bytes());
         }
-        if let Some(body) = &self.body {
+        if let Some(body) = body {
             out.put_slice(body);
         }
         out.freeze()
@@ -52,7 +78,7 @@ impl StoredResponse {
             return Err("not a stored response of this version");
         }
         bytes.advance(4);
-        let too_large = bytes.get_u8() == 1;
+        let flag = bytes.get_u8();
         let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| "invalid stored status")?;
         let count = bytes.get_u16();
         // `with_capacity` panics past the map's limit: size it modestly and let it grow.
@@ -69,7 +95,13 @@ impl StoredResponse {
                 HeaderValue::from_maybe_shared(bytes.split_to(len)).map_err(|_| "invalid stored header value")?;
             headers.try_append(name, value).map_err(|_| "too many stored headers")?;
         }
-        Ok(Self { status, headers, body: (!too_large).then_some(bytes) })
+        let body = match flag {
+            0 => StoredBody::Kept(bytes),
+            1 => StoredBody::NotKept,
+            2 => StoredBody::OutcomeUnknown,
+            _ => return Err("unknown stored response flag"),
+        };
+        Ok(Self { status, headers, body })
     }
 }
 
@@ -84,16 +116,21 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("two"));
         headers.insert("content-type", HeaderValue::from_static("application/json"));
         let body: Vec<u8> = (0..=255u8).collect();
-        let stored = StoredResponse { status: StatusCode::CREATED, headers, body: Some(Bytes::from(body)) };
+        let stored = StoredResponse { status: StatusCode::CREATED, headers, body: StoredBody::Kept(Bytes::from(body)) };
         assert_eq!(StoredResponse::decode(stored.encode()), Ok(stored));
-        let marker = StoredResponse { status: StatusCode::OK, headers: HeaderMap::new(), body: None };
+        let marker = StoredResponse { status: StatusCode::OK, headers: HeaderMap::new(), body: StoredBody::NotKept };
         assert_eq!(StoredResponse::decode(marker.encode()), Ok(marker));
+        let unknown = StoredResponse::outcome_unknown();
+        assert_eq!(StoredResponse::decode(unknown.encode()), Ok(unknown));
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        let stored =
-            StoredResponse { status: StatusCode::OK, headers: HeaderMap::new(), body: Some(Bytes::from_static(b"x")) };
+        let stored = StoredResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: StoredBody::Kept(Bytes::from_static(b"x")),
+        };
         let encoded = stored.encode();
         for cut in 0..9 {
             assert!(StoredResponse::decode(encoded.slice(..cut)).is_err());

@@ -107,6 +107,10 @@ fn engine() -> Oncely<MemoryStore> {
     Oncely::new(MemoryStore::new())
 }
 
+fn rejecting_engine() -> Oncely<MemoryStore> {
+    Oncely::builder(MemoryStore::new()).conflict_mode(ConflictMode::Reject).build().expect("valid settings")
+}
+
 fn waiting_engine(timeout: Duration) -> Oncely<MemoryStore> {
     Oncely::builder(MemoryStore::new()).conflict_mode(ConflictMode::Wait { timeout }).build().expect("valid settings")
 }
@@ -138,6 +142,17 @@ struct Answer {
 impl Answer {
     fn replayed(&self) -> bool {
         self.headers.get("idempotent-replayed").is_some_and(|v| v == "true")
+    }
+
+    /// The problem body's `error` member, which SDKs read.
+    fn error(&self) -> serde_json::Value {
+        let json: serde_json::Value = serde_json::from_slice(&self.body).expect("problem body is JSON");
+        assert_eq!(json["error"]["message"], json["detail"], "the message is the detail");
+        json["error"].clone()
+    }
+
+    fn should_retry(&self) -> Option<&str> {
+        self.headers.get("stripe-should-retry").map(|v| v.to_str().expect("ascii"))
     }
 
     fn problem_type(&self) -> String {
@@ -300,13 +315,46 @@ async fn reuse_with_another_request_is_422_and_json_is_compared_canonically() {
         let answer = send(&app, other).await;
         assert_eq!(answer.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(answer.problem_type(), "urn:oncely:problem:key-reused");
+        assert_eq!(answer.error()["type"], "idempotency_error");
+        assert_eq!(answer.error()["code"], "key_reused");
+        assert_eq!(answer.should_retry(), Some("false"));
     }
     assert_eq!(c.executions.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
+async fn the_reused_key_status_can_be_400_for_stripe_sdks_and_problems_link_to_the_docs() {
+    let layer = IdempotencyLayer::new(engine())
+        .mismatch_status(StatusCode::BAD_REQUEST)
+        .documentation_url("https://api.example.com/docs/idempotency");
+    let (app, c) = app(layer.clone().require_key(true));
+    send(&app, post_with("k", r#"{"amount":1}"#)).await;
+    let reused = send(&app, post_with("k", r#"{"amount":2}"#)).await;
+    assert_eq!(reused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reused.problem_type(), "urn:oncely:problem:key-reused");
+    assert_eq!(reused.error()["type"], "idempotency_error");
+    assert_eq!(reused.error()["doc_url"], "https://api.example.com/docs/idempotency");
+    assert_eq!(reused.headers["link"], "<https://api.example.com/docs/idempotency>; rel=\"describedby\"");
+    let missing = send(&app, request(Method::POST, "/payments", None, "{}")).await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST);
+    assert_eq!(missing.error()["type"], "invalid_request_error");
+    assert_eq!(missing.error()["code"], "missing_key");
+    assert_eq!(missing.should_retry(), Some("false"));
+    let invalid = send(&app, post_with("", "{}")).await;
+    assert_eq!(invalid.error()["type"], "invalid_request_error");
+    assert_eq!(invalid.error()["code"], "invalid_key");
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+
+    let policy = serde_json::to_value(layer.policy()).expect("serialises");
+    assert_eq!(policy["mismatch_status"], 400);
+    assert_eq!(policy["on_conflict"], "wait");
+    assert_eq!(policy["released_statuses"], serde_json::json!([408, 425, 429, 503]));
+    assert_eq!(policy["documentation_url"], "https://api.example.com/docs/idempotency");
+}
+
+#[tokio::test]
 async fn a_duplicate_of_a_running_request_is_409_with_retry_after_in_reject_mode() {
-    let (app, c) = app(IdempotencyLayer::new(engine()));
+    let (app, c) = app(IdempotencyLayer::new(rejecting_engine()));
     let first = tokio::spawn({
         let app = app.clone();
         async move { send(&app, request(Method::POST, "/slow", Some("k"), "")).await }
@@ -315,8 +363,10 @@ async fn a_duplicate_of_a_running_request_is_409_with_retry_after_in_reject_mode
     let duplicate = send(&app, request(Method::POST, "/slow", Some("k"), "")).await;
     assert_eq!(duplicate.status, StatusCode::CONFLICT);
     assert_eq!(duplicate.problem_type(), "urn:oncely:problem:request-in-progress");
-    let retry_after: u64 = duplicate.headers["retry-after"].to_str().expect("ascii").parse().expect("seconds");
-    assert!((1..=30).contains(&retry_after));
+    assert_eq!(duplicate.headers["retry-after"], "1", "short: never the remaining lease");
+    assert_eq!(duplicate.headers["stripe-should-retry"], "true");
+    assert_eq!(duplicate.error()["type"], "idempotency_error");
+    assert_eq!(duplicate.error()["code"], "request_in_progress");
     open_gate(&c);
     assert_eq!(first.await.expect("task").status, StatusCode::CREATED);
     assert_eq!(c.executions.load(Ordering::SeqCst), 1);
@@ -418,18 +468,54 @@ async fn two_principals_with_one_key_execute_twice() {
 }
 
 #[tokio::test]
-async fn server_errors_408_and_429_release_other_statuses_are_stored() {
+async fn statuses_that_say_not_processed_release_every_other_status_is_stored() {
     let (app, c) = app(IdempotencyLayer::new(engine()));
-    for (code, stored) in [("500", false), ("503", false), ("408", false), ("429", false), ("404", true), ("409", true)]
-    {
+    let cases = [
+        ("500", true),
+        ("502", true),
+        ("404", true),
+        ("409", true),
+        ("503", false),
+        ("408", false),
+        ("425", false),
+        ("429", false),
+    ];
+    for (code, stored) in cases {
         let key = format!("key-{code}");
         let first = send(&app, request_status(&key, code)).await;
         let second = send(&app, request_status(&key, code)).await;
         assert_eq!(first.status.as_str(), code);
         assert_eq!(second.status.as_str(), code);
         assert_eq!(second.replayed(), stored, "status {code}");
+        // A replayed error is the same answer on every retry: an SDK must stop.
+        let expected = if stored { Some("false") } else { None };
+        assert_eq!(second.should_retry(), expected, "status {code}");
     }
-    assert_eq!(c.executions.load(Ordering::SeqCst), 2 * 4 + 2);
+    assert_eq!(c.executions.load(Ordering::SeqCst), 4 + 2 * 4, "a 500 may follow a side effect: it ran once");
+}
+
+/// Answers 502 after saying the operation never ran (a proxy whose upstream refused the
+/// connection).
+async fn not_processed(State(c): State<Shared>) -> Response<Body> {
+    c.executions.fetch_add(1, Ordering::SeqCst);
+    let mut response = (StatusCode::BAD_GATEWAY, "upstream unreachable").into_response();
+    response.extensions_mut().insert(oncely_http::NotProcessed);
+    response
+}
+
+#[tokio::test]
+async fn a_response_marked_not_processed_releases_the_key_whatever_its_status() {
+    let counters = Shared::default();
+    let app = Router::new()
+        .route("/unreachable", post(not_processed))
+        .with_state(counters.clone())
+        .layer(IdempotencyLayer::new(engine()));
+    for _ in 0..2 {
+        let answer = send(&app, request(Method::POST, "/unreachable", Some("k"), "")).await;
+        assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+        assert!(!answer.replayed());
+    }
+    assert_eq!(counters.executions.load(Ordering::SeqCst), 2);
 }
 
 fn request_status(key: &str, code: &'static str) -> Request<Body> {
@@ -577,9 +663,41 @@ async fn handlers_see_the_key_under_a_custom_header_even_when_failing_open() {
 }
 
 #[tokio::test]
-async fn an_unknown_outcome_is_neither_stored_nor_released() {
-    let oncely = Oncely::builder(MemoryStore::new()).lease(Duration::from_millis(300)).build().expect("settings");
-    let (app, c) = app(IdempotencyLayer::new(oncely));
+async fn an_unknown_outcome_is_held_and_retries_get_502_at_once_until_the_key_is_deleted() {
+    let oncely = engine();
+    let (app, c) = app(IdempotencyLayer::new(oncely.clone()));
+    let first = send(&app, request(Method::POST, "/unknown", Some("k"), "")).await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY, "the first client gets what every retry will get");
+    assert_eq!(first.problem_type(), "urn:oncely:problem:outcome-unknown");
+    assert_eq!(first.should_retry(), Some("false"));
+    assert!(!first.replayed());
+    for _ in 0..3 {
+        let retry =
+            tokio::time::timeout(Duration::from_secs(1), send(&app, request(Method::POST, "/unknown", Some("k"), "")))
+                .await
+                .expect("answered at once, without waiting");
+        assert_eq!(retry.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(retry.problem_type(), "urn:oncely:problem:outcome-unknown");
+        assert_eq!(retry.error()["type"], "idempotency_error");
+        assert_eq!(retry.should_retry(), Some("false"));
+        assert!(retry.replayed());
+    }
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+    // An operator who has checked what happened deletes the key: the next try runs.
+    let hash = StorageKey::derive(&oncely::Scope::global(), &"k".parse().expect("key"));
+    assert!(StoreAdmin::delete(oncely.store(), &hash).await.expect("delete"));
+    send(&app, request(Method::POST, "/unknown", Some("k"), "")).await;
+    assert_eq!(c.executions.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_unknown_outcome_not_held_lapses_with_the_lease() {
+    let oncely = Oncely::builder(MemoryStore::new())
+        .lease(Duration::from_millis(300))
+        .conflict_mode(ConflictMode::Reject)
+        .build()
+        .expect("settings");
+    let (app, c) = app(IdempotencyLayer::new(oncely).hold_unknown_outcomes(false));
     assert_eq!(send(&app, request(Method::POST, "/unknown", Some("k"), "")).await.status, StatusCode::GATEWAY_TIMEOUT);
     let during_lease = send(&app, request(Method::POST, "/unknown", Some("k"), "")).await;
     assert_eq!(during_lease.status, StatusCode::CONFLICT, "the key stays held: the effect may have happened");
@@ -591,19 +709,38 @@ async fn an_unknown_outcome_is_neither_stored_nor_released() {
 }
 
 #[tokio::test]
-async fn an_error_from_the_inner_service_leaves_the_key_held_not_released() {
-    // A timeout inside the layer cancels the handler after its effect: the retry must not run it again at once.
+async fn an_error_from_the_inner_service_holds_the_key_as_an_unknown_outcome() {
+    // A timeout inside the layer cancels the handler after its effect: the retry must not run it again.
     let counters = Shared::default();
-    let oncely = Oncely::builder(MemoryStore::new()).lease(Duration::from_secs(30)).build().expect("settings");
     let service = tower::ServiceBuilder::new()
-        .layer(IdempotencyLayer::new(oncely))
+        .layer(IdempotencyLayer::new(engine()))
         .timeout(Duration::from_millis(100))
         .service(routes(&counters));
     let first = service.clone().oneshot(request(Method::POST, "/slow", Some("k"), "")).await;
     assert!(first.is_err(), "the timeout fired inside the layer");
     let retry = service.clone().oneshot(request(Method::POST, "/slow", Some("k"), "")).await.expect("answer");
-    assert_eq!(retry.status(), StatusCode::CONFLICT, "the key is held for its lease");
+    assert_eq!(retry.status(), StatusCode::BAD_GATEWAY, "held as an unknown outcome");
     assert_eq!(counters.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn past_answer_within_the_client_gets_504_and_the_operation_goes_on_to_be_replayed() {
+    let (app, c) = app(IdempotencyLayer::new(engine()).answer_within(Duration::from_millis(100)));
+    let first = send(&app, request(Method::POST, "/slow", Some("k"), "")).await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(first.problem_type(), "urn:oncely:problem:upstream-timeout");
+    assert_eq!(first.should_retry(), Some("true"));
+    // A retry meets the operation still running, waits (the default), and gets its result.
+    let retry = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, request(Method::POST, "/slow", Some("k"), "")).await }
+    });
+    open_gate(&c);
+    let retry = retry.await.expect("task");
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.body, "slow execution 1");
+    assert!(retry.replayed());
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
 }
 
 /// A memory store whose claims commit on a task of their own and answer only once the
@@ -684,4 +821,55 @@ async fn a_client_that_hangs_up_during_the_claim_does_not_strand_the_key() {
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(retry.replayed(), "the first request ran to completion without its client");
     assert_eq!(counters.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_webhook_redelivery_is_keyed_by_its_body_id_and_ignores_the_members_that_change() {
+    let layer = IdempotencyLayer::new(engine())
+        .key_from_body("/id".parse().expect("pointer"))
+        .fingerprint_ignore(["/delivery/attempt".parse().expect("pointer")])
+        .fingerprint_headers([axum::http::HeaderName::from_static("x-api-version")])
+        .require_key(true);
+    let (app, c) = app(layer);
+    let delivery = |attempt: u32, version: &'static str| {
+        let body = format!(r#"{{"id":"evt_1","type":"charge.succeeded","delivery":{{"attempt":{attempt}}}}}"#);
+        Request::post("/payments")
+            .header("content-type", "application/json; charset=UTF-8")
+            .header("x-api-version", version)
+            .body(Body::from(body))
+            .expect("request")
+    };
+    let first = send(&app, delivery(1, "2026-01")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let redelivered = send(&app, delivery(2, "2026-01")).await;
+    assert!(redelivered.replayed(), "same id, only the attempt counter changed: {redelivered:?}");
+    let other_version = send(&app, delivery(3, "2027-01")).await;
+    assert_eq!(other_version.problem_type(), "urn:oncely:problem:key-reused", "a header in the fingerprint");
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+
+    let no_id = Request::post("/payments").body(Body::from(r#"{"type":"ping"}"#)).expect("request");
+    assert_eq!(send(&app, no_id).await.problem_type(), "urn:oncely:problem:missing-key");
+    let bad_id = Request::post("/payments").body(Body::from(r#"{"id":{"nested":1}}"#)).expect("request");
+    assert_eq!(send(&app, bad_id).await.problem_type(), "urn:oncely:problem:invalid-key");
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_media_type_written_another_way_is_the_same_request() {
+    let (app, c) = app(IdempotencyLayer::new(engine()));
+    let with_type = |media_type: &'static str| {
+        Request::post("/payments")
+            .header("idempotency-key", "k")
+            .header("content-type", media_type)
+            .body(Body::from(r#"{"amount":1}"#))
+            .expect("request")
+    };
+    send(&app, with_type("application/json")).await;
+    for same in
+        ["application/json; charset=utf-8", "Application/JSON;charset=UTF-8", "application/json ; charset=\"utf-8\""]
+    {
+        assert!(send(&app, with_type(same)).await.replayed(), "{same}");
+    }
+    assert_eq!(send(&app, with_type("text/plain")).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1);
 }

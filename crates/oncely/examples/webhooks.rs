@@ -2,7 +2,7 @@
 //!
 //! Webhook senders redeliver when they do not get a 2xx fast enough, so a redelivery
 //! can arrive while the first delivery is still being processed. In reject mode (the
-//! default) it gets `Error::Conflict { retry_after }` at once (answer 409 with a
+//! default is to wait) it gets `Error::Conflict { retry_after }` at once (answer 409 with a
 //! `Retry-After` header) and the sender tries later; once the first delivery is done, a
 //! redelivery gets the stored acknowledgement and the event is not applied twice.
 //!
@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 
-use oncely::{Executed, Failure, IdempotencyKey, MemoryStore, Oncely, RunError};
+use oncely::{ConflictMode, Executed, Failure, IdempotencyKey, MemoryStore, Oncely, RunError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -59,7 +59,7 @@ async fn handle(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
-    let oncely = Oncely::new(MemoryStore::new()); // reject mode is the default
+    let oncely = Oncely::builder(MemoryStore::new()).conflict_mode(ConflictMode::Reject).build()?;
     let applied = Arc::new(AtomicU32::new(0));
     let event = Event { id: "evt_1NVa2x", kind: "invoice.paid" };
     let key = event.key()?;

@@ -109,12 +109,69 @@ impl<E> From<E> for Failure<E> {
     }
 }
 
-/// A setting the engine's builder refused.
+/// A setting the engine's builder refused: which one, its value, and the range it must
+/// be in.
+///
+/// ```
+/// use std::time::Duration;
+/// use oncely::{MemoryStore, Oncely, Setting};
+///
+/// let refused = Oncely::builder(MemoryStore::new())
+///     .retention(Duration::from_secs(60))
+///     .lease(Duration::from_secs(120))
+///     .build()
+///     .unwrap_err();
+/// assert_eq!(refused.setting, Setting::Lease);
+/// assert_eq!(refused.max, Duration::from_secs(60));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid setting `{setting}`: {reason}")]
+#[error("invalid setting `{setting}`: {value:?} is outside {min:?}..={max:?}")]
 pub struct ConfigError {
-    /// The builder method / setting name.
-    pub setting: &'static str,
-    /// What is wrong with its value.
-    pub reason: String,
+    /// The setting at fault.
+    pub setting: Setting,
+    /// The value it was given.
+    pub value: std::time::Duration,
+    /// The smallest value accepted.
+    pub min: std::time::Duration,
+    /// The largest value accepted (for the lease and the keep-alive ceiling: the retention).
+    pub max: std::time::Duration,
+}
+
+/// The engine's settings, as [`ConfigError`] names them: each is a method of
+/// [`OncelyBuilder`](crate::OncelyBuilder) and a field of [`Config`](crate::Config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Setting {
+    /// [`Config::retention`](crate::Config::retention).
+    Retention,
+    /// [`Config::lease`](crate::Config::lease).
+    Lease,
+    /// [`Config::keep_alive_ceiling`](crate::Config::keep_alive_ceiling).
+    KeepAliveCeiling,
+    /// [`Config::poll_interval`](crate::Config::poll_interval).
+    PollInterval,
+    /// [`Config::hit_flush_interval`](crate::Config::hit_flush_interval).
+    HitFlushInterval,
+    /// The timeout of [`ConflictMode::Wait`](crate::ConflictMode::Wait).
+    WaitTimeout,
+}
+
+impl Setting {
+    /// The builder method's name (`lease`, `wait_timeout`…).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Retention => "retention",
+            Self::Lease => "lease",
+            Self::KeepAliveCeiling => "keep_alive_ceiling",
+            Self::PollInterval => "poll_interval",
+            Self::HitFlushInterval => "hit_flush_interval",
+            Self::WaitTimeout => "wait_timeout",
+        }
+    }
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }

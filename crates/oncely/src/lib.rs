@@ -63,8 +63,8 @@ pub mod key;
 pub mod record;
 pub mod store;
 
-pub use engine::{Acquired, ClaimGuard, Config, ConflictMode, Executed, Oncely, OncelyBuilder};
-pub use error::{ConfigError, Error, Failure, RunError};
+pub use engine::{Acquired, ClaimGuard, Config, ConflictMode, DEFAULT_WAIT_TIMEOUT, Executed, Oncely, OncelyBuilder};
+pub use error::{ConfigError, Error, Failure, RunError, Setting};
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, KeyError, Scope, StorageKey};
 pub use record::{ClaimId, Record, RecordState};

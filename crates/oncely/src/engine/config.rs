@@ -5,14 +5,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::store::Replay;
-use crate::{ConfigError, IdempotencyKey, Store};
+use crate::{ConfigError, IdempotencyKey, Setting, Store};
 
 use super::{Oncely, Shared};
 
 /// The longest retention accepted: a little over a year.
 pub const MAX_RETENTION: Duration = Duration::from_secs(366 * 24 * 3600);
 
-/// What a request does when it meets a live claim of its key.
+/// What a request does when it meets a live claim of its key. The default is to wait
+/// [`DEFAULT_WAIT_TIMEOUT`]: a client that retries by itself (an SDK, a queue) then gets
+/// the first request's result instead of an error it must retry again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConflictMode {
     /// Fail at once with [`Error::Conflict`](crate::Error::Conflict) and a retry-after hint.
@@ -24,6 +26,15 @@ pub enum ConflictMode {
         /// How long to wait before giving up with a conflict.
         timeout: Duration,
     },
+}
+
+/// How long a duplicate waits for a running operation by default (seed 001's choice).
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for ConflictMode {
+    fn default() -> Self {
+        Self::Wait { timeout: DEFAULT_WAIT_TIMEOUT }
+    }
 }
 
 /// The engine's settings, as checked by [`OncelyBuilder::build`].
@@ -51,7 +62,7 @@ impl Default for Config {
             retention: Duration::from_secs(24 * 3600),
             lease: Duration::from_secs(30),
             keep_alive_ceiling: Duration::from_secs(600),
-            conflict: ConflictMode::Reject,
+            conflict: ConflictMode::default(),
             poll_interval: Duration::from_millis(500),
             hit_flush_interval: Duration::from_secs(1),
         }
@@ -133,6 +144,14 @@ impl<S: Store> OncelyBuilder<S> {
         self
     }
 
+    /// Every setting at once, for programs that read them from elsewhere (the gateway's
+    /// configuration file). Unless [`keep_alive_ceiling`](Self::keep_alive_ceiling) is
+    /// called too, the ceiling is cut to the retention at build, as with the defaults.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
     /// How long a claim blocks its key without renewal (default 30 s; at most the
     /// retention). The engine renews it every third of the lease while the operation runs.
     pub fn lease(mut self, lease: Duration) -> Self {
@@ -148,7 +167,7 @@ impl<S: Store> OncelyBuilder<S> {
         self
     }
 
-    /// Reject or wait on a live claim (default [`ConflictMode::Reject`]).
+    /// Reject or wait on a live claim (default: wait [`DEFAULT_WAIT_TIMEOUT`]).
     pub fn conflict_mode(mut self, mode: ConflictMode) -> Self {
         self.config.conflict = mode;
         self
@@ -248,13 +267,15 @@ impl Config {
     /// # Errors
     /// [`ConfigError`] naming the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check("retention", self.retention, Duration::from_millis(1), MAX_RETENTION)?;
-        check("lease", self.lease, Duration::from_millis(1), self.retention)?;
-        check("keep_alive_ceiling", self.keep_alive_ceiling, Duration::ZERO, self.retention)?;
-        check("poll_interval", self.poll_interval, Duration::from_millis(1), Duration::from_secs(3600))?;
-        check("hit_flush_interval", self.hit_flush_interval, Duration::from_millis(1), Duration::from_secs(3600))?;
+        let ms = Duration::from_millis(1);
+        let hour = Duration::from_secs(3600);
+        check(Setting::Retention, self.retention, ms, MAX_RETENTION)?;
+        check(Setting::Lease, self.lease, ms, self.retention)?;
+        check(Setting::KeepAliveCeiling, self.keep_alive_ceiling, Duration::ZERO, self.retention)?;
+        check(Setting::PollInterval, self.poll_interval, ms, hour)?;
+        check(Setting::HitFlushInterval, self.hit_flush_interval, ms, hour)?;
         if let ConflictMode::Wait { timeout } = self.conflict {
-            check("conflict_mode(Wait { timeout })", timeout, Duration::from_millis(1), MAX_WAIT)?;
+            check(Setting::WaitTimeout, timeout, ms, MAX_WAIT)?;
         }
         Ok(())
     }
@@ -263,9 +284,9 @@ impl Config {
 /// The longest wait-mode timeout accepted.
 pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
-fn check(setting: &'static str, value: Duration, min: Duration, max: Duration) -> Result<(), ConfigError> {
+fn check(setting: Setting, value: Duration, min: Duration, max: Duration) -> Result<(), ConfigError> {
     if value < min || value > max {
-        return Err(ConfigError { setting, reason: format!("{value:?} is outside {min:?}..={max:?}") });
+        return Err(ConfigError { setting, value, min, max });
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ mod deferred;
 mod guard;
 mod hits;
 
-pub use config::{Config, ConflictMode, MAX_RETENTION, MAX_WAIT, OncelyBuilder};
+pub use config::{Config, ConflictMode, DEFAULT_WAIT_TIMEOUT, MAX_RETENTION, MAX_WAIT, OncelyBuilder};
 pub use deferred::DeferredCompletions;
 pub use guard::ClaimGuard;
 
