@@ -15,6 +15,7 @@
 //! | failure | status | the key |
 //! |---|---|---|
 //! | connection refused, before anything was sent | 502 `upstream-unreachable` | released ([`NotProcessed`]): a retry runs again |
+//! | no connection by the timeout (a full accept queue, a stalled DNS), nothing sent | 504 `upstream-unreachable` | released, likewise |
 //! | no response head within `upstream.timeout` | 504 `upstream-timeout` (from the layer's `answer_within`) | held while the call goes on, up to the route's `completion_limit`; its answer is stored |
 //! | no response head within `completion_limit` | nobody is waiting any more | held as an unknown outcome ([`OutcomeUnknown`]): retries get 502 `outcome-unknown` |
 //! | connection broken after the request was sent | 502 `upstream-failed` | held as an unknown outcome, likewise |
@@ -38,7 +39,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use hyper_util::rt::TokioExecutor;
 use oncely_http::problem::{SHOULD_RETRY, problem_response};
 use oncely_http::{NotProcessed, OutcomeUnknown, RequestBody, ResponseBody, strip_hop_by_hop};
@@ -192,7 +193,11 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
         parts.uri = uri;
         // The upstream speaks HTTP/1.1 whatever the client spoke.
         parts.version = http::Version::HTTP_11;
-        let upstream = self.client.request(Request::from_parts(parts, body));
+        let mut request = Request::from_parts(parts, body);
+        // Whether a connection was ever obtained: a timeout before one was says that
+        // nothing was sent.
+        let connection = capture_connection(&mut request);
+        let upstream = self.client.request(request);
         let timeout = if keyed { self.completion_limit } else { self.timeout };
         Box::pin(async move {
             let mut response = match tokio::time::timeout(timeout, upstream).await {
@@ -221,6 +226,22 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
                     response.extensions_mut().insert(OutcomeUnknown);
                     return Ok(response);
                 }
+                Err(_) if connection.connection_metadata().is_none() => {
+                    tracing::warn!(?timeout, "no upstream connection in time; nothing was sent");
+                    let detail = format!(
+                        "no connection to the upstream within {}; the request was not sent",
+                        humantime::format_duration(timeout)
+                    );
+                    let mut response = upstream_problem(
+                        "upstream-unreachable",
+                        "The upstream is unreachable",
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &detail,
+                    );
+                    response.headers_mut().insert(SHOULD_RETRY, HeaderValue::from_static("true"));
+                    response.extensions_mut().insert(NotProcessed);
+                    return Ok(response);
+                }
                 Err(_) => {
                     tracing::warn!(?timeout, "upstream timed out");
                     let detail = format!(
@@ -233,6 +254,8 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
                         StatusCode::GATEWAY_TIMEOUT,
                         &detail,
                     );
+                    // It may have been processed: without a key, a retry could run it again.
+                    response.headers_mut().insert(SHOULD_RETRY, HeaderValue::from_static("false"));
                     response.extensions_mut().insert(OutcomeUnknown);
                     return Ok(response);
                 }

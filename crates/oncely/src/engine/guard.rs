@@ -239,6 +239,33 @@ impl<S: Store> ClaimGuard<S> {
         self.finished = true;
     }
 
+    /// Until when [`keep_alive`](Self::keep_alive) keeps this claim safely held: the
+    /// keep-alive ceiling (counted from the claim) plus half a lease, which leaves the
+    /// other half for the completion to reach the store before the last renewal runs out.
+    /// An operation still running then may be taken over by a retry: a caller that can
+    /// bound its operation should stop waiting for it by this moment and settle the
+    /// claim (the HTTP layer holds it as an unknown outcome).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), oncely::Error> {
+    /// use oncely::{Acquired, IdempotencyKey, MemoryStore, Oncely};
+    ///
+    /// let oncely = Oncely::new(MemoryStore::new());
+    /// let key = IdempotencyKey::new("k").expect("key");
+    /// if let Acquired::Execute(guard) = oncely.acquire(&key, None).await? {
+    ///     let work = async { "done" };
+    ///     match tokio::time::timeout_at(guard.held_until(), guard.keep_alive(work)).await {
+    ///         Ok(done) => guard.complete(done.into()).await?,
+    ///         Err(_) => guard.abandon(), // or record that the outcome is unknown
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn held_until(&self) -> Instant {
+        let config = self.engine.config();
+        self.claimed_at + config.keep_alive_ceiling + config.lease / 2
+    }
+
     /// Runs `operation` to completion while renewing the lease every third of it, until
     /// the engine's keep-alive ceiling (counted from the claim) is reached.
     ///
