@@ -200,7 +200,8 @@ fn open_failure(error: stores::OpenError) -> Failure {
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Serve(args) => {
-            let config = args.resolve().map_err(|e| Failure::Usage(e.to_string()))?;
+            let mut config = args.resolve().map_err(|e| Failure::Usage(e.to_string()))?;
+            config.load_keys().await.map_err(|e| Failure::Usage(e.to_string()))?;
             let options = ServeOptions {
                 upstream: args.upstream,
                 listen: args.listen,
@@ -214,7 +215,9 @@ async fn run(command: Command) -> Result<(), Failure> {
             .map_err(Failure::Runtime),
         Command::CheckConfig { file } => {
             let raw = RawConfig::load(&file).map_err(|e| Failure::Usage(e.to_string()))?;
-            let config = Config::resolve(&raw, &RawSettings::default()).map_err(|e| Failure::Usage(e.to_string()))?;
+            let mut config =
+                Config::resolve(&raw, &RawSettings::default()).map_err(|e| Failure::Usage(e.to_string()))?;
+            config.load_keys().await.map_err(|e| Failure::Usage(e.to_string()))?;
             println!("{}: ok ({} routes)", file.display(), config.routes.len());
             Ok(())
         }

@@ -61,12 +61,14 @@
 //! `match_suffixes` widen it for upstreams that route `/PAYMENTS` or `/payments.json` to
 //! the same handler as `/payments`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Method, StatusCode};
 use oncely::fingerprint::JsonPointer;
 use oncely::{ConflictMode, MemoryStore, Oncely, OncelyBuilder, Setting, Store};
-use oncely_http::{IdempotencyLayer, Policy};
+use oncely_http::scope::jwt::JwtScope;
+use oncely_http::{IdempotencyLayer, Policy, ScopeSource};
 use serde::Deserialize;
 
 /// A configuration error, naming the key at fault.
@@ -139,7 +141,10 @@ settings_table! {
         /// How long a duplicate waits in wait mode before its 409 (default 10s).
         #[arg(long, env = "ONCELY_WAIT_TIMEOUT")]
         pub wait_timeout: Option<String>,
-        /// Principal headers, comma-separated (default authorization).
+        /// Who owns a key, as a TOML inline table: `{ headers = ["authorization"], cookies = ["session"] }`, `{ trusted_header = "x-authenticated-user" }`, `{ jwt = { algorithms = ["HS256"], secret_file = "jwt.secret" } }` (default: the raw Authorization and Cookie fields).
+        #[arg(long, env = "ONCELY_SCOPE")]
+        pub scope: Option<ScopeSpec>,
+        /// Principal headers, comma-separated: shorthand for `scope = { headers = [...] }`.
         #[arg(long, env = "ONCELY_SCOPE_HEADERS", value_delimiter = ',')]
         pub scope_headers: Option<Vec<String>>,
         /// Request body limit (default 1MiB).
@@ -239,6 +244,100 @@ settings_table! {
         /// A page documenting the policy: problem answers link to it.
         #[arg(long, env = "ONCELY_DOCUMENTATION_URL")]
         pub documentation_url: Option<String>,
+    }
+}
+
+/// `scope`: who owns a key (see [`oncely_http::scope`]). The sources that are set are
+/// combined; `{}` is no source at all (every client shares every key).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeSpec {
+    /// Raw values of these headers.
+    pub headers: Option<Vec<String>>,
+    /// Values of these cookies.
+    pub cookies: Option<Vec<String>>,
+    /// A header set by a trusted front proxy.
+    pub trusted_header: Option<String>,
+    /// Claims of a bearer token the gateway verifies.
+    pub jwt: Option<JwtSpec>,
+}
+
+/// `scope.jwt`: the scope from claims of a verified bearer token (see
+/// [`oncely_http::scope::jwt`]). One key source: `secret_file` (HS*), `pem_file`,
+/// `jwks_file` or `jwks_url`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSpec {
+    /// Accepted algorithms (`HS256`, `RS256`, `ES256`, `EdDSA`…); `none` never is.
+    pub algorithms: Vec<String>,
+    /// A file holding the HMAC secret.
+    pub secret_file: Option<std::path::PathBuf>,
+    /// A PEM public key.
+    pub pem_file: Option<std::path::PathBuf>,
+    /// A JSON Web Key Set file, read again every `refresh`.
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// A JSON Web Key Set URL, fetched again every `refresh`.
+    pub jwks_url: Option<String>,
+    /// The claims whose values are the principal (default `["sub"]`).
+    pub claims: Option<Vec<String>>,
+    /// Accepted issuers (`iss`), if checked.
+    pub issuers: Option<Vec<String>>,
+    /// Accepted audiences (`aud`), if checked.
+    pub audiences: Option<Vec<String>>,
+    /// Clock leeway for `exp` and `nbf` (default 60s).
+    pub leeway: Option<String>,
+    /// How often a key set is read again (default 5m).
+    pub refresh: Option<String>,
+}
+
+impl JwtSpec {
+    /// The verifier, its keys read (and a key set's refresher started): errors name the
+    /// setting at fault under `at` (`routes[0].scope.jwt`).
+    async fn build(&self, at: &str) -> Result<JwtScope, ConfigError> {
+        let mut builder = JwtScope::builder().algorithms(&self.algorithms);
+        if let Some(path) = &self.secret_file {
+            builder = builder.secret_file(path.clone());
+        }
+        if let Some(path) = &self.pem_file {
+            builder = builder.pem_file(path.clone());
+        }
+        if let Some(path) = &self.jwks_file {
+            builder = builder.jwks_file(path.clone());
+        }
+        if let Some(url) = &self.jwks_url {
+            builder = builder.jwks_url(url.clone());
+        }
+        if let Some(claims) = &self.claims {
+            builder = builder.claims(claims);
+        }
+        if let Some(issuers) = &self.issuers {
+            builder = builder.issuers(issuers);
+        }
+        if let Some(audiences) = &self.audiences {
+            builder = builder.audiences(audiences);
+        }
+        if let Some(text) = &self.leeway {
+            builder = builder.leeway(duration(&format!("{at}.leeway"), text)?);
+        }
+        if let Some(text) = &self.refresh {
+            builder = builder.refresh_every(duration(&format!("{at}.refresh"), text)?);
+        }
+        builder.build().await.map_err(|e| err(&format!("{at}.{}", e.setting()), e))
+    }
+}
+
+impl std::str::FromStr for ScopeSpec {
+    type Err = String;
+
+    /// The flag's form: the TOML inline table, `{ cookies = ["session"] }`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        #[derive(Deserialize)]
+        struct Wrapper {
+            scope: ScopeSpec,
+        }
+        toml::from_str::<Wrapper>(&format!("scope = {text}"))
+            .map(|w| w.scope)
+            .map_err(|e| format!("{text:?} is not a scope table like {{ cookies = [\"session\"] }}: {}", e.message()))
     }
 }
 
@@ -397,6 +496,8 @@ pub struct RouteSettings {
     pub common: Common,
     /// What the route's layer does, as published.
     pub policy: Policy,
+    /// The route's token verifier, once [`Config::load_keys`] has read its keys.
+    pub jwt: Arc<std::sync::OnceLock<JwtScope>>,
 }
 
 impl RouteSettings {
@@ -408,7 +509,11 @@ impl RouteSettings {
     /// This route's layer over `engine` (a builder with the store and the gateway's
     /// background registries): the settings were checked by [`Config::resolve`].
     pub fn layer<S: Store>(&self, engine: OncelyBuilder<S>) -> Result<IdempotencyLayer<S>, ConfigError> {
-        route_layer(&self.at, &self.raw, engine, &self.common, self.completion_limit)
+        let jwt = self.jwt.get();
+        if jwt.is_none() && self.raw.scope.as_ref().is_some_and(|s| s.jwt.is_some()) {
+            return Err(err(&format!("{}.scope.jwt", self.at), "its keys were not loaded (Config::load_keys)"));
+        }
+        route_layer(&self.at, &self.raw, engine, &self.common, self.completion_limit, jwt)
     }
 }
 
@@ -548,6 +653,23 @@ impl Config {
         self.routes.iter().find(|r| r.matches(path)).unwrap_or(&self.defaults)
     }
 
+    /// Reads the keys of every route's JWT scope (and starts their key sets' refreshers):
+    /// before the routes' layers are built. Errors name the setting
+    /// (`routes[0].scope.jwt.secret_file`). Reading a route's keys again does nothing.
+    pub async fn load_keys(&mut self) -> Result<(), ConfigError> {
+        for route in std::iter::once(&mut self.defaults).chain(self.routes.iter_mut()) {
+            let Some(spec) = route.raw.scope.as_ref().and_then(|s| s.jwt.as_ref()) else { continue };
+            if route.jwt.get().is_some() {
+                continue;
+            }
+            let verifier = spec.build(&format!("{}.scope.jwt", route.at)).await?;
+            let _ = route.jwt.set(verifier);
+            let engine = Oncely::builder(MemoryStore::builder().no_sweeper().build());
+            route.policy = route.layer(engine)?.policy();
+        }
+        Ok(())
+    }
+
     /// Every route's policy, as published at `[policy] path`.
     pub fn published_policy(&self) -> serde_json::Value {
         let route = |r: &RouteSettings| {
@@ -662,7 +784,15 @@ fn resolve_route(at: &str, path: &str, raw: &RawSettings, common: &Common) -> Re
         ));
     }
     let engine = Oncely::builder(MemoryStore::builder().no_sweeper().build());
-    let layer = route_layer(at, raw, engine, common, completion_limit)?;
+    // A JWT scope's keys are read by `Config::load_keys`; until then the dry run has none.
+    let layer = route_layer(at, raw, engine, common, completion_limit, None)?;
+    if layer.scope_is_shared_by_all() && layer.policy().required {
+        tracing::warn!(
+            route = path,
+            "the route requires a key but has no scope source: every client shares every key, and one client's \
+             request can be answered with another's stored response"
+        );
+    }
     Ok(RouteSettings {
         path: path.to_string(),
         at: at.to_string(),
@@ -672,6 +802,7 @@ fn resolve_route(at: &str, path: &str, raw: &RawSettings, common: &Common) -> Re
         raw: raw.clone(),
         common: common.clone(),
         policy: layer.policy(),
+        jwt: Arc::default(),
     })
 }
 
@@ -684,6 +815,7 @@ fn route_layer<S: Store>(
     engine: OncelyBuilder<S>,
     common: &Common,
     completion_limit: Duration,
+    jwt: Option<&JwtScope>,
 ) -> Result<IdempotencyLayer<S>, ConfigError> {
     let key = |name: &str| format!("{at}.{name}");
     let header_name = |name: &str, text: &str| {
@@ -704,15 +836,16 @@ fn route_layer<S: Store>(
         }
     }
     let wait_timeout = raw.wait_timeout.as_deref().map(|text| duration(&key("wait_timeout"), text)).transpose()?;
+    // Unset, the mode is the engine's default; `wait_timeout` alone sets the wait.
+    let default_wait = match config.conflict {
+        ConflictMode::Wait { timeout } => timeout,
+        ConflictMode::Reject => oncely::DEFAULT_WAIT_TIMEOUT,
+    };
     config.conflict = match (raw.on_conflict.as_deref(), config.conflict) {
-        (Some("reject"), _) => ConflictMode::Reject,
-        (Some("wait") | None, ConflictMode::Wait { timeout }) => {
-            ConflictMode::Wait { timeout: wait_timeout.unwrap_or(timeout) }
+        (Some("reject"), _) | (None, ConflictMode::Reject) => ConflictMode::Reject,
+        (Some("wait"), _) | (None, ConflictMode::Wait { .. }) => {
+            ConflictMode::Wait { timeout: wait_timeout.unwrap_or(default_wait) }
         }
-        (Some("wait"), ConflictMode::Reject) => {
-            ConflictMode::Wait { timeout: wait_timeout.unwrap_or(oncely::DEFAULT_WAIT_TIMEOUT) }
-        }
-        (None, mode) => mode,
         (Some(other), _) => {
             return Err(err(&key("on_conflict"), format!("{other:?} is neither \"wait\" nor \"reject\"")));
         }
@@ -753,9 +886,16 @@ fn route_layer<S: Store>(
     if let Some(required) = raw.required {
         layer = layer.require_key(required);
     }
-    if let Some(list) = &raw.scope_headers {
-        let names = list.iter().map(|h| header_name("scope_headers", h)).collect::<Result<Vec<_>, _>>()?;
-        layer = layer.scope_headers(names);
+    match (&raw.scope, &raw.scope_headers) {
+        (Some(_), Some(_)) => {
+            return Err(err(&key("scope_headers"), "set either `scope` or its shorthand `scope_headers`, not both"));
+        }
+        (None, Some(list)) => {
+            let names = list.iter().map(|h| header_name("scope_headers", h)).collect::<Result<Vec<_>, _>>()?;
+            layer = layer.scope_headers(names);
+        }
+        (Some(spec), None) => layer = layer.scope(scope_source(&key("scope"), spec, jwt)?),
+        (None, None) => {}
     }
     if let Some(text) = &raw.max_body {
         layer = layer.max_body(size(&key("max_body"), text)?);
@@ -817,6 +957,37 @@ fn route_layer<S: Store>(
         layer = layer.documentation_url(url.clone());
     }
     Ok(layer)
+}
+
+/// The scope source a `scope` table describes, its sources combined in the table's order.
+fn scope_source(at: &str, spec: &ScopeSpec, jwt: Option<&JwtScope>) -> Result<ScopeSource, ConfigError> {
+    let name = |field: &str, text: &str| {
+        HeaderName::try_from(text).map_err(|_| err(&format!("{at}.{field}"), format!("{text:?} is not a header name")))
+    };
+    let mut sources = Vec::new();
+    if let Some(list) = &spec.headers {
+        sources.push(ScopeSource::headers(list.iter().map(|h| name("headers", h)).collect::<Result<Vec<_>, _>>()?));
+    }
+    if let Some(list) = &spec.cookies {
+        if let Some(bad) = list
+            .iter()
+            .find(|c| c.is_empty() || !c.bytes().all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)))
+        {
+            return Err(err(&format!("{at}.cookies"), format!("{bad:?} is not a cookie name")));
+        }
+        sources.push(ScopeSource::cookies(list.clone()));
+    }
+    if let Some(header) = &spec.trusted_header {
+        sources.push(ScopeSource::trusted_header(name("trusted_header", header)?));
+    }
+    if spec.jwt.is_some() {
+        match jwt {
+            Some(verifier) => sources.push(ScopeSource::jwt(verifier.clone())),
+            // Before `Config::load_keys`: a stand-in for the checks, never served.
+            None => sources.push(ScopeSource::function(|_| oncely::Scope::global())),
+        }
+    }
+    Ok(sources.into_iter().reduce(ScopeSource::and).unwrap_or_else(|| ScopeSource::headers([])))
 }
 
 /// Parses a humantime duration (`30s`, `24h`, `1h 30m`), refusing zero.
@@ -1053,6 +1224,11 @@ mod tests {
             ("[policy]\ndocumentation_url = \"/docs\"", "policy.documentation_url"),
             ("[policy]\nurl = \"x\"", "url"),
             ("[defaults]\nkey_pointer = \"id\"", "defaults.key_pointer"),
+            ("[defaults]\nscope = { headers = [\"a b\"] }", "defaults.scope.headers"),
+            ("[defaults]\nscope = { cookies = [\"a;b\"] }", "defaults.scope.cookies"),
+            ("[defaults]\nscope = { trusted_header = \"\" }", "defaults.scope.trusted_header"),
+            ("[defaults]\nscope = { cookie = [\"s\"] }", "cookie"),
+            ("[defaults]\nscope = {}\nscope_headers = [\"x\"]", "defaults.scope_headers"),
             ("[defaults]\nfingerprint_ignore = [\"/a\", \"b\"]", "defaults.fingerprint_ignore"),
             ("[defaults]\nfingerprint_headers = [\"a b\"]", "defaults.fingerprint_headers"),
         ];

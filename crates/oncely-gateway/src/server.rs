@@ -87,6 +87,7 @@ async fn shutdown_signal() {
 /// finish, waits for operations whose clients hung up to store their results, then
 /// returns. `on_ready` is called once both listeners are bound.
 pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnOnce(Bound)) -> Result<(), String> {
+    config.load_keys().await.map_err(|e| e.to_string())?;
     listener::fit_descriptors(&mut config.server, &mut config.admin_server);
     let (store, abilities) = stores::open(&options.store).await.map_err(|e| e.to_string())?;
     let tracker = TaskTracker::new();

@@ -862,11 +862,11 @@ async fn every_keyed_request_has_an_access_line_with_its_key_hash_and_outcome_ev
     let url = line.trim().strip_prefix("oncely listening on ").expect("listen line").to_string();
 
     // A client that hangs up while its request runs.
-    let gone = client().post(format!("{url}/slow")).header("idempotency-key", "k-gone").send();
     let started = upstream.started.notified();
-    let gone = tokio::spawn(async move { tokio::time::timeout(Duration::from_millis(1), gone).await });
+    let gone = tokio::spawn(client().post(format!("{url}/slow")).header("idempotency-key", "k-gone").send());
     started.await;
-    assert!(gone.await.expect("task").is_err(), "the client hung up");
+    gone.abort();
+    assert!(gone.await.is_err_and(|e| e.is_cancelled()), "the client hung up");
     // A duplicate meets it running (reject mode), then it finishes.
     let conflict = client().post(format!("{url}/slow")).header("idempotency-key", "k-gone").send().await;
     assert_eq!(conflict.expect("answer").status(), 409);
@@ -929,4 +929,194 @@ async fn the_policy_is_published_and_problems_link_to_the_documentation() {
     let missing = client().post(format!("{}/orders", gw.url)).body(r#"{"qty":3}"#).send().await.expect("answer");
     assert_eq!(missing.status(), 400);
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cookie_authenticated_users_with_one_key_each_run_once_and_see_only_their_own_result() {
+    let (addr, upstream) = start_upstream().await;
+    let config = format!("{CONFIG}\n[[routes]]\npath = \"/orders\"\nscope = {{ cookies = [\"session\"] }}\n");
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", &config, &[]).await;
+    let post = |path: &'static str, cookie: &'static str| {
+        client()
+            .post(format!("{}{path}", gw.url))
+            .header("idempotency-key", "same-key")
+            .header("cookie", cookie)
+            .header("content-type", "application/json")
+            .body(r#"{"amount":100}"#)
+            .send()
+    };
+    // The default scope reads the Cookie field: without an Authorization header, two
+    // users are still apart.
+    let a = post("/wait/pay", "session=alice").await.expect("answer");
+    let b = post("/wait/pay", "session=bob").await.expect("answer");
+    assert!(!replayed(&a) && !replayed(&b), "each user's request ran");
+    let (a, b) = (a.text().await.expect("body"), b.text().await.expect("body"));
+    assert_ne!(a, b, "bob never gets alice's stored response");
+    assert_eq!(post("/wait/pay", "session=alice").await.expect("answer").text().await.expect("body"), a);
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 2);
+    // A route scoped by the session cookie alone: other cookies may change between retries.
+    assert!(!replayed(&post("/orders", "session=carol; theme=dark").await.expect("answer")));
+    assert!(replayed(&post("/orders", "_ga=1; session=carol").await.expect("answer")));
+    assert!(!replayed(&post("/orders", "session=dave").await.expect("answer")));
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_header_scope_refuses_requests_without_it() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(
+        &format!("http://{addr}"),
+        "memory://",
+        CONFIG,
+        &["--scope", "{ trusted_header = \"x-authenticated-user\" }"],
+    )
+    .await;
+    let r = send_post(&gw, "/orders", Some("k-t"), "{}").await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(problem_type(r).await, "urn:oncely:problem:unauthenticated");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 0, "nothing ran under a weaker scope");
+    let as_user = |user: &'static str| {
+        client()
+            .post(format!("{}/orders", gw.url))
+            .header("idempotency-key", "k-t")
+            .header("x-authenticated-user", user)
+            .body("{}")
+            .send()
+    };
+    assert!(!replayed(&as_user("alice").await.expect("answer")));
+    assert!(replayed(&as_user("alice").await.expect("answer")));
+    assert!(!replayed(&as_user("bob").await.expect("answer")));
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_never_accepts_the_connection_releases_the_key_not_an_unknown_outcome() {
+    // A listener that never accepts, with a backlog of one: once the queue is full, a
+    // connection attempt hangs (the kernel drops its SYN), so nothing is ever sent.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => held.push(stream),
+            _ => break, // the queue is full
+        }
+    }
+    let flags = ["--upstream-timeout", "300ms", "--completion-limit", "600ms"];
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &flags).await;
+    for _ in 0..2 {
+        let r = send_post(&gw, "/wait/pay", Some("k-never"), "{}").await;
+        assert_ne!(r.status(), 502, "never held as an unknown outcome: nothing was sent");
+        let kind = problem_type(r).await;
+        assert!(
+            kind == "urn:oncely:problem:upstream-timeout" || kind == "urn:oncely:problem:upstream-unreachable",
+            "{kind}"
+        );
+    }
+    // Once the first call gave up, the key was released: a third try is not refused as
+    // held, and is not answered outcome-unknown.
+    let r = send_post(&gw, "/wait/pay", Some("k-never"), "{}").await;
+    assert_ne!(problem_type(r).await, "urn:oncely:problem:outcome-unknown");
+    drop(held);
+    drop(listener);
+}
+
+/// An HS256 token for `sub`, issued `issued` seconds ago and expiring in `expires_in`.
+fn token(secret: &[u8], sub: &str, issued: u64, expires_in: i64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let claims = serde_json::json!({ "sub": sub, "iat": now - issued, "exp": now as i64 + expires_in });
+    let key = jsonwebtoken::EncodingKey::from_secret(secret).expect("an HMAC key");
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key).expect("token")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_jwt_claim_keeps_a_refreshed_tokens_retry_and_refuses_forged_ones() {
+    let (addr, upstream) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let secret_file = dir.path().join("jwt.secret");
+    std::fs::write(&secret_file, "test-secret-of-32-bytes-or-more!\n").expect("secret");
+    let secret = b"test-secret-of-32-bytes-or-more!";
+    let config = format!(
+        "{CONFIG}\n[[routes]]\npath = \"/orders\"\nscope = {{ jwt = {{ algorithms = [\"HS256\"], secret_file = {:?} }} }}\n",
+        secret_file.display().to_string()
+    );
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", &config, &[]).await;
+    let post = |path: &'static str, bearer: String, key: &'static str| {
+        client()
+            .post(format!("{}{path}", gw.url))
+            .header("idempotency-key", key)
+            .header("authorization", format!("Bearer {bearer}"))
+            .body(r#"{"amount":100}"#)
+            .send()
+    };
+    let first = post("/orders", token(secret, "alice", 600, 300), "k-jwt").await.expect("answer");
+    assert_eq!(first.status(), 201);
+    let first_body = first.text().await.expect("body");
+    // The access token was refreshed between the try and the retry: the same principal.
+    let refreshed = post("/orders", token(secret, "alice", 0, 900), "k-jwt").await.expect("answer");
+    assert!(replayed(&refreshed), "the retry with a refreshed token is alice's retry");
+    assert_eq!(refreshed.text().await.expect("body"), first_body);
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
+
+    // Forged or dead tokens are refused, and never answered with alice's record.
+    let forged = token(b"another-secret-another-secret-!!", "alice", 0, 300);
+    let header = base64_url(br#"{"alg":"none","typ":"JWT"}"#);
+    let payload = base64_url(br#"{"sub":"alice","exp":4102444800}"#);
+    let unsigned = format!("{header}.{payload}.");
+    for bad in [forged, unsigned, token(secret, "alice", 7200, -3600), "garbage".to_string()] {
+        let r = post("/orders", bad.clone(), "k-jwt").await.expect("answer");
+        assert_eq!(r.status(), 401, "{bad}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        assert!(!replayed(&r));
+        assert_eq!(problem_type(r).await, "urn:oncely:problem:unauthenticated");
+    }
+    // Bob with the same key has his own record.
+    let bob = post("/orders", token(secret, "bob", 0, 300), "k-jwt").await.expect("answer");
+    assert!(!replayed(&bob));
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 2);
+
+    // With the raw header (the default scope), a refreshed token is another principal:
+    // the retry runs again. This is why the JWT scope exists.
+    let raw1 = post("/payments", token(secret, "carol", 600, 300), "k-raw").await.expect("answer");
+    let raw2 = post("/payments", token(secret, "carol", 0, 900), "k-raw").await.expect("answer");
+    assert!(!replayed(&raw1) && !replayed(&raw2));
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 4);
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_names_an_unreadable_key_file_and_an_unknown_algorithm() {
+    let dir = tempfile::tempdir().expect("dir");
+    for (scope, named) in [
+        (
+            "{ jwt = { algorithms = [\"HS256\"], secret_file = \"/nonexistent/jwt.secret\" } }",
+            "defaults.scope.jwt.secret_file",
+        ),
+        (
+            "{ jwt = { algorithms = [\"HS257\"], secret_file = \"/nonexistent/jwt.secret\" } }",
+            "defaults.scope.jwt.algorithms",
+        ),
+        ("{ jwt = { algorithms = [\"RS256\"] } }", "defaults.scope.jwt"),
+    ] {
+        let file = dir.path().join("oncely.toml");
+        std::fs::write(&file, format!("[defaults]\nscope = {scope}\n")).expect("config");
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_oncely")).arg("check-config").arg(&file).output().await.expect("run");
+        assert_eq!(out.status.code(), Some(2), "{scope}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(named), "{scope}: {stderr}");
+    }
 }

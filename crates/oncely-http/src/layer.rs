@@ -7,7 +7,8 @@ use http::{HeaderName, Method, StatusCode, header};
 use oncely::{ConflictMode, Oncely, Scope, Store};
 use tower_layer::Layer;
 
-use crate::request::{FingerprintRules, ScopeSource};
+use crate::request::FingerprintRules;
+use crate::scope::ScopeSource;
 use crate::service::Idempotency;
 use oncely::fingerprint::JsonPointer;
 
@@ -145,7 +146,7 @@ impl Default for Settings {
 impl<St: Store> IdempotencyLayer<St> {
     /// A layer over `oncely` with the defaults: POST and PATCH covered, key optional, the
     /// `Idempotency-Key` header, 1 MiB request bodies, 1 MiB stored responses, scope from
-    /// `Authorization`, fail-closed.
+    /// `Authorization` and `Cookie`, fail-closed.
     pub fn new(oncely: Oncely<St>) -> Self {
         Self { oncely, settings: Arc::new(Settings::default()) }
     }
@@ -192,17 +193,72 @@ impl<St: Store> IdempotencyLayer<St> {
         self.with(|s| s.replayed_header = name)
     }
 
-    /// The request headers whose values, hashed, are the scope (default
-    /// `Authorization`). Two principals never see each other's records.
+    /// Who owns a key: where the scope (the principal) of a request comes from (default
+    /// the raw `Authorization` and `Cookie` fields). Two principals never see each
+    /// other's records. See the [`scope`](crate::scope) module for each source and what
+    /// it protects against; a request whose source cannot find its principal is 401.
+    ///
+    /// ```
+    /// use oncely::{MemoryStore, Oncely};
+    /// use oncely_http::{IdempotencyLayer, ScopeSource};
+    ///
+    /// let layer = IdempotencyLayer::new(Oncely::new(MemoryStore::new())).scope(ScopeSource::cookies(["session"]));
+    /// # let _ = layer;
+    /// ```
+    pub fn scope(self, source: ScopeSource) -> Self {
+        self.with(|s| s.scope = source)
+    }
+
+    /// The request headers whose values, hashed, are the scope: shorthand for
+    /// [`scope`](Self::scope)`(ScopeSource::headers(names))`.
     pub fn scope_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        let names: Arc<[HeaderName]> = names.into_iter().collect();
-        self.with(|s| s.scope = ScopeSource::Headers(names))
+        self.scope(ScopeSource::headers(names))
     }
 
     /// The scope from a function of the request head, for principals established by an
-    /// earlier layer.
+    /// earlier layer: shorthand for [`scope`](Self::scope)`(ScopeSource::function(f))`.
+    ///
+    /// An axum application that authenticates its users in a middleware (a session
+    /// lookup, its own token check) puts the user in the request extensions; the layer,
+    /// added after it, scopes by that user:
+    ///
+    /// ```
+    /// use axum::{Extension, Router, extract::Request, middleware::{self, Next}, response::Response, routing::post};
+    /// use oncely::{MemoryStore, Oncely, Scope};
+    /// use oncely_http::IdempotencyLayer;
+    ///
+    /// #[derive(Clone)]
+    /// struct User { id: u64 }
+    ///
+    /// async fn authenticate(mut request: Request, next: Next) -> Response {
+    ///     // Look the session up; here every request is user 7.
+    ///     request.extensions_mut().insert(User { id: 7 });
+    ///     next.run(request).await
+    /// }
+    ///
+    /// async fn pay(Extension(user): Extension<User>) -> String {
+    ///     format!("charged user {}", user.id)
+    /// }
+    ///
+    /// let idempotency = IdempotencyLayer::new(Oncely::new(MemoryStore::new())).scope_with(|parts| {
+    ///     match parts.extensions.get::<User>() {
+    ///         Some(user) => Scope::new(format!("user:{}", user.id)),
+    ///         None => Scope::global(), // unreachable behind `authenticate`
+    ///     }
+    /// });
+    /// // Layers added later run first: authenticate, then idempotency, then the handler.
+    /// let app: Router = Router::new()
+    ///     .route("/payments", post(pay))
+    ///     .route_layer(idempotency)
+    ///     .route_layer(middleware::from_fn(authenticate));
+    /// ```
     pub fn scope_with(self, scope: impl Fn(&http::request::Parts) -> Scope + Send + Sync + 'static) -> Self {
-        self.with(|s| s.scope = ScopeSource::Function(Arc::new(scope)))
+        self.scope(ScopeSource::function(scope))
+    }
+
+    /// Whether every request gets the same scope (a key is shared by all clients).
+    pub fn scope_is_shared_by_all(&self) -> bool {
+        self.settings.scope.is_shared_by_all()
     }
 
     /// Which response statuses are stored for replay; the others release the key so a
@@ -372,6 +428,7 @@ impl<St: Store> IdempotencyLayer<St> {
             },
             methods: s.methods.iter().map(|m| m.as_str().to_string()).collect(),
             required: s.required,
+            scope: format!("{:?}", s.scope),
             key_format: "an sf-string or a bare token of 1 to 255 visible ASCII characters",
             retention_seconds: engine.retention.as_secs_f64(),
             lease_seconds: engine.lease.as_secs_f64(),
@@ -398,6 +455,8 @@ pub struct Policy {
     pub methods: Vec<String>,
     /// Whether a covered request without a key is refused.
     pub required: bool,
+    /// Who owns a key: the scope's sources (names only, never values).
+    pub scope: String,
     /// What a key may be.
     pub key_format: &'static str,
     /// How long a result is replayed, in seconds.

@@ -63,9 +63,11 @@
 //! - **Takeovers**: a request that takes over a lapsed claim (its first attempt may have
 //!   acted) reaches the inner service with `Idempotency-Takeover: true` and the
 //!   [`Takeover`] extension.
-//! - **Scope**: a hash of the `Authorization` header by default
-//!   ([`scope_headers`](IdempotencyLayer::scope_headers),
-//!   [`scope_with`](IdempotencyLayer::scope_with)).
+//! - **Scope** (who owns a key): a hash of the `Authorization` and `Cookie` fields by
+//!   default; named cookies, a verified JWT claim, a trusted proxy's header, or a
+//!   function of the request ([`scope`](IdempotencyLayer::scope), and the [`scope`]
+//!   module for what each protects against). A request whose source cannot find its
+//!   principal is 401 `unauthenticated`.
 //! - **Key from the body**: [`key_from_body`](IdempotencyLayer::key_from_body) takes the
 //!   key from a JSON member (webhook deliveries, queue messages);
 //!   [`fingerprint_ignore`](IdempotencyLayer::fingerprint_ignore) and
@@ -99,6 +101,7 @@ mod key_header;
 mod layer;
 pub mod problem;
 mod request;
+pub mod scope;
 mod service;
 mod stored;
 /// Fuzzing only: decodes a stored response; `Ok(true)` when its encoding decodes to it again.
@@ -118,9 +121,10 @@ pub use key_header::{KeyHeaderError, parse_key_header};
 pub use layer::{IdempotencyLayer, Policy, default_stored_status};
 pub use problem::ProblemKind;
 pub use request::{
-    DecodedBodyTooLarge, FingerprintRules, KeyFromBodyError, ScopeSource, key_from_json_body, request_fingerprint,
+    DecodedBodyTooLarge, FingerprintRules, KeyFromBodyError, key_from_json_body, request_fingerprint,
     request_fingerprint_with,
 };
+pub use scope::{ScopeRejection, ScopeSource};
 pub use service::{Idempotency, ResponseFuture};
 
 #[cfg(feature = "axum")]

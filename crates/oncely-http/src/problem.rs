@@ -4,6 +4,7 @@
 //!
 //! | `type` | status | when |
 //! |---|---|---|
+//! | `urn:oncely:problem:unauthenticated` | 401 | the route's scope source found no principal (no or a bad token, no trusted header); nothing ran (`WWW-Authenticate: Bearer` when a token is expected) |
 //! | `urn:oncely:problem:missing-key` | 400 | the route requires a key and the request has none |
 //! | `urn:oncely:problem:invalid-key` | 400 | empty, over 255 characters, not visible ASCII, a malformed sf-string, or two key fields |
 //! | `urn:oncely:problem:body-unreadable` | 400 | the request body failed while being read |
@@ -47,6 +48,8 @@ use crate::ResponseBody;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ProblemKind {
+    /// 401: the scope source found no principal.
+    Unauthenticated,
     /// 400: required key absent.
     MissingKey,
     /// 400: key field malformed.
@@ -79,6 +82,7 @@ impl ProblemKind {
     /// The stable `type` URI.
     pub const fn type_uri(self) -> &'static str {
         match self {
+            Self::Unauthenticated => "urn:oncely:problem:unauthenticated",
             Self::MissingKey => "urn:oncely:problem:missing-key",
             Self::InvalidKey => "urn:oncely:problem:invalid-key",
             Self::BodyUnreadable => "urn:oncely:problem:body-unreadable",
@@ -98,6 +102,7 @@ impl ProblemKind {
     /// The HTTP status.
     pub const fn status(self) -> StatusCode {
         match self {
+            Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::MissingKey | Self::InvalidKey | Self::BodyUnreadable => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -113,6 +118,7 @@ impl ProblemKind {
     /// The short human title.
     pub const fn title(self) -> &'static str {
         match self {
+            Self::Unauthenticated => "The request's principal could not be established",
             Self::MissingKey => "Idempotency-Key is missing",
             Self::InvalidKey => "Idempotency-Key is invalid",
             Self::BodyUnreadable => "The request body could not be read",
@@ -134,7 +140,9 @@ impl ProblemKind {
     pub const fn error_type(self) -> &'static str {
         match self {
             Self::KeyReused | Self::RequestInProgress | Self::OutcomeUnknown => "idempotency_error",
-            Self::MissingKey | Self::InvalidKey | Self::BodyUnreadable | Self::BodyTooLarge => "invalid_request_error",
+            Self::Unauthenticated | Self::MissingKey | Self::InvalidKey | Self::BodyUnreadable | Self::BodyTooLarge => {
+                "invalid_request_error"
+            }
             _ => "api_error",
         }
     }
@@ -153,7 +161,8 @@ impl ProblemKind {
             | Self::StoreUnavailable
             | Self::StoreFull
             | Self::UpstreamTimeout => Some(true),
-            Self::MissingKey
+            Self::Unauthenticated
+            | Self::MissingKey
             | Self::InvalidKey
             | Self::BodyUnreadable
             | Self::BodyTooLarge

@@ -1,13 +1,9 @@
-//! What the layer derives from a request: its fingerprint, its scope, and a key carried
-//! in its body.
-
-use std::fmt;
-use std::sync::Arc;
+//! What the layer derives from a request: its fingerprint, and a key carried in its body.
 
 use http::request::Parts;
 use http::{HeaderName, HeaderValue, header};
 use oncely::fingerprint::{FindError, JsonPointer};
-use oncely::{Fingerprint, IdempotencyKey, KeyError, Scope};
+use oncely::{Fingerprint, IdempotencyKey, KeyError};
 
 /// The fingerprint of a request: method, path and query, media type and body.
 ///
@@ -312,7 +308,7 @@ pub(crate) fn is_gzip(parts: &Parts) -> bool {
 /// The decoded body, `None` when it is not valid gzip (then hashed as it came), or the
 /// error once the output passes `limit`: the decoder is read at most `limit + 1` bytes
 /// far, so no input can make it allocate more.
-fn gunzip(body: &[u8], limit: usize) -> Result<Option<Vec<u8>>, DecodedBodyTooLarge> {
+pub(crate) fn gunzip(body: &[u8], limit: usize) -> Result<Option<Vec<u8>>, DecodedBodyTooLarge> {
     use std::io::Read;
     let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
     let decoder = flate2::read::MultiGzDecoder::new(body);
@@ -411,54 +407,6 @@ pub enum KeyFromBodyError {
     InvalidKey(KeyError),
 }
 
-type ScopeFn = dyn Fn(&Parts) -> Scope + Send + Sync;
-
-/// Where a request's scope (its principal) comes from.
-#[derive(Clone)]
-pub enum ScopeSource {
-    /// A hash of these request headers' values (default: `Authorization`). A request
-    /// with none of them has the global scope.
-    Headers(Arc<[HeaderName]>),
-    /// A function of the request head, for principals established by an earlier layer
-    /// (an authenticated user in the extensions, say).
-    Function(Arc<ScopeFn>),
-}
-
-impl Default for ScopeSource {
-    fn default() -> Self {
-        Self::Headers(Arc::from([header::AUTHORIZATION]))
-    }
-}
-
-impl fmt::Debug for ScopeSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Headers(names) => f.debug_tuple("Headers").field(names).finish(),
-            Self::Function(_) => f.write_str("Function(..)"),
-        }
-    }
-}
-
-impl ScopeSource {
-    /// The scope of a request. Header values are hashed, never kept: the scope of a
-    /// request with `Authorization: Bearer sk_live_…` does not reveal the credential.
-    pub fn scope(&self, parts: &Parts) -> Scope {
-        match self {
-            Self::Function(f) => f(parts),
-            Self::Headers(names) => {
-                let mut fields: Vec<&[u8]> = Vec::with_capacity(names.len() * 2);
-                for name in names.iter() {
-                    for value in parts.headers.get_all(name) {
-                        fields.push(name.as_str().as_bytes());
-                        fields.push(value.as_bytes());
-                    }
-                }
-                if fields.is_empty() { Scope::global() } else { Scope::new(Fingerprint::from_parts(&fields).to_hex()) }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use http::Request;
@@ -526,16 +474,6 @@ mod tests {
         ] {
             assert_ne!(request_fingerprint(&head, body, LIMIT), base);
         }
-    }
-
-    #[test]
-    fn scope_hashes_the_principal_headers() {
-        let source = ScopeSource::default();
-        let alice = source.scope(&parts("POST", "/", &[("authorization", "Bearer alice")]));
-        let bob = source.scope(&parts("POST", "/", &[("authorization", "Bearer bob")]));
-        assert_ne!(alice, bob);
-        assert!(!alice.as_str().contains("alice"), "credentials are hashed");
-        assert_eq!(source.scope(&parts("POST", "/", &[])), Scope::global());
     }
 
     fn media(value: &str) -> String {

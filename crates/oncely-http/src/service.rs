@@ -17,7 +17,9 @@ use tower_service::Service;
 
 use crate::layer::{IdempotencyLayer, InProgressPlace, Settings};
 use crate::problem::{Problem, ProblemKind, SHOULD_RETRY};
-use crate::request::{DecodedBodyTooLarge, FingerprintRules, is_gzip, key_from_json_body, request_fingerprint_with};
+use crate::request::{
+    DecodedBodyTooLarge, FingerprintRules, gunzip, is_gzip, key_from_json_body, request_fingerprint_with,
+};
 use crate::stored::{StoredBody, StoredResponse};
 use crate::{
     BoxError, KeyedOutcome, NotProcessed, OutcomeUnknown, RequestBody, ResponseBody, Takeover, parse_key_header,
@@ -200,7 +202,7 @@ where
             let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;
             return Ok(response.map(boxed));
         }
-        (None, Some(pointer)) => match key_from_json_body(&body, pointer) {
+        (None, Some(pointer)) => match key_in_body(&parts, &body, pointer, settings.max_decoded_body) {
             Ok(Some(key)) => key,
             Ok(None) if settings.required => {
                 let detail = format!("{} requests to this resource need a key at {pointer} in the body", parts.method);
@@ -211,7 +213,10 @@ where
                 let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;
                 return Ok(response.map(boxed));
             }
-            Err(e) => {
+            Err(KeyInBodyError::TooLarge(e)) => {
+                return Ok(answer(&settings, ProblemKind::BodyTooLarge, &e.to_string(), None));
+            }
+            Err(KeyInBodyError::Invalid(e)) => {
                 let detail = format!("the body's {pointer}: {e}");
                 return Ok(answer(&settings, ProblemKind::InvalidKey, &detail, None));
             }
@@ -234,6 +239,23 @@ where
             Ok(answer(&settings, ProblemKind::HandlerFailed, "the request handler failed", None))
         }
     }
+}
+
+enum KeyInBodyError {
+    TooLarge(DecodedBodyTooLarge),
+    Invalid(crate::KeyFromBodyError),
+}
+
+/// The key at `pointer` in the body, decoded first when it is gzip (bounded, as for the
+/// fingerprint).
+fn key_in_body(
+    parts: &http::request::Parts,
+    body: &Bytes,
+    pointer: &oncely::fingerprint::JsonPointer,
+    max_decoded: usize,
+) -> Result<Option<IdempotencyKey>, KeyInBodyError> {
+    let decoded = if is_gzip(parts) { gunzip(body, max_decoded).map_err(KeyInBodyError::TooLarge)? } else { None };
+    key_from_json_body(decoded.as_deref().unwrap_or(body), pointer).map_err(KeyInBodyError::Invalid)
 }
 
 /// Claims the key, then replays, refuses, or executes: the part of a keyed request that
@@ -369,7 +391,17 @@ where
         Ok(fingerprint) => fingerprint,
         Err(e) => return Ok((answer(&settings, ProblemKind::BodyTooLarge, &e.to_string(), None), Outcome::Refused)),
     };
-    let scope = settings.scope.scope(&parts);
+    let scope = match settings.scope.scope(&parts) {
+        Ok(scope) => scope,
+        Err(rejection) => {
+            count("unauthenticated");
+            let mut problem = answer(&settings, ProblemKind::Unauthenticated, &rejection.to_string(), None);
+            if rejection.bearer {
+                problem.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            return Ok((problem, Outcome::Refused));
+        }
+    };
     *storage_key = Some(StorageKey::derive(&scope, &key));
     let engine = oncely.scoped(scope.clone());
     // Handlers read the key through the extensions, whichever header the layer reads.
@@ -496,6 +528,8 @@ enum Produced<ResBody> {
     Unknown(Response<ResBody>),
     /// A status that is stored, with its body read up to the storage cap.
     Store(http::response::Parts, Capped<ResBody>),
+    /// Still running when the claim's renewal ran out ([`ClaimGuard::held_until`]).
+    Expired,
 }
 
 enum Capped<B> {
@@ -528,8 +562,13 @@ where
     let stores = Arc::clone(&settings.stores_status);
     let key = guard.key().clone();
     let mut work = Box::pin(async move {
-        let produced = guard
-            .keep_alive(async {
+        // Past `held_until` the lease is no longer renewed and a retry could take the key
+        // over: an operation (or a response body) still running then has an unknown
+        // outcome, held as such, rather than a claim left to lapse.
+        let held_until = guard.held_until();
+        let produced = tokio::time::timeout_at(
+            held_until,
+            guard.keep_alive(async {
                 let response = inner.call(request).await?;
                 if response.extensions().get::<OutcomeUnknown>().is_some() {
                     return Ok(Produced::Unknown(response));
@@ -539,8 +578,10 @@ where
                 }
                 let (parts, body) = response.into_parts();
                 Ok(Produced::Store(parts, read_capped(body, cap).await))
-            })
-            .await;
+            }),
+        )
+        .await
+        .unwrap_or(Ok(Produced::Expired));
         (guard, produced)
     });
     let (guard, produced) = match settings.answer_within {
@@ -627,6 +668,12 @@ where
             let tail = TryStreamExt::map_err(BodyStream::new(rest), Into::into);
             Ok((Response::from_parts(parts, StreamBody::new(head.chain(tail)).boxed_unsync()), Outcome::Executed))
         }
+        Ok(Produced::Expired) => {
+            if hold_unknown(guard, settings, "still running when the lease renewal ran out").await {
+                return Ok((outcome_unknown(settings, "the request ran past its limit"), Outcome::Unknown));
+            }
+            Ok((answer(settings, ProblemKind::HandlerFailed, "the request ran past its limit", None), Outcome::Unknown))
+        }
         Ok(Produced::Store(_, Capped::Failed(e))) => {
             // The operation ran but its response broke off: nobody knows its outcome.
             tracing::error!(key = %guard.key(), error = %e, "response body failed");
@@ -653,7 +700,8 @@ fn outcome_unknown(settings: &Settings, what: &str) -> Response<ResponseBody> {
 async fn hold_unknown<St: Store>(guard: ClaimGuard<St>, settings: &Settings, why: &str) -> bool {
     count("outcome_unknown");
     if settings.hold_unknown {
-        tracing::warn!(key = %guard.key(), why, "outcome unknown; the key is held until an operator deletes it");
+        let hash = guard.storage_key().to_hex();
+        tracing::warn!(key = %guard.key(), hash, why, "outcome unknown; the key is held until an operator deletes it (keys delete HASH)");
         complete(guard, StoredResponse::outcome_unknown().encode()).await;
     } else {
         tracing::warn!(key = %guard.key(), why, "outcome unknown; the key lapses with its lease");

@@ -873,3 +873,60 @@ async fn a_media_type_written_another_way_is_the_same_request() {
     assert_eq!(send(&app, with_type("text/plain")).await.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(c.executions.load(Ordering::SeqCst), 1);
 }
+
+/// Sends its head at once, then a chunk every 200 ms for 2 s: a body slower than the
+/// claim's renewal.
+async fn trickle(State(c): State<Shared>) -> Response<Body> {
+    c.executions.fetch_add(1, Ordering::SeqCst);
+    let chunks = futures_util::stream::unfold(0u32, |n| async move {
+        if n == 10 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Some((Ok::<_, std::io::Error>(Bytes::from_static(b"x")), n + 1))
+    });
+    Response::new(Body::from_stream(chunks))
+}
+
+#[tokio::test]
+async fn an_operation_still_running_when_its_renewal_ends_is_held_as_unknown_not_run_again() {
+    let oncely = Oncely::builder(MemoryStore::new())
+        .lease(Duration::from_millis(300))
+        .keep_alive_ceiling(Duration::from_millis(600))
+        .build()
+        .expect("settings");
+    let counters = Shared::default();
+    let app = Router::new()
+        .route("/trickle", post(trickle))
+        .with_state(counters.clone())
+        .layer(IdempotencyLayer::new(oncely).answer_within(Duration::from_millis(100)));
+    let first = send(&app, request(Method::POST, "/trickle", Some("k"), "")).await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    // The retry waits for the operation; at its renewal's end it is held as unknown.
+    let retry = send(&app, request(Method::POST, "/trickle", Some("k"), "")).await;
+    assert_eq!(retry.problem_type(), "urn:oncely:problem:outcome-unknown", "{retry:?}");
+    tokio::time::sleep(Duration::from_millis(600)).await; // past the lease: a takeover would happen now
+    let later = send(&app, request(Method::POST, "/trickle", Some("k"), "")).await;
+    assert_eq!(later.problem_type(), "urn:oncely:problem:outcome-unknown");
+    assert_eq!(counters.executions.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_gzip_body_carries_its_key_too() {
+    use std::io::Write;
+    let gzip = |json: &str| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(json.as_bytes()).expect("gzip");
+        encoder.finish().expect("gzip")
+    };
+    let (app, c) = app(IdempotencyLayer::new(engine()).key_from_body("/id".parse().expect("pointer")));
+    for _ in 0..2 {
+        let req = Request::post("/payments")
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(Body::from(gzip(r#"{"id":"evt_1"}"#)))
+            .expect("request");
+        send(&app, req).await;
+    }
+    assert_eq!(c.executions.load(Ordering::SeqCst), 1, "the second delivery was replayed");
+}
