@@ -602,3 +602,18 @@ impl Store for DynamoDbStore {
 fn held_values(claim_id: ClaimId, now: SystemTime) -> HashMap<String, AttributeValue> {
     values([(":claim_id", blob(claim_id.to_bytes())), (":in_progress", text(IN_PROGRESS)), (":now", millis(now))])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emulators_are_told_by_a_loopback_endpoint() {
+        for local in ["http://127.0.0.1:5000", "http://localhost:8000/", "http://[::1]:8000", "http://127.1.2.3"] {
+            assert!(is_loopback(local), "{local}");
+        }
+        for remote in ["https://dynamodb.eu-west-1.amazonaws.com", "http://10.0.0.1:8000", "http://localhost.example"] {
+            assert!(!is_loopback(remote), "{remote}");
+        }
+    }
+}

@@ -190,3 +190,115 @@ fn interpreter_of(script: &Path) -> Option<PathBuf> {
     }
     Some(PathBuf::from(first))
 }
+
+/// A loopback HTTP proxy in front of a DynamoDB endpoint that can answer every request
+/// with a DynamoDB error instead of forwarding it: how tests make a store meet
+/// throttling (`ThrottlingException`, `ProvisionedThroughputExceededException`,
+/// `RequestLimitExceeded`), which no emulator produces on demand. One request per
+/// connection; it lives until the test process exits.
+#[derive(Debug)]
+pub struct FaultProxy {
+    port: u16,
+    fault: std::sync::Arc<Mutex<Option<String>>>,
+    seen: std::sync::Arc<AtomicU64>,
+}
+
+impl FaultProxy {
+    /// A proxy on a free loopback port forwarding to `upstream` (`http://127.0.0.1:PORT`).
+    ///
+    /// # Panics
+    /// When `upstream` is not `http://HOST:PORT` or no port can be bound.
+    pub fn start(upstream: &str) -> FaultProxy {
+        let target = upstream.strip_prefix("http://").expect("an http:// endpoint").trim_end_matches('/').to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = listener.local_addr().expect("addr").port();
+        let fault = std::sync::Arc::new(Mutex::new(None::<String>));
+        let seen = std::sync::Arc::new(AtomicU64::new(0));
+        let (fault_, seen_) = (fault.clone(), seen.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let (fault, seen, target) = (fault_.clone(), seen_.clone(), target.clone());
+                std::thread::spawn(move || {
+                    let _ = proxy_one(client, &target, &fault, &seen);
+                });
+            }
+        });
+        FaultProxy { port, fault, seen }
+    }
+
+    /// `http://127.0.0.1:PORT`: the endpoint to give a store.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// From now on, answer every request with HTTP 400 and the DynamoDB error `code`
+    /// (`ThrottlingException`, …), forwarding nothing.
+    pub fn fail_with(&self, code: &str) {
+        *self.fault.lock().expect("lock") = Some(code.to_string());
+    }
+
+    /// From now on, forward every request again.
+    pub fn pass(&self) {
+        *self.fault.lock().expect("lock") = None;
+    }
+
+    /// How many requests were answered with the fault so far.
+    pub fn faults_answered(&self) -> u64 {
+        self.seen.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads one HTTP/1.1 request from `client`, then answers it with the fault or with the
+/// upstream's answer.
+fn proxy_one(
+    mut client: TcpStream,
+    target: &str,
+    fault: &Mutex<Option<String>>,
+    seen: &AtomicU64,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        let n = client.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        request.extend_from_slice(&buf[..n]);
+        if let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&request[..head_end]).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    while request.len() < head_end + length {
+        let n = client.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let code = fault.lock().expect("lock").clone();
+    if let Some(code) = code {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let body =
+            format!(r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{code}","message":"injected by the test"}}"#);
+        let response = format!(
+            "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.0\r\nx-amzn-RequestId: fault\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return client.write_all(response.as_bytes());
+    }
+    let mut upstream = TcpStream::connect(target)?;
+    upstream.write_all(&request)?;
+    // moto closes each connection after its answer, so the answer is all until EOF.
+    let mut answer = Vec::new();
+    upstream.read_to_end(&mut answer)?;
+    client.write_all(&answer)
+}
