@@ -33,13 +33,54 @@ where
         tracing::debug!(code = error.code().unwrap_or_default(), "DynamoDB throttled the call past the SDK's attempts");
     }
     match &error {
-        SdkError::TimeoutError(_) => StoreError::timeout(error),
-        SdkError::DispatchFailure(failure) if failure.is_timeout() => StoreError::timeout(error),
+        SdkError::TimeoutError(_) => StoreError::timeout(Call::from(error)),
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => StoreError::timeout(Call::from(error)),
         SdkError::ServiceError(service) if service.err().code() == Some("ValidationException") => {
             let message = service.err().message().unwrap_or("the request was refused").to_string();
             StoreError::InvalidRequest(format!("DynamoDB refused the request: {message}"))
         }
-        _ => StoreError::unavailable(error),
+        _ => StoreError::unavailable(Call::from(error)),
+    }
+}
+
+/// A failed call, shown with the causes the SDK's own `Display` leaves out ("dispatch
+/// failure" alone says nothing of a refused connection); the SDK's error is its source.
+#[derive(Debug)]
+struct Call {
+    shown: String,
+    error: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl<E, R> From<SdkError<E, R>> for Call
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    fn from(error: SdkError<E, R>) -> Self {
+        // Each cause's own text, outermost first, without the SDK's `Debug` dump of the
+        // raw response that its `DisplayErrorContext` appends.
+        let mut shown = error.to_string();
+        let mut cause = std::error::Error::source(&error);
+        while let Some(next) = cause {
+            let text = next.to_string();
+            if !shown.ends_with(&text) {
+                shown = format!("{shown}: {text}");
+            }
+            cause = next.source();
+        }
+        Call { shown, error: Box::new(error) }
+    }
+}
+
+impl std::fmt::Display for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl std::error::Error for Call {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.error.as_ref())
     }
 }
 

@@ -189,7 +189,10 @@ fn shape(store: &DynamoDbStore, table: &TableDescription) -> Result<(), OpenErro
 /// `dynamodb:DescribeTable`).
 pub(crate) fn is_access_denied(error: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
     use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+    type Described =
+        aws_sdk_dynamodb::error::SdkError<DescribeTableError, aws_sdk_dynamodb::config::http::HttpResponse>;
     error
-        .downcast_ref::<aws_sdk_dynamodb::error::SdkError<DescribeTableError, aws_sdk_dynamodb::config::http::HttpResponse>>()
+        .source()
+        .and_then(|source| source.downcast_ref::<Described>())
         .is_some_and(|e| e.code() == Some("AccessDeniedException"))
 }
