@@ -78,7 +78,7 @@ async fn postgres_opens_on_the_test_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamodb_opens_on_the_test_emulator() {
     let url = DynamoDbServer::shared().store_url(&unique_table());
-    let missing = open(&url).await.err().expect("no table yet");
+    let missing = open(&url).await.expect_err("no table yet");
     assert!(matches!(missing, OpenError::Open { .. }) && !missing.is_unreachable(), "{missing:?}");
     let options = url.parse::<oncely_dynamodb::DynamoDbUrl>().expect("a valid URL").into_options();
     oncely_dynamodb::DynamoDbStore::create_table(options).await.expect("the table is created");
@@ -89,7 +89,7 @@ async fn dynamodb_opens_on_the_test_emulator() {
     round_trip(&opened).await;
 
     // Nothing listens on port 1.
-    let down = open("dynamodb://oncely?endpoint=http://127.0.0.1:1&max_attempts=1").await.err().expect("no emulator");
+    let down = open("dynamodb://oncely?endpoint=http://127.0.0.1:1&max_attempts=1").await.expect_err("no emulator");
     assert!(down.is_unreachable(), "{down:?}");
 }
 
