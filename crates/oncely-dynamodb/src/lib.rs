@@ -152,6 +152,25 @@
 //! [`MAX_PAYLOAD_BYTES`] (DynamoDB's 400 KB item limit less the record's other
 //! attributes) is refused before any call with [`StoreError::InvalidRequest`].
 //!
+//! # Tests, on moto
+//!
+//! The tests run on moto's DynamoDB emulator (open source, from PyPI; `scripts/test`
+//! installs it), started on loopback by `oncely-testkit`. Checked with moto 5.2.5: it
+//! honours condition expressions, `ReturnValuesOnConditionCheckFailure = ALL_OLD` (the
+//! failed call carries the item) and `ReturnValues = ALL_OLD`, TTL settings and
+//! `ADD`. Where it differs from DynamoDB, the tests work around it:
+//!
+//! - it checks a condition and writes the item without a lock in between, on threads, so
+//!   two concurrent conditional writes of one item can both succeed; the testkit runs it
+//!   applying one request at a time, as DynamoDB applies a conditional write to an item;
+//! - it counts a binary attribute's size by its base64 text, so it refuses results from
+//!   about 300 KB where DynamoDB takes [`MAX_PAYLOAD_BYTES`]: the conformance suite's large
+//!   replay is 300 KB there;
+//! - it never throttles: a loopback proxy in the testkit answers with DynamoDB's
+//!   throttling errors instead;
+//! - it closes the connection after each answer, so every request opens one (which makes
+//!   it slow: some hundreds of requests a second).
+//!
 //! # Permissions
 //!
 //! The request path needs `dynamodb:PutItem`, `UpdateItem`, `DeleteItem` and `GetItem`

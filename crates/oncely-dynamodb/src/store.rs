@@ -403,7 +403,8 @@ impl Store for DynamoDbStore {
         }
     }
 
-    /// One `UpdateItem` fenced by the claim id ([`HELD`]): the state, the payload, the
+    /// One `UpdateItem` fenced by the claim id (`claim_id = :mine AND state = in_progress AND
+    /// expires_at > :now`): the state, the payload, the
     /// completion time and the new expiry (and TTL) in one atomic write. A result over
     /// [`MAX_PAYLOAD_BYTES`] is refused before the call. A repeated completion by the
     /// same holder (an SDK retry whose first attempt landed) succeeds.
@@ -454,7 +455,7 @@ impl Store for DynamoDbStore {
         }
     }
 
-    /// One `DeleteItem` fenced by the claim id ([`HELD`]).
+    /// One `DeleteItem` fenced by the claim id, as `complete` is.
     async fn release(&self, claim: Claim) -> Result<(), StoreError> {
         let sent = self
             .client
@@ -473,7 +474,7 @@ impl Store for DynamoDbStore {
         }
     }
 
-    /// One `UpdateItem` of the lease end, fenced by the claim id ([`HELD`]).
+    /// One `UpdateItem` of the lease end, fenced by the claim id, as `complete` is.
     async fn touch(&self, claim: Claim, lease: Duration) -> Result<(), StoreError> {
         let now = SystemTime::now();
         let mut values = held_values(claim.claim_id, now);
