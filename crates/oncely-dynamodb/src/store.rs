@@ -8,8 +8,10 @@ use std::time::{Duration, SystemTime};
 use aws_config::BehaviorVersion;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::Region;
+use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
@@ -232,9 +234,7 @@ const COMPLETION_EXTRA: usize = 64;
 
 /// Why a holder's conditional write failed: the item as it was, when DynamoDB returned
 /// it (`ReturnValuesOnConditionCheckFailure = ALL_OLD`).
-fn failed_condition<E>(
-    error: &aws_sdk_dynamodb::error::SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>,
-) -> Option<Option<&Item>>
+fn failed_condition<E>(error: &SdkError<E, HttpResponse>) -> Option<Option<&Item>>
 where
     E: ConditionFailure,
 {
@@ -272,6 +272,19 @@ impl ConditionFailure for DeleteItemError {
             DeleteItemError::ConditionalCheckFailedException(e) => Some(e.item()),
             _ => None,
         }
+    }
+}
+
+/// A holder's write as the contract answers it: done, [`StoreError::LeaseLost`] when its
+/// fence (the condition) failed, or the call's failure.
+fn fenced<T, E>(sent: Result<T, SdkError<E, HttpResponse>>) -> Result<(), StoreError>
+where
+    E: ConditionFailure + ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match sent {
+        Ok(_) => Ok(()),
+        Err(error) if failed_condition(&error).is_some() => Err(StoreError::LeaseLost),
+        Err(error) => Err(store_error(error)),
     }
 }
 
@@ -467,11 +480,7 @@ impl Store for DynamoDbStore {
             .set_expression_attribute_values(Some(held_values(claim.claim_id, SystemTime::now())))
             .send()
             .await;
-        match sent {
-            Ok(_) => Ok(()),
-            Err(error) if failed_condition(&error).is_some() => Err(StoreError::LeaseLost),
-            Err(error) => Err(store_error(error)),
-        }
+        fenced(sent)
     }
 
     /// One `UpdateItem` of the lease end, fenced by the claim id, as `complete` is.
@@ -490,11 +499,7 @@ impl Store for DynamoDbStore {
             .set_expression_attribute_values(Some(values))
             .send()
             .await;
-        match sent {
-            Ok(_) => Ok(()),
-            Err(error) if failed_condition(&error).is_some() => Err(StoreError::LeaseLost),
-            Err(error) => Err(store_error(error)),
-        }
+        fenced(sent)
     }
 
     /// One `PutItem` of a marker (a completed record with an empty payload), conditional
