@@ -77,11 +77,12 @@
 //!   attempts (`max_attempts=3`, backoff from 25 ms). A claim whose first attempt landed
 //!   finds its own claim id in the returned item and is acquired; a completion likewise
 //!   finds its own completed record; a message-dedup mark carries a token of its call.
-//! - **Waiting** is polling, since DynamoDB has no cheap push: a waiter (wait mode)
-//!   re-reads the record with a strongly consistent `GetItem` at once, then after 50 ms,
-//!   100 ms, 200 ms … up to once a second, and the engine also re-claims at its poll
-//!   interval (500 ms by default). A duplicate therefore learns of a completion up to
-//!   about a second late, and each waiter costs reads while it waits.
+//! - **Waiting** is polling, since DynamoDB has no cheap push: while tasks wait on a key
+//!   (wait mode), one poller per key and process re-reads the record with a strongly
+//!   consistent `GetItem` at once, then after 50 ms, 100 ms, 200 ms … up to once a
+//!   second, and wakes them all when it changes; the engine also re-claims at its poll
+//!   interval (500 ms by default), two claims per waiter. A duplicate therefore learns of
+//!   a completion up to about a second late.
 //! - **Hits** are flushed by the engine in batches: one conditional `UpdateItem`
 //!   (`ADD hits`) per replayed record per flush, up to 16 in flight, since DynamoDB has
 //!   no conditional batch update.
@@ -190,6 +191,7 @@ mod options;
 mod store;
 mod table;
 mod url;
+mod watch;
 
 pub use codec::{MAX_ITEM_BYTES, MAX_PAYLOAD_BYTES, RECORD_HEADROOM_BYTES};
 pub use counter::RequestsSent;

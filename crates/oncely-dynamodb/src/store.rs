@@ -7,10 +7,10 @@ use std::time::{Duration, SystemTime};
 
 use aws_config::BehaviorVersion;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::config::Region;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
+use aws_sdk_dynamodb::config::{Region, StalledStreamProtectionConfig};
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
@@ -34,6 +34,8 @@ pub struct DynamoDbStore {
     pub(crate) table: Arc<str>,
     pub(crate) layout: Arc<Layout>,
     counter: RequestCounter,
+    /// The pollers of keys that tasks wait on.
+    pub(crate) watches: Arc<crate::watch::Watches>,
 }
 
 impl std::fmt::Debug for DynamoDbStore {
@@ -100,9 +102,13 @@ impl DynamoDbStore {
         let http = aws_smithy_http_client::Builder::new()
             .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::AwsLc))
             .build_https();
+        // The attempt timeout bounds every call; the SDK's stalled-stream protection (a
+        // response that sends nothing for its grace period) would only add a second,
+        // looser bound on responses of a few hundred bytes.
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(retry)
             .timeout_config(timeouts)
+            .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
             .http_client(http);
         if let Some(endpoint) = &options.endpoint {
             loader = loader.endpoint_url(endpoint.clone());
@@ -135,6 +141,7 @@ impl DynamoDbStore {
             table: options.table.into(),
             layout: Arc::new(layout),
             counter,
+            watches: Arc::default(),
         })
     }
 
@@ -170,7 +177,7 @@ impl DynamoDbStore {
     }
 
     /// The live in-progress holder at `key`, if any: what a waiter polls.
-    async fn holder(&self, key: &StorageKey) -> Result<Option<ClaimId>, StoreError> {
+    pub(crate) async fn holder(&self, key: &StorageKey) -> Result<Option<ClaimId>, StoreError> {
         let Some(item) = self.read(key).await? else { return Ok(None) };
         let record = codec::record(key, &item)?;
         Ok(match record.state {
@@ -355,10 +362,6 @@ fn blocked(request: &ClaimRequest<'_>, item: &Item) -> Result<ClaimOutcome, Stor
 /// How many hit flushes are in flight at once: DynamoDB has no batch update, so each
 /// record's count is its own `UpdateItem`.
 const HIT_FLUSHES_IN_FLIGHT: usize = 16;
-
-/// A waiter's first re-read of an in-progress record, and the longest between two.
-const POLL_FIRST: Duration = Duration::from_millis(50);
-const POLL_LONGEST: Duration = Duration::from_secs(1);
 
 impl Store for DynamoDbStore {
     /// One `PutItem` of the in-progress record, conditional on the key being absent,
@@ -582,25 +585,13 @@ impl Store for DynamoDbStore {
     }
 
     /// Polling, since DynamoDB has no cheap push: a strongly consistent `GetItem` at
-    /// once, then again after 50 ms, 100 ms, 200 ms … up to one a second, until the
-    /// record is no longer held by the claim first seen (completed, released, deleted,
-    /// expired or taken over). A failed read resolves the future, so that the engine's
+    /// once, then after 50 ms, 100 ms, 200 ms … up to once a second, until the record is
+    /// no longer held by the claim first seen (completed, released, deleted, expired or
+    /// taken over). One poller per key, shared by every task of the process waiting on
+    /// it (see `src/watch.rs`). A failed read resolves the future, so that the engine's
     /// claim answers with the real state (or the error).
     fn subscribe(&self, key: &StorageKey) -> Notified {
-        let store = self.clone();
-        let key = *key;
-        Box::pin(async move {
-            let Ok(Some(holder)) = store.holder(&key).await else { return };
-            let mut pause = POLL_FIRST;
-            loop {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(POLL_LONGEST);
-                match store.holder(&key).await {
-                    Ok(Some(now)) if now == holder => {}
-                    _ => return,
-                }
-            }
-        })
+        Box::pin(crate::watch::changed(self.clone(), *key))
     }
 }
 

@@ -28,7 +28,11 @@ from moto.moto_server.werkzeug_app import (  # noqa: E402
     MotoRequestHandler,
     create_backend_app,
 )
-from werkzeug.serving import run_simple  # noqa: E402
+from werkzeug.serving import BaseWSGIServer, run_simple  # noqa: E402
+
+# werkzeug listens with a backlog of 128: a test with a thousand concurrent callers
+# would have connections reset before moto ever saw them.
+BaseWSGIServer.request_queue_size = 4096
 
 app = DomainDispatcherApplication(create_backend_app)
 one_at_a_time = threading.Lock()
