@@ -37,43 +37,9 @@ mod partition_key {
 /// hundreds a second, on the same two cores as the tests) would run both modules' load
 /// cases at once too slowly for their time limits.
 mod sort_key {
-    use oncely_testkit::cases;
-
-    macro_rules! cases {
-        ($($case:ident),* $(,)?) => {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    cases::$case(super::store_with(super::DynamoDbServer::shared(), "&sort_key=sk&prefix=payments").await).await;
-                }
-            )*
-        };
-    }
-
-    cases!(
-        engine_runs_once_among_concurrent_callers,
-        fingerprint_mismatch_is_reported_without_a_hit,
-        lapsed_lease_is_taken_over_and_old_holder_fenced,
-        keep_alive_prevents_takeover_of_live_holder,
-        touch_extends_the_lease,
-        release_lets_the_next_caller_run,
-        retention_expiry_makes_the_key_new_again,
-        replays_write_nothing_and_hits_are_flushed,
-        engine_hits_reach_the_store,
-        waiters_are_woken_on_completion,
-        waiters_are_woken_on_release,
-        first_seen_inside_and_outside_its_window,
-        purge_removes_only_expired_records,
-        stats_count_records_by_state,
-        delete_removes_and_fences_the_holder,
-        records_keep_raw_key_and_scope,
-        scopes_never_share_records,
-        subscribe_resolves_at_once_when_nothing_is_in_progress,
+    oncely_testkit::store_conformance!(
+        super::store_with(super::DynamoDbServer::shared(), "&sort_key=sk&prefix=payments"),
+        max_payload = super::MOTO_MAX_PAYLOAD,
+        load_cases = false
     );
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn replay_returns_stored_bytes_exactly() {
-        let store = super::store_with(super::DynamoDbServer::shared(), "&sort_key=sk&prefix=payments").await;
-        cases::replay_returns_stored_bytes_exactly_up_to(store, super::MOTO_MAX_PAYLOAD).await;
-    }
 }
