@@ -402,13 +402,13 @@ impl Store for DynamoDbStore {
             .await;
         match sent {
             Ok(output) => {
-                let takeover = match output.attributes() {
-                    Some(old) if !old.is_empty() => {
-                        let record = codec::record(request.storage_key(), old)?;
-                        !record.is_completed() && !record.is_expired(now)
-                    }
-                    _ => false,
-                };
+                // The key is this request's now, whatever the replaced item held: one that
+                // cannot be read (it was overwritten) is not called a takeover.
+                let takeover = output
+                    .attributes()
+                    .filter(|old| !old.is_empty())
+                    .and_then(|old| codec::record(request.storage_key(), old).ok())
+                    .is_some_and(|record| !record.is_completed() && !record.is_expired(now));
                 Ok(ClaimOutcome::Acquired { takeover })
             }
             Err(error) => match failed_condition(&error) {
