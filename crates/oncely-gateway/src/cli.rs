@@ -1,4 +1,4 @@
-//! The command line: `oncely serve | demo | check-config | keys | stats`.
+//! The command line: `oncely serve | demo | check-config | keys | stats | dynamodb`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,6 +55,22 @@ enum Command {
         #[arg(long, env = "ONCELY_STORE", default_value = DEFAULT_STORE)]
         store: String,
     },
+    /// DynamoDB: set up the store's table.
+    Dynamodb {
+        #[command(subcommand)]
+        action: DynamoDbAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DynamoDbAction {
+    /// Create the table a dynamodb:// store URL names (on-demand capacity) with its TTL
+    /// attribute enabled; a table that exists with the right key schema is fine.
+    CreateTable {
+        /// The store URL, as for `serve --store`: dynamodb://TABLE?region=…&endpoint=….
+        #[arg(long, env = "ONCELY_STORE")]
+        store: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -68,7 +84,7 @@ struct ServeArgs {
     /// Where the admin API (health, metrics, keys) listens; off when unset.
     #[arg(long, env = "ONCELY_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
-    /// The store: memory://, sqlite://PATH, redis://HOST:PORT, redis+cluster://…, postgres://… (options: the oncely-stores docs).
+    /// The store: memory://, sqlite://PATH, redis://HOST:PORT, redis+cluster://…, postgres://…, dynamodb://TABLE (options: the oncely-stores docs).
     #[arg(long, env = "ONCELY_STORE", default_value = DEFAULT_STORE)]
     store: String,
     /// The TOML configuration file; the flags below override its keys.
@@ -222,12 +238,35 @@ async fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Keys { action } => keys(action).await,
+        Command::Dynamodb { action: DynamoDbAction::CreateTable { store } } => create_table(&store).await,
         Command::Stats { store } => {
             let store = stores::open(&store).await.map_err(open_failure)?.0;
             let stats = store.stats().await.map_err(|e| Failure::Runtime(e.to_string()))?;
             println!("records: {}\nin_progress: {}\ncompleted: {}", stats.records, stats.in_progress, stats.completed);
             Ok(())
         }
+    }
+}
+
+/// `oncely dynamodb create-table`: a URL the store refuses is a usage error, DynamoDB
+/// unreachable or refusing a runtime failure.
+async fn create_table(url: &str) -> Result<(), Failure> {
+    use oncely_dynamodb::{DynamoDbStore, DynamoDbUrl, OpenError, TableCreated};
+    let shown = stores::redacted(url);
+    let parsed: DynamoDbUrl = url.parse().map_err(|e| Failure::Usage(format!("{shown}: {e}")))?;
+    let table = parsed.options().table_name().to_string();
+    match DynamoDbStore::create_table(parsed.into_options()).await {
+        Ok((_, created)) => {
+            let what = match created {
+                TableCreated::Created => "created, TTL enabled",
+                TableCreated::TtlEnabled => "already there; TTL enabled",
+                _ => "already there with its TTL enabled",
+            };
+            println!("table {table}: {what}");
+            Ok(())
+        }
+        Err(e @ OpenError::Connect(_)) => Err(Failure::Runtime(format!("{shown}: {e}"))),
+        Err(e) => Err(Failure::Usage(format!("{shown}: {e}"))),
     }
 }
 

@@ -30,6 +30,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use oncely::Oncely;
 use oncely::engine::DeferredCompletions;
+use oncely::store::StoreAbilities;
 use oncely_http::problem::problem_response;
 use oncely_http::{Idempotency, IdempotencyLayer, KeyedOutcome, ResponseBody};
 use tokio_util::task::TaskTracker;
@@ -65,11 +66,14 @@ impl Routes {
     /// Builds one layer per route over `proxy`, all on `store`, spawning keyed operations
     /// on `tracker`.
     ///
+    /// Stored responses are capped to fit the store's `abilities.max_payload`.
+    ///
     /// Every route keeps the results its store could not take in `deferred`, so that one
     /// readiness check sees them all and each route writes them before its next claim.
     pub fn new(
         config: &Config,
         store: &GatewayStore,
+        abilities: StoreAbilities,
         proxy: &Proxy,
         tracker: &TaskTracker,
         deferred: &DeferredCompletions,
@@ -77,7 +81,10 @@ impl Routes {
         let build = |route: &RouteSettings| -> Result<Route, String> {
             let engine =
                 Oncely::builder(store.clone()).track_background(tracker.clone()).deferred_completions(deferred.clone());
-            let layer = route.layer(engine).map_err(|e| e.to_string())?.track_operations(tracker.clone());
+            let mut layer = route.layer(engine).map_err(|e| e.to_string())?.track_operations(tracker.clone());
+            if let Some(bytes) = abilities.max_payload {
+                layer = layer.fit_store_payload(bytes);
+            }
             let service = layer.layer(proxy.with_completion_limit(route.completion_limit));
             Ok(Route { settings: route.clone(), layer, service })
         };

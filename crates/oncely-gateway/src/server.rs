@@ -93,7 +93,7 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
     let tracker = TaskTracker::new();
     let proxy = Proxy::new(&options.upstream, config.upstream.timeout)?;
     let deferred = DeferredCompletions::new();
-    let routes = Routes::new(&config, &store, &proxy, &tracker, &deferred)?;
+    let routes = Routes::new(&config, &store, abilities, &proxy, &tracker, &deferred)?;
     let app = Router::new().fallback_service(routes.clone());
 
     let listener = TcpListener::bind(options.listen).await.map_err(|e| format!("--listen {}: {e}", options.listen))?;

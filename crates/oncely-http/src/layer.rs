@@ -188,6 +188,16 @@ impl<St: Store> IdempotencyLayer<St> {
         self.with(|s| s.max_stored_response = bytes)
     }
 
+    /// Lowers the stored-response cap to fit a store that takes payloads of at most
+    /// `payload_bytes` ([`StoreAbilities::max_payload`](oncely::store::StoreAbilities::max_payload)):
+    /// the body cap becomes at most `payload_bytes` less 64 KiB for the status and
+    /// headers. A larger body is then completed as "not kept" (a retry gets
+    /// `response-not-stored`, never a second run) rather than refused by the store.
+    pub fn fit_store_payload(self, payload_bytes: usize) -> Self {
+        let cap = payload_bytes.saturating_sub(64 * 1024);
+        self.with(|s| s.max_stored_response = s.max_stored_response.min(cap))
+    }
+
     /// The response header that marks a replay (default `Idempotent-Replayed: true`).
     pub fn replayed_header(self, name: HeaderName) -> Self {
         self.with(|s| s.replayed_header = name)

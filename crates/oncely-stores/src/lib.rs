@@ -13,7 +13,7 @@
 //!
 //! Each store crate parses its own URL (`oncely::MemoryStoreBuilder`,
 //! [`oncely_sqlite::SqliteUrl`], [`oncely_redis::RedisUrl`],
-//! [`oncely_postgres::PostgresUrl`], all `FromStr`) and states its abilities; this crate
+//! [`oncely_postgres::PostgresUrl`], [`oncely_dynamodb::DynamoDbUrl`], all `FromStr`) and states its abilities; this crate
 //! only picks the store by the scheme. Options a store does not know are refused, and
 //! every error names the option at fault and shows the URL with its password as `***`.
 //!
@@ -26,6 +26,7 @@
 //! | `redis://[user:pass@]HOST:PORT[/DB]` | a shared Redis/Valkey server ([`oncely_redis::RedisStore`]); `?prefix=NAME` (default `oncely`), `?timeout=1s`, `?connect_timeout=1s`, `?replica=redis://HOST:PORT` (replays served by a replica; standalone only) |
 //! | `redis+cluster://HOST:PORT,HOST:PORT,…` | a Redis Cluster, same options |
 //! | `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (or `postgresql://`) | shared by every process on the database ([`oncely_postgres::PostgresStore`]); options `table=NAME` (default `oncely_records`), `pool=N` connections (default 16), `acquire_timeout=5s`, `statement_timeout=5s`, `sweep_interval=60s`; other query parameters (`sslmode`, …) go to the driver |
+//! | `dynamodb://TABLE` | a DynamoDB table shared by every process with access to it ([`oncely_dynamodb::DynamoDbStore`]; create it with `oncely dynamodb create-table`); credentials and region from the usual AWS chain; options `region=NAME`, `endpoint=URL` (emulators; on loopback any credentials), `partition_key=NAME` (default `id`), `sort_key=NAME` and `prefix=NAME` (a table shared with other data), `ttl_attribute=NAME` (default `ttl`), `timeout=2s` per attempt, `connect_timeout=1s`, `max_attempts=3` |
 //!
 //! Durations are humantime (`250ms`, `30s`, `1h`), sizes bytesize (`1000`, `512KiB`,
 //! `1GiB`), counts positive whole numbers; zero is refused for each.
@@ -47,19 +48,21 @@
 //! | `sqlite://` | yes | yes | yes (one machine) | yes |
 //! | `redis://` | no (a count scans the key space) | yes (by scanning) | yes | as the server's persistence |
 //! | `postgres://` | yes | yes | yes | yes |
+//! | `dynamodb://` | no (a count scans the table) | yes (by scanning) | yes | yes |
 
 use std::fmt;
 
 use oncely::store::StoreErrorKind;
 use oncely::store::{BoxError, StoreAbilities, UrlError};
 use oncely::{DynStore, MemoryStoreBuilder};
+use oncely_dynamodb::DynamoDbUrl;
 use oncely_postgres::PostgresUrl;
 use oncely_redis::RedisUrl;
 use oncely_sqlite::SqliteUrl;
 
 /// The URL forms [`open`] takes, for help texts and messages.
-pub const STORE_URLS: &str =
-    "memory://, sqlite://PATH, redis://HOST:PORT, redis+cluster://HOST:PORT,…, postgres://USER@HOST/DATABASE";
+pub const STORE_URLS: &str = "memory://, sqlite://PATH, redis://HOST:PORT, redis+cluster://HOST:PORT,…, \
+                              postgres://USER@HOST/DATABASE, dynamodb://TABLE?region=…";
 
 /// A store opened from a URL, its type erased once, with what it can do.
 #[derive(Clone)]
@@ -92,8 +95,7 @@ pub enum OpenError {
         #[source]
         source: UrlError,
     },
-    /// The URL's scheme names no store of this build (`mysql://`, `dynamodb://` for now,
-    /// or no scheme at all).
+    /// The URL's scheme names no store of this build (`mysql://`, or no scheme at all).
     #[error("{url}: not a store URL of this build; use {STORE_URLS}")]
     UnknownScheme {
         /// The URL, password hidden.
@@ -105,7 +107,8 @@ pub enum OpenError {
     Open {
         /// The URL, password hidden.
         url: String,
-        /// The store's error (`oncely::StoreError`, or `oncely_redis::OpenError`).
+        /// The store's error (`oncely::StoreError`, `oncely_redis::OpenError` or
+        /// `oncely_dynamodb::OpenError`).
         #[source]
         source: BoxError,
     },
@@ -135,6 +138,9 @@ impl OpenError {
     pub fn is_unreachable(&self) -> bool {
         let Self::Open { source, .. } = self else { return false };
         if let Some(error) = source.downcast_ref::<oncely::StoreError>() {
+            return matches!(error.kind(), StoreErrorKind::Unavailable | StoreErrorKind::Timeout);
+        }
+        if let Some(oncely_dynamodb::OpenError::Connect(error)) = source.downcast_ref::<oncely_dynamodb::OpenError>() {
             return matches!(error.kind(), StoreErrorKind::Unavailable | StoreErrorKind::Timeout);
         }
         matches!(source.downcast_ref::<oncely_redis::OpenError>(), Some(oncely_redis::OpenError::Connect(_)))
@@ -176,6 +182,10 @@ pub async fn open(url: &str) -> Result<OpenedStore, OpenError> {
         }
         Some("postgres" | "postgresql") => {
             let store = url.parse::<PostgresUrl>().map_err(bad)?.open().await.map_err(|e| failed(e.into()))?;
+            OpenedStore { abilities: store.abilities(), store: DynStore::new(store) }
+        }
+        Some("dynamodb") => {
+            let store = url.parse::<DynamoDbUrl>().map_err(bad)?.open().await.map_err(|e| failed(e.into()))?;
             OpenedStore { abilities: store.abilities(), store: DynStore::new(store) }
         }
         _ => return Err(OpenError::UnknownScheme { url: redacted(url) }),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use oncely::store::{FirstSeen, UrlError};
 use oncely::{ClaimId, ClaimOutcome, ClaimRequest, IdempotencyKey, Scope, Store, StoreAdmin};
 use oncely_stores::{OpenError, OpenedStore, open};
+use oncely_testkit::dynamodb::{DynamoDbServer, unique_table};
 use oncely_testkit::postgres::PostgresServer;
 use oncely_testkit::redis::RedisServer;
 
@@ -74,6 +75,24 @@ async fn postgres_opens_on_the_test_server() {
     round_trip(&opened).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_opens_on_the_test_emulator() {
+    let url = DynamoDbServer::shared().store_url(&unique_table());
+    let missing = open(&url).await.expect_err("no table yet");
+    assert!(matches!(missing, OpenError::Open { .. }) && !missing.is_unreachable(), "{missing:?}");
+    let options = url.parse::<oncely_dynamodb::DynamoDbUrl>().expect("a valid URL").into_options();
+    oncely_dynamodb::DynamoDbStore::create_table(options).await.expect("the table is created");
+    let url = format!("{url}&timeout=5s&max_attempts=2");
+    let opened = open(&url).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    let a = opened.abilities;
+    assert!(!a.counts_records_cheaply && a.lists_records && a.shared_between_processes && a.durable, "{a:?}");
+    round_trip(&opened).await;
+
+    // Nothing listens on port 1.
+    let down = open("dynamodb://oncely?endpoint=http://127.0.0.1:1&max_attempts=1").await.expect_err("no emulator");
+    assert!(down.is_unreachable(), "{down:?}");
+}
+
 #[tokio::test]
 async fn bad_urls_are_typed_errors_naming_the_option() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -94,6 +113,9 @@ async fn bad_urls_are_typed_errors_naming_the_option() {
         ("postgres://app:s3cret@127.0.0.1:1/app?pool=0".to_string(), "pool"),
         ("postgres://app:s3cret@127.0.0.1:1/app?statement_timeout=0s".to_string(), "statement_timeout"),
         ("postgres://app:s3cret@127.0.0.1:1/app?table=1st".to_string(), "table"),
+        ("dynamodb://oncely?regoin=eu-west-1".to_string(), "regoin"),
+        ("dynamodb://oncely?timeout=soon".to_string(), "timeout"),
+        ("dynamodb://oncely?endpoint=127.0.0.1:8000".to_string(), "endpoint"),
     ];
     for (url, option) in &cases {
         let error = open(url).await.err().unwrap_or_else(|| panic!("{url} is refused"));
@@ -106,11 +128,13 @@ async fn bad_urls_are_typed_errors_naming_the_option() {
     }
     assert!(!db.exists(), "a refused URL opens nothing");
 
-    for malformed in ["sqlite://", "memory://somewhere", "redis://", "rediss://127.0.0.1"] {
+    for malformed in
+        ["sqlite://", "memory://somewhere", "redis://", "rediss://127.0.0.1", "dynamodb://", "dynamodb://a/b"]
+    {
         let error = open(malformed).await.err().unwrap_or_else(|| panic!("{malformed} is refused"));
         assert!(matches!(&error, OpenError::BadUrl { source: UrlError::Malformed(_), .. }), "{malformed}: {error:?}");
     }
-    for unknown in ["mysql://x", "dynamodb://table", "oncely.db", ""] {
+    for unknown in ["mysql://x", "dynamo://table", "oncely.db", ""] {
         let error = open(unknown).await.err().unwrap_or_else(|| panic!("{unknown} is refused"));
         assert!(matches!(error, OpenError::UnknownScheme { .. }), "{unknown}: {error:?}");
         assert!(error.to_string().contains("sqlite://PATH"), "the message lists the stores: {error}");

@@ -153,10 +153,16 @@ pub async fn thousand_tasks_over_ten_keys_run_ten_operations<S: Store + StoreAdm
 }
 
 /// A replay hands back the stored payload byte for byte: every byte value, an empty
-/// payload, and a large one.
+/// payload, and a large one (1 MiB).
 pub async fn replay_returns_stored_bytes_exactly<S: Store + StoreAdmin>(store: S) {
+    replay_returns_stored_bytes_exactly_up_to(store, 1 << 20).await
+}
+
+/// [`replay_returns_stored_bytes_exactly`] with the large payload `large` bytes long: for
+/// a store whose results are bounded, at its bound.
+pub async fn replay_returns_stored_bytes_exactly_up_to<S: Store + StoreAdmin>(store: S, large: usize) {
     let every_byte: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
-    let large: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let large: Vec<u8> = (0..large as u32).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     for payload in [Bytes::from(every_byte), Bytes::new(), Bytes::from(large)] {
         let key = unique_key();
         let request = claim_request(&key, None, LONG);

@@ -30,12 +30,22 @@ pub struct StoreAbilities {
     /// the one before it completed. How much a crash of the machine can take is in
     /// each store's docs.
     pub durable: bool,
+    /// The largest payload [`Store::complete`](super::Store::complete) takes, if the
+    /// store has a bound of its own (DynamoDB's 400 KB item): a caller that stores
+    /// responses caps them below it, so that a completed operation is never refused its
+    /// result (which would let its key lapse, and a retry run it again).
+    pub max_payload: Option<usize>,
 }
 
 impl StoreAbilities {
     /// No ability: the starting point of a store's statement.
-    pub const NONE: Self =
-        Self { counts_records_cheaply: false, lists_records: false, shared_between_processes: false, durable: false };
+    pub const NONE: Self = Self {
+        counts_records_cheaply: false,
+        lists_records: false,
+        shared_between_processes: false,
+        durable: false,
+        max_payload: None,
+    };
 
     /// Sets [`counts_records_cheaply`](Self::counts_records_cheaply).
     pub const fn counts_records_cheaply(mut self, yes: bool) -> Self {
@@ -58,6 +68,12 @@ impl StoreAbilities {
     /// Sets [`durable`](Self::durable).
     pub const fn durable(mut self, yes: bool) -> Self {
         self.durable = yes;
+        self
+    }
+
+    /// Sets [`max_payload`](Self::max_payload).
+    pub const fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = Some(bytes);
         self
     }
 }
