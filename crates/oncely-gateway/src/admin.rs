@@ -24,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use oncely::{Record, RecordState, StorageKey, StoreAdmin};
+use oncely_http::StoredKind;
 use serde::{Deserialize, Serialize};
 use tokio_util::task::TaskTracker;
 
@@ -141,8 +142,12 @@ pub struct RecordView {
     pub key: String,
     /// The scope (a hash of the principal headers, or empty).
     pub scope: String,
-    /// `in_progress` or `completed`.
+    /// `in_progress`, `completed`, or `outcome_unknown` (a completed record that answers
+    /// 502 `outcome-unknown` until it is deleted: check what the upstream did, then
+    /// delete it to let the key run again).
     pub state: String,
+    /// The stored response's status, for a completed response.
+    pub status: Option<u16>,
     /// The request fingerprint, hex.
     pub fingerprint: Option<String>,
     /// Milliseconds since the Unix epoch.
@@ -161,15 +166,22 @@ fn millis(t: SystemTime) -> u64 {
 
 impl From<&Record> for RecordView {
     fn from(record: &Record) -> Self {
-        let (state, payload_bytes) = match &record.state {
-            RecordState::InProgress { .. } => ("in_progress", 0),
-            RecordState::Completed { payload, .. } => ("completed", payload.len()),
+        let (state, status, payload_bytes) = match &record.state {
+            RecordState::InProgress { .. } => ("in_progress", None, 0),
+            RecordState::Completed { payload, .. } => match oncely_http::stored_kind(payload) {
+                Some(StoredKind::OutcomeUnknown) => ("outcome_unknown", None, payload.len()),
+                Some(StoredKind::Response(status) | StoredKind::NotKept(status)) => {
+                    ("completed", Some(status.as_u16()), payload.len())
+                }
+                None => ("completed", None, payload.len()),
+            },
         };
         Self {
             hash: record.storage_key.to_hex(),
             key: record.key.to_string(),
             scope: record.scope.to_string(),
             state: state.to_string(),
+            status,
             fingerprint: record.fingerprint.map(|f| f.to_hex()),
             created_at_ms: millis(record.created_at),
             expires_at_ms: millis(record.expires_at),

@@ -127,7 +127,7 @@ settings_table! {
         #[arg(long, env = "ONCELY_METHODS", value_delimiter = ',')]
         pub methods: Option<Vec<String>>,
         /// Whether a covered request without a key is refused with 400.
-        #[arg(long, env = "ONCELY_REQUIRED")]
+        #[arg(long, env = "ONCELY_REQUIRED", value_parser = clap::builder::BoolishValueParser::new())]
         pub required: Option<bool>,
         /// How long results are replayed (default 24h).
         #[arg(long, env = "ONCELY_TTL")]
@@ -169,7 +169,7 @@ settings_table! {
         #[arg(long, env = "ONCELY_FINGERPRINT_HEADERS", value_delimiter = ',')]
         pub fingerprint_headers: Option<Vec<String>>,
         /// Whether path prefixes match ignoring ASCII case.
-        #[arg(long, env = "ONCELY_CASE_INSENSITIVE")]
+        #[arg(long, env = "ONCELY_CASE_INSENSITIVE", value_parser = clap::builder::BoolishValueParser::new())]
         pub case_insensitive: Option<bool>,
         /// `true`, `false`, or suffixes that may follow the prefix, comma-separated: `.json,.xml`.
         #[arg(long, env = "ONCELY_MATCH_SUFFIXES")]

@@ -637,7 +637,11 @@ async fn admin_key_hash(gw: &Gateway, key: &str) -> String {
         support::client().get(format!("{}/keys", gw.admin)).bearer_auth(TOKEN).send().await.expect("GET /keys");
     assert_eq!(listing.status(), 200, "the admin API lists keys");
     let keys: Vec<Value> = listing.json().await.expect("key listing");
-    let found = keys.iter().find(|k| k["key"] == key).and_then(|k| k["hash"].as_str());
+    let record = keys.iter().find(|k| k["key"] == key);
+    if let Some(record) = record {
+        assert_eq!(record["state"], "outcome_unknown", "the operator sees what to reconcile: {record}");
+    }
+    let found = record.and_then(|k| k["hash"].as_str());
     found.unwrap_or_else(|| panic!("the admin API lists {key}: {keys:?}")).to_string()
 }
 
@@ -734,7 +738,9 @@ async fn on_sqlite_an_unknown_outcome_survives_a_restart_until_keys_delete() {
     let list = oncely().args(["keys", "list", "--store", &store]).output().await.expect("keys list");
     assert!(list.status.success(), "{list:?}");
     let records: Vec<Value> = serde_json::from_slice(&list.stdout).expect("JSON list");
-    let hash = records.iter().find(|r| r["key"] == "k-sqlite").and_then(|r| r["hash"].as_str());
+    let record = records.iter().find(|r| r["key"] == "k-sqlite");
+    assert_eq!(record.map(|r| &r["state"]), Some(&Value::from("outcome_unknown")), "{records:?}");
+    let hash = record.and_then(|r| r["hash"].as_str());
     let hash = hash.unwrap_or_else(|| panic!("`oncely keys list` shows the key: {records:?}"));
     let deleted = oncely().args(["keys", "delete", hash, "--store", &store]).output().await.expect("keys delete");
     assert!(deleted.status.success(), "{deleted:?}");

@@ -126,6 +126,7 @@ pub use request::{
 };
 pub use scope::{ScopeRejection, ScopeSource};
 pub use service::{Idempotency, ResponseFuture};
+pub use stored::{StoredKind, stored_kind};
 
 #[cfg(feature = "axum")]
 pub use extract::{Idempotent, KeyRejection};

@@ -31,6 +31,42 @@ pub(crate) enum StoredBody {
     OutcomeUnknown,
 }
 
+/// What a completed record written by this layer holds, for tools that show records
+/// (the gateway's admin API and `oncely keys`): read from the payload's head, without
+/// decoding its headers or body.
+///
+/// ```
+/// use oncely_http::{StoredKind, stored_kind};
+///
+/// assert_eq!(stored_kind(b"not a stored response"), None);
+/// # let _ = StoredKind::OutcomeUnknown;
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredKind {
+    /// A response, replayed byte for byte, with its status.
+    Response(StatusCode),
+    /// A completed operation whose response was over the storage cap.
+    NotKept(StatusCode),
+    /// An operation whose outcome nobody knows: retries get 502 `outcome-unknown` until
+    /// the key is deleted.
+    OutcomeUnknown,
+}
+
+/// The kind of a completed record's payload, if this layer wrote it.
+pub fn stored_kind(payload: &[u8]) -> Option<StoredKind> {
+    let [m0, m1, m2, m3, flag, hi, lo, ..] = *payload else { return None };
+    if [m0, m1, m2, m3] != *MAGIC {
+        return None;
+    }
+    let status = StatusCode::from_u16(u16::from_be_bytes([hi, lo])).ok()?;
+    match flag {
+        0 => Some(StoredKind::Response(status)),
+        1 => Some(StoredKind::NotKept(status)),
+        2 => Some(StoredKind::OutcomeUnknown),
+        _ => None,
+    }
+}
+
 impl StoredResponse {
     /// The record of an unknown outcome.
     pub(crate) fn outcome_unknown() -> Self {
@@ -119,9 +155,11 @@ mod tests {
         let stored = StoredResponse { status: StatusCode::CREATED, headers, body: StoredBody::Kept(Bytes::from(body)) };
         assert_eq!(StoredResponse::decode(stored.encode()), Ok(stored));
         let marker = StoredResponse { status: StatusCode::OK, headers: HeaderMap::new(), body: StoredBody::NotKept };
-        assert_eq!(StoredResponse::decode(marker.encode()), Ok(marker));
+        assert_eq!(StoredResponse::decode(marker.encode()), Ok(marker.clone()));
         let unknown = StoredResponse::outcome_unknown();
-        assert_eq!(StoredResponse::decode(unknown.encode()), Ok(unknown));
+        assert_eq!(StoredResponse::decode(unknown.encode()), Ok(unknown.clone()));
+        assert_eq!(stored_kind(&unknown.encode()), Some(StoredKind::OutcomeUnknown));
+        assert_eq!(stored_kind(&marker.encode()), Some(StoredKind::NotKept(StatusCode::OK)));
     }
 
     #[test]
