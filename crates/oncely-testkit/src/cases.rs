@@ -80,7 +80,7 @@ pub async fn concurrent_claimers_acquire_once<S: Store + StoreAdmin>(store: S) {
 /// once; every caller either gets its value (run or replayed) or a conflict.
 pub async fn engine_runs_once_among_concurrent_callers<S: Store + StoreAdmin>(store: S) {
     const TASKS: usize = 100;
-    let oncely = Oncely::new(store);
+    let oncely = Oncely::builder(store).conflict_mode(ConflictMode::Reject).build().expect("valid settings");
     let key = unique_key();
     let executions = Arc::new(AtomicUsize::new(0));
     let start = Arc::new(Barrier::new(TASKS));
@@ -223,7 +223,12 @@ pub async fn lapsed_lease_is_taken_over_and_old_holder_fenced<S: Store + StoreAd
 /// so every duplicate meanwhile is a conflict, and the operation runs once.
 pub async fn keep_alive_prevents_takeover_of_live_holder<S: Store + StoreAdmin>(store: S) {
     let lease = Duration::from_millis(900);
-    let oncely = Oncely::builder(Arc::new(store)).lease(lease).build().expect("valid settings");
+    // Reject mode: each probe must find the key held at once, not wait for it.
+    let oncely = Oncely::builder(Arc::new(store))
+        .lease(lease)
+        .conflict_mode(ConflictMode::Reject)
+        .build()
+        .expect("valid settings");
     let key = unique_key();
     let executions = Arc::new(AtomicUsize::new(0));
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
