@@ -786,7 +786,8 @@ fn resolve_route(at: &str, path: &str, raw: &RawSettings, common: &Common) -> Re
     let engine = Oncely::builder(MemoryStore::builder().no_sweeper().build());
     // A JWT scope's keys are read by `Config::load_keys`; until then the dry run has none.
     let layer = route_layer(at, raw, engine, common, completion_limit, None)?;
-    if layer.scope_is_shared_by_all() && layer.policy().required {
+    let policy = layer.policy();
+    if layer.scope_is_shared_by_all() && policy.required {
         tracing::warn!(
             route = path,
             "the route requires a key but has no scope source: every client shares every key, and one client's \
@@ -801,7 +802,7 @@ fn resolve_route(at: &str, path: &str, raw: &RawSettings, common: &Common) -> Re
         completion_limit,
         raw: raw.clone(),
         common: common.clone(),
-        policy: layer.policy(),
+        policy,
         jwt: Arc::default(),
     })
 }

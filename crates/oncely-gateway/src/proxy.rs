@@ -195,8 +195,9 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
         parts.version = http::Version::HTTP_11;
         let mut request = Request::from_parts(parts, body);
         // Whether a connection was ever obtained: a timeout before one was says that
-        // nothing was sent.
-        let connection = capture_connection(&mut request);
+        // nothing was sent, which releases a keyed request's key. Only keyed requests
+        // pay for the capture.
+        let connection = keyed.then(|| capture_connection(&mut request));
         let upstream = self.client.request(request);
         let timeout = if keyed { self.completion_limit } else { self.timeout };
         Box::pin(async move {
@@ -226,7 +227,7 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
                     response.extensions_mut().insert(OutcomeUnknown);
                     return Ok(response);
                 }
-                Err(_) if connection.connection_metadata().is_none() => {
+                Err(_) if connection.as_ref().is_some_and(|c| c.connection_metadata().is_none()) => {
                     tracing::warn!(?timeout, "no upstream connection in time; nothing was sent");
                     let detail = format!(
                         "no connection to the upstream within {}; the request was not sent",

@@ -36,6 +36,7 @@
 #[cfg(feature = "jwt")]
 pub mod jwt;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -179,28 +180,27 @@ impl ScopeSource {
         if let [Source::Function(f)] = &*self.sources {
             return Ok(f(parts));
         }
-        let mut fields: Vec<Vec<u8>> = Vec::new();
-        for (i, source) in self.sources.iter().enumerate() {
-            // Each part is tagged with its source's place, so parts of two sources never
-            // run together into the same text.
-            let tag = |kind: &str, name: &str| format!("{i}:{kind}:{name}").into_bytes();
+        // Each value goes in as (kind, name, value): the kind keeps a cookie named
+        // `authorization` apart from the header. Header values are borrowed; only
+        // `Authorization` (its scheme lowercased) and derived values are copied.
+        let mut fields: Vec<Cow<'_, [u8]>> = Vec::new();
+        for source in self.sources.iter() {
             match source {
                 Source::Headers(names) => {
                     for name in names.iter() {
                         for value in parts.headers.get_all(name) {
-                            fields.push(tag("header", name.as_str()));
-                            fields.push(if name == header::AUTHORIZATION {
-                                scheme_lowercased(value.as_bytes())
+                            let value = if name == header::AUTHORIZATION {
+                                Cow::Owned(scheme_lowercased(value.as_bytes()))
                             } else {
-                                value.as_bytes().to_vec()
-                            });
+                                Cow::Borrowed(value.as_bytes())
+                            };
+                            push(&mut fields, "header", Cow::Borrowed(name.as_str().as_bytes()), value);
                         }
                     }
                 }
                 Source::Cookies(names) => {
                     for (name, value) in cookies(parts, names) {
-                        fields.push(tag("cookie", &name));
-                        fields.push(value.into_bytes());
+                        push(&mut fields, "cookie", Cow::Owned(name.into_bytes()), Cow::Owned(value.into_bytes()));
                     }
                 }
                 Source::TrustedHeader(name) => {
@@ -210,31 +210,41 @@ impl ScopeSource {
                         (None, _) => return Err(rejection("trusted_header", format!("no {name} header"))),
                         _ => return Err(rejection("trusted_header", format!("{name} must be one non-empty field"))),
                     };
-                    fields.push(tag("trusted", name.as_str()));
-                    fields.push(value.as_bytes().to_vec());
+                    push(
+                        &mut fields,
+                        "trusted",
+                        Cow::Borrowed(name.as_str().as_bytes()),
+                        Cow::Borrowed(value.as_bytes()),
+                    );
                 }
                 #[cfg(feature = "jwt")]
                 Source::Jwt(verifier) => match verifier.principal(&parts.headers) {
-                    Ok(principal) => {
-                        fields.push(tag("jwt", ""));
-                        fields.push(principal.into_bytes());
-                    }
+                    Ok(principal) => push(&mut fields, "jwt", Cow::Borrowed(b""), Cow::Owned(principal.into_bytes())),
                     Err(e) => {
                         return Err(ScopeRejection { source_name: "jwt", reason: e.to_string(), bearer: true });
                     }
                 },
                 Source::Function(f) => {
-                    fields.push(tag("function", ""));
-                    fields.push(f(parts).as_str().as_bytes().to_vec());
+                    push(
+                        &mut fields,
+                        "function",
+                        Cow::Borrowed(b""),
+                        Cow::Owned(f(parts).as_str().as_bytes().to_vec()),
+                    );
                 }
             }
         }
         if fields.is_empty() {
             return Ok(Scope::global());
         }
-        let slices: Vec<&[u8]> = fields.iter().map(Vec::as_slice).collect();
+        let slices: Vec<&[u8]> = fields.iter().map(AsRef::as_ref).collect();
         Ok(Scope::new(Fingerprint::from_parts(&slices).to_hex()))
     }
+}
+
+/// One value of a scope: its source's kind, its name and the value.
+fn push<'a>(fields: &mut Vec<Cow<'a, [u8]>>, kind: &'static str, name: Cow<'a, [u8]>, value: Cow<'a, [u8]>) {
+    fields.extend([Cow::Borrowed(kind.as_bytes()), name, value]);
 }
 
 fn rejection(source_name: &'static str, reason: String) -> ScopeRejection {

@@ -281,7 +281,8 @@ where
     let started = std::time::Instant::now();
     let log = tracing::enabled!(target: "oncely::access", tracing::Level::INFO)
         .then(|| (parts.method.clone(), parts.uri.path().to_string()));
-    let mut storage_key = None;
+    // The storage key is hashed again for the line only when the line is written.
+    let mut storage_key = log.is_some().then_some(None);
     let result = decide(inner, oncely, settings, key, parts, body, &mut storage_key).await;
     if let Some((method, path)) = log {
         let (status, outcome) = match &result {
@@ -292,7 +293,7 @@ where
             target: "oncely::access",
             %method,
             path,
-            key = storage_key.map(|k: StorageKey| k.to_hex()).unwrap_or_default(),
+            key = storage_key.flatten().map(|k: StorageKey| k.to_hex()).unwrap_or_default(),
             outcome,
             status,
             micros = started.elapsed().as_micros() as u64,
@@ -376,7 +377,7 @@ async fn decide<S, St, ReqBody, ResBody>(
     key: IdempotencyKey,
     mut parts: http::request::Parts,
     body: Bytes,
-    storage_key: &mut Option<StorageKey>,
+    storage_key: &mut Option<Option<StorageKey>>,
 ) -> Result<(Response<ResponseBody>, Outcome), S::Error>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -402,7 +403,9 @@ where
             return Ok((problem, Outcome::Refused));
         }
     };
-    *storage_key = Some(StorageKey::derive(&scope, &key));
+    if let Some(slot) = storage_key {
+        *slot = Some(StorageKey::derive(&scope, &key));
+    }
     let engine = oncely.scoped(scope.clone());
     // Handlers read the key through the extensions, whichever header the layer reads.
     parts.extensions.insert(key.clone());
