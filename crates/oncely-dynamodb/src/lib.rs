@@ -80,9 +80,11 @@
 //! - **Waiting** is polling, since DynamoDB has no cheap push: while tasks wait on a key
 //!   (wait mode), one poller per key and process re-reads the record with a strongly
 //!   consistent `GetItem` at once, then after 50 ms, 100 ms, 200 ms … up to once a
-//!   second, and wakes them all when it changes; the engine also re-claims at its poll
-//!   interval (500 ms by default), two claims per waiter. A duplicate therefore learns of
-//!   a completion up to about a second late.
+//!   second, and wakes them all when it changes. Each waiter claims twice when it
+//!   arrives (once more after subscribing) and once when woken; in between, the engine
+//!   re-claims at its poll interval (500 ms by default) once per key and process, not
+//!   once per waiter. A duplicate therefore learns of a completion up to about a second
+//!   late.
 //! - **Hits** are flushed by the engine in batches: one conditional `UpdateItem`
 //!   (`ADD hits`) per replayed record per flush, up to 16 in flight, since DynamoDB has
 //!   no conditional batch update.
@@ -137,7 +139,7 @@
 //! | new key (claim + complete) | 2 | 1 WCU for the claim + ⌈(result + ~0.5 KB) / 1 KB⌉ WCU for the completion |
 //! | replay | 1 (a failed conditional `PutItem`) | ⌈item size / 1 KB⌉ WCU: a replay of a large result costs its size in write units |
 //! | conflict (a live holder, reject mode) | 1 | 1 WCU |
-//! | waiting (wait mode) | per engine poll 2 claims, plus a `GetItem` per backoff step | 1 WCU per claim, 1 RCU per read |
+//! | waiting (wait mode) | 2 claims per waiter on arrival, 1 when woken; 1 claim per key and process per engine poll; a `GetItem` per backoff step | 1 WCU per claim, 1 RCU per read |
 //! | release / touch | 1 | 1 WCU |
 //! | hit flush | 1 per replayed record per flush interval | ⌈item size / 1 KB⌉ WCU |
 //! | `stats`, `list`, `purge_expired` | a scan of the table, one request per 1 MB page | 1 RCU per 4 KB of the table |

@@ -388,3 +388,62 @@ async fn an_outage_longer_than_the_lease_never_runs_an_operation_twice() {
         log.iter().enumerate().filter(|(_, call)| **call == ("claim", a)).map(|(i, _)| i).skip(1).collect();
     assert!(later_claims_of_a.iter().all(|&i| i > stored_a), "no claim of a before its result landed: {log:?}");
 }
+
+/// Duplicates that wait on one key in one process poll the store together: on their
+/// timers, one claim per poll interval between them, not one each. Each waiter still
+/// claims when it arrives, once more after subscribing, and once when the holder's
+/// completion wakes it. Without the sharing, 100 waiters over a 2 s hold at a 100 ms
+/// poll interval make about 2,000 timer claims, a load that on a slow store queues the
+/// holder's lease renewals until the lease lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiters_on_one_key_poll_the_store_together() {
+    const WAITERS: usize = 100;
+    let store = Arc::new(CompleteOutage::default());
+    let poll = Duration::from_millis(100);
+    let hold = Duration::from_secs(2);
+    let oncely = Oncely::builder(store.clone())
+        .conflict_mode(ConflictMode::Wait { timeout: Duration::from_secs(30) })
+        .poll_interval(poll)
+        .build()
+        .expect("settings");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let holder = tokio::spawn({
+        let (oncely, runs, started) = (oncely.clone(), runs.clone(), started.clone());
+        async move {
+            oncely
+                .run(&key("busy"), None, || async {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    started.notify_one();
+                    tokio::time::sleep(hold).await;
+                    Ok::<_, Failure<String>>("charged".to_string())
+                })
+                .await
+        }
+    });
+    started.notified().await;
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let (oncely, runs) = (oncely.clone(), runs.clone());
+            tokio::spawn(async move {
+                oncely
+                    .run(&key("busy"), None, || async {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, Failure<String>>("again".to_string())
+                    })
+                    .await
+            })
+        })
+        .collect();
+    assert!(!holder.await.expect("holder").expect("holder runs").replayed);
+    for waiter in waiters {
+        let answer = waiter.await.expect("waiter").expect("a waiter gets the result");
+        assert!(answer.replayed);
+        assert_eq!(answer.value, "charged");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let claims = store.log.lock().expect("log").iter().filter(|(call, _)| *call == "claim").count();
+    // 1 for the holder, 3 per waiter, and about one timer claim per poll interval.
+    let timer_claims = (hold.as_millis() / poll.as_millis()) as usize;
+    assert!(claims <= 1 + 3 * WAITERS + 2 * timer_claims, "{claims} claims");
+}

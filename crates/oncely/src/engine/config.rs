@@ -255,6 +255,7 @@ impl<S: Store> OncelyBuilder<S> {
             background: self.background,
             deferred: self.deferred,
             hits: Default::default(),
+            waiting: Default::default(),
         }))
     }
 }

@@ -18,6 +18,7 @@ mod config;
 mod deferred;
 mod guard;
 mod hits;
+mod waiting;
 
 pub use config::{Config, ConflictMode, DEFAULT_WAIT_TIMEOUT, MAX_RETENTION, MAX_WAIT, OncelyBuilder};
 pub use deferred::DeferredCompletions;
@@ -66,6 +67,8 @@ pub(crate) struct Shared<S> {
     pub(crate) deferred: DeferredCompletions,
     /// Replays counted in the process, not yet flushed to the store.
     pub(crate) hits: hits::HitCounts,
+    /// The duplicates waiting on each key (wait mode), which poll the store together.
+    pub(crate) waiting: waiting::WaitGroups,
 }
 
 impl<S> Clone for Oncely<S> {
@@ -136,6 +139,7 @@ impl<S: Store> Oncely<S> {
             background: None,
             deferred: DeferredCompletions::new(),
             hits: Default::default(),
+            waiting: Default::default(),
         })
     }
 
@@ -214,6 +218,9 @@ impl<S: Store> Oncely<S> {
         // In wait mode, a waiter subscribes *before* its next claim, so a completion
         // landing between the claim and the wait still wakes it.
         let mut subscription: Option<Notified> = None;
+        // Joined at the first conflict in wait mode: this task's place among the waiters
+        // of the key in this process (see `waiting`).
+        let mut member: Option<waiting::Member<'_>> = None;
         let mut met_conflict = false;
         let deferred = &self.shared.deferred;
         loop {
@@ -232,13 +239,24 @@ impl<S: Store> Oncely<S> {
                     tracing::debug!(error = %e, "kept results not stored before a claim");
                 }
             }
+            if let Some(member) = &mut member {
+                member.catch_up();
+            }
             let outcome = match self.shared.store.claim(&request).await {
                 Ok(outcome) => outcome,
                 Err(e) => {
                     count("store_error");
+                    if let Some(member) = &member {
+                        member.announce_change();
+                    }
                     return Err(e.into());
                 }
             };
+            if let Some(member) = &member
+                && !matches!(outcome, ClaimOutcome::InProgress { .. })
+            {
+                member.announce_change();
+            }
             match outcome {
                 ClaimOutcome::Acquired { takeover } => {
                     count(if takeover { "takeover" } else { "executed" });
@@ -276,32 +294,50 @@ impl<S: Store> Oncely<S> {
                             hook(key, lease_until);
                         }
                     }
-                    let remaining = lease_until.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+                    let remaining = |lease_until: SystemTime| {
+                        lease_until.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)
+                    };
                     let conflict = || {
                         count("conflict");
-                        Error::Conflict { retry_after: retry_after(remaining) }
+                        Error::Conflict { retry_after: retry_after(remaining(lease_until)) }
                     };
                     let Some(wait_until) = wait_until else { return Err(conflict()) };
-                    let now = tokio::time::Instant::now();
-                    if now >= wait_until {
+                    if tokio::time::Instant::now() >= wait_until {
                         return Err(conflict());
                     }
-                    match subscription.take() {
-                        None => subscription = Some(self.shared.store.subscribe(&storage_key)),
-                        Some(notified) => {
-                            // Wake on the notification; at the latest when the lease
-                            // could lapse, at the poll interval, or at the deadline. The
-                            // lease's end is the store's clock read against ours: when ours
-                            // runs ahead, `remaining` is zero for a live claim, and the
-                            // floor keeps the waiter from spinning on the store.
-                            let floor = config.poll_interval.min(Duration::from_millis(50));
-                            let wake = wait_until.min(now + config.poll_interval).min(now + remaining.max(floor));
-                            tokio::select! {
-                                () = notified => {}
-                                () = tokio::time::sleep_until(wake) => {}
+                    let member = member.get_or_insert_with(|| self.shared.waiting.join(storage_key));
+                    member.lease_seen(lease_until);
+                    let Some(mut notified) = subscription.take() else {
+                        // Subscribed before the next claim, so a completion landing
+                        // between that claim and the wait still wakes this task.
+                        subscription = Some(self.shared.store.subscribe(&storage_key));
+                        continue;
+                    };
+                    // Wake on the store's notification or another waiter's news; on the
+                    // timer at the latest when the lease could lapse, at the poll
+                    // interval, or at the deadline. Of this process's waiters on the key,
+                    // one claims per poll interval on its timer (`waiting`); the others
+                    // wait on. The lease's end is the store's clock read against ours:
+                    // when ours runs ahead, the remainder is zero for a live claim, and
+                    // the floor keeps the waiter from spinning.
+                    let floor = config.poll_interval.min(Duration::from_millis(50));
+                    loop {
+                        let lease_until = member.latest_lease().unwrap_or(lease_until);
+                        let now = tokio::time::Instant::now();
+                        let wake =
+                            wait_until.min(now + config.poll_interval).min(now + remaining(lease_until).max(floor));
+                        tokio::select! {
+                            () = &mut notified => break,
+                            () = member.changed() => break,
+                            () = tokio::time::sleep_until(wake) => {
+                                let now = tokio::time::Instant::now();
+                                if now >= wait_until || member.take_turn(now, config.poll_interval) {
+                                    break;
+                                }
                             }
                         }
                     }
+                    subscription = Some(self.shared.store.subscribe(&storage_key));
                 }
             }
         }
