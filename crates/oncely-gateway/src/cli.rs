@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use oncely::{StorageKey, StoreAdmin};
 
 use crate::admin::RecordView;
-use crate::config::{Config, ConfigError, RawAdmin, RawConfig, RawPolicy, RawServer, RawSettings, RawUpstream};
+use crate::config::{
+    Config, ConfigError, RawAdmin, RawConfig, RawListen, RawPolicy, RawServer, RawSettings, RawUpstream,
+};
 use crate::server::{ServeOptions, serve};
 use crate::stores::{self, DEFAULT_STORE};
 
@@ -75,7 +77,7 @@ enum DynamoDbAction {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// The upstream API, `http://host:port`.
+    /// The upstream API, `http://host:port` or `https://host:port` (optionally with a base path).
     #[arg(long, env = "ONCELY_UPSTREAM")]
     upstream: String,
     /// Where the gateway listens.
@@ -95,6 +97,8 @@ struct ServeArgs {
     #[command(flatten)]
     upstream_table: RawUpstream,
     #[command(flatten)]
+    listen_table: RawListen,
+    #[command(flatten)]
     server: RawServer,
     #[command(flatten)]
     admin: RawAdmin,
@@ -110,6 +114,7 @@ impl ServeArgs {
             None => RawConfig::default(),
         };
         raw.upstream = raw.upstream.overlaid(&self.upstream_table);
+        raw.listen = raw.listen.overlaid(&self.listen_table);
         raw.server = raw.server.overlaid(&self.server);
         raw.admin = raw.admin.overlaid(&self.admin);
         raw.policy = raw.policy.overlaid(&self.policy);
@@ -218,6 +223,7 @@ async fn run(command: Command) -> Result<(), Failure> {
         Command::Serve(args) => {
             let mut config = args.resolve().map_err(|e| Failure::Usage(e.to_string()))?;
             config.load_keys().await.map_err(|e| Failure::Usage(e.to_string()))?;
+            crate::server::check_tls_files(&config, Some(&args.upstream)).map_err(Failure::Usage)?;
             let options = ServeOptions {
                 upstream: args.upstream,
                 listen: args.listen,
@@ -234,6 +240,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             let mut config =
                 Config::resolve(&raw, &RawSettings::default()).map_err(|e| Failure::Usage(e.to_string()))?;
             config.load_keys().await.map_err(|e| Failure::Usage(e.to_string()))?;
+            crate::server::check_tls_files(&config, None).map_err(Failure::Usage)?;
             println!("{}: ok ({} routes)", file.display(), config.routes.len());
             Ok(())
         }
@@ -272,9 +279,10 @@ async fn create_table(url: &str) -> Result<(), Failure> {
 
 /// Prints the bound addresses: one line each, for people and for scripts to read.
 pub fn announce(bound: crate::server::Bound) {
-    println!("oncely listening on http://{}", bound.listen);
+    let scheme = |tls: bool| if tls { "https" } else { "http" };
+    println!("oncely listening on {}://{}", scheme(bound.listen_tls), bound.listen);
     if let Some(admin) = bound.admin {
-        println!("oncely admin on http://{admin}");
+        println!("oncely admin on {}://{admin}", scheme(bound.admin_tls));
     }
 }
 

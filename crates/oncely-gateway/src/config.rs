@@ -61,6 +61,7 @@
 //! `match_suffixes` widen it for upstreams that route `/PAYMENTS` or `/payments.json` to
 //! the same handler as `/payments`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,6 +71,8 @@ use oncely::{ConflictMode, MemoryStore, Oncely, OncelyBuilder, Setting, Store};
 use oncely_http::scope::jwt::JwtScope;
 use oncely_http::{IdempotencyLayer, Policy, ScopeSource};
 use serde::Deserialize;
+
+use crate::tls::{CertFiles, UpstreamTls};
 
 /// A configuration error, naming the key at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +88,21 @@ impl std::error::Error for ConfigError {}
 
 fn err(key: &str, message: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("`{key}`: {message}"))
+}
+
+/// Two keys that go together (a certificate and its key): both or neither.
+fn pair(
+    first_key: &str,
+    first: &Option<PathBuf>,
+    second_key: &str,
+    second: &Option<PathBuf>,
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    match (first, second) {
+        (Some(a), Some(b)) => Ok(Some((a.clone(), b.clone()))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(err(second_key, format!("needed with `{first_key}`"))),
+        (None, Some(_)) => Err(err(first_key, format!("needed with `{second_key}`"))),
+    }
 }
 
 /// Defines a table of settings once. Each field is at the same time its TOML key (the
@@ -193,6 +211,36 @@ settings_table! {
         /// When a client gets 504 if the upstream has not answered (default 60s); the call goes on up to `completion_limit`.
         #[arg(id = "upstream_timeout", long = "upstream-timeout", env = "ONCELY_UPSTREAM_TIMEOUT")]
         pub timeout: Option<String>,
+        /// For an https:// upstream: trust only the CA certificates in this PEM file instead of the platform's roots.
+        #[arg(id = "upstream_ca_file", long = "upstream-ca-file", env = "ONCELY_UPSTREAM_CA_FILE")]
+        pub ca_file: Option<PathBuf>,
+        /// For an https:// upstream: a client certificate chain to present (PEM; mutual TLS), with client_key_file.
+        #[arg(id = "upstream_client_cert_file", long = "upstream-client-cert-file", env = "ONCELY_UPSTREAM_CLIENT_CERT_FILE")]
+        pub client_cert_file: Option<PathBuf>,
+        /// The client certificate's private key (PEM).
+        #[arg(id = "upstream_client_key_file", long = "upstream-client-key-file", env = "ONCELY_UPSTREAM_CLIENT_KEY_FILE")]
+        pub client_key_file: Option<PathBuf>,
+        /// Accept any certificate from an https:// upstream. For tests only: logged as an error at start.
+        #[arg(
+            id = "upstream_insecure_skip_verify",
+            long = "upstream-insecure-skip-verify",
+            env = "ONCELY_UPSTREAM_INSECURE_SKIP_VERIFY",
+            value_parser = clap::builder::BoolishValueParser::new()
+        )]
+        pub insecure_skip_verify: Option<bool>,
+    }
+}
+
+settings_table! {
+    /// `[listen]`: the proxy listener.
+    #[command(next_help_heading = "Proxy listener ([listen])")]
+    pub struct RawListen {
+        /// Serve HTTPS with this certificate chain (PEM, leaf first), with tls_key_file; reloaded on SIGHUP and when the files change.
+        #[arg(long, env = "ONCELY_TLS_CERT_FILE")]
+        pub tls_cert_file: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, env = "ONCELY_TLS_KEY_FILE")]
+        pub tls_key_file: Option<PathBuf>,
     }
 }
 
@@ -206,6 +254,12 @@ settings_table! {
         /// Open admin connections (default 64).
         #[arg(id = "admin_max_connections", long = "admin-max-connections", env = "ONCELY_ADMIN_MAX_CONNECTIONS")]
         pub max_connections: Option<usize>,
+        /// Serve the admin listener over HTTPS with this certificate chain (PEM), with tls_key_file.
+        #[arg(id = "admin_tls_cert_file", long = "admin-tls-cert-file", env = "ONCELY_ADMIN_TLS_CERT_FILE")]
+        pub tls_cert_file: Option<PathBuf>,
+        /// The admin certificate's private key (PEM).
+        #[arg(id = "admin_tls_key_file", long = "admin-tls-key-file", env = "ONCELY_ADMIN_TLS_KEY_FILE")]
+        pub tls_key_file: Option<PathBuf>,
     }
 }
 
@@ -433,6 +487,9 @@ pub struct RawConfig {
     /// `[upstream]`.
     #[serde(default)]
     pub upstream: RawUpstream,
+    /// `[listen]`.
+    #[serde(default)]
+    pub listen: RawListen,
     /// `[admin]`.
     #[serde(default)]
     pub admin: RawAdmin,
@@ -550,6 +607,8 @@ pub struct Upstream {
     /// When a client still waiting gets 504 (the call goes on up to its route's
     /// completion limit).
     pub timeout: Duration,
+    /// How an `https://` upstream is reached.
+    pub tls: UpstreamTls,
 }
 
 /// The checked `[policy]`.
@@ -578,6 +637,10 @@ pub struct Config {
     pub admin_server: ServerLimits,
     /// Where the policy is published.
     pub policy: PolicySettings,
+    /// The proxy listener's certificate, when it serves HTTPS.
+    pub listen_tls: Option<CertFiles>,
+    /// The admin listener's certificate, when it serves HTTPS.
+    pub admin_tls: Option<CertFiles>,
 }
 
 /// The gateway's own defaults: settings no library owns.
@@ -600,7 +663,23 @@ impl Config {
                 "upstream.timeout",
                 raw.upstream.timeout.as_deref().unwrap_or(defaults::UPSTREAM_TIMEOUT),
             )?,
+            tls: UpstreamTls {
+                ca_file: raw.upstream.ca_file.clone(),
+                client_cert: pair(
+                    "upstream.client_cert_file",
+                    &raw.upstream.client_cert_file,
+                    "upstream.client_key_file",
+                    &raw.upstream.client_key_file,
+                )?,
+                insecure_skip_verify: raw.upstream.insecure_skip_verify.unwrap_or(false),
+            },
         };
+        let listen_tls =
+            pair("listen.tls_cert_file", &raw.listen.tls_cert_file, "listen.tls_key_file", &raw.listen.tls_key_file)?
+                .map(|(cert, key)| CertFiles { cert, key });
+        let admin_tls =
+            pair("admin.tls_cert_file", &raw.admin.tls_cert_file, "admin.tls_key_file", &raw.admin.tls_key_file)?
+                .map(|(cert, key)| CertFiles { cert, key });
         let policy = PolicySettings {
             path: match raw.policy.path.as_deref() {
                 None => Some(defaults::POLICY_PATH.to_string()),
@@ -643,7 +722,7 @@ impl Config {
             max_connections_per_client: None,
             ..server.clone()
         };
-        Ok(Self { defaults, routes, upstream, admin_token, server, admin_server, policy })
+        Ok(Self { defaults, routes, upstream, admin_token, server, admin_server, policy, listen_tls, admin_tls })
     }
 
     /// The settings for `path`: the longest route prefix that matches whole segments

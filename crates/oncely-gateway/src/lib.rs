@@ -14,6 +14,7 @@
 //! - [`admin`]: health, readiness, metrics, keys;
 //! - [`server`]: starting, metrics, logs and graceful shutdown;
 //! - [`listener`]: the accept loop and the limits on client connections;
+//! - [`tls`]: https upstreams and HTTPS listeners (rustls), certificate reload;
 //! - [`demo`]: the built-in payments API for `oncely demo`.
 
 pub mod admin;
@@ -25,3 +26,4 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod stores;
+pub mod tls;

@@ -70,6 +70,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -87,6 +88,7 @@ pub async fn serve(
     name: &'static str,
     app: Router,
     limits: ServerLimits,
+    tls: Option<TlsAcceptor>,
     stop: CancellationToken,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -135,6 +137,7 @@ pub async fn serve(
             app.clone(),
             Arc::clone(&builder),
             limits.clone(),
+            tls.clone(),
             graceful.watcher(),
         ));
     }
@@ -205,14 +208,55 @@ async fn serve_connection(
     app: Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
     limits: ServerLimits,
+    tls: Option<TlsAcceptor>,
     watcher: Watcher,
 ) {
     let Connection { stream, peer, name, admission } = connection;
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Tracked { stream, activity: Arc::clone(&activity) });
+    let tracked = Tracked { stream, activity: Arc::clone(&activity) };
+    let Some(acceptor) = tls else {
+        serve_io(TokioIo::new(tracked), peer, name, app, &builder, &limits, watcher, &activity).await;
+        drop(admission);
+        return;
+    };
+    // The handshake counts against `header_read_timeout` from the accept, like the
+    // first request head: a client that connects and stalls the handshake is closed.
+    let handshake = tokio::select! {
+        handshake = acceptor.accept(tracked) => handshake,
+        limit = activity.expired(&limits) => {
+            metrics::counter!("oncely_connections_closed_total", "listener" => name, "limit" => limit).increment(1);
+            tracing::debug!(listener = name, %peer, limit, "connection closed during the TLS handshake");
+            return;
+        }
+    };
+    match handshake {
+        Ok(stream) => serve_io(TokioIo::new(stream), peer, name, app, &builder, &limits, watcher, &activity).await,
+        Err(e) => {
+            metrics::counter!("oncely_tls_handshake_failures_total", "listener" => name).increment(1);
+            tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+        }
+    }
+    drop(admission);
+}
+
+/// Serves requests on one connection (plain or TLS) until it ends or its watchdog
+/// closes it.
+#[allow(clippy::too_many_arguments)]
+async fn serve_io<I>(
+    io: TokioIo<I>,
+    peer: SocketAddr,
+    name: &'static str,
+    app: Router,
+    builder: &auto::Builder<TokioExecutor>,
+    limits: &ServerLimits,
+    watcher: Watcher,
+    activity: &Arc<Activity>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let body_timeout = limits.body_read_timeout;
     let service = hyper::service::service_fn({
-        let activity = Arc::clone(&activity);
+        let activity = Arc::clone(activity);
         move |mut request: Request<Incoming>| {
             let guard = activity.begin(request.version() == Version::HTTP_2);
             request.extensions_mut().insert(ConnectInfo(peer));
@@ -234,12 +278,11 @@ async fn serve_connection(
                 tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
             }
         }
-        limit = activity.expired(&limits) => {
+        limit = activity.expired(limits) => {
             metrics::counter!("oncely_connections_closed_total", "listener" => name, "limit" => limit).increment(1);
             tracing::debug!(listener = name, %peer, limit, "connection closed by a limit");
         }
     }
-    drop(admission);
 }
 
 /// The connection caps of one listener.

@@ -15,6 +15,7 @@
 //! | failure | status | the key |
 //! |---|---|---|
 //! | connection refused, before anything was sent | 502 `upstream-unreachable` | released ([`NotProcessed`]): a retry runs again |
+//! | TLS handshake failed (`https://`: unknown CA, expired, another host's name, a plain-text server) | 502 `upstream-unreachable`, the detail naming the cause | released, likewise |
 //! | no connection by the timeout (a full accept queue, a stalled DNS), nothing sent | 504 `upstream-unreachable` | released, likewise |
 //! | no response head within `upstream.timeout` | 504 `upstream-timeout` (from the layer's `answer_within`) | held while the call goes on, up to the route's `completion_limit`; its answer is stored |
 //! | no response head within `completion_limit` | nobody is waiting any more | held as an unknown outcome ([`OutcomeUnknown`]): retries get 502 `outcome-unknown` |
@@ -38,6 +39,7 @@ use axum::extract::ConnectInfo;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use hyper_util::rt::TokioExecutor;
@@ -45,38 +47,76 @@ use oncely_http::problem::{SHOULD_RETRY, problem_response};
 use oncely_http::{NotProcessed, OutcomeUnknown, RequestBody, ResponseBody, strip_hop_by_hop};
 use tower_http::timeout::TimeoutBody;
 
+use crate::tls::UpstreamTls;
+
 /// The body the proxy forwards.
 pub type ForwardBody = RequestBody<axum::body::Body>;
+
+/// The connector: plain TCP for `http://`, TLS over it for `https://` (see [`crate::tls`]).
+type Connector = HttpsConnector<HttpConnector>;
 
 /// A `tower::Service` that forwards every request to one upstream.
 #[derive(Clone, Debug)]
 pub struct Proxy {
-    client: Client<HttpConnector, ForwardBody>,
+    client: Client<Connector, ForwardBody>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     /// Shared: the proxy is cloned with its route's service on every request.
     base_path: Arc<str>,
     timeout: Duration,
     completion_limit: Duration,
+    /// `X-Forwarded-Proto` and `Forwarded: proto=`: how clients reach the gateway.
+    client_proto: &'static str,
 }
 
 impl Proxy {
-    /// A proxy to `upstream` (`http://host:port[/base]`), giving up on a response head
-    /// after `timeout` (and, for keyed requests, after the
+    /// A proxy to `upstream` (`http://host:port[/base]` or `https://…`), giving up on a
+    /// response head after `timeout` (and, for keyed requests, after the
     /// [completion limit](Self::with_completion_limit), which is the same by default).
-    pub fn new(upstream: &str, timeout: Duration) -> Result<Self, String> {
+    /// `tls` says how an `https://` upstream is verified; HTTP/2 is used when its ALPN
+    /// offers it, HTTP/1.1 otherwise.
+    ///
+    /// # Errors
+    /// A message naming the upstream URL or the TLS file at fault.
+    pub fn new(upstream: &str, timeout: Duration, tls: &UpstreamTls) -> Result<Self, String> {
         let uri: Uri = upstream.parse().map_err(|e| format!("--upstream {upstream:?}: {e}"))?;
-        let scheme = uri.scheme().cloned().ok_or_else(|| format!("--upstream {upstream:?}: needs http://"))?;
-        if scheme != http::uri::Scheme::HTTP {
-            return Err(format!("--upstream {upstream:?}: only http:// upstreams are supported"));
+        let scheme =
+            uri.scheme().cloned().ok_or_else(|| format!("--upstream {upstream:?}: needs http:// or https://"))?;
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+            return Err(format!("--upstream {upstream:?}: only http:// and https:// upstreams are supported"));
         }
         let authority = uri.authority().cloned().ok_or_else(|| format!("--upstream {upstream:?}: needs a host"))?;
         let base_path = Arc::from(uri.path().trim_end_matches('/'));
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        // `https_or_http` takes TCP for http:// (then the TLS settings are unused and not
+        // read); TLS needs the settings, so they are built only for https://.
+        connector.enforce_http(false);
+        let tls_config = if scheme == http::uri::Scheme::HTTPS {
+            tls.client_config().map_err(|e| format!("--upstream {upstream:?}: {e}"))?
+        } else {
+            UpstreamTls::unused_config()?
+        };
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls_config)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(4)).build(connector);
-        Ok(Self { client, scheme, authority, base_path, timeout, completion_limit: timeout })
+        Ok(Self { client, scheme, authority, base_path, timeout, completion_limit: timeout, client_proto: "http" })
+    }
+
+    /// The host and port of an `https://` upstream; `None` for `http://`.
+    pub fn https_upstream(&self) -> Option<(String, u16)> {
+        (self.scheme == http::uri::Scheme::HTTPS)
+            .then(|| (self.authority.host().to_string(), self.authority.port_u16().unwrap_or(443)))
+    }
+
+    /// The same proxy, telling the upstream that clients reach the gateway over HTTPS
+    /// (`X-Forwarded-Proto: https`, `Forwarded: proto=https`): for a TLS listener.
+    pub fn with_https_clients(self) -> Self {
+        Self { client_proto: "https", ..self }
     }
 
     /// The same proxy (sharing its connection pool), giving up on a keyed request's
@@ -127,7 +167,12 @@ pub fn valid_host(host: &str) -> bool {
     name_ok && port_ok
 }
 
-fn append_forwarding(headers: &mut HeaderMap, client: Option<SocketAddr>, host: Option<HeaderValue>) {
+fn append_forwarding(
+    headers: &mut HeaderMap,
+    client: Option<SocketAddr>,
+    host: Option<HeaderValue>,
+    proto: &'static str,
+) {
     // Only a checked host is passed on (the route table has refused the rest already).
     let host = host.filter(|h| h.to_str().is_ok_and(valid_host));
     if let Some(addr) = client {
@@ -140,7 +185,7 @@ fn append_forwarding(headers: &mut HeaderMap, client: Option<SocketAddr>, host: 
             headers.insert("x-forwarded-for", value);
         }
         let node = if addr.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
-        let mut forwarded = format!("for={node};proto=http");
+        let mut forwarded = format!("for={node};proto={proto}");
         if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
             forwarded.push_str(&format!(";host=\"{host}\""));
         }
@@ -151,7 +196,7 @@ fn append_forwarding(headers: &mut HeaderMap, client: Option<SocketAddr>, host: 
     if let Some(host) = host {
         headers.insert("x-forwarded-host", host);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
 }
 
 fn upstream_problem(kind: &str, title: &str, status: StatusCode, detail: &str) -> Response<ResponseBody> {
@@ -189,7 +234,7 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
             parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         strip_hop_by_hop(&mut parts.headers);
-        append_forwarding(&mut parts.headers, client_addr, host);
+        append_forwarding(&mut parts.headers, client_addr, host, self.client_proto);
         parts.uri = uri;
         // The upstream speaks HTTP/1.1 whatever the client spoke.
         parts.version = http::Version::HTTP_11;
@@ -206,20 +251,33 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
                 // stuck upstream cannot hold a request (or a graceful shutdown) forever.
                 Ok(Ok(response)) => response.map(|body| TimeoutBody::new(timeout, body).boxed_unsync()),
                 Ok(Err(e)) if e.is_connect() => {
-                    tracing::warn!(error = %e, "upstream unreachable");
-                    let detail = "the upstream refused the connection; the request was not sent";
+                    // A failed TLS handshake is a connect error too: nothing was sent.
+                    // Its cause (an unknown CA, an expired certificate, another host's
+                    // certificate, a plain-text server) is named to the operator in the
+                    // log and to the client in the detail: it is about the gateway's link
+                    // to the upstream, not about the client's request.
+                    let detail = match crate::tls::handshake_failure(&e) {
+                        Some(cause) => {
+                            tracing::error!(error = %e, %cause, "TLS handshake with the upstream failed");
+                            format!("the TLS handshake with the upstream failed ({cause}); the request was not sent")
+                        }
+                        None => {
+                            tracing::warn!(error = ?e, "upstream unreachable");
+                            "the upstream refused the connection; the request was not sent".to_string()
+                        }
+                    };
                     let mut response = upstream_problem(
                         "upstream-unreachable",
                         "The upstream is unreachable",
                         StatusCode::BAD_GATEWAY,
-                        detail,
+                        &detail,
                     );
                     response.headers_mut().insert(SHOULD_RETRY, HeaderValue::from_static("true"));
                     response.extensions_mut().insert(NotProcessed);
                     return Ok(response);
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "upstream failed after the request was sent");
+                    tracing::warn!(error = ?e, "upstream failed after the request was sent");
                     let detail =
                         "the upstream connection failed after the request was sent; it may have been processed";
                     let mut response =

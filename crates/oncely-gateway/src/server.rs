@@ -18,11 +18,12 @@ use crate::listener;
 use crate::proxy::Proxy;
 use crate::routing::Routes;
 use crate::stores;
+use crate::tls;
 
 /// Where and on what the gateway runs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// The upstream, `http://host:port`.
+    /// The upstream, `http://host:port` or `https://host:port`.
     pub upstream: String,
     /// The proxy listener.
     pub listen: SocketAddr,
@@ -39,6 +40,47 @@ pub struct Bound {
     pub listen: SocketAddr,
     /// The admin listener.
     pub admin: Option<SocketAddr>,
+    /// Whether the proxy listener serves HTTPS.
+    pub listen_tls: bool,
+    /// Whether the admin listener serves HTTPS.
+    pub admin_tls: bool,
+}
+
+/// The listeners' certificates, loaded (errors name the key and the file), and the
+/// acceptors serving them.
+struct ListenerTls {
+    proxy: Option<tokio_rustls::TlsAcceptor>,
+    admin: Option<tokio_rustls::TlsAcceptor>,
+    certs: Vec<Arc<tls::ServerCert>>,
+}
+
+impl ListenerTls {
+    fn load(config: &Config) -> Result<Self, String> {
+        let mut certs = Vec::new();
+        let mut acceptor = |files: &Option<tls::CertFiles>, key: &str| -> Result<_, String> {
+            let Some(files) = files else { return Ok(None) };
+            let cert = tls::ServerCert::load(files.clone()).map_err(|e| format!("{key}: {e}"))?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config()?);
+            certs.push(cert);
+            Ok(Some(acceptor))
+        };
+        let proxy = acceptor(&config.listen_tls, "listen.tls_cert_file")?;
+        let admin = acceptor(&config.admin_tls, "admin.tls_cert_file")?;
+        Ok(Self { proxy, admin, certs })
+    }
+}
+
+/// Checks what `serve` would load from files before it opens anything: the listeners'
+/// certificates and an `https://` upstream's TLS files. For `check-config`.
+///
+/// # Errors
+/// A message naming the key and the file at fault.
+pub fn check_tls_files(config: &Config, upstream: Option<&str>) -> Result<(), String> {
+    ListenerTls::load(config)?;
+    if upstream.is_some_and(|u| u.starts_with("https://")) || config.upstream.tls != tls::UpstreamTls::default() {
+        config.upstream.tls.client_config()?;
+    }
+    Ok(())
 }
 
 /// Installs the Prometheus recorder once per process and returns its handle.
@@ -91,7 +133,15 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
     listener::fit_descriptors(&mut config.server, &mut config.admin_server);
     let (store, abilities) = stores::open(&options.store).await.map_err(|e| e.to_string())?;
     let tracker = TaskTracker::new();
-    let proxy = Proxy::new(&options.upstream, config.upstream.timeout)?;
+    tls::install_provider();
+    let listener_tls = ListenerTls::load(&config)?;
+    let mut proxy = Proxy::new(&options.upstream, config.upstream.timeout, &config.upstream.tls)?;
+    if let Some((host, port)) = proxy.https_upstream() {
+        tls::probe_upstream(&host, port, config.upstream.tls.client_config()?).await?;
+    }
+    if listener_tls.proxy.is_some() {
+        proxy = proxy.with_https_clients();
+    }
     let deferred = DeferredCompletions::new();
     let routes = Routes::new(&config, &store, abilities, &proxy, &tracker, &deferred)?;
     let app = Router::new().fallback_service(routes.clone());
@@ -124,12 +174,18 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
             token: config.admin_token.as_deref().map(Arc::from),
         };
         let (stop, limits) = (stop.clone(), config.admin_server.clone());
-        tokio::spawn(listener::serve(listener, "admin", admin::router(state), limits, stop))
+        tokio::spawn(listener::serve(listener, "admin", admin::router(state), limits, listener_tls.admin.clone(), stop))
     });
+    tls::spawn_reloader(listener_tls.certs.clone(), stop.clone());
 
     tracing::info!(%listen, ?admin, upstream = %options.upstream, store = %stores::redacted(&options.store), routes = config.routes.len(), "oncely gateway ready");
-    on_ready(Bound { listen, admin });
-    listener::serve(listener, "proxy", app, config.server.clone(), stop.clone()).await;
+    on_ready(Bound {
+        listen,
+        admin,
+        listen_tls: listener_tls.proxy.is_some(),
+        admin_tls: listener_tls.admin.is_some(),
+    });
+    listener::serve(listener, "proxy", app, config.server.clone(), listener_tls.proxy.clone(), stop.clone()).await;
     stop.cancel();
     if let Some(task) = admin_task {
         let _ = task.await;

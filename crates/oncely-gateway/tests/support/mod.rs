@@ -92,7 +92,16 @@ pub async fn big() -> Vec<u8> {
 
 pub async fn start_upstream() -> (SocketAddr, Shared) {
     let shared = Shared::default();
-    let app = Router::new()
+    let app = upstream_app(shared.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, shared)
+}
+
+/// The upstream's routes, on `shared`'s counters.
+pub fn upstream_app(shared: Shared) -> Router {
+    Router::new()
         .route("/payments", post(payments).get(payments).put(payments))
         .route("/orders", post(payments))
         .route("/slow", post(slow))
@@ -104,11 +113,7 @@ pub async fn start_upstream() -> (SocketAddr, Shared) {
         .route("/echo", post(echo_headers))
         .route("/slow-echo", post(slow_echo))
         .route("/big", axum::routing::get(big))
-        .with_state(shared.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (addr, shared)
+        .with_state(shared)
 }
 
 /// A running `oncely serve`; killed on drop.
