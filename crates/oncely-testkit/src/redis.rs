@@ -34,6 +34,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::process::TiedProcess;
+pub use crate::tls::ClientAuth;
 use crate::tls::{CertFiles, Pki};
 
 /// How long a server gets to start answering.
@@ -49,15 +50,6 @@ pub struct RedisServer {
     external: Option<String>,
     /// A TLS-only server: how it treats client certificates (its files are in `dir`).
     tls: Option<ClientAuth>,
-}
-
-/// Whether a TLS test server asks its clients for a certificate (`--tls-auth-clients`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientAuth {
-    /// A client may present a certificate (verified if it does) or not: plain TLS.
-    Optional,
-    /// Every client must present a certificate from the test CA: mutual TLS.
-    Required,
 }
 
 /// The names of the TLS files in a server's directory.
