@@ -17,9 +17,12 @@
 //!
 //! # TLS
 //!
-//! TLS is rustls with the ring crypto provider, which the driver (SQLx) chooses itself,
-//! so no process-default provider is needed. It is set in the URL with libpq's parameters,
-//! passed to the driver as written:
+//! TLS is rustls with the ring crypto provider, which the driver (SQLx) chooses itself
+//! except for `sslmode=verify-ca`, whose verifier takes rustls's process-default provider.
+//! rustls cannot choose a default when a binary holds two providers (the AWS SDK brings
+//! aws-lc-rs), so the store installs ring as the process default before it connects,
+//! unless the application installed one first (which is then kept). TLS is set in the
+//! URL with libpq's parameters, passed to the driver as written:
 //!
 //! ```text
 //! postgres://app@db.example.com/app?sslmode=verify-full
