@@ -6,7 +6,7 @@
 //! use oncely_postgres::{PostgresOptions, PostgresStore};
 //!
 //! # async fn start() -> Result<(), oncely::StoreError> {
-//! let store = PostgresStore::connect("postgres://app@db.internal/app", PostgresOptions::default()).await?;
+//! let store = PostgresStore::connect("postgres://app@db.internal/app?sslmode=verify-full", PostgresOptions::default()).await?;
 //! let oncely = Oncely::new(store);
 //! # let _ = oncely; Ok(()) }
 //! ```
@@ -14,6 +14,51 @@
 //! Any number of processes (gateways, workers) may share one table: they see one set of
 //! records, one clock (the server's), and each other's completions through
 //! `LISTEN/NOTIFY`.
+//!
+//! # TLS
+//!
+//! TLS is rustls with the ring crypto provider, which the driver (SQLx) chooses itself
+//! except for `sslmode=verify-ca`, whose verifier takes rustls's process-default provider.
+//! rustls cannot choose a default when a binary holds two providers (the AWS SDK brings
+//! aws-lc-rs), so the store installs ring as the process default before it connects,
+//! unless the application installed one first (which is then kept). TLS is set in the
+//! URL with libpq's parameters, passed to the driver as written:
+//!
+//! ```text
+//! postgres://app@db.example.com/app?sslmode=verify-full
+//! postgres://app@10.0.0.7/app?sslmode=verify-full&sslrootcert=/etc/oncely/db-ca.pem
+//! postgres://app@db/app?sslmode=verify-full&sslrootcert=/etc/ca.pem&sslcert=/etc/client.pem&sslkey=/etc/client.key
+//! ```
+//!
+//! | `sslmode` | encrypted | the server's certificate checked | its name checked |
+//! |---|---|---|---|
+//! | `disable` (and `allow`, which SQLx treats as `disable`) | no | | |
+//! | `prefer` | if the server agrees, **else plain text, silently** | no | no |
+//! | `require` | yes, or the connection fails | no | no |
+//! | `verify-ca` | yes | yes | no |
+//! | `verify-full` | yes | yes | yes |
+//!
+//! - **The default is `prefer`**, libpq's (or whatever the `PGSSLMODE` environment
+//!   variable says): it protects against a passive eavesdropper on a server that offers
+//!   TLS, but an attacker in the path can simply decline TLS, and a server without it is
+//!   used in plain text without a word. **For a managed database use `verify-full`.**
+//!   Unlike libpq, SQLx's `require` does not turn into `verify-ca` when a root certificate
+//!   is given: it never checks the certificate.
+//! - **Which servers are trusted** (`verify-ca`, `verify-full`): the platform's root
+//!   certificates (rustls-native-certs: the system store, `SSL_CERT_FILE`/`SSL_CERT_DIR`)
+//!   **plus** the CAs in `sslrootcert=PATH` (PEM), which are added to them, not put in their
+//!   place. Name the provider's CA bundle there when it is not publicly trusted (Amazon RDS's
+//!   `global-bundle.pem`, say).
+//! - **Mutual TLS**: `sslcert=PATH&sslkey=PATH`, the client certificate and its key
+//!   (PEM), for a server whose `pg_hba.conf` says `clientcert=verify-ca` or `verify-full`.
+//!   One without the other is refused when the URL is parsed ([`PostgresUrl`]).
+//! - **Failures** are [`StoreError::Unavailable`] at connect, with the driver's message,
+//!   which names the cause: `invalid peer certificate: UnknownIssuer`, `invalid peer
+//!   certificate: certificate expired: …`, `invalid peer certificate: certificate not valid
+//!   for name "10.0.0.7"; certificate is only valid for …`, `server does not support TLS`
+//!   (`require` or stricter to a server without TLS), `connection requires a valid client
+//!   certificate` (the server's answer to a client without one). `tests/tls.rs` checks
+//!   each against a real server.
 //!
 //! # Exactly once for database side effects
 //!

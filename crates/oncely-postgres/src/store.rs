@@ -61,6 +61,19 @@ impl fmt::Debug for PostgresStore {
     }
 }
 
+/// Installs rustls's ring provider as the process default, unless one is installed.
+///
+/// SQLx builds its TLS configuration with ring explicitly, except in one place: with
+/// `sslmode=verify-ca` its verifier (a `WebPkiServerVerifier` that skips the name check)
+/// takes rustls's process-default provider. rustls picks that by itself only when one
+/// provider is compiled in; a binary that also holds the AWS SDK (aws-lc-rs) has two, and
+/// the connection attempt would panic. A provider the application installed first is kept.
+/// Called before the pool opens its first connection (it connects lazily, in
+/// [`PostgresStore::from_pool`]'s migration at the earliest).
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl PostgresStore {
     /// Connects a pool to `url` (`postgres://user:password@host:port/database`, any
     /// option SQLx's `PgConnectOptions` parses), creates the table when missing and starts
@@ -99,6 +112,7 @@ impl PostgresStore {
     /// # Errors
     /// As [`connect`](Self::connect).
     pub async fn from_pool(pool: PgPool, options: PostgresOptions) -> Result<Self, StoreError> {
+        install_crypto_provider();
         let sql = Arc::new(Sql::new(TableName::new(&options.table)?));
         migrate(&pool, &sql).await?;
         let listen_pool = PoolOptions::<Postgres>::new()

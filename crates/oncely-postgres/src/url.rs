@@ -23,15 +23,19 @@ use crate::{PostgresOptions, PostgresStore};
 /// - `acquire_timeout=DURATION`, `statement_timeout=DURATION`, `sweep_interval=DURATION`
 ///   (defaults 5 s, 5 s, 60 s).
 ///
-/// Every other query parameter (`sslmode`, `application_name`, …) stays in the URL for
-/// the driver, which checks it here already: SQLx's `PgConnectOptions` parses the rest.
-/// [`Display`](fmt::Display) and [`Debug`] show the URL with its password as `***`.
+/// Every other query parameter (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`,
+/// `application_name`, …) stays in the URL for the driver, which checks it here already:
+/// SQLx's `PgConnectOptions` parses the rest. The TLS parameters are libpq's; see the
+/// [crate docs](crate#tls) for what each `sslmode` checks and the default (`prefer`,
+/// which may fall back to plain text: use `verify-full`). `sslcert` without `sslkey` (or
+/// the other way round) is refused here. [`Display`](fmt::Display) and [`Debug`] show the
+/// URL with its password as `***`.
 ///
 /// ```no_run
 /// use oncely_postgres::PostgresUrl;
 ///
 /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// let store = "postgres://app@db.internal/app?pool=8&sslmode=require".parse::<PostgresUrl>()?.open().await?;
+/// let store = "postgres://app@db.internal/app?pool=8&sslmode=verify-full".parse::<PostgresUrl>()?.open().await?;
 /// # let _ = store; Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -107,12 +111,23 @@ impl FromStr for PostgresUrl {
                 }
             };
         }
+        let given = |names: [&str; 2]| driver.iter().any(|p| names.iter().any(|n| p.starts_with(&format!("{n}="))));
+        match (given(["sslcert", "ssl-cert"]), given(["sslkey", "ssl-key"])) {
+            (true, false) => return Err(UrlError::invalid("sslcert", CERT_AND_KEY)),
+            (false, true) => return Err(UrlError::invalid("sslkey", CERT_AND_KEY)),
+            _ => {}
+        }
         let connection = if driver.is_empty() { base.to_string() } else { format!("{base}?{}", driver.join("&")) };
         // The driver's own errors name the parameter, not the password.
         PgConnectOptions::from_str(&connection).map_err(|e| UrlError::Malformed(e.to_string()))?;
         Ok(PostgresUrl { connection, options })
     }
 }
+
+/// Why a client certificate without its key (or the other way round) is refused: the
+/// driver would refuse it only when it connects.
+const CERT_AND_KEY: &str =
+    "sslcert and sslkey go together (the client certificate and its key, for mutual TLS): give both or neither";
 
 impl PostgresStore {
     /// What this store can do: count and list its records with one statement each (a
@@ -158,6 +173,25 @@ mod tests {
     }
 
     #[test]
+    fn tls_parameters_reach_the_driver() {
+        let url = parse(
+            "postgres://app@db:5432/app?sslmode=verify-full&sslrootcert=/etc/ca.pem&pool=2&sslcert=/c.pem&sslkey=/c.key",
+        )
+        .expect("parses");
+        assert_eq!(
+            url.connection_url(),
+            "postgres://app@db:5432/app?sslmode=verify-full&sslrootcert=/etc/ca.pem&sslcert=/c.pem&sslkey=/c.key"
+        );
+        let options = PgConnectOptions::from_str(url.connection_url()).expect("the driver parses it");
+        assert!(matches!(options.get_ssl_mode(), sqlx_postgres::PgSslMode::VerifyFull));
+        for mode in ["disable", "prefer", "require", "verify-ca", "verify-full"] {
+            parse(&format!("postgres://db/app?sslmode={mode}")).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        }
+        let error = parse("postgres://db/app?sslmode=sometimes").expect_err("an unknown sslmode");
+        assert!(matches!(error, UrlError::Malformed(_)), "{error:?}");
+    }
+
+    #[test]
     fn bad_urls_name_what_is_wrong() {
         for (bad, option) in [
             ("postgres://db/app?pool=0", "pool"),
@@ -170,6 +204,13 @@ mod tests {
             let error = parse(bad).err().unwrap_or_else(|| panic!("{bad} is refused"));
             assert_eq!(error.option(), Some(option), "{bad}: {error}");
             assert!(error.to_string().contains(option), "{bad}: {error}");
+        }
+        for (half, option) in
+            [("postgres://db/app?sslcert=/c.pem", "sslcert"), ("postgres://db/app?sslkey=/c.key", "sslkey")]
+        {
+            let error = parse(half).expect_err("half a client certificate");
+            assert_eq!(error.option(), Some(option), "{error}");
+            assert!(error.to_string().contains("sslcert and sslkey go together"), "{error}");
         }
         assert!(matches!(parse("mysql://db/app"), Err(UrlError::Scheme { .. })));
         let error = parse("postgres://app:s3cret@db:notaport/app").expect_err("a bad port is refused");

@@ -10,7 +10,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, ProtocolVersion, RedisResult, Script, ScriptInvocation, Value};
 
-use crate::{OpenError, RedisOptions};
+use crate::{OpenError, RedisOptions, tls};
 
 /// Where the records live.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +27,11 @@ impl Topology {
     ///
     /// - `redis://[user:password@]host:port[/db]`: standalone;
     /// - `redis+cluster://[user:password@]host:port,host:port,…`: Cluster;
+    /// - `rediss://…` and `rediss+cluster://…`: the same over TLS (see the
+    ///   [crate docs](crate#tls)), with `ca_file=PATH` (trust this CA bundle instead of the
+    ///   platform's roots) and `cert_file=PATH&key_file=PATH` (a client certificate, for
+    ///   mutual TLS; one without the other is refused). These three options are refused on
+    ///   a plain-text URL, where they would be ignored;
     /// - options in the query: `prefix=NAME` (the key prefix, default `oncely`),
     ///   `timeout=DURATION` (each command, default `1s`), `connect_timeout=DURATION`
     ///   (default `1s`), `replica=redis://HOST:PORT` (standalone only: serve replays from
@@ -42,12 +47,14 @@ impl Topology {
     /// ```
     ///
     /// # Errors
-    /// [`OpenError::InvalidUrl`] for another scheme, no host, or an unknown or bad option.
+    /// [`OpenError::InvalidUrl`] for another scheme, no host, or an unknown or bad option
+    /// (including `cert_file` without `key_file` and TLS files on a plain-text URL).
     pub fn parse(url: &str) -> Result<(Topology, RedisOptions), OpenError> {
         let shown = redact(url);
         let invalid = |why: &str| OpenError::InvalidUrl(format!("{shown}: {why}"));
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut options = RedisOptions::default();
+        let (mut cert_file, mut key_file) = (None, None);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             match name {
@@ -60,26 +67,28 @@ impl Topology {
                         duration(value).map_err(|e| invalid(&format!("connect_timeout: {e}")))?
                 }
                 "replica" => options = options.replica(value).map_err(|e| invalid(&e.to_string()))?,
+                "ca_file" => options = options.ca_file(value),
+                "cert_file" => cert_file = Some(value),
+                "key_file" => key_file = Some(value),
                 _ => {
                     return Err(invalid(&format!(
-                        "unknown option {name:?}; use prefix, timeout, connect_timeout, replica"
+                        "unknown option {name:?}; use prefix, timeout, connect_timeout, replica, ca_file, cert_file, \
+                         key_file"
                     )));
                 }
             }
         }
+        options = client_cert(options, cert_file, key_file).map_err(&invalid)?;
         let (scheme, rest) = base.split_once("://").ok_or_else(|| invalid("not a URL"))?;
         let topology = match scheme {
-            "rediss" | "rediss+cluster" => {
-                return Err(invalid("TLS (rediss://) is not enabled in this build; use redis:// on a trusted network"));
-            }
-            "redis" => {
+            "redis" | "rediss" => {
                 if rest.is_empty() || rest.starts_with('/') {
                     return Err(invalid("no host"));
                 }
                 Topology::Standalone(base.to_string())
             }
-            "redis+cluster" => {
-                let node_scheme = "redis";
+            "redis+cluster" | "rediss+cluster" => {
+                let node_scheme = scheme.trim_end_matches("+cluster");
                 let (userinfo, hosts) = match rest.rsplit_once('@') {
                     Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
                     None => (String::new(), rest),
@@ -95,10 +104,45 @@ impl Topology {
                 }
                 Topology::Cluster(nodes)
             }
-            _ => return Err(invalid("use redis:// or redis+cluster://")),
+            _ => return Err(invalid("use redis://, rediss://, redis+cluster:// or rediss+cluster://")),
         };
+        check_tls(&topology, &options).map_err(invalid)?;
         Ok((topology, options))
     }
+
+    /// Whether the connections use TLS: `rediss://` (and `rediss+cluster://`, whose nodes
+    /// are `rediss://`).
+    pub fn is_tls(&self) -> bool {
+        match self {
+            Topology::Standalone(url) => tls::is_tls(url),
+            Topology::Cluster(nodes) => nodes.first().is_some_and(|node| tls::is_tls(node)),
+        }
+    }
+}
+
+/// The URL's `cert_file` and `key_file`, which go together.
+pub(crate) fn client_cert(
+    options: RedisOptions,
+    cert_file: Option<&str>,
+    key_file: Option<&str>,
+) -> Result<RedisOptions, &'static str> {
+    match (cert_file, key_file) {
+        (Some(cert), Some(key)) => Ok(options.client_cert(cert, key)),
+        (None, None) => Ok(options),
+        _ => Err(CERT_AND_KEY),
+    }
+}
+
+/// Why a client certificate without its key (or the other way round) is refused.
+pub(crate) const CERT_AND_KEY: &str =
+    "cert_file and key_file go together (the client certificate and its key, for mutual TLS): give both or neither";
+
+/// Refuses certificate files on a plain-text topology, where they would be ignored.
+pub(crate) fn check_tls(topology: &Topology, options: &RedisOptions) -> Result<(), &'static str> {
+    if !options.tls.is_empty() && !topology.is_tls() {
+        return Err("ca_file, cert_file and key_file are for TLS: use rediss:// or rediss+cluster://");
+    }
+    Ok(())
 }
 
 /// The URL with its password replaced by `***`, for messages and logs.
@@ -122,6 +166,26 @@ fn duration(text: &str) -> Result<Duration, String> {
         .and_then(|d| if d.is_zero() { Err("must be more than zero".into()) } else { Ok(d) })
 }
 
+/// A client for one server, RESP3, with the TLS files of `options` for a `rediss://` URL.
+pub(crate) fn client(url: &str, options: &RedisOptions) -> Result<redis::Client, OpenError> {
+    let invalid = |e: redis::RedisError| OpenError::InvalidUrl(format!("{}: {e}", redact(url)));
+    let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+    let redis_settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+    let info = info.set_redis_settings(redis_settings);
+    if !tls::is_tls(url) {
+        if !options.tls.is_empty() {
+            return Err(OpenError::InvalidUrl(format!(
+                "{}: ca_file, cert_file and key_file are for TLS: use rediss://",
+                redact(url)
+            )));
+        }
+        return redis::Client::open(info).map_err(invalid);
+    }
+    tls::install_crypto_provider();
+    redis::Client::build_with_tls(info, options.tls.read()?)
+        .map_err(|e| OpenError::TlsFiles(format!("{}: {e}", redact(url))))
+}
+
 /// A connection of either topology. Both are multiplexed: one socket per server carries
 /// every concurrent command, and cloning is cheap.
 #[derive(Clone)]
@@ -140,33 +204,65 @@ impl Connection {
     ) -> Result<Self, OpenError> {
         match topology {
             Topology::Standalone(url) => {
-                let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                    .map_err(|e| OpenError::InvalidUrl(format!("{}: {e}", redact(url))))?;
-                let redis_settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-                let info = info.set_redis_settings(redis_settings);
-                let client =
-                    redis::Client::open(info).map_err(|e| OpenError::InvalidUrl(format!("{}: {e}", redact(url))))?;
+                let client = client(url, options)?;
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(options.response_timeout))
                     .set_connection_timeout(Some(options.connection_timeout))
                     .set_number_of_retries(1)
                     .set_push_sender(push)
                     .set_automatic_resubscription();
-                let manager = client.get_connection_manager_with_config(config).await.map_err(OpenError::Connect)?;
+                let manager = match client.get_connection_manager_with_config(config).await {
+                    Ok(manager) => manager,
+                    Err(error) => return Err(tls::connect_failure(error, url, options).await),
+                };
                 Ok(Connection::Standalone(manager))
             }
             Topology::Cluster(nodes) => {
-                let client = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+                check_tls(topology, options).map_err(|why| OpenError::InvalidUrl(why.into()))?;
+                let mut builder = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
                     .use_protocol(ProtocolVersion::RESP3)
                     .response_timeout(options.response_timeout)
                     .connection_timeout(options.connection_timeout)
                     .retries(2)
-                    .push_sender(push)
-                    .build()
-                    .map_err(|e| OpenError::InvalidUrl(format!("{}: {e}", redact(&nodes.join(",")))))?;
-                let connection = client.get_async_connection().await.map_err(OpenError::Connect)?;
-                Ok(Connection::Cluster(connection))
+                    .push_sender(push);
+                if topology.is_tls() {
+                    tls::install_crypto_provider();
+                    builder = builder.certs(options.tls.read()?);
+                }
+                let shown = || redact(&nodes.join(","));
+                let client = builder.build().map_err(|e| {
+                    if topology.is_tls() {
+                        OpenError::TlsFiles(format!("{}: {e}", shown()))
+                    } else {
+                        OpenError::InvalidUrl(format!("{}: {e}", shown()))
+                    }
+                })?;
+                match client.get_async_connection().await {
+                    Ok(connection) => Ok(Connection::Cluster(connection)),
+                    // The cluster client reports its nodes' failures as text: a TLS cause is
+                    // learnt, typed, from one node on its own.
+                    Err(error) if topology.is_tls() => Err(match nodes.first() {
+                        Some(node) => match Self::probe(node, options).await {
+                            Err(tls @ OpenError::Tls { .. }) => tls,
+                            _ => OpenError::Connect(error),
+                        },
+                        None => OpenError::Connect(error),
+                    }),
+                    Err(error) => Err(OpenError::Connect(error)),
+                }
             }
+        }
+    }
+
+    /// One plain connection to `node`, to see why a TLS cluster could not be reached.
+    async fn probe(node: &str, options: &RedisOptions) -> Result<(), OpenError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(options.connection_timeout))
+            .set_response_timeout(Some(options.response_timeout));
+        let client = client(node, options)?;
+        match client.get_multiplexed_async_connection_with_config(&config).await {
+            Ok(_) => Ok(()),
+            Err(error) => Err(tls::connect_failure(error, node, options).await),
         }
     }
 
@@ -293,16 +389,24 @@ mod tests {
         assert_eq!(o.replica_url(), Some("redis://r:2"));
         let (t, _) = Topology::parse("redis+cluster://u:p@a:1,b:2/").expect("valid");
         assert_eq!(t, Topology::Cluster(vec!["redis://u:p@a:1".into(), "redis://u:p@b:2".into()]));
+        let (t, o) = Topology::parse("rediss+cluster://a:1,b:2?ca_file=/ca.pem").expect("valid");
+        assert_eq!(t, Topology::Cluster(vec!["rediss://a:1".into(), "rediss://b:2".into()]));
+        assert_eq!(o.ca_file_path(), Some(std::path::Path::new("/ca.pem")));
+        let (t, o) = Topology::parse("rediss://h:1?cert_file=/c.pem&key_file=/c.key").expect("valid");
+        assert!(t.is_tls() && o.client_cert_files().is_some());
         for bad in [
             "memcached://x",
-            "rediss://h:1",
+            "rediss://",
+            "rediss://h:1?cert_file=/c.pem",
+            "rediss://h:1?key_file=/c.key",
+            "redis://h:1?ca_file=/ca.pem",
             "redis://",
             "redis+cluster://",
             "redis://h:1?prefix=a{b}",
             "redis://h:1?timeout=soon",
             "redis://h:1?timeout=0s",
             "redis://h:1?prefx=payments",
-            "redis://h:1?replica=rediss://r:1",
+            "redis://h:1?replica=http://r:1",
         ] {
             assert!(matches!(Topology::parse(bad), Err(OpenError::InvalidUrl(_))), "{bad}");
         }

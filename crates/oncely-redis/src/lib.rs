@@ -11,11 +11,60 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = RedisStore::open("redis://127.0.0.1:6379?prefix=payments").await?;
 //! // or: RedisStore::open("redis+cluster://10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000").await?
+//! // or, over TLS: RedisStore::open("rediss://redis.example.com:6380?prefix=payments").await?
 //! let oncely = Oncely::new(store);
 //! # let _ = oncely;
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # TLS
+//!
+//! Managed Redis (and any Redis off a trusted network) wants TLS: `rediss://` for a
+//! standalone server, `rediss+cluster://host:port,host:port,…` for a Cluster (every node,
+//! and every node the client discovers, over TLS). TLS is rustls with the ring crypto
+//! provider; there is never a fall back to plain text.
+//!
+//! ```text
+//! rediss://:PASSWORD@redis.example.com:6380?prefix=payments
+//! rediss://10.0.0.5:6380?ca_file=/etc/oncely/redis-ca.pem
+//! rediss+cluster://10.0.0.1:7000,10.0.0.2:7000?ca_file=/etc/ca.pem&cert_file=/etc/client.pem&key_file=/etc/client.key
+//! ```
+//!
+//! - **Which servers are trusted.** By default the platform's root certificates
+//!   (rustls-native-certs: the system store, `SSL_CERT_FILE`/`SSL_CERT_DIR`), which is
+//!   right for a managed service with a publicly issued certificate. `ca_file=PATH` (PEM,
+//!   one or more certificates; [`RedisOptions::ca_file`]) trusts those CAs **instead of**
+//!   the platform's roots, not in addition to them: redis-rs builds its root store from that
+//!   file alone. The server's certificate must name the host in the URL (a DNS name or an
+//!   IP address); there is no option to skip that check.
+//! - **Mutual TLS.** `cert_file=PATH&key_file=PATH` ([`RedisOptions::client_cert`]): the
+//!   client certificate (PEM, with its chain) and its private key (PEM), for a server
+//!   with `tls-auth-clients yes`. One without the other is refused when the URL is parsed.
+//! - The three options are refused on a `redis://` URL, where they would be ignored. A
+//!   `replica=rediss://…` uses the same files.
+//! - **Failures are named** at connect, as [`OpenError::Tls`] (a file that cannot be read
+//!   or parsed: [`OpenError::TlsFiles`]):
+//!   - `certificate verify failed: UnknownIssuer …`: not from a trusted CA;
+//!   - `certificate verify failed: Expired …` (and `NotValidYet`);
+//!   - `certificate verify failed: NotValidForName: certificate not valid for name
+//!     "10.0.0.5"; certificate is only valid for …`;
+//!   - `the server does not speak TLS (it answered a plain-text PING with "+PONG") …`: a
+//!     plain-text server behind `rediss://`. Such a server takes the TLS hello for the start
+//!     of a command and waits, so the handshake can only time out; the store then sends one
+//!     `PING` over plain TCP to tell this case from a slow server;
+//!   - `the server requires a client certificate …`: mutual TLS without `cert_file`.
+//!
+//!   On Cluster the client reports its nodes' failures as text only, so after a failed
+//!   start the store connects to the first node alone to learn the cause.
+//!
+//! **The crypto provider.** redis-rs builds its TLS configuration with rustls's
+//! process-default crypto provider. rustls chooses one by itself only when a single
+//! provider is compiled in, and a binary that also holds the AWS SDK (DynamoDB) has
+//! aws-lc-rs besides ring. So before building a TLS client the store installs ring as the
+//! process default, unless the application installed a provider first (which is then
+//! kept): call `rustls::crypto::…::install_default()` yourself before opening the store to
+//! choose another.
 //!
 //! # How it keeps the contract
 //!
@@ -110,6 +159,7 @@ mod scan;
 pub mod scripts;
 mod store;
 mod subscriptions;
+mod tls;
 mod url;
 
 pub use url::RedisUrl;

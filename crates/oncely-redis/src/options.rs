@@ -1,9 +1,12 @@
 //! The store's settings ([`RedisOptions`]) and why a store could not be opened
 //! ([`OpenError`]).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use redis::RedisError;
+
+use crate::tls::TlsFiles;
 
 #[cfg(doc)]
 use crate::RedisStore;
@@ -23,6 +26,7 @@ pub struct RedisOptions {
     pub(crate) response_timeout: Duration,
     pub(crate) connection_timeout: Duration,
     pub(crate) replica: Option<String>,
+    pub(crate) tls: TlsFiles,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -33,6 +37,8 @@ impl std::fmt::Debug for RedisOptions {
             .field("response_timeout", &self.response_timeout)
             .field("connection_timeout", &self.connection_timeout)
             .field("replica", &self.replica.as_deref().map(crate::connection::redact))
+            .field("ca_file", &self.tls.ca_file)
+            .field("client_cert", &self.tls.client)
             .finish()
     }
 }
@@ -44,6 +50,7 @@ impl Default for RedisOptions {
             response_timeout: Duration::from_secs(1),
             connection_timeout: Duration::from_secs(1),
             replica: None,
+            tls: TlsFiles::default(),
         }
     }
 }
@@ -88,7 +95,8 @@ impl RedisOptions {
     }
 
     /// Opt-in: serve replays from a replica of the (standalone) primary, at `url`
-    /// (`redis://[user:password@]host:port[/db]`, the primary's database). Off by default.
+    /// (`redis://[user:password@]host:port[/db]`, the primary's database; `rediss://`
+    /// with the store's TLS files). Off by default.
     ///
     /// Each claim first reads the record on the replica with a read-only script
     /// (`EVALSHA_RO`); a live completed record with the request's fingerprint is replayed
@@ -122,15 +130,16 @@ impl RedisOptions {
     /// ([`OpenError::Unsupported`]).
     ///
     /// # Errors
-    /// [`OpenError::InvalidUrl`] for a URL that is not `redis://` with a host.
+    /// [`OpenError::InvalidUrl`] for a URL that is not `redis://` or `rediss://` with a
+    /// host.
     pub fn replica(mut self, url: &str) -> Result<Self, OpenError> {
-        match url.strip_prefix("redis://") {
+        match url.strip_prefix("redis://").or_else(|| url.strip_prefix("rediss://")) {
             Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {
                 self.replica = Some(url.to_string());
                 Ok(self)
             }
             _ => Err(OpenError::InvalidUrl(format!(
-                "replica {:?}: use redis://host:port",
+                "replica {:?}: use redis://host:port or rediss://host:port",
                 crate::connection::redact(url)
             ))),
         }
@@ -139,6 +148,35 @@ impl RedisOptions {
     /// The replica replays are served from, if any (see [`replica`](Self::replica)).
     pub fn replica_url(&self) -> Option<&str> {
         self.replica.as_deref()
+    }
+
+    /// TLS only (`rediss://`): trust the CA certificates in this PEM file (a bundle may
+    /// hold several) **instead of** the platform's root certificates. Without it, a
+    /// `rediss://` store trusts the platform's roots (see the [crate docs](crate#tls)).
+    /// The file is read when the store connects; on a plain `redis://` topology the store
+    /// refuses to open ([`OpenError::InvalidUrl`]).
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_file = Some(path.into());
+        self
+    }
+
+    /// TLS only (`rediss://`): present this client certificate (PEM, the chain) and its
+    /// private key (PEM: PKCS#8, PKCS#1 or SEC1), for a server that authenticates its
+    /// clients (mutual TLS, Redis's `tls-auth-clients yes`). Read when the store connects.
+    pub fn client_cert(mut self, cert_file: impl Into<PathBuf>, key_file: impl Into<PathBuf>) -> Self {
+        self.tls.client = Some((cert_file.into(), key_file.into()));
+        self
+    }
+
+    /// The CA file set with [`ca_file`](Self::ca_file), if any.
+    pub fn ca_file_path(&self) -> Option<&Path> {
+        self.tls.ca_file.as_deref()
+    }
+
+    /// The client certificate and key files set with [`client_cert`](Self::client_cert),
+    /// if any.
+    pub fn client_cert_files(&self) -> Option<(&Path, &Path)> {
+        self.tls.client.as_ref().map(|(cert, key)| (cert.as_path(), key.as_path()))
     }
 }
 
@@ -155,4 +193,20 @@ pub enum OpenError {
     /// The server lacks something the store needs.
     #[error("this Redis cannot hold the store: {0}")]
     Unsupported(&'static str),
+    /// The TLS handshake failed (`rediss://`): the server's certificate was refused
+    /// (`reason` starts with `certificate verify failed: ` and the cause: `UnknownIssuer`,
+    /// `Expired`, `NotValidForName`, …), the server does not speak TLS, or it refused the
+    /// client (no or an unknown client certificate). Never followed by a plain-text attempt.
+    #[error("TLS handshake with Redis failed: {reason}")]
+    Tls {
+        /// The cause, in words.
+        reason: String,
+        /// The client's error.
+        #[source]
+        source: RedisError,
+    },
+    /// A TLS file (`ca_file`, `cert_file`, `key_file`) cannot be read or holds no usable
+    /// PEM.
+    #[error("unusable TLS file for Redis: {0}")]
+    TlsFiles(String),
 }

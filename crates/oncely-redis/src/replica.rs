@@ -7,7 +7,6 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisResult, Value};
 
 use crate::codec;
-use crate::connection::redact;
 use crate::scripts::REPLICA_READ_SCRIPT;
 use crate::{OpenError, RedisOptions};
 
@@ -21,13 +20,14 @@ pub(crate) struct Replica {
 impl Replica {
     /// Connects to `url` with the store's timeouts and loads the read script there.
     pub(crate) async fn open(url: &str, options: &RedisOptions) -> Result<Self, OpenError> {
-        let client = redis::Client::open(url).map_err(|e| OpenError::InvalidUrl(format!("{}: {e}", redact(url))))?;
+        let client = crate::connection::client(url, options)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(options.response_timeout))
             .set_connection_timeout(Some(options.connection_timeout))
             .set_number_of_retries(1);
-        let mut connection = client.get_connection_manager_with_config(config).await.map_err(OpenError::Connect)?;
-        REPLICA_READ_SCRIPT.load_async(&mut connection).await.map_err(OpenError::Connect)?;
+        let mut connection =
+            client.get_connection_manager_with_config(config).await.map_err(crate::tls::connect_error)?;
+        REPLICA_READ_SCRIPT.load_async(&mut connection).await.map_err(crate::tls::connect_error)?;
         Ok(Replica { connection })
     }
 

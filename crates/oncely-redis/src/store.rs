@@ -53,7 +53,9 @@ impl RedisStore {
     ///
     /// # Errors
     /// [`OpenError::Connect`] when no connection can be made or the scripts cannot be
-    /// loaded; [`OpenError::Unsupported`] for a replica on Cluster.
+    /// loaded; [`OpenError::Tls`] when the TLS handshake fails (the cause named, see the
+    /// [crate docs](crate#tls)); [`OpenError::TlsFiles`] for an unreadable certificate
+    /// file; [`OpenError::Unsupported`] for a replica on Cluster.
     pub async fn connect(topology: &Topology, options: RedisOptions) -> Result<Self, OpenError> {
         let replica = match (&options.replica, topology) {
             (None, _) => None,
@@ -74,7 +76,7 @@ impl RedisStore {
         // Loaded once here (on Cluster, `SCRIPT LOAD` goes to every primary); later
         // `NOSCRIPT` answers reload them on demand.
         for script in scripts::all() {
-            store.connection.load(script).await.map_err(OpenError::Connect)?;
+            store.connection.load(script).await.map_err(crate::tls::connect_error)?;
         }
         Ok(store)
     }
@@ -87,7 +89,7 @@ impl RedisStore {
                 .connection
                 .query(redis::cmd("COMMAND").arg("INFO").arg("SPUBLISH"))
                 .await
-                .map_err(OpenError::Connect)?;
+                .map_err(crate::tls::connect_error)?;
             let known = matches!(&info, Value::Array(entries) if entries.first().is_some_and(|e| *e != Value::Nil));
             if !known {
                 return Err(OpenError::Unsupported("the cluster has no SPUBLISH: Redis 7.0 or Valkey 7.2 is required"));

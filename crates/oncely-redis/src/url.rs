@@ -7,12 +7,14 @@ use std::str::FromStr;
 use oncely::store::StoreAbilities;
 use oncely::store::url::{self, UrlError, redacted};
 
+use crate::connection::{check_tls, client_cert};
 use crate::{OpenError, RedisOptions, RedisStore, Topology};
 
-const KNOWN: &str = "prefix=NAME, timeout=DURATION, connect_timeout=DURATION, replica=URL";
+const KNOWN: &str = "prefix=NAME, timeout=DURATION, connect_timeout=DURATION, replica=URL, ca_file=PATH, \
+                     cert_file=PATH, key_file=PATH";
 
-/// A parsed `redis://` or `redis+cluster://` URL: where the records are and the store's
-/// options. The grammar is [`Topology::parse`]'s; the options' errors are typed
+/// A parsed `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://` URL: where
+/// the records are and the store's options. The grammar is [`Topology::parse`]'s; the options' errors are typed
 /// ([`UrlError`], naming the option) like every store's.
 ///
 /// ```no_run
@@ -70,25 +72,39 @@ impl FromStr for RedisUrl {
     fn from_str(text: &str) -> Result<Self, UrlError> {
         let (base, pairs) = url::split_options(text);
         let mut options = RedisOptions::default();
+        let (mut cert_file, mut key_file) = (None, None);
         for (name, value) in pairs {
             options = match name {
                 "prefix" => options.prefix(value).map_err(|e| UrlError::invalid("prefix", reason(e)))?,
                 "timeout" => options.response_timeout(url::duration("timeout", value)?),
                 "connect_timeout" => options.connection_timeout(url::duration("connect_timeout", value)?),
                 "replica" => options.replica(value).map_err(|e| UrlError::invalid("replica", reason(e)))?,
+                "ca_file" => options.ca_file(value),
+                "cert_file" => {
+                    cert_file = Some(value);
+                    options
+                }
+                "key_file" => {
+                    key_file = Some(value);
+                    options
+                }
                 _ => return Err(UrlError::UnknownOption { option: name.to_string(), known: KNOWN }),
             };
         }
         let scheme = base.split_once("://").map(|(scheme, _)| scheme);
         if !matches!(scheme, Some("redis" | "redis+cluster" | "rediss" | "rediss+cluster")) {
-            return Err(UrlError::Scheme { expected: "redis:// or redis+cluster://" });
+            return Err(UrlError::Scheme { expected: "redis://, rediss://, redis+cluster:// or rediss+cluster://" });
         }
+        let given = if cert_file.is_some() { "cert_file" } else { "key_file" };
+        let options = client_cert(options, cert_file, key_file).map_err(|why| UrlError::invalid(given, why))?;
         // Without the options, `Topology::parse` reads only where the records are.
         let (topology, _) = Topology::parse(base).map_err(|e| {
             let shown = format!("{}: ", redacted(base));
             let why = reason(e);
             UrlError::Malformed(why.strip_prefix(&shown).unwrap_or(&why).to_string())
         })?;
+        let given = if options.tls.ca_file.is_some() { "ca_file" } else { "cert_file" };
+        check_tls(&topology, &options).map_err(|why| UrlError::invalid(given, why))?;
         Ok(RedisUrl { topology, options })
     }
 }
@@ -150,6 +166,28 @@ mod tests {
     }
 
     #[test]
+    fn tls_urls_take_their_files() {
+        let url = parse("rediss://:s3cret@db.example:6380/0?prefix=pay&ca_file=/etc/ca.pem").expect("parses");
+        assert_eq!(url.topology(), &Topology::Standalone("rediss://:s3cret@db.example:6380/0".into()));
+        assert!(url.topology().is_tls());
+        assert_eq!(url.options().ca_file_path(), Some(std::path::Path::new("/etc/ca.pem")));
+        assert_eq!(url.options().client_cert_files(), None);
+        assert!(!format!("{url:?}").contains("s3cret"), "{url:?}");
+
+        let cluster = parse("rediss+cluster://10.0.0.1:7000,10.0.0.2:7000?cert_file=/c.pem&key_file=/c.key&prefix=p")
+            .expect("parses");
+        assert_eq!(
+            cluster.topology(),
+            &Topology::Cluster(vec!["rediss://10.0.0.1:7000".into(), "rediss://10.0.0.2:7000".into()])
+        );
+        let (cert, key) = cluster.options().client_cert_files().expect("a client certificate");
+        assert_eq!((cert.to_str(), key.to_str()), (Some("/c.pem"), Some("/c.key")));
+        assert_eq!(cluster.options().prefix_str(), "p");
+        assert_eq!(parse("rediss://h").expect("no files: the platform's roots").options().ca_file_path(), None);
+        assert!(!parse("redis://h").expect("parses").topology().is_tls());
+    }
+
+    #[test]
     fn bad_urls_name_what_is_wrong() {
         for (bad, option) in [
             ("redis://127.0.0.1?prefix=a{b}", "prefix"),
@@ -158,13 +196,20 @@ mod tests {
             ("redis://127.0.0.1?prefx=a", "prefx"),
             ("redis://127.0.0.1?replica=http://r:1", "replica"),
             ("redis://127.0.0.1?replica=redis://", "replica"),
+            ("rediss://127.0.0.1?cert_file=/c.pem", "cert_file"),
+            ("rediss://127.0.0.1?key_file=/c.key", "key_file"),
+            ("redis://127.0.0.1?ca_file=/ca.pem", "ca_file"),
+            ("redis+cluster://127.0.0.1:1?cert_file=/c.pem&key_file=/c.key", "cert_file"),
         ] {
             let error = parse(bad).err().unwrap_or_else(|| panic!("{bad} is refused"));
             assert_eq!(error.option(), Some(option), "{bad}: {error}");
             assert!(error.to_string().contains(option), "{bad}: {error}");
         }
         assert_eq!(parse("redis://").err(), Some(UrlError::Malformed("no host".into())));
-        assert!(matches!(parse("rediss://h"), Err(UrlError::Malformed(why)) if why.contains("TLS")));
+        for half in ["rediss://h?cert_file=/c.pem", "rediss://h?key_file=/c.key"] {
+            let error = parse(half).expect_err("half a client certificate").to_string();
+            assert!(error.contains("cert_file and key_file go together"), "{half}: {error}");
+        }
         assert!(matches!(parse("memory://"), Err(UrlError::Scheme { .. })));
         assert!(matches!(parse("127.0.0.1:6379"), Err(UrlError::Scheme { .. })));
     }

@@ -110,6 +110,9 @@ async fn bad_urls_are_typed_errors_naming_the_option() {
         ("redis://127.0.0.1:1?timeout=soon".to_string(), "timeout"),
         ("redis://127.0.0.1:1?prefix=a*b".to_string(), "prefix"),
         ("redis+cluster://127.0.0.1:1?database=2".to_string(), "database"),
+        ("rediss://127.0.0.1:1?cert_file=/client.pem".to_string(), "cert_file"),
+        ("redis://127.0.0.1:1?ca_file=/ca.pem".to_string(), "ca_file"),
+        ("postgres://app:s3cret@127.0.0.1:1/app?sslkey=/client.key".to_string(), "sslkey"),
         ("postgres://app:s3cret@127.0.0.1:1/app?pool=0".to_string(), "pool"),
         ("postgres://app:s3cret@127.0.0.1:1/app?statement_timeout=0s".to_string(), "statement_timeout"),
         ("postgres://app:s3cret@127.0.0.1:1/app?table=1st".to_string(), "table"),
@@ -128,9 +131,7 @@ async fn bad_urls_are_typed_errors_naming_the_option() {
     }
     assert!(!db.exists(), "a refused URL opens nothing");
 
-    for malformed in
-        ["sqlite://", "memory://somewhere", "redis://", "rediss://127.0.0.1", "dynamodb://", "dynamodb://a/b"]
-    {
+    for malformed in ["sqlite://", "memory://somewhere", "redis://", "rediss://", "dynamodb://", "dynamodb://a/b"] {
         let error = open(malformed).await.err().unwrap_or_else(|| panic!("{malformed} is refused"));
         assert!(matches!(&error, OpenError::BadUrl { source: UrlError::Malformed(_), .. }), "{malformed}: {error:?}");
     }

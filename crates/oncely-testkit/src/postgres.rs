@@ -26,6 +26,19 @@
 //! on`): tests of what survives a crash need them. Only `initdb` skips its own fsync
 //! (`--no-sync`), which costs nothing a test relies on.
 //!
+//! # TLS
+//!
+//! [`PostgresServer::start_tls`] starts a server with `ssl=on` and a certificate from a
+//! [`Pki`] (a right one, or a wrong one on purpose), and optionally requires client
+//! certificates (`hostssl … clientcert=verify-ca` in `pg_hba.conf`).
+//! [`PostgresServer::shared_tls`] is this process's shared TLS server. The certificate and
+//! key are copied into the data directory, owned by the server's user and readable by it
+//! alone (PostgreSQL refuses a key file others can read); the CA is copied beside it
+//! ([`PostgresServer::ca_file`]) for clients. Such a server's [`url`](PostgresServer::url)
+//! asks for `sslmode=require` (encrypted, the certificate unchecked, so that a server with a
+//! wrong certificate still comes up), with the CA's client certificate when one is
+//! required; tests write their own `sslmode=verify-full&sslrootcert=…`.
+//!
 //! # Lifetime
 //!
 //! [`PostgresServer::shared`] starts one server per test process, on first use, and keeps
@@ -49,6 +62,8 @@ use sqlx_core::executor::Executor;
 use sqlx_core::sql_str::AssertSqlSafe;
 use sqlx_postgres::PgConnection;
 use tokio::sync::OnceCell;
+
+use crate::tls::{CertFiles, ClientAuth, Pki};
 
 /// The variable naming an existing server to use instead of starting one.
 pub const URL_VARIABLE: &str = "ONCELY_TEST_POSTGRES_URL";
@@ -79,7 +94,19 @@ struct Local {
     postgres: Option<Child>,
     /// The reaper's stdin: one line per started postmaster's pid; EOF stops it.
     reaper: Option<(Child, ChildStdin)>,
+    /// `ssl=on`, with the files [`Local::install_tls`] wrote.
+    tls: bool,
 }
+
+/// The TLS files in the server's directory: in the data directory the server's own
+/// (`server.crt`, `server.key`, and `root.crt`, the CA its clients' certificates must come
+/// from); beside it, copies for clients.
+const SERVER_CERT: &str = "server.crt";
+const SERVER_KEY: &str = "server.key";
+const CLIENT_CA: &str = "root.crt";
+const CA_COPY: &str = "ca.pem";
+const CLIENT_CERT: &str = "client.pem";
+const CLIENT_KEY: &str = "client.key";
 
 static SHARED: OnceCell<PostgresServer> = OnceCell::const_new();
 
@@ -105,6 +132,38 @@ impl PostgresServer {
     /// # Panics
     /// When no server can be started.
     pub async fn start() -> PostgresServer {
+        Self::start_with(None).await
+    }
+
+    /// The TLS server of this test process, started on first use: a certificate for
+    /// `127.0.0.1`/`localhost` from a CA of its own ([`ca_file`](Self::ca_file)), client
+    /// certificates optional. Always started here, never the external server.
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub async fn shared_tls() -> &'static PostgresServer {
+        static SHARED_TLS: OnceCell<PostgresServer> = OnceCell::const_new();
+        SHARED_TLS
+            .get_or_init(|| async {
+                let pki = Pki::new();
+                Self::start_tls(&pki, &pki.server, ClientAuth::Optional).await
+            })
+            .await
+    }
+
+    /// A server of the caller's own with `ssl=on`, presenting `cert` (one of `pki`'s, or a
+    /// wrong one), trusting `pki`'s CA for client certificates, and with
+    /// [`ClientAuth::Required`] accepting only TLS connections with a client certificate
+    /// from it (`hostssl all all 127.0.0.1/32 trust clientcert=verify-ca`; no plain
+    /// `host` line). See the [module docs](self#tls).
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub async fn start_tls(pki: &Pki, cert: &CertFiles, auth: ClientAuth) -> PostgresServer {
+        Self::start_with(Some((pki, cert, auth))).await
+    }
+
+    async fn start_with(tls: Option<(&Pki, &CertFiles, ClientAuth)>) -> PostgresServer {
         let bin = find_binaries().unwrap_or_else(|| {
             panic!(
                 "no PostgreSQL server binaries (initdb, postgres) on PATH or in /usr/lib/postgresql/*/bin; \
@@ -114,17 +173,47 @@ impl PostgresServer {
         let owner = server_owner();
         let started = tokio::task::spawn_blocking(move || init(&bin, owner)).await.expect("initdb task");
         let mut local = started.unwrap_or_else(|e| panic!("cannot initialise a PostgreSQL data directory: {e}"));
-        let url = format!("postgres://postgres@127.0.0.1:{}/postgres", local.port);
-        local.launch().unwrap_or_else(|e| panic!("cannot start postgres: {e}"));
-        let server = PostgresServer { url, local: Some(Mutex::new(local)) };
-        server.wait_ready().await;
-        server
+        let mut query = String::new();
+        if let Some((pki, cert, auth)) = tls {
+            local.install_tls(pki, cert, auth).unwrap_or_else(|e| panic!("cannot set up TLS for postgres: {e}"));
+            query.push_str("?sslmode=require");
+            if auth == ClientAuth::Required {
+                let (cert, key) = (local.dir.join(CLIENT_CERT), local.dir.join(CLIENT_KEY));
+                query.push_str(&format!("&sslcert={}&sslkey={}", cert.display(), key.display()));
+            }
+        }
+        let mut attempts = 0;
+        loop {
+            local.launch().unwrap_or_else(|e| panic!("cannot start postgres: {e}"));
+            let url = format!("postgres://postgres@127.0.0.1:{}/postgres{query}", local.port);
+            let mut server = PostgresServer { url, local: Some(Mutex::new(local)) };
+            match server.ready().await {
+                Ok(()) => return server,
+                // The free port was taken before the server bound it (by any process's
+                // outgoing connection, say): the server exited at once; a new port.
+                Err(why) if attempts < 3 && why.contains("Address already in use") => {
+                    attempts += 1;
+                    let Some(taken) = server.local.take() else { panic!("{why}") };
+                    local = taken.into_inner().unwrap_or_else(PoisonError::into_inner);
+                    local.halt();
+                    local.port = free_port().unwrap_or_else(|e| panic!("no free port: {e}"));
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
     }
 
     /// The URL of the maintenance database (`postgres`). Tests should not put tables in
     /// it; use [`fresh_database`](Self::fresh_database).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// A TLS server's copy of the CA that issued its certificate (and the client
+    /// certificates it accepts); `None` for a plain-text or external server.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        let local = lock(self.local.as_ref()?);
+        local.tls.then(|| local.dir.join(CA_COPY))
     }
 
     /// The port on 127.0.0.1 of a server started here; `None` for an external one.
@@ -170,18 +259,26 @@ impl PostgresServer {
 
     /// Polls a connection until one succeeds; panics with the server's log otherwise.
     async fn wait_ready(&self) {
+        if let Err(why) = self.ready().await {
+            panic!("{why}");
+        }
+    }
+
+    /// Polls a connection until one succeeds; the server's log when it exits or does not
+    /// answer in time.
+    async fn ready(&self) -> Result<(), String> {
         let deadline = Instant::now() + READY_WITHIN;
         loop {
             match PgConnection::connect(&self.url).await {
                 Ok(conn) => {
                     let _ = conn.close().await;
-                    return;
+                    return Ok(());
                 }
                 Err(error) => {
                     let exited = self.local.as_ref().and_then(|local| lock(local).exited());
                     if exited.is_some() || Instant::now() >= deadline {
                         let log = self.local.as_ref().map(|local| lock(local).log()).unwrap_or_default();
-                        panic!("PostgreSQL did not come up ({error}; exit: {exited:?}); its log:\n{log}");
+                        return Err(format!("PostgreSQL did not come up ({error}; exit: {exited:?}); its log:\n{log}"));
                     }
                     tokio::time::sleep(Duration::from_millis(25)).await;
                 }
@@ -211,6 +308,36 @@ impl Local {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Writes the server's certificate, key and CA into the data directory (owned by the
+    /// server's user, the key readable by it alone), copies of the CA and the client
+    /// certificate beside it for clients, and for [`ClientAuth::Required`] a `pg_hba.conf`
+    /// that takes only TLS connections with a client certificate from the CA.
+    fn install_tls(&mut self, pki: &Pki, cert: &CertFiles, auth: ClientAuth) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.data();
+        let files = [
+            (&cert.cert, data.join(SERVER_CERT)),
+            (&cert.key, data.join(SERVER_KEY)),
+            (&pki.ca_file(), data.join(CLIENT_CA)),
+            (&pki.ca_file(), self.dir.join(CA_COPY)),
+            (&pki.client.cert, self.dir.join(CLIENT_CERT)),
+            (&pki.client.key, self.dir.join(CLIENT_KEY)),
+        ];
+        for (source, target) in files {
+            std::fs::copy(source, &target)?;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = self.owner {
+                std::os::unix::fs::chown(&target, Some(uid), Some(gid))?;
+            }
+        }
+        if auth == ClientAuth::Required {
+            let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust clientcert=verify-ca\n";
+            std::fs::write(data.join("pg_hba.conf"), hba)?;
+        }
+        self.tls = true;
+        Ok(())
+    }
+
     /// Starts `postgres` in the foreground of a child of ours and tells the reaper its pid.
     fn launch(&mut self) -> std::io::Result<()> {
         if self.postgres.is_some() {
@@ -229,6 +356,21 @@ impl Local {
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             // Enough connections for several pools and gateways at once.
             .args(["-c", "max_connections=300", "-c", "fsync=on", "-c", "synchronous_commit=on"])
+            .args(if self.tls {
+                [
+                    "-c",
+                    "ssl=on",
+                    "-c",
+                    "ssl_cert_file=server.crt",
+                    "-c",
+                    "ssl_key_file=server.key",
+                    "-c",
+                    "ssl_ca_file=root.crt",
+                ]
+                .as_slice()
+            } else {
+                &[]
+            })
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -310,8 +452,15 @@ fn init(bin: &Path, owner: Option<(u32, u32)>) -> std::io::Result<Local> {
     as_owner(&mut reaper, owner);
     let mut reaper = reaper.spawn()?;
     let stdin = reaper.stdin.take().ok_or_else(|| std::io::Error::other("no reaper stdin"))?;
-    let mut local =
-        Local { dir: dir.clone(), bin: bin.to_path_buf(), port: free_port()?, owner, postgres: None, reaper: None };
+    let mut local = Local {
+        dir: dir.clone(),
+        bin: bin.to_path_buf(),
+        port: free_port()?,
+        owner,
+        postgres: None,
+        reaper: None,
+        tls: false,
+    };
     local.reaper = Some((reaper, stdin));
 
     let mut initdb = Command::new(bin.join("initdb"));

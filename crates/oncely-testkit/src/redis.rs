@@ -15,6 +15,17 @@
 //! test process is enough.
 //!
 //! The binaries come from `PATH` (`apt-get install redis-server redis-tools`).
+//!
+//! # TLS
+//!
+//! [`RedisServer::start_tls`] and [`RedisCluster::start_tls`] start servers that speak TLS
+//! only (`--port 0 --tls-port P`; the cluster bus and replication over TLS too), with
+//! certificates from a [`Pki`]: `rediss://` URLs. The files are copied into the server's
+//! directory, so the [`Pki`] may be dropped once the server runs; [`RedisServer::ca_file`]
+//! names the copy of the CA. Admin commands ([`RedisServer::command`]) then go through
+//! `redis-cli --tls`, with the test CA's client certificate and without checking the
+//! server's (which may be a wrong one on purpose). [`RedisServer::shared_tls`] and
+//! [`RedisCluster::shared_tls`] are the process's shared TLS instances (never external ones).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -23,6 +34,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::process::TiedProcess;
+pub use crate::tls::ClientAuth;
+use crate::tls::{CertFiles, Pki};
 
 /// How long a server gets to start answering.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,16 +48,26 @@ pub struct RedisServer {
     dir: Option<tempfile::TempDir>,
     extra: Vec<String>,
     external: Option<String>,
+    /// A TLS-only server: how it treats client certificates (its files are in `dir`).
+    tls: Option<ClientAuth>,
 }
+
+/// The names of the TLS files in a server's directory.
+const TLS_FILES: [&str; 5] = ["tls-ca.pem", "tls-server.pem", "tls-server.key", "tls-client.pem", "tls-client.key"];
 
 impl RedisServer {
     /// The server this test process shares: started on first use (or `ONCELY_TEST_REDIS_URL`).
     pub fn shared() -> &'static RedisServer {
         static SHARED: OnceLock<RedisServer> = OnceLock::new();
         SHARED.get_or_init(|| match std::env::var("ONCELY_TEST_REDIS_URL") {
-            Ok(url) if !url.is_empty() => {
-                RedisServer { port: 0, dir: None, extra: Vec::new(), process: Mutex::new(None), external: Some(url) }
-            }
+            Ok(url) if !url.is_empty() => RedisServer {
+                port: 0,
+                dir: None,
+                extra: Vec::new(),
+                process: Mutex::new(None),
+                external: Some(url),
+                tls: None,
+            },
             _ => RedisServer::start(&[]),
         })
     }
@@ -55,25 +78,72 @@ impl RedisServer {
     /// # Panics
     /// When `redis-server` is missing or does not answer within 30 s: a test setup failure.
     pub fn start(extra: &[&str]) -> RedisServer {
-        let dir = tempfile::tempdir().expect("a temporary directory for redis");
-        let port = free_port_pair(false);
-        let server = RedisServer {
-            port,
-            dir: Some(dir),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            process: Mutex::new(None),
-            external: None,
-        };
+        let server = Self::unstarted(extra, None, false);
         server.restart();
         server
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// The TLS server this test process shares: started on first use, with a certificate
+    /// for `127.0.0.1`/`localhost` from a CA of its own ([`ca_file`](Self::ca_file)),
+    /// client certificates optional.
+    pub fn shared_tls() -> &'static RedisServer {
+        static SHARED: OnceLock<RedisServer> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let pki = Pki::new();
+            RedisServer::start_tls(&pki, &pki.server, ClientAuth::Optional, &[])
+        })
+    }
+
+    /// Starts a TLS-only server of this test's own that presents `cert` (one of `pki`'s,
+    /// or a wrong one: expired, from another CA, for another name), trusts `pki`'s CA for
+    /// client certificates and asks for them as `auth` says.
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub fn start_tls(pki: &Pki, cert: &CertFiles, auth: ClientAuth, extra: &[&str]) -> RedisServer {
+        let server = Self::unstarted(extra, Some((pki, cert, auth)), false);
+        server.restart();
+        server
+    }
+
+    fn unstarted(extra: &[&str], tls: Option<(&Pki, &CertFiles, ClientAuth)>, with_bus: bool) -> RedisServer {
+        let dir = tempfile::tempdir().expect("a temporary directory for redis");
+        if let Some((pki, cert, _)) = tls {
+            let sources = [&pki.ca_file(), &cert.cert, &cert.key, &pki.client.cert, &pki.client.key];
+            for (source, name) in sources.into_iter().zip(TLS_FILES) {
+                let target = dir.path().join(name);
+                std::fs::copy(source, &target)
+                    .unwrap_or_else(|e| panic!("copy {} to {}: {e}", source.display(), target.display()));
+            }
+        }
+        RedisServer {
+            port: free_port_pair(with_bus),
+            dir: Some(dir),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            process: Mutex::new(None),
+            external: None,
+            tls: tls.map(|(_, _, auth)| auth),
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT`, or `rediss://127.0.0.1:PORT` for a TLS server.
     pub fn url(&self) -> String {
         match &self.external {
             Some(url) => url.clone(),
+            None if self.tls.is_some() => format!("rediss://127.0.0.1:{}", self.port),
             None => format!("redis://127.0.0.1:{}", self.port),
         }
+    }
+
+    /// A TLS server's copy of the CA certificate that issued its certificate (and the
+    /// client certificates it accepts); `None` for a plain-text server.
+    pub fn ca_file(&self) -> Option<std::path::PathBuf> {
+        self.tls_file(0)
+    }
+
+    fn tls_file(&self, index: usize) -> Option<std::path::PathBuf> {
+        let dir = self.dir.as_ref()?;
+        self.tls.map(|_| dir.path().join(TLS_FILES[index]))
     }
 
     /// The port the server listens on.
@@ -93,20 +163,81 @@ impl RedisServer {
     pub fn restart(&self) {
         let dir = self.dir.as_ref().expect("a server this test started").path();
         let mut command = Command::new("redis-server");
+        let port = self.port.to_string();
+        match self.tls {
+            None => command.args(["--port", &port]),
+            Some(auth) => {
+                let [ca, cert, key, client_cert, client_key] = TLS_FILES.map(|name| dir.join(name));
+                let auth = match auth {
+                    ClientAuth::Optional => "optional",
+                    ClientAuth::Required => "yes",
+                };
+                command
+                    .args(["--port", "0", "--tls-port", &port, "--tls-auth-clients", auth])
+                    .args(["--tls-replication", "yes"])
+                    .arg("--tls-cert-file")
+                    .arg(cert)
+                    .arg("--tls-key-file")
+                    .arg(key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(ca)
+                    // What it presents when it connects out (the cluster bus, a primary): a
+                    // client certificate, which a server certificate is not.
+                    .arg("--tls-client-cert-file")
+                    .arg(client_cert)
+                    .arg("--tls-client-key-file")
+                    .arg(client_key)
+            }
+        };
         command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--dir"])
+            .args(["--bind", "127.0.0.1", "--save", "", "--dir"])
             .arg(dir)
             .args(["--logfile", "redis.log", "--protected-mode", "no"])
             .args(&self.extra);
         // The directory outlives a server kept in a static; the watchdog removes it.
         let process = TiedProcess::spawn_cleaning(command, Some(dir));
-        wait_for_ping(self.port);
+        self.wait_for_ping();
         *self.process.lock().expect("lock") = Some(process);
     }
 
-    /// Sends one command and returns the server's reply as text (for `INFO`, `CONFIG`).
+    /// Sends one command and returns the server's reply as text (for `INFO`, `CONFIG`),
+    /// one element per line.
     pub fn command(&self, args: &[&str]) -> String {
-        command(self.port, args)
+        self.try_command(args).unwrap_or_else(|e| panic!("redis command {args:?} on port {}: {e}", self.port))
+    }
+
+    fn try_command(&self, args: &[&str]) -> std::io::Result<String> {
+        if self.tls.is_none() {
+            return try_command(self.port, args);
+        }
+        let (cert, key) = (self.tls_file(3), self.tls_file(4));
+        let output = Command::new("redis-cli")
+            .args(["--tls", "--insecure", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .arg("--cert")
+            .args(cert)
+            .arg("--key")
+            .args(key)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        if !output.status.success() {
+            return Err(std::io::Error::other(String::from_utf8_lossy(&output.stderr).into_owned()));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Polls `PING` until the server answers: readiness is a reply, not a sleep.
+    fn wait_for_ping(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(reply) = self.try_command(&["PING"])
+                && reply.starts_with("PONG")
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server on port {} did not answer PING", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -128,34 +259,54 @@ impl RedisCluster {
         })
     }
 
+    /// The TLS cluster this test process shares: created on first use, every node with a
+    /// certificate for `127.0.0.1`/`localhost` from one CA of its own
+    /// ([`RedisServer::ca_file`] of any node), client certificates optional.
+    pub fn shared_tls() -> &'static RedisCluster {
+        static SHARED: OnceLock<RedisCluster> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let pki = Pki::new();
+            RedisCluster::start_tls(&pki, ClientAuth::Optional)
+        })
+    }
+
     /// Starts three cluster-enabled servers and joins them into one cluster.
     ///
     /// # Panics
     /// When the servers do not start or the cluster does not reach `cluster_state:ok`.
     pub fn start() -> RedisCluster {
+        Self::start_with(None)
+    }
+
+    /// As [`start`](Self::start), TLS only: clients, the cluster bus and replication, every
+    /// node presenting `pki`'s server certificate.
+    ///
+    /// # Panics
+    /// As [`start`](Self::start).
+    pub fn start_tls(pki: &Pki, auth: ClientAuth) -> RedisCluster {
+        Self::start_with(Some((pki, auth)))
+    }
+
+    fn start_with(tls: Option<(&Pki, ClientAuth)>) -> RedisCluster {
+        let mut extra =
+            vec!["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"];
+        if tls.is_some() {
+            extra.extend(["--tls-cluster", "yes"]);
+        }
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
-                let dir = tempfile::tempdir().expect("a temporary directory for redis");
-                let server = RedisServer {
-                    port: free_port_pair(true),
-                    extra: vec![
-                        "--cluster-enabled".into(),
-                        "yes".into(),
-                        "--cluster-config-file".into(),
-                        "nodes.conf".into(),
-                        "--cluster-node-timeout".into(),
-                        "5000".into(),
-                    ],
-                    dir: Some(dir),
-                    process: Mutex::new(None),
-                    external: None,
-                };
+                let server = RedisServer::unstarted(&extra, tls.map(|(pki, auth)| (pki, &pki.server, auth)), true);
                 server.restart();
                 server
             })
             .collect();
         let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        let output = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli");
+        if let Some(node) = nodes.first().filter(|n| n.tls.is_some()) {
+            create.arg("--tls").arg("--cacert").args(node.ca_file()).arg("--cert").args(node.tls_file(3));
+            create.arg("--key").args(node.tls_file(4));
+        }
+        let output = create
             .arg("--cluster")
             .arg("create")
             .args(&addresses)
@@ -174,13 +325,15 @@ impl RedisCluster {
         cluster
     }
 
-    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3` (`rediss+cluster://` for a
+    /// TLS cluster).
     pub fn url(&self) -> String {
         match &self.external {
             Some(url) => url.clone(),
             None => {
                 let nodes: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-                format!("redis+cluster://{}", nodes.join(","))
+                let tls = self.nodes.first().is_some_and(|n| n.tls.is_some());
+                format!("{}://{}", if tls { "rediss+cluster" } else { "redis+cluster" }, nodes.join(","))
             }
         }
     }
@@ -301,26 +454,6 @@ fn free_port_pair(with_bus: bool) -> u16 {
             return port;
         }
     }
-}
-
-/// Polls `PING` until the server answers: readiness is a reply, not a sleep.
-fn wait_for_ping(port: u16) {
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Ok(reply) = try_command(port, &["PING"])
-            && reply.starts_with("PONG")
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "redis-server on port {port} did not answer PING");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// One RESP command over a fresh connection; the reply flattened to text, one element
-/// per line. Enough for the admin commands tests need.
-fn command(port: u16, args: &[&str]) -> String {
-    try_command(port, args).unwrap_or_else(|e| panic!("redis command {args:?} on port {port}: {e}"))
 }
 
 fn try_command(port: u16, args: &[&str]) -> std::io::Result<String> {

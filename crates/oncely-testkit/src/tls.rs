@@ -16,6 +16,15 @@ use rcgen::{
     KeyPair, KeyUsagePurpose,
 };
 
+/// Whether a TLS test server asks its clients for a certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A client may present a certificate (verified if it does) or not: plain TLS.
+    Optional,
+    /// Every client must present a certificate from the test CA: mutual TLS.
+    Required,
+}
+
 /// A certificate and its key, as PEM files.
 #[derive(Debug, Clone)]
 pub struct CertFiles {
