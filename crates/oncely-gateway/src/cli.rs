@@ -86,7 +86,7 @@ struct ServeArgs {
     /// Where the admin API (health, metrics, keys) listens; off when unset.
     #[arg(long, env = "ONCELY_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
-    /// The store: memory://, sqlite://PATH, redis://HOST:PORT, redis+cluster://…, postgres://…, dynamodb://TABLE (options: the oncely-stores docs).
+    /// The store: memory://, sqlite://PATH, redis://HOST:PORT, rediss://… (TLS), redis+cluster://…, postgres://…?sslmode=…, dynamodb://TABLE (options: the oncely-stores docs).
     #[arg(long, env = "ONCELY_STORE", default_value = DEFAULT_STORE)]
     store: String,
     /// The TOML configuration file; the flags below override its keys.

@@ -62,7 +62,7 @@ use oncely_redis::RedisUrl;
 use oncely_sqlite::SqliteUrl;
 
 /// The URL forms [`open`] takes, for help texts and messages.
-pub const STORE_URLS: &str = "memory://, sqlite://PATH, redis://HOST:PORT, redis+cluster://HOST:PORT,…, \
+pub const STORE_URLS: &str = "memory://, sqlite://PATH, redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+cluster://HOST:PORT,…, \
                               postgres://USER@HOST/DATABASE, dynamodb://TABLE?region=…";
 
 /// A store opened from a URL, its type erased once, with what it can do.
