@@ -244,18 +244,25 @@ impl<S: Store> Oncely<S> {
             }
             let outcome = match self.shared.store.claim(&request).await {
                 Ok(outcome) => outcome,
+                // A failing store is not news for the other waiters: their own turns
+                // find out, one per poll interval, rather than a burst on a store that
+                // may be throttling.
                 Err(e) => {
                     count("store_error");
-                    if let Some(member) = &member {
-                        member.announce_change();
-                    }
                     return Err(e.into());
                 }
             };
-            if let Some(member) = &member
-                && !matches!(outcome, ClaimOutcome::InProgress { .. })
-            {
-                member.announce_change();
+            if let Some(member) = &member {
+                match &outcome {
+                    // The key is settled: the other waiters re-claim for their answers.
+                    ClaimOutcome::Replay(_) | ClaimOutcome::Mismatch => member.announce_change(),
+                    // This task holds the key now; the others would only find it in
+                    // progress. They wait on, timed on this claim's lease.
+                    ClaimOutcome::Acquired { .. } => {
+                        member.lease_seen(SystemTime::now() + config.lease);
+                    }
+                    ClaimOutcome::InProgress { .. } => {}
+                }
             }
             match outcome {
                 ClaimOutcome::Acquired { takeover } => {
@@ -321,18 +328,27 @@ impl<S: Store> Oncely<S> {
                     // when ours runs ahead, the remainder is zero for a live claim, and
                     // the floor keeps the waiter from spinning.
                     let floor = config.poll_interval.min(Duration::from_millis(50));
+                    // Not before the next turn, once a turn was missed.
+                    let mut next_turn = None;
                     loop {
                         let lease_until = member.latest_lease().unwrap_or(lease_until);
                         let now = tokio::time::Instant::now();
-                        let wake =
-                            wait_until.min(now + config.poll_interval).min(now + remaining(lease_until).max(floor));
+                        let mut wake = (now + config.poll_interval).min(now + remaining(lease_until).max(floor));
+                        if let Some(turn) = next_turn {
+                            wake = wake.max(turn);
+                        }
+                        let wake = wake.min(wait_until);
                         tokio::select! {
                             () = &mut notified => break,
                             () = member.changed() => break,
                             () = tokio::time::sleep_until(wake) => {
                                 let now = tokio::time::Instant::now();
-                                if now >= wait_until || member.take_turn(now, config.poll_interval) {
+                                if now >= wait_until {
                                     break;
+                                }
+                                match member.take_turn(now, config.poll_interval) {
+                                    Ok(()) => break,
+                                    Err(turn) => next_turn = Some(turn),
                                 }
                             }
                         }

@@ -29,10 +29,14 @@ use tokio::time::Instant;
 
 use crate::StorageKey;
 
-/// The waiters of each key in one engine (and its clones), by storage key.
+/// The waiters of each key in one engine (and its clones), by storage key, with how many
+/// members each group has. The count is kept under the map's lock, so the last member out
+/// removes the entry whatever the order in which members drop (an `Arc`'s strong count
+/// would not do: a member's `Arc` is released only after its `drop` has let go of the
+/// lock, so two members leaving at once could each see the other still there).
 #[derive(Debug, Default)]
 pub(crate) struct WaitGroups {
-    groups: Mutex<HashMap<StorageKey, Arc<Group>>>,
+    groups: Mutex<HashMap<StorageKey, (Arc<Group>, usize)>>,
 }
 
 /// The waiters of one key.
@@ -48,10 +52,11 @@ impl WaitGroups {
     /// Joins the waiters of `key`; leaving is dropping the [`Member`].
     pub(crate) fn join(&self, key: StorageKey) -> Member<'_> {
         let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        let group = groups
+        let (group, members) = groups
             .entry(key)
-            .or_insert_with(|| Arc::new(Group { turn: Mutex::new((None, None)), round: watch::channel(0).0 }))
-            .clone();
+            .or_insert_with(|| (Arc::new(Group { turn: Mutex::new((None, None)), round: watch::channel(0).0 }), 0));
+        *members += 1;
+        let group = Arc::clone(group);
         let round = group.round.subscribe();
         Member { groups: self, key, group, round }
     }
@@ -72,15 +77,18 @@ pub(crate) struct Member<'a> {
 }
 
 impl Member<'_> {
-    /// Whether this member's timer claims now: no member of its key claimed on a timer
-    /// within `every`. Taking the turn starts the next interval.
-    pub(crate) fn take_turn(&self, now: Instant, every: Duration) -> bool {
+    /// Takes the turn to claim on a timer now, when no member of this key has within
+    /// `every`; otherwise `Err` with when the next turn starts. Taking the turn starts the
+    /// next interval.
+    pub(crate) fn take_turn(&self, now: Instant, every: Duration) -> Result<(), Instant> {
         let mut turn = self.group.turn.lock().unwrap_or_else(PoisonError::into_inner);
-        if turn.0.is_some_and(|last| now < last + every) {
-            return false;
+        if let Some(last) = turn.0
+            && now < last + every
+        {
+            return Err(last + every);
         }
         turn.0 = Some(now);
-        true
+        Ok(())
     }
 
     /// Notes a holder's end of lease seen by a claim; answers the latest one any member
@@ -103,8 +111,8 @@ impl Member<'_> {
         self.round.borrow_and_update();
     }
 
-    /// Tells the other members that a claim found the key no longer in progress (or the
-    /// store failing): they re-claim. The lease seen so far is forgotten with it.
+    /// Tells the other members that a claim found the key settled (a replay or a
+    /// mismatch): they re-claim. The lease seen so far is forgotten with it.
     pub(crate) fn announce_change(&self) {
         self.group.turn.lock().unwrap_or_else(PoisonError::into_inner).1 = None;
         self.group.round.send_modify(|round| *round = round.wrapping_add(1));
@@ -124,9 +132,11 @@ impl Member<'_> {
 impl Drop for Member<'_> {
     fn drop(&mut self) {
         let mut groups = self.groups.groups.lock().unwrap_or_else(PoisonError::into_inner);
-        // Two owners left, the map's and this member's: it is the last one out.
-        if Arc::strong_count(&self.group) == 2 {
-            groups.remove(&self.key);
+        if let Some((_, members)) = groups.get_mut(&self.key) {
+            *members -= 1;
+            if *members == 0 {
+                groups.remove(&self.key);
+            }
         }
     }
 }
@@ -146,11 +156,12 @@ mod tests {
         let other = groups.join(key(2));
         let every = Duration::from_millis(500);
         let now = Instant::now();
-        let turns = members.iter().filter(|m| m.take_turn(now, every)).count();
+        let turns = members.iter().filter(|m| m.take_turn(now, every).is_ok()).count();
         assert_eq!(turns, 1, "one member of a key takes a turn");
-        assert!(other.take_turn(now, every), "another key has turns of its own");
-        assert!(members.iter().all(|m| !m.take_turn(now + Duration::from_millis(499), every)));
-        assert_eq!(members.iter().filter(|m| m.take_turn(now + every, every)).count(), 1, "the next interval");
+        assert!(other.take_turn(now, every).is_ok(), "another key has turns of its own");
+        let later = now + Duration::from_millis(499);
+        assert!(members.iter().all(|m| m.take_turn(later, every) == Err(now + every)), "the next turn is told");
+        assert_eq!(members.iter().filter(|m| m.take_turn(now + every, every).is_ok()).count(), 1, "the next interval");
     }
 
     #[tokio::test(start_paused = true)]
@@ -168,6 +179,26 @@ mod tests {
         assert_eq!(b.latest_lease(), None, "the lease is forgotten with a change");
         b.catch_up();
         assert!(tokio::time::timeout(Duration::from_secs(1), b.changed()).await.is_err(), "no change since");
+    }
+
+    #[test]
+    fn members_leaving_at_once_from_many_threads_leave_no_entry() {
+        let groups = WaitGroups::default();
+        for round in 0..200u32 {
+            let key = StorageKey::derive_raw("tests", &round.to_string());
+            let members: Vec<_> = (0..8).map(|_| groups.join(key)).collect();
+            let barrier = std::sync::Barrier::new(members.len());
+            std::thread::scope(|scope| {
+                for member in members {
+                    let barrier = &barrier;
+                    scope.spawn(move || {
+                        barrier.wait();
+                        drop(member);
+                    });
+                }
+            });
+        }
+        assert_eq!(groups.len(), 0, "every group was removed by its last member");
     }
 
     #[test]
