@@ -52,8 +52,53 @@ use crate::tls::UpstreamTls;
 /// The body the proxy forwards.
 pub type ForwardBody = RequestBody<axum::body::Body>;
 
-/// The connector: plain TCP for `http://`, TLS over it for `https://` (see [`crate::tls`]).
-type Connector = HttpsConnector<HttpConnector>;
+/// The connector: plain TCP for `http://`, TLS over it for `https://` (see
+/// [`crate::tls`]), the whole bounded by [`CONNECT_WITHIN`].
+type Connector = Bounded<HttpsConnector<HttpConnector>>;
+
+/// How long a new upstream connection may take, TCP (at most 5 s of it) and the TLS
+/// handshake together. Past it, the request was not sent: a connect error.
+pub const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+
+/// A connector whose connections must be made within a time: hyper-util bounds TCP's
+/// connect only, and an upstream that accepts TCP but never answers the TLS handshake
+/// would otherwise hold a request until its timeout, reported as "may have been
+/// processed".
+#[derive(Clone, Debug)]
+pub struct Bounded<C> {
+    inner: C,
+    within: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> tower::Service<Uri> for Bounded<C>
+where
+    C: tower::Service<Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let within = self.within;
+        Box::pin(async move {
+            match tokio::time::timeout(within, connecting).await {
+                Ok(result) => result.map_err(Into::into),
+                Err(_) => {
+                    Err(format!("no connection (TCP and TLS) within {}", humantime::format_duration(within)).into())
+                }
+            }
+        })
+    }
+}
 
 /// A `tower::Service` that forwards every request to one upstream.
 #[derive(Clone, Debug)]
@@ -103,6 +148,7 @@ impl Proxy {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(connector);
+        let connector = Bounded { inner: connector, within: CONNECT_WITHIN };
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(4)).build(connector);
         Ok(Self { client, scheme, authority, base_path, timeout, completion_limit: timeout, client_proto: "http" })
     }
@@ -199,6 +245,27 @@ fn append_forwarding(
     headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
 }
 
+/// 502 `upstream-unreachable` for a request that was never sent, releasing its key. A
+/// failed TLS handshake is named in full in the log, and by its kind only in the client's
+/// detail ([`crate::tls::category`]): the certificate's names may be internal hosts.
+fn unreachable(error: &hyper_util::client::legacy::Error) -> Response<ResponseBody> {
+    let detail = match crate::tls::tls_error(error) {
+        Some(tls) => {
+            tracing::error!(error = ?error, cause = %crate::tls::describe(tls), "TLS handshake with the upstream failed");
+            format!("{}; the request was not sent", crate::tls::category(tls))
+        }
+        None => {
+            tracing::warn!(error = ?error, "upstream unreachable");
+            "no connection to the upstream could be made; the request was not sent".to_string()
+        }
+    };
+    let mut response =
+        upstream_problem("upstream-unreachable", "The upstream is unreachable", StatusCode::BAD_GATEWAY, &detail);
+    response.headers_mut().insert(SHOULD_RETRY, HeaderValue::from_static("true"));
+    response.extensions_mut().insert(NotProcessed);
+    response
+}
+
 fn upstream_problem(kind: &str, title: &str, status: StatusCode, detail: &str) -> Response<ResponseBody> {
     problem_response(&format!("urn:oncely:problem:{kind}"), title, status, detail, None)
 }
@@ -236,7 +303,9 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
         strip_hop_by_hop(&mut parts.headers);
         append_forwarding(&mut parts.headers, client_addr, host, self.client_proto);
         parts.uri = uri;
-        // The upstream speaks HTTP/1.1 whatever the client spoke.
+        // The version the upstream connection speaks (HTTP/1.1, or HTTP/2 when an https
+        // upstream chose it by ALPN) is the client pool's choice, whatever the client
+        // spoke: hyper sends an HTTP/1.1 request over an HTTP/2 connection as HTTP/2.
         parts.version = http::Version::HTTP_11;
         let mut request = Request::from_parts(parts, body);
         // Whether a connection was ever obtained: a timeout before one was says that
@@ -250,31 +319,14 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
                 // A body that stalls between chunks fails after the same timeout, so a
                 // stuck upstream cannot hold a request (or a graceful shutdown) forever.
                 Ok(Ok(response)) => response.map(|body| TimeoutBody::new(timeout, body).boxed_unsync()),
-                Ok(Err(e)) if e.is_connect() => {
-                    // A failed TLS handshake is a connect error too: nothing was sent.
-                    // Its cause (an unknown CA, an expired certificate, another host's
-                    // certificate, a plain-text server) is named to the operator in the
-                    // log and to the client in the detail: it is about the gateway's link
-                    // to the upstream, not about the client's request.
-                    let detail = match crate::tls::handshake_failure(&e) {
-                        Some(cause) => {
-                            tracing::error!(error = %e, %cause, "TLS handshake with the upstream failed");
-                            format!("the TLS handshake with the upstream failed ({cause}); the request was not sent")
-                        }
-                        None => {
-                            tracing::warn!(error = ?e, "upstream unreachable");
-                            "the upstream refused the connection; the request was not sent".to_string()
-                        }
-                    };
-                    let mut response = upstream_problem(
-                        "upstream-unreachable",
-                        "The upstream is unreachable",
-                        StatusCode::BAD_GATEWAY,
-                        &detail,
-                    );
-                    response.headers_mut().insert(SHOULD_RETRY, HeaderValue::from_static("true"));
-                    response.extensions_mut().insert(NotProcessed);
-                    return Ok(response);
+                // A connect error (TCP, or the TLS handshake), or any failure before the
+                // request was handed to a connection (a keyed request's capture saw no
+                // connection: on HTTP/2, the refusal of a client certificate arrives
+                // during HTTP/2's own handshake): nothing was sent, the key is released.
+                Ok(Err(e))
+                    if e.is_connect() || connection.as_ref().is_some_and(|c| c.connection_metadata().is_none()) =>
+                {
+                    return Ok(unreachable(&e));
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(error = ?e, "upstream failed after the request was sent");

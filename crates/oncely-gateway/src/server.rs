@@ -131,9 +131,11 @@ async fn shutdown_signal() {
 pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnOnce(Bound)) -> Result<(), String> {
     config.load_keys().await.map_err(|e| e.to_string())?;
     listener::fit_descriptors(&mut config.server, &mut config.admin_server);
+    // Before anything builds a TLS configuration: the stores' drivers need a default.
+    tls::install_provider();
+    tls::warn_insecure(&config.upstream.tls);
     let (store, abilities) = stores::open(&options.store).await.map_err(|e| e.to_string())?;
     let tracker = TaskTracker::new();
-    tls::install_provider();
     let listener_tls = ListenerTls::load(&config)?;
     let mut proxy = Proxy::new(&options.upstream, config.upstream.timeout, &config.upstream.tls)?;
     if let Some((host, port)) = proxy.https_upstream() {

@@ -3,8 +3,8 @@
 //! One stack for the whole gateway: rustls with the *ring* crypto provider, no OpenSSL.
 //! The binary also links aws-lc-rs (the AWS SDK's provider), and with two providers in
 //! the build rustls cannot pick a process default by itself; [`install_provider`] makes
-//! ring the default at start, which the Redis driver's TLS needs (PostgreSQL's picks its
-//! own).
+//! ring the default at start, for the drivers that build their TLS configuration with
+//! `ClientConfig::builder()` (the store crates install it themselves too).
 //!
 //! **Upstream** ([`UpstreamTls`]): the server certificate is verified against the
 //! platform's root certificates (`rustls-native-certs`: the system store, such as
@@ -14,19 +14,26 @@
 //! upstream URL's host (SNI is sent for DNS names; an IP address must be in the
 //! certificate's subject alternative names). ALPN offers `h2` and `http/1.1`.
 //! `client_cert_file` and `client_key_file` present a client certificate (mutual TLS).
-//! `insecure_skip_verify` accepts any certificate; it is logged as an error at start and
-//! is for tests only.
+//! `insecure_skip_verify` accepts any certificate; it is logged as an error at start
+//! ([`warn_insecure`]) and is for tests only. A connection, TCP and handshake together,
+//! must be made within 10 s (the proxy's connector), so an upstream that accepts TCP and
+//! never answers the handshake is a connect failure, not a request held open.
 //!
 //! At start, [`probe_upstream`] makes one handshake with an `https://` upstream and the
-//! gateway refuses to start when it fails (the cause named). At run time a failed
-//! handshake is a connect error: nothing was sent, 502 `upstream-unreachable` naming the
-//! cause, the key released. One failure cannot be told from an unknown outcome at run
-//! time: a TLS 1.3 server refuses a client certificate only after the client's side of
-//! the handshake is done, so the request has been written when the refusal arrives, and
-//! hyper reports a closed connection (502 `outcome-unknown`, the key held). The probe
-//! catches the usual cause, a missing or wrong client certificate, before any request;
-//! a client certificate that expires or is revoked while the gateway runs takes this
-//! path, and each key sent in the meantime must be released by an operator.
+//! gateway refuses to start when it fails (the cause named in full). At run time a failed
+//! handshake is a connect error: nothing was sent, 502 `upstream-unreachable`, the key
+//! released; the log names the cause in full, the client's detail only its kind
+//! ([`category`]: the certificate's names may be internal hosts). One failure cannot
+//! always be told from an unknown outcome at run time: a TLS 1.3 server refuses a client
+//! certificate only after the client's side of the handshake is done. On HTTP/2 the
+//! refusal arrives during HTTP/2's own handshake, before the request was handed to the
+//! connection, and the proxy sees that (no connection was captured): released. On
+//! HTTP/1.1 the request has been written when the refusal arrives, and hyper reports a
+//! closed connection (502 `outcome-unknown`, the key held). The probe catches the usual
+//! cause, a missing or wrong client certificate, before any request; a client
+//! certificate that expires or is revoked while the gateway runs, on an HTTP/1.1
+//! upstream, takes this path, and each key sent in the meantime must be released by an
+//! operator.
 //!
 //! **Listeners** ([`ServerCert`]): the proxy and the admin listener each serve HTTPS when
 //! given a certificate chain and key (PEM). The files are read again on SIGHUP and when
@@ -116,10 +123,6 @@ impl UpstreamTls {
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS: {e}"))?;
         let builder = if self.insecure_skip_verify {
-            tracing::error!(
-                "upstream.insecure_skip_verify is set: the upstream's certificate is NOT verified; anyone on the path \
-                 can read and change the traffic. For tests only."
-            );
             builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider())))
         } else {
             builder.with_root_certificates(self.roots()?)
@@ -168,6 +171,16 @@ impl UpstreamTls {
             return Err("no platform root certificates found (install ca-certificates, or set upstream.ca_file)".into());
         }
         Ok(roots)
+    }
+}
+
+/// Says loudly, once at start, that the upstream's certificate is not verified.
+pub fn warn_insecure(tls: &UpstreamTls) {
+    if tls.insecure_skip_verify {
+        tracing::error!(
+            "upstream.insecure_skip_verify is set: the upstream's certificate is NOT verified; anyone on the path \
+             can read and change the traffic. For tests only."
+        );
     }
 }
 
@@ -336,17 +349,13 @@ pub fn spawn_reloader(certs: Vec<Arc<ServerCert>>, stop: CancellationToken) {
     });
 }
 
-/// A short name for why a TLS handshake failed, from an error chain: rustls's own error
-/// (`invalid peer certificate: UnknownIssuer`, `… NotValidForName`, `… Expired`), or
-/// "not a TLS server" for a plain-text peer. `None` when the chain holds no TLS error.
-pub fn handshake_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+/// The TLS error in an error chain, if any: rustls's own, found through the `io::Error`s
+/// that wrap it.
+pub fn tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut next = Some(error);
     while let Some(e) = next {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(match tls {
-                rustls::Error::InvalidMessage(_) => format!("not a TLS server ({tls})"),
-                _ => tls.to_string(),
-            });
+            return Some(tls);
         }
         // An `io::Error`'s `source` skips the error it wraps; its `get_ref` does not
         // (the connector nests io errors two deep around rustls's).
@@ -356,6 +365,41 @@ pub fn handshake_failure(error: &(dyn std::error::Error + 'static)) -> Option<St
         };
     }
     None
+}
+
+/// Why a TLS handshake failed, in full, for the operator (logs, the start-time check):
+/// rustls's text, which names the certificate's own names and dates
+/// (`invalid peer certificate: UnknownIssuer`, `… certificate expired: …`, `… not valid
+/// for name …`), or "not a TLS server" for a plain-text peer.
+pub fn describe(tls: &rustls::Error) -> String {
+    match tls {
+        rustls::Error::InvalidMessage(_) => format!("not a TLS server ({tls})"),
+        _ => tls.to_string(),
+    }
+}
+
+/// Why a TLS handshake failed, in words that are safe to tell any client: the kind of
+/// failure only, never the certificate's names (which may be internal hosts) or dates.
+pub fn category(tls: &rustls::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    match tls {
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the upstream's certificate has expired"
+        }
+        rustls::Error::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "the upstream's certificate is not valid yet"
+        }
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "the upstream's certificate is not valid for its host name"
+        }
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature | C::UnhandledCriticalExtension) => {
+            "the upstream's certificate is not from a trusted CA"
+        }
+        rustls::Error::InvalidCertificate(_) => "the upstream's certificate was refused",
+        rustls::Error::InvalidMessage(_) => "the upstream does not speak TLS",
+        rustls::Error::AlertReceived(_) => "the upstream refused the TLS session (a client certificate?)",
+        _ => "the TLS handshake with the upstream failed",
+    }
 }
 
 /// How long [`probe_upstream`] listens after the handshake for the upstream refusing it.
@@ -390,7 +434,7 @@ pub async fn probe_upstream(host: &str, port: u16, config: ClientConfig) -> Resu
     };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let failed = |e: &std::io::Error| {
-        let cause = handshake_failure(e).unwrap_or_else(|| e.to_string());
+        let cause = tls_error(e).map_or_else(|| e.to_string(), describe);
         format!("TLS to the upstream {host}:{port} failed: {cause}")
     };
     let mut tls = match tokio::time::timeout(Duration::from_secs(10), connector.connect(server_name, stream)).await {
@@ -400,7 +444,7 @@ pub async fn probe_upstream(host: &str, port: u16, config: ClientConfig) -> Resu
     };
     let mut byte = [0u8; 1];
     match tokio::time::timeout(PROBE_LISTEN, tls.read(&mut byte)).await {
-        Ok(Err(e)) if handshake_failure(&e).is_some() => Err(failed(&e)),
+        Ok(Err(e)) if tls_error(&e).is_some() => Err(failed(&e)),
         _ => Ok(()),
     }
 }

@@ -55,10 +55,19 @@ impl RedisStore {
     /// [`OpenError::Connect`] when no connection can be made or the scripts cannot be
     /// loaded; [`OpenError::Tls`] when the TLS handshake fails (the cause named, see the
     /// [crate docs](crate#tls)); [`OpenError::TlsFiles`] for an unreadable certificate
-    /// file; [`OpenError::Unsupported`] for a replica on Cluster.
+    /// file; [`OpenError::Unsupported`] for a replica on Cluster;
+    /// [`OpenError::InvalidUrl`] for a `redis://` replica of a `rediss://` primary.
     pub async fn connect(topology: &Topology, options: RedisOptions) -> Result<Self, OpenError> {
         let replica = match (&options.replica, topology) {
             (None, _) => None,
+            // Replays carry stored response bodies: a TLS primary's replica must be
+            // reached over TLS too.
+            (Some(url), Topology::Standalone(_)) if topology.is_tls() && !crate::tls::is_tls(url) => {
+                return Err(OpenError::InvalidUrl(format!(
+                    "replica {:?}: a rediss:// primary needs a rediss:// replica (replays carry stored responses)",
+                    crate::connection::redact(url)
+                )));
+            }
             (Some(url), Topology::Standalone(_)) => Some(Replica::open(url, &options).await?),
             (Some(_), Topology::Cluster(_)) => {
                 return Err(OpenError::Unsupported("replica reads are for a standalone primary, not a Cluster"));

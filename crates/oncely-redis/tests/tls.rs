@@ -128,3 +128,15 @@ async fn unreadable_certificate_files_are_named() {
     assert!(matches!(error, OpenError::TlsFiles(_)), "{error:?}");
     assert!(error.to_string().contains("ca_file /nonexistent/ca.pem"), "{error}");
 }
+
+/// Replays carry stored responses: a `rediss://` primary refuses a plain-text replica
+/// before connecting to either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tls_primary_refuses_a_plain_text_replica() {
+    let server = RedisServer::shared_tls();
+    let ca = server.ca_file().expect("a TLS server has a CA");
+    let url = format!("{}?ca_file={}&replica={}", server.url(), ca.display(), RedisServer::shared().url());
+    let error = RedisStore::open(&url).await.expect_err("a plain replica is refused");
+    assert!(matches!(error, OpenError::InvalidUrl(_)), "{error:?}");
+    assert!(error.to_string().contains("needs a rediss:// replica"), "{error}");
+}
