@@ -273,6 +273,28 @@ async fn a_bad_upstream_certificate_or_a_plain_server_is_named_and_nothing_is_se
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 0, "the plain server got no request");
 }
 
+/// An HTTP/2 upstream that starts asking for a client certificate after the gateway
+/// started (TLS 1.3: the refusal comes after the client's handshake, during HTTP/2's):
+/// 502 `upstream-unreachable` and the key released, every time; nothing ran.
+#[tokio::test]
+async fn a_client_certificate_refused_on_h2_at_run_time_releases_the_key() {
+    let pki = Pki::new();
+    let port = free_port();
+    let (gw, _dir) = start_gateway(
+        &format!("https://127.0.0.1:{port}"),
+        "memory://",
+        CONFIG,
+        &["--upstream-ca-file", pki.ca_file().to_str().expect("path")],
+    )
+    .await;
+    let (_, upstream) = start_tls_upstream_at(port, &pki.server, &[b"h2"], Some(&pki.ca_file())).await;
+    for _ in 0..2 {
+        let (status, kind, detail) = problem(send_post(&gw, "/payments", Some("needs-cert"), "{}").await).await;
+        assert_eq!((status, kind.as_str()), (502, "urn:oncely:problem:upstream-unreachable"), "{detail}");
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 0);
+}
+
 /// An upstream that accepts TCP and never answers the TLS handshake: 502 after the
 /// connector's bound (10 s), the key released, nothing held open until the upstream
 /// timeout.
