@@ -245,6 +245,17 @@ fn append_forwarding(
     headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
 }
 
+/// Whether hyper-util reports `error` as a request it gave back unsent: its error kind
+/// `Canceled`, which it has no public accessor for and shows only in its `Display`
+/// (`client error (Canceled)`). In hyper-util 0.1.21 (`client/legacy/client.rs`) that
+/// kind is made in three places, all before anything is written: hyper returned the
+/// request with the error (`take_message`), a pool checkout lost a race, and an ALPN
+/// upgrade to HTTP/2. Should the text ever change, this answers false and the request is
+/// held as an unknown outcome: the safe side.
+fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
+    error.to_string() == "client error (Canceled)"
+}
+
 /// 502 `upstream-unreachable` for a request that was never sent, releasing its key. A
 /// failed TLS handshake is named in full in the log, and by its kind only in the client's
 /// detail ([`crate::tls::category`]): the certificate's names may be internal hosts.
@@ -319,12 +330,15 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
                 // A body that stalls between chunks fails after the same timeout, so a
                 // stuck upstream cannot hold a request (or a graceful shutdown) forever.
                 Ok(Ok(response)) => response.map(|body| TimeoutBody::new(timeout, body).boxed_unsync()),
-                // A connect error (TCP, or the TLS handshake), or any failure before the
-                // request was handed to a connection (a keyed request's capture saw no
-                // connection: on HTTP/2, the refusal of a client certificate arrives
-                // during HTTP/2's own handshake): nothing was sent, the key is released.
+                // Nothing was sent, and the key is released, when: the connection failed
+                // (TCP, or the TLS handshake); a keyed request's capture saw no
+                // connection; or hyper-util gave the request back unsent (a TLS 1.3
+                // server refusing a client certificate after the client's handshake,
+                // before the request was written).
                 Ok(Err(e))
-                    if e.is_connect() || connection.as_ref().is_some_and(|c| c.connection_metadata().is_none()) =>
+                    if e.is_connect()
+                        || never_sent(&e)
+                        || connection.as_ref().is_some_and(|c| c.connection_metadata().is_none()) =>
                 {
                     return Ok(unreachable(&e));
                 }

@@ -25,15 +25,14 @@
 //! released; the log names the cause in full, the client's detail only its kind
 //! ([`category`]: the certificate's names may be internal hosts). One failure cannot
 //! always be told from an unknown outcome at run time: a TLS 1.3 server refuses a client
-//! certificate only after the client's side of the handshake is done. On HTTP/2 the
-//! refusal arrives during HTTP/2's own handshake, before the request was handed to the
-//! connection, and the proxy sees that (no connection was captured): released. On
-//! HTTP/1.1 the request has been written when the refusal arrives, and hyper reports a
-//! closed connection (502 `outcome-unknown`, the key held). The probe catches the usual
-//! cause, a missing or wrong client certificate, before any request; a client
-//! certificate that expires or is revoked while the gateway runs, on an HTTP/1.1
-//! upstream, takes this path, and each key sent in the meantime must be released by an
-//! operator.
+//! certificate only after the client's side of the handshake is done. When the refusal
+//! arrives before the request was written, hyper gives the request back and the proxy
+//! releases the key; when the request had been written, hyper reports a broken
+//! connection and the outcome is unknown (502 `outcome-unknown`, the key held), although
+//! the upstream's TLS layer never let the request through. On loopback both happen, by a
+//! race. The start-time probe catches the usual cause, a missing or wrong client
+//! certificate, before any request; a client certificate that expires or is revoked
+//! while the gateway runs can leave keys held that an operator must release.
 //!
 //! **Listeners** ([`ServerCert`]): the proxy and the admin listener each serve HTTPS when
 //! given a certificate chain and key (PEM). The files are read again on SIGHUP and when
