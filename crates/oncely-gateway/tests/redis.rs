@@ -18,21 +18,6 @@ fn with_prefix(url: &str, name: &str) -> String {
     format!("{url}?prefix={name}-{}", std::process::id())
 }
 
-/// The sum of `oncely_operations_in_flight` over the gateways' admin endpoints.
-async fn in_flight(gateways: &[&Gateway]) -> usize {
-    let mut total = 0;
-    for gw in gateways {
-        let text =
-            client().get(format!("{}/metrics", gw.admin)).send().await.expect("metrics").text().await.expect("text");
-        total += text
-            .lines()
-            .find_map(|l| l.strip_prefix("oncely_operations_in_flight "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0) as usize;
-    }
-    total
-}
-
 /// 200 concurrent requests with one key, alternating between two gateways on one store,
 /// on a wait-mode route whose upstream holds the first request until every request is
 /// inside a gateway: one upstream execution, and 200 identical successful answers (the
@@ -42,56 +27,31 @@ async fn two_gateways_execute_a_key_once(store: String, standalone: Option<(&Red
     let (a, dir) = start_gateway(&format!("http://{addr}"), &store, CONFIG, &[]).await;
     let b = spawn_gateway(&format!("http://{addr}"), &store, &dir.path().join("oncely.toml"), &[]).await;
 
-    let started = upstream.started.notified();
-    let requests: Vec<_> = (0..200)
-        .map(|i| {
-            let url = if i % 2 == 0 { a.url.clone() } else { b.url.clone() };
-            tokio::spawn(async move {
-                let r = post_to(&url, "/wait/slow", Some("one-key-two-gateways"), r#"{"amount":100}"#).await;
-                let status = r.status().as_u16();
-                let replayed = replayed(&r);
-                (status, replayed, r.text().await.expect("body"))
-            })
-        })
-        .collect();
-    started.await;
-    // Every request is inside a gateway (one running, the rest waiting) before the first
-    // is let go: the contention is real, not a queue of retries.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while in_flight(&[&a, &b]).await < 200 {
-        assert!(tokio::time::Instant::now() < deadline, "all 200 requests reach the gateways");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if let Some((server, prefix)) = standalone {
-        // Both processes wait on the key's channel: the completion reaches them through
-        // Redis, not through their polling.
-        // A waiter subscribes after its claim met the running one, so a process whose
-        // requests are all inside may still be on its way: poll what Redis reports.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let channels = server.command(&["PUBSUB", "CHANNELS", &format!("{prefix}:*")]);
-            let numsub = match channels.lines().next() {
-                Some(channel) => server.command(&["PUBSUB", "NUMSUB", channel]),
-                None => String::new(),
-            };
-            if numsub.lines().nth(1) == Some("2") {
-                break;
+    one_key_through_two_gateways(&a, &b, &upstream, Duration::from_secs(30), async {
+        if let Some((server, prefix)) = standalone {
+            // Both processes wait on the key's channel: the completion reaches them
+            // through Redis, not through their polling. A waiter subscribes after its
+            // claim met the running one, so a process whose requests are all inside may
+            // still be on its way: poll what Redis reports.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let channels = server.command(&["PUBSUB", "CHANNELS", &format!("{prefix}:*")]);
+                let numsub = match channels.lines().next() {
+                    Some(channel) => server.command(&["PUBSUB", "NUMSUB", channel]),
+                    None => String::new(),
+                };
+                if numsub.lines().nth(1) == Some("2") {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "both gateways subscribe to the key's channel: {numsub}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            assert!(tokio::time::Instant::now() < deadline, "both gateways subscribe to the key's channel: {numsub}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-    upstream.gate.notify_one();
-
-    let mut answers = Vec::new();
-    for request in requests {
-        answers.push(request.await.expect("task"));
-    }
-    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1, "one execution across both gateways");
-    assert!(answers.iter().all(|(status, _, _)| *status == 201), "every answer is the stored 201");
-    let body = &answers[0].2;
-    assert!(answers.iter().all(|(_, _, b)| b == body), "all answers identical");
-    assert_eq!(answers.iter().filter(|(_, replayed, _)| !replayed).count(), 1, "one original, 199 replays");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -109,6 +109,13 @@ async fn start_tls_upstream_at(
     (addr, shared)
 }
 
+/// A gateway (memory store, [`CONFIG`]) in front of `https://127.0.0.1:PORT`, trusting
+/// `ca` only.
+async fn gateway_to_https(port: u16, ca: &Path) -> (Gateway, tempfile::TempDir) {
+    let ca = ca.to_str().expect("path");
+    start_gateway(&format!("https://127.0.0.1:{port}"), "memory://", CONFIG, &["--upstream-ca-file", ca]).await
+}
+
 /// A client that trusts only `ca`.
 fn https_client(ca: &Path) -> reqwest::Client {
     let pem = std::fs::read(ca).expect("ca");
@@ -144,13 +151,7 @@ async fn an_https_upstream_is_verified_and_spoken_to_over_h2_or_http1() {
         [(&[b"h2".as_slice(), b"http/1.1"][..], "HTTP/2.0"), (&[b"http/1.1".as_slice()][..], "HTTP/1.1")]
     {
         let (addr, upstream) = start_tls_upstream(&pki.server, alpn, None).await;
-        let (gw, _dir) = start_gateway(
-            &format!("https://127.0.0.1:{}", addr.port()),
-            "memory://",
-            CONFIG,
-            &["--upstream-ca-file", ca.to_str().expect("path")],
-        )
-        .await;
+        let (gw, _dir) = gateway_to_https(addr.port(), &ca).await;
         let first = send_post(&gw, "/payments", Some("tls-1"), "{}").await;
         assert_eq!(first.status(), 201);
         let body = first.text().await.expect("body");
@@ -234,13 +235,7 @@ async fn a_bad_upstream_certificate_or_a_plain_server_is_named_and_nothing_is_se
 
         // Started while the upstream is down; the bad one comes up afterwards.
         let port = free_port();
-        let (gw, _dir) = start_gateway(
-            &format!("https://127.0.0.1:{port}"),
-            "memory://",
-            CONFIG,
-            &["--upstream-ca-file", ca.to_str().expect("path")],
-        )
-        .await;
+        let (gw, _dir) = gateway_to_https(port, &ca).await;
         let (_, upstream) = start_tls_upstream_at(port, &cert, &[b"http/1.1"], None).await;
         for _ in 0..2 {
             let (status, kind, detail) = problem(send_post(&gw, "/payments", Some("bad"), "{}").await).await;
@@ -257,13 +252,7 @@ async fn a_bad_upstream_certificate_or_a_plain_server_is_named_and_nothing_is_se
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("not a TLS server"), "{err}");
     let port = free_port();
-    let (gw, _dir) = start_gateway(
-        &format!("https://127.0.0.1:{port}"),
-        "memory://",
-        CONFIG,
-        &["--upstream-ca-file", ca.to_str().expect("path")],
-    )
-    .await;
+    let (gw, _dir) = gateway_to_https(port, &ca).await;
     let upstream = Shared::default();
     let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
     tokio::spawn(axum::serve(listener, upstream_app(upstream.clone())).into_future());
@@ -283,13 +272,7 @@ async fn a_bad_upstream_certificate_or_a_plain_server_is_named_and_nothing_is_se
 async fn a_client_certificate_refused_at_run_time_never_runs_the_request() {
     let pki = Pki::new();
     let port = free_port();
-    let (gw, _dir) = start_gateway(
-        &format!("https://127.0.0.1:{port}"),
-        "memory://",
-        CONFIG,
-        &["--upstream-ca-file", pki.ca_file().to_str().expect("path")],
-    )
-    .await;
+    let (gw, _dir) = gateway_to_https(port, &pki.ca_file()).await;
     let (_, upstream) = start_tls_upstream_at(port, &pki.server, &[b"h2"], Some(&pki.ca_file())).await;
     for attempt in 0..4 {
         let key = format!("needs-cert-{attempt}");

@@ -309,3 +309,63 @@ pub async fn raw_request(gw: &Gateway, request: &str) -> String {
     assert!(closed, "the gateway answers and closes: {}", String::from_utf8_lossy(&data));
     String::from_utf8_lossy(&data).into_owned()
 }
+
+/// The sum of `oncely_operations_in_flight` over the gateways' admin endpoints.
+pub async fn in_flight(gateways: &[&Gateway]) -> usize {
+    let mut total = 0;
+    for gw in gateways {
+        let text =
+            client().get(format!("{}/metrics", gw.admin)).send().await.expect("metrics").text().await.expect("text");
+        total += text
+            .lines()
+            .find_map(|l| l.strip_prefix("oncely_operations_in_flight "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0) as usize;
+    }
+    total
+}
+
+/// 200 concurrent requests with one key, alternating between gateways `a` and `b` on one
+/// store, on the wait-mode route `/wait/slow`, whose upstream holds the first request.
+/// Once every request is inside a gateway (within `within`: the contention is real, not
+/// a queue of retries) and `before_release` is done, the first is let go. Asserts one
+/// upstream execution and 200 identical stored 201s: one original, 199 replays.
+pub async fn one_key_through_two_gateways(
+    a: &Gateway,
+    b: &Gateway,
+    upstream: &Shared,
+    within: Duration,
+    before_release: impl std::future::Future<Output = ()>,
+) {
+    let started = upstream.started.notified();
+    let requests: Vec<_> = (0..200)
+        .map(|i| {
+            let url = if i % 2 == 0 { a.url.clone() } else { b.url.clone() };
+            tokio::spawn(async move {
+                let r = post_to(&url, "/wait/slow", Some("one-key-two-gateways"), r#"{"amount":100}"#).await;
+                let status = r.status().as_u16();
+                let replayed = replayed(&r);
+                (status, replayed, r.text().await.expect("body"))
+            })
+        })
+        .collect();
+    started.await;
+    let deadline = tokio::time::Instant::now() + within;
+    while in_flight(&[a, b]).await < 200 {
+        assert!(tokio::time::Instant::now() < deadline, "all 200 requests reach the gateways");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    before_release.await;
+    upstream.gate.notify_one();
+
+    let mut answers = Vec::new();
+    for request in requests {
+        answers.push(request.await.expect("task"));
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1, "one execution across both gateways");
+    let statuses: Vec<u16> = answers.iter().map(|(status, _, _)| *status).collect();
+    assert!(statuses.iter().all(|status| *status == 201), "every answer is the stored 201: {statuses:?}");
+    let body = &answers[0].2;
+    assert!(answers.iter().all(|(_, _, b)| b == body), "all answers identical");
+    assert_eq!(answers.iter().filter(|(_, replayed, _)| !replayed).count(), 1, "one original, 199 replays");
+}
