@@ -54,29 +54,9 @@ PORT_DDB_ADMIN=$((BASE_PORT + 5))
 BODY='{"amount":1999,"currency":"eur","customer":"cus_9s6XKzkNRiz8i3","description":"bench order 42"}'
 RESPONSE='{"id":"ch_1","amount":1999}'
 
-log() { printf '[dynamodb.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() {
-    log "error: $*"
-    exit 1
-}
-
-PIDS=()
-WORK=""
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    if [[ -n $WORK && -d $WORK ]]; then
-        ((status != 0)) && cp -r "$WORK/logs" "$RESULTS_DIR/" 2>/dev/null || true
-        rm -rf "$WORK"
-    fi
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+BENCH_NAME=dynamodb.sh
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 # ---------------------------------------------------------------------------------------
 # Tools.
@@ -84,23 +64,7 @@ missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
 command -v curl >/dev/null || missing+=(curl)
-if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    sudo=()
-    ((EUID == 0)) || sudo=(sudo)
-    # Debian's nginx package starts a system nginx unless policy-rc.d forbids it.
-    policy=/usr/sbin/policy-rc.d made_policy=0
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
-        "${sudo[@]}" chmod +x "$policy"
-        made_policy=1
-    fi
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}" ||
-        { "${sudo[@]}" apt-get update && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y \
-            --no-install-recommends "${missing[@]}"; }
-    ((made_policy)) && "${sudo[@]}" rm -f "$policy"
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+install_packages "${missing[@]}"
 
 # moto: where scripts/test installs it, at the version it pins.
 MOTO_VERSION=$(sed -nE 's/^MOTO_VERSION=([0-9.]+)$/\1/p' scripts/test)
@@ -114,15 +78,6 @@ if [[ ! -f $MOTO_VENV/.oncely-moto-$MOTO_VERSION ]]; then
     touch "$MOTO_VENV/.oncely-moto-$MOTO_VERSION"
 fi
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_port() {
-    local port=$1 pid=$2 name=$3 tries=0
-    until port_open "$port"; do
-        kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited before listening on $port; see the logs"
-        ((tries++ < 600)) || die "$name did not listen on 127.0.0.1:$port within 60 s"
-        sleep 0.1
-    done
-}
 for port in $PORT_UPSTREAM $PORT_MOTO $PORT_MEM $PORT_MEM_ADMIN $PORT_DDB $PORT_DDB_ADMIN; do
     port_open "$port" && die "port 127.0.0.1:$port is already in use (set BASE_PORT)"
 done
@@ -145,46 +100,13 @@ log "work dir $WORK; results in $RESULTS_DIR"
 "$MOTO_VENV/bin/python" crates/oncely-testkit/src/moto_server.py 127.0.0.1 "$PORT_MOTO" "$WORK/logs/moto.log" &
 PID_MOTO=$!
 PIDS+=("$PID_MOTO")
-wait_port "$PORT_MOTO" "$PID_MOTO" moto
+wait_port "$PORT_MOTO" "$PID_MOTO" moto 60
 DDB_URL="dynamodb://bench?endpoint=http://127.0.0.1:$PORT_MOTO&region=us-east-1"
 "$ONCELY" --log-level warn dynamodb create-table --store "$DDB_URL" || die "create-table failed"
 
 # ---------------------------------------------------------------------------------------
-# The upstream: nginx in the foreground with a master process (so SIGTERM stops it all).
-mkdir -p "$WORK/nginx"/{body,proxy,fastcgi,uwsgi,scgi}
-user_line=""
-((EUID == 0)) && user_line="user root root;"
-cat >"$WORK/nginx/nginx.conf" <<EOF
-$user_line
-daemon off;
-master_process on;
-worker_processes 1;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/logs/nginx.error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:$PORT_UPSTREAM;
-        default_type application/json;
-        location = /payments {
-            if (\$request_method != POST) { return 405; }
-            return 201 '$RESPONSE';
-        }
-        location / { return 404; }
-    }
-}
-EOF
-"$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" >"$WORK/logs/nginx.out.log" 2>&1 &
-PID_UPSTREAM=$!
-PIDS+=("$PID_UPSTREAM")
-wait_port "$PORT_UPSTREAM" "$PID_UPSTREAM" nginx
+# The upstream.
+start_nginx_upstream "$PORT_UPSTREAM" "$RESPONSE"
 
 # ---------------------------------------------------------------------------------------
 # The gateways. The key is required, so a broken request shows as 400s in the error count.
@@ -208,47 +130,8 @@ start_gateway gateway-memory "$PORT_MEM" "$PORT_MEM_ADMIN" "memory://"
 start_gateway gateway-dynamodb "$PORT_DDB" "$PORT_DDB_ADMIN" "$DDB_URL&max_attempts=1&timeout=10s&connect_timeout=5s"
 
 # ---------------------------------------------------------------------------------------
-# wrk scripts (as bench/postgres.sh): one RESULT line per run; latencies in µs.
-cat >"$WORK/common.lua" <<EOF
-body = '$BODY'
-function done(summary, latency, requests)
-    local e = summary.errors
-    io.write(string.format(
-        "RESULT requests=%d rps=%.1f p50_us=%d p99_us=%d non2xx=%d errors=%d\n",
-        summary.requests, summary.requests / (summary.duration / 1e6),
-        latency:percentile(50), latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
-end
-EOF
-cat >"$WORK/new_keys.lua" <<EOF
-dofile("$WORK/common.lua")
-local threads = 0
-function setup(thread)
-    threads = threads + 1
-    thread:set("tid", threads)
-end
-local counter = 0
-local prefix, headers
-function init(args)
-    prefix = (args[1] or "run") .. "-t" .. tostring(tid) .. "-"
-    headers = { ["Content-Type"] = "application/json" }
-end
-function request()
-    counter = counter + 1
-    headers["Idempotency-Key"] = prefix .. counter
-    return wrk.format("POST", "/payments", headers, body)
-end
-EOF
-cat >"$WORK/fixed_key.lua" <<EOF
-dofile("$WORK/common.lua")
-local req
-function init(args)
-    req = wrk.format("POST", "/payments",
-        { ["Content-Type"] = "application/json", ["Idempotency-Key"] = args[1] }, body)
-end
-function request()
-    return req
-end
-EOF
+# wrk scripts: one RESULT line per run; latencies in µs.
+write_wrk_scripts "$BODY"
 
 RUN=$STAMP-$$
 REPLAY_KEY="replay-$RUN"
@@ -277,7 +160,6 @@ call_count() { # op calls: the op's count, 0 when it has none yet
 ROWS=()
 declare -A R_RPS R_P50 R_P99 R_ERR R_CALLS
 FLAGGED=()
-field() { sed -E "s/.* $1=([0-9.]+).*/\\1/" <<<"$2"; }
 add_row() { [[ -v "R_RPS[$1]" ]] || ROWS+=("$1"); }
 
 measure() { # round label mode port admin-port script arg
@@ -318,9 +200,6 @@ done
 
 STATS=$("$ONCELY" --log-level warn stats --store "$DDB_URL" 2>&1 || true)
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "-"; else print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
-range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.0f–%.0f", lo, hi }'; }
-total() { tr ' ' '\n' | awk '{ s += $1 } END { print s + 0 }'; }
 {
     echo "## Gateway on DynamoDB (moto) against the memory store ($STAMP)"
     echo

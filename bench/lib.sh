@@ -1,5 +1,5 @@
-# Shared by the bench scripts that source it (bench/tls.sh so far; bench/gateway.sh,
-# postgres.sh and dynamodb.sh still carry their own copies of these and should move
+# Shared by the bench scripts that source it (bench/tls.sh and bench/dynamodb.sh;
+# bench/gateway.sh and postgres.sh still carry their own copies of these and should move
 # here): logging, cleanup of what a script starts, installing tools, ports, an nginx
 # upstream, and the wrk scripts.
 #
@@ -61,16 +61,17 @@ install_packages() {
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-wait_port() { # port pid name
-    local port=$1 pid=$2 name=$3 tries=0
+wait_port() { # port pid name [seconds, default 30]
+    local port=$1 pid=$2 name=$3 seconds=${4:-30} tries=0
     until port_open "$port"; do
         kill -0 "$pid" 2>/dev/null || die "$name (pid $pid) exited before listening on $port; see the logs"
-        ((tries++ < 300)) || die "$name did not listen on 127.0.0.1:$port within 30 s"
+        ((tries++ < seconds * 10)) || die "$name did not listen on 127.0.0.1:$port within $seconds s"
         sleep 0.1
     done
 }
 
-# nginx on 127.0.0.1:PORT answering every request with 201 and RESPONSE (one worker).
+# nginx on 127.0.0.1:PORT answering POST /payments with 201 and RESPONSE (one worker);
+# anything else gets 405 or 404, so that a broken script shows in the error count.
 start_nginx_upstream() { # port response
     local port=$1 response=$2 user_line=""
     local nginx
@@ -96,7 +97,11 @@ http {
     server {
         listen 127.0.0.1:$port;
         default_type application/json;
-        location / { return 201 '$response'; }
+        location = /payments {
+            if (\$request_method != POST) { return 405; }
+            return 201 '$response';
+        }
+        location / { return 404; }
     }
 }
 CONF
@@ -106,16 +111,17 @@ CONF
 }
 
 # wrk scripts in $WORK posting BODY to /payments, each printing one line
-# `RESULT rps=… p50_us=… p99_us=… errors=…`: new_keys.lua (a unique Idempotency-Key
-# per request, prefixed with the script's argument) and fixed_key.lua (the argument).
+# `RESULT requests=… rps=… p50_us=… p99_us=… non2xx=… errors=…` (errors: socket errors):
+# new_keys.lua (a unique Idempotency-Key per request, prefixed with the script's
+# argument) and fixed_key.lua (the argument).
 write_wrk_scripts() { # body
     cat >"$WORK/common.lua" <<LUA
 body = '$1'
 function done(summary, latency, requests)
     local e = summary.errors
-    io.write(string.format("RESULT rps=%.1f p50_us=%d p99_us=%d errors=%d\n",
-        summary.requests / (summary.duration / 1e6), latency:percentile(50), latency:percentile(99),
-        e.status + e.connect + e.read + e.write + e.timeout))
+    io.write(string.format("RESULT requests=%d rps=%.1f p50_us=%d p99_us=%d non2xx=%d errors=%d\n",
+        summary.requests, summary.requests / (summary.duration / 1e6), latency:percentile(50),
+        latency:percentile(99), e.status, e.connect + e.read + e.write + e.timeout))
 end
 LUA
     cat >"$WORK/new_keys.lua" <<LUA

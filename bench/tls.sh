@@ -156,7 +156,7 @@ measure() { # round gateway mode script arg
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/$script" \
         "http://127.0.0.1:${GW_PORT[$gw]}/payments" -- "$arg" >"$out" 2>&1 || die "wrk failed; see $out"
     line=$(grep '^RESULT ' "$out") || die "no RESULT line in $out"
-    [[ $(field errors "$line") == 0 ]] || die "$gw $mode: errors; see $out"
+    (($(field non2xx "$line") + $(field errors "$line") == 0)) || die "$gw $mode: errors; see $out"
     R_RPS[$gw/$mode]+="$(field rps "$line") " R_P50[$gw/$mode]+="$(field p50_us "$line") "
     log "round $round: $gw $mode -> $(field rps "$line") req/s"
 }
