@@ -256,6 +256,7 @@ impl<S: Store> OncelyBuilder<S> {
             deferred: self.deferred,
             hits: Default::default(),
             waiting: Default::default(),
+            outcomes: Default::default(),
         }))
     }
 }

@@ -69,6 +69,44 @@ pub(crate) struct Shared<S> {
     pub(crate) hits: hits::HitCounts,
     /// The duplicates waiting on each key (wait mode), which poll the store together.
     pub(crate) waiting: waiting::WaitGroups,
+    /// `oncely_outcomes_total{outcome}`, registered when the engine is built.
+    pub(crate) outcomes: Outcomes,
+}
+
+/// One counter handle per outcome label, registered once with the `metrics` recorder
+/// installed when the engine is built (install it first), not looked up per request.
+#[derive(Debug)]
+pub(crate) struct Outcomes {
+    store_error: metrics::Counter,
+    replayed: metrics::Counter,
+    mismatch: metrics::Counter,
+    conflict: metrics::Counter,
+    replayed_kept: metrics::Counter,
+    failure_stored: metrics::Counter,
+    failure_released: metrics::Counter,
+    takeover: metrics::Counter,
+    executed: metrics::Counter,
+    first_seen: metrics::Counter,
+    duplicate_seen: metrics::Counter,
+}
+
+impl Default for Outcomes {
+    fn default() -> Self {
+        let outcome = |label: &'static str| metrics::counter!("oncely_outcomes_total", "outcome" => label);
+        Self {
+            store_error: outcome("store_error"),
+            replayed: outcome("replayed"),
+            mismatch: outcome("mismatch"),
+            conflict: outcome("conflict"),
+            replayed_kept: outcome("replayed_kept"),
+            failure_stored: outcome("failure_stored"),
+            failure_released: outcome("failure_released"),
+            takeover: outcome("takeover"),
+            executed: outcome("executed"),
+            first_seen: outcome("first_seen"),
+            duplicate_seen: outcome("duplicate_seen"),
+        }
+    }
 }
 
 impl<S> Clone for Oncely<S> {
@@ -140,6 +178,7 @@ impl<S: Store> Oncely<S> {
             deferred: DeferredCompletions::new(),
             hits: Default::default(),
             waiting: Default::default(),
+            outcomes: Outcomes::default(),
         })
     }
 
@@ -248,7 +287,7 @@ impl<S: Store> Oncely<S> {
                 // find out, one per poll interval, rather than a burst on a store that
                 // may be throttling.
                 Err(e) => {
-                    count("store_error");
+                    self.shared.outcomes.store_error.increment(1);
                     return Err(e.into());
                 }
             };
@@ -266,7 +305,8 @@ impl<S: Store> Oncely<S> {
             }
             match outcome {
                 ClaimOutcome::Acquired { takeover } => {
-                    count(if takeover { "takeover" } else { "executed" });
+                    let outcomes = &self.shared.outcomes;
+                    if takeover { &outcomes.takeover } else { &outcomes.executed }.increment(1);
                     if takeover {
                         tracing::info!(%key, "took over a key whose lease lapsed");
                         if let Some(hook) = &hooks.takeover {
@@ -280,7 +320,7 @@ impl<S: Store> Oncely<S> {
                     return Ok(Acquired::Execute(guard));
                 }
                 ClaimOutcome::Replay(mut replay) => {
-                    count("replayed");
+                    self.shared.outcomes.replayed.increment(1);
                     replay.hits = replay.hits.saturating_add(self.count_hit(&storage_key));
                     if let Some(hook) = &hooks.hit {
                         hook(key, &replay);
@@ -288,7 +328,7 @@ impl<S: Store> Oncely<S> {
                     return Ok(Acquired::Replay(replay));
                 }
                 ClaimOutcome::Mismatch => {
-                    count("mismatch");
+                    self.shared.outcomes.mismatch.increment(1);
                     if let Some(hook) = &hooks.mismatch {
                         hook(key);
                     }
@@ -305,7 +345,7 @@ impl<S: Store> Oncely<S> {
                         lease_until.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)
                     };
                     let conflict = || {
-                        count("conflict");
+                        self.shared.outcomes.conflict.increment(1);
                         Error::Conflict { retry_after: retry_after(remaining(lease_until)) }
                     };
                     let Some(wait_until) = wait_until else { return Err(conflict()) };
@@ -369,7 +409,7 @@ impl<S: Store> Oncely<S> {
     ) -> Result<Acquired<S>, Error> {
         let hooks = &self.shared.hooks;
         if record.fingerprint.as_ref() != request.fingerprint() {
-            count("mismatch");
+            self.shared.outcomes.mismatch.increment(1);
             if let Some(hook) = &hooks.mismatch {
                 hook(key);
             }
@@ -378,7 +418,7 @@ impl<S: Store> Oncely<S> {
         let RecordState::Completed { payload, completed_at, hits } = record.state else {
             return Err(Error::Store(StoreError::Corrupt("a kept result is not completed".into())));
         };
-        count("replayed_kept");
+        self.shared.outcomes.replayed_kept.increment(1);
         let replay = Replay { payload, completed_at, hits };
         if let Some(hook) = &hooks.hit {
             hook(key, &replay);
@@ -450,12 +490,12 @@ impl<S: Store> Oncely<S> {
                     Ok(Executed { value, replayed: false })
                 }
                 Err(Failure::Store(error)) => {
-                    count("failure_stored");
+                    self.shared.outcomes.failure_stored.increment(1);
                     record_completion(guard, encode(&StoredRef::<T, E>::Err(&error))).await;
                     Err(RunError::Failed { error, replayed: false })
                 }
                 Err(Failure::Release(error)) => {
-                    count("failure_released");
+                    self.shared.outcomes.failure_released.increment(1);
                     let key = guard.key().clone();
                     if let Err(e) = guard.release().await {
                         tracing::warn!(%key, error = %e, "release failed; the key stays blocked until its lease lapses");
@@ -497,7 +537,8 @@ impl<S: Store> Oncely<S> {
             )));
         }
         let first = self.shared.store.first_seen(&FirstSeen::new(&self.scope, id, window)).await?;
-        count(if first { "first_seen" } else { "duplicate_seen" });
+        let outcomes = &self.shared.outcomes;
+        if first { &outcomes.first_seen } else { &outcomes.duplicate_seen }.increment(1);
         Ok(first)
     }
 }
@@ -578,10 +619,6 @@ async fn record_completion<S: Store>(guard: ClaimGuard<S>, payload: Vec<u8>) {
 fn retry_after(remaining: Duration) -> Duration {
     let secs = remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0);
     Duration::from_secs(secs.max(1))
-}
-
-fn count(outcome: &'static str) {
-    metrics::counter!("oncely_outcomes_total", "outcome" => outcome).increment(1);
 }
 
 /// Writes the counted hits to the store; a batch the store refuses is kept for the next.
