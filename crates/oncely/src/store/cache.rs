@@ -92,10 +92,12 @@ impl std::fmt::Debug for Entries {
     }
 }
 
-/// A completed record as the claim that found it saw it.
+/// A completed record as the claim that found it saw it, with the hits this process has
+/// flushed through the cache since.
 struct Entry {
     fingerprint: Option<Fingerprint>,
     replay: Replay,
+    hits: AtomicU64,
     /// The end of the entry: its time-to-live or its record's retention, the sooner.
     until: Instant,
 }
@@ -137,6 +139,19 @@ impl<S> ReplayCache<S> {
         self.cache.as_ref().map_or(0, |c| c.hits.load(Ordering::Relaxed))
     }
 
+    /// The entries held now (after the cache's pending evictions have run).
+    pub fn len(&self) -> u64 {
+        self.cache.as_ref().map_or(0, |c| {
+            c.map.run_pending_tasks();
+            c.map.entry_count()
+        })
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Drops every cached entry: the next claim of each key goes to the store.
     pub fn clear(&self) {
         if let Some(cache) = &self.cache {
@@ -156,18 +171,22 @@ impl<S> ReplayCache<S> {
         if entry.fingerprint.as_ref() != request.fingerprint() {
             return Some(ClaimOutcome::Mismatch);
         }
-        Some(ClaimOutcome::Replay(entry.replay.clone()))
+        let mut replay = entry.replay.clone();
+        replay.hits = entry.hits.load(Ordering::Relaxed);
+        Some(ClaimOutcome::Replay(replay))
     }
 
     fn remember(&self, request: &ClaimRequest<'_>, replay: &Replay) {
         let Some(cache) = &self.cache else { return };
         // The record lives `retention` from its completion (by the store's clock, read
         // here through the completion time it reported): the entry never outlives it.
-        let left = (replay.completed_at + request.retention())
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
+        let left = match replay.completed_at.checked_add(request.retention()) {
+            Some(end) => end.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO),
+            None => Duration::MAX,
+        };
         let Some(until) = Instant::now().checked_add(left.min(cache.time_to_live())) else { return };
-        let entry = Entry { fingerprint: request.fingerprint().copied(), replay: replay.clone(), until };
+        let hits = AtomicU64::new(replay.hits);
+        let entry = Entry { fingerprint: request.fingerprint().copied(), replay: replay.clone(), hits, until };
         cache.map.insert(*request.storage_key(), Arc::new(entry));
     }
 }
@@ -256,8 +275,19 @@ impl<S: Store> Store for ReplayCache<S> {
         self.inner.first_seen(request).await
     }
 
+    /// Written to the store, and added to the cached entries: a cached replay reports the
+    /// hits the store holds, as far as this process knows. Hits other processes flush
+    /// are seen when the entry is next read from the store.
     async fn record_hits(&self, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
-        self.inner.record_hits(hits).await
+        self.inner.record_hits(hits).await?;
+        if let Some(cache) = &self.cache {
+            for (key, n) in hits {
+                if let Some(entry) = cache.map.get(key) {
+                    entry.hits.fetch_add(*n, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn subscribe(&self, key: &StorageKey) -> Notified {
@@ -272,8 +302,10 @@ impl<S: StoreAdmin> StoreAdmin for ReplayCache<S> {
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        // Dropped before and after: a claim racing the delete may have put the old
-        // record back in between.
+        // Dropped before and after the store's delete, so that a claim that read the
+        // record before the delete and cached it during it is dropped too. A claim that
+        // read before and caches after the second drop keeps the old record for at most
+        // one time-to-live, as a delete made elsewhere would.
         if let Some(cache) = &self.cache {
             cache.map.invalidate(key);
         }

@@ -37,6 +37,8 @@ use bytes::Bytes;
 use crate::{Record, StorageKey};
 
 pub mod abilities;
+#[cfg(feature = "cache")]
+pub mod cache;
 mod dynamic;
 mod error;
 pub mod memory;
@@ -46,6 +48,8 @@ pub mod url;
 pub mod waiters;
 
 pub use abilities::StoreAbilities;
+#[cfg(feature = "cache")]
+pub use cache::{ReplayCache, ReplayCacheBuilder};
 pub use dynamic::DynStore;
 pub use error::{BoxError, CapacityBound, StoreError, StoreErrorKind};
 pub use memory_url::URL_DEFAULT_MAX_ENTRIES;
