@@ -96,6 +96,7 @@
 //!   timeout's 408 inside it releases the key, and a retry could run an operation that
 //!   a cancelled handler had half done.
 
+mod counters;
 mod hop_by_hop;
 mod key_header;
 mod layer;
@@ -103,6 +104,7 @@ pub mod problem;
 mod request;
 pub mod scope;
 mod service;
+mod settings;
 mod stored;
 /// Fuzzing only: decodes a stored response; `Ok(true)` when its encoding decodes to it again.
 #[cfg(fuzzing)]

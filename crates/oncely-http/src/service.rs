@@ -15,11 +15,12 @@ use http_body_util::{BodyExt, BodyStream, Either, Full, LengthLimitError, Limite
 use oncely::{Acquired, ClaimGuard, Error, Fingerprint, IdempotencyKey, Oncely, Replay, StorageKey, Store, StoreError};
 use tower_service::Service;
 
-use crate::layer::{IdempotencyLayer, InProgressPlace, Settings};
+use crate::layer::{IdempotencyLayer, InProgressPlace};
 use crate::problem::{Problem, ProblemKind, SHOULD_RETRY};
 use crate::request::{
     DecodedBodyTooLarge, FingerprintRules, gunzip, is_gzip, key_from_json_body, request_fingerprint_with,
 };
+use crate::settings::Settings;
 use crate::stored::{StoredBody, StoredResponse};
 use crate::{
     BoxError, KeyedOutcome, NotProcessed, OutcomeUnknown, RequestBody, ResponseBody, Takeover, parse_key_header,
@@ -36,24 +37,29 @@ const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// and the parsed [`IdempotencyKey`] in the request extensions.
 pub struct Idempotency<S, St> {
     inner: S,
-    layer: IdempotencyLayer<St>,
+    oncely: Oncely<St>,
+    settings: Arc<Settings>,
 }
 
 impl<S: Clone, St> Clone for Idempotency<S, St> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone(), layer: self.layer.clone() }
+        Self { inner: self.inner.clone(), oncely: self.oncely.clone(), settings: Arc::clone(&self.settings) }
     }
 }
 
 impl<S: fmt::Debug, St> fmt::Debug for Idempotency<S, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Idempotency").field("inner", &self.inner).field("layer", &self.layer).finish()
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .field("oncely", &self.oncely)
+            .field("settings", &self.settings)
+            .finish()
     }
 }
 
 impl<S, St> Idempotency<S, St> {
-    pub(crate) fn new(inner: S, layer: IdempotencyLayer<St>) -> Self {
-        Self { inner, layer }
+    pub(crate) fn new(inner: S, layer: &IdempotencyLayer<St>) -> Self {
+        Self { inner, oncely: layer.oncely.clone(), settings: Arc::clone(&layer.settings) }
     }
 
     /// The wrapped service.
@@ -61,40 +67,80 @@ impl<S, St> Idempotency<S, St> {
         &self.inner
     }
 
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, the layer's settings dropped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
     /// The engine the layer claims keys with: for a server that flushes its replay
     /// counts at shutdown ([`Oncely::flush_hits`]).
     pub fn engine(&self) -> &Oncely<St> {
-        &self.layer.oncely
+        &self.oncely
     }
 }
 
-/// The response future of [`Idempotency`].
-pub struct ResponseFuture<E> {
-    inner: Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, E>> + Send>>,
-}
-
-impl<E> ResponseFuture<E> {
-    fn new(future: impl Future<Output = Result<Response<ResponseBody>, E>> + Send + 'static) -> Self {
-        Self { inner: Box::pin(future) }
-    }
-
-    fn ready(response: Response<ResponseBody>) -> Self
-    where
-        E: Send + 'static,
-    {
-        Self::new(std::future::ready(Ok(response)))
+pin_project_lite::pin_project! {
+    /// The response future of [`Idempotency`]. It allocates nothing for a request passed
+    /// through (it polls the inner service's future in place) or answered at once (a
+    /// missing or invalid key); a keyed request's work is one boxed future.
+    pub struct ResponseFuture<F, E> {
+        #[pin]
+        kind: Kind<F, E>,
     }
 }
 
-impl<E> Future for ResponseFuture<E> {
+pin_project_lite::pin_project! {
+    #[project = KindProj]
+    enum Kind<F, E> {
+        /// Answered without the inner service; taken when polled.
+        Ready { response: Option<Response<ResponseBody>> },
+        /// Passed through: the inner service's own future, its body boxed at the end.
+        PassThrough { #[pin] future: F },
+        /// A keyed request: reading the body, claiming, replaying or executing.
+        Keyed { future: Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, E>> + Send>> },
+    }
+}
+
+impl<F, E> ResponseFuture<F, E> {
+    fn keyed(future: impl Future<Output = Result<Response<ResponseBody>, E>> + Send + 'static) -> Self {
+        Self { kind: Kind::Keyed { future: Box::pin(future) } }
+    }
+
+    fn ready(response: Response<ResponseBody>) -> Self {
+        Self { kind: Kind::Ready { response: Some(response) } }
+    }
+
+    fn pass_through(future: F) -> Self {
+        Self { kind: Kind::PassThrough { future } }
+    }
+}
+
+impl<F, E, B> Future for ResponseFuture<F, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     type Output = Result<Response<ResponseBody>, E>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Ready { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => panic!("ResponseFuture polled after it completed"),
+            },
+            KindProj::PassThrough { future } => future.poll(cx).map_ok(|response| response.map(boxed)),
+            KindProj::Keyed { future } => future.as_mut().poll(cx),
+        }
     }
 }
 
-impl<E> fmt::Debug for ResponseFuture<E> {
+impl<F, E> fmt::Debug for ResponseFuture<F, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ResponseFuture")
     }
@@ -113,21 +159,22 @@ where
 {
     type Response = Response<ResponseBody>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Error>;
+    type Future = ResponseFuture<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let settings = &self.layer.settings;
+        let settings = &self.settings;
         if let Some(name) = &settings.takeover_header {
             // Only the layer says that a request takes over a lapsed claim: a client's
             // own claim to it is dropped, on every request the layer sees.
             request.headers_mut().remove(name);
         }
         if !settings.methods.contains(request.method()) {
-            return pass_through(&mut self.inner, request.map(Either::Right));
+            settings.counters.passed_through.increment(1);
+            return ResponseFuture::pass_through(self.inner.call(request.map(Either::Right)));
         }
         let key = match parse_key_header(request.headers(), &settings.header) {
             // The key is in the body: read it first.
@@ -138,28 +185,18 @@ where
                     format!("{} requests to this resource need an {} header", request.method(), settings.header);
                 return ResponseFuture::ready(answer(settings, ProblemKind::MissingKey, &detail, None));
             }
-            Ok(None) => return pass_through(&mut self.inner, request.map(Either::Right)),
+            Ok(None) => {
+                settings.counters.passed_through.increment(1);
+                return ResponseFuture::pass_through(self.inner.call(request.map(Either::Right)));
+            }
             Err(e) => return ResponseFuture::ready(answer(settings, ProblemKind::InvalidKey, &e.to_string(), None)),
         };
         // The readied service goes with this request; the clone stays for the next
         // (tower's usual pattern).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::new(keyed(inner, self.layer.oncely.clone(), Arc::clone(settings), key, request))
+        ResponseFuture::keyed(keyed(inner, self.oncely.clone(), Arc::clone(settings), key, request))
     }
-}
-
-fn pass_through<S, B, ResBody>(inner: &mut S, request: Request<B>) -> ResponseFuture<S::Error>
-where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    count("passed_through");
-    let future = inner.call(request);
-    ResponseFuture::new(async move { Ok(future.await?.map(boxed)) })
 }
 
 /// A keyed request: read the body, claim the key, then replay, refuse, or execute. `key`
@@ -209,7 +246,7 @@ where
                 return Ok(answer(&settings, ProblemKind::MissingKey, &detail, None));
             }
             Ok(None) => {
-                count("passed_through");
+                settings.counters.passed_through.increment(1);
                 let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;
                 return Ok(response.map(boxed));
             }
@@ -395,7 +432,7 @@ where
     let scope = match settings.scope.scope(&parts) {
         Ok(scope) => scope,
         Err(rejection) => {
-            count("unauthenticated");
+            settings.counters.unauthenticated.increment(1);
             let mut problem = answer(&settings, ProblemKind::Unauthenticated, &rejection.to_string(), None);
             if rejection.bearer {
                 problem.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -412,7 +449,7 @@ where
     // Taken before the claim (a claim given back after a takeover would lose the news
     // that its first attempt may have acted); a replay or refusal gives it back at once.
     let Some(place) = settings.in_progress.take(&scope, settings.max_in_progress_per_scope) else {
-        count("too_many_in_progress");
+        settings.counters.too_many_in_progress.increment(1);
         let detail = format!(
             "this client already has {} requests in progress; retry when one has finished",
             settings.max_in_progress_per_scope
@@ -424,7 +461,7 @@ where
     let guard = match engine.acquire(&key, Some(fingerprint)).await {
         Ok(Acquired::Execute(guard)) => guard,
         Ok(Acquired::Replay(stored)) => {
-            count("replayed");
+            settings.counters.replayed.increment(1);
             // Completed after this request asked: it met the operation running and waited.
             let waited = stored.completed_at > asked_at;
             let (response, unknown) = replay(&key, stored, &settings);
@@ -450,7 +487,7 @@ where
             if settings.fail_open =>
         {
             tracing::warn!(%key, error = %e, "idempotency store failed; passing the request through (fail-open)");
-            count("failed_open");
+            settings.counters.failed_open.increment(1);
             let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;
             return Ok((response.map(boxed), Outcome::FailedOpen));
         }
@@ -592,7 +629,7 @@ where
         Some(limit) => match tokio::time::timeout(limit, &mut work).await {
             Ok(done) => done,
             Err(_) => {
-                count("still_running");
+                settings.counters.still_running.increment(1);
                 tracing::warn!(%key, ?limit, "no response in time; the client gets 504, the operation goes on");
                 let background = {
                     let settings = Arc::clone(&settings);
@@ -643,7 +680,7 @@ where
             Err(e)
         }
         Ok(Produced::Release(response)) => {
-            count("released");
+            settings.counters.released.increment(1);
             release(guard).await;
             Ok((response.map(boxed), Outcome::Released))
         }
@@ -656,17 +693,18 @@ where
             Ok((response.map(boxed), Outcome::Unknown))
         }
         Ok(Produced::Store(parts, Capped::Whole(body))) => {
-            count("executed");
+            settings.counters.executed.increment(1);
             let headers = replayable_headers(&parts.headers, settings);
             let stored = StoredResponse { status: parts.status, headers, body: StoredBody::Kept(body.clone()) };
-            complete(guard, stored.encode()).await;
+            complete(guard, stored.encode(), settings).await;
             Ok((Response::from_parts(parts, full(body)), Outcome::Executed))
         }
         Ok(Produced::Store(parts, Capped::TooLarge { prefix, rest })) => {
-            count("executed_not_stored");
+            settings.counters.executed_not_stored.increment(1);
             tracing::warn!(key = %guard.key(), cap = settings.max_stored_response, "response over the storage cap; retries get a response-not-stored problem");
             let headers = replayable_headers(&parts.headers, settings);
-            complete(guard, StoredResponse { status: parts.status, headers, body: StoredBody::NotKept }.encode()).await;
+            let stored = StoredResponse { status: parts.status, headers, body: StoredBody::NotKept };
+            complete(guard, stored.encode(), settings).await;
             let head = stream::once(std::future::ready(Ok::<_, BoxError>(Frame::data(prefix))));
             let tail = TryStreamExt::map_err(BodyStream::new(rest), Into::into);
             Ok((Response::from_parts(parts, StreamBody::new(head.chain(tail)).boxed_unsync()), Outcome::Executed))
@@ -701,11 +739,11 @@ fn outcome_unknown(settings: &Settings, what: &str) -> Response<ResponseBody> {
 /// Settles a claim whose operation's outcome nobody knows: held as an unknown outcome
 /// (the default; `true`), or left to lapse with its lease (`false`).
 async fn hold_unknown<St: Store>(guard: ClaimGuard<St>, settings: &Settings, why: &str) -> bool {
-    count("outcome_unknown");
+    settings.counters.outcome_unknown.increment(1);
     if settings.hold_unknown {
         let hash = guard.storage_key().to_hex();
         tracing::warn!(key = %guard.key(), hash, why, "outcome unknown; the key is held until an operator deletes it (keys delete HASH)");
-        complete(guard, StoredResponse::outcome_unknown().encode()).await;
+        complete(guard, StoredResponse::outcome_unknown().encode(), settings).await;
     } else {
         tracing::warn!(key = %guard.key(), why, "outcome unknown; the key lapses with its lease");
         guard.abandon();
@@ -801,11 +839,11 @@ fn replay(key: &IdempotencyKey, stored: Replay, settings: &Settings) -> (Respons
     (response, unknown)
 }
 
-async fn complete<St: Store>(guard: ClaimGuard<St>, payload: Bytes) {
+async fn complete<St: Store>(guard: ClaimGuard<St>, payload: Bytes, settings: &Settings) {
     let key = guard.key().clone();
     if let Err(e) = guard.complete(payload).await {
         tracing::error!(%key, error = %e, "the request ran but its response could not be stored");
-        count("unrecorded");
+        settings.counters.unrecorded.increment(1);
     }
 }
 
@@ -826,8 +864,4 @@ where
     B::Error: Into<BoxError>,
 {
     body.map_err(Into::into).boxed_unsync()
-}
-
-fn count(outcome: &'static str) {
-    metrics::counter!("oncely_http_requests_total", "outcome" => outcome).increment(1);
 }
