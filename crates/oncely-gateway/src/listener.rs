@@ -57,10 +57,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::ConnectInfo;
 use bytes::Bytes;
-use http::{Request, Version};
+use http::{Request, Response, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -72,6 +71,7 @@ use tokio::time::Instant;
 use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tower::Service;
 use tower::ServiceExt;
 
 use crate::config::ServerLimits;
@@ -79,14 +79,38 @@ use crate::config::ServerLimits;
 /// How often an HTTP/2 connection is pinged, and how long an answer may take.
 const H2_PING: Duration = Duration::from_secs(20);
 
+/// A service a listener serves: the proxy's [`Routes`](crate::routing::Routes), called
+/// directly, or the admin API's axum `Router`.
+pub trait App:
+    Service<Request<axum::body::Body>, Response = Response<Self::Body>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    /// The response body.
+    type Body: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static;
+}
+
+impl<A, B> App for A
+where
+    A: Service<Request<axum::body::Body>, Response = Response<B>, Error = Infallible> + Clone + Send + Sync + 'static,
+    A::Future: Send,
+    B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static,
+{
+    type Body = B;
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Serves `app` on `listener` under `limits` until `stop` is cancelled, then stops
 /// accepting and returns once every connection has finished (running requests complete;
 /// idle connections close). Each request carries `ConnectInfo<SocketAddr>`. `name`
 /// labels logs and metrics (`proxy`, `admin`).
-pub async fn serve(
+pub async fn serve<A: App>(
     listener: TcpListener,
     name: &'static str,
-    app: Router,
+    app: A,
     limits: ServerLimits,
     tls: Option<TlsAcceptor>,
     stop: CancellationToken,
@@ -203,9 +227,9 @@ struct Connection {
     admission: Admission,
 }
 
-async fn serve_connection(
+async fn serve_connection<A: App>(
     connection: Connection,
-    app: Router,
+    app: A,
     builder: Arc<auto::Builder<TokioExecutor>>,
     limits: ServerLimits,
     tls: Option<TlsAcceptor>,
@@ -242,11 +266,11 @@ async fn serve_connection(
 /// Serves requests on one connection (plain or TLS) until it ends or its watchdog
 /// closes it.
 #[allow(clippy::too_many_arguments)]
-async fn serve_io<I>(
+async fn serve_io<I, A: App>(
     io: TokioIo<I>,
     peer: SocketAddr,
     name: &'static str,
-    app: Router,
+    app: A,
     builder: &auto::Builder<TokioExecutor>,
     limits: &ServerLimits,
     watcher: Watcher,
@@ -463,16 +487,16 @@ impl Drop for InFlight {
 }
 
 /// A response body that keeps its request in flight until it is written or dropped.
-struct InFlightBody {
-    body: axum::body::Body,
+struct InFlightBody<B> {
+    body: B,
     _guard: InFlight,
 }
 
-impl Body for InFlightBody {
+impl<B: Body<Data = Bytes> + Unpin> Body for InFlightBody<B> {
     type Data = Bytes;
-    type Error = axum::Error;
+    type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 

@@ -100,16 +100,23 @@ where
     }
 }
 
-/// A `tower::Service` that forwards every request to one upstream.
+/// A `tower::Service` that forwards every request to one upstream. Cloning it (once per
+/// keyed request) copies one pointer and a duration.
 #[derive(Clone, Debug)]
 pub struct Proxy {
+    upstream: Arc<Upstream>,
+    completion_limit: Duration,
+}
+
+/// What every clone of a proxy shares: the connection pool and where it goes.
+#[derive(Clone, Debug)]
+struct Upstream {
     client: Client<Connector, ForwardBody>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
-    /// Shared: the proxy is cloned with its route's service on every request.
-    base_path: Arc<str>,
+    /// The upstream URL's path, without a trailing `/`: empty for most upstreams.
+    base_path: String,
     timeout: Duration,
-    completion_limit: Duration,
     /// `X-Forwarded-Proto` and `Forwarded: proto=`: how clients reach the gateway.
     client_proto: &'static str,
 }
@@ -131,7 +138,7 @@ impl Proxy {
             return Err(format!("--upstream {upstream:?}: only http:// and https:// upstreams are supported"));
         }
         let authority = uri.authority().cloned().ok_or_else(|| format!("--upstream {upstream:?}: needs a host"))?;
-        let base_path = Arc::from(uri.path().trim_end_matches('/'));
+        let base_path = uri.path().trim_end_matches('/').to_string();
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -150,19 +157,22 @@ impl Proxy {
             .wrap_connector(connector);
         let connector = Bounded { inner: connector, within: CONNECT_WITHIN };
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(4)).build(connector);
-        Ok(Self { client, scheme, authority, base_path, timeout, completion_limit: timeout, client_proto: "http" })
+        let upstream = Upstream { client, scheme, authority, base_path, timeout, client_proto: "http" };
+        Ok(Self { upstream: Arc::new(upstream), completion_limit: timeout })
     }
 
     /// The host and port of an `https://` upstream; `None` for `http://`.
     pub fn https_upstream(&self) -> Option<(String, u16)> {
-        (self.scheme == http::uri::Scheme::HTTPS)
-            .then(|| (self.authority.host().to_string(), self.authority.port_u16().unwrap_or(443)))
+        let upstream = &self.upstream;
+        (upstream.scheme == http::uri::Scheme::HTTPS)
+            .then(|| (upstream.authority.host().to_string(), upstream.authority.port_u16().unwrap_or(443)))
     }
 
     /// The same proxy, telling the upstream that clients reach the gateway over HTTPS
     /// (`X-Forwarded-Proto: https`, `Forwarded: proto=https`): for a TLS listener.
-    pub fn with_https_clients(self) -> Self {
-        Self { client_proto: "https", ..self }
+    pub fn with_https_clients(mut self) -> Self {
+        Arc::make_mut(&mut self.upstream).client_proto = "https";
+        self
     }
 
     /// The same proxy (sharing its connection pool), giving up on a keyed request's
@@ -174,13 +184,15 @@ impl Proxy {
         Self { completion_limit: limit, ..self.clone() }
     }
 
+    /// The request's target on the upstream. Without a base path, the request's own
+    /// path and query are reused as they are (a reference count, no copy).
     fn upstream_uri(&self, original: &Uri) -> Result<Uri, http::Error> {
-        let path_and_query = original.path_and_query().map_or("/", |pq| pq.as_str());
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{}", self.base_path, path_and_query))
-            .build()
+        let upstream = &self.upstream;
+        let builder = Uri::builder().scheme(upstream.scheme.clone()).authority(upstream.authority.clone());
+        match original.path_and_query() {
+            Some(pq) if upstream.base_path.is_empty() => builder.path_and_query(pq.clone()).build(),
+            pq => builder.path_and_query(format!("{}{}", upstream.base_path, pq.map_or("/", |pq| pq.as_str()))).build(),
+        }
     }
 }
 
@@ -312,7 +324,7 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
             parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         strip_hop_by_hop(&mut parts.headers);
-        append_forwarding(&mut parts.headers, client_addr, host, self.client_proto);
+        append_forwarding(&mut parts.headers, client_addr, host, self.upstream.client_proto);
         parts.uri = uri;
         // The version the upstream connection speaks (HTTP/1.1, or HTTP/2 when an https
         // upstream chose it by ALPN) is the client pool's choice, whatever the client
@@ -323,8 +335,8 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
         // nothing was sent, which releases a keyed request's key. Only keyed requests
         // pay for the capture.
         let connection = keyed.then(|| capture_connection(&mut request));
-        let upstream = self.client.request(request);
-        let timeout = if keyed { self.completion_limit } else { self.timeout };
+        let upstream = self.upstream.client.request(request);
+        let timeout = if keyed { self.completion_limit } else { self.upstream.timeout };
         Box::pin(async move {
             let mut response = match tokio::time::timeout(timeout, upstream).await {
                 // A body that stalls between chunks fails after the same timeout, so a

@@ -35,6 +35,8 @@ use oncely_http::problem::problem_response;
 use oncely_http::{Idempotency, IdempotencyLayer, KeyedOutcome, ResponseBody};
 use tokio_util::task::TaskTracker;
 use tower::Layer;
+use tower::ServiceExt;
+use tower::util::Oneshot;
 
 use crate::config::{Config, RouteSettings};
 use crate::proxy::{Proxy, valid_host};
@@ -285,10 +287,11 @@ pub fn normalize(path: &str) -> std::borrow::Cow<'_, str> {
 impl tower::Service<Request<axum::body::Body>> for Routes {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = RoutesFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Every route's service is always ready: the proxy is.
+        // Ready to route: each request's route service is readied on its own, by the
+        // `Oneshot` its future drives.
         Poll::Ready(Ok(()))
     }
 
@@ -296,22 +299,56 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
         // The access line's fields are gathered only when it will be written.
         let log = tracing::enabled!(target: "oncely::access", tracing::Level::INFO)
             .then(|| (request.method().clone(), request.uri().path().to_string(), Instant::now()));
-        // The route services need no `poll_ready` first: `Idempotency` is ready when its
-        // inner service is, and the proxy always is (its pool queues internally).
         let next = match self.refusal(&request).or_else(|| self.policy(&request)) {
-            Some(answer) => Next::Refused(answer),
-            None => Next::Routed(self.route(&normalize(request.uri().path())).service.clone().call(request)),
-        };
-        Box::pin(async move {
-            let response = match next {
-                Next::Refused(problem) => problem,
-                Next::Routed(response) => response.await?,
-            };
-            let Some((method, path, started)) = log else { return Ok(response) };
-            if response.extensions().get::<KeyedOutcome>().is_some() {
-                // The layer wrote this keyed request's line, with its key and outcome.
-                return Ok(response);
+            Some(answer) => Next::Refused { answer: Some(answer) },
+            None => {
+                let route = self.route(&normalize(request.uri().path()));
+                Next::Routed { call: route.service.clone().oneshot(request) }
             }
+        };
+        RoutesFuture { next, log }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`Routes`]: the route's own call polled in place (no box),
+    /// and the access line of a request the layer did not log written at the end.
+    pub struct RoutesFuture {
+        #[pin]
+        next: Next,
+        log: Option<(http::Method, String, Instant)>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request refused before routing, or on its way through its route.
+    #[project = NextProj]
+    enum Next {
+        Refused { answer: Option<Response<ResponseBody>> },
+        Routed { #[pin] call: Oneshot<RouteService, Request<axum::body::Body>> },
+    }
+}
+
+impl Future for RoutesFuture {
+    type Output = Result<Response<ResponseBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = match this.next.project() {
+            NextProj::Refused { answer } => match answer.take() {
+                Some(answer) => answer,
+                None => panic!("RoutesFuture polled after it completed"),
+            },
+            NextProj::Routed { call } => match call.poll(cx) {
+                Poll::Ready(Ok(response)) => response,
+                Poll::Ready(Err(never)) => match never {},
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        if let Some((method, path, started)) = this.log.take()
+            // A keyed request's line is the layer's, with its key and outcome.
+            && response.extensions().get::<KeyedOutcome>().is_none()
+        {
             let replayed = response.headers().contains_key("idempotent-replayed");
             tracing::info!(
                 target: "oncely::access",
@@ -321,15 +358,9 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
                 replayed,
                 micros = started.elapsed().as_micros() as u64,
             );
-            Ok(response)
-        })
+        }
+        Poll::Ready(Ok(response))
     }
-}
-
-/// A request refused before routing, or on its way through its route.
-enum Next<F> {
-    Refused(Response<ResponseBody>),
-    Routed(F),
 }
 
 #[cfg(test)]
