@@ -301,6 +301,31 @@ settings_table! {
     }
 }
 
+settings_table! {
+    /// `[replay_cache]`: completed records kept in the gateway's memory, so that replays of
+    /// a hot key touch no store (see [`oncely::store::cache`]).
+    #[command(next_help_heading = "Replay cache ([replay_cache])")]
+    pub struct RawReplayCache {
+        /// Answer replays of recently replayed keys from memory (default: on for redis, postgres and dynamodb stores, off for memory and sqlite).
+        #[arg(
+            id = "replay_cache",
+            long = "replay-cache",
+            env = "ONCELY_REPLAY_CACHE",
+            value_parser = clap::builder::BoolishValueParser::new()
+        )]
+        pub enabled: Option<bool>,
+        /// How long a cached record is answered from memory, and so how late a delete made through another instance is seen here (default 5s).
+        #[arg(id = "replay_cache_ttl", long = "replay-cache-ttl", env = "ONCELY_REPLAY_CACHE_TTL")]
+        pub ttl: Option<String>,
+        /// Records held at most (default 100000).
+        #[arg(id = "replay_cache_max_entries", long = "replay-cache-max-entries", env = "ONCELY_REPLAY_CACHE_MAX_ENTRIES")]
+        pub max_entries: Option<u64>,
+        /// Bytes of stored responses held at most (default 64MiB).
+        #[arg(id = "replay_cache_max_bytes", long = "replay-cache-max-bytes", env = "ONCELY_REPLAY_CACHE_MAX_BYTES")]
+        pub max_bytes: Option<String>,
+    }
+}
+
 /// `scope`: who owns a key (see [`oncely_http::scope`]). The sources that are set are
 /// combined; `{}` is no source at all (every client shares every key).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -499,6 +524,9 @@ pub struct RawConfig {
     /// `[policy]`.
     #[serde(default)]
     pub policy: RawPolicy,
+    /// `[replay_cache]`.
+    #[serde(default)]
+    pub replay_cache: RawReplayCache,
 }
 
 impl RawConfig {
@@ -641,6 +669,35 @@ pub struct Config {
     pub listen_tls: Option<CertFiles>,
     /// The admin listener's certificate, when it serves HTTPS.
     pub admin_tls: Option<CertFiles>,
+    /// The replay cache.
+    pub replay_cache: ReplayCacheSettings,
+}
+
+/// `[replay_cache]`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayCacheSettings {
+    /// On, off, or (`None`) decided by the store: on for stores behind a network hop.
+    pub enabled: Option<bool>,
+    /// How long an entry is answered from memory.
+    pub ttl: Duration,
+    /// Entries held at most.
+    pub max_entries: u64,
+    /// Bytes of payload held at most.
+    pub max_bytes: u64,
+}
+
+impl ReplayCacheSettings {
+    /// Whether to cache for a store whose URL is `store_url`: as configured, or on for
+    /// the stores a replay reaches over the network (Redis, PostgreSQL, DynamoDB).
+    pub fn enabled_for(&self, store_url: &str) -> bool {
+        if self.ttl.is_zero() || self.max_entries == 0 || self.max_bytes == 0 {
+            return false;
+        }
+        self.enabled.unwrap_or_else(|| {
+            let scheme = store_url.split_once("://").map_or("", |(scheme, _)| scheme);
+            !matches!(scheme, "memory" | "sqlite" | "")
+        })
+    }
 }
 
 /// The gateway's own defaults: settings no library owns.
@@ -651,6 +708,8 @@ mod defaults {
     pub(super) const COMPLETION_LIMIT: &str = "5m";
     /// Where the policy is served.
     pub(super) const POLICY_PATH: &str = "/.well-known/idempotency";
+    /// How long the replay cache answers a record from memory.
+    pub(super) const REPLAY_CACHE_TTL: &str = "5s";
 }
 
 impl Config {
@@ -722,7 +781,28 @@ impl Config {
             max_connections_per_client: None,
             ..server.clone()
         };
-        Ok(Self { defaults, routes, upstream, admin_token, server, admin_server, policy, listen_tls, admin_tls })
+        let cache = &raw.replay_cache;
+        let replay_cache = ReplayCacheSettings {
+            enabled: cache.enabled,
+            ttl: duration("replay_cache.ttl", cache.ttl.as_deref().unwrap_or(defaults::REPLAY_CACHE_TTL))?,
+            max_entries: cache.max_entries.unwrap_or(oncely::store::cache::DEFAULT_MAX_ENTRIES),
+            max_bytes: match cache.max_bytes.as_deref() {
+                Some(text) => size("replay_cache.max_bytes", text)? as u64,
+                None => oncely::store::cache::DEFAULT_MAX_BYTES,
+            },
+        };
+        Ok(Self {
+            defaults,
+            routes,
+            upstream,
+            admin_token,
+            server,
+            admin_server,
+            policy,
+            listen_tls,
+            admin_tls,
+            replay_cache,
+        })
     }
 
     /// The settings for `path`: the longest route prefix that matches whole segments

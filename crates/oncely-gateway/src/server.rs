@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use oncely::engine::DeferredCompletions;
 use tokio::net::TcpListener;
@@ -134,7 +133,15 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
     // Before anything builds a TLS configuration: the stores' drivers need a default.
     tls::install_provider();
     tls::warn_insecure(&config.upstream.tls);
-    let (store, abilities) = stores::open(&options.store).await.map_err(|e| e.to_string())?;
+    // Before the store and the routes are built: they register their metrics' handles
+    // once, with the recorder installed then. Without an admin listener nothing reads
+    // them, and no recorder is installed (each count is then a no-op).
+    let metrics = options.admin_listen.and_then(|_| metrics_handle());
+    let (store, abilities) =
+        stores::open_cached(&options.store, &config.replay_cache).await.map_err(|e| e.to_string())?;
+    if store.is_enabled() {
+        tracing::info!(ttl = ?config.replay_cache.ttl, "replay cache on: replays of recently replayed keys are answered from memory");
+    }
     let tracker = TaskTracker::new();
     let listener_tls = ListenerTls::load(&config)?;
     let mut proxy = Proxy::new(&options.upstream, config.upstream.timeout, &config.upstream.tls)?;
@@ -146,7 +153,6 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
     }
     let deferred = DeferredCompletions::new();
     let routes = Routes::new(&config, &store, abilities, &proxy, &tracker, &deferred)?;
-    let app = Router::new().fallback_service(routes.clone());
 
     let listener = TcpListener::bind(options.listen).await.map_err(|e| format!("--listen {}: {e}", options.listen))?;
     let listen = listener.local_addr().map_err(|e| e.to_string())?;
@@ -169,7 +175,7 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
     let admin_task = admin_listener.map(|listener| {
         let state = AdminState {
             store: store.clone(),
-            metrics: metrics_handle(),
+            metrics: metrics.clone(),
             tracker: tracker.clone(),
             deferred: deferred.clone(),
             count_records: abilities.counts_records_cheaply,
@@ -187,7 +193,8 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
         listen_tls: listener_tls.proxy.is_some(),
         admin_tls: listener_tls.admin.is_some(),
     });
-    listener::serve(listener, "proxy", app, config.server.clone(), listener_tls.proxy.clone(), stop.clone()).await;
+    listener::serve(listener, "proxy", routes.clone(), config.server.clone(), listener_tls.proxy.clone(), stop.clone())
+        .await;
     stop.cancel();
     if let Some(task) = admin_task {
         let _ = task.await;

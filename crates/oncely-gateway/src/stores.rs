@@ -3,31 +3,94 @@
 //! used through.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use oncely::store::{Claim, ClaimOutcome, ClaimRequest, DynStore, FirstSeen, Notified, StoreAdmin};
+use metrics::Histogram;
+use oncely::store::{Claim, ClaimOutcome, ClaimRequest, DynStore, FirstSeen, Notified, ReplayCache, StoreAdmin};
 use oncely::{Record, StorageKey, Store, StoreError, StoreStats};
 pub use oncely_stores::{OpenError, OpenedStore, redacted};
 
+use crate::config::ReplayCacheSettings;
+
 /// The store the gateway runs on: chosen at start from a URL, its type erased once
-/// ([`DynStore`]), and timed by [`Instrumented`]. One boxed future per store call.
-pub type GatewayStore = Instrumented<DynStore>;
+/// ([`DynStore`]), timed by [`Instrumented`], and, when the replay cache is on, behind
+/// it ([`ReplayCache`]): a replay answered from memory is no store call and is not
+/// timed. One boxed future per store call.
+pub type GatewayStore = ReplayCache<Instrumented<DynStore>>;
 
 /// The default store URL.
 pub const DEFAULT_STORE: &str = "sqlite://oncely.db";
 
 /// Opens the store a URL names, wrapped so that every call is timed in the
 /// `oncely_store_seconds` histogram; its abilities are the store's own.
+/// Without a replay cache: for the admin commands, which must read the store itself.
 pub async fn open(url: &str) -> Result<(GatewayStore, oncely::store::StoreAbilities), OpenError> {
     let opened = oncely_stores::open(url).await?;
-    Ok((Instrumented(opened.store), opened.abilities))
+    Ok((ReplayCache::disabled(Instrumented::new(opened.store)), opened.abilities))
+}
+
+/// [`open`], with the replay cache `cache` configures when it is on for this store
+/// ([`ReplayCacheSettings::enabled_for`]).
+pub async fn open_cached(
+    url: &str,
+    cache: &ReplayCacheSettings,
+) -> Result<(GatewayStore, oncely::store::StoreAbilities), OpenError> {
+    let opened = oncely_stores::open(url).await?;
+    let store = Instrumented::new(opened.store);
+    let store = if cache.enabled_for(url) {
+        ReplayCache::builder(store)
+            .time_to_live(cache.ttl)
+            .max_entries(cache.max_entries)
+            .max_bytes(cache.max_bytes)
+            .build()
+    } else {
+        ReplayCache::disabled(store)
+    };
+    Ok((store, opened.abilities))
 }
 
 /// Times every store call into `oncely_store_seconds{op}`, and bounds the request path's
 /// calls by [`CALL_TIMEOUT`].
 #[derive(Clone, Debug)]
-pub struct Instrumented<S>(S);
+pub struct Instrumented<S> {
+    store: S,
+    timers: Arc<Timers>,
+}
+
+/// One histogram handle per operation, registered when the store is opened (with the
+/// metrics recorder installed then), not looked up by label on every call.
+#[derive(Debug)]
+struct Timers {
+    claim: Histogram,
+    complete: Histogram,
+    release: Histogram,
+    touch: Histogram,
+    first_seen: Histogram,
+    record_hits: Histogram,
+    get: Histogram,
+    delete: Histogram,
+    ping: Histogram,
+}
+
+impl<S> Instrumented<S> {
+    fn new(store: S) -> Self {
+        let op = |op: &'static str| metrics::histogram!("oncely_store_seconds", "op" => op);
+        let timers = Timers {
+            claim: op("claim"),
+            complete: op("complete"),
+            release: op("release"),
+            touch: op("touch"),
+            first_seen: op("first_seen"),
+            record_hits: op("record_hits"),
+            get: op("get"),
+            delete: op("delete"),
+            ping: op("ping"),
+        };
+        Self { store, timers: Arc::new(timers) }
+    }
+}
 
 /// The longest a request-path store call may take, whatever the store's own timeouts: a
 /// connection that went silent (a half-open TCP connection, which no server-side
@@ -36,43 +99,43 @@ pub struct Instrumented<S>(S);
 /// a 5 s statement timeout; Redis: 1 s per command; SQLite: a 5 s busy timeout).
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
-async fn timed<T>(op: &'static str, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+async fn timed<T>(op: &Histogram, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
     let started = Instant::now();
     let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(result) => result,
         Err(_) => Err(StoreError::timeout(format!("no answer within {CALL_TIMEOUT:?}"))),
     };
-    metrics::histogram!("oncely_store_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+    op.record(started.elapsed().as_secs_f64());
     result
 }
 
 impl<S: Store> Store for Instrumented<S> {
     async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        timed("claim", self.0.claim(request)).await
+        timed(&self.timers.claim, self.store.claim(request)).await
     }
 
     async fn complete(&self, claim: Claim, payload: Bytes, retention: Duration) -> Result<(), StoreError> {
-        timed("complete", self.0.complete(claim, payload, retention)).await
+        timed(&self.timers.complete, self.store.complete(claim, payload, retention)).await
     }
 
     async fn release(&self, claim: Claim) -> Result<(), StoreError> {
-        timed("release", self.0.release(claim)).await
+        timed(&self.timers.release, self.store.release(claim)).await
     }
 
     async fn touch(&self, claim: Claim, lease: Duration) -> Result<(), StoreError> {
-        timed("touch", self.0.touch(claim, lease)).await
+        timed(&self.timers.touch, self.store.touch(claim, lease)).await
     }
 
     async fn first_seen(&self, request: &FirstSeen<'_>) -> Result<bool, StoreError> {
-        timed("first_seen", self.0.first_seen(request)).await
+        timed(&self.timers.first_seen, self.store.first_seen(request)).await
     }
 
     async fn record_hits(&self, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
-        timed("record_hits", self.0.record_hits(hits)).await
+        timed(&self.timers.record_hits, self.store.record_hits(hits)).await
     }
 
     fn subscribe(&self, key: &StorageKey) -> Notified {
-        self.0.subscribe(key)
+        self.store.subscribe(key)
     }
 }
 
@@ -80,27 +143,27 @@ impl<S: Store> Store for Instrumented<S> {
 /// `purge_expired` and `list` may scan the store and are neither.
 impl<S: StoreAdmin> StoreAdmin for Instrumented<S> {
     async fn get(&self, key: &StorageKey) -> Result<Option<Record>, StoreError> {
-        timed("get", self.0.get(key)).await
+        timed(&self.timers.get, self.store.get(key)).await
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        timed("delete", self.0.delete(key)).await
+        timed(&self.timers.delete, self.store.delete(key)).await
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        self.0.purge_expired().await
+        self.store.purge_expired().await
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
-        self.0.stats().await
+        self.store.stats().await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        timed("ping", self.0.ping()).await
+        timed(&self.timers.ping, self.store.ping()).await
     }
 
     async fn list(&self, after: Option<StorageKey>, limit: usize) -> Result<Vec<Record>, StoreError> {
-        self.0.list(after, limit).await
+        self.store.list(after, limit).await
     }
 }
 
@@ -111,7 +174,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_store_call_that_never_answers_times_out() {
         let silent = std::future::pending::<Result<(), StoreError>>();
-        assert!(matches!(timed("claim", silent).await, Err(StoreError::Timeout(_))));
+        assert!(matches!(timed(&Histogram::noop(), silent).await, Err(StoreError::Timeout(_))));
     }
 
     #[tokio::test]

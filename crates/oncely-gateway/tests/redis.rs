@@ -167,3 +167,74 @@ async fn a_redis_restart_under_load_is_503_and_never_a_second_execution() {
     }
     assert_eq!(upstream.calls.load(Ordering::SeqCst), total);
 }
+
+/// The replay cache, on by default on Redis: a replay of a cached key is answered while
+/// Redis is down (it touches no store); a delete through this gateway's admin API is
+/// seen at once; a delete through another gateway is seen once the cache's time-to-live
+/// has passed, and not before (the documented bound). Upstream executions are counted
+/// throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replays_come_from_the_replay_cache_and_deletes_reach_it() {
+    // Every write on disk before it is acknowledged: the record outlives the kill below.
+    let server = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let store = with_prefix(&server.url(), "cache");
+    let (addr, upstream) = start_upstream().await;
+    let ttl = Duration::from_secs(2);
+    let (a, dir) = start_gateway(&format!("http://{addr}"), &store, CONFIG, &["--replay-cache-ttl", "2s"]).await;
+    let config = dir.path().join("oncely.toml");
+    let b = spawn_gateway(&format!("http://{addr}"), &store, &config, &[]).await;
+    let calls = || upstream.calls.load(Ordering::SeqCst);
+
+    // Executed, then replayed from Redis (which puts the record in the cache).
+    assert!(!replayed(&send_post(&a, "/payments", Some("k-cache"), "{}").await));
+    assert!(replayed(&send_post(&a, "/payments", Some("k-cache"), "{}").await));
+    // Redis goes away: the cached key still replays, a new key gets 503 and never runs.
+    server.kill();
+    for _ in 0..20 {
+        let response = send_post(&a, "/payments", Some("k-cache"), "{}").await;
+        assert_eq!(response.status(), 201);
+        assert!(replayed(&response), "a cached replay touches no store");
+    }
+    assert_eq!(send_post(&a, "/payments", Some("k-new-while-down"), "{}").await.status(), 503);
+    assert_eq!(calls(), 1);
+    server.restart();
+
+    // A delete through this gateway drops its cached copy: the key runs again at once.
+    let hash = key_hash(&a, "k-cache").await;
+    let deleted = client().delete(format!("{}/keys/{hash}", a.admin)).bearer_auth("secret-token").send().await;
+    assert_eq!(deleted.expect("delete").status(), 204);
+    assert!(!replayed(&send_post(&a, "/payments", Some("k-cache"), "{}").await), "deleted here: runs again");
+    assert_eq!(calls(), 2);
+
+    // Cached again; then deleted through gateway b, whose delete cannot reach a's cache.
+    assert!(replayed(&send_post(&a, "/payments", Some("k-cache"), "{}").await));
+    let deleted_at = tokio::time::Instant::now();
+    let deleted = client().delete(format!("{}/keys/{hash}", b.admin)).bearer_auth("secret-token").send().await;
+    assert_eq!(deleted.expect("delete").status(), 204);
+    let stale = send_post(&a, "/payments", Some("k-cache"), "{}").await;
+    if deleted_at.elapsed() < ttl / 2 {
+        assert!(replayed(&stale), "within the time-to-live, a's cache still answers");
+        assert_eq!(calls(), 2);
+    }
+    // Past the time-to-live (waiting out time is what is tested here), a sees the delete.
+    tokio::time::sleep_until(deleted_at + ttl + Duration::from_millis(200)).await;
+    assert!(!replayed(&send_post(&a, "/payments", Some("k-cache"), "{}").await), "seen after the time-to-live");
+    assert_eq!(calls(), 3);
+    assert!(replayed(&send_post(&b, "/payments", Some("k-cache"), "{}").await));
+    assert_eq!(calls(), 3, "one execution per delete, whichever gateway serves the key");
+}
+
+/// The storage key of `key` (default scope) as the admin API lists it.
+async fn key_hash(gw: &Gateway, key: &str) -> String {
+    let keys: Vec<serde_json::Value> = client()
+        .get(format!("{}/keys?limit=1000", gw.admin))
+        .bearer_auth("secret-token")
+        .send()
+        .await
+        .expect("keys")
+        .json()
+        .await
+        .expect("json");
+    let found = keys.iter().find(|k| k["key"] == key).unwrap_or_else(|| panic!("{key} in {keys:?}"));
+    found["hash"].as_str().expect("hash").to_string()
+}
