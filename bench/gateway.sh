@@ -15,17 +15,25 @@
 #   gateway-memory-info           the memory gateway at --log-level info (one access-log line per request)
 #   gateway-memory-1worker        the memory gateway with TOKIO_WORKER_THREADS=1
 #   gateway-sqlite-relaxed        sqlite://...?durability=relaxed (WAL synced on an interval)
+#   gateway-sqlite-cache          sqlite:// with --replay-cache true (replays answered from memory)
 # and, with REDIS=1 (the default when redis-server is installed):
 #   gateway-redis    oncely serve --store redis://127.0.0.1:PORT  against a redis-server started here
-#                    with appendonly yes, appendfsync everysec, maxmemory-policy noeviction
+#                    with appendonly yes, appendfsync everysec, maxmemory-policy noeviction; the
+#                    replay cache is on (the default for Redis)
+#   gateway-redis-nocache         the same with --replay-cache false
 #   redis-server's own ceiling for the same scripts (redis-benchmark EVALSHA with the claim and
 #   complete scripts the gateway sends, their SHAs read off MONITOR), printed after the table.
+# and, with BASELINE=/path/to/an/older/oncely, the memory gateway (warn and info)
+# and SQLite gateways of that binary beside this one's, for a before/after in one run:
+# gateway-memory-baseline, gateway-memory-info-baseline, gateway-sqlite-baseline.
 # It measures "new keys" (a unique Idempotency-Key per request) on every target and
 # "replays" (one completed key, hammered) on the gateways, in ROUNDS interleaved rounds,
 # and prints a markdown table of the medians.
 #
 # Knobs (environment): ROUNDS=3 DURATION=7s WARMUP=2s THREADS=2 CONNECTIONS=32 EXTRA=1
 #   REDIS=1 NGINX_WORKERS=auto BASE_PORT=18080 RESULTS_DIR=target/bench-gateway/<timestamp>
+#   BASELINE= (an older binary to measure beside this one) ONCELY_BIN= (measure this binary;
+#   do not build)
 #   WAIT_FOR_QUIET=900 (seconds to wait for other load)  BUSY_LIMIT=20 (% CPU that counts
 #   as other load before a run)  FOREIGN_LIMIT=5 (% CPU used by other processes during a
 #   run before it is redone)  ATTEMPTS=3 (tries per run)
@@ -64,6 +72,11 @@ PORT_MEM_1W=$((BASE_PORT + 5))
 PORT_SQLITE_RELAXED=$((BASE_PORT + 6))
 PORT_REDIS_SERVER=$((BASE_PORT + 7))
 PORT_REDIS=$((BASE_PORT + 8))
+PORT_REDIS_NOCACHE=$((BASE_PORT + 9))
+PORT_SQLITE_CACHE=$((BASE_PORT + 10))
+PORT_BASE_MEM=$((BASE_PORT + 11))
+PORT_BASE_MEM_INFO=$((BASE_PORT + 12))
+PORT_BASE_SQLITE=$((BASE_PORT + 13))
 
 BODY='{"amount":1999,"currency":"eur","customer":"cus_9s6XKzkNRiz8i3","description":"bench order 42"}'
 RESPONSE='{"id":"ch_1","amount":1999}'
@@ -196,9 +209,14 @@ done
 # ---------------------------------------------------------------------------------------
 # Build.
 wait_for_quiet "cargo build"
-log "building the gateway (cargo build --release -p oncely-gateway)"
-cargo build --release -p oncely-gateway
-ONCELY="$ROOT/target/release/oncely"
+if [[ -n ${ONCELY_BIN:-} ]]; then
+    ONCELY=$ONCELY_BIN
+    log "measuring the gateway binary $ONCELY (ONCELY_BIN; not built here)"
+else
+    log "building the gateway (cargo build --release -p oncely-gateway)"
+    cargo build --release -p oncely-gateway
+    ONCELY="$ROOT/target/release/oncely"
+fi
 [[ -x $ONCELY ]] || die "$ONCELY was not built"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/oncely-bench.XXXXXX")
@@ -303,11 +321,15 @@ path = "/plain"
 methods = ["PATCH"]
 EOF
 
+# GW_BIN (another binary: BASELINE's) and GW_ARGS (more `serve` flags) apply to one call:
+# `GW_ARGS="--replay-cache false" start_gateway ...`.
 start_gateway() { # name port store log-level [VAR=value for the environment]...
     local name=$1 port=$2 store=$3 level=$4
     shift 4
-    env "$@" "$ONCELY" --log-level "$level" serve --upstream "http://127.0.0.1:$PORT_UPSTREAM" \
-        --listen "127.0.0.1:$port" --store "$store" --config "$WORK/oncely.toml" \
+    local -a more
+    read -r -a more <<<"${GW_ARGS:-}"
+    env "$@" "${GW_BIN:-$ONCELY}" --log-level "$level" serve --upstream "http://127.0.0.1:$PORT_UPSTREAM" \
+        --listen "127.0.0.1:$port" --store "$store" --config "$WORK/oncely.toml" "${more[@]}" \
         >"$WORK/logs/$name.out.log" 2>"$WORK/logs/$name.err.log" &
     local pid=$!
     PIDS+=("$pid")
@@ -323,6 +345,17 @@ if ((EXTRA)); then
         PID_MEM_1W=$(<"$WORK/pid")
     start_gateway gateway-sqlite-relaxed "$PORT_SQLITE_RELAXED" "sqlite://$WORK/bench-relaxed.db?durability=relaxed" \
         warn >"$WORK/pid" && PID_SQLITE_RELAXED=$(<"$WORK/pid")
+    GW_ARGS="--replay-cache true" start_gateway gateway-sqlite-cache "$PORT_SQLITE_CACHE" \
+        "sqlite://$WORK/bench-cache.db" warn >"$WORK/pid" && PID_SQLITE_CACHE=$(<"$WORK/pid")
+fi
+if [[ -n ${BASELINE:-} ]]; then
+    [[ -x $BASELINE ]] || die "BASELINE=$BASELINE is not an executable"
+    GW_BIN=$BASELINE start_gateway gateway-memory-baseline "$PORT_BASE_MEM" "memory://" warn >"$WORK/pid" &&
+        PID_BASE_MEM=$(<"$WORK/pid")
+    GW_BIN=$BASELINE start_gateway gateway-memory-info-baseline "$PORT_BASE_MEM_INFO" "memory://" info >"$WORK/pid" &&
+        PID_BASE_MEM_INFO=$(<"$WORK/pid")
+    GW_BIN=$BASELINE start_gateway gateway-sqlite-baseline "$PORT_BASE_SQLITE" "sqlite://$WORK/bench-baseline.db" warn \
+        >"$WORK/pid" && PID_BASE_SQLITE=$(<"$WORK/pid")
 fi
 if ((REDIS)); then
     mkdir -p "$WORK/redis"
@@ -334,6 +367,8 @@ if ((REDIS)); then
     wait_port "$PORT_REDIS_SERVER" "$PID_REDIS_SERVER" redis-server
     start_gateway gateway-redis "$PORT_REDIS" "redis://127.0.0.1:$PORT_REDIS_SERVER" warn >"$WORK/pid" &&
         PID_REDIS=$(<"$WORK/pid")
+    GW_ARGS="--replay-cache false" start_gateway gateway-redis-nocache "$PORT_REDIS_NOCACHE" \
+        "redis://127.0.0.1:$PORT_REDIS_SERVER" warn >"$WORK/pid" && PID_REDIS_NOCACHE=$(<"$WORK/pid")
 fi
 log "all servers up"
 
@@ -434,6 +469,7 @@ if ((EXTRA)); then
     check_target gateway-memory-info "$PORT_MEM_INFO" "$REPLAY_KEY"
     check_target gateway-memory-1worker "$PORT_MEM_1W" "$REPLAY_KEY"
     check_target gateway-sqlite-relaxed "$PORT_SQLITE_RELAXED" "$REPLAY_KEY"
+    check_target gateway-sqlite-cache "$PORT_SQLITE_CACHE" "$REPLAY_KEY"
     if [[ $(post "http://127.0.0.1:$PORT_MEM/plain" "") != 201 ]]; then
         die "gateway-memory: POST /plain was not passed through: $(<"$WORK/b")"
     fi
@@ -450,6 +486,12 @@ if ((REDIS)); then
     mapfile -t SHAS < <(grep -o '"EVALSHA" "[0-9a-f]*"' "$WORK/monitor.txt" | awk '{ gsub(/"/, "", $2); print $2 }')
     ((${#SHAS[@]} >= 3)) || die "could not read the scripts' SHAs off MONITOR"
     CLAIM_SHA=${SHAS[0]} COMPLETE_SHA=${SHAS[1]}
+    check_target gateway-redis-nocache "$PORT_REDIS_NOCACHE" "$REPLAY_KEY-nocache"
+fi
+if [[ -n ${BASELINE:-} ]]; then
+    check_target gateway-memory-baseline "$PORT_BASE_MEM" "$REPLAY_KEY"
+    check_target gateway-memory-info-baseline "$PORT_BASE_MEM_INFO" "$REPLAY_KEY"
+    check_target gateway-sqlite-baseline "$PORT_BASE_SQLITE" "$REPLAY_KEY"
 fi
 # Each gateway now holds one completed key from its check: the SQLite one counts it.
 SQLITE_ACKED=1
@@ -575,12 +617,25 @@ for ((round = 1; round <= ROUNDS; round++)); do
     if ((REDIS)); then
         measure "$round" gateway-redis new-keys "$PORT_REDIS" "$PID_REDIS" new_keys.lua "$RUN"
         measure "$round" gateway-redis replays "$PORT_REDIS" "$PID_REDIS" fixed_key.lua "$REPLAY_KEY"
+        measure "$round" gateway-redis-nocache new-keys "$PORT_REDIS_NOCACHE" "$PID_REDIS_NOCACHE" new_keys.lua "$RUN-nc"
+        measure "$round" gateway-redis-nocache replays "$PORT_REDIS_NOCACHE" "$PID_REDIS_NOCACHE" fixed_key.lua \
+            "$REPLAY_KEY-nocache"
+    fi
+    if [[ -n ${BASELINE:-} ]]; then
+        measure "$round" gateway-memory-baseline new-keys "$PORT_BASE_MEM" "$PID_BASE_MEM" new_keys.lua "$RUN"
+        measure "$round" gateway-memory-baseline replays "$PORT_BASE_MEM" "$PID_BASE_MEM" fixed_key.lua "$REPLAY_KEY"
+        measure "$round" gateway-memory-baseline pass-through "$PORT_BASE_MEM" "$PID_BASE_MEM" plain.lua "$RUN"
+        measure "$round" gateway-memory-info-baseline new-keys "$PORT_BASE_MEM_INFO" "$PID_BASE_MEM_INFO" \
+            new_keys.lua "$RUN"
+        measure "$round" gateway-sqlite-baseline new-keys "$PORT_BASE_SQLITE" "$PID_BASE_SQLITE" new_keys.lua "$RUN"
     fi
     if ((EXTRA)); then
         measure "$round" gateway-memory pass-through "$PORT_MEM" "$PID_MEM" plain.lua "$RUN"
         measure "$round" gateway-memory-info new-keys "$PORT_MEM_INFO" "$PID_MEM_INFO" new_keys.lua "$RUN"
         measure "$round" gateway-memory-1worker new-keys "$PORT_MEM_1W" "$PID_MEM_1W" new_keys.lua "$RUN"
         measure "$round" gateway-sqlite-relaxed new-keys "$PORT_SQLITE_RELAXED" "$PID_SQLITE_RELAXED" new_keys.lua "$RUN"
+        measure "$round" gateway-sqlite-cache replays "$PORT_SQLITE_CACHE" "$PID_SQLITE_CACHE" fixed_key.lua \
+            "$REPLAY_KEY"
     fi
 done
 
@@ -696,6 +751,15 @@ verdict() { # row threshold
     echo "- new keys, SQLite (sync) ≥ 0.6×: $(verdict gateway-sqlite/new-keys 0.6)"
     echo "- replays, memory store ≥ 1.5×: $(verdict gateway-memory/replays 1.5)"
     echo "- replays, SQLite ≥ 1.5×: $(verdict gateway-sqlite/replays 1.5)"
+    if ((EXTRA)); then
+        echo "- pass-through, memory gateway ≥ 0.9×: $(verdict gateway-memory/pass-through 0.9)"
+        echo "- replays, SQLite with the replay cache ≥ 1.5×: $(verdict gateway-sqlite-cache/replays 1.5)"
+        echo "- access log: gateway-memory-info new keys at $(ratio "$(med_rps gateway-memory-info/new-keys)")× against $(ratio "$(med_rps gateway-memory/new-keys)")× at warn"
+    fi
+    if ((REDIS)); then
+        echo "- new keys, Redis ≥ 0.5×: $(verdict gateway-redis/new-keys 0.5)"
+        echo "- replays, Redis with the replay cache ≥ 1.5×: $(verdict gateway-redis/replays 1.5)"
+    fi
     echo
     echo "- SQLite store check: $STORE_CHECK"
     echo "- access-log lines written by gateway-memory-info: $ACCESS_LINES"
