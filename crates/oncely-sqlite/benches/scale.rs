@@ -37,9 +37,10 @@
 //! `records_usage` triggers run for every row, so the counts the store checks its bounds
 //! against are right when it opens. Rows go in by record number, so their storage keys
 //! (SHA-256) reach the primary-key index in random order, as a live store's do, and its
-//! pages are as full as in a file that grew by claims. The fill connection uses
-//! `synchronous = OFF` and a 1 GiB page cache: it is only setup. Each durability runs on
-//! a copy of the filled file, so that both start from the same N rows.
+//! pages are as full as in a file that grew by claims. The fill is only setup: its
+//! connection runs without a journal (`journal_mode = OFF`, set back to WAL at the end)
+//! or syncs, with a 1 GiB page cache. Each durability runs on a copy of the filled file,
+//! so that both start from the same N rows.
 //!
 //! ```text
 //! cargo bench -p oncely-sqlite --bench scale                                            # 1k and 10M: ~7 GB of disk
@@ -234,6 +235,12 @@ fn build_file(path: &Path, n: u64) -> f64 {
     drop(SqliteStore::open(path, options(n, Durability::Sync)).expect("the store creates its file"));
     let started = Instant::now();
     let mut conn = Connection::open(path).expect("the preload opens the file");
+    // Setup only, so no journal and no syncs: in WAL mode each commit would write the
+    // index pages it dirtied twice (to the WAL, then back), and late in a 10M fill a
+    // 100k-row commit dirties a good part of the primary-key index's leaves.
+    let journal: String =
+        conn.pragma_update_and_check(None, "journal_mode", "OFF", |row| row.get(0)).expect("journal_mode = OFF");
+    assert!(journal.eq_ignore_ascii_case("off"), "the fill runs without a journal, not {journal}");
     conn.pragma_update(None, "synchronous", "OFF").expect("synchronous = OFF");
     conn.pragma_update(None, "cache_size", -(1 << 20)).expect("a 1 GiB page cache");
     let now_ms = i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("a sane clock").as_millis())
@@ -273,6 +280,11 @@ fn build_file(path: &Path, n: u64) -> f64 {
             eprintln!("  preloaded {index} of {n} ({rate:.0}/s)");
         }
     }
+    // Back to WAL, as the store left the file (it would set it again at its open), and
+    // an empty WAL, so that the file's size is all records.
+    let journal: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)).expect("journal_mode = WAL");
+    assert!(journal.eq_ignore_ascii_case("wal"), "the file is back in WAL mode, not {journal}");
     let (busy, _, _): (i64, i64, i64) = conn
         .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
         .expect("the checkpoint runs");
