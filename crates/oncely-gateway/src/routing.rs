@@ -299,6 +299,7 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
         // The access line's fields are gathered only when it will be written.
         let log = tracing::enabled!(target: "oncely::access", tracing::Level::INFO)
             .then(|| (request.method().clone(), request.uri().path().to_string(), Instant::now()));
+        let head = request.method() == http::Method::HEAD;
         let next = match self.refusal(&request).or_else(|| self.policy(&request)) {
             Some(answer) => Next::Refused { answer: Some(answer) },
             None => {
@@ -306,7 +307,7 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
                 Next::Routed { call: route.service.clone().oneshot(request) }
             }
         };
-        RoutesFuture { next, log }
+        RoutesFuture { next, log, head }
     }
 }
 
@@ -317,6 +318,10 @@ pin_project_lite::pin_project! {
         #[pin]
         next: Next,
         log: Option<(http::Method, String, Instant)>,
+        // A HEAD request: the response goes out without its body. hyper drops it over
+        // HTTP/1.1 but sends it over HTTP/2, where a HEAD response with content is a
+        // protocol error; the gateway's own answers (the policy, problems) have one.
+        head: bool,
     }
 }
 
@@ -358,6 +363,17 @@ impl Future for RoutesFuture {
                 replayed,
                 micros = started.elapsed().as_micros() as u64,
             );
+        }
+        if *this.head {
+            // The headers a GET would get, Content-Length included (as axum does).
+            let (mut parts, body) = response.into_parts();
+            if let Some(len) = hyper::body::Body::size_hint(&body).exact()
+                && !parts.headers.contains_key(header::CONTENT_LENGTH)
+            {
+                parts.headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(len));
+            }
+            let empty = http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync();
+            return Poll::Ready(Ok(Response::from_parts(parts, empty)));
         }
         Poll::Ready(Ok(response))
     }

@@ -280,6 +280,30 @@ async fn h2c_clients_are_served() {
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
 }
 
+/// A HEAD of what the gateway answers itself (the published policy, a problem) carries
+/// no content, over HTTP/2 as over HTTP/1.1: an HTTP/2 client treats DATA on a HEAD
+/// response as a protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn head_answers_carry_no_body_over_h2_and_h1() {
+    let (addr, _upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().expect("client");
+    for client in [&h2, &client()] {
+        let get = client.get(format!("{}/.well-known/idempotency", gw.url)).send().await.expect("GET");
+        let length = get.bytes().await.expect("body").len();
+        assert!(length > 0);
+        let head = client.head(format!("{}/.well-known/idempotency", gw.url)).send().await.expect("HEAD");
+        assert_eq!(head.status(), 200);
+        assert_eq!(head.headers().get("content-length").and_then(|v| v.to_str().ok()), Some(&*length.to_string()));
+        assert!(head.bytes().await.expect("HEAD body").is_empty());
+        // A problem the gateway writes: a bad Host.
+        let problem = client.head(format!("{}/payments", gw.url)).header("host", "a,b").send().await;
+        let problem = problem.expect("HEAD with a bad host");
+        assert_eq!(problem.status(), 400);
+        assert!(problem.bytes().await.expect("problem body").is_empty());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_lets_a_running_operation_finish_and_store_its_result() {
     let (addr, upstream) = start_upstream().await;
