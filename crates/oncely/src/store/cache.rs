@@ -66,6 +66,10 @@ pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
 /// The default bound on the bytes of payload held.
 pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
 
+/// The longest time-to-live taken (moka refuses more than 1,000 years); an entry ends
+/// with its record's retention anyway.
+const MAX_TIME_TO_LIVE: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// What an entry is charged beyond its payload: the key, the fingerprint, the times and
 /// the map's own bookkeeping, roughly.
 const ENTRY_OVERHEAD: u64 = 160;
@@ -83,6 +87,9 @@ pub struct ReplayCache<S> {
 struct Entries {
     map: moka::sync::Cache<StorageKey, Arc<Entry>>,
     hits: Arc<AtomicU64>,
+    /// Deletes made through the wrapper so far: a claim that read the store before a
+    /// delete must not cache what it read after it (see [`ReplayCache::remember`]).
+    deletes: Arc<AtomicU64>,
     counter: metrics::Counter,
 }
 
@@ -176,7 +183,11 @@ impl<S> ReplayCache<S> {
         Some(ClaimOutcome::Replay(replay))
     }
 
-    fn remember(&self, request: &ClaimRequest<'_>, replay: &Replay) {
+    /// Caches what a claim found, unless a delete through this wrapper may have come
+    /// between the store's answer and now: the entry is put in first and then checked
+    /// against the delete count read before the claim, so that a delete cannot slip
+    /// between the check and the insert.
+    fn remember(&self, request: &ClaimRequest<'_>, replay: &Replay, deletes_before: u64) {
         let Some(cache) = &self.cache else { return };
         // The record lives `retention` from its completion (by the store's clock, read
         // here through the completion time it reported): the entry never outlives it.
@@ -188,6 +199,9 @@ impl<S> ReplayCache<S> {
         let hits = AtomicU64::new(replay.hits);
         let entry = Entry { fingerprint: request.fingerprint().copied(), replay: replay.clone(), hits, until };
         cache.map.insert(*request.storage_key(), Arc::new(entry));
+        if cache.deletes.load(Ordering::SeqCst) != deletes_before {
+            cache.map.invalidate(request.storage_key());
+        }
     }
 }
 
@@ -208,7 +222,7 @@ pub struct ReplayCacheBuilder<S> {
 
 impl<S> ReplayCacheBuilder<S> {
     /// How long an entry is answered from the cache, and so how late a delete made
-    /// through another process is seen here. Default 5 s.
+    /// through another process is seen here. Default 5 s; at most a year is taken.
     pub fn time_to_live(mut self, ttl: Duration) -> Self {
         self.time_to_live = ttl;
         self
@@ -235,14 +249,14 @@ impl<S> ReplayCacheBuilder<S> {
         let floor = self.max_bytes.checked_div(self.max_entries).unwrap_or(u64::MAX);
         let map = moka::sync::Cache::builder()
             .max_capacity(if self.max_entries == 0 { 0 } else { self.max_bytes })
-            .time_to_live(self.time_to_live.max(Duration::from_nanos(1)))
+            .time_to_live(self.time_to_live.clamp(Duration::from_nanos(1), MAX_TIME_TO_LIVE))
             .weigher(move |_: &StorageKey, entry: &Arc<Entry>| {
                 let bytes = entry.replay.payload.len() as u64 + ENTRY_OVERHEAD;
                 u32::try_from(bytes.max(floor)).unwrap_or(u32::MAX)
             })
             .build();
         let counter = metrics::counter!("oncely_replay_cache_hits_total");
-        let entries = Entries { map, hits: Arc::new(AtomicU64::new(0)), counter };
+        let entries = Entries { map, hits: Arc::new(AtomicU64::new(0)), deletes: Arc::new(AtomicU64::new(0)), counter };
         ReplayCache { inner: self.inner, cache: Some(entries) }
     }
 }
@@ -252,9 +266,10 @@ impl<S: Store> Store for ReplayCache<S> {
         if let Some(outcome) = self.cached(request) {
             return Ok(outcome);
         }
+        let deletes_before = self.cache.as_ref().map_or(0, |c| c.deletes.load(Ordering::SeqCst));
         let outcome = self.inner.claim(request).await?;
         if let ClaimOutcome::Replay(replay) = &outcome {
-            self.remember(request, replay);
+            self.remember(request, replay, deletes_before);
         }
         Ok(outcome)
     }
@@ -302,15 +317,17 @@ impl<S: StoreAdmin> StoreAdmin for ReplayCache<S> {
     }
 
     async fn delete(&self, key: &StorageKey) -> Result<bool, StoreError> {
-        // Dropped before and after the store's delete, so that a claim that read the
-        // record before the delete and cached it during it is dropped too. A claim that
-        // read before and caches after the second drop keeps the old record for at most
-        // one time-to-live, as a delete made elsewhere would.
+        // Counted before the entry is dropped: a claim that read the store before this
+        // point and caches its answer later sees the count changed and drops it again
+        // (`remember`). Dropped again after the store's delete, for a claim that cached
+        // while it ran.
         if let Some(cache) = &self.cache {
+            cache.deletes.fetch_add(1, Ordering::SeqCst);
             cache.map.invalidate(key);
         }
         let deleted = self.inner.delete(key).await;
         if let Some(cache) = &self.cache {
+            cache.deletes.fetch_add(1, Ordering::SeqCst);
             cache.map.invalidate(key);
         }
         deleted
