@@ -183,9 +183,11 @@ const LOG_LINES_BUFFERED: usize = 64 * 1024;
 /// waiting in one buffered `write(2)`. Measured in `docs/benchmarks.md`: the access line
 /// cost 5 µs of CPU and 6–9% of throughput per request written straight to stderr.
 ///
-/// Nothing is dropped: when the channel is full (stderr slower than the requests), the
-/// request waits, as it did writing itself. The returned guard flushes what is left when
-/// dropped: keep it until the process ends.
+/// Nothing is dropped while the process runs: when the channel is full (stderr slower
+/// than the requests), the request waits, as it did writing itself. The returned guard
+/// flushes what is left when dropped (keep it until the process ends), waiting up to a
+/// second; a process killed (SIGKILL, out of memory, abort) loses the lines still
+/// buffered, at most the channel's and 64 KiB.
 fn init_logs(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter =
         tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
