@@ -59,27 +59,20 @@
 //! keys pending), read from the `metrics` counters by a minimal recorder. Replays of
 //! 1000 keys cost the writer at most 1000 updates a second; replays spread over 10
 //! million cost one random-row update per replay, up to the cap.
+//!
+//! The record shape, the phases and the counters are shared with the memory store's
+//! bench, in `oncely_testkit::scale`.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use oncely::store::ClaimRequest;
-use oncely::{ClaimOutcome, Failure, Fingerprint, IdempotencyKey, Oncely, Scope, StorageKey, Store, StoreAdmin};
+use oncely::{Scope, StorageKey, StoreAdmin};
 use oncely_sqlite::{Durability, SqliteOptions, SqliteStore};
+use oncely_testkit::scale::{
+    HitCounters, Phase, RETENTION, TASKS, WARMUP, fingerprint, key, payload, phases, records_from_env, seconds_from_env,
+};
 use rusqlite::{Connection, params};
-use serde::{Deserialize, Serialize};
 
-/// Concurrent tasks in each measured phase.
-const TASKS: usize = 32;
-/// Run before each measured window, not counted.
-const WARMUP: Duration = Duration::from_secs(1);
-/// How long records live: the engine's default.
-const RETENTION: Duration = Duration::from_secs(24 * 3600);
-/// The lease of a claim in `store_claim_replay` (it never acquires: every key replays).
-const LEASE: Duration = Duration::from_secs(30);
 /// The sweeper's interval. The default (60 s) would never run inside a measured
 /// window; every second, its delete of expired rows (by `records_by_expiry`) is part of
 /// what is measured.
@@ -88,127 +81,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const NEW_KEY_ROOM: u64 = 100_000_000;
 /// Rows per transaction of the preload.
 const FILL_BATCH: u64 = 100_000;
-/// The text of the `note` field, sized so that a stored payload is about 100 bytes.
-const NOTE: &str = "captured by the scale benchmark, 100-byte payload";
-
-/// The value every operation returns and every replay decodes.
-#[derive(Serialize, Deserialize, Debug)]
-struct Receipt {
-    id: u64,
-    status: String,
-    note: String,
-}
-
-impl Receipt {
-    fn new(id: u64) -> Self {
-        Self { id, status: "captured".to_owned(), note: NOTE.to_owned() }
-    }
-}
-
-/// The engine's stored form of a success, `{"Ok": value}`, so that the preloaded rows
-/// replay through `Oncely::run` as if `run` had stored them.
-#[derive(Serialize)]
-enum Stored<'a> {
-    Ok(&'a Receipt),
-}
-
-fn payload(id: u64) -> Vec<u8> {
-    serde_json::to_vec(&Stored::Ok(&Receipt::new(id))).expect("a receipt encodes")
-}
-
-/// The key of preloaded record `index`; `space` 0 is the preload's, task `t` of the
-/// `new_key` phase makes its keys in space `t + 1`.
-fn key(space: u64, index: u64) -> IdempotencyKey {
-    IdempotencyKey::new(format!("{space:08x}-0000-4000-8000-{index:012x}")).expect("benchmark keys are valid")
-}
-
-/// The request fingerprint of every record (one body, as for retries of one request).
-fn fingerprint() -> Fingerprint {
-    Fingerprint::from_bytes(br#"{"amount":1999,"currency":"eur"}"#)
-}
-
-/// A stateless uniform draw: the `i`-th random number of task `t` (splitmix64).
-fn draw(t: usize, i: u64) -> u64 {
-    let mut z = ((t as u64) << 40 ^ i).wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The `oncely_hits_*` counters, kept by a recorder that ignores every other metric.
-#[derive(Default)]
-struct HitCounters {
-    flushed: Arc<AtomicU64>,
-    dropped: Arc<AtomicU64>,
-}
-
-impl metrics::Recorder for HitCounters {
-    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-
-    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
-        match key.name() {
-            "oncely_hits_flushed_total" => metrics::Counter::from_arc(Arc::clone(&self.flushed)),
-            "oncely_hits_dropped_total" => metrics::Counter::from_arc(Arc::clone(&self.dropped)),
-            _ => metrics::Counter::noop(),
-        }
-    }
-
-    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
-        metrics::Gauge::noop()
-    }
-
-    fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
-        metrics::Histogram::noop()
-    }
-}
-
-impl HitCounters {
-    /// The counters' values now: (flushed, dropped).
-    fn now(&self) -> (u64, u64) {
-        (self.flushed.load(Ordering::Relaxed), self.dropped.load(Ordering::Relaxed))
-    }
-}
-
-/// The measured window of a phase: operations that finish inside it are counted.
-#[derive(Clone, Copy)]
-struct Window {
-    start: Instant,
-    end: Instant,
-}
-
-impl Window {
-    /// Counts an operation that just finished, if inside the window; false once the
-    /// window has closed (the task stops).
-    fn tick(&self, count: &mut u64) -> bool {
-        let now = Instant::now();
-        if now >= self.end {
-            return false;
-        }
-        if now >= self.start {
-            *count += 1;
-        }
-        true
-    }
-}
-
-/// Runs `TASKS` copies of `body` (task index, window → operations counted) through a
-/// warm-up and a window of `duration`; operations per second in the window.
-async fn drive<F, Fut>(duration: Duration, body: F) -> f64
-where
-    F: Fn(usize, Window) -> Fut,
-    Fut: Future<Output = u64> + Send + 'static,
-{
-    let start = Instant::now() + WARMUP;
-    let window = Window { start, end: start + duration };
-    let handles: Vec<_> = (0..TASKS).map(|t| tokio::spawn(body(t, window))).collect();
-    let mut total = 0;
-    for handle in handles {
-        total += handle.await.expect("a benchmark task panicked");
-    }
-    total as f64 / duration.as_secs_f64()
-}
 
 /// The store's options for a run on a file of `n` records.
 fn options(n: u64, durability: Durability) -> SqliteOptions {
@@ -297,16 +169,11 @@ fn build_file(path: &Path, n: u64) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
-/// One line of the final table.
+/// One line of the final table: a phase at one N and durability.
 struct Row {
     records: u64,
     durability: &'static str,
-    mode: &'static str,
-    ops_per_sec: f64,
-    /// Rows in the file before and after the phase.
-    len: (u64, u64),
-    /// Replay counts flushed and dropped during the phase (warm-up included).
-    hits: (u64, u64),
+    phase: Phase,
 }
 
 /// What the preload of N records cost.
@@ -341,138 +208,16 @@ async fn run_store(
         .await
         .expect("opening does not panic")
         .expect("the store opens the preloaded file");
-    let oncely = Oncely::new(store.clone());
     let name = durability_name(durability);
-    let records = || async { store.usage().await.expect("the usage row reads").records };
-    let mut rows = Vec::new();
-
-    let (len, hits) = (records().await, counters.now());
-    let engine = oncely.clone();
-    let ops_per_sec = drive(duration, move |t, window| {
-        let oncely = engine.clone();
-        async move {
-            let (fingerprint, mut count) = (fingerprint(), 0);
-            for i in 0.. {
-                let index = draw(t, i) % n;
-                let executed = oncely
-                    .run(&key(0, index), Some(fingerprint), || async { Ok::<_, Failure<String>>(Receipt::new(index)) })
-                    .await
-                    .expect("a replay succeeds");
-                assert!(executed.replayed, "a preloaded key replays");
-                if !window.tick(&mut count) {
-                    break;
-                }
-            }
-            count
-        }
-    })
-    .await;
-    // The counts of the last interval: flushed within it, so that they are in this row.
-    oncely.flush_hits().await.expect("the store takes hit counts");
-    rows.push(row(n, name, "replay", ops_per_sec, len, records().await, hits, counters));
-
-    // The same look-ups through `Store::claim` alone: no engine, so no hit counted and
-    // no flush through the writer, no JSON decode. Tells the store's share of a change
-    // in `replay` from the engine's (its hit counts grow with the distinct keys replayed).
-    let (len, hits) = (records().await, counters.now());
-    let raw = store.clone();
-    let ops_per_sec = drive(duration, move |t, window| {
-        let store = raw.clone();
-        async move {
-            let (scope, fingerprint, mut count) = (Scope::global(), fingerprint(), 0);
-            for i in 0.. {
-                let key = key(0, draw(t, i) % n);
-                let request = ClaimRequest::new(&scope, &key, Some(fingerprint), LEASE, RETENTION);
-                match store.claim(&request).await.expect("a claim succeeds") {
-                    ClaimOutcome::Replay(replay) => drop(replay),
-                    other => panic!("a preloaded key must replay: {other:?}"),
-                }
-                if !window.tick(&mut count) {
-                    break;
-                }
-            }
-            count
-        }
-    })
-    .await;
-    rows.push(row(n, name, "store_claim_replay", ops_per_sec, len, records().await, hits, counters));
-
-    let (len, hits) = (records().await, counters.now());
-    let engine = oncely.clone();
-    let ops_per_sec = drive(duration, move |t, window| {
-        let oncely = engine.clone();
-        async move {
-            let (fingerprint, mut count) = (fingerprint(), 0);
-            for i in 0.. {
-                let executed = oncely
-                    .run(&key(t as u64 + 1, i), Some(fingerprint), || async {
-                        Ok::<_, Failure<String>>(Receipt::new(i))
-                    })
-                    .await
-                    .expect("a new key runs");
-                assert!(!executed.replayed, "a new key executes");
-                if !window.tick(&mut count) {
-                    break;
-                }
-            }
-            count
-        }
-    })
-    .await;
-    rows.push(row(n, name, "new_key", ops_per_sec, len, records().await, hits, counters));
+    let records = async || store.usage().await.expect("the usage row reads").records;
+    let label = format!("sqlite {name}");
+    let rows = phases(&label, &store, n, duration, counters, records).await;
+    let rows = rows.into_iter().map(|phase| Row { records: n, durability: name, phase }).collect();
 
     // Dropping the store joins its threads: off the runtime's workers.
-    drop(oncely);
     tokio::task::spawn_blocking(move || drop(store)).await.expect("closing does not panic");
     std::fs::remove_file(run).expect("the run's file is removed");
     rows
-}
-
-#[allow(clippy::too_many_arguments, reason = "one printed line of many fields")]
-fn row(
-    records: u64,
-    durability: &'static str,
-    mode: &'static str,
-    ops_per_sec: f64,
-    len_before: u64,
-    len_after: u64,
-    hits_before: (u64, u64),
-    counters: &HitCounters,
-) -> Row {
-    let now = counters.now();
-    let row = Row {
-        records,
-        durability,
-        mode,
-        ops_per_sec,
-        len: (len_before, len_after),
-        hits: (now.0 - hits_before.0, now.1 - hits_before.1),
-    };
-    println!(
-        "sqlite {durability} N={records} {mode}: {ops_per_sec:.0} ops/s ({TASKS} tasks; table {} -> {} records; \
-         hit counts flushed {}, dropped {})",
-        row.len.0, row.len.1, row.hits.0, row.hits.1
-    );
-    row
-}
-
-/// `SCALE_RECORDS`: comma-separated counts (`_` allowed as a digit separator), run in
-/// ascending order.
-fn records_from_env() -> Vec<u64> {
-    let text = std::env::var("SCALE_RECORDS").unwrap_or_else(|_| "1000,10000000".to_owned());
-    let mut counts: Vec<u64> = text
-        .split(',')
-        .map(|n| n.trim().replace('_', "").parse().expect("SCALE_RECORDS: comma-separated counts"))
-        .filter(|n| *n > 0)
-        .collect();
-    counts.sort_unstable();
-    counts.dedup();
-    counts
-}
-
-fn seconds_from_env() -> Duration {
-    let text = std::env::var("SCALE_SECONDS").unwrap_or_else(|_| "5".to_owned());
-    Duration::from_secs_f64(text.trim().parse().expect("SCALE_SECONDS: a number of seconds"))
 }
 
 /// `SCALE_DURABILITY`: `sync`, `relaxed` (WAL synced every second, the URL's default
@@ -492,9 +237,7 @@ fn main() {
     let (counts, duration, durabilities) = (records_from_env(), seconds_from_env(), durabilities_from_env());
     let parent = std::env::var_os("SCALE_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
     let dir = tempfile::Builder::new().prefix("oncely-scale-").tempdir_in(&parent).expect("a temporary directory");
-    let counters = HitCounters::default();
-    let recorder = HitCounters { flushed: Arc::clone(&counters.flushed), dropped: Arc::clone(&counters.dropped) };
-    metrics::set_global_recorder(recorder).map_err(|_| "a recorder was set").expect("the hit counters install");
+    let counters = HitCounters::install();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a Tokio runtime");
     println!(
         "sqlite store scale: N = {counts:?}, {durabilities:?}, {} s per phase after a {} s warm-up, {TASKS} tasks, \
@@ -558,15 +301,13 @@ fn main() {
         "\n| store | records preloaded | mode | ops/s | vs smallest N | table during phase | hit counts flushed / dropped |"
     );
     println!("|---|---:|---|---:|---:|---|---:|");
-    for row in &rows {
+    for Row { records, durability, phase: row } in &rows {
         let base = rows
             .iter()
-            .find(|r| r.mode == row.mode && r.durability == row.durability)
-            .map_or(row.ops_per_sec, |r| r.ops_per_sec);
+            .find(|r| r.phase.mode == row.mode && r.durability == *durability)
+            .map_or(row.ops_per_sec, |r| r.phase.ops_per_sec);
         println!(
-            "| sqlite {} | {} | {} | {:.0} | {:.2}× | {} → {} | {} / {} |",
-            row.durability,
-            row.records,
+            "| sqlite {durability} | {records} | {} | {:.0} | {:.2}× | {} → {} | {} / {} |",
             row.mode,
             row.ops_per_sec,
             row.ops_per_sec / base,

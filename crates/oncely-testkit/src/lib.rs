@@ -37,6 +37,7 @@ pub mod dynamodb;
 pub mod postgres;
 pub mod process;
 pub mod redis;
+pub mod scale;
 pub mod tls;
 
 /// Generates one `#[tokio::test]` per conformance case for the store that `$make_store`
