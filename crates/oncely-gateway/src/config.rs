@@ -690,7 +690,8 @@ impl ReplayCacheSettings {
     /// Whether to cache for a store whose URL is `store_url`: as configured, or on for
     /// the stores a replay reaches over the network (Redis, PostgreSQL, DynamoDB).
     pub fn enabled_for(&self, store_url: &str) -> bool {
-        if self.ttl.is_zero() || self.max_entries == 0 || self.max_bytes == 0 {
+        // `ttl` and `max_bytes` are never zero (`duration` and `size` refuse it).
+        if self.max_entries == 0 {
             return false;
         }
         self.enabled.unwrap_or_else(|| {
