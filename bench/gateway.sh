@@ -13,7 +13,8 @@
 # and, with EXTRA=1 (the default), rows that help explain the others:
 #   gateway-memory pass-through   POST without a key to a path the layer does not cover: the proxy alone
 #   gateway-memory-info           the memory gateway at --log-level info (one access-log line per request)
-#   gateway-memory-1worker        the memory gateway with TOKIO_WORKER_THREADS=1
+#   gateway-memory-shared         the memory gateway with --workers 0: connections served on the
+#                                 shared multi-threaded runtime instead of a worker thread per core
 #   gateway-sqlite-relaxed        sqlite://...?durability=relaxed (WAL synced on an interval)
 #   gateway-sqlite-cache          sqlite:// with --replay-cache true (replays answered from memory)
 # and, with REDIS=1 (the default when redis-server is installed):
@@ -68,7 +69,7 @@ PORT_HOP=$((BASE_PORT + 1))
 PORT_MEM=$((BASE_PORT + 2))
 PORT_SQLITE=$((BASE_PORT + 3))
 PORT_MEM_INFO=$((BASE_PORT + 4))
-PORT_MEM_1W=$((BASE_PORT + 5))
+PORT_MEM_SHARED=$((BASE_PORT + 5))
 PORT_SQLITE_RELAXED=$((BASE_PORT + 6))
 PORT_REDIS_SERVER=$((BASE_PORT + 7))
 PORT_REDIS=$((BASE_PORT + 8))
@@ -202,7 +203,7 @@ wait_port() {
     done
 }
 
-for port in $PORT_UPSTREAM $PORT_HOP $PORT_MEM $PORT_SQLITE $PORT_MEM_INFO $PORT_MEM_1W $PORT_SQLITE_RELAXED; do
+for port in $PORT_UPSTREAM $PORT_HOP $PORT_MEM $PORT_SQLITE $PORT_MEM_INFO $PORT_MEM_SHARED $PORT_SQLITE_RELAXED; do
     port_open "$port" && die "port 127.0.0.1:$port is already in use (set BASE_PORT)"
 done
 
@@ -341,8 +342,8 @@ start_gateway gateway-memory "$PORT_MEM" "memory://" warn >"$WORK/pid" && PID_ME
 start_gateway gateway-sqlite "$PORT_SQLITE" "sqlite://$WORK/bench.db" warn >"$WORK/pid" && PID_SQLITE=$(<"$WORK/pid")
 if ((EXTRA)); then
     start_gateway gateway-memory-info "$PORT_MEM_INFO" "memory://" info >"$WORK/pid" && PID_MEM_INFO=$(<"$WORK/pid")
-    start_gateway gateway-memory-1worker "$PORT_MEM_1W" "memory://" warn TOKIO_WORKER_THREADS=1 >"$WORK/pid" &&
-        PID_MEM_1W=$(<"$WORK/pid")
+    GW_ARGS="--workers 0" start_gateway gateway-memory-shared "$PORT_MEM_SHARED" "memory://" warn >"$WORK/pid" &&
+        PID_MEM_SHARED=$(<"$WORK/pid")
     start_gateway gateway-sqlite-relaxed "$PORT_SQLITE_RELAXED" "sqlite://$WORK/bench-relaxed.db?durability=relaxed" \
         warn >"$WORK/pid" && PID_SQLITE_RELAXED=$(<"$WORK/pid")
     GW_ARGS="--replay-cache true" start_gateway gateway-sqlite-cache "$PORT_SQLITE_CACHE" \
@@ -467,7 +468,7 @@ check_target gateway-memory "$PORT_MEM" "$REPLAY_KEY"
 check_target gateway-sqlite "$PORT_SQLITE" "$REPLAY_KEY"
 if ((EXTRA)); then
     check_target gateway-memory-info "$PORT_MEM_INFO" "$REPLAY_KEY"
-    check_target gateway-memory-1worker "$PORT_MEM_1W" "$REPLAY_KEY"
+    check_target gateway-memory-shared "$PORT_MEM_SHARED" "$REPLAY_KEY"
     check_target gateway-sqlite-relaxed "$PORT_SQLITE_RELAXED" "$REPLAY_KEY"
     check_target gateway-sqlite-cache "$PORT_SQLITE_CACHE" "$REPLAY_KEY"
     if [[ $(post "http://127.0.0.1:$PORT_MEM/plain" "") != 201 ]]; then
@@ -632,7 +633,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     if ((EXTRA)); then
         measure "$round" gateway-memory pass-through "$PORT_MEM" "$PID_MEM" plain.lua "$RUN"
         measure "$round" gateway-memory-info new-keys "$PORT_MEM_INFO" "$PID_MEM_INFO" new_keys.lua "$RUN"
-        measure "$round" gateway-memory-1worker new-keys "$PORT_MEM_1W" "$PID_MEM_1W" new_keys.lua "$RUN"
+        measure "$round" gateway-memory-shared new-keys "$PORT_MEM_SHARED" "$PID_MEM_SHARED" new_keys.lua "$RUN"
+        measure "$round" gateway-memory-shared pass-through "$PORT_MEM_SHARED" "$PID_MEM_SHARED" plain.lua "$RUN"
         measure "$round" gateway-sqlite-relaxed new-keys "$PORT_SQLITE_RELAXED" "$PID_SQLITE_RELAXED" new_keys.lua "$RUN"
         measure "$round" gateway-sqlite-cache replays "$PORT_SQLITE_CACHE" "$PID_SQLITE_CACHE" fixed_key.lua \
             "$REPLAY_KEY"
@@ -727,7 +729,7 @@ verdict() { # row threshold
     echo "- SQLite file system: $(df -T "$WORK" | awk 'NR == 2 { print $2 " on " $1 }')"
     echo "- load: \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency\`, $ROUNDS interleaved rounds (medians below; a $WARMUP warm-up per target first), POST /payments, ${#BODY}-byte JSON body, Content-Type: application/json"
     echo "- nginx: worker_processes $NGINX_WORKERS, access_log off, keepalive_requests 1000000; hop: upstream keepalive 64, proxy_http_version 1.1, Connection \"\""
-    echo "- gateways: \`required = true\` for POST/PATCH, other settings default (ttl 24h, lease 30s, reject); Tokio's default runtime (one worker per CPU) unless the row says otherwise"
+    echo "- gateways: \`required = true\` for POST/PATCH, other settings default (ttl 24h, lease 30s, reject); one proxy worker thread per CPU (\`server.workers\`, the default) unless the row says otherwise"
     echo "- wrk, both nginx instances and the gateway share the same $(nproc) CPUs: a row's req/s is what the whole box does, and CPU a proxy spends is taken from wrk and the upstream."
     for note in "${OTHER_LOAD_NOTES[@]}"; do echo "- other load: $note"; done
     echo

@@ -44,6 +44,7 @@
 //! max_connections = 10000    # open proxy connections; more are closed at once
 //! max_connections_per_client = 256 # per client IP address; 0 turns the cap off
 //! max_concurrent_streams = 100 # HTTP/2 streams per connection
+//! workers = 2                # threads serving proxy connections (default: one per core)
 //!
 //! [admin]
 //! token = "…"                # bearer token for /keys on the admin listener
@@ -285,6 +286,9 @@ settings_table! {
         /// HTTP/2 streams per connection (default 100).
         #[arg(long, env = "ONCELY_MAX_CONCURRENT_STREAMS")]
         pub max_concurrent_streams: Option<u32>,
+        /// Threads serving proxy connections, each with its own runtime (default: one per core); 0 serves them on the shared runtime.
+        #[arg(long, env = "ONCELY_WORKERS")]
+        pub workers: Option<usize>,
     }
 }
 
@@ -663,6 +667,9 @@ pub struct Config {
     pub server: ServerLimits,
     /// The admin listener's limits: the same timeouts, its own connection cap.
     pub admin_server: ServerLimits,
+    /// Proxy worker threads (`server.workers`, see [`crate::workers`]); 0 serves proxy
+    /// connections on the shared multi-threaded runtime.
+    pub workers: usize,
     /// Where the policy is published.
     pub policy: PolicySettings,
     /// The proxy listener's certificate, when it serves HTTPS.
@@ -799,6 +806,7 @@ impl Config {
             admin_token,
             server,
             admin_server,
+            workers: raw.server.workers.unwrap_or_else(crate::workers::default_count),
             policy,
             listen_tls,
             admin_tls,
@@ -1263,12 +1271,16 @@ mod tests {
             max_connections = 10000
             max_connections_per_client = 0
             max_concurrent_streams = 100
+            workers = 3
 
             [admin]
             max_connections = 8
             "#,
         )
         .expect("valid");
+        assert_eq!(config.workers, 3);
+        assert_eq!(resolve("").expect("valid").workers, crate::workers::default_count(), "one per core by default");
+        assert_eq!(resolve("[server]\nworkers = 0").expect("valid").workers, 0, "0: the shared runtime");
         assert_eq!(config.server.header_read_timeout, Duration::from_secs(10));
         assert_eq!(config.server.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.server.body_read_timeout, Duration::from_secs(30));

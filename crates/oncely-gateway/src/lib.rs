@@ -14,6 +14,7 @@
 //! - [`admin`]: health, readiness, metrics, keys;
 //! - [`server`]: starting, metrics, logs and graceful shutdown;
 //! - [`listener`]: the accept loop and the limits on client connections;
+//! - [`workers`]: the threads, one per core, that serve proxy connections;
 //! - [`tls`]: https upstreams and HTTPS listeners (rustls), certificate reload;
 //! - [`demo`]: the built-in payments API for `oncely demo`.
 
@@ -27,3 +28,4 @@ pub mod routing;
 pub mod server;
 pub mod stores;
 pub mod tls;
+pub mod workers;

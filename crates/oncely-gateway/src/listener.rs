@@ -75,6 +75,7 @@ use tower::Service;
 use tower::ServiceExt;
 
 use crate::config::ServerLimits;
+use crate::workers::Workers;
 
 /// How often an HTTP/2 connection is pinged, and how long an answer may take.
 const H2_PING: Duration = Duration::from_secs(20);
@@ -106,13 +107,15 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Serves `app` on `listener` under `limits` until `stop` is cancelled, then stops
 /// accepting and returns once every connection has finished (running requests complete;
 /// idle connections close). Each request carries `ConnectInfo<SocketAddr>`. `name`
-/// labels logs and metrics (`proxy`, `admin`).
+/// labels logs and metrics (`proxy`, `admin`). Connections are served on `workers`, in
+/// turn, when given; on the caller's runtime otherwise.
 pub async fn serve<A: App>(
     listener: TcpListener,
     name: &'static str,
     app: A,
     limits: ServerLimits,
     tls: Option<TlsAcceptor>,
+    workers: Option<Arc<Workers>>,
     stop: CancellationToken,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -156,14 +159,32 @@ pub async fn serve<A: App>(
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_connection(
-            Connection { stream, peer, name, admission },
-            app.clone(),
-            Arc::clone(&builder),
-            limits.clone(),
-            tls.clone(),
-            graceful.watcher(),
-        ));
+        let (app, builder, limits, tls, watcher) =
+            (app.clone(), Arc::clone(&builder), limits.clone(), tls.clone(), graceful.watcher());
+        let Some(workers) = &workers else {
+            let connection = Connection { stream, peer, name, admission };
+            tokio::spawn(serve_connection(connection, app, builder, limits, tls, watcher));
+            continue;
+        };
+        // The socket moves to the worker's reactor: out of this runtime's, into its own.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(listener = name, %peer, error = %e, "accepted connection lost before its hand-off");
+                continue;
+            }
+        };
+        workers.spawn(async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    let connection = Connection { stream, peer, name, admission };
+                    serve_connection(connection, app, builder, limits, tls, watcher).await;
+                }
+                Err(e) => {
+                    tracing::debug!(listener = name, %peer, error = %e, "accepted connection lost at its hand-off")
+                }
+            }
+        });
     }
     drop(listener);
     graceful.shutdown().await;

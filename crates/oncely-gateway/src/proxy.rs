@@ -108,10 +108,12 @@ pub struct Proxy {
     completion_limit: Duration,
 }
 
-/// What every clone of a proxy shares: the connection pool and where it goes.
+/// What every clone of a proxy shares: the connection pools and where they go.
 #[derive(Clone, Debug)]
 struct Upstream {
-    client: Client<Connector, ForwardBody>,
+    /// One pool per [worker](crate::workers), so that a request is sent on a connection
+    /// whose task runs on its own thread; the first also serves requests off the workers.
+    clients: Box<[Client<Connector, ForwardBody>]>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     /// The upstream URL's path, without a trailing `/`: empty for most upstreams.
@@ -126,11 +128,12 @@ impl Proxy {
     /// response head after `timeout` (and, for keyed requests, after the
     /// [completion limit](Self::with_completion_limit), which is the same by default).
     /// `tls` says how an `https://` upstream is verified; HTTP/2 is used when its ALPN
-    /// offers it, HTTP/1.1 otherwise.
+    /// offers it, HTTP/1.1 otherwise. `pools` connection pools are kept, one per
+    /// [worker](crate::workers) (at least one).
     ///
     /// # Errors
     /// A message naming the upstream URL or the TLS file at fault.
-    pub fn new(upstream: &str, timeout: Duration, tls: &UpstreamTls) -> Result<Self, String> {
+    pub fn new(upstream: &str, timeout: Duration, tls: &UpstreamTls, pools: usize) -> Result<Self, String> {
         let uri: Uri = upstream.parse().map_err(|e| format!("--upstream {upstream:?}: {e}"))?;
         let scheme =
             uri.scheme().cloned().ok_or_else(|| format!("--upstream {upstream:?}: needs http:// or https://"))?;
@@ -156,8 +159,12 @@ impl Proxy {
             .enable_all_versions()
             .wrap_connector(connector);
         let connector = Bounded { inner: connector, within: CONNECT_WITHIN };
-        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(4)).build(connector);
-        let upstream = Upstream { client, scheme, authority, base_path, timeout, client_proto: "http" };
+        let clients = (0..pools.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(4)).build(connector.clone())
+            })
+            .collect();
+        let upstream = Upstream { clients, scheme, authority, base_path, timeout, client_proto: "http" };
         Ok(Self { upstream: Arc::new(upstream), completion_limit: timeout })
     }
 
@@ -193,6 +200,14 @@ impl Proxy {
             Some(pq) if upstream.base_path.is_empty() => builder.path_and_query(pq.clone()).build(),
             pq => builder.path_and_query(format!("{}{}", upstream.base_path, pq.map_or("/", |pq| pq.as_str()))).build(),
         }
+    }
+}
+
+impl Upstream {
+    /// The pool of the worker this runs on.
+    fn client(&self) -> &Client<Connector, ForwardBody> {
+        let n = crate::workers::current().unwrap_or(0) % self.clients.len();
+        &self.clients[n]
     }
 }
 
@@ -335,7 +350,7 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
         // nothing was sent, which releases a keyed request's key. Only keyed requests
         // pay for the capture.
         let connection = keyed.then(|| capture_connection(&mut request));
-        let upstream = self.upstream.client.request(request);
+        let upstream = self.upstream.client().request(request);
         let timeout = if keyed { self.completion_limit } else { self.upstream.timeout };
         Box::pin(async move {
             let mut response = match tokio::time::timeout(timeout, upstream).await {

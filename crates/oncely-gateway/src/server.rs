@@ -18,6 +18,7 @@ use crate::proxy::Proxy;
 use crate::routing::Routes;
 use crate::stores;
 use crate::tls;
+use crate::workers::Workers;
 
 /// Where and on what the gateway runs.
 #[derive(Debug, Clone)]
@@ -144,7 +145,7 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
     }
     let tracker = TaskTracker::new();
     let listener_tls = ListenerTls::load(&config)?;
-    let mut proxy = Proxy::new(&options.upstream, config.upstream.timeout, &config.upstream.tls)?;
+    let mut proxy = Proxy::new(&options.upstream, config.upstream.timeout, &config.upstream.tls, config.workers)?;
     if let Some((host, port)) = proxy.https_upstream() {
         tls::probe_upstream(&host, port, config.upstream.tls.client_config()?).await?;
     }
@@ -182,7 +183,8 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
             token: config.admin_token.as_deref().map(Arc::from),
         };
         let (stop, limits) = (stop.clone(), config.admin_server.clone());
-        tokio::spawn(listener::serve(listener, "admin", admin::router(state), limits, listener_tls.admin.clone(), stop))
+        let router = admin::router(state);
+        tokio::spawn(listener::serve(listener, "admin", router, limits, listener_tls.admin.clone(), None, stop))
     });
     tls::spawn_reloader(listener_tls.certs.clone(), stop.clone());
 
@@ -193,8 +195,13 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
         listen_tls: listener_tls.proxy.is_some(),
         admin_tls: listener_tls.admin.is_some(),
     });
-    listener::serve(listener, "proxy", routes.clone(), config.server.clone(), listener_tls.proxy.clone(), stop.clone())
-        .await;
+    let workers = match config.workers {
+        0 => None,
+        n => Some(Arc::new(Workers::start(n).map_err(|e| format!("cannot start {n} proxy workers: {e}"))?)),
+    };
+    let limits = config.server.clone();
+    let tls = listener_tls.proxy.clone();
+    listener::serve(listener, "proxy", routes.clone(), limits, tls, workers.clone(), stop.clone()).await;
     stop.cancel();
     if let Some(task) = admin_task {
         let _ = task.await;
@@ -210,6 +217,10 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
         tracing::error!(running = tracker.len(), "operations still running after {drain:?}; exiting without them");
     }
     routes.flush_hits().await;
+    // Only now: the operations drained above ran on the workers' runtimes.
+    if let Some(workers) = workers.and_then(|w| Arc::try_unwrap(w).ok()) {
+        workers.stop();
+    }
     tracing::info!("stopped");
     Ok(())
 }

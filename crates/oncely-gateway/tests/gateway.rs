@@ -118,34 +118,36 @@ async fn every_row_of_the_http_table_over_real_sockets() {
     assert_eq!(calls(), 7 + 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fifty_concurrent_duplicates_make_one_upstream_call() {
-    let (addr, upstream) = start_upstream().await;
-    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
-    let barrier = Arc::new(tokio::sync::Barrier::new(50));
-    let tasks: Vec<_> = (0..50)
+/// `n` clients, each on a connection of its own, released together, POST `/wait/pay`
+/// (wait mode) with `key`: their statuses and bodies.
+async fn duplicates(gw: &Gateway, key: &'static str, n: usize) -> Vec<(reqwest::StatusCode, String)> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
         .map(|_| {
             let (url, barrier) = (gw.url.clone(), barrier.clone());
             tokio::spawn(async move {
+                let client = client();
                 barrier.wait().await;
-                let r = client()
-                    .post(format!("{url}/wait/pay"))
-                    .header("idempotency-key", "one-key")
-                    .body("{}")
-                    .send()
-                    .await
-                    .expect("response");
+                let r = client.post(format!("{url}/wait/pay")).header("idempotency-key", key).body("{}").send().await;
+                let r = r.expect("response");
                 (r.status(), r.text().await.expect("body"))
             })
         })
         .collect();
-    let mut bodies = Vec::new();
+    let mut answers = Vec::new();
     for task in tasks {
-        let (status, body) = task.await.expect("task");
-        assert_eq!(status, 201, "wait mode: every duplicate gets the one answer");
-        bodies.push(body);
+        answers.push(task.await.expect("task"));
     }
-    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_duplicates_make_one_upstream_call() {
+    let (addr, upstream) = start_upstream().await;
+    let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &[]).await;
+    let answers = duplicates(&gw, "one-key", 50).await;
+    assert!(answers.iter().all(|(status, _)| *status == 201), "wait mode: every duplicate gets the one answer");
+    assert!(answers.windows(2).all(|w| w[0].1 == w[1].1));
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 1, "fifty duplicates, one upstream call");
 
     // Reject mode: duplicates of the running request get 409, still one call.
@@ -168,6 +170,66 @@ async fn fifty_concurrent_duplicates_make_one_upstream_call() {
     }
     assert!(created >= 1);
     assert_eq!(upstream.calls.load(Ordering::SeqCst), 2, "fifty duplicates, one more upstream call");
+}
+
+/// Connections land on different worker threads (`--workers 4`, more than the cores of
+/// a CI machine), on one (`1`), or on the shared runtime (`0`): the claim is the only
+/// arbiter, and sixty duplicates on sixty connections make one upstream call each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_spread_over_worker_threads_make_one_upstream_call() {
+    let (addr, upstream) = start_upstream().await;
+    for (round, workers) in ["4", "1", "0"].into_iter().enumerate() {
+        let (gw, _dir) = start_gateway(&format!("http://{addr}"), "memory://", CONFIG, &["--workers", workers]).await;
+        let answers = duplicates(&gw, "spread-key", 60).await;
+        assert!(
+            answers.iter().all(|(status, _)| *status == 201),
+            "--workers {workers}: every duplicate gets the one answer"
+        );
+        assert!(answers.windows(2).all(|w| w[0].1 == w[1].1), "--workers {workers}: one answer");
+        assert_eq!(upstream.calls.load(Ordering::SeqCst), round + 1, "--workers {workers}: one upstream call");
+    }
+}
+
+/// An operation whose client hung up runs on the worker thread that served the
+/// connection; SIGTERM must let it store its result before the workers stop. On SQLite
+/// the result outlives the process: the retry after a restart is a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_an_abandoned_operation_on_a_worker_store_its_result() {
+    let (addr, upstream) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("oncely.toml");
+    std::fs::write(&config, CONFIG).expect("write config");
+    let store = format!("sqlite://{}", dir.path().join("oncely.db").display());
+    let mut gw = spawn_gateway(&format!("http://{addr}"), &store, &config, &["--workers", "2"]).await;
+    let hung_up = tokio::spawn({
+        let url = gw.url.clone();
+        async move { post_to(&url, "/wait/slow", Some("k-abandoned"), "").await }
+    });
+    upstream.started.notified().await;
+    hung_up.abort();
+    let _ = hung_up.await;
+    let pid = gw.child.id().expect("running");
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill").success());
+    // The stop has begun once the listener refuses connections; the operation is still
+    // waiting on the upstream.
+    let proxy = proxy_addr(&gw);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while tokio::net::TcpStream::connect(&proxy).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the listener closes on SIGTERM");
+    upstream.gate.notify_waiters();
+    let exit = tokio::time::timeout(Duration::from_secs(20), gw.child.wait()).await.expect("exits").expect("status");
+    assert!(exit.success(), "a graceful stop exits 0: {exit:?}");
+
+    let gw = spawn_gateway(&format!("http://{addr}"), &store, &config, &[]).await;
+    let retry = send_post(&gw, "/wait/slow", Some("k-abandoned"), "").await;
+    assert_eq!(retry.status(), 201);
+    assert!(replayed(&retry), "the abandoned operation stored its result during the stop");
+    assert_eq!(retry.text().await.expect("body"), "slow call 1");
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
