@@ -66,7 +66,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
@@ -405,8 +405,6 @@ struct Activity {
     write_blocked: AtomicU64,
     /// Whether the connection speaks HTTP/2.
     h2: AtomicBool,
-    /// Woken when a deadline may have moved.
-    changed: Notify,
 }
 
 impl Activity {
@@ -418,7 +416,6 @@ impl Activity {
             head_started: AtomicU64::new(0),
             write_blocked: AtomicU64::new(0),
             h2: AtomicBool::new(false),
-            changed: Notify::new(),
         }
     }
 
@@ -433,14 +430,12 @@ impl Activity {
             self.h2.store(true, Ordering::Relaxed);
         }
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_one();
         InFlight(Arc::clone(self))
     }
 
     fn on_read(&self) {
         if self.head_started.load(Ordering::Relaxed) <= self.quiet_since.load(Ordering::Relaxed) {
             self.head_started.store(self.now(), Ordering::Relaxed);
-            self.changed.notify_one();
         }
     }
 
@@ -448,7 +443,6 @@ impl Activity {
         let blocked = self.write_blocked.load(Ordering::Relaxed);
         if pending && blocked == 0 {
             self.write_blocked.store(self.now(), Ordering::Relaxed);
-            self.changed.notify_one();
         } else if !pending && blocked != 0 {
             self.write_blocked.store(0, Ordering::Relaxed);
         }
@@ -473,22 +467,24 @@ impl Activity {
     }
 
     /// Resolves, with the limit's name, once the connection has passed a deadline.
+    ///
+    /// Nothing wakes the watchdog when the connection's activity changes: that cost a
+    /// wake-up and a timer per request. Instead it sleeps until the earlier of the current
+    /// deadline and one `step` (the shorter of the two timeouts) from now, and looks
+    /// again. That is never late, because no change can bring a deadline before the
+    /// watchdog's next look: each one starts a deadline at least `step` from when it
+    /// happens (a head begun: `header_read_timeout`; a response written or a write
+    /// stalled: `idle_timeout`), and a request beginning removes one.
     async fn expired(&self, limits: &ServerLimits) -> &'static str {
+        let step = limits.header_read_timeout.min(limits.idle_timeout).max(Duration::from_millis(1));
         loop {
-            let changed = self.changed.notified();
-            match self.deadline(limits) {
-                None => changed.await,
-                Some((at, limit)) => {
-                    let now = self.now();
-                    if at <= now {
-                        return limit;
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(at - now)) => {}
-                        () = changed => {}
-                    }
-                }
-            }
+            let now = self.now();
+            let wait = match self.deadline(limits) {
+                Some((at, limit)) if at <= now => return limit,
+                Some((at, _)) => Duration::from_millis(at - now).min(step),
+                None => step,
+            };
+            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -503,7 +499,6 @@ impl Drop for InFlight {
         // sees no request in flight with an older quiet time.
         activity.quiet_since.store(activity.now(), Ordering::SeqCst);
         activity.in_flight.fetch_sub(1, Ordering::SeqCst);
-        activity.changed.notify_one();
     }
 }
 
