@@ -97,6 +97,7 @@
 //!   a cancelled handler had half done.
 
 mod counters;
+mod detach;
 mod hop_by_hop;
 mod key_header;
 mod layer;

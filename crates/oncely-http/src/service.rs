@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, BodyStream, Either, Full, LengthLimitError, Limite
 use oncely::{Acquired, ClaimGuard, Error, Fingerprint, IdempotencyKey, Oncely, Replay, StorageKey, Store, StoreError};
 use tower_service::Service;
 
+use crate::detach::Detachable;
 use crate::layer::{IdempotencyLayer, InProgressPlace};
 use crate::problem::{Problem, ProblemKind, SHOULD_RETRY};
 use crate::request::{
@@ -260,19 +261,16 @@ where
         },
     };
 
-    // From the claim on, everything runs in its own task: a client that disconnects drops
-    // this future, never a claim half made (a store may commit a claim whose caller has
-    // gone) nor the operation, whose result is stored for the retry.
+    // From the claim on, the work must finish whatever the client does: a client that
+    // disconnects drops this future, never a claim half made (a store may commit a claim
+    // whose caller has gone) nor the operation, whose result is stored for the retry. It
+    // runs here, and moves into a task of its own only if this future is dropped.
     let settings_for_task = Arc::clone(&settings);
     let claim_and_run = claim_and_run(inner, oncely, settings_for_task, key, parts, body);
-    let task = match &settings.tracker {
-        Some(tracker) => tracker.spawn(claim_and_run),
-        None => tokio::spawn(claim_and_run),
-    };
-    match task.await {
+    match Detachable::new(claim_and_run, settings.tracker.as_ref()).await {
         Ok(result) => result,
-        Err(e) => {
-            tracing::error!(error = %e, "the inner service panicked; its key lapses with its lease");
+        Err(_) => {
+            tracing::error!("the inner service panicked; its key lapses with its lease");
             Ok(answer(&settings, ProblemKind::HandlerFailed, "the request handler failed", None))
         }
     }

@@ -206,3 +206,36 @@ async fn a_takeover_is_announced_to_the_handler_and_cannot_be_forged() {
     let seen = counters.takeover_headers.lock().expect("lock").clone();
     assert_eq!(seen, [None, Some("true".to_string())], "forged news removed; the takeover announced");
 }
+
+/// A handler that panics (a bug, or input it did not expect) runs in the request's own
+/// task: the panic is caught there, the client gets 500 `handler-failed`, the app goes on
+/// serving, and the key stays claimed until its lease lapses, so a retry meanwhile does
+/// not run the handler again.
+#[tokio::test]
+async fn a_panicking_handler_is_500_and_the_app_goes_on() {
+    async fn explode() -> StatusCode {
+        panic!("a handler bug");
+    }
+    let executions = Arc::new(AtomicUsize::new(0));
+    let counted = executions.clone();
+    let reject = oncely::ConflictMode::Reject;
+    let oncely = Oncely::builder(MemoryStore::new()).conflict_mode(reject).build().expect("settings");
+    let app = Router::new()
+        .route(
+            "/explode",
+            routing::post(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                explode()
+            }),
+        )
+        .route("/payments", routing::post(|| async { (StatusCode::CREATED, "ok") }))
+        .layer(IdempotencyLayer::new(oncely));
+    let (status, _, body) = send(&app, post("/explode", "boom", &[], "{}")).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(problem_type(&body), "urn:oncely:problem:handler-failed");
+    let (status, _, _) = send(&app, post("/explode", "boom", &[], "{}")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the key is held until its lease lapses");
+    assert_eq!(executions.load(Ordering::SeqCst), 1, "the retry did not run the handler");
+    let (status, _, _) = send(&app, post("/payments", "after", &[], "{}")).await;
+    assert_eq!(status, StatusCode::CREATED, "the app goes on");
+}

@@ -1,0 +1,68 @@
+//! A keyed request's work, run in the request's own task, and in a task of its own only
+//! when the client goes away.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio_util::task::TaskTracker;
+
+/// Polls `work` in place and, when dropped before `work` is done (the client hung up, so
+/// hyper dropped the request's future), moves it into a task of its own. With a tracker,
+/// `work` is tracked from the start, in place or in its task: the tracker counts it
+/// (`oncely_operations_in_flight`) and a graceful shutdown waits for it.
+///
+/// Invariant, stated here because [`crate::service`] relies on it: once polled, `work`
+/// runs to completion unless it panics or the runtime shuts down, exactly as if it had
+/// been spawned at once and its handle awaited, which is what the layer did before. A
+/// claim half made (a store may commit a claim whose caller has gone) or an operation
+/// begun is never abandoned. Awaited to the end, it costs no task and no hand-off.
+///
+/// A panic in `work` while polled in place is caught and returned, as a spawned task's
+/// `JoinError` would be.
+pub(crate) struct Detachable<T: Send + 'static> {
+    work: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+}
+
+impl<T: Send + 'static> Detachable<T> {
+    pub(crate) fn new(work: impl Future<Output = T> + Send + 'static, tracker: Option<&TaskTracker>) -> Self {
+        let work: Pin<Box<dyn Future<Output = T> + Send>> = match tracker {
+            Some(tracker) => Box::pin(tracker.track_future(work)),
+            None => Box::pin(work),
+        };
+        Self { work: Some(work) }
+    }
+}
+
+impl<T: Send + 'static> Future for Detachable<T> {
+    type Output = std::thread::Result<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        // Done already: nothing more will come (a future is not polled after `Ready`).
+        let Some(work) = this.work.as_mut() else { return Poll::Pending };
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx)));
+        match polled {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => {
+                this.work = None;
+                Poll::Ready(Ok(output))
+            }
+            Err(panic) => {
+                // A panicked future must not be polled again, nor handed to a task.
+                this.work = None;
+                Poll::Ready(Err(panic))
+            }
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for Detachable<T> {
+    fn drop(&mut self) {
+        let Some(work) = self.work.take() else { return };
+        // Without a runtime (it is shutting down) a spawned task would be dropped too.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        drop(runtime.spawn(async move { drop(work.await) }));
+    }
+}
