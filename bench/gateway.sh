@@ -8,6 +8,9 @@
 # starts, all on 127.0.0.1:
 #   upstream         nginx answering POST /payments with 201 {"id":"ch_1","amount":1999}
 #   nginx-hop        nginx reverse proxy to the upstream (keepalive pool): the floor any proxy pays
+#   hyper-floor      crates/oncely-gateway/examples/floor_proxy.rs: the gateway's HTTP stack (hyper,
+#                    hyper-util's client, a worker per core) forwarding as is, nothing else: the
+#                    floor of this design (built here; FLOOR_BIN= to measure another build)
 #   gateway-memory   oncely serve --store memory://                --log-level warn
 #   gateway-sqlite   oncely serve --store sqlite://$WORK/bench.db  --log-level warn (sync durability)
 # and, with EXTRA=1 (the default), rows that help explain the others:
@@ -78,6 +81,7 @@ PORT_SQLITE_CACHE=$((BASE_PORT + 10))
 PORT_BASE_MEM=$((BASE_PORT + 11))
 PORT_BASE_MEM_INFO=$((BASE_PORT + 12))
 PORT_BASE_SQLITE=$((BASE_PORT + 13))
+PORT_FLOOR=$((BASE_PORT + 14))
 
 BODY='{"amount":1999,"currency":"eur","customer":"cus_9s6XKzkNRiz8i3","description":"bench order 42"}'
 RESPONSE='{"id":"ch_1","amount":1999}'
@@ -203,7 +207,7 @@ wait_port() {
     done
 }
 
-for port in $PORT_UPSTREAM $PORT_HOP $PORT_MEM $PORT_SQLITE $PORT_MEM_INFO $PORT_MEM_SHARED $PORT_SQLITE_RELAXED; do
+for port in $PORT_UPSTREAM $PORT_HOP $PORT_FLOOR $PORT_MEM $PORT_SQLITE $PORT_MEM_INFO $PORT_MEM_SHARED $PORT_SQLITE_RELAXED; do
     port_open "$port" && die "port 127.0.0.1:$port is already in use (set BASE_PORT)"
 done
 
@@ -217,6 +221,13 @@ else
     log "building the gateway (cargo build --release -p oncely-gateway)"
     cargo build --release -p oncely-gateway
     ONCELY="$ROOT/target/release/oncely"
+fi
+if [[ -n ${FLOOR_BIN:-} ]]; then
+    FLOOR=$FLOOR_BIN
+else
+    log "building the floor (cargo build --release -p oncely-gateway --example floor_proxy)"
+    cargo build --release -p oncely-gateway --example floor_proxy
+    FLOOR="$ROOT/target/release/examples/floor_proxy"
 fi
 [[ -x $ONCELY ]] || die "$ONCELY was not built"
 
@@ -304,6 +315,10 @@ HOP_DIR=$(nginx_conf hop "
 # PIDS array the trap would never see.
 start_nginx upstream "$UPSTREAM_DIR" "$PORT_UPSTREAM" >"$WORK/pid" && PID_UPSTREAM=$(<"$WORK/pid")
 start_nginx hop "$HOP_DIR" "$PORT_HOP" >"$WORK/pid" && PID_HOP=$(<"$WORK/pid")
+"$FLOOR" "127.0.0.1:$PORT_FLOOR" "127.0.0.1:$PORT_UPSTREAM" >"$WORK/logs/hyper-floor.log" 2>&1 &
+PID_FLOOR=$!
+PIDS+=("$PID_FLOOR")
+wait_port "$PORT_FLOOR" "$PID_FLOOR" hyper-floor
 
 # ---------------------------------------------------------------------------------------
 # Gateways. The config spells out the defaults and makes the key required, so that a
@@ -464,6 +479,7 @@ RUN=$STAMP-$$
 REPLAY_KEY="replay-$RUN"
 check_target upstream "$PORT_UPSTREAM"
 check_target nginx-hop "$PORT_HOP"
+check_target hyper-floor "$PORT_FLOOR"
 check_target gateway-memory "$PORT_MEM" "$REPLAY_KEY"
 check_target gateway-sqlite "$PORT_SQLITE" "$REPLAY_KEY"
 if ((EXTRA)); then
@@ -611,6 +627,7 @@ measure() {
 for ((round = 1; round <= ROUNDS; round++)); do
     measure "$round" upstream new-keys "$PORT_UPSTREAM" "$PID_UPSTREAM" new_keys.lua "$RUN"
     measure "$round" nginx-hop new-keys "$PORT_HOP" "$PID_HOP" new_keys.lua "$RUN"
+    measure "$round" hyper-floor new-keys "$PORT_FLOOR" "$PID_FLOOR" new_keys.lua "$RUN"
     measure "$round" gateway-memory new-keys "$PORT_MEM" "$PID_MEM" new_keys.lua "$RUN"
     measure "$round" gateway-memory replays "$PORT_MEM" "$PID_MEM" fixed_key.lua "$REPLAY_KEY"
     measure "$round" gateway-sqlite new-keys "$PORT_SQLITE" "$PID_SQLITE" new_keys.lua "$RUN"
@@ -762,6 +779,12 @@ verdict() { # row threshold
         echo "- new keys, Redis ≥ 0.5×: $(verdict gateway-redis/new-keys 0.5)"
         echo "- replays, Redis with the replay cache ≥ 1.5×: $(verdict gateway-redis/replays 1.5)"
     fi
+    echo
+    echo "The floor of this design (hyper-floor: the same HTTP stack forwarding as is) at $(ratio "$(med_rps hyper-floor/new-keys)")× the nginx hop; over the floor:"
+    floor_ratio() { awk -v a="$(med_rps "$1")" -v b="$(med_rps hyper-floor/new-keys)" 'BEGIN { printf "%.2f", b ? a / b : 0 }'; }
+    ((EXTRA)) && echo "- pass-through: $(floor_ratio gateway-memory/pass-through)×"
+    echo "- new keys, memory store: $(floor_ratio gateway-memory/new-keys)×; SQLite: $(floor_ratio gateway-sqlite/new-keys)×"
+    echo "- replays, memory store: $(floor_ratio gateway-memory/replays)×"
     echo
     echo "- SQLite store check: $STORE_CHECK"
     echo "- access-log lines written by gateway-memory-info: $ACCESS_LINES"
