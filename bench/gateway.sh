@@ -11,6 +11,8 @@
 #   hyper-floor      crates/oncely-gateway/examples/floor_proxy.rs: the gateway's HTTP stack (hyper,
 #                    hyper-util's client, a worker per core) forwarding as is, nothing else: the
 #                    floor of this design (built here; FLOOR_BIN= to measure another build)
+#   hyper-answer     the same program answering 201 with the upstream's body itself, after reading
+#                    the request body: the floor of a replay, which the gateway answers from its store
 #   gateway-memory   oncely serve --store memory://                --log-level warn
 #   gateway-sqlite   oncely serve --store sqlite://$WORK/bench.db  --log-level warn (sync durability)
 # and, with EXTRA=1 (the default), rows that help explain the others:
@@ -82,6 +84,7 @@ PORT_BASE_MEM=$((BASE_PORT + 11))
 PORT_BASE_MEM_INFO=$((BASE_PORT + 12))
 PORT_BASE_SQLITE=$((BASE_PORT + 13))
 PORT_FLOOR=$((BASE_PORT + 14))
+PORT_ANSWER=$((BASE_PORT + 15))
 
 BODY='{"amount":1999,"currency":"eur","customer":"cus_9s6XKzkNRiz8i3","description":"bench order 42"}'
 RESPONSE='{"id":"ch_1","amount":1999}'
@@ -207,7 +210,7 @@ wait_port() {
     done
 }
 
-for port in $PORT_UPSTREAM $PORT_HOP $PORT_FLOOR $PORT_MEM $PORT_SQLITE $PORT_MEM_INFO $PORT_MEM_SHARED $PORT_SQLITE_RELAXED; do
+for port in $PORT_UPSTREAM $PORT_HOP $PORT_FLOOR $PORT_ANSWER $PORT_MEM $PORT_SQLITE $PORT_MEM_INFO $PORT_MEM_SHARED $PORT_SQLITE_RELAXED; do
     port_open "$port" && die "port 127.0.0.1:$port is already in use (set BASE_PORT)"
 done
 
@@ -319,6 +322,10 @@ start_nginx hop "$HOP_DIR" "$PORT_HOP" >"$WORK/pid" && PID_HOP=$(<"$WORK/pid")
 PID_FLOOR=$!
 PIDS+=("$PID_FLOOR")
 wait_port "$PORT_FLOOR" "$PID_FLOOR" hyper-floor
+"$FLOOR" "127.0.0.1:$PORT_ANSWER" --answer "$RESPONSE" >"$WORK/logs/hyper-answer.log" 2>&1 &
+PID_ANSWER=$!
+PIDS+=("$PID_ANSWER")
+wait_port "$PORT_ANSWER" "$PID_ANSWER" hyper-answer
 
 # ---------------------------------------------------------------------------------------
 # Gateways. The config spells out the defaults and makes the key required, so that a
@@ -480,6 +487,7 @@ REPLAY_KEY="replay-$RUN"
 check_target upstream "$PORT_UPSTREAM"
 check_target nginx-hop "$PORT_HOP"
 check_target hyper-floor "$PORT_FLOOR"
+check_target hyper-answer "$PORT_ANSWER"
 check_target gateway-memory "$PORT_MEM" "$REPLAY_KEY"
 check_target gateway-sqlite "$PORT_SQLITE" "$REPLAY_KEY"
 if ((EXTRA)); then
@@ -628,6 +636,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     measure "$round" upstream new-keys "$PORT_UPSTREAM" "$PID_UPSTREAM" new_keys.lua "$RUN"
     measure "$round" nginx-hop new-keys "$PORT_HOP" "$PID_HOP" new_keys.lua "$RUN"
     measure "$round" hyper-floor new-keys "$PORT_FLOOR" "$PID_FLOOR" new_keys.lua "$RUN"
+    measure "$round" hyper-answer replays "$PORT_ANSWER" "$PID_ANSWER" fixed_key.lua "$REPLAY_KEY"
     measure "$round" gateway-memory new-keys "$PORT_MEM" "$PID_MEM" new_keys.lua "$RUN"
     measure "$round" gateway-memory replays "$PORT_MEM" "$PID_MEM" fixed_key.lua "$REPLAY_KEY"
     measure "$round" gateway-sqlite new-keys "$PORT_SQLITE" "$PID_SQLITE" new_keys.lua "$RUN"
@@ -784,7 +793,7 @@ verdict() { # row threshold
     floor_ratio() { awk -v a="$(med_rps "$1")" -v b="$(med_rps hyper-floor/new-keys)" 'BEGIN { printf "%.2f", b ? a / b : 0 }'; }
     ((EXTRA)) && echo "- pass-through: $(floor_ratio gateway-memory/pass-through)×"
     echo "- new keys, memory store: $(floor_ratio gateway-memory/new-keys)×; SQLite: $(floor_ratio gateway-sqlite/new-keys)×"
-    echo "- replays, memory store: $(floor_ratio gateway-memory/replays)×"
+    echo "- replays, memory store, over hyper-answer (a replay's floor, at $(ratio "$(med_rps hyper-answer/replays)")× the hop): $(awk -v a="$(med_rps gateway-memory/replays)" -v b="$(med_rps hyper-answer/replays)" 'BEGIN { printf "%.2f", b ? a / b : 0 }')×"
     echo
     echo "- SQLite store check: $STORE_CHECK"
     echo "- access-log lines written by gateway-memory-info: $ACCESS_LINES"

@@ -8,8 +8,13 @@
 //! What the gateway costs above this row is ours to remove; what this row costs above an
 //! nginx hop is the price of hyper and Tokio on this machine.
 //!
+//! With `--answer BODY` instead of an upstream it reads each request's body and answers
+//! `201 Created` with `BODY` as JSON itself: the floor of a replay, which the gateway
+//! answers without the upstream.
+//!
 //! ```text
 //! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7100 127.0.0.1:3000
+//! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7101 --answer '{"id":"ch_1"}'
 //! ```
 
 use std::convert::Infallible;
@@ -32,10 +37,14 @@ type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
-        return Err("usage: floor_proxy LISTEN_ADDR UPSTREAM_ADDR".into());
+        return Err("usage: floor_proxy LISTEN_ADDR (UPSTREAM_ADDR | --answer BODY)".into());
     };
     let listen: SocketAddr = listen.parse()?;
-    let upstream: http::uri::Authority = upstream.parse()?;
+    let target = match (upstream.as_str(), args.next()) {
+        ("--answer", Some(body)) => Target::Answer(Bytes::from(body)),
+        ("--answer", None) => return Err("--answer needs a body".into()),
+        (upstream, _) => Target::Upstream(upstream.parse()?),
+    };
     let listener = std::net::TcpListener::bind(listen)?;
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let mut workers = Vec::new();
@@ -44,15 +53,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         workers.push(runtime.handle().clone());
         std::thread::spawn(move || runtime.block_on(std::future::pending::<()>()));
     }
-    println!("floor_proxy listening on {listen}, forwarding to {upstream}");
+    println!("floor_proxy listening on {listen}");
     for (n, stream) in listener.incoming().enumerate() {
         let Ok(stream) = stream else { continue };
         let _ = stream.set_nodelay(true);
         let _ = stream.set_nonblocking(true);
-        let upstream = upstream.clone();
-        drop(workers[n % workers.len()].spawn(serve(stream, upstream)));
+        drop(workers[n % workers.len()].spawn(serve(stream, target.clone())));
     }
     Ok(())
+}
+
+/// Where requests go: forwarded to an upstream, or answered here.
+#[derive(Clone)]
+enum Target {
+    Upstream(http::uri::Authority),
+    Answer(Bytes),
 }
 
 thread_local! {
@@ -64,10 +79,28 @@ thread_local! {
     };
 }
 
-async fn serve(stream: std::net::TcpStream, upstream: http::uri::Authority) {
+async fn serve(stream: std::net::TcpStream, target: Target) {
     let Ok(stream) = tokio::net::TcpStream::from_std(stream) else { return };
-    let service = service_fn(move |request: Request<Incoming>| forward(request, upstream.clone()));
+    let service = service_fn(move |request: Request<Incoming>| {
+        let target = target.clone();
+        async move {
+            match target {
+                Target::Upstream(upstream) => forward(request, upstream).await,
+                Target::Answer(body) => answer(request, body).await,
+            }
+        }
+    });
     let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service).await;
+}
+
+async fn answer(request: Request<Incoming>, body: Bytes) -> Result<Response<Body>, Infallible> {
+    if request.into_body().collect().await.is_err() {
+        return Ok(bad_gateway());
+    }
+    let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = StatusCode::CREATED;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    Ok(response)
 }
 
 async fn forward(request: Request<Incoming>, upstream: http::uri::Authority) -> Result<Response<Body>, Infallible> {
