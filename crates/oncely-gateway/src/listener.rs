@@ -471,10 +471,14 @@ impl Activity {
     /// Nothing wakes the watchdog when the connection's activity changes: that cost a
     /// wake-up and a timer per request. Instead it sleeps until the earlier of the current
     /// deadline and one `step` (the shorter of the two timeouts) from now, and looks
-    /// again. That is never late, because no change can bring a deadline before the
-    /// watchdog's next look: each one starts a deadline at least `step` from when it
-    /// happens (a head begun: `header_read_timeout`; a response written or a write
-    /// stalled: `idle_timeout`), and a request beginning removes one.
+    /// again. No change brings a deadline before the watchdog's next look, with one
+    /// exception: each change starts a deadline at least `step` from when it happens (a
+    /// head begun: `header_read_timeout`; a response written or a write stalled:
+    /// `idle_timeout`), and a request beginning removes one. The exception: a write that
+    /// stalled while a response was in flight, and is still stalled when the next request
+    /// begins (HTTP/2: the client stopped reading but opens a stream), brings its old
+    /// deadline back, which the watchdog acts on at its next look, at most one `step`
+    /// late. Only a client that does not read can cause it, and the bound holds.
     async fn expired(&self, limits: &ServerLimits) -> &'static str {
         let step = limits.header_read_timeout.min(limits.idle_timeout).max(Duration::from_millis(1));
         loop {

@@ -188,6 +188,11 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
     });
     tls::spawn_reloader(listener_tls.certs.clone(), stop.clone());
 
+    // Before readiness is reported: a gateway that cannot start its workers never says it is ready.
+    let workers = match config.workers {
+        0 => None,
+        n => Some(Arc::new(Workers::start(n).map_err(|e| format!("cannot start {n} proxy workers: {e}"))?)),
+    };
     tracing::info!(%listen, ?admin, upstream = %options.upstream, store = %stores::redacted(&options.store), routes = config.routes.len(), "oncely gateway ready");
     on_ready(Bound {
         listen,
@@ -195,10 +200,6 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
         listen_tls: listener_tls.proxy.is_some(),
         admin_tls: listener_tls.admin.is_some(),
     });
-    let workers = match config.workers {
-        0 => None,
-        n => Some(Arc::new(Workers::start(n).map_err(|e| format!("cannot start {n} proxy workers: {e}"))?)),
-    };
     let limits = config.server.clone();
     let tls = listener_tls.proxy.clone();
     listener::serve(listener, "proxy", routes.clone(), limits, tls, workers.clone(), stop.clone()).await;

@@ -6,6 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
 
 /// Polls `work` in place and, when dropped before `work` is done (the client hung up, so
@@ -23,6 +24,8 @@ use tokio_util::task::TaskTracker;
 /// `JoinError` would be.
 pub(crate) struct Detachable<T: Send + 'static> {
     work: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+    /// The runtime the work started on, where it goes on if dropped.
+    runtime: Option<Handle>,
 }
 
 impl<T: Send + 'static> Detachable<T> {
@@ -31,7 +34,7 @@ impl<T: Send + 'static> Detachable<T> {
             Some(tracker) => Box::pin(tracker.track_future(work)),
             None => Box::pin(work),
         };
-        Self { work: Some(work) }
+        Self { work: Some(work), runtime: Handle::try_current().ok() }
     }
 }
 
@@ -61,8 +64,11 @@ impl<T: Send + 'static> Future for Detachable<T> {
 impl<T: Send + 'static> Drop for Detachable<T> {
     fn drop(&mut self) {
         let Some(work) = self.work.take() else { return };
-        // Without a runtime (it is shutting down) a spawned task would be dropped too.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        drop(runtime.spawn(async move { drop(work.await) }));
+        match &self.runtime {
+            // On a runtime that is shutting down the task is dropped, as a task spawned
+            // at the start would have been.
+            Some(runtime) => drop(runtime.spawn(async move { drop(work.await) })),
+            None => tracing::warn!("a keyed request's work was created outside a Tokio runtime and dropped unfinished"),
+        }
     }
 }

@@ -269,8 +269,13 @@ where
     let claim_and_run = claim_and_run(inner, oncely, settings_for_task, key, parts, body);
     match Detachable::new(claim_and_run, settings.tracker.as_ref()).await {
         Ok(result) => result,
-        Err(_) => {
-            tracing::error!("the inner service panicked; its key lapses with its lease");
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %message, "the inner service panicked; its key lapses with its lease");
             Ok(answer(&settings, ProblemKind::HandlerFailed, "the request handler failed", None))
         }
     }
