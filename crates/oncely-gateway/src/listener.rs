@@ -115,7 +115,7 @@ pub async fn serve<A: App>(
     app: A,
     limits: ServerLimits,
     tls: Option<TlsAcceptor>,
-    workers: Option<Arc<Workers>>,
+    workers: Option<&Workers>,
     stop: CancellationToken,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -161,7 +161,7 @@ pub async fn serve<A: App>(
         let _ = stream.set_nodelay(true);
         let (app, builder, limits, tls, watcher) =
             (app.clone(), Arc::clone(&builder), limits.clone(), tls.clone(), graceful.watcher());
-        let Some(workers) = &workers else {
+        let Some(workers) = workers else {
             let connection = Connection { stream, peer, name, admission };
             tokio::spawn(serve_connection(connection, app, builder, limits, tls, watcher));
             continue;

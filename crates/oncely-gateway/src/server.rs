@@ -191,7 +191,7 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
     // Before readiness is reported: a gateway that cannot start its workers never says it is ready.
     let workers = match config.workers {
         0 => None,
-        n => Some(Arc::new(Workers::start(n).map_err(|e| format!("cannot start {n} proxy workers: {e}"))?)),
+        n => Some(Workers::start(n).map_err(|e| format!("cannot start {n} proxy workers: {e}"))?),
     };
     tracing::info!(%listen, ?admin, upstream = %options.upstream, store = %stores::redacted(&options.store), routes = config.routes.len(), "oncely gateway ready");
     on_ready(Bound {
@@ -202,7 +202,7 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
     });
     let limits = config.server.clone();
     let tls = listener_tls.proxy.clone();
-    listener::serve(listener, "proxy", routes.clone(), limits, tls, workers.clone(), stop.clone()).await;
+    listener::serve(listener, "proxy", routes.clone(), limits, tls, workers.as_ref(), stop.clone()).await;
     stop.cancel();
     if let Some(task) = admin_task {
         let _ = task.await;
@@ -219,7 +219,7 @@ pub async fn serve(options: ServeOptions, mut config: Config, on_ready: impl FnO
     }
     routes.flush_hits().await;
     // Only now: the operations drained above ran on the workers' runtimes.
-    if let Some(workers) = workers.and_then(|w| Arc::try_unwrap(w).ok()) {
+    if let Some(workers) = workers {
         workers.stop();
     }
     tracing::info!("stopped");

@@ -63,31 +63,16 @@ impl Workers {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let handle = runtime.handle().clone();
             let exit = workers.exit.clone();
-            let spawned = std::thread::Builder::new().name(format!("oncely-worker-{n}")).spawn(move || {
+            let thread = std::thread::Builder::new().name(format!("oncely-worker-{n}")).spawn(move || {
                 CURRENT.with(|c| c.set(Some(n)));
                 runtime.block_on(exit.cancelled());
                 // Not a plain drop, which would wait for blocking tasks without a bound.
                 runtime.shutdown_timeout(Duration::from_secs(1));
-            });
-            match spawned {
-                Ok(thread) => {
-                    workers.handles.push(handle);
-                    workers.threads.push(thread);
-                }
-                Err(e) => return Err(e),
-            }
+            })?;
+            workers.handles.push(handle);
+            workers.threads.push(thread);
         }
         Ok(workers)
-    }
-
-    /// How many workers run.
-    pub fn len(&self) -> usize {
-        self.handles.len()
-    }
-
-    /// Always false: there is at least one worker.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
     }
 
     /// Runs `task` on the next worker in turn.
