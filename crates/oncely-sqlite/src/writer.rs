@@ -692,8 +692,16 @@ const CLAIM: &str = "
         completed_at = NULL,
         hits         = 0
     WHERE expires_at <= :now
-       OR (state = 0 AND lease_until <= :now AND fingerprint IS excluded.fingerprint)
-    RETURNING created_at, claim_id";
+       OR (state = 0 AND lease_until <= :now AND fingerprint IS excluded.fingerprint)";
+
+/// The holder [`CLAIM`] left at a key, read back in the same transaction when it wrote.
+///
+/// Not a `RETURNING` clause on [`CLAIM`]: SQLite gathers `RETURNING` rows in an ephemeral
+/// table, which opens and closes a pager of its own on every statement; measured on the
+/// gateway's new keys, that cost 10% of the CPU per request (`docs/benchmarks.md`). This
+/// is a point read of the row the statement just wrote, on a page the writer's cache
+/// holds.
+const HOLDER: &str = "SELECT created_at, claim_id FROM records WHERE storage_key = :storage_key";
 
 /// The writer's claim: [`CLAIM`], then the outcome.
 ///
@@ -702,13 +710,14 @@ const CLAIM: &str = "
 /// That look-up is a shortcut and decides nothing: this runs under the write lock and
 /// decides again from the row as it is now.
 ///
-/// - a row returned → held by the request's claim id: acquired; a takeover when
-///   `created_at` is not this call's `now` (a new or replaced record gets `created_at =
-///   now`; a taken-over one keeps its own, which is earlier, because leases are at least
-///   1 ms and a lease lapsed before `now`; only a wall clock stepped back to that very
-///   millisecond could make the two equal, and the label alone would then be wrong,
-///   never who holds the key);
-/// - no row → the statement met a live record it must not change (something committed
+/// - the statement wrote the row ([`HOLDER`] reads it back, under the same write lock)
+///   → held by the request's claim id: acquired; a takeover when `created_at` is not
+///   this call's `now` (a new or replaced record gets `created_at = now`; a taken-over
+///   one keeps its own, which is earlier, because leases are at least 1 ms and a lease
+///   lapsed before `now`; only a wall clock stepped back to that very millisecond could
+///   make the two equal, and the label alone would then be wrong, never who holds the
+///   key);
+/// - it wrote nothing → it met a live record it must not change (something committed
 ///   since the reader looked: a completion, another claim): it is read back with
 ///   [`found`] in the same transaction (under the write lock, so it is the record the
 ///   claim met): a mismatch, a replay (nothing written) or a live lease.
@@ -718,23 +727,31 @@ fn claim(conn: &Connection, request: &ClaimJob, context: &mut Context<'_>) -> Re
     let lease_until = after(now, request.lease.max(Duration::from_millis(1)))?;
     let expires_at = after(now, request.retention)?.max(lease_until);
     let mut statement = conn.prepare_cached(CLAIM).map_err(sqlite_error)?;
-    let returned: Option<(Millis, Option<[u8; 16]>)> = statement
-        .query_row(
-            named_params! {
-                ":storage_key": request.storage_key.as_bytes(),
-                ":key": request.key.as_str(),
-                ":scope": request.scope.as_str(),
-                ":fingerprint": request.fingerprint.as_ref().map(|fingerprint| fingerprint.as_bytes()),
-                ":now": now,
-                ":expires_at": expires_at,
-                ":claim_id": request.claim_id.to_bytes(),
-                ":lease_until": lease_until,
-            },
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .optional()
+    let changed = statement
+        .execute(named_params! {
+            ":storage_key": request.storage_key.as_bytes(),
+            ":key": request.key.as_str(),
+            ":scope": request.scope.as_str(),
+            ":fingerprint": request.fingerprint.as_ref().map(|fingerprint| fingerprint.as_bytes()),
+            ":now": now,
+            ":expires_at": expires_at,
+            ":claim_id": request.claim_id.to_bytes(),
+            ":lease_until": lease_until,
+        })
         .map_err(sqlite_error)?;
-    match returned {
+    let holder: Option<(Millis, Option<[u8; 16]>)> = if changed == 0 {
+        None
+    } else {
+        let mut statement = conn.prepare_cached(HOLDER).map_err(sqlite_error)?;
+        let holder = statement
+            .query_row(named_params! { ":storage_key": request.storage_key.as_bytes() }, |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()
+            .map_err(sqlite_error)?;
+        Some(holder.ok_or_else(|| StoreError::Corrupt("a claim wrote a record it cannot read back".into()))?)
+    };
+    match holder {
         Some((created_at, Some(claim_id))) if ClaimId::from_bytes(claim_id) == request.claim_id => {
             // A takeover changes the holder under any waiter; a new record may replace an
             // expired one that had waiters.
@@ -836,8 +853,8 @@ fn delete(conn: &Connection, key: &StorageKey, woken: &mut Vec<StorageKey>) -> R
 
 /// Message dedup in one statement: a marker (a completed record with an empty payload)
 /// is inserted, or replaces an expired record; a live completed record gets `hits + 1`; a
-/// live in-progress record is left alone (the `WHERE` is false, nothing returned).
-/// First seen exactly when the returned row has no hit.
+/// live in-progress record is left alone (the `WHERE` is false, nothing written).
+/// First seen exactly when the statement wrote a row that has no hit.
 const FIRST_SEEN: &str = "
     INSERT INTO records (storage_key, key, scope, fingerprint, created_at, expires_at, state, claim_id,
         lease_until, payload, completed_at, hits)
@@ -854,8 +871,11 @@ const FIRST_SEEN: &str = "
         payload      = iif(expires_at <= :now, excluded.payload, payload),
         completed_at = iif(expires_at <= :now, excluded.completed_at, completed_at),
         hits         = iif(expires_at <= :now, 0, hits + 1)
-    WHERE expires_at <= :now OR state = 1
-    RETURNING hits";
+    WHERE expires_at <= :now OR state = 1";
+
+/// The hit count [`FIRST_SEEN`] left at a key, read back in the same transaction when it
+/// wrote (not a `RETURNING` clause, for the reason given at [`HOLDER`]).
+const FIRST_SEEN_HITS: &str = "SELECT hits FROM records WHERE storage_key = :storage_key";
 
 fn first_seen(
     conn: &Connection,
@@ -869,20 +889,22 @@ fn first_seen(
     let now = now_ms()?;
     let expires_at = after(now, window)?;
     let mut statement = conn.prepare_cached(FIRST_SEEN).map_err(sqlite_error)?;
-    let hits: Option<i64> = statement
-        .query_row(
-            named_params! {
-                ":storage_key": storage_key.as_bytes(),
-                ":key": key.as_str(),
-                ":scope": scope.as_str(),
-                ":now": now,
-                ":expires_at": expires_at,
-            },
-            |row| row.get(0),
-        )
-        .optional()
+    let changed = statement
+        .execute(named_params! {
+            ":storage_key": storage_key.as_bytes(),
+            ":key": key.as_str(),
+            ":scope": scope.as_str(),
+            ":now": now,
+            ":expires_at": expires_at,
+        })
         .map_err(sqlite_error)?;
-    let first = hits == Some(0);
+    let first = changed != 0 && {
+        let mut statement = conn.prepare_cached(FIRST_SEEN_HITS).map_err(sqlite_error)?;
+        let hits: i64 = statement
+            .query_row(named_params! { ":storage_key": storage_key.as_bytes() }, |row| row.get(0))
+            .map_err(sqlite_error)?;
+        hits == 0
+    };
     if first {
         context.woken.push(*storage_key);
     }
