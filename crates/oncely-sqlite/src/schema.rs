@@ -150,6 +150,7 @@ pub(crate) fn open_writer(path: &Path, options: &SqliteOptions) -> Result<Connec
     // touch B-tree pages at random; with the default cache the writer re-read pages from
     // the file on most claims of a large table (`pread`: 10% of its CPU, docs/benchmarks.md).
     conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB).map_err(|e| open_error(path, e))?;
+    map_file(&conn, path, options)?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
 }
@@ -164,8 +165,15 @@ pub(crate) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
     conn.busy_timeout(options.busy_timeout).map_err(|e| open_error(path, e))?;
     // Read connections never write: a bug that tries fails instead of bypassing the writer.
     conn.pragma_update(None, "query_only", true).map_err(|e| open_error(path, e))?;
+    map_file(&conn, path, options)?;
     conn.set_prepared_statement_cache_capacity(16);
     Ok(conn)
+}
+
+/// Sets the connection's memory map of the file ([`SqliteOptions::mmap_size`]).
+fn map_file(conn: &Connection, path: &Path, options: &SqliteOptions) -> Result<(), StoreError> {
+    let bytes = i64::try_from(options.mmap_size).unwrap_or(i64::MAX);
+    conn.pragma_update(None, "mmap_size", bytes).map_err(|e| open_error(path, e))
 }
 
 /// Why opening failed.

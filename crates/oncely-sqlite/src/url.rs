@@ -12,12 +12,11 @@ use oncely::store::url::{self, UrlError};
 
 use crate::{Durability, SqliteOptions, SqliteStore};
 
-const KNOWN: &str =
-    "durability=sync|relaxed, sync_interval=DURATION, max_records=N, max_bytes=SIZE, busy_timeout=DURATION";
+const KNOWN: &str = "durability=sync|relaxed, sync_interval=DURATION, max_records=N, max_bytes=SIZE, busy_timeout=DURATION, mmap_size=SIZE";
 
 /// A parsed `sqlite://` URL: where the file is and how to open it.
 ///
-/// `sqlite://PATH[?durability=sync|relaxed&sync_interval=1s&max_records=N&max_bytes=SIZE&busy_timeout=5s]`.
+/// `sqlite://PATH[?durability=sync|relaxed&sync_interval=1s&max_records=N&max_bytes=SIZE&busy_timeout=5s&mmap_size=SIZE]`.
 /// `PATH` is taken as written (`sqlite://oncely.db` is relative to the working
 /// directory, `sqlite:///var/lib/oncely.db` absolute). The options, with
 /// [`SqliteOptions`]' defaults when absent:
@@ -25,7 +24,9 @@ const KNOWN: &str =
 /// - `durability=sync|relaxed`: [`Durability::Sync`] (the default) or
 ///   [`Durability::Relaxed`], which syncs every `sync_interval` (default 1 s);
 /// - `max_records=N`, `max_bytes=SIZE` (as `512MiB`): the bounds;
-/// - `busy_timeout=DURATION`: how long a write waits for another process's lock.
+/// - `busy_timeout=DURATION`: how long a write waits for another process's lock;
+/// - `mmap_size=SIZE` (as `256MiB`, or `0` for none): how much of the file is read
+///   through a memory map ([`SqliteOptions::mmap_size`]).
 ///
 /// ```no_run
 /// use oncely_sqlite::SqliteUrl;
@@ -100,6 +101,8 @@ impl FromStr for SqliteUrl {
                 "max_records" => parsed = parsed.max_records(url::count("max_records", value)?),
                 "max_bytes" => parsed = parsed.max_bytes(url::size("max_bytes", value)?),
                 "busy_timeout" => parsed = parsed.busy_timeout(url::duration("busy_timeout", value)?),
+                "mmap_size" if value == "0" => parsed = parsed.mmap_size(0),
+                "mmap_size" => parsed = parsed.mmap_size(url::size("mmap_size", value)?),
                 _ => return Err(UrlError::UnknownOption { option: name.to_string(), known: KNOWN }),
             }
         }
@@ -141,15 +144,17 @@ mod tests {
             (o.durability, o.max_records, o.max_bytes),
             (Durability::Sync, DEFAULT_MAX_RECORDS, DEFAULT_MAX_BYTES)
         );
-        assert_eq!(o.busy_timeout, Duration::from_secs(5));
+        assert_eq!((o.busy_timeout, o.mmap_size), (Duration::from_secs(5), crate::DEFAULT_MMAP_SIZE));
 
-        let set = parse("sqlite:///var/lib/o.db?durability=relaxed&sync_interval=250ms&max_records=10&max_bytes=1MiB&busy_timeout=100ms")
+        let set = parse("sqlite:///var/lib/o.db?durability=relaxed&sync_interval=250ms&max_records=10&max_bytes=1MiB&busy_timeout=100ms&mmap_size=256MiB")
             .expect("parses");
         assert_eq!(set.path(), Path::new("/var/lib/o.db"));
         assert_eq!(set.to_string(), "sqlite:///var/lib/o.db");
         let o = set.options();
         assert_eq!(o.durability, Durability::Relaxed { interval: Duration::from_millis(250) });
         assert_eq!((o.max_records, o.max_bytes, o.busy_timeout), (10, 1 << 20, Duration::from_millis(100)));
+        assert_eq!(o.mmap_size, 256 << 20);
+        assert_eq!(parse("sqlite://o.db?mmap_size=0").expect("parses").options().mmap_size, 0);
         let relaxed = parse("sqlite://o.db?durability=relaxed").expect("parses");
         assert_eq!(relaxed.options().durability, Durability::Relaxed { interval: Duration::from_secs(1) });
     }
@@ -164,6 +169,7 @@ mod tests {
             ("sqlite://o.db?durability=sometimes", "durability"),
             ("sqlite://o.db?sync_interval=often", "sync_interval"),
             ("sqlite://o.db?busy_timeout=0s", "busy_timeout"),
+            ("sqlite://o.db?mmap_size=lots", "mmap_size"),
             ("sqlite://o.db?journal=wal", "journal"),
         ] {
             let error = parse(bad).err().unwrap_or_else(|| panic!("{bad} is refused"));
