@@ -46,7 +46,7 @@
 //! cargo bench -p oncely-sqlite --bench scale                                            # 1k and 10M: ~7 GB of disk
 //! SCALE_RECORDS=1000,100000 SCALE_SECONDS=2 cargo bench -p oncely-sqlite --bench scale  # a quick check
 //! SCALE_DURABILITY=relaxed SCALE_DIR=/var/tmp cargo bench -p oncely-sqlite --bench scale # one durability, files elsewhere
-//! SCALE_MMAP_SIZE=0 cargo bench -p oncely-sqlite --bench scale                          # without the memory map (`SqliteOptions::mmap_size`)
+//! SCALE_MMAP_SIZE=1073741824 cargo bench -p oncely-sqlite --bench scale                 # with a 1 GiB memory map (`SqliteOptions::mmap_size`)
 //! ```
 //!
 //! Files go in a temporary directory under `SCALE_DIR` (default the system's temporary
@@ -94,7 +94,7 @@ fn options(n: u64, durability: Durability) -> SqliteOptions {
 }
 
 /// [`SqliteOptions::mmap_size`] from env `SCALE_MMAP_SIZE` (bytes; `0` for none), else
-/// the store's default: to compare the two.
+/// the store's default (none): to compare the two.
 fn mmap_size_from_env() -> u64 {
     std::env::var("SCALE_MMAP_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(oncely_sqlite::DEFAULT_MMAP_SIZE)
 }

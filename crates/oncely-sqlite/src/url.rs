@@ -25,8 +25,8 @@ const KNOWN: &str = "durability=sync|relaxed, sync_interval=DURATION, max_record
 ///   [`Durability::Relaxed`], which syncs every `sync_interval` (default 1 s);
 /// - `max_records=N`, `max_bytes=SIZE` (as `512MiB`): the bounds;
 /// - `busy_timeout=DURATION`: how long a write waits for another process's lock;
-/// - `mmap_size=SIZE` (as `256MiB`, or `0` for none): how much of the file is read
-///   through a memory map ([`SqliteOptions::mmap_size`]).
+/// - `mmap_size=SIZE` (as `1GiB`; `0`, the default, for none): how much of the file is
+///   read through a memory map ([`SqliteOptions::mmap_size`]).
 ///
 /// ```no_run
 /// use oncely_sqlite::SqliteUrl;
