@@ -34,7 +34,8 @@
 # gateway-memory-baseline, gateway-memory-info-baseline, gateway-sqlite-baseline.
 # It measures "new keys" (a unique Idempotency-Key per request) on every target and
 # "replays" (one completed key, hammered) on the gateways, in ROUNDS interleaved rounds,
-# and prints a markdown table of the medians.
+# and prints a markdown table of the medians, then what each goal would need of the proxy
+# (bench/goal_budget.py: the CPU per request a goal leaves the proxy, beside the floor's).
 #
 # Knobs (environment): ROUNDS=3 DURATION=7s WARMUP=2s THREADS=2 CONNECTIONS=32 EXTRA=1
 #   REDIS=1 NGINX_WORKERS=auto BASE_PORT=18080 RESULTS_DIR=target/bench-gateway/<timestamp>
@@ -811,6 +812,12 @@ verdict() { # row threshold
         for f in "${FLAGGED[@]}"; do echo "- $f"; done
     fi
 } | tee "$RESULTS_DIR/summary.md"
+
+# What each goal would need of the proxy, from the table above (see the script's docs).
+if command -v python3 >/dev/null; then
+    { echo; python3 "$(dirname "$0")/goal_budget.py" "$RESULTS_DIR/summary.md" "$(nproc)"; } \
+        | tee -a "$RESULTS_DIR/summary.md"
+fi
 
 log "wrk outputs and summary.md in $RESULTS_DIR"
 ((${#FLAGGED[@]} == 0)) || exit 3
