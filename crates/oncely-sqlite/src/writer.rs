@@ -697,11 +697,27 @@ const CLAIM: &str = "
 /// The holder [`CLAIM`] left at a key, read back in the same transaction when it wrote.
 ///
 /// Not a `RETURNING` clause on [`CLAIM`]: SQLite gathers `RETURNING` rows in an ephemeral
-/// table, which opens and closes a pager of its own on every statement; measured on the
-/// gateway's new keys, that cost 10% of the CPU per request (`docs/benchmarks.md`). This
-/// is a point read of the row the statement just wrote, on a page the writer's cache
-/// holds.
+/// table, which opens and closes a pager of its own on every statement (4% of the
+/// gateway's CPU on SQLite new keys in a profile; `docs/benchmarks.md`). This is a point
+/// read of the row the statement just wrote, on a page the writer's cache holds.
 const HOLDER: &str = "SELECT created_at, claim_id FROM records WHERE storage_key = :storage_key";
+
+/// Reads back, with `sql` (a point `SELECT` by `:storage_key`), the row a statement of this
+/// transaction has just written at `key`: under the write lock it is there, so its absence
+/// is corruption.
+fn written_row<T>(
+    conn: &Connection,
+    sql: &str,
+    key: &StorageKey,
+    read: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Result<T, StoreError> {
+    let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
+    statement
+        .query_row(named_params! { ":storage_key": key.as_bytes() }, read)
+        .optional()
+        .map_err(sqlite_error)?
+        .ok_or_else(|| StoreError::Corrupt(format!("record {key}: written, then not found in the same transaction")))
+}
 
 /// The writer's claim: [`CLAIM`], then the outcome.
 ///
@@ -739,17 +755,9 @@ fn claim(conn: &Connection, request: &ClaimJob, context: &mut Context<'_>) -> Re
             ":lease_until": lease_until,
         })
         .map_err(sqlite_error)?;
-    let holder: Option<(Millis, Option<[u8; 16]>)> = if changed == 0 {
-        None
-    } else {
-        let mut statement = conn.prepare_cached(HOLDER).map_err(sqlite_error)?;
-        let holder = statement
-            .query_row(named_params! { ":storage_key": request.storage_key.as_bytes() }, |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()
-            .map_err(sqlite_error)?;
-        Some(holder.ok_or_else(|| StoreError::Corrupt("a claim wrote a record it cannot read back".into()))?)
+    let holder: Option<(Millis, Option<[u8; 16]>)> = match changed {
+        0 => None,
+        _ => Some(written_row(conn, HOLDER, &request.storage_key, |row| Ok((row.get(0)?, row.get(1)?)))?),
     };
     match holder {
         Some((created_at, Some(claim_id))) if ClaimId::from_bytes(claim_id) == request.claim_id => {
@@ -898,13 +906,7 @@ fn first_seen(
             ":expires_at": expires_at,
         })
         .map_err(sqlite_error)?;
-    let first = changed != 0 && {
-        let mut statement = conn.prepare_cached(FIRST_SEEN_HITS).map_err(sqlite_error)?;
-        let hits: i64 = statement
-            .query_row(named_params! { ":storage_key": storage_key.as_bytes() }, |row| row.get(0))
-            .map_err(sqlite_error)?;
-        hits == 0
-    };
+    let first = changed != 0 && written_row::<i64>(conn, FIRST_SEEN_HITS, storage_key, |row| row.get(0))? == 0;
     if first {
         context.woken.push(*storage_key);
     }
