@@ -560,16 +560,30 @@ pub async fn scopes_never_share_records<S: Store + StoreAdmin>(store: S) {
 
 /// `subscribe` resolves at once when the record is absent or completed (nothing to wait
 /// for), and stays pending while a live claim holds the key.
+///
+/// The contract lets a subscription wake when the record only *may* have changed (a
+/// dropped connection wakes every waiter so each re-checks), so an early wake under a
+/// loaded machine is tolerated, twice at most and only while the record is still in
+/// progress: a store that resolves every subscription at once still fails.
 pub async fn subscribe_resolves_at_once_when_nothing_is_in_progress<S: Store + StoreAdmin>(store: S) {
+    const SPURIOUS_WAKES_ALLOWED: usize = 2;
     let key = unique_key();
     let request = claim_request(&key, None, LONG);
     let (storage_key, claim) = (*request.storage_key(), request.claim());
     within("subscribe on an absent key", store.subscribe(&storage_key)).await;
 
     store.claim(&request).await.expect("claim");
-    let mut held = store.subscribe(&storage_key);
-    let pending = tokio::time::timeout(Duration::from_millis(50), &mut held).await;
-    assert!(pending.is_err(), "a live claim: nothing to wake for yet");
+    let mut early_wakes = 0;
+    let held = loop {
+        let mut held = store.subscribe(&storage_key);
+        if tokio::time::timeout(Duration::from_millis(50), &mut held).await.is_err() {
+            break held;
+        }
+        let record = store.get(&storage_key).await.expect("get").expect("the claim's record");
+        assert!(matches!(record.state, RecordState::InProgress { .. }), "nothing changed the record");
+        early_wakes += 1;
+        assert!(early_wakes <= SPURIOUS_WAKES_ALLOWED, "a live claim: nothing to wake for yet");
+    };
 
     store.complete(claim, Bytes::from_static(b"r"), LONG).await.expect("complete");
     within("the earlier subscription after completion", held).await;

@@ -283,7 +283,9 @@ pub trait Store: Send + Sync + 'static {
     /// A future that resolves when the in-progress record at `key` may have changed.
     ///
     /// Contract: any change made after this method returns resolves the future. It
-    /// resolves at once when the record is not in progress. The default never resolves,
+    /// resolves at once when the record is not in progress. It may also resolve when
+    /// nothing changed (a store that lost its notification channel wakes every waiter):
+    /// callers re-read the record after every wake. The default never resolves,
     /// for stores with no notification mechanism; the engine then falls back to polling.
     fn subscribe(&self, key: &StorageKey) -> Notified {
         let _ = key;
