@@ -22,6 +22,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod idle_timeout;
 pub mod listener;
 pub mod proxy;
 pub mod routing;

@@ -48,7 +48,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -68,13 +67,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 use tower::ServiceExt;
 
 use crate::config::ServerLimits;
+use crate::idle_timeout::IdleTimeout;
 use crate::workers::Workers;
 
 /// How often an HTTP/2 connection is pinged, and how long an answer may take.
@@ -305,7 +304,7 @@ async fn serve_io<I, A: App>(
         move |mut request: Request<Incoming>| {
             let guard = activity.begin(request.version() == Version::HTTP_2);
             request.extensions_mut().insert(ConnectInfo(peer));
-            let request = request.map(|body| axum::body::Body::new(ReadTimeout::new(body, body_timeout)));
+            let request = request.map(|body| axum::body::Body::new(IdleTimeout::request(body, body_timeout)));
             let app = app.clone();
             async move {
                 let response = match app.oneshot(request).await {
@@ -518,64 +517,6 @@ impl<B: Body<Data = Bytes> + Unpin> Body for InFlightBody<B> {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// A request body that fails when no frame arrives for `timeout` while it is read. Like
-/// tower-http's `TimeoutBody`, but it keeps the body's size hint and end-of-stream, so
-/// a pass-through request keeps its `Content-Length` framing to the upstream.
-struct ReadTimeout {
-    body: Incoming,
-    timeout: Duration,
-    sleep: Option<Pin<Box<Sleep>>>,
-}
-
-impl ReadTimeout {
-    fn new(body: Incoming, timeout: Duration) -> Self {
-        Self { body, timeout, sleep: None }
-    }
-}
-
-/// The error of a request body that stalled for `server.body_read_timeout`.
-#[derive(Debug)]
-pub struct BodyReadTimeout(Duration);
-
-impl std::fmt::Display for BodyReadTimeout {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the request body sent nothing for {} (server.body_read_timeout)", humantime::format_duration(self.0))
-    }
-}
-
-impl std::error::Error for BodyReadTimeout {}
-
-impl Body for ReadTimeout {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.body).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.sleep = None;
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-            Poll::Pending => {
-                let timeout = this.timeout;
-                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyReadTimeout(timeout))))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-        }
     }
 
     fn is_end_stream(&self) -> bool {

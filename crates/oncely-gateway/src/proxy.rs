@@ -36,7 +36,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -45,8 +45,8 @@ use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use hyper_util::rt::TokioExecutor;
 use oncely_http::problem::{SHOULD_RETRY, problem_response};
 use oncely_http::{NotProcessed, OutcomeUnknown, RequestBody, ResponseBody, strip_hop_by_hop};
-use tower_http::timeout::TimeoutBody;
 
+use crate::idle_timeout::IdleTimeout;
 use crate::tls::UpstreamTls;
 
 /// The body the proxy forwards.
@@ -240,36 +240,51 @@ pub fn valid_host(host: &str) -> bool {
     name_ok && port_ok
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Adds `X-Forwarded-For` (appended to a prior value), `Forwarded`, `X-Forwarded-Host`
+/// and `X-Forwarded-Proto`. Each value is written into one buffer sized for it, and the
+/// names are constants (no parse per request).
 fn append_forwarding(
     headers: &mut HeaderMap,
     client: Option<SocketAddr>,
     host: Option<HeaderValue>,
     proto: &'static str,
 ) {
+    use std::fmt::Write;
     // Only a checked host is passed on (the route table has refused the rest already).
     let host = host.filter(|h| h.to_str().is_ok_and(valid_host));
     if let Some(addr) = client {
-        let ip = addr.ip().to_string();
-        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prior) => format!("{prior}, {ip}"),
-            None => ip.clone(),
-        };
-        if let Ok(value) = HeaderValue::try_from(xff) {
-            headers.insert("x-forwarded-for", value);
+        let ip = addr.ip();
+        let prior = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
+        let mut xff = String::with_capacity(prior.map_or(0, |p| p.len() + 2) + 39);
+        if let Some(prior) = prior {
+            xff.push_str(prior);
+            xff.push_str(", ");
         }
-        let node = if addr.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
-        let mut forwarded = format!("for={node};proto={proto}");
-        if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
-            forwarded.push_str(&format!(";host=\"{host}\""));
+        let _ = write!(xff, "{ip}");
+        if let Ok(value) = HeaderValue::try_from(xff) {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
+        let host = host.as_ref().and_then(|h| h.to_str().ok());
+        let mut forwarded = String::with_capacity(64 + host.map_or(0, str::len));
+        let _ = match ip {
+            std::net::IpAddr::V4(ip) => write!(forwarded, "for={ip};proto={proto}"),
+            std::net::IpAddr::V6(ip) => write!(forwarded, "for=\"[{ip}]\";proto={proto}"),
+        };
+        if let Some(host) = host {
+            let _ = write!(forwarded, ";host=\"{host}\"");
         }
         if let Ok(value) = HeaderValue::try_from(forwarded) {
             headers.append(header::FORWARDED, value);
         }
     }
     if let Some(host) = host {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(X_FORWARDED_HOST, host);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
 }
 
 /// Whether hyper-util reports `error` as a request it gave back unsent: its error kind
@@ -356,7 +371,7 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
             let mut response = match tokio::time::timeout(timeout, upstream).await {
                 // A body that stalls between chunks fails after the same timeout, so a
                 // stuck upstream cannot hold a request (or a graceful shutdown) forever.
-                Ok(Ok(response)) => response.map(|body| TimeoutBody::new(timeout, body).boxed_unsync()),
+                Ok(Ok(response)) => response.map(|body| IdleTimeout::response(body, timeout).boxed_unsync()),
                 // Nothing was sent, and the key is released, when: the connection failed
                 // (TCP, or the TLS handshake); a keyed request's capture saw no
                 // connection; or hyper-util gave the request back unsent (a TLS 1.3
