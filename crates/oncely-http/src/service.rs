@@ -333,7 +333,8 @@ where
             target: "oncely::access",
             %method,
             path,
-            key = storage_key.flatten().map(|k: StorageKey| k.to_hex()).unwrap_or_default(),
+            // Hex digits need no quoting: written as they are, without a copy.
+            key = storage_key.flatten().map(|k: StorageKey| tracing::field::display(k)),
             outcome,
             status,
             micros = started.elapsed().as_micros() as u64,

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::fingerprint::Hex32;
+
 /// The longest key accepted, in characters (the IETF draft and Stripe both use 255).
 pub const MAX_KEY_LEN: usize = 255;
 
@@ -276,7 +278,7 @@ impl StorageKey {
 
     /// The digest as 64 lowercase hex digits.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        Hex32::new(&self.0).as_str().to_owned()
     }
 
     /// Parses 64 hex digits back into a storage key (for admin tools).
@@ -297,13 +299,13 @@ impl StorageKey {
 
 impl fmt::Debug for StorageKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StorageKey({})", self.to_hex())
+        write!(f, "StorageKey({})", Hex32::new(&self.0).as_str())
     }
 }
 
 impl fmt::Display for StorageKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
+        f.write_str(Hex32::new(&self.0).as_str())
     }
 }
 
@@ -341,6 +343,9 @@ mod tests {
         let k = StorageKey::derive_raw("s", "k");
         assert_eq!(StorageKey::from_hex(&k.to_hex()), Some(k));
         assert_eq!(StorageKey::from_hex("zz"), None);
+        assert_eq!(k.to_hex(), hex::encode(k.as_bytes()), "64 lowercase digits");
+        assert_eq!(k.to_string(), k.to_hex());
+        assert_eq!(format!("{k:?}"), format!("StorageKey({})", k.to_hex()));
     }
 
     #[test]
