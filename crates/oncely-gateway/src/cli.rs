@@ -4,13 +4,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use oncely::{StorageKey, StoreAdmin};
 
 use crate::admin::RecordView;
 use crate::config::{
     Config, ConfigError, RawAdmin, RawConfig, RawListen, RawPolicy, RawReplayCache, RawServer, RawSettings, RawUpstream,
 };
+use crate::logs::LogFormat;
 use crate::server::{ServeOptions, serve};
 use crate::stores::{self, DEFAULT_STORE};
 
@@ -26,12 +27,6 @@ pub struct Cli {
     /// Log filter (`info`, `warn`, `oncely=debug`…).
     #[arg(long, env = "ONCELY_LOG_LEVEL", default_value = "info", global = true)]
     log_level: String,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Plain,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,42 +169,11 @@ enum KeysAction {
     },
 }
 
-/// Lines the log writer's channel holds before a request that logs waits for it: at the
-/// default `info` level one access line per request, so about a second of a busy gateway.
-const LOG_LINES_BUFFERED: usize = 64 * 1024;
-
-/// Logs to stderr through a writer thread ([`tracing_appender::non_blocking`]): a request
-/// hands its access line over a channel and goes on, and the thread writes every line
-/// waiting in one buffered `write(2)`. Measured in `docs/benchmarks.md`: the access line
-/// cost 5 µs of CPU and 6–9% of throughput per request written straight to stderr.
-///
-/// Nothing is dropped while the process runs: when the channel is full (stderr slower
-/// than the requests), the request waits, as it did writing itself. The returned guard
-/// flushes what is left when dropped (keep it until the process ends), waiting up to a
-/// second; a process killed (SIGKILL, out of memory, abort) loses the lines still
-/// buffered, at most the channel's and 64 KiB.
-fn init_logs(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_LINES_BUFFERED)
-        .thread_name("oncely-log")
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(colour);
-    let _ = match format {
-        LogFormat::Plain => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    guard
-}
-
 /// Parses the command line and runs it. Exit codes: 0 done, 1 failed at run time, 2
 /// bad usage or configuration.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _flush_logs_at_exit = init_logs(cli.log_format, &cli.log_level);
+    let _flush_logs_at_exit = crate::logs::init(cli.log_format, &cli.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

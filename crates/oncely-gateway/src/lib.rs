@@ -24,6 +24,7 @@ pub mod config;
 pub mod demo;
 pub mod idle_timeout;
 pub mod listener;
+pub mod logs;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -1,0 +1,181 @@
+//! The gateway's logs: the subscriber ([`dispatch`]), its writer thread ([`init`]), and
+//! the timestamp every line starts with ([`CachedRfc3339`]).
+//!
+//! At the default `info` level every request writes one access line (target
+//! `oncely::access`), so what a line costs the request's thread is a cost of every
+//! request. `cargo bench -p oncely-gateway --bench access_log` measures it through
+//! [`dispatch`], the subscriber the binary installs; `docs/benchmarks.md` has the figures.
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::ValueEnum;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// The log format (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `2026-12-02T11:25:12.123456Z  INFO oncely::access: method=POST path="/payments" …`
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Lines the log writer's channel holds before a request that logs waits for it: at the
+/// default `info` level one access line per request, so about a second of a busy gateway.
+const LOG_LINES_BUFFERED: usize = 64 * 1024;
+
+/// The subscriber the binary installs: `level` as an `EnvFilter` directive (`info` when
+/// it does not parse), lines in `format` with [`CachedRfc3339`] timestamps, written to
+/// `writer`, with colours when `ansi`.
+///
+/// ```
+/// use oncely_gateway::logs::{LogFormat, dispatch};
+///
+/// let logs = dispatch(LogFormat::Json, "info", std::io::sink, false);
+/// tracing::dispatcher::with_default(&logs, || {
+///     tracing::info!(target: "oncely::access", status = 201, "written to the sink");
+/// });
+/// ```
+pub fn dispatch<W>(format: LogFormat, level: &str, writer: W, ansi: bool) -> tracing::Dispatch
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi).with_timer(CachedRfc3339);
+    match format {
+        LogFormat::Plain => builder.finish().into(),
+        LogFormat::Json => builder.json().finish().into(),
+    }
+}
+
+/// Logs to stderr through a writer thread ([`tracing_appender::non_blocking`]): a request
+/// hands its access line over a channel and goes on, and the thread writes every line
+/// waiting in one buffered `write(2)`. Measured in `docs/benchmarks.md`: the access line
+/// cost 5 µs of CPU and 6–9% of throughput per request written straight to stderr.
+///
+/// Nothing is dropped while the process runs: when the channel is full (stderr slower
+/// than the requests), the request waits, as it did writing itself. The returned guard
+/// flushes what is left when dropped (keep it until the process ends), waiting up to a
+/// second; a process killed (SIGKILL, out of memory, abort) loses the lines still
+/// buffered, at most the channel's and 64 KiB.
+pub(crate) fn init(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_LINES_BUFFERED)
+        .thread_name("oncely-log")
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+    // Also routes the `log` records of dependencies (tokio-postgres, rustls…) here.
+    let _ = dispatch(format, level, writer, colour).try_init();
+    guard
+}
+
+/// RFC 3339 timestamps in UTC with microseconds (`2026-12-02T11:25:12.123456Z`), the
+/// format of tracing-subscriber's default timer, with the date and time of day formatted
+/// once per second per thread: within a second a line's timestamp costs a clock read and
+/// six digits.
+///
+/// ```
+/// use tracing_subscriber::fmt::format::Writer;
+/// use tracing_subscriber::fmt::time::FormatTime;
+/// use oncely_gateway::logs::CachedRfc3339;
+///
+/// let mut line = String::new();
+/// CachedRfc3339.format_time(&mut Writer::new(&mut line)).unwrap();
+/// assert_eq!(line.len(), "2026-12-02T11:25:12.123456Z".len());
+/// assert!(line.ends_with('Z') && line.as_bytes()[19] == b'.');
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CachedRfc3339;
+
+thread_local! {
+    /// The second last formatted on this thread, and its `YYYY-MM-DDTHH:MM:SS`.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+impl CachedRfc3339 {
+    fn write(now: SystemTime, w: &mut impl std::fmt::Write) -> std::fmt::Result {
+        // Before 1970 (a clock set very wrong): humantime's own formatting, uncached.
+        let Ok(since) = now.duration_since(UNIX_EPOCH) else {
+            return write!(w, "{}", humantime::format_rfc3339_micros(now));
+        };
+        let (second, micros) = (since.as_secs(), since.subsec_micros());
+        SECOND.with_borrow_mut(|(cached, prefix)| {
+            if *cached != second {
+                prefix.clear();
+                // `YYYY-MM-DDTHH:MM:SSZ`, without its `Z`.
+                let _ = write!(prefix, "{}", humantime::format_rfc3339_seconds(now));
+                prefix.pop();
+                *cached = second;
+            }
+            write!(w, "{prefix}.{micros:06}Z")
+        })
+    }
+}
+
+impl FormatTime for CachedRfc3339 {
+    fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+        Self::write(SystemTime::now(), w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(since_epoch: Duration) -> String {
+        let mut line = String::new();
+        CachedRfc3339::write(UNIX_EPOCH + since_epoch, &mut line).expect("formats");
+        line
+    }
+
+    #[test]
+    fn timestamps_match_rfc3339_with_micros_across_seconds() {
+        for (since, expected) in [
+            (Duration::new(1_764_674_712, 123_456_789), "2025-12-02T11:25:12.123456Z"),
+            (Duration::new(1_764_674_712, 999_999_999), "2025-12-02T11:25:12.999999Z"),
+            (Duration::new(1_764_674_713, 7_000), "2025-12-02T11:25:13.000007Z"),
+            (Duration::new(1_764_674_712, 0), "2025-12-02T11:25:12.000000Z"),
+            (Duration::new(951_782_400, 500_000), "2000-02-29T00:00:00.000500Z"),
+        ] {
+            assert_eq!(at(since), expected);
+            assert_eq!(at(since), humantime::format_rfc3339_micros(UNIX_EPOCH + since).to_string());
+        }
+    }
+
+    #[test]
+    fn plain_lines_carry_the_timestamp_level_target_and_fields() {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lines").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let logs = dispatch(LogFormat::Plain, "info", move || sink.clone(), false);
+        tracing::dispatcher::with_default(&logs, || {
+            tracing::info!(target: "oncely::access", path = "/payments", status = 201u16);
+            tracing::debug!(target: "oncely::access", "filtered out");
+        });
+        let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("utf-8");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let (stamp, rest) = text.split_once(' ').expect("a timestamp");
+        assert_eq!(stamp.len(), 27, "{text}");
+        assert!(stamp.ends_with('Z'), "{text}");
+        assert_eq!(rest.trim_start(), "INFO oncely::access: path=\"/payments\" status=201\n");
+    }
+}
