@@ -1,14 +1,19 @@
 //! What one access line costs the thread of the request that writes it, through the
-//! subscriber the gateway installs ([`oncely_gateway::logs::dispatch`]) and its
-//! non-blocking writer (lines handed to a writer thread that writes to a sink here).
+//! subscriber the gateway installs ([`oncely_gateway::logs::dispatch`]):
 //!
-//! - `warn`: the default of `--log-level warn`: the line is filtered out (the baseline);
-//! - `info_plain`, `info_json`: the keyed access line, as the layer writes it;
-//! - `info_plain_uncached_time`: the same with tracing-subscriber's own timer, which
-//!   formats the whole date and time on every line.
+//! - `warn`: `--log-level warn`: the line is filtered out (the baseline);
+//! - `info_plain`, `info_json`: the keyed access line, as the layer writes it, through
+//!   the gateway's writer ([`BatchedLines`]: appended to the thread's buffer, written by
+//!   a thread of its own every 100 ms; to a sink here);
+//! - `info_plain_channel`: the same line through tracing-appender's non-blocking writer
+//!   (a channel to a writer thread: what the gateway used before);
+//! - `info_plain_format_only`: the same line formatted and handed straight to a sink: the
+//!   floor of any writer;
+//! - `info_plain_uncached_time`: formatted with tracing-subscriber's own timer, which
+//!   formats the whole date and time on every line, straight to a sink.
 //!
-//! The writer thread's own work (copying lines into its buffer, one `write(2)` per batch)
-//! is on another thread and not counted here; a profile of the gateway counts it.
+//! What a writer thread does is on another thread and not counted here; a profile of
+//! the gateway counts it.
 //!
 //! ```text
 //! cargo bench -p oncely-gateway --bench access_log
@@ -19,7 +24,9 @@ use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use oncely::{IdempotencyKey, Scope, StorageKey};
+use oncely_gateway::logs::batched::BatchedLines;
 use oncely_gateway::logs::{LogFormat, dispatch};
+use std::time::Duration;
 
 /// The keyed access line of `oncely-http`'s layer, with the same fields and values.
 fn access_line(method: &http::Method, path: &str, key: &StorageKey, started: Instant) {
@@ -37,7 +44,7 @@ fn access_line(method: &http::Method, path: &str, key: &StorageKey, started: Ins
     }
 }
 
-fn non_blocking_sink() -> (tracing_appender::non_blocking::NonBlocking, tracing_appender::non_blocking::WorkerGuard) {
+fn channel_to_sink() -> (tracing_appender::non_blocking::NonBlocking, tracing_appender::non_blocking::WorkerGuard) {
     tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .buffered_lines_limit(64 * 1024)
@@ -49,26 +56,25 @@ fn bench(c: &mut Criterion) {
     let method = http::Method::POST;
     let started = Instant::now();
     let mut group = c.benchmark_group("access_log");
-    let cases = [
-        ("warn", LogFormat::Plain, "warn"),
-        ("info_plain", LogFormat::Plain, "info"),
-        ("info_json", LogFormat::Json, "info"),
-    ];
-    for (name, format, level) in cases {
-        let (writer, _guard) = non_blocking_sink();
-        let logs = dispatch(format, level, writer, false);
+    let mut run = |name: &str, logs: tracing::Dispatch| {
         tracing::dispatcher::with_default(&logs, || {
             group.bench_function(name, |b| b.iter(|| access_line(black_box(&method), "/payments", &key, started)));
         });
+    };
+    for (name, format, level) in [
+        ("warn", LogFormat::Plain, "warn"),
+        ("info_plain", LogFormat::Plain, "info"),
+        ("info_json", LogFormat::Json, "info"),
+    ] {
+        let (lines, _guard) = BatchedLines::new(std::io::sink(), Duration::from_millis(100));
+        run(name, dispatch(format, level, lines, false));
     }
-    let (writer, _guard) = non_blocking_sink();
-    let uncached: tracing::Dispatch =
-        tracing_subscriber::fmt().with_env_filter("info").with_writer(writer).with_ansi(false).finish().into();
-    tracing::dispatcher::with_default(&uncached, || {
-        group.bench_function("info_plain_uncached_time", |b| {
-            b.iter(|| access_line(black_box(&method), "/payments", &key, started))
-        });
-    });
+    let (channel, _guard) = channel_to_sink();
+    run("info_plain_channel", dispatch(LogFormat::Plain, "info", channel, false));
+    run("info_plain_format_only", dispatch(LogFormat::Plain, "info", std::io::sink, false));
+    let uncached =
+        tracing_subscriber::fmt().with_env_filter("info").with_writer(std::io::sink).with_ansi(false).finish();
+    run("info_plain_uncached_time", uncached.into());
     group.finish();
 }
 

@@ -11,6 +11,10 @@ use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::ValueEnum;
+
+pub mod batched;
+
+use batched::{BatchedLines, FlushGuard};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
@@ -24,10 +28,6 @@ pub enum LogFormat {
     /// One JSON object per line.
     Json,
 }
-
-/// Lines the log writer's channel holds before a request that logs waits for it: at the
-/// default `info` level one access line per request, so about a second of a busy gateway.
-const LOG_LINES_BUFFERED: usize = 64 * 1024;
 
 /// The subscriber the binary installs: `level` as an `EnvFilter` directive (`info` when
 /// it does not parse), lines in `format` with [`CachedRfc3339`] timestamps, written to
@@ -55,25 +55,20 @@ where
     }
 }
 
-/// Logs to stderr through a writer thread ([`tracing_appender::non_blocking`]): a request
-/// hands its access line over a channel and goes on, and the thread writes every line
-/// waiting in one buffered `write(2)`. Measured in `docs/benchmarks.md`: the access line
-/// cost 5 µs of CPU and 6–9% of throughput per request written straight to stderr.
+/// Logs to stderr through [`BatchedLines`]: a request appends its access line to its
+/// thread's buffer and goes on, and the `oncely-log` thread writes every buffer each
+/// [`batched::FLUSH_EVERY`]. Measured in `docs/benchmarks.md`: a line written straight to
+/// stderr cost 5 µs of CPU and 6–9% of throughput; through tracing-appender's channel,
+/// about 2 µs per line in all, with a wake-up of its writer thread for most lines.
 ///
-/// Nothing is dropped while the process runs: when the channel is full (stderr slower
-/// than the requests), the request waits, as it did writing itself. The returned guard
-/// flushes what is left when dropped (keep it until the process ends), waiting up to a
-/// second; a process killed (SIGKILL, out of memory, abort) loses the lines still
-/// buffered, at most the channel's and 64 KiB.
-pub(crate) fn init(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+/// Keep the returned guard until the process ends: dropping it writes what is left,
+/// waiting up to a second. A process killed (SIGKILL, out of memory, abort) loses the
+/// lines buffered since the last write, at most [`batched::FLUSH_EVERY`] of them.
+pub(crate) fn init(format: LogFormat, level: &str) -> FlushGuard {
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_LINES_BUFFERED)
-        .thread_name("oncely-log")
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr()));
+    let (lines, guard) = BatchedLines::new(std::io::stderr(), batched::FLUSH_EVERY);
     // Also routes the `log` records of dependencies (tokio-postgres, rustls…) here.
-    let _ = dispatch(format, level, writer, colour).try_init();
+    let _ = dispatch(format, level, lines, colour).try_init();
     guard
 }
 
