@@ -36,7 +36,7 @@ fn access_line(method: &http::Method, path: &str, key: &StorageKey, started: Ins
             target: "oncely::access",
             %method,
             path,
-            key = Some(tracing::field::display(*key)),
+            key = %key,
             outcome = "executed",
             status = 201u16,
             micros = started.elapsed().as_micros() as u64,

@@ -11,8 +11,11 @@
 //!   Here the body is polled first and the timer is armed only when it answers
 //!   `Pending`; it is dropped with the next frame. The deadline is the same: no frame for
 //!   `timeout` while somebody waits for one.
-//! - **The body's size hint and end-of-stream are kept**, so a forwarded request keeps
-//!   its `Content-Length` framing.
+//! - **A request body keeps its size hint and end-of-stream**, so a forwarded request
+//!   keeps its `Content-Length` framing. A response body hides them, as tower-http's
+//!   does: the response's framing stays the upstream's headers (a 304 carries the
+//!   `Content-Length` of a body it does not send; an empty body's hint would make hyper
+//!   drop that header).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -45,6 +48,8 @@ pub(crate) struct IdleTimeout<B> {
     timeout: Duration,
     what: &'static str,
     setting: &'static str,
+    /// Whether the body's size hint and end-of-stream are passed on.
+    framing: bool,
     /// Armed only while the body is `Pending`; boxed so that the body stays `Unpin`.
     sleep: Option<Pin<Box<Sleep>>>,
 }
@@ -52,13 +57,27 @@ pub(crate) struct IdleTimeout<B> {
 impl<B> IdleTimeout<B> {
     /// A client's request body, bounded by `server.body_read_timeout`.
     pub(crate) fn request(body: B, timeout: Duration) -> Self {
-        Self { body, timeout, what: "the request body", setting: "server.body_read_timeout", sleep: None }
+        Self {
+            body,
+            timeout,
+            what: "the request body",
+            setting: "server.body_read_timeout",
+            framing: true,
+            sleep: None,
+        }
     }
 
     /// The upstream's response body, bounded by the upstream timeout (or a keyed
     /// request's completion limit) between frames.
     pub(crate) fn response(body: B, timeout: Duration) -> Self {
-        Self { body, timeout, what: "the upstream's response body", setting: "upstream.timeout", sleep: None }
+        Self {
+            body,
+            timeout,
+            what: "the upstream's response body",
+            setting: "upstream.timeout",
+            framing: false,
+            sleep: None,
+        }
     }
 }
 
@@ -93,11 +112,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.framing && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        if self.framing { self.body.size_hint() } else { SizeHint::default() }
     }
 }
 
@@ -110,7 +129,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_ready_body_arms_no_timer_and_a_stalled_one_fails_after_the_timeout() {
         let mut ready = IdleTimeout::response(Full::new(Bytes::from_static(b"{}")), Duration::from_secs(1));
-        assert_eq!(ready.size_hint().exact(), Some(2), "the framing is kept");
+        assert_eq!(ready.size_hint().exact(), None, "a response's framing is its headers'");
+        assert_eq!(
+            IdleTimeout::request(Full::new(Bytes::from_static(b"{}")), Duration::from_secs(1)).size_hint().exact(),
+            Some(2)
+        );
         let frame = ready.frame().await.expect("a frame").expect("data");
         assert_eq!(frame.into_data().expect("data"), Bytes::from_static(b"{}"));
         assert!(ready.sleep.is_none(), "a buffered frame needs no timer");

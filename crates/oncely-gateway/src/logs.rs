@@ -96,22 +96,24 @@ thread_local! {
 }
 
 impl CachedRfc3339 {
-    fn write(now: SystemTime, w: &mut impl std::fmt::Write) -> std::fmt::Result {
-        // Before 1970 (a clock set very wrong): humantime's own formatting, uncached.
-        let Ok(since) = now.duration_since(UNIX_EPOCH) else {
-            return write!(w, "{}", humantime::format_rfc3339_micros(now));
-        };
-        let (second, micros) = (since.as_secs(), since.subsec_micros());
-        SECOND.with_borrow_mut(|(cached, prefix)| {
-            if *cached != second {
-                prefix.clear();
-                // `YYYY-MM-DDTHH:MM:SSZ`, without its `Z`.
-                let _ = write!(prefix, "{}", humantime::format_rfc3339_seconds(now));
-                prefix.pop();
-                *cached = second;
-            }
-            write!(w, "{prefix}.{micros:06}Z")
-        })
+    fn write(now: SystemTime, w: &mut Writer<'_>) -> std::fmt::Result {
+        let cached = now.duration_since(UNIX_EPOCH).ok().and_then(|since| {
+            let (second, micros) = (since.as_secs(), since.subsec_micros());
+            SECOND.with_borrow_mut(|(cached, prefix)| {
+                if *cached != second {
+                    prefix.clear();
+                    // `YYYY-MM-DDTHH:MM:SSZ` without its `Z`; humantime refuses years
+                    // past 9999.
+                    write!(prefix, "{}", humantime::format_rfc3339_seconds(now)).ok()?;
+                    prefix.pop();
+                    *cached = second;
+                }
+                Some(write!(w, "{prefix}.{micros:06}Z"))
+            })
+        });
+        // Before 1970 or after 9999 (a clock set very wrong): tracing-subscriber's own
+        // timer, uncached, which handles both.
+        cached.unwrap_or_else(|| tracing_subscriber::fmt::time::SystemTime.format_time(w))
     }
 }
 
@@ -128,8 +130,19 @@ mod tests {
 
     fn at(since_epoch: Duration) -> String {
         let mut line = String::new();
-        CachedRfc3339::write(UNIX_EPOCH + since_epoch, &mut line).expect("formats");
+        CachedRfc3339::write(UNIX_EPOCH + since_epoch, &mut Writer::new(&mut line)).expect("formats");
         line
+    }
+
+    #[test]
+    fn a_clock_before_1970_or_past_9999_still_gets_a_timestamp() {
+        for time in
+            [UNIX_EPOCH - Duration::from_secs(86_400), UNIX_EPOCH + Duration::from_secs(253_402_300_800 + 86_400)]
+        {
+            let mut line = String::new();
+            CachedRfc3339::write(time, &mut Writer::new(&mut line)).expect("formats");
+            assert!(line.len() >= 20, "{line}");
+        }
     }
 
     #[test]

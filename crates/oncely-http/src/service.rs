@@ -333,8 +333,9 @@ where
             target: "oncely::access",
             %method,
             path,
-            // Hex digits need no quoting: written as they are, without a copy.
-            key = storage_key.flatten().map(|k: StorageKey| tracing::field::display(k)),
+            // Hex digits need no quoting: written as they are, without a copy; empty
+            // when no key was derived.
+            key = %KeyHash(storage_key.flatten()),
             outcome,
             status,
             micros = started.elapsed().as_micros() as u64,
@@ -344,6 +345,18 @@ where
         response.extensions_mut().insert(KeyedOutcome(outcome.as_str()));
         response
     })
+}
+
+/// The access line's `key`: the storage key's hex digits, or nothing.
+struct KeyHash(Option<StorageKey>);
+
+impl fmt::Display for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(key) => fmt::Display::fmt(key, f),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What became of a keyed request, for its access line and the response extension

@@ -1,50 +1,48 @@
-//! Log lines batched per thread and written by one thread of their own
-//! ([`BatchedLines`]).
+//! Log lines buffered in memory and written by a thread of their own ([`BatchedLines`]).
 //!
 //! tracing-appender's non-blocking writer sends every line through a channel: a `Vec`
 //! allocated and copied per line, freed on the writer thread, and a wake-up of that
 //! thread whenever it had emptied the channel, which at one access line per request is
-//! most lines. Here a line is appended to its thread's own buffer (a mutex nobody else
-//! takes except the flusher, every [`FLUSH_EVERY`]), and the flusher writes each
-//! buffer whole.
+//! most lines. Here a line is appended to one buffer (a short critical section: a copy
+//! of the line), and the flusher writes the buffer whole every [`FLUSH_EVERY`].
 //!
 //! Guarantees, and where they are kept:
-//! - **Whole lines, in each thread's order.** A line is one `write` of the formatter,
-//!   appended whole; every write to the output holds the output's lock across taking a
-//!   buffer and writing it (`sweep`, `append`'s overflow), so one thread's batches
-//!   reach the output in the order they were filled. Lines of different threads are
-//!   interleaved by batch, not by time: their timestamps order them.
-//! - **Nothing dropped while the process runs, memory bounded.** A thread whose buffer
-//!   reaches [`OVERFLOW_AT`] writes it out itself and waits for the output, as a request
-//!   waited on a full channel before.
+//! - **Whole lines, in the order they were logged.** A line is one `write` of the
+//!   formatter, appended whole under the buffer's lock; every write to the output holds
+//!   the output's lock across taking the buffer and writing it (`Shared::sweep`).
+//! - **Nothing dropped while the process runs, memory bounded.** A thread that fills the
+//!   buffer to [`OVERFLOW_AT`] writes it out itself and waits for the output, as a
+//!   request waited on a full channel before.
 //! - **Seen within [`FLUSH_EVERY`]**, and flushed at exit by the [`FlushGuard`] (waiting
-//!   up to a second for a stuck output). A process killed (SIGKILL, out of memory) loses
-//!   what its threads buffered since the last sweep.
+//!   up to a second for a stuck output); a line logged after that last sweep is written
+//!   by its own thread. A process killed (SIGKILL, out of memory) loses what was
+//!   buffered since the last sweep.
+//! - **The output must not log** through this writer: the flusher holds the output's
+//!   lock while it writes (stderr never logs).
 
-use std::cell::RefCell;
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// How often the flusher writes what the threads buffered.
+/// How often the flusher writes what was buffered.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
-/// A thread's buffer size at which it writes the buffer itself (about a second of one
-/// worker's access lines at 20k requests/s is 4 MiB: the flusher normally gets there
-/// first).
+/// The buffer size at which the thread that fills it writes it itself (about a second
+/// of access lines at 20k requests/s is 4 MiB: the flusher normally gets there first).
 pub const OVERFLOW_AT: usize = 1 << 20;
 
-type Buffer = Arc<Mutex<Vec<u8>>>;
-
 struct Shared {
-    /// Every thread's buffer; a thread registers on its first line.
-    buffers: Mutex<Vec<Buffer>>,
+    /// Lines not yet written, in the order they were logged.
+    pending: Mutex<Vec<u8>>,
     out: Mutex<Box<dyn Write + Send>>,
     stop: Mutex<bool>,
     wake: Condvar,
+    /// Set before the last sweep: from then on a thread writes its own lines.
+    stopped: AtomicBool,
 }
 
 fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -52,57 +50,35 @@ fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-thread_local! {
-    /// This thread's buffer in each live [`BatchedLines`] (normally one). The `Weak`
-    /// keeps the `Shared` allocation, so no later instance can share its address.
-    static MINE: RefCell<Vec<(Weak<Shared>, Buffer)>> = const { RefCell::new(Vec::new()) };
-}
-
 impl Shared {
-    /// Writes every buffer, holding the output throughout.
+    /// Writes what is pending. The output's lock is taken first and held across taking
+    /// the batch and writing it, here and in `append`: batches reach the output in the
+    /// order they were taken, so lines keep the order they were logged in.
     fn sweep(&self) {
         let mut out = lock(&self.out);
-        let mut buffers = lock(&self.buffers);
-        for buffer in buffers.iter() {
-            let batch = std::mem::take(&mut *lock(buffer));
-            if !batch.is_empty() {
-                // Nowhere to report a failing stderr; the lines are lost, as with any
-                // logger.
-                let _ = out.write_all(&batch);
-            }
+        let batch = std::mem::take(&mut *lock(&self.pending));
+        if !batch.is_empty() {
+            // Nowhere to report a failing stderr; the lines are lost, as with any logger.
+            let _ = out.write_all(&batch);
         }
         let _ = out.flush();
-        // Buffers of threads that have ended (only this list holds them), now empty.
-        buffers.retain(|buffer| Arc::strong_count(buffer) > 1);
     }
 
-    fn append(self: &Arc<Self>, line: &[u8]) {
-        let buffer = MINE.with_borrow_mut(|mine| {
-            mine.retain(|(shared, _)| shared.strong_count() > 0);
-            if let Some((_, buffer)) = mine.iter().find(|(shared, _)| std::ptr::eq(shared.as_ptr(), Arc::as_ptr(self)))
-            {
-                return Arc::clone(buffer);
-            }
-            let buffer = Buffer::default();
-            lock(&self.buffers).push(Arc::clone(&buffer));
-            mine.push((Arc::downgrade(self), Arc::clone(&buffer)));
-            buffer
-        });
-        let mut pending = lock(&buffer);
+    fn append(&self, line: &[u8]) {
+        let mut pending = lock(&self.pending);
         pending.extend_from_slice(line);
-        if pending.len() < OVERFLOW_AT {
+        // After the append: a line appended before `stopped` was set is the last
+        // sweep's (it takes the buffer after setting it), one appended after is seen
+        // here and written by this thread.
+        if pending.len() < OVERFLOW_AT && !self.stopped.load(Ordering::SeqCst) {
             return;
         }
-        // The output's lock first, as `sweep` takes it: a batch the flusher took
-        // earlier is written before this one.
         drop(pending);
-        let mut out = lock(&self.out);
-        let batch = std::mem::take(&mut *lock(&buffer));
-        let _ = out.write_all(&batch);
+        self.sweep();
     }
 }
 
-/// A [`MakeWriter`] that batches lines per thread (see the [module](self)).
+/// A [`MakeWriter`] that buffers lines for a thread of its own (see the [module](self)).
 ///
 /// ```
 /// use std::time::Duration;
@@ -123,19 +99,26 @@ impl BatchedLines {
     /// latest when the returned guard is dropped.
     pub fn new(out: impl Write + Send + 'static, every: Duration) -> (Self, FlushGuard) {
         let shared = Arc::new(Shared {
-            buffers: Mutex::default(),
+            pending: Mutex::default(),
             out: Mutex::new(Box::new(out)),
             stop: Mutex::new(false),
             wake: Condvar::new(),
+            stopped: AtomicBool::new(false),
         });
         let flusher = Arc::clone(&shared);
         let (done, finished) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name("oncely-log".into()).spawn(move || {
             loop {
                 let stop = lock(&flusher.stop);
-                let (stop, _) = flusher.wake.wait_timeout(stop, every).unwrap_or_else(PoisonError::into_inner);
+                // Checks the flag before sleeping: a stop signalled during a sweep is
+                // not missed.
+                let (stop, _) =
+                    flusher.wake.wait_timeout_while(stop, every, |stop| !*stop).unwrap_or_else(PoisonError::into_inner);
                 let stopping = *stop;
                 drop(stop);
+                if stopping {
+                    flusher.stopped.store(true, Ordering::SeqCst);
+                }
                 flusher.sweep();
                 if stopping {
                     let _ = done.send(());
@@ -156,9 +139,9 @@ impl<'a> MakeWriter<'a> for BatchedLines {
     }
 }
 
-/// One formatted line on its way into its thread's buffer.
+/// One formatted line on its way into the buffer.
 pub struct LineWriter<'a> {
-    shared: &'a Arc<Shared>,
+    shared: &'a Shared,
 }
 
 impl Write for LineWriter<'_> {
@@ -184,6 +167,7 @@ impl Drop for FlushGuard {
     fn drop(&mut self) {
         let Some(thread) = self.thread.take() else {
             // No flusher thread could be started: write what is buffered here.
+            self.shared.stopped.store(true, Ordering::SeqCst);
             self.shared.sweep();
             return;
         };
@@ -218,8 +202,8 @@ mod tests {
         }
     }
 
-    /// Every line of many threads arrives whole, each thread's in its order, including
-    /// a thread that overflows its buffer many times over.
+    /// Every line of many threads arrives whole, each thread's in its order, while one
+    /// thread overflows the buffer many times over.
     #[test]
     fn lines_of_many_threads_arrive_whole_and_in_each_threads_order() {
         let output = Output::default();
@@ -249,6 +233,45 @@ mod tests {
             next[thread] += 1;
         }
         assert_eq!(next, per_thread, "every line arrived");
+    }
+
+    /// Lines that two threads log one after the other (each waits for the other's)
+    /// come out in that order, whichever thread logged them.
+    #[test]
+    fn lines_of_different_threads_keep_the_order_they_were_logged_in() {
+        let output = Output::default();
+        let (lines, guard) = BatchedLines::new(output.clone(), Duration::from_millis(1));
+        let (to_b, from_a) = std::sync::mpsc::channel::<usize>();
+        let (to_a, from_b) = std::sync::mpsc::channel::<usize>();
+        std::thread::scope(|scope| {
+            let lines = &lines;
+            scope.spawn(move || {
+                for n in (0..200).step_by(2) {
+                    lines.make_writer().write_all(format!("{n}\n").as_bytes()).expect("append");
+                    to_b.send(n + 1).expect("b waits");
+                    from_b.recv().expect("b answered");
+                }
+            });
+            scope.spawn(move || {
+                while let Ok(n) = from_a.recv() {
+                    lines.make_writer().write_all(format!("{n}\n").as_bytes()).expect("append");
+                    to_a.send(n).expect("a waits");
+                }
+            });
+        });
+        drop(guard);
+        let logged: Vec<usize> = output.text().lines().map(|n| n.parse().expect("a number")).collect();
+        assert_eq!(logged, (0..200).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_line_logged_after_the_last_sweep_is_written_by_its_thread() {
+        let output = Output::default();
+        let (lines, guard) = BatchedLines::new(output.clone(), Duration::from_secs(3600));
+        lines.make_writer().write_all(b"before\n").expect("append");
+        drop(guard);
+        lines.make_writer().write_all(b"after\n").expect("append");
+        assert_eq!(output.text(), "before\nafter\n");
     }
 
     #[test]
