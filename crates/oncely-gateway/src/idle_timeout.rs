@@ -25,17 +25,31 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
+/// Which body is bounded: what its error names, and whether its framing is passed on.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    /// A client's request body, bounded by `server.body_read_timeout`; its size hint and
+    /// end-of-stream are passed on.
+    Request,
+    /// The upstream's response body, bounded by the upstream timeout (or a keyed
+    /// request's completion limit); its framing stays the upstream's headers.
+    Response,
+}
+
 /// The error of a body that stalled: which side, and for how long.
 #[derive(Debug)]
 pub struct BodyStalled {
-    what: &'static str,
-    setting: &'static str,
+    side: Side,
     after: Duration,
 }
 
 impl std::fmt::Display for BodyStalled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} sent nothing for {} ({})", self.what, humantime::format_duration(self.after), self.setting)
+        let (what, setting) = match self.side {
+            Side::Request => ("the request body", "server.body_read_timeout"),
+            Side::Response => ("the upstream's response body", "upstream.timeout"),
+        };
+        write!(f, "{what} sent nothing for {} ({setting})", humantime::format_duration(self.after))
     }
 }
 
@@ -46,10 +60,7 @@ impl std::error::Error for BodyStalled {}
 pub(crate) struct IdleTimeout<B> {
     body: B,
     timeout: Duration,
-    what: &'static str,
-    setting: &'static str,
-    /// Whether the body's size hint and end-of-stream are passed on.
-    framing: bool,
+    side: Side,
     /// Armed only while the body is `Pending`; boxed so that the body stays `Unpin`.
     sleep: Option<Pin<Box<Sleep>>>,
 }
@@ -57,27 +68,18 @@ pub(crate) struct IdleTimeout<B> {
 impl<B> IdleTimeout<B> {
     /// A client's request body, bounded by `server.body_read_timeout`.
     pub(crate) fn request(body: B, timeout: Duration) -> Self {
-        Self {
-            body,
-            timeout,
-            what: "the request body",
-            setting: "server.body_read_timeout",
-            framing: true,
-            sleep: None,
-        }
+        Self { body, timeout, side: Side::Request, sleep: None }
     }
 
     /// The upstream's response body, bounded by the upstream timeout (or a keyed
     /// request's completion limit) between frames.
     pub(crate) fn response(body: B, timeout: Duration) -> Self {
-        Self {
-            body,
-            timeout,
-            what: "the upstream's response body",
-            setting: "upstream.timeout",
-            framing: false,
-            sleep: None,
-        }
+        Self { body, timeout, side: Side::Response, sleep: None }
+    }
+
+    /// Whether the body's size hint and end-of-stream are passed on.
+    fn framing(&self) -> bool {
+        matches!(self.side, Side::Request)
     }
 }
 
@@ -100,11 +102,9 @@ where
                 let timeout = this.timeout;
                 let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled {
-                        what: this.what,
-                        setting: this.setting,
-                        after: timeout,
-                    })))),
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(Box::new(BodyStalled { side: this.side, after: timeout }))))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -112,11 +112,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.framing && self.body.is_end_stream()
+        self.framing() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.framing { self.body.size_hint() } else { SizeHint::default() }
+        if self.framing() { self.body.size_hint() } else { SizeHint::default() }
     }
 }
 

@@ -55,8 +55,8 @@ where
     }
 }
 
-/// Logs to stderr through [`BatchedLines`]: a request appends its access line to its
-/// thread's buffer and goes on, and the `oncely-log` thread writes every buffer each
+/// Logs to stderr through [`BatchedLines`]: a request appends its access line to a
+/// buffer and goes on, and the `oncely-log` thread writes the buffer every
 /// [`batched::FLUSH_EVERY`]. Measured in `docs/benchmarks.md`: a line written straight to
 /// stderr cost 5 µs of CPU and 6–9% of throughput; through tracing-appender's channel,
 /// about 2 µs per line in all, with a wake-up of its writer thread for most lines.

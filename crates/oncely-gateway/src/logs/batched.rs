@@ -38,11 +38,22 @@ pub const OVERFLOW_AT: usize = 1 << 20;
 struct Shared {
     /// Lines not yet written, in the order they were logged.
     pending: Mutex<Vec<u8>>,
-    out: Mutex<Box<dyn Write + Send>>,
-    stop: Mutex<bool>,
-    wake: Condvar,
-    /// Set before the last sweep: from then on a thread writes its own lines.
+    out: Mutex<Output>,
+    /// Set (under `sleep`) before the last sweep: from then on a thread writes its own
+    /// lines.
     stopped: AtomicBool,
+    sleep: Mutex<()>,
+    wake: Condvar,
+}
+
+/// Where lines go, and the buffer last written there, kept empty with its capacity and
+/// swapped in for `pending` at the next sweep: appends do not regrow a buffer from
+/// nothing after every sweep (a reallocation and copy of up to [`OVERFLOW_AT`] bytes
+/// under the lock every request's line takes). The two buffers hold at most about
+/// twice [`OVERFLOW_AT`].
+struct Output {
+    to: Box<dyn Write + Send>,
+    spare: Vec<u8>,
 }
 
 fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -56,12 +67,14 @@ impl Shared {
     /// order they were taken, so lines keep the order they were logged in.
     fn sweep(&self) {
         let mut out = lock(&self.out);
-        let batch = std::mem::take(&mut *lock(&self.pending));
-        if !batch.is_empty() {
+        let Output { to, spare } = &mut *out;
+        std::mem::swap(&mut *lock(&self.pending), spare);
+        if !spare.is_empty() {
             // Nowhere to report a failing stderr; the lines are lost, as with any logger.
-            let _ = out.write_all(&batch);
+            let _ = to.write_all(spare);
+            spare.clear();
         }
-        let _ = out.flush();
+        let _ = to.flush();
     }
 
     fn append(&self, line: &[u8]) {
@@ -75,6 +88,15 @@ impl Shared {
         }
         drop(pending);
         self.sweep();
+    }
+
+    /// Marks the writer stopped and wakes the flusher for its last sweep. Under the
+    /// flusher's sleep lock, so that the wake cannot fall between its check of the flag
+    /// and its wait.
+    fn stop(&self) {
+        let _sleep = lock(&self.sleep);
+        self.stopped.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
     }
 }
 
@@ -100,25 +122,21 @@ impl BatchedLines {
     pub fn new(out: impl Write + Send + 'static, every: Duration) -> (Self, FlushGuard) {
         let shared = Arc::new(Shared {
             pending: Mutex::default(),
-            out: Mutex::new(Box::new(out)),
-            stop: Mutex::new(false),
-            wake: Condvar::new(),
+            out: Mutex::new(Output { to: Box::new(out), spare: Vec::new() }),
             stopped: AtomicBool::new(false),
+            sleep: Mutex::new(()),
+            wake: Condvar::new(),
         });
         let flusher = Arc::clone(&shared);
         let (done, finished) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name("oncely-log".into()).spawn(move || {
             loop {
-                let stop = lock(&flusher.stop);
+                let sleep = lock(&flusher.sleep);
                 // Checks the flag before sleeping: a stop signalled during a sweep is
                 // not missed.
-                let (stop, _) =
-                    flusher.wake.wait_timeout_while(stop, every, |stop| !*stop).unwrap_or_else(PoisonError::into_inner);
-                let stopping = *stop;
-                drop(stop);
-                if stopping {
-                    flusher.stopped.store(true, Ordering::SeqCst);
-                }
+                let stopped = || flusher.stopped.load(Ordering::SeqCst);
+                drop(flusher.wake.wait_timeout_while(sleep, every, |_| !stopped()));
+                let stopping = stopped();
                 flusher.sweep();
                 if stopping {
                     let _ = done.send(());
@@ -165,14 +183,12 @@ pub struct FlushGuard {
 
 impl Drop for FlushGuard {
     fn drop(&mut self) {
+        self.shared.stop();
         let Some(thread) = self.thread.take() else {
             // No flusher thread could be started: write what is buffered here.
-            self.shared.stopped.store(true, Ordering::SeqCst);
             self.shared.sweep();
             return;
         };
-        *lock(&self.shared.stop) = true;
-        self.shared.wake.notify_one();
         if self.finished.recv_timeout(Duration::from_secs(1)).is_ok() {
             let _ = thread.join();
         }
