@@ -12,7 +12,10 @@
 #                    hyper-util's client, a worker per core) forwarding as is, nothing else: the
 #                    floor of this design (built here; FLOOR_BIN= to measure another build)
 #   hyper-answer     the same program answering 201 with the upstream's body itself, after reading
-#                    the request body: the floor of a replay, which the gateway answers from its store
+#                    the request body: what answering costs this stack
+#   hyper-replay     the same program doing what this design requires of a replay and nothing else
+#                    (fingerprint, storage key, a map look-up, the stored answer with
+#                    Idempotent-Replayed): the floor of a replay, which the gateway answers from its store
 #   gateway-memory   oncely serve --store memory://                --log-level warn
 #   gateway-sqlite   oncely serve --store sqlite://$WORK/bench.db  --log-level warn (sync durability)
 # and, with EXTRA=1 (the default), rows that help explain the others:
@@ -39,6 +42,9 @@
 #
 # Knobs (environment): ROUNDS=3 DURATION=7s WARMUP=2s THREADS=2 CONNECTIONS=32 EXTRA=1
 #   REDIS=1 NGINX_WORKERS=auto BASE_PORT=18080 RESULTS_DIR=target/bench-gateway/<timestamp>
+#   WRK_SCHED=other (batch: wrk runs under SCHED_BATCH, so that its threads, woken by every
+#   response, do not preempt the server that wrote it; on a box where wrk shares the cores
+#   that preemption costs the server kernel time in proportion to its own CPU per request)
 #   BASELINE= (an older binary to measure beside this one) ONCELY_BIN= (measure this binary;
 #   do not build)
 #   WAIT_FOR_QUIET=900 (seconds to wait for other load)  BUSY_LIMIT=20 (% CPU that counts
@@ -86,6 +92,16 @@ PORT_BASE_MEM_INFO=$((BASE_PORT + 12))
 PORT_BASE_SQLITE=$((BASE_PORT + 13))
 PORT_FLOOR=$((BASE_PORT + 14))
 PORT_ANSWER=$((BASE_PORT + 15))
+PORT_REPLAY=$((BASE_PORT + 16))
+WRK_SCHED=${WRK_SCHED:-other}
+case $WRK_SCHED in
+    other) WRK=(wrk) ;;
+    batch) WRK=(chrt --batch 0 wrk) ;;
+    *)
+        echo "WRK_SCHED is other or batch, not $WRK_SCHED" >&2
+        exit 2
+        ;;
+esac
 
 BODY='{"amount":1999,"currency":"eur","customer":"cus_9s6XKzkNRiz8i3","description":"bench order 42"}'
 RESPONSE='{"id":"ch_1","amount":1999}'
@@ -211,7 +227,7 @@ wait_port() {
     done
 }
 
-for port in $PORT_UPSTREAM $PORT_HOP $PORT_FLOOR $PORT_ANSWER $PORT_MEM $PORT_SQLITE $PORT_MEM_INFO $PORT_MEM_SHARED $PORT_SQLITE_RELAXED; do
+for port in $PORT_UPSTREAM $PORT_HOP $PORT_FLOOR $PORT_ANSWER $PORT_REPLAY $PORT_MEM $PORT_SQLITE $PORT_MEM_INFO $PORT_MEM_SHARED $PORT_SQLITE_RELAXED; do
     port_open "$port" && die "port 127.0.0.1:$port is already in use (set BASE_PORT)"
 done
 
@@ -327,6 +343,10 @@ wait_port "$PORT_FLOOR" "$PID_FLOOR" hyper-floor
 PID_ANSWER=$!
 PIDS+=("$PID_ANSWER")
 wait_port "$PORT_ANSWER" "$PID_ANSWER" hyper-answer
+"$FLOOR" "127.0.0.1:$PORT_REPLAY" --replay "$RESPONSE" >"$WORK/logs/hyper-replay.log" 2>&1 &
+PID_REPLAY=$!
+PIDS+=("$PID_REPLAY")
+wait_port "$PORT_REPLAY" "$PID_REPLAY" hyper-replay
 
 # ---------------------------------------------------------------------------------------
 # Gateways. The config spells out the defaults and makes the key required, so that a
@@ -489,6 +509,7 @@ check_target upstream "$PORT_UPSTREAM"
 check_target nginx-hop "$PORT_HOP"
 check_target hyper-floor "$PORT_FLOOR"
 check_target hyper-answer "$PORT_ANSWER"
+check_target hyper-replay "$PORT_REPLAY" "$REPLAY_KEY"
 check_target gateway-memory "$PORT_MEM" "$REPLAY_KEY"
 check_target gateway-sqlite "$PORT_SQLITE" "$REPLAY_KEY"
 if ((EXTRA)); then
@@ -588,7 +609,7 @@ measure() {
             warm_arg="warm-$run_arg"
         fi
         if ((round == 1 && attempt == 1)); then
-            wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$WORK/$script" "$url" -- "$warm_arg" \
+            "${WRK[@]}" -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$WORK/$script" "$url" -- "$warm_arg" \
                 >"$RESULTS_DIR/wrk-$label-$mode.warmup.txt" 2>&1 || die "wrk failed against $label (warm-up)"
             if [[ $row == gateway-sqlite/new-keys ]]; then
                 n=$(sed -nE 's/^RESULT requests=([0-9]+).*/\1/p' "$RESULTS_DIR/wrk-$label-$mode.warmup.txt")
@@ -597,7 +618,7 @@ measure() {
         fi
         p0=$(proc_ticks "$pid") u0=$(proc_ticks "$PID_UPSTREAM") s0=$(servers_ticks) c0=$(children_ticks)
         m0=$(machine_ticks)
-        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/$script" "$url" -- "$run_arg" \
+        "${WRK[@]}" -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/$script" "$url" -- "$run_arg" \
             >"$out" 2>&1 || die "wrk failed against $label; see $out"
         m1=$(machine_ticks)
         p1=$(proc_ticks "$pid") u1=$(proc_ticks "$PID_UPSTREAM") s1=$(servers_ticks) c1=$(children_ticks)
@@ -638,6 +659,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     measure "$round" nginx-hop new-keys "$PORT_HOP" "$PID_HOP" new_keys.lua "$RUN"
     measure "$round" hyper-floor new-keys "$PORT_FLOOR" "$PID_FLOOR" new_keys.lua "$RUN"
     measure "$round" hyper-answer replays "$PORT_ANSWER" "$PID_ANSWER" fixed_key.lua "$REPLAY_KEY"
+    measure "$round" hyper-replay replays "$PORT_REPLAY" "$PID_REPLAY" fixed_key.lua "$REPLAY_KEY"
     measure "$round" gateway-memory new-keys "$PORT_MEM" "$PID_MEM" new_keys.lua "$RUN"
     measure "$round" gateway-memory replays "$PORT_MEM" "$PID_MEM" fixed_key.lua "$REPLAY_KEY"
     measure "$round" gateway-sqlite new-keys "$PORT_SQLITE" "$PID_SQLITE" new_keys.lua "$RUN"
@@ -754,7 +776,7 @@ verdict() { # row threshold
     echo "- machine: $(nproc) CPUs ($(lscpu | sed -nE 's/^Model name:[[:space:]]+//p')), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)"
     echo "- wrk $(wrk -v 2>&1 | head -1 | awk '{ print $2 }'), nginx $("$NGINX" -v 2>&1 | sed 's/^nginx version: nginx\///'), $(rustc -V), $("$ONCELY" --version)"
     echo "- SQLite file system: $(df -T "$WORK" | awk 'NR == 2 { print $2 " on " $1 }')"
-    echo "- load: \`wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency\`, $ROUNDS interleaved rounds (medians below; a $WARMUP warm-up per target first), POST /payments, ${#BODY}-byte JSON body, Content-Type: application/json"
+    echo "- load: \`${WRK[*]} -t$THREADS -c$CONNECTIONS -d$DURATION --latency\`, $ROUNDS interleaved rounds (medians below; a $WARMUP warm-up per target first), POST /payments, ${#BODY}-byte JSON body, Content-Type: application/json"
     echo "- nginx: worker_processes $NGINX_WORKERS, access_log off, keepalive_requests 1000000; hop: upstream keepalive 64, proxy_http_version 1.1, Connection \"\""
     echo "- gateways: \`required = true\` for POST/PATCH, other settings default (ttl 24h, lease 30s, reject); one proxy worker thread per CPU (\`server.workers\`, the default) unless the row says otherwise"
     echo "- wrk, both nginx instances and the gateway share the same $(nproc) CPUs: a row's req/s is what the whole box does, and CPU a proxy spends is taken from wrk and the upstream."
@@ -794,7 +816,7 @@ verdict() { # row threshold
     floor_ratio() { awk -v a="$(med_rps "$1")" -v b="$(med_rps hyper-floor/new-keys)" 'BEGIN { printf "%.2f", b ? a / b : 0 }'; }
     ((EXTRA)) && echo "- pass-through: $(floor_ratio gateway-memory/pass-through)×"
     echo "- new keys, memory store: $(floor_ratio gateway-memory/new-keys)×; SQLite: $(floor_ratio gateway-sqlite/new-keys)×"
-    echo "- replays, memory store, over hyper-answer (a replay's floor, at $(ratio "$(med_rps hyper-answer/replays)")× the hop): $(awk -v a="$(med_rps gateway-memory/replays)" -v b="$(med_rps hyper-answer/replays)" 'BEGIN { printf "%.2f", b ? a / b : 0 }')×"
+    echo "- replays, memory store, over hyper-replay (a replay's floor, at $(ratio "$(med_rps hyper-replay/replays)")× the hop; hyper-answer at $(ratio "$(med_rps hyper-answer/replays)")×): $(awk -v a="$(med_rps gateway-memory/replays)" -v b="$(med_rps hyper-replay/replays)" 'BEGIN { printf "%.2f", b ? a / b : 0 }')×"
     echo
     echo "- SQLite store check: $STORE_CHECK"
     echo "- access-log lines written by gateway-memory-info: $ACCESS_LINES"

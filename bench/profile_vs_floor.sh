@@ -6,14 +6,16 @@
 # (kernel, hyper, tokio, http, malloc, ours, …) and diffed by bench/profile_vs_floor.py.
 #
 #   ONCELY_BIN=target/release/oncely FLOOR_BIN=target/release/examples/floor_proxy \
-#     bash bench/profile_vs_floor.sh pass-through|new-keys|replays
+#     bash bench/profile_vs_floor.sh pass-through|new-keys|replays|answers
 #
 # pass-through and new keys are compared with the floor forwarding, replays with the
-# floor answering by itself (`--answer`). The gateway runs on memory://, --log-level warn.
+# floor replaying (`--replay`: the fingerprint, the storage key, a map look-up, and the
+# stored answer, the work this design requires of a replay), answers with the floor
+# answering by itself (`--answer`) and the gateway replaying. The gateway runs on memory://, --log-level warn.
 # Needs perf, wrk and nginx (bench/gateway.sh installs the last two). Knobs: DURATION=7
 # (seconds of wrk; perf records 5 of them), FREQ=1999, THREADS=2, CONNECTIONS=32.
 set -euo pipefail
-MODE=${1:?"usage: profile_vs_floor.sh pass-through|new-keys|replays"}
+MODE=${1:?"usage: profile_vs_floor.sh pass-through|new-keys|replays|answers"}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ONCELY=${ONCELY_BIN:-$ROOT/target/release/oncely}
 FLOOR=${FLOOR_BIN:-$ROOT/target/release/examples/floor_proxy}
@@ -71,7 +73,8 @@ LUA
 case $MODE in
     pass-through) SCRIPT=plain.lua; PATH_=/plain; FLOOR_ARGS=(127.0.0.1:19280) ;;
     new-keys) SCRIPT=new.lua; PATH_=/payments; FLOOR_ARGS=(127.0.0.1:19280) ;;
-    replays) SCRIPT=fixed.lua; PATH_=/payments; FLOOR_ARGS=(--answer "$RESPONSE") ;;
+    replays) SCRIPT=fixed.lua; PATH_=/payments; FLOOR_ARGS=(--replay "$RESPONSE") ;;
+    answers) SCRIPT=fixed.lua; PATH_=/payments; FLOOR_ARGS=(--answer "$RESPONSE") ;;
     *) echo "unknown mode $MODE" >&2; exit 2 ;;
 esac
 "$FLOOR" 127.0.0.1:19281 "${FLOOR_ARGS[@]}" >"$WORK/floor.log" 2>&1 & PID_FLOOR=$!; PIDS+=($PID_FLOOR)

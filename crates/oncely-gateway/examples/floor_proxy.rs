@@ -9,12 +9,26 @@
 //! nginx hop is the price of hyper and Tokio on this machine.
 //!
 //! With `--answer BODY` instead of an upstream it reads each request's body and answers
-//! `201 Created` with `BODY` as JSON itself: the floor of a replay, which the gateway
-//! answers without the upstream.
+//! `201 Created` with `BODY` as JSON itself: what answering alone costs this stack.
+//!
+//! With `--replay BODY` it answers the same, after doing the work that this design requires
+//! of every replay and nothing else: the request's fingerprint (`oncely_http::request_fingerprint`,
+//! canonical JSON and SHA-256), the storage key (a SHA-256 of scope and key), one look-up
+//! in a map of stored responses, the fingerprints compared, and the stored status, headers
+//! and body sent with `Idempotent-Replayed: true`. The first request of a key stores the
+//! answer; no store trait, lease, route, limit, hit count, metric or log. What the
+//! gateway's replay costs above this row is what it does beside that work and how it does
+//! it, not the work itself.
+//!
+//! With `FLOOR_SPIN_NS=N` in the environment every request first spins for `N` ns (wall
+//! clock, so less CPU when the thread is preempted meanwhile): the floor with about as
+//! much user-space work per request as the gateway adds, to see what that work costs the
+//! kernel on a box shared with the load tool.
 //!
 //! ```text
 //! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7100 127.0.0.1:3000
 //! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7101 --answer '{"id":"ch_1"}'
+//! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7102 --replay '{"id":"ch_1"}'
 //! ```
 
 use std::convert::Infallible;
@@ -37,13 +51,18 @@ type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
-        return Err("usage: floor_proxy LISTEN_ADDR (UPSTREAM_ADDR | --answer BODY)".into());
+        return Err("usage: floor_proxy LISTEN_ADDR (UPSTREAM_ADDR | --answer BODY | --replay BODY)".into());
     };
     let listen: SocketAddr = listen.parse()?;
     let target = match (upstream.as_str(), args.next()) {
         ("--answer", Some(body)) => Target::Answer(Bytes::from(body)),
-        ("--answer", None) => return Err("--answer needs a body".into()),
+        ("--replay", Some(body)) => Target::Replay(Bytes::from(body)),
+        ("--answer" | "--replay", None) => return Err("--answer and --replay need a body".into()),
         (upstream, _) => Target::Upstream(upstream.parse()?),
+    };
+    let spin = match std::env::var("FLOOR_SPIN_NS") {
+        Ok(ns) => std::time::Duration::from_nanos(ns.parse()?),
+        Err(_) => std::time::Duration::ZERO,
     };
     let listener = std::net::TcpListener::bind(listen)?;
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
@@ -58,7 +77,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let Ok(stream) = stream else { continue };
         let _ = stream.set_nodelay(true);
         let _ = stream.set_nonblocking(true);
-        drop(workers[n % workers.len()].spawn(serve(stream, target.clone())));
+        drop(workers[n % workers.len()].spawn(serve(stream, target.clone(), spin)));
     }
     Ok(())
 }
@@ -68,6 +87,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 enum Target {
     Upstream(http::uri::Authority),
     Answer(Bytes),
+    Replay(Bytes),
+}
+
+/// A response as the replay floor keeps it: what a completed record holds.
+struct Stored {
+    fingerprint: oncely::Fingerprint,
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
 }
 
 thread_local! {
@@ -79,14 +107,21 @@ thread_local! {
     };
 }
 
-async fn serve(stream: std::net::TcpStream, target: Target) {
+/// The stored responses for `--replay`, by storage key, shared by the workers (a retry may
+/// come on another connection, served by another worker).
+static STORED: std::sync::LazyLock<std::sync::RwLock<std::collections::HashMap<[u8; 32], std::sync::Arc<Stored>>>> =
+    std::sync::LazyLock::new(std::sync::RwLock::default);
+
+async fn serve(stream: std::net::TcpStream, target: Target, spin: std::time::Duration) {
     let Ok(stream) = tokio::net::TcpStream::from_std(stream) else { return };
     let service = service_fn(move |request: Request<Incoming>| {
         let target = target.clone();
+        spin_for(spin);
         async move {
             match target {
                 Target::Upstream(upstream) => forward(request, upstream).await,
                 Target::Answer(body) => answer(request, body).await,
+                Target::Replay(body) => replay(request, body).await,
             }
         }
     });
@@ -97,9 +132,43 @@ async fn answer(request: Request<Incoming>, body: Bytes) -> Result<Response<Body
     if request.into_body().collect().await.is_err() {
         return Ok(bad_gateway());
     }
+    answer_now(body)
+}
+
+fn answer_now(body: Bytes) -> Result<Response<Body>, Infallible> {
     let mut response = Response::new(Full::new(body).map_err(|never| match never {}).boxed_unsync());
     *response.status_mut() = StatusCode::CREATED;
     response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    Ok(response)
+}
+
+async fn replay(request: Request<Incoming>, body: Bytes) -> Result<Response<Body>, Infallible> {
+    const REPLAYED: http::HeaderName = http::HeaderName::from_static("idempotent-replayed");
+    let (parts, incoming) = request.into_parts();
+    let Ok(collected) = incoming.collect().await else { return Ok(bad_gateway()) };
+    let Some(key) = parts.headers.get("idempotency-key") else { return Ok(bad_gateway()) };
+    let Ok(fingerprint) = oncely_http::request_fingerprint(&parts, &collected.to_bytes(), 1 << 20) else {
+        return Ok(bad_gateway());
+    };
+    let storage_key = *oncely::Fingerprint::from_parts(&[b"anonymous", key.as_bytes()]).as_bytes();
+    let found = STORED.read().ok().and_then(|stored| stored.get(&storage_key).map(std::sync::Arc::clone));
+    let Some(stored) = found else {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        let stored = Stored { fingerprint, status: StatusCode::CREATED, headers, body: body.clone() };
+        if let Ok(mut map) = STORED.write() {
+            map.insert(storage_key, std::sync::Arc::new(stored));
+        }
+        // The key's first request: stored, and answered as `--answer` does.
+        return answer_now(body);
+    };
+    if stored.fingerprint != fingerprint {
+        return Ok(bad_gateway());
+    }
+    let mut response = Response::new(Full::new(stored.body.clone()).map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = stored.status;
+    *response.headers_mut() = stored.headers.clone();
+    response.headers_mut().insert(REPLAYED, http::HeaderValue::from_static("true"));
     Ok(response)
 }
 
@@ -116,6 +185,17 @@ async fn forward(request: Request<Incoming>, upstream: http::uri::Authority) -> 
         Ok(response) => response.map(BodyExt::boxed_unsync),
         Err(_) => bad_gateway(),
     })
+}
+
+/// Spins on this thread until `spin` has passed on the clock (nothing when zero).
+fn spin_for(spin: std::time::Duration) {
+    if spin.is_zero() {
+        return;
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < spin {
+        std::hint::spin_loop();
+    }
 }
 
 fn bad_gateway() -> Response<Body> {
