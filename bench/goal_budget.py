@@ -28,6 +28,13 @@ quite 100% busy. So the table also prints the most generous bound ("… with the
 everything else"): the same, with everything else costing no more than it costs behind
 the nginx hop (replays, which never reach the upstream, keep their own, lower figure). On the Redis rows that leaves redis-server's own CPU
 out, so only the first bound applies there.
+
+Where a floor row's own ratio was measured, that ratio is the better test. With wrk on
+the same cores, "everything else" is not a fixed cost: a server that spends more per
+request is preempted more often by wrk's wake-ups, and wrk and the kernel spend more per
+request too (bench/cpu_split.sh). The budgets printed here are pessimistic for that
+reason: in one run the replay floor reached 1.70x the hop although its CPU per request
+was above the replays budget this script printed.
 """
 
 import os
