@@ -14,7 +14,8 @@
 # wrk thread, which may preempt the server that wrote it. Under SCHED_BATCH wrk's
 # threads do not preempt on wake-up, so the difference between the two halves is what
 # that preemption costs the server. FLOOR_SPIN_NS (see floor_proxy.rs) adds a spin per
-# request to the two floor rows. Knobs: ROUNDS=3. Needs wrk and nginx (bench/gateway.sh
+# request to the two floor rows. Knobs: ROUNDS=3, GATEWAY_WORKERS= (the gateway's
+# `--workers`; default one per core, as the floor). Needs wrk and nginx (bench/gateway.sh
 # installs both; it uses bench/lib.sh).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -46,7 +47,7 @@ start_nginx_upstream 19380 "$RESPONSE"
 "$FLOOR" 127.0.0.1:19381 --answer "$RESPONSE" >/dev/null 2>&1 & PID_ANSWER=$!; PIDS+=($!)
 "$FLOOR" 127.0.0.1:19382 --replay "$RESPONSE" >/dev/null 2>&1 & PID_REPLAY=$!; PIDS+=($!)
 "$ONCELY" --log-level warn serve --upstream http://127.0.0.1:19380 --listen 127.0.0.1:19383 \
-    --store memory:// --config "$WORK/oncely.toml" >/dev/null 2>&1 & PID_GATEWAY=$!; PIDS+=($!)
+    ${GATEWAY_WORKERS:+--workers "$GATEWAY_WORKERS"} --store memory:// --config "$WORK/oncely.toml" >/dev/null 2>&1 & PID_GATEWAY=$!; PIDS+=($!)
 wait_port 19381 "$PID_ANSWER" hyper-answer
 wait_port 19382 "$PID_REPLAY" hyper-replay
 wait_port 19383 "$PID_GATEWAY" gateway
