@@ -38,10 +38,7 @@ methods = ["POST"]
 required = true
 on_conflict = "reject"
 TOML
-cat >"$WORK/fixed.lua" <<LUA
-wrk.method = "POST"; wrk.body = '$BODY'
-wrk.headers["Content-Type"] = "application/json"; wrk.headers["Idempotency-Key"] = "cpu-split"
-LUA
+write_wrk_scripts "$BODY"
 
 start_nginx_upstream 19380 "$RESPONSE"
 "$FLOOR" 127.0.0.1:19381 --answer "$RESPONSE" >/dev/null 2>&1 & PID_ANSWER=$!; PIDS+=($!)
@@ -68,7 +65,7 @@ sample() {
 measure() { # label pid port sched
     local wrk=(wrk) a b t0 t1 rps
     [[ $4 == batch ]] && wrk=(chrt --batch 0 wrk)
-    "${wrk[@]}" -t2 -c32 -d6s -s "$WORK/fixed.lua" "http://127.0.0.1:$3/payments" >"$WORK/wrk.out" &
+    "${wrk[@]}" -t2 -c32 -d6s -s "$WORK/fixed_key.lua" "http://127.0.0.1:$3/payments" -- cpu-split >"$WORK/wrk.out" &
     local w=$!
     sleep 1.5
     a=$(sample "$2") t0=$(date +%s.%N)

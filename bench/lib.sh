@@ -70,7 +70,8 @@ wait_port() { # port pid name [seconds, default 30]
     done
 }
 
-# nginx on 127.0.0.1:PORT answering POST /payments with 201 and RESPONSE (one worker);
+# nginx on 127.0.0.1:PORT answering POST /payments with 201 and RESPONSE (one worker),
+# and /plain the same (a path a gateway config can leave uncovered, for pass-through);
 # anything else gets 405 or 404, so that a broken script shows in the error count.
 start_nginx_upstream() { # port response
     local port=$1 response=$2 user_line=""
@@ -101,6 +102,7 @@ http {
             if (\$request_method != POST) { return 405; }
             return 201 '$response';
         }
+        location = /plain { return 201 '$response'; }
         location / { return 404; }
     }
 }
