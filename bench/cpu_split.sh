@@ -32,12 +32,7 @@ source "$ROOT/bench/lib.sh"
 command -v wrk >/dev/null || die "needs wrk (bench/gateway.sh installs it)"
 TICK=$(getconf CLK_TCK)
 
-cat >"$WORK/oncely.toml" <<TOML
-[defaults]
-methods = ["POST"]
-required = true
-on_conflict = "reject"
-TOML
+write_replay_config
 write_wrk_scripts "$BODY"
 
 start_nginx_upstream 19380 "$RESPONSE"

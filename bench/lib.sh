@@ -1,4 +1,5 @@
-# Shared by the bench scripts that source it (bench/tls.sh and bench/dynamodb.sh;
+# Shared by the bench scripts that source it (tls.sh, dynamodb.sh, cpu_split.sh,
+# profile_vs_floor.sh, instructions.sh;
 # bench/gateway.sh and postgres.sh still carry their own copies of these and should move
 # here): logging, cleanup of what a script starts, installing tools, ports, an nginx
 # upstream, and the wrk scripts.
@@ -110,6 +111,17 @@ CONF
     "$nginx" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" >"$WORK/logs/nginx.out.log" 2>&1 &
     PIDS+=($!)
     wait_port "$port" "${PIDS[-1]}" nginx
+}
+
+# $WORK/oncely.toml: the gateway's configuration for measuring replays of one key: POST
+# keyed and a key required, a duplicate meeting a running operation refused at once.
+write_replay_config() {
+    cat >"$WORK/oncely.toml" <<TOML
+[defaults]
+methods = ["POST"]
+required = true
+on_conflict = "reject"
+TOML
 }
 
 # wrk scripts in $WORK posting BODY to /payments, each printing one line

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The instructions a replay costs, counted, not timed: the gateway replaying one key from
+# memory://, and the design's replay floor (`floor_proxy --replay`), each run under
+# valgrind's callgrind while a client on one keep-alive connection sends SHORT and then
+# LONG replays of the key. (LONG - SHORT) requests' worth of instructions, divided by
+# their number, is what one replay costs in user space, start-up and shutdown cancelled
+# out. Unlike time on a shared, noisy two-core box, the count varies by well under 1%
+# between runs, so a change that saves a few hundred instructions a replay shows. What it
+# does not show: cache misses, contention between cores, and the kernel (see
+# bench/cpu_split.sh for those).
+#
+#   ONCELY_BIN=target/release/oncely FLOOR_BIN=target/release/examples/floor_proxy \
+#     bash bench/instructions.sh [BASELINE_BIN]
+#
+# With BASELINE_BIN, a second gateway binary is counted the same way, and callgrind's
+# per-function counts of the two are kept in the results directory
+# (`callgrind_annotate` them, or diff the `*.top` files). Knobs: SHORT=200, LONG=2200,
+# KEYS=new (a new key per request instead of replays: the gateway forwards each to an
+# nginx upstream, which is not counted; the floor row is then hyper-floor forwarding).
+# Needs valgrind (installed when missing) and python3.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ONCELY=${ONCELY_BIN:-$ROOT/target/release/oncely}
+FLOOR=${FLOOR_BIN:-$ROOT/target/release/examples/floor_proxy}
+BASELINE=${1:-}
+SHORT=${SHORT:-200}
+LONG=${LONG:-2200}
+KEYS=${KEYS:-replays}
+RESPONSE='{"id":"ch_1","amount":1999}'
+BODY='{"amount":1999,"currency":"usd"}'
+PIDS=()
+WORK=$(mktemp -d /tmp/oncely-instructions.XXXXXX)
+RESULTS_DIR=$ROOT/target/bench-instructions/$(date -u +%Y%m%dT%H%M%SZ)
+BENCH_NAME=instructions.sh
+source "$ROOT/bench/lib.sh"
+[[ $KEYS == replays || $KEYS == new ]] || die "KEYS is replays or new"
+mkdir -p "$RESULTS_DIR" "$WORK/logs"
+command -v valgrind >/dev/null || install_packages valgrind
+command -v nginx >/dev/null || install_packages nginx-light
+
+write_replay_config
+
+# Sends N replays of one key on one connection (the first request stores it), or N + 1
+# requests with a new key each.
+cat >"$WORK/client.py" <<'PY'
+import http.client, sys, uuid
+port, n, body, keys = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode(), sys.argv[4]
+conn = http.client.HTTPConnection("127.0.0.1", port)
+run = uuid.uuid4().hex
+for i in range(n + 1):
+    key = f"instructions-{run}-{i}" if keys == "new" else "instructions"
+    conn.request("POST", "/payments", body=body, headers={"Content-Type": "application/json", "Idempotency-Key": key})
+    response = conn.getresponse()
+    response.read()
+    replayed = response.getheader("Idempotent-Replayed") == "true"
+    if response.status != 201 or replayed != (keys == "replays" and i > 0):
+        sys.exit(f"request {i}: status {response.status}, replayed {replayed}")
+PY
+
+start_nginx_upstream 19480 "$RESPONSE"
+
+# Total instructions of one run of `name` (command after the name) serving N replays.
+count() { # name requests command...
+    local name=$1 requests=$2 out="$WORK/$1-$2.callgrind"
+    shift 2
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >"$WORK/logs/$name-$requests.log" 2>&1 &
+    local pid=$!
+    PIDS+=("$pid")
+    wait_port 19481 "$pid" "$name" 120
+    python3 "$WORK/client.py" 19481 "$requests" "$BODY" "$KEYS"
+    kill -TERM "$pid"
+    wait "$pid" || true
+    [[ -s $out ]] || die "$name: callgrind wrote nothing; see $WORK/logs"
+    awk '/^summary:/ { print $2 }' "$out"
+}
+
+per_replay() { # name command...
+    local name=$1 short long
+    shift
+    short=$(count "$name" "$SHORT" "$@")
+    long=$(count "$name" "$LONG" "$@")
+    cp "$WORK/$name-$LONG.callgrind" "$RESULTS_DIR/"
+    callgrind_annotate --inclusive=no "$RESULTS_DIR/$name-$LONG.callgrind" 2>/dev/null | head -60 >"$RESULTS_DIR/$name.top" || true
+    awk -v s="$short" -v l="$long" -v n=$((LONG - SHORT)) -v name="$name" \
+        'BEGIN { printf "| %s | %d | %d | %.0f |\n", name, s, l, (l - s) / n }'
+}
+
+gateway() { # binary
+    echo "$1" --log-level warn serve --upstream http://127.0.0.1:19480 --listen 127.0.0.1:19481 \
+        --store memory:// --config "$WORK/oncely.toml"
+}
+
+log "counting; results in $RESULTS_DIR"
+{
+    echo "| server ($KEYS) | instructions, $SHORT requests | instructions, $LONG requests | instructions per request |"
+    echo "|---|---:|---:|---:|"
+    if [[ $KEYS == replays ]]; then
+        per_replay hyper-replay "$FLOOR" 127.0.0.1:19481 --replay "$RESPONSE"
+    else
+        per_replay hyper-floor "$FLOOR" 127.0.0.1:19481 127.0.0.1:19480
+    fi
+    # shellcheck disable=SC2046 # the command's words
+    per_replay gateway $(gateway "$ONCELY")
+    if [[ -n $BASELINE ]]; then
+        # shellcheck disable=SC2046
+        per_replay baseline $(gateway "$BASELINE")
+    fi
+} | tee "$RESULTS_DIR/summary.md"
