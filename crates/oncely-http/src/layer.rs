@@ -421,19 +421,30 @@ pub struct Policy {
 
 /// How many operations each scope runs at the moment, for
 /// [`IdempotencyLayer::max_in_progress_per_scope`].
+///
+/// Hashed with foldhash (seeded per map, minimally resistant to crafted collisions): every
+/// keyed request takes and gives back a place, two to four look-ups that SipHash made cost
+/// some 150 instructions each. The map holds only the scopes with a request in progress,
+/// at most the connection caps' worth, so a client that crafted colliding scopes could
+/// lengthen only look-ups in a map that small.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct InProgressCounts(Arc<std::sync::Mutex<std::collections::HashMap<Scope, usize>>>);
+pub(crate) struct InProgressCounts(
+    Arc<std::sync::Mutex<std::collections::HashMap<Scope, usize, foldhash::quality::RandomState>>>,
+);
 
 impl InProgressCounts {
     /// Takes one of `scope`'s `max` places; `None` when all are taken. The place is given
     /// back when the returned value drops.
     pub(crate) fn take(&self, scope: &Scope, max: usize) -> Option<InProgressPlace> {
         let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = counts.entry(scope.clone()).or_insert(0);
-        if *count >= max {
-            return None;
+        match counts.get_mut(scope) {
+            Some(count) if *count >= max => return None,
+            Some(count) => *count += 1,
+            None if max == 0 => return None,
+            None => {
+                counts.insert(scope.clone(), 1);
+            }
         }
-        *count += 1;
         Some(InProgressPlace { counts: self.clone(), scope: scope.clone() })
     }
 }

@@ -249,6 +249,16 @@ impl fmt::Display for Scope {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorageKey([u8; 32]);
 
+/// A map keyed by storage key, as the engine and the memory store keep them. A storage
+/// key is a SHA-256 digest; hashing it again with SipHash, the standard map's hasher,
+/// cost some 270 instructions a look-up, and a replay from memory makes two (its record,
+/// its hit count; `bench/instructions.sh`). foldhash (hashbrown's default hasher) does it
+/// in a few dozen. Its per-map seed (from addresses and the time, not the OS's random
+/// source) gives only minimal resistance to crafted collisions, which is enough here: a
+/// client chooses keys, not digests, and could steer a digest only by brute force over
+/// SHA-256 against a seed it does not know.
+pub(crate) type KeyMap<V> = std::collections::HashMap<StorageKey, V, foldhash::quality::RandomState>;
+
 impl StorageKey {
     /// Derives the storage key of `key` in `scope`.
     pub fn derive(scope: &Scope, key: &IdempotencyKey) -> Self {

@@ -1,6 +1,5 @@
 //! [`DeferredCompletions`]: results that ran but could not be stored yet.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -83,7 +82,7 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct State {
-    pending: HashMap<StorageKey, Pending>,
+    pending: crate::key::KeyMap<Pending>,
     writer_running: bool,
 }
 

@@ -11,7 +11,6 @@
 //! shutdown. Counts are statistics: nothing decides on them, so losing some never lets
 //! an operation run twice.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -27,7 +26,7 @@ pub(crate) const MAX_PENDING_KEYS: usize = 100_000;
 
 #[derive(Debug, Default)]
 pub(crate) struct HitCounts {
-    shards: [Mutex<HashMap<StorageKey, u64>>; SHARDS],
+    shards: [Mutex<crate::key::KeyMap<u64>>; SHARDS],
     /// How many keys hold a count. Every access to it and to `flusher_running` is
     /// `SeqCst`: a replay adds its key, then checks the flag; the flusher clears the flag,
     /// then checks for keys. Only a single total order guarantees that one of the two
@@ -39,7 +38,7 @@ pub(crate) struct HitCounts {
 }
 
 impl HitCounts {
-    fn shard(&self, key: &StorageKey) -> std::sync::MutexGuard<'_, HashMap<StorageKey, u64>> {
+    fn shard(&self, key: &StorageKey) -> std::sync::MutexGuard<'_, crate::key::KeyMap<u64>> {
         let index = usize::from(key.as_bytes()[0]) % SHARDS;
         self.shards[index].lock().unwrap_or_else(PoisonError::into_inner)
     }

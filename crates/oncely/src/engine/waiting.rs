@@ -20,7 +20,6 @@
 //! What a turn's claim saw of the holder's lease is shared, so that members that skip
 //! their turn time their next wake on the renewed lease, not on the one they saw.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -36,7 +35,7 @@ use crate::StorageKey;
 /// lock, so two members leaving at once could each see the other still there).
 #[derive(Debug, Default)]
 pub(crate) struct WaitGroups {
-    groups: Mutex<HashMap<StorageKey, (Arc<Group>, usize)>>,
+    groups: Mutex<crate::key::KeyMap<(Arc<Group>, usize)>>,
 }
 
 /// The waiters of one key.

@@ -32,7 +32,7 @@
 //!   records that were in progress when the bound was reached; from then on every new
 //!   record is refused until expiry, `delete` or `release` brings the count back under.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
@@ -112,7 +112,7 @@ struct Inner {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<StorageKey, Entry>,
+    map: crate::key::KeyMap<Entry>,
     /// Every record of the shard by `(expires_at, key)`: the sweep and eviction order.
     by_expiry: BTreeSet<(SystemTime, StorageKey)>,
 }

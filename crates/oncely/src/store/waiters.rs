@@ -13,7 +13,6 @@
 //! last subscription of a key to be dropped removes it too, so keys that never change do
 //! not accumulate.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -42,11 +41,11 @@ use tokio::sync::futures::OwnedNotified;
 /// ```
 #[derive(Default)]
 pub struct Waiters {
-    map: Mutex<HashMap<StorageKey, Arc<Notify>>>,
+    map: Mutex<crate::key::KeyMap<Arc<Notify>>>,
 }
 
 impl Waiters {
-    fn lock(&self) -> MutexGuard<'_, HashMap<StorageKey, Arc<Notify>>> {
+    fn lock(&self) -> MutexGuard<'_, crate::key::KeyMap<Arc<Notify>>> {
         // The map is only ever inserted into and removed from: a panic elsewhere while it
         // was held cannot leave it inconsistent, so poisoning carries no information.
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
