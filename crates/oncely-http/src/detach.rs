@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::runtime::Handle;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 /// Polls `work` in place and, when dropped before `work` is done (the client hung up, so
 /// hyper dropped the request's future), moves it into a task of its own. With a tracker,
@@ -24,17 +24,17 @@ use tokio_util::task::TaskTracker;
 /// `JoinError` would be.
 pub(crate) struct Detachable<T: Send + 'static> {
     work: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+    /// What counts `work` in the tracker, in place and then in its task.
+    token: Option<TaskTrackerToken>,
     /// The runtime the work started on, where it goes on if dropped.
     runtime: Option<Handle>,
 }
 
 impl<T: Send + 'static> Detachable<T> {
-    pub(crate) fn new(work: impl Future<Output = T> + Send + 'static, tracker: Option<&TaskTracker>) -> Self {
-        let work: Pin<Box<dyn Future<Output = T> + Send>> = match tracker {
-            Some(tracker) => Box::pin(tracker.track_future(work)),
-            None => Box::pin(work),
-        };
-        Self { work: Some(work), runtime: Handle::try_current().ok() }
+    /// `work` comes boxed: a keyed request's work is a large future, and built in its
+    /// box by the caller it is not copied again on its way in.
+    pub(crate) fn new(work: Pin<Box<dyn Future<Output = T> + Send>>, tracker: Option<&TaskTracker>) -> Self {
+        Self { work: Some(work), token: tracker.map(TaskTracker::token), runtime: Handle::try_current().ok() }
     }
 }
 
@@ -50,11 +50,13 @@ impl<T: Send + 'static> Future for Detachable<T> {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(output)) => {
                 this.work = None;
+                this.token = None;
                 Poll::Ready(Ok(output))
             }
             Err(panic) => {
                 // A panicked future must not be polled again, nor handed to a task.
                 this.work = None;
+                this.token = None;
                 Poll::Ready(Err(panic))
             }
         }
@@ -67,7 +69,13 @@ impl<T: Send + 'static> Drop for Detachable<T> {
         match &self.runtime {
             // On a runtime that is shutting down the task is dropped, as a task spawned
             // at the start would have been.
-            Some(runtime) => drop(runtime.spawn(async move { drop(work.await) })),
+            Some(runtime) => {
+                let token = self.token.take();
+                drop(runtime.spawn(async move {
+                    drop(work.await);
+                    drop(token);
+                }));
+            }
             None => tracing::warn!("a keyed request's work was created outside a Tokio runtime and dropped unfinished"),
         }
     }

@@ -266,7 +266,7 @@ where
     // whose caller has gone) nor the operation, whose result is stored for the retry. It
     // runs here, and moves into a task of its own only if this future is dropped.
     let settings_for_task = Arc::clone(&settings);
-    let claim_and_run = claim_and_run(inner, oncely, settings_for_task, key, parts, body);
+    let claim_and_run = Box::pin(claim_and_run(inner, oncely, settings_for_task, key, parts, body));
     match Detachable::new(claim_and_run, settings.tracker.as_ref()).await {
         Ok(result) => result,
         Err(panic) => {
@@ -318,13 +318,13 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let started = std::time::Instant::now();
+    // The line's fields, its clock read included, are gathered only when it is written.
     let log = tracing::enabled!(target: "oncely::access", tracing::Level::INFO)
-        .then(|| (parts.method.clone(), parts.uri.path().to_string()));
+        .then(|| (parts.method.clone(), parts.uri.path().to_string(), std::time::Instant::now()));
     // The storage key is hashed again for the line only when the line is written.
     let mut storage_key = log.is_some().then_some(None);
     let result = decide(inner, oncely, settings, key, parts, body, &mut storage_key).await;
-    if let Some((method, path)) = log {
+    if let Some((method, path, started)) = log {
         let (status, outcome) = match &result {
             Ok((response, outcome)) => (response.status().as_u16(), outcome.as_str()),
             Err(_) => (0, Outcome::Unknown.as_str()),
@@ -461,8 +461,6 @@ where
         *slot = Some(StorageKey::derive(&scope, &key));
     }
     let engine = oncely.scoped(scope.clone());
-    // Handlers read the key through the extensions, whichever header the layer reads.
-    parts.extensions.insert(key.clone());
     // Taken before the claim (a claim given back after a takeover would lose the news
     // that its first attempt may have acted); a replay or refusal gives it back at once.
     let Some(place) = settings.in_progress.take(&scope, settings.max_in_progress_per_scope) else {
@@ -474,13 +472,16 @@ where
         let problem = answer(&settings, ProblemKind::TooManyInProgress, &detail, Some(STORE_RETRY_AFTER));
         return Ok((problem, Outcome::Refused));
     };
-    let asked_at = std::time::SystemTime::now();
+    // Only a request that may wait can have waited (a clock read saved on every replay
+    // in reject mode).
+    let waits = matches!(engine.config().conflict, oncely::ConflictMode::Wait { .. });
+    let asked_at = waits.then(std::time::SystemTime::now);
     let guard = match engine.acquire(&key, Some(fingerprint)).await {
         Ok(Acquired::Execute(guard)) => guard,
         Ok(Acquired::Replay(stored)) => {
             settings.counters.replayed.increment(1);
             // Completed after this request asked: it met the operation running and waited.
-            let waited = stored.completed_at > asked_at;
+            let waited = asked_at.is_some_and(|asked_at| stored.completed_at > asked_at);
             let (response, unknown) = replay(&key, stored, &settings);
             let outcome = match (unknown, waited) {
                 (true, _) => Outcome::Unknown,
@@ -505,7 +506,9 @@ where
         {
             tracing::warn!(%key, error = %e, "idempotency store failed; passing the request through (fail-open)");
             settings.counters.failed_open.increment(1);
-            let response = inner.call(Request::from_parts(parts, Either::Left(Full::new(body)))).await?;
+            parts.extensions.insert(key);
+            // Boxed, as `execute` below: this future stays small for the replays.
+            let response = Box::pin(inner.call(Request::from_parts(parts, Either::Left(Full::new(body))))).await?;
             return Ok((response.map(boxed), Outcome::FailedOpen));
         }
         Err(e @ Error::Store(StoreError::Capacity { .. })) => {
@@ -521,13 +524,18 @@ where
             return Ok((problem, Outcome::Refused));
         }
     };
+    // Handlers read the key through the extensions, whichever header the layer reads.
+    parts.extensions.insert(key);
     if guard.is_takeover() {
         parts.extensions.insert(Takeover);
         if let Some(name) = &settings.takeover_header {
             parts.headers.insert(name.clone(), HeaderValue::from_static("true"));
         }
     }
-    execute(inner, Request::from_parts(parts, Either::Left(Full::new(body))), guard, settings, place).await
+    // Boxed: the operation's future (the inner service's, its settling, the renewal) is
+    // large, and inline it would make every replay's future as large, copied on each
+    // move. One allocation for an execution, none for a replay.
+    Box::pin(execute(inner, Request::from_parts(parts, Either::Left(Full::new(body))), guard, settings, place)).await
 }
 
 /// Bodies at least this large are fingerprinted on the blocking pool: hashing and
@@ -546,6 +554,17 @@ async fn fingerprint(
     if body.len() < BLOCKING_FINGERPRINT && !is_gzip(parts) {
         return request_fingerprint_with(parts, body, max_decoded, rules);
     }
+    // Boxed: inline, this rare path's future would make every keyed request's larger.
+    Box::pin(fingerprint_off_the_workers(parts, body, max_decoded, rules)).await
+}
+
+/// [`fingerprint`] on the blocking pool.
+async fn fingerprint_off_the_workers(
+    parts: &http::request::Parts,
+    body: &Bytes,
+    max_decoded: usize,
+    rules: &FingerprintRules,
+) -> Result<Fingerprint, DecodedBodyTooLarge> {
     let mut head = Request::new(());
     *head.method_mut() = parts.method.clone();
     *head.uri_mut() = parts.uri.clone();

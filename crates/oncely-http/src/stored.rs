@@ -118,7 +118,9 @@ impl StoredResponse {
         let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| "invalid stored status")?;
         let count = bytes.get_u16();
         // `with_capacity` panics past the map's limit: size it modestly and let it grow.
-        let mut headers = HeaderMap::with_capacity(usize::from(count).min(64));
+        // Two more than stored: a replay adds `Idempotent-Replayed` (and, for an error,
+        // `Should-Retry`) without growing the map.
+        let mut headers = HeaderMap::with_capacity(usize::from(count).min(64) + 2);
         for _ in 0..count {
             need(&bytes, 2)?;
             let len = bytes.get_u16() as usize;

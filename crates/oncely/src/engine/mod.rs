@@ -430,7 +430,15 @@ impl<S: Store> Oncely<S> {
     /// Starts the flusher when none runs.
     fn count_hit(&self, key: &StorageKey) -> u64 {
         let pending = self.shared.hits.add(key, 1);
-        if !self.shared.hits.flusher_running.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        // Loaded before it is swapped: a running flusher (the usual case under replays)
+        // costs a read of a shared cache line, not a write to it. The load is `SeqCst`
+        // like the swap, so `HitCounts`'s ordering argument holds: a load that sees the
+        // flag set is ordered before the flusher's clearing of it, and so the flusher's
+        // check for keys, which follows that clearing, sees this replay's count.
+        let running = &self.shared.hits.flusher_running;
+        if !running.load(std::sync::atomic::Ordering::SeqCst)
+            && !running.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             start_flusher(&self.shared);
         }
         pending
