@@ -225,7 +225,7 @@ pub fn valid_host(host: &str) -> bool {
         },
         None => {
             let (name, port) = host.find(':').map_or((host, ""), |at| host.split_at(at));
-            let unreserved = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+            let unreserved = |b: u8| matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~');
             (!name.is_empty() && name.len() <= 253 && name.bytes().all(unreserved), port)
         }
     };

@@ -4,7 +4,8 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use metrics::Histogram;
@@ -100,10 +101,18 @@ impl<S> Instrumented<S> {
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 async fn timed<T>(op: &Histogram, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
-    let started = Instant::now();
-    let result = match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Ok(result) => result,
-        Err(_) => Err(StoreError::timeout(format!("no answer within {CALL_TIMEOUT:?}"))),
+    let started = tokio::time::Instant::now();
+    let mut call = std::pin::pin!(call);
+    // A call that answers when first polled (memory://, most of all) cannot hang and
+    // arms no timer, which would cost a clock read, a runtime look-up and a timer entry
+    // on every replay. One that waits is bounded from `started`, as if the timer had been
+    // armed before the first poll.
+    let result = match std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await {
+        Poll::Ready(result) => result,
+        Poll::Pending => match tokio::time::timeout_at(started + CALL_TIMEOUT, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::timeout(format!("no answer within {CALL_TIMEOUT:?}"))),
+        },
     };
     op.record(started.elapsed().as_secs_f64());
     result
@@ -174,7 +183,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_store_call_that_never_answers_times_out() {
         let silent = std::future::pending::<Result<(), StoreError>>();
+        let started = tokio::time::Instant::now();
         assert!(matches!(timed(&Histogram::noop(), silent).await, Err(StoreError::Timeout(_))));
+        assert_eq!(started.elapsed(), CALL_TIMEOUT, "bounded from the call's start");
+        let slow = async {
+            tokio::time::sleep(CALL_TIMEOUT - Duration::from_millis(1)).await;
+            Ok::<_, StoreError>(7)
+        };
+        assert_eq!(timed(&Histogram::noop(), slow).await.ok(), Some(7), "an answer within the bound is kept");
     }
 
     #[tokio::test]
