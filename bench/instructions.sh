@@ -59,7 +59,7 @@ PY
 
 start_nginx_upstream 19480 "$RESPONSE"
 
-# Total instructions of one run of `name` (command after the name) serving N replays.
+# Total instructions of one run of `name` (command after the name) serving N requests.
 count() { # name requests command...
     local name=$1 requests=$2 out="$WORK/$1-$2.callgrind"
     shift 2
@@ -74,7 +74,7 @@ count() { # name requests command...
     awk '/^summary:/ { print $2 }' "$out"
 }
 
-per_replay() { # name command...
+per_request() { # name command...
     local name=$1 short long
     shift
     short=$(count "$name" "$SHORT" "$@")
@@ -85,24 +85,20 @@ per_replay() { # name command...
         'BEGIN { printf "| %s | %d | %d | %.0f |\n", name, s, l, (l - s) / n }'
 }
 
-gateway() { # binary
-    echo "$1" --log-level warn serve --upstream http://127.0.0.1:19480 --listen 127.0.0.1:19481 \
-        --store memory:// --config "$WORK/oncely.toml"
-}
+GATEWAY_ARGS=(--log-level warn serve --upstream http://127.0.0.1:19480 --listen 127.0.0.1:19481
+    --store memory:// --config "$WORK/oncely.toml")
 
 log "counting; results in $RESULTS_DIR"
 {
     echo "| server ($KEYS) | instructions, $SHORT requests | instructions, $LONG requests | instructions per request |"
     echo "|---|---:|---:|---:|"
     if [[ $KEYS == replays ]]; then
-        per_replay hyper-replay "$FLOOR" 127.0.0.1:19481 --replay "$RESPONSE"
+        per_request hyper-replay "$FLOOR" 127.0.0.1:19481 --replay "$RESPONSE"
     else
-        per_replay hyper-floor "$FLOOR" 127.0.0.1:19481 127.0.0.1:19480
+        per_request hyper-floor "$FLOOR" 127.0.0.1:19481 127.0.0.1:19480
     fi
-    # shellcheck disable=SC2046 # the command's words
-    per_replay gateway $(gateway "$ONCELY")
+    per_request gateway "$ONCELY" "${GATEWAY_ARGS[@]}"
     if [[ -n $BASELINE ]]; then
-        # shellcheck disable=SC2046
-        per_replay baseline $(gateway "$BASELINE")
+        per_request baseline "$BASELINE" "${GATEWAY_ARGS[@]}"
     fi
 } | tee "$RESULTS_DIR/summary.md"
