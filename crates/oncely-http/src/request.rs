@@ -119,10 +119,22 @@ pub fn request_fingerprint_with(
     max_decoded_body: usize,
     rules: &FingerprintRules,
 ) -> Result<Fingerprint, DecodedBodyTooLarge> {
+    fingerprint_gzip_known(parts, is_gzip(parts), body, max_decoded_body, rules)
+}
+
+/// [`request_fingerprint_with`] for a caller that has already read whether the body is
+/// gzip ([`is_gzip`]), so that the header is looked up once per request.
+pub(crate) fn fingerprint_gzip_known(
+    parts: &Parts,
+    gzip: bool,
+    body: &[u8],
+    max_decoded_body: usize,
+    rules: &FingerprintRules,
+) -> Result<Fingerprint, DecodedBodyTooLarge> {
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let media_type =
         parts.headers.get(header::CONTENT_TYPE).map(|v| MediaType::parse(v.as_bytes())).unwrap_or_default();
-    let decoded = if is_gzip(parts) { gunzip(body, max_decoded_body)? } else { None };
+    let decoded = if gzip { gunzip(body, max_decoded_body)? } else { None };
     let body = decoded.as_deref().unwrap_or(body);
     let canonical = if media_type.is_json() { Fingerprint::from_json_ignoring(body, &rules.ignore).ok() } else { None };
     let body_part: &[u8] = match &canonical {

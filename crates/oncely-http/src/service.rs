@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt, stream};
-use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, BodyStream, Either, Full, LengthLimitError, Limited, StreamBody};
 use oncely::{Acquired, ClaimGuard, Error, Fingerprint, IdempotencyKey, Oncely, Replay, StorageKey, Store, StoreError};
@@ -19,7 +19,8 @@ use crate::detach::Detachable;
 use crate::layer::{IdempotencyLayer, InProgressPlace};
 use crate::problem::{Problem, ProblemKind, SHOULD_RETRY};
 use crate::request::{
-    DecodedBodyTooLarge, FingerprintRules, gunzip, is_gzip, key_from_json_body, request_fingerprint_with,
+    DecodedBodyTooLarge, FingerprintRules, fingerprint_gzip_known, gunzip, is_gzip, key_from_json_body,
+    request_fingerprint_with,
 };
 use crate::settings::Settings;
 use crate::stored::{StoredBody, StoredResponse};
@@ -551,8 +552,9 @@ async fn fingerprint(
     max_decoded: usize,
     rules: &FingerprintRules,
 ) -> Result<Fingerprint, DecodedBodyTooLarge> {
-    if body.len() < BLOCKING_FINGERPRINT && !is_gzip(parts) {
-        return request_fingerprint_with(parts, body, max_decoded, rules);
+    let gzip = is_gzip(parts);
+    if body.len() < BLOCKING_FINGERPRINT && !gzip {
+        return fingerprint_gzip_known(parts, false, body, max_decoded, rules);
     }
     // Boxed: inline, this rare path's future would make every keyed request's larger.
     Box::pin(fingerprint_off_the_workers(parts, body, max_decoded, rules)).await
@@ -837,19 +839,29 @@ fn replayable_headers(headers: &HeaderMap, settings: &Settings) -> HeaderMap {
     kept
 }
 
+/// What every replay of a kept response adds to its stored headers: the replay marker
+/// and, for an error, `Stripe-Should-Retry: false` (the same answer, whatever the retry:
+/// an SDK must stop here). A function of the response and the marker alone, as
+/// [`StoredResponse::decode_for_replay`] requires.
+fn mark_replay(stored: &mut StoredResponse, marker: &HeaderName) {
+    if let StoredBody::Kept(_) = stored.body {
+        if stored.status.is_client_error() || stored.status.is_server_error() {
+            stored.headers.insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+        }
+        stored.headers.insert(marker.clone(), HeaderValue::from_static("true"));
+    }
+}
+
 /// The replay of a stored response, and whether it is an unknown outcome.
 fn replay(key: &IdempotencyKey, stored: Replay, settings: &Settings) -> (Response<ResponseBody>, bool) {
     let mut unknown = false;
-    let mut response = match StoredResponse::decode(stored.payload) {
+    let mut response = match StoredResponse::decode_for_replay(stored.payload, &settings.replayed_header, mark_replay) {
         Ok(StoredResponse { status, headers, body: StoredBody::Kept(body) }) => {
+            // Marked by `mark_replay` already.
             let mut response = Response::new(full(body));
             *response.status_mut() = status;
             *response.headers_mut() = headers;
-            if status.is_client_error() || status.is_server_error() {
-                // The same answer, whatever the retry: an SDK must stop here.
-                response.headers_mut().insert(SHOULD_RETRY, HeaderValue::from_static("false"));
-            }
-            response
+            return (response, false);
         }
         Ok(StoredResponse { body: StoredBody::NotKept, .. }) => answer(
             settings,

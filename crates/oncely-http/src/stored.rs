@@ -143,6 +143,101 @@ impl StoredResponse {
     }
 }
 
+/// Stored responses already decoded on this thread, so that the replays of a hot key do
+/// not parse the same header names and values again each time.
+///
+/// A payload goes through the memo only when something else holds its allocation too
+/// (the memory store, the replay cache): only such a payload can come back as the same
+/// allocation. A payload read afresh from a store (Redis, SQLite) is owned by this replay
+/// alone and is decoded directly.
+///
+/// **Invariant (why a hit is exact):** a slot keeps a clone of the payload it decoded,
+/// so that allocation stays alive, immutable (`Bytes` is never written through while
+/// shared), and cannot be reused for another payload while the slot holds it. A payload
+/// at the same address with the same length is therefore the same bytes. What a slot
+/// holds is a function of those bytes and of the marker it was finished with, which the
+/// slot also keeps and a hit compares. The memo changes the cost of a replay, never its
+/// answer.
+///
+/// **Bounds:** [`MEMO_SLOTS`](memo::MEMO_SLOTS) slots per thread, each for a payload of
+/// at most [`MEMO_MAX_PAYLOAD`](memo::MEMO_MAX_PAYLOAD) bytes; a slot is overwritten by
+/// the next payload that maps to it. A slot may keep a deleted record's payload alive
+/// until then: at most 64 × 16 KiB = 1 MiB per thread.
+mod memo {
+    use super::StoredResponse;
+    use bytes::Bytes;
+    use http::HeaderName;
+    use std::cell::RefCell;
+
+    pub(super) const MEMO_SLOTS: usize = 64;
+    pub(super) const MEMO_MAX_PAYLOAD: usize = 16 * 1024;
+
+    struct Slot {
+        payload: Bytes,
+        marker: HeaderName,
+        ready: StoredResponse,
+    }
+
+    thread_local! {
+        static SLOTS: RefCell<[Option<Slot>; MEMO_SLOTS]> = const { RefCell::new([const { None }; MEMO_SLOTS]) };
+    }
+
+    /// The slot of an allocation: its address, mixed (Fibonacci hashing), top 6 bits.
+    fn slot_of(payload: &Bytes) -> usize {
+        const { assert!(MEMO_SLOTS == 64) };
+        ((payload.as_ptr() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize
+    }
+
+    pub(super) fn ready(
+        payload: Bytes,
+        marker: &HeaderName,
+        finish: fn(&mut StoredResponse, &HeaderName),
+    ) -> Result<StoredResponse, &'static str> {
+        let fresh = |payload: Bytes| {
+            let mut ready = StoredResponse::decode(payload)?;
+            finish(&mut ready, marker);
+            Ok(ready)
+        };
+        if payload.len() > MEMO_MAX_PAYLOAD || payload.is_empty() || payload.is_unique() {
+            return fresh(payload);
+        }
+        let index = slot_of(&payload);
+        // `try_with`: a thread being torn down goes without the memo.
+        let hit = SLOTS.try_with(|slots| {
+            let slots = slots.try_borrow().ok()?;
+            let slot = slots[index].as_ref()?;
+            let same = slot.payload.as_ptr() == payload.as_ptr()
+                && slot.payload.len() == payload.len()
+                && slot.marker == marker;
+            same.then(|| slot.ready.clone())
+        });
+        if let Ok(Some(ready)) = hit {
+            return Ok(ready);
+        }
+        let ready = fresh(payload.clone())?;
+        let _ = SLOTS.try_with(|slots| {
+            if let Ok(mut slots) = slots.try_borrow_mut() {
+                slots[index] = Some(Slot { payload, marker: marker.clone(), ready: ready.clone() });
+            }
+        });
+        Ok(ready)
+    }
+}
+
+impl StoredResponse {
+    /// [`decode`](Self::decode)s `payload` and applies `finish` with `marker` (what every
+    /// replay of it adds), through this thread's memo: the same result, computed once per
+    /// hot record. `finish` must be a function of the response and `marker` alone (see
+    /// the `memo` module for why a hit is exact).
+    pub(crate) fn decode_for_replay(
+        payload: Bytes,
+        marker: &HeaderName,
+        finish: fn(&mut StoredResponse, &HeaderName),
+    ) -> Result<Self, &'static str> {
+        memo::ready(payload, marker, finish)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +257,52 @@ mod tests {
         assert_eq!(StoredResponse::decode(unknown.encode()), Ok(unknown.clone()));
         assert_eq!(stored_kind(&unknown.encode()), Some(StoredKind::OutcomeUnknown));
         assert_eq!(stored_kind(&marker.encode()), Some(StoredKind::NotKept(StatusCode::OK)));
+    }
+
+    #[test]
+    fn the_memo_answers_each_payload_with_its_own_decoding() {
+        // More payloads than slots, all held elsewhere (as a store holds them), decoded
+        // in an order that makes them evict each other, some more than once.
+        let payloads: Vec<Bytes> = (0..300u32)
+            .map(|i| {
+                let mut headers = HeaderMap::new();
+                headers.insert("x-record", HeaderValue::from(i));
+                let body = StoredBody::Kept(Bytes::from(format!("body {i}")));
+                StoredResponse {
+                    status: StatusCode::from_u16(200 + (i % 100) as u16).expect("a status from 200 to 299"),
+                    headers,
+                    body,
+                }
+                .encode()
+            })
+            .collect();
+        // What a replay adds, so that a hit's answer shows which marker it was made with.
+        fn mark(response: &mut StoredResponse, marker: &HeaderName) {
+            response.headers.insert(marker.clone(), HeaderValue::from_static("true"));
+        }
+        let (marker, other) = (HeaderName::from_static("x-replayed"), HeaderName::from_static("x-other"));
+        for round in 0..3 {
+            for i in (0..payloads.len()).map(|i| (i * 7 + round) % payloads.len()) {
+                let shared = payloads[i].clone();
+                let marker = if round == 1 { &other } else { &marker };
+                let mut expected = StoredResponse::decode(payloads[i].clone());
+                if let Ok(expected) = &mut expected {
+                    mark(expected, marker);
+                }
+                assert_eq!(StoredResponse::decode_for_replay(shared, marker, mark), expected, "{i}");
+            }
+        }
+        // A payload owned by the replay alone, a garbled shared one, an empty one.
+        let unique = Bytes::from(payloads[1].to_vec());
+        let mut expected = StoredResponse::decode(payloads[1].clone());
+        if let Ok(expected) = &mut expected {
+            mark(expected, &marker);
+        }
+        assert_eq!(StoredResponse::decode_for_replay(unique, &marker, mark), expected);
+        let garbled = payloads[2].slice(..9);
+        assert!(StoredResponse::decode_for_replay(garbled.clone(), &marker, mark).is_err());
+        assert!(StoredResponse::decode_for_replay(garbled, &marker, mark).is_err(), "an error is not memoised");
+        assert!(StoredResponse::decode_for_replay(Bytes::new(), &marker, mark).is_err());
     }
 
     #[test]
