@@ -224,17 +224,31 @@ pub fn valid_host(host: &str) -> bool {
             None => return false,
         },
         None => {
-            let (name, port) = host.find(':').map_or((host, ""), |at| host.split_at(at));
-            let unreserved = |b: u8| matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~');
-            (!name.is_empty() && name.len() <= 253 && name.bytes().all(unreserved), port)
+            // A table look-up per byte: this runs on every request.
+            const UNRESERVED: [bool; 256] = {
+                let mut table = [false; 256];
+                let mut b = 0;
+                while b < 256 {
+                    let c = b as u8;
+                    table[b] = c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~');
+                    b += 1;
+                }
+                table
+            };
+            let bytes = host.as_bytes();
+            let at = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
+            let (name, port) = host.split_at(at);
+            (!name.is_empty() && name.len() <= 253 && name.bytes().all(|b| UNRESERVED[usize::from(b)]), port)
         }
     };
     let port_ok = match port {
         "" => true,
         p => p.strip_prefix(':').is_some_and(|digits| {
             (1..=5).contains(&digits.len())
-                && digits.bytes().all(|b| b.is_ascii_digit())
-                && digits.parse::<u16>().is_ok()
+                && digits
+                    .bytes()
+                    .try_fold(0u32, |n, b| b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0')))
+                    .is_some_and(|n| n <= u32::from(u16::MAX))
         }),
     };
     name_ok && port_ok
@@ -439,8 +453,17 @@ mod tests {
 
     #[test]
     fn only_plain_hosts_are_valid() {
-        for good in ["example.com", "example.com:8080", "127.0.0.1:7100", "[::1]:80", "[2001:db8::1]", "a_b.local", "x"]
-        {
+        for good in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:7100",
+            "[::1]:80",
+            "[2001:db8::1]",
+            "a_b.local",
+            "x",
+            "h:65535",
+            "h:0",
+        ] {
             assert!(valid_host(good), "{good}");
         }
         for bad in [
@@ -451,6 +474,10 @@ mod tests {
             "user@host",
             "host:",
             "host:99999",
+            "host:65536",
+            "host:+80",
+            "host:123456",
+            "\u{e9}.example",
             "host:8o",
             "[::1",
             "[::1]x",

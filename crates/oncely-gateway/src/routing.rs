@@ -194,7 +194,7 @@ fn check_host<B>(request: &Request<B>) -> Result<(), String> {
 /// the end of each segment; then [`normalize`]d. `None` when the path has none of `;`,
 /// `\` or `%`.
 pub fn lenient(path: &str) -> Option<String> {
-    if !path.contains([';', '\\', '%']) {
+    if !path.bytes().any(|b| matches!(b, b';' | b'\\' | b'%')) {
         return None;
     }
     let bytes = path.as_bytes();
@@ -241,10 +241,15 @@ pub fn lenient(path: &str) -> Option<String> {
 /// unreserved characters decoded (RFC 3986 §6.2.2.2), `.` and `..` segments removed
 /// (§5.2.4), and runs of `/` collapsed. Paths with none of these are borrowed as they are.
 pub fn normalize(path: &str) -> std::borrow::Cow<'_, str> {
-    if !path.contains('%') && !path.contains("//") && !path.contains("/.") {
+    // One pass over the bytes (this runs on every request): `%`, `//` or `/.`.
+    let bytes = path.as_bytes();
+    let plain = bytes
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b != b'%' && !(b == b'/' && matches!(bytes.get(i + 1), Some(b'/' | b'.'))));
+    if plain {
         return std::borrow::Cow::Borrowed(path);
     }
-    let bytes = path.as_bytes();
     let mut decoded = String::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
