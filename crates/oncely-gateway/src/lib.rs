@@ -30,4 +30,5 @@ pub mod routing;
 pub mod server;
 pub mod stores;
 pub mod tls;
+mod when_woken;
 pub mod workers;

@@ -64,10 +64,9 @@ use http::{Request, Response, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -76,6 +75,7 @@ use tower::ServiceExt;
 
 use crate::config::ServerLimits;
 use crate::idle_timeout::IdleTimeout;
+use crate::when_woken::WhenWoken;
 use crate::workers::Workers;
 
 /// How often an HTTP/2 connection is pinged, and how long an answer may take.
@@ -130,7 +130,9 @@ pub async fn serve<A: App>(
         .keep_alive_timeout(H2_PING);
     let builder = Arc::new(builder);
     let caps = Arc::new(Caps::new(name, &limits));
-    let graceful = GracefulShutdown::new();
+    // Graceful shutdown: each connection holds a receiver, told to finish its requests
+    // and close when a value is sent; `closed` resolves when every receiver is gone.
+    let (shutdown, _) = watch::channel(());
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -162,7 +164,7 @@ pub async fn serve<A: App>(
         };
         let _ = stream.set_nodelay(true);
         let (app, builder, limits, tls, watcher) =
-            (app.clone(), Arc::clone(&builder), limits.clone(), tls.clone(), graceful.watcher());
+            (app.clone(), Arc::clone(&builder), limits.clone(), tls.clone(), shutdown.subscribe());
         let Some(workers) = workers else {
             let connection = Connection { stream, peer, name, admission };
             tokio::spawn(serve_connection(connection, app, builder, limits, tls, watcher));
@@ -189,7 +191,9 @@ pub async fn serve<A: App>(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Err only when no connection is open: nothing to wait for then.
+    let _ = shutdown.send(());
+    shutdown.closed().await;
 }
 
 /// Descriptors kept for everything but client and upstream connections: standard
@@ -256,7 +260,7 @@ async fn serve_connection<A: App>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     limits: ServerLimits,
     tls: Option<TlsAcceptor>,
-    watcher: Watcher,
+    watcher: watch::Receiver<()>,
 ) {
     let Connection { stream, peer, name, admission } = connection;
     let activity = Arc::new(Activity::new());
@@ -296,7 +300,7 @@ async fn serve_io<I, A: App>(
     app: A,
     builder: &auto::Builder<TokioExecutor>,
     limits: &ServerLimits,
-    watcher: Watcher,
+    watcher: watch::Receiver<()>,
     activity: &Arc<Activity>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -318,18 +322,40 @@ async fn serve_io<I, A: App>(
             }
         }
     });
-    let conn = watcher.watch(builder.serve_connection(io, service));
-    tokio::select! {
-        result = conn => {
-            if let Err(e) = result {
-                tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
-            }
+    let conn = std::pin::pin!(builder.serve_connection(io, service));
+    let mut watcher = watcher;
+    // The shutdown signal and the watchdog are polled only on the wake-ups they cause,
+    // not on every read and write of the connection (see `WhenWoken`).
+    let mut shutdown = std::pin::pin!(WhenWoken::new(async move {
+        let _ = watcher.changed().await;
+        // Kept until the connection ends: the listener's shutdown waits for it.
+        watcher
+    }));
+    let mut watchdog = std::pin::pin!(WhenWoken::new(activity.expired(limits)));
+    let mut conn = conn;
+    let mut draining = None;
+    let ended = std::future::poll_fn(|cx| {
+        if draining.is_none()
+            && let Poll::Ready(watcher) = shutdown.as_mut().poll(cx)
+        {
+            draining = Some(watcher);
+            conn.as_mut().graceful_shutdown();
         }
-        limit = activity.expired(limits) => {
+        if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Ok(result));
+        }
+        watchdog.as_mut().poll(cx).map(Err)
+    })
+    .await;
+    match ended {
+        Ok(Err(e)) => tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error"),
+        Ok(Ok(())) => {}
+        Err(limit) => {
             metrics::counter!("oncely_connections_closed_total", "listener" => name, "limit" => limit).increment(1);
             tracing::debug!(listener = name, %peer, limit, "connection closed by a limit");
         }
     }
+    drop(draining);
 }
 
 /// The connection caps of one listener.
