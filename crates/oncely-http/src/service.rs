@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt, stream};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, BodyStream, Either, Full, LengthLimitError, Limited, StreamBody};
 use oncely::{Acquired, ClaimGuard, Error, Fingerprint, IdempotencyKey, Oncely, Replay, StorageKey, Store, StoreError};
@@ -17,7 +17,7 @@ use tower_service::Service;
 
 use crate::detach::Detachable;
 use crate::layer::{IdempotencyLayer, InProgressPlace};
-use crate::problem::{Problem, ProblemKind, SHOULD_RETRY};
+use crate::problem::{Problem, ProblemKind};
 use crate::request::{
     DecodedBodyTooLarge, FingerprintRules, fingerprint_gzip_known, gunzip, is_gzip, key_from_json_body,
     request_fingerprint_with,
@@ -839,25 +839,12 @@ fn replayable_headers(headers: &HeaderMap, settings: &Settings) -> HeaderMap {
     kept
 }
 
-/// What every replay of a kept response adds to its stored headers: the replay marker
-/// and, for an error, `Stripe-Should-Retry: false` (the same answer, whatever the retry:
-/// an SDK must stop here). A function of the response and the marker alone, as
-/// [`StoredResponse::decode_for_replay`] requires.
-fn mark_replay(stored: &mut StoredResponse, marker: &HeaderName) {
-    if let StoredBody::Kept(_) = stored.body {
-        if stored.status.is_client_error() || stored.status.is_server_error() {
-            stored.headers.insert(SHOULD_RETRY, HeaderValue::from_static("false"));
-        }
-        stored.headers.insert(marker.clone(), HeaderValue::from_static("true"));
-    }
-}
-
 /// The replay of a stored response, and whether it is an unknown outcome.
 fn replay(key: &IdempotencyKey, stored: Replay, settings: &Settings) -> (Response<ResponseBody>, bool) {
     let mut unknown = false;
-    let mut response = match StoredResponse::decode_for_replay(stored.payload, &settings.replayed_header, mark_replay) {
+    let mut response = match StoredResponse::decode_for_replay(stored.payload, &settings.replayed_header) {
         Ok(StoredResponse { status, headers, body: StoredBody::Kept(body) }) => {
-            // Marked by `mark_replay` already.
+            // Marked as a replay already (`Should-Retry`, the marker).
             let mut response = Response::new(full(body));
             *response.status_mut() = status;
             *response.headers_mut() = headers;

@@ -10,6 +10,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use crate::problem::SHOULD_RETRY;
+
 const MAGIC: &[u8; 4] = b"OHR1";
 
 /// A response as stored for replay.
@@ -143,8 +145,30 @@ impl StoredResponse {
     }
 }
 
-/// Stored responses already decoded on this thread, so that the replays of a hot key do
-/// not parse the same header names and values again each time.
+impl StoredResponse {
+    /// Adds what every replay of a kept response carries on top of its stored headers:
+    /// `Stripe-Should-Retry: false` for an error (the same answer, whatever the retry: an
+    /// SDK must stop here), then `marker: true`. Nothing for the other kinds, which are
+    /// answered with a problem.
+    fn mark_as_replay(&mut self, marker: &HeaderName) {
+        if let StoredBody::Kept(_) = self.body {
+            if self.status.is_client_error() || self.status.is_server_error() {
+                self.headers.insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+            }
+            self.headers.insert(marker.clone(), HeaderValue::from_static("true"));
+        }
+    }
+
+    /// The stored response in `payload`, [`decode`](Self::decode)d and marked as a replay
+    /// with `marker` (see `mark_as_replay`), through this thread's memo: the same result,
+    /// computed once per hot record (see the `memo` module for why a hit is exact).
+    pub(crate) fn decode_for_replay(payload: Bytes, marker: &HeaderName) -> Result<Self, &'static str> {
+        memo::decode_for_replay(payload, marker)
+    }
+}
+
+/// Stored responses already decoded and marked on this thread, so that the replays of a
+/// hot key do not parse the same header names and values again each time.
 ///
 /// A payload goes through the memo only when something else holds its allocation too
 /// (the memory store, the replay cache): only such a payload can come back as the same
@@ -155,14 +179,17 @@ impl StoredResponse {
 /// so that allocation stays alive, immutable (`Bytes` is never written through while
 /// shared), and cannot be reused for another payload while the slot holds it. A payload
 /// at the same address with the same length is therefore the same bytes. What a slot
-/// holds is a function of those bytes and of the marker it was finished with, which the
-/// slot also keeps and a hit compares. The memo changes the cost of a replay, never its
-/// answer.
+/// holds is a function of those bytes and of the marker (decoding, then
+/// `mark_as_replay`), and the slot keeps the marker and a hit compares it. The memo
+/// changes the cost of a replay, never its answer.
 ///
 /// **Bounds:** [`MEMO_SLOTS`](memo::MEMO_SLOTS) slots per thread, each for a payload of
-/// at most [`MEMO_MAX_PAYLOAD`](memo::MEMO_MAX_PAYLOAD) bytes; a slot is overwritten by
-/// the next payload that maps to it. A slot may keep a deleted record's payload alive
-/// until then: at most 64 × 16 KiB = 1 MiB per thread.
+/// at most [`MEMO_MAX_PAYLOAD`](memo::MEMO_MAX_PAYLOAD) bytes with at most
+/// [`MEMO_MAX_HEADERS`](memo::MEMO_MAX_HEADERS) headers; a slot is overwritten by the
+/// next payload that maps to it. A slot keeps the payload's whole allocation alive (this
+/// layer's own encoding over-allocates by at most 48 bytes a header) and a decoded header
+/// map: about 20 KiB a slot, some 1.3 MiB per thread at most, which may hold deleted
+/// records' payloads until their slots are reused.
 mod memo {
     use super::StoredResponse;
     use bytes::Bytes;
@@ -171,6 +198,7 @@ mod memo {
 
     pub(super) const MEMO_SLOTS: usize = 64;
     pub(super) const MEMO_MAX_PAYLOAD: usize = 16 * 1024;
+    pub(super) const MEMO_MAX_HEADERS: usize = 64;
 
     struct Slot {
         payload: Bytes,
@@ -188,14 +216,10 @@ mod memo {
         ((payload.as_ptr() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize
     }
 
-    pub(super) fn ready(
-        payload: Bytes,
-        marker: &HeaderName,
-        finish: fn(&mut StoredResponse, &HeaderName),
-    ) -> Result<StoredResponse, &'static str> {
+    pub(super) fn decode_for_replay(payload: Bytes, marker: &HeaderName) -> Result<StoredResponse, &'static str> {
         let fresh = |payload: Bytes| {
             let mut ready = StoredResponse::decode(payload)?;
-            finish(&mut ready, marker);
+            ready.mark_as_replay(marker);
             Ok(ready)
         };
         if payload.len() > MEMO_MAX_PAYLOAD || payload.is_empty() || payload.is_unique() {
@@ -215,26 +239,14 @@ mod memo {
             return Ok(ready);
         }
         let ready = fresh(payload.clone())?;
-        let _ = SLOTS.try_with(|slots| {
-            if let Ok(mut slots) = slots.try_borrow_mut() {
-                slots[index] = Some(Slot { payload, marker: marker.clone(), ready: ready.clone() });
-            }
-        });
+        if ready.headers.len() <= MEMO_MAX_HEADERS {
+            let _ = SLOTS.try_with(|slots| {
+                if let Ok(mut slots) = slots.try_borrow_mut() {
+                    slots[index] = Some(Slot { payload, marker: marker.clone(), ready: ready.clone() });
+                }
+            });
+        }
         Ok(ready)
-    }
-}
-
-impl StoredResponse {
-    /// [`decode`](Self::decode)s `payload` and applies `finish` with `marker` (what every
-    /// replay of it adds), through this thread's memo: the same result, computed once per
-    /// hot record. `finish` must be a function of the response and `marker` alone (see
-    /// the `memo` module for why a hit is exact).
-    pub(crate) fn decode_for_replay(
-        payload: Bytes,
-        marker: &HeaderName,
-        finish: fn(&mut StoredResponse, &HeaderName),
-    ) -> Result<Self, &'static str> {
-        memo::ready(payload, marker, finish)
     }
 }
 
@@ -276,10 +288,6 @@ mod tests {
                 .encode()
             })
             .collect();
-        // What a replay adds, so that a hit's answer shows which marker it was made with.
-        fn mark(response: &mut StoredResponse, marker: &HeaderName) {
-            response.headers.insert(marker.clone(), HeaderValue::from_static("true"));
-        }
         let (marker, other) = (HeaderName::from_static("x-replayed"), HeaderName::from_static("x-other"));
         for round in 0..3 {
             for i in (0..payloads.len()).map(|i| (i * 7 + round) % payloads.len()) {
@@ -287,22 +295,22 @@ mod tests {
                 let marker = if round == 1 { &other } else { &marker };
                 let mut expected = StoredResponse::decode(payloads[i].clone());
                 if let Ok(expected) = &mut expected {
-                    mark(expected, marker);
+                    expected.mark_as_replay(marker);
                 }
-                assert_eq!(StoredResponse::decode_for_replay(shared, marker, mark), expected, "{i}");
+                assert_eq!(StoredResponse::decode_for_replay(shared, marker), expected, "{i}");
             }
         }
         // A payload owned by the replay alone, a garbled shared one, an empty one.
         let unique = Bytes::from(payloads[1].to_vec());
         let mut expected = StoredResponse::decode(payloads[1].clone());
         if let Ok(expected) = &mut expected {
-            mark(expected, &marker);
+            expected.mark_as_replay(&marker);
         }
-        assert_eq!(StoredResponse::decode_for_replay(unique, &marker, mark), expected);
+        assert_eq!(StoredResponse::decode_for_replay(unique, &marker), expected);
         let garbled = payloads[2].slice(..9);
-        assert!(StoredResponse::decode_for_replay(garbled.clone(), &marker, mark).is_err());
-        assert!(StoredResponse::decode_for_replay(garbled, &marker, mark).is_err(), "an error is not memoised");
-        assert!(StoredResponse::decode_for_replay(Bytes::new(), &marker, mark).is_err());
+        assert!(StoredResponse::decode_for_replay(garbled.clone(), &marker).is_err());
+        assert!(StoredResponse::decode_for_replay(garbled, &marker).is_err(), "an error is not memoised");
+        assert!(StoredResponse::decode_for_replay(Bytes::new(), &marker).is_err());
     }
 
     #[test]
