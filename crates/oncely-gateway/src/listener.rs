@@ -58,7 +58,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
 use bytes::Bytes;
 use http::{Request, Response, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -92,22 +91,35 @@ pub trait App:
 {
     /// The response body.
     type Body: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static;
+
+    /// The service as it serves one connection, from `peer`: made once per connection,
+    /// cloned per request.
+    fn for_connection(&self, peer: SocketAddr) -> Self;
 }
 
-impl<A, B> App for A
-where
-    A: Service<Request<axum::body::Body>, Response = Response<B>, Error = Infallible> + Clone + Send + Sync + 'static,
-    A::Future: Send,
-    B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static,
-{
-    type Body = B;
+/// The proxy: its requests are forwarded with the peer's address.
+impl App for crate::routing::Routes {
+    type Body = oncely_http::ResponseBody;
+
+    fn for_connection(&self, peer: SocketAddr) -> Self {
+        self.for_client(peer)
+    }
+}
+
+/// The admin API: it does not use the peer's address.
+impl App for axum::Router {
+    type Body = axum::body::Body;
+
+    fn for_connection(&self, _peer: SocketAddr) -> Self {
+        self.clone()
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves `app` on `listener` under `limits` until `stop` is cancelled, then stops
 /// accepting and returns once every connection has finished (running requests complete;
-/// idle connections close). Each request carries `ConnectInfo<SocketAddr>`. `name`
+/// idle connections close). Each connection is served by [`App::for_connection`]. `name`
 /// labels logs and metrics (`proxy`, `admin`). Connections are served on `workers`, in
 /// turn, when given; on the caller's runtime otherwise.
 pub async fn serve<A: App>(
@@ -306,11 +318,11 @@ async fn serve_io<I, A: App>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let body_timeout = limits.body_read_timeout;
+    let app = app.for_connection(peer);
     let service = hyper::service::service_fn({
         let activity = Arc::clone(activity);
-        move |mut request: Request<Incoming>| {
+        move |request: Request<Incoming>| {
             let guard = activity.begin(request.version() == Version::HTTP_2);
-            request.extensions_mut().insert(ConnectInfo(peer));
             let request = request.map(|body| axum::body::Body::new(IdleTimeout::request(body, body_timeout)));
             let app = app.clone();
             async move {
@@ -322,18 +334,19 @@ async fn serve_io<I, A: App>(
             }
         }
     });
-    let conn = std::pin::pin!(builder.serve_connection(io, service));
     let mut watcher = watcher;
     // The shutdown signal and the watchdog are polled only on the wake-ups they cause,
     // not on every read and write of the connection (see `WhenWoken`).
     let mut shutdown = std::pin::pin!(WhenWoken::new(async move {
         let _ = watcher.changed().await;
-        // Kept until the connection ends: the listener's shutdown waits for it.
         watcher
     }));
     let mut watchdog = std::pin::pin!(WhenWoken::new(activity.expired(limits)));
-    let mut conn = conn;
+    // The receiver, once the signal came. Declared before the connection, so dropped
+    // after it (locals drop in reverse order): the listener's shutdown, which waits for
+    // every receiver, ends only once this connection's socket is closed.
     let mut draining = None;
+    let mut conn = std::pin::pin!(builder.serve_connection(io, service));
     let ended = std::future::poll_fn(|cx| {
         if draining.is_none()
             && let Poll::Ready(watcher) = shutdown.as_mut().poll(cx)
@@ -355,7 +368,6 @@ async fn serve_io<I, A: App>(
             tracing::debug!(listener = name, %peer, limit, "connection closed by a limit");
         }
     }
-    drop(draining);
 }
 
 /// The connection caps of one listener.

@@ -35,7 +35,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -101,11 +100,14 @@ where
 }
 
 /// A `tower::Service` that forwards every request to one upstream. Cloning it (once per
-/// keyed request) copies one pointer and a duration.
+/// keyed request) copies one pointer, a duration and an address.
 #[derive(Clone, Debug)]
 pub struct Proxy {
     upstream: Arc<Upstream>,
     completion_limit: Duration,
+    /// The client whose connection the requests come on, for `X-Forwarded-For` and
+    /// `Forwarded`: set per connection ([`Routes::for_client`](crate::routing::Routes::for_client)).
+    client: Option<SocketAddr>,
 }
 
 /// What every clone of a proxy shares: the connection pools and where they go.
@@ -165,7 +167,7 @@ impl Proxy {
             })
             .collect();
         let upstream = Upstream { clients, scheme, authority, base_path, timeout, client_proto: "http" };
-        Ok(Self { upstream: Arc::new(upstream), completion_limit: timeout })
+        Ok(Self { upstream: Arc::new(upstream), completion_limit: timeout, client: None })
     }
 
     /// The host and port of an `https://` upstream; `None` for `http://`.
@@ -189,6 +191,12 @@ impl Proxy {
     /// Requests without a key give up at the upstream timeout.
     pub fn with_completion_limit(&self, limit: Duration) -> Self {
         Self { completion_limit: limit, ..self.clone() }
+    }
+
+    /// Forwards the requests as coming from `client` (`X-Forwarded-For`, `Forwarded`):
+    /// the peer of the connection they arrive on. Without it, no `for=` is added.
+    pub fn set_client(&mut self, client: SocketAddr) {
+        self.client = Some(client);
     }
 
     /// The request's target on the upstream. Without a base path, the request's own
@@ -360,7 +368,7 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
                 return Box::pin(std::future::ready(Ok(response)));
             }
         };
-        let client_addr = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let client_addr = self.client;
         // The layer puts the key of a keyed request in its extensions.
         let keyed = parts.extensions.get::<oncely::IdempotencyKey>().is_some();
         let host = parts.headers.remove(header::HOST).or_else(|| {

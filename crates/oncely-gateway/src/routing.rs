@@ -48,6 +48,8 @@ type RouteService = Idempotency<Proxy, GatewayStore>;
 #[derive(Clone)]
 pub struct Routes {
     inner: Arc<Table>,
+    /// The client of the connection this copy serves ([`Routes::for_client`]).
+    client: Option<std::net::SocketAddr>,
 }
 
 struct Table {
@@ -96,7 +98,15 @@ impl Routes {
             let json = serde_json::to_vec_pretty(&config.published_policy()).unwrap_or_default();
             (path, bytes::Bytes::from(json))
         });
-        Ok(Self { inner: Arc::new(Table { routes, default, policy }) })
+        Ok(Self { inner: Arc::new(Table { routes, default, policy }), client: None })
+    }
+
+    /// The routes as they serve one connection from `client`: its requests are forwarded
+    /// with `client` in `X-Forwarded-For` and `Forwarded`. The listener makes one per
+    /// connection, so that no request carries its peer in an extension (a map allocated
+    /// and freed per request).
+    pub fn for_client(&self, client: std::net::SocketAddr) -> Self {
+        Self { inner: Arc::clone(&self.inner), client: Some(client) }
     }
 
     /// Writes every route's unflushed replay counts to the store: at a graceful
@@ -309,7 +319,11 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
             Some(answer) => Next::Refused { answer: Some(answer) },
             None => {
                 let route = self.route(&normalize(request.uri().path()));
-                Next::Routed { call: route.service.clone().oneshot(request) }
+                let mut service = route.service.clone();
+                if let Some(client) = self.client {
+                    service.get_mut().set_client(client);
+                }
+                Next::Routed { call: service.oneshot(request) }
             }
         };
         RoutesFuture { next, log, head }

@@ -321,6 +321,18 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert!(seen["x-forwarded-host"].as_str().is_some_and(|h| h.starts_with("127.0.0.1:")));
     assert!(seen.get("x-private").is_none(), "fields named by Connection are hop-by-hop");
+    // A keyed request reaches the upstream through the layer's own copy of the proxy,
+    // made for this connection: it is forwarded as from the same client.
+    let keyed = client()
+        .post(format!("{}/echo", gw.url))
+        .header("idempotency-key", "k-forwarded")
+        .send()
+        .await
+        .expect("keyed echo");
+    assert_eq!(keyed.status(), 200);
+    let seen: Value = keyed.json().await.expect("json");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert!(seen["forwarded"].as_str().is_some_and(|f| f.contains("for=127.0.0.1")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
