@@ -16,7 +16,8 @@
 # per-function counts of the two are kept in the results directory
 # (`callgrind_annotate` them, or diff the `*.top` files). Knobs: SHORT=200, LONG=2200,
 # KEYS=new (a new key per request instead of replays: the gateway forwards each to an
-# nginx upstream, which is not counted; the floor row is then hyper-floor forwarding).
+# nginx upstream, which is not counted; the floor rows are then hyper-floor forwarding
+# and hyper-newkey, `floor_proxy --new-key`: the design's own work for a new key).
 # Needs valgrind (installed when missing) and python3.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -96,6 +97,7 @@ log "counting; results in $RESULTS_DIR"
         per_request hyper-replay "$FLOOR" 127.0.0.1:19481 --replay "$RESPONSE"
     else
         per_request hyper-floor "$FLOOR" 127.0.0.1:19481 127.0.0.1:19480
+        per_request hyper-newkey "$FLOOR" 127.0.0.1:19481 --new-key 127.0.0.1:19480
     fi
     per_request gateway "$ONCELY" "${GATEWAY_ARGS[@]}"
     if [[ -n $BASELINE ]]; then

@@ -20,6 +20,16 @@
 //! gateway's replay costs above this row is what it does beside that work and how it does
 //! it, not the work itself.
 //!
+//! With `--new-key UPSTREAM_ADDR` it does what this design requires of a request with a new
+//! key and nothing else: the request's body read, its fingerprint and storage key as for
+//! `--replay`, the key claimed in that map (an in-progress entry inserted under the map's
+//! lock), the request forwarded with its body, the upstream's response read whole, the
+//! claim replaced by the completed response (status, headers, body), and the response
+//! sent. A key already claimed is answered `409`, a completed one replayed as `--replay`
+//! does. No store trait, encoding, lease, expiry, route, limit, forwarding header, metric
+//! or log. What the gateway's new key costs above this row is what it does beside that
+//! work and how it does it.
+//!
 //! With `FLOOR_SPIN_NS=N` in the environment every request first spins for `N` ns (wall
 //! clock, so less CPU when the thread is preempted meanwhile): the floor with about as
 //! much user-space work per request as the gateway adds, to see what that work costs the
@@ -29,6 +39,7 @@
 //! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7100 127.0.0.1:3000
 //! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7101 --answer '{"id":"ch_1"}'
 //! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7102 --replay '{"id":"ch_1"}'
+//! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7103 --new-key 127.0.0.1:3000
 //! ```
 
 use std::convert::Infallible;
@@ -51,13 +62,18 @@ type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(upstream)) = (args.next(), args.next()) else {
-        return Err("usage: floor_proxy LISTEN_ADDR (UPSTREAM_ADDR | --answer BODY | --replay BODY)".into());
+        return Err(
+            "usage: floor_proxy LISTEN_ADDR (UPSTREAM_ADDR | --answer BODY | --replay BODY | --new-key UPSTREAM_ADDR)"
+                .into(),
+        );
     };
     let listen: SocketAddr = listen.parse()?;
     let target = match (upstream.as_str(), args.next()) {
         ("--answer", Some(body)) => Target::Answer(Bytes::from(body)),
         ("--replay", Some(body)) => Target::Replay(Bytes::from(body)),
+        ("--new-key", Some(upstream)) => Target::NewKey(upstream.parse()?),
         ("--answer" | "--replay", None) => return Err("--answer and --replay need a body".into()),
+        ("--new-key", None) => return Err("--new-key needs an upstream".into()),
         (upstream, _) => Target::Upstream(upstream.parse()?),
     };
     let spin = match std::env::var("FLOOR_SPIN_NS") {
@@ -88,6 +104,14 @@ enum Target {
     Upstream(http::uri::Authority),
     Answer(Bytes),
     Replay(Bytes),
+    NewKey(http::uri::Authority),
+}
+
+/// An entry of the floor's map of keys: claimed by a request still at the upstream, or
+/// completed with its response.
+enum Record {
+    InProgress,
+    Completed(std::sync::Arc<Stored>),
 }
 
 /// A response as the replay floor keeps it: what a completed record holds.
@@ -105,11 +129,17 @@ thread_local! {
         connector.set_nodelay(true);
         Client::builder(TokioExecutor::new()).build(connector)
     };
+    /// The same for `--new-key`, which forwards a body it has already read.
+    static BYTES_CLIENT: Client<HttpConnector, Full<Bytes>> = {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Client::builder(TokioExecutor::new()).build(connector)
+    };
 }
 
-/// The stored responses for `--replay`, by storage key, shared by the workers (a retry may
-/// come on another connection, served by another worker).
-static STORED: std::sync::LazyLock<std::sync::RwLock<std::collections::HashMap<[u8; 32], std::sync::Arc<Stored>>>> =
+/// The keys of `--replay` and `--new-key`, by storage key, shared by the workers (a retry
+/// may come on another connection, served by another worker).
+static STORED: std::sync::LazyLock<std::sync::RwLock<std::collections::HashMap<[u8; 32], Record>>> =
     std::sync::LazyLock::new(std::sync::RwLock::default);
 
 async fn serve(stream: std::net::TcpStream, target: Target, spin: std::time::Duration) {
@@ -122,6 +152,7 @@ async fn serve(stream: std::net::TcpStream, target: Target, spin: std::time::Dur
                 Target::Upstream(upstream) => forward(request, upstream).await,
                 Target::Answer(body) => answer(request, body).await,
                 Target::Replay(body) => replay(request, body).await,
+                Target::NewKey(upstream) => new_key(request, upstream).await,
             }
         }
     });
@@ -143,7 +174,6 @@ fn answer_now(body: Bytes) -> Result<Response<Body>, Infallible> {
 }
 
 async fn replay(request: Request<Incoming>, body: Bytes) -> Result<Response<Body>, Infallible> {
-    const REPLAYED: http::HeaderName = http::HeaderName::from_static("idempotent-replayed");
     let (parts, incoming) = request.into_parts();
     let Ok(collected) = incoming.collect().await else { return Ok(bad_gateway()) };
     let Some(key) = parts.headers.get("idempotency-key") else { return Ok(bad_gateway()) };
@@ -151,25 +181,80 @@ async fn replay(request: Request<Incoming>, body: Bytes) -> Result<Response<Body
         return Ok(bad_gateway());
     };
     let storage_key = *oncely::Fingerprint::from_parts(&[b"anonymous", key.as_bytes()]).as_bytes();
-    let found = STORED.read().ok().and_then(|stored| stored.get(&storage_key).map(std::sync::Arc::clone));
+    let found = STORED.read().ok().and_then(|stored| match stored.get(&storage_key) {
+        Some(Record::Completed(stored)) => Some(std::sync::Arc::clone(stored)),
+        _ => None,
+    });
     let Some(stored) = found else {
         let mut headers = http::HeaderMap::new();
         headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
         let stored = Stored { fingerprint, status: StatusCode::CREATED, headers, body: body.clone() };
         if let Ok(mut map) = STORED.write() {
-            map.insert(storage_key, std::sync::Arc::new(stored));
+            map.insert(storage_key, Record::Completed(std::sync::Arc::new(stored)));
         }
         // The key's first request: stored, and answered as `--answer` does.
         return answer_now(body);
     };
-    if stored.fingerprint != fingerprint {
-        return Ok(bad_gateway());
+    Ok(replayed(&stored, &fingerprint))
+}
+
+/// The stored answer, marked as a replay, or a `502` when the fingerprints differ.
+fn replayed(stored: &Stored, fingerprint: &oncely::Fingerprint) -> Response<Body> {
+    const REPLAYED: http::HeaderName = http::HeaderName::from_static("idempotent-replayed");
+    if stored.fingerprint != *fingerprint {
+        return bad_gateway();
     }
     let mut response = Response::new(Full::new(stored.body.clone()).map_err(|never| match never {}).boxed_unsync());
     *response.status_mut() = stored.status;
     *response.headers_mut() = stored.headers.clone();
     response.headers_mut().insert(REPLAYED, http::HeaderValue::from_static("true"));
-    Ok(response)
+    response
+}
+
+async fn new_key(request: Request<Incoming>, upstream: http::uri::Authority) -> Result<Response<Body>, Infallible> {
+    use std::collections::hash_map::Entry;
+    let (mut parts, incoming) = request.into_parts();
+    let Ok(collected) = incoming.collect().await else { return Ok(bad_gateway()) };
+    let body = collected.to_bytes();
+    let Some(key) = parts.headers.get("idempotency-key") else { return Ok(bad_gateway()) };
+    let Ok(fingerprint) = oncely_http::request_fingerprint(&parts, &body, 1 << 20) else {
+        return Ok(bad_gateway());
+    };
+    let storage_key = *oncely::Fingerprint::from_parts(&[b"anonymous", key.as_bytes()]).as_bytes();
+    // The claim: one look-up and insert under the map's lock.
+    let refused = match STORED.write() {
+        Err(_) => Some(bad_gateway()),
+        Ok(mut map) => match map.entry(storage_key) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(Record::InProgress);
+                None
+            }
+            Entry::Occupied(occupied) => Some(match occupied.get() {
+                Record::Completed(stored) => replayed(stored, &fingerprint),
+                Record::InProgress => status_only(StatusCode::CONFLICT),
+            }),
+        },
+    };
+    if let Some(answer) = refused {
+        return Ok(answer);
+    }
+    let mut uri = Uri::builder().scheme("http").authority(upstream);
+    if let Some(pq) = parts.uri.path_and_query() {
+        uri = uri.path_and_query(pq.clone());
+    }
+    let Ok(uri) = uri.build() else { return Ok(bad_gateway()) };
+    parts.uri = uri;
+    let sent = BYTES_CLIENT.with(|client| client.request(Request::from_parts(parts, Full::new(body))));
+    let Ok(response) = sent.await else { return Ok(bad_gateway()) };
+    let (parts, incoming) = response.into_parts();
+    let Ok(collected) = incoming.collect().await else { return Ok(bad_gateway()) };
+    let body = collected.to_bytes();
+    // The completion: the claim replaced by the response, under the map's lock.
+    let stored = Stored { fingerprint, status: parts.status, headers: parts.headers.clone(), body: body.clone() };
+    if let Ok(mut map) = STORED.write() {
+        map.insert(storage_key, Record::Completed(std::sync::Arc::new(stored)));
+    }
+    Ok(Response::from_parts(parts, Full::new(body).map_err(|never| match never {}).boxed_unsync()))
 }
 
 async fn forward(request: Request<Incoming>, upstream: http::uri::Authority) -> Result<Response<Body>, Infallible> {
@@ -199,7 +284,11 @@ fn spin_for(spin: std::time::Duration) {
 }
 
 fn bad_gateway() -> Response<Body> {
+    status_only(StatusCode::BAD_GATEWAY)
+}
+
+fn status_only(status: StatusCode) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed_unsync());
-    *response.status_mut() = StatusCode::BAD_GATEWAY;
+    *response.status_mut() = status;
     response
 }
