@@ -4,7 +4,10 @@
 use http::header::{self, HeaderMap, HeaderName};
 
 /// The fields that are always hop-by-hop (plus the de-facto `Proxy-Connection`).
-const ALWAYS: [HeaderName; 9] = [
+///
+/// A `static`, not a `const`: each use of a `const` array of `HeaderName`s builds a
+/// temporary copy and drops it, nine names per use, on every proxied message.
+static ALWAYS: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -33,21 +36,104 @@ const ALWAYS: [HeaderName; 9] = [
 /// assert!(headers.contains_key("content-type"));
 /// ```
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the few names present answers that, where
-    // removing each of the nine would hash and probe nine times (twice per proxied
-    // request, measured in docs/benchmarks.md). `Connection` is among them, so a message
-    // without any has no named ones either.
-    if !headers.keys().any(|name| ALWAYS.contains(name)) {
+    // One pass over the few names present says which of the nine are there; only those
+    // are removed (a removal hashes and probes). Most requests carry none; most upstream
+    // responses carry `Connection: keep-alive` and nothing else of these: one removal,
+    // where removing each of the nine would cost nine.
+    let mut present = [false; ALWAYS.len()];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = ALWAYS.iter().position(|always| always == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    // `Connection` is among the nine, so a message without any names no other field.
+    if !any {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in named.iter().chain(ALWAYS.iter()) {
+    if present[0] {
+        // The fields `Connection` names (RFC 9110 §7.6.1: every option, even `close`),
+        // removed while it is there to be read. Options that are one of the nine
+        // (`keep-alive`, `upgrade`, `te`, …) go below: they are not parsed into names,
+        // and nothing is allocated for them.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|option| !ALWAYS.iter().any(|a| a.as_str().eq_ignore_ascii_case(option)))
+            .filter_map(|name| HeaderName::try_from(name).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for (name, _) in ALWAYS.iter().zip(present).filter(|(_, present)| *present) {
         headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(fields: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in fields {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    fn names(map: &HeaderMap) -> Vec<&str> {
+        let mut names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn each_of_the_nine_is_removed_with_all_its_values() {
+        for always in &ALWAYS {
+            let mut map = headers(&[("content-type", "application/json"), ("x-end", "1")]);
+            map.append(always.clone(), HeaderValue::from_static("a"));
+            map.append(always.clone(), HeaderValue::from_static("b"));
+            strip_hop_by_hop(&mut map);
+            assert_eq!(names(&map), ["content-type", "x-end"], "{always}");
+        }
+    }
+
+    #[test]
+    fn fields_named_by_connection_are_removed_in_any_case_and_across_lines() {
+        let mut map = headers(&[
+            ("connection", "Keep-Alive, X-Private ,x-other"),
+            ("connection", "close, X-Third"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("x-other", "2"),
+            ("x-third", "3"),
+            ("close", "a field named by an option"),
+            ("x-kept", "4"),
+        ]);
+        strip_hop_by_hop(&mut map);
+        assert_eq!(names(&map), ["x-kept"]);
+    }
+
+    #[test]
+    fn a_message_without_hop_by_hop_fields_is_untouched() {
+        let fields = [("content-type", "application/json"), ("content-length", "2"), ("x-private", "1")];
+        let mut map = headers(&fields);
+        strip_hop_by_hop(&mut map);
+        assert_eq!(map, headers(&fields));
+    }
+
+    #[test]
+    fn names_that_are_not_field_names_are_ignored() {
+        let mut map =
+            headers(&[("connection", "keep-alive, bad name, , (x), x-private"), ("x-private", "1"), ("x-kept", "2")]);
+        strip_hop_by_hop(&mut map);
+        assert_eq!(names(&map), ["x-kept"]);
     }
 }
