@@ -100,14 +100,60 @@ where
 }
 
 /// A `tower::Service` that forwards every request to one upstream. Cloning it (once per
-/// keyed request) copies one pointer, a duration and an address.
+/// keyed request) copies two pointers and a duration.
 #[derive(Clone, Debug)]
 pub struct Proxy {
     upstream: Arc<Upstream>,
     completion_limit: Duration,
     /// The client whose connection the requests come on, for `X-Forwarded-For` and
     /// `Forwarded`: set per connection ([`Routes::for_client`](crate::routing::Routes::for_client)).
-    client: Option<SocketAddr>,
+    client: Option<ForwardedFor>,
+}
+
+/// The client a connection's requests are forwarded for, as `X-Forwarded-For` and
+/// `Forwarded` write it: formatted once per connection
+/// ([`Routes::for_client`](crate::routing::Routes::for_client)), not once per request.
+/// Cloning it copies a pointer.
+///
+/// ```
+/// use oncely_gateway::proxy::ForwardedFor;
+///
+/// let client = ForwardedFor::new("192.0.2.1:5000".parse().unwrap());
+/// assert_eq!(client.ip(), "192.0.2.1");
+/// ```
+#[derive(Clone, Debug)]
+pub struct ForwardedFor(Arc<ClientAddr>);
+
+impl ForwardedFor {
+    /// The client at `addr` (its port is not forwarded).
+    pub fn new(addr: SocketAddr) -> Self {
+        Self(Arc::new(ClientAddr::new(addr)))
+    }
+
+    /// The client's address as `X-Forwarded-For` lists it.
+    pub fn ip(&self) -> &str {
+        self.0.ip.to_str().unwrap_or_default()
+    }
+}
+
+#[derive(Debug)]
+struct ClientAddr {
+    /// `X-Forwarded-For`'s entry: `192.0.2.1`, `2001:db8::1`.
+    ip: HeaderValue,
+    /// `Forwarded`'s `for` parameter: `for=192.0.2.1`, `for="[2001:db8::1]"`.
+    forwarded_for: Box<str>,
+}
+
+impl ClientAddr {
+    fn new(addr: SocketAddr) -> Self {
+        let (ip, forwarded_for) = match addr.ip() {
+            std::net::IpAddr::V4(ip) => (ip.to_string(), format!("for={ip}")),
+            std::net::IpAddr::V6(ip) => (ip.to_string(), format!("for=\"[{ip}]\"")),
+        };
+        // An address's text is digits, dots, hex letters and colons: always a valid value.
+        let ip = HeaderValue::try_from(ip).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self { ip, forwarded_for: forwarded_for.into_boxed_str() }
+    }
 }
 
 /// What every clone of a proxy shares: the connection pools and where they go.
@@ -123,6 +169,11 @@ struct Upstream {
     timeout: Duration,
     /// `X-Forwarded-Proto` and `Forwarded: proto=`: how clients reach the gateway.
     client_proto: &'static str,
+    /// The `Host` an `http://` upstream is sent, written once: what hyper-util would
+    /// otherwise format on every request (host, and the port unless it is 80). `None`
+    /// for `https://`, whose connection may speak HTTP/2 (`:authority`): hyper-util
+    /// decides there.
+    host: Option<HeaderValue>,
 }
 
 impl Proxy {
@@ -166,7 +217,13 @@ impl Proxy {
                 Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(4)).build(connector.clone())
             })
             .collect();
-        let upstream = Upstream { clients, scheme, authority, base_path, timeout, client_proto: "http" };
+        let host = (scheme == http::uri::Scheme::HTTP)
+            .then(|| match authority.port_u16() {
+                Some(80) | None => HeaderValue::from_str(authority.host()),
+                Some(port) => HeaderValue::try_from(format!("{}:{port}", authority.host())),
+            })
+            .and_then(Result::ok);
+        let upstream = Upstream { clients, scheme, authority, base_path, timeout, client_proto: "http", host };
         Ok(Self { upstream: Arc::new(upstream), completion_limit: timeout, client: None })
     }
 
@@ -195,7 +252,7 @@ impl Proxy {
 
     /// Forwards the requests as coming from `client` (`X-Forwarded-For`, `Forwarded`):
     /// the peer of the connection they arrive on. Without it, no `for=` is added.
-    pub fn set_client(&mut self, client: SocketAddr) {
+    pub fn set_client(&mut self, client: ForwardedFor) {
         self.client = Some(client);
     }
 
@@ -267,39 +324,47 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Adds `X-Forwarded-For` (appended to a prior value), `Forwarded`, `X-Forwarded-Host`
-/// and `X-Forwarded-Proto`. Each value is written into one buffer sized for it, and the
-/// names are constants (no parse per request).
+/// and `X-Forwarded-Proto`. The client's address was written once for its connection;
+/// each value is copied into one buffer sized for it (no formatting per request), and
+/// the names are constants (no parse per request).
 fn append_forwarding(
     headers: &mut HeaderMap,
-    client: Option<SocketAddr>,
+    client: Option<&ClientAddr>,
     host: Option<HeaderValue>,
     proto: &'static str,
 ) {
-    use std::fmt::Write;
     // Only a checked host is passed on (the route table has refused the rest already).
     let host = host.filter(|h| h.to_str().is_ok_and(valid_host));
-    if let Some(addr) = client {
-        let ip = addr.ip();
-        let prior = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
-        let mut xff = String::with_capacity(prior.map_or(0, |p| p.len() + 2) + 39);
-        if let Some(prior) = prior {
-            xff.push_str(prior);
-            xff.push_str(", ");
-        }
-        let _ = write!(xff, "{ip}");
-        if let Ok(value) = HeaderValue::try_from(xff) {
-            headers.insert(X_FORWARDED_FOR, value);
-        }
-        let host = host.as_ref().and_then(|h| h.to_str().ok());
-        let mut forwarded = String::with_capacity(64 + host.map_or(0, str::len));
-        let _ = match ip {
-            std::net::IpAddr::V4(ip) => write!(forwarded, "for={ip};proto={proto}"),
-            std::net::IpAddr::V6(ip) => write!(forwarded, "for=\"[{ip}]\";proto={proto}"),
+    if let Some(client) = client {
+        // A prior value that is not visible ASCII is replaced, not extended.
+        let prior =
+            headers.get(&X_FORWARDED_FOR).filter(|v| !v.is_empty() && v.to_str().is_ok()).map(HeaderValue::as_bytes);
+        let xff = match prior {
+            None => Some(client.ip.clone()),
+            Some(prior) => {
+                let ip = client.ip.as_bytes();
+                let mut xff = Vec::with_capacity(prior.len() + 2 + ip.len());
+                xff.extend_from_slice(prior);
+                xff.extend_from_slice(b", ");
+                xff.extend_from_slice(ip);
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)).ok()
+            }
         };
-        if let Some(host) = host {
-            let _ = write!(forwarded, ";host=\"{host}\"");
+        if let Some(xff) = xff {
+            headers.insert(X_FORWARDED_FOR, xff);
         }
-        if let Ok(value) = HeaderValue::try_from(forwarded) {
+        let host = host.as_ref().map(HeaderValue::as_bytes);
+        let for_ = client.forwarded_for.as_bytes();
+        let mut forwarded = Vec::with_capacity(for_.len() + 7 + proto.len() + host.map_or(0, |h| h.len() + 8));
+        forwarded.extend_from_slice(for_);
+        forwarded.extend_from_slice(b";proto=");
+        forwarded.extend_from_slice(proto.as_bytes());
+        if let Some(host) = host {
+            forwarded.extend_from_slice(b";host=\"");
+            forwarded.extend_from_slice(host);
+            forwarded.push(b'"');
+        }
+        if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
             headers.append(header::FORWARDED, value);
         }
     }
@@ -368,15 +433,18 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
                 return Box::pin(std::future::ready(Ok(response)));
             }
         };
-        let client_addr = self.client;
         // The layer puts the key of a keyed request in its extensions.
         let keyed = parts.extensions.get::<oncely::IdempotencyKey>().is_some();
-        let host = parts.headers.remove(header::HOST).or_else(|| {
+        let host = match &self.upstream.host {
+            Some(upstream_host) => parts.headers.insert(header::HOST, upstream_host.clone()),
+            None => parts.headers.remove(header::HOST),
+        }
+        .or_else(|| {
             // HTTP/2 carries the host in `:authority`.
             parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         strip_hop_by_hop(&mut parts.headers);
-        append_forwarding(&mut parts.headers, client_addr, host, self.upstream.client_proto);
+        append_forwarding(&mut parts.headers, self.client.as_ref().map(|c| &*c.0), host, self.upstream.client_proto);
         parts.uri = uri;
         // The version the upstream connection speaks (HTTP/1.1, or HTTP/2 when an https
         // upstream chose it by ALPN) is the client pool's choice, whatever the client
@@ -457,7 +525,47 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
 
 #[cfg(test)]
 mod tests {
-    use super::valid_host;
+    use super::{ClientAddr, append_forwarding, valid_host};
+    use http::{HeaderMap, HeaderValue};
+
+    fn forwarded(
+        client: &str,
+        prior: Option<&'static [u8]>,
+        host: Option<&'static str>,
+        proto: &'static str,
+    ) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(prior) = prior {
+            headers.insert("x-forwarded-for", HeaderValue::from_bytes(prior).expect("a valid value"));
+        }
+        let client = ClientAddr::new(client.parse().expect("an address"));
+        append_forwarding(&mut headers, Some(&client), host.map(HeaderValue::from_static), proto);
+        headers
+    }
+
+    #[test]
+    fn forwarding_headers_name_the_client_the_host_and_the_scheme() {
+        let v4 = forwarded("192.0.2.1:5000", Some(b"203.0.113.9"), Some("gw.example:8080"), "http");
+        assert_eq!(v4["x-forwarded-for"], "203.0.113.9, 192.0.2.1");
+        assert_eq!(v4["forwarded"], r#"for=192.0.2.1;proto=http;host="gw.example:8080""#);
+        assert_eq!(v4["x-forwarded-host"], "gw.example:8080");
+        assert_eq!(v4["x-forwarded-proto"], "http");
+
+        let v6 = forwarded("[2001:db8::1]:443", None, None, "https");
+        assert_eq!(v6["x-forwarded-for"], "2001:db8::1");
+        assert_eq!(v6["forwarded"], r#"for="[2001:db8::1]";proto=https"#);
+        assert!(!v6.contains_key("x-forwarded-host"));
+        assert_eq!(v6["x-forwarded-proto"], "https");
+
+        // A prior X-Forwarded-For that is empty or not visible ASCII is replaced; a host
+        // that is not a plain host is not passed on.
+        for prior in [&b""[..], &b"caf\xe9"[..]] {
+            let headers = forwarded("192.0.2.1:5000", Some(prior), Some("a,b"), "http");
+            assert_eq!(headers["x-forwarded-for"], "192.0.2.1");
+            assert_eq!(headers["forwarded"], "for=192.0.2.1;proto=http");
+            assert!(!headers.contains_key("x-forwarded-host"));
+        }
+    }
 
     #[test]
     fn only_plain_hosts_are_valid() {

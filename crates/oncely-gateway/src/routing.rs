@@ -39,7 +39,7 @@ use tower::ServiceExt;
 use tower::util::Oneshot;
 
 use crate::config::{Config, RouteSettings};
-use crate::proxy::{Proxy, valid_host};
+use crate::proxy::{ForwardedFor, Proxy, valid_host};
 use crate::stores::GatewayStore;
 
 type RouteService = Idempotency<Proxy, GatewayStore>;
@@ -49,7 +49,7 @@ type RouteService = Idempotency<Proxy, GatewayStore>;
 pub struct Routes {
     inner: Arc<Table>,
     /// The client of the connection this copy serves ([`Routes::for_client`]).
-    client: Option<std::net::SocketAddr>,
+    client: Option<ForwardedFor>,
 }
 
 struct Table {
@@ -106,7 +106,7 @@ impl Routes {
     /// connection, so that no request carries its peer in an extension (a map allocated
     /// and freed per request).
     pub fn for_client(&self, client: std::net::SocketAddr) -> Self {
-        Self { inner: Arc::clone(&self.inner), client: Some(client) }
+        Self { inner: Arc::clone(&self.inner), client: Some(ForwardedFor::new(client)) }
     }
 
     /// Writes every route's unflushed replay counts to the store: at a graceful
@@ -320,8 +320,8 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
             None => {
                 let route = self.route(&normalize(request.uri().path()));
                 let mut service = route.service.clone();
-                if let Some(client) = self.client {
-                    service.get_mut().set_client(client);
+                if let Some(client) = &self.client {
+                    service.get_mut().set_client(client.clone());
                 }
                 Next::Routed { call: service.oneshot(request) }
             }

@@ -321,6 +321,7 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert!(seen["x-forwarded-host"].as_str().is_some_and(|h| h.starts_with("127.0.0.1:")));
     assert!(seen.get("x-private").is_none(), "fields named by Connection are hop-by-hop");
+    assert_eq!(seen["host"], addr.to_string(), "the upstream is sent its own authority as Host");
     // A keyed request reaches the upstream through the layer's own copy of the proxy,
     // made for this connection: it is forwarded as from the same client.
     let keyed = client()
@@ -333,6 +334,8 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
     let seen: Value = keyed.json().await.expect("json");
     assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
     assert!(seen["forwarded"].as_str().is_some_and(|f| f.contains("for=127.0.0.1")));
+    assert_eq!(seen["host"], addr.to_string());
+    assert!(seen["x-forwarded-host"].as_str().is_some_and(|h| h.starts_with("127.0.0.1:")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
