@@ -43,7 +43,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = [false; ALWAYS.len()];
     let mut any = false;
     for name in headers.keys() {
-        if let Some(i) = ALWAYS.iter().position(|always| always == name) {
+        if let Some(i) = position(name) {
             present[i] = true;
             any = true;
         }
@@ -75,6 +75,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The lengths of the nine names, as a bit set: most names present (`content-type`,
+/// `date`, `host`, …) are told apart by their length alone.
+const LENGTHS: u32 = {
+    let mut bits = 0u32;
+    let mut i = 0;
+    while i < ALWAYS_STR.len() {
+        bits |= 1 << ALWAYS_STR[i].len();
+        i += 1;
+    }
+    bits
+};
+
+/// [`ALWAYS`] as text, in the same order (a `const` for [`LENGTHS`]).
+const ALWAYS_STR: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// `name`'s place in [`ALWAYS`], if it is one of the nine.
+fn position(name: &HeaderName) -> Option<usize> {
+    let name = name.as_str();
+    if name.len() >= 32 || LENGTHS & (1 << name.len()) == 0 {
+        return None;
+    }
+    ALWAYS_STR.iter().position(|always| *always == name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +126,22 @@ mod tests {
         let mut names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         names
+    }
+
+    #[test]
+    fn the_table_of_names_matches_the_table_of_text() {
+        assert_eq!(ALWAYS.iter().map(HeaderName::as_str).collect::<Vec<_>>(), ALWAYS_STR);
+        for (i, name) in ALWAYS.iter().enumerate() {
+            assert_eq!(position(name), Some(i));
+        }
+        for other in [
+            header::CONTENT_TYPE,
+            header::HOST,
+            header::DATE,
+            HeaderName::from_static("x-a-name-longer-than-thirty-two-bytes"),
+        ] {
+            assert_eq!(position(&other), None);
+        }
     }
 
     #[test]
