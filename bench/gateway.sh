@@ -16,6 +16,9 @@
 #   hyper-replay     the same program doing what this design requires of a replay and nothing else
 #                    (fingerprint, storage key, a map look-up, the stored answer with
 #                    Idempotent-Replayed): the floor of a replay, which the gateway answers from its store
+#   hyper-newkey     the same program doing what this design requires of a new key and nothing else
+#                    (fingerprint, storage key, a claim in a map, the request forwarded, the response
+#                    read whole and stored): the floor of a new key on the memory store
 #   gateway-memory   oncely serve --store memory://                --log-level warn
 #   gateway-sqlite   oncely serve --store sqlite://$WORK/bench.db  --log-level warn (sync durability)
 # and, with EXTRA=1 (the default), rows that help explain the others:
@@ -93,6 +96,7 @@ PORT_BASE_SQLITE=$((BASE_PORT + 13))
 PORT_FLOOR=$((BASE_PORT + 14))
 PORT_ANSWER=$((BASE_PORT + 15))
 PORT_REPLAY=$((BASE_PORT + 16))
+PORT_NEWKEY=$((BASE_PORT + 17))
 WRK_SCHED=${WRK_SCHED:-other}
 case $WRK_SCHED in
     other) WRK=(wrk) ;;
@@ -227,7 +231,7 @@ wait_port() {
     done
 }
 
-for port in $PORT_UPSTREAM $PORT_HOP $PORT_FLOOR $PORT_ANSWER $PORT_REPLAY $PORT_MEM $PORT_SQLITE $PORT_MEM_INFO $PORT_MEM_SHARED $PORT_SQLITE_RELAXED; do
+for port in $PORT_UPSTREAM $PORT_HOP $PORT_FLOOR $PORT_ANSWER $PORT_REPLAY $PORT_NEWKEY $PORT_MEM $PORT_SQLITE $PORT_MEM_INFO $PORT_MEM_SHARED $PORT_SQLITE_RELAXED; do
     port_open "$port" && die "port 127.0.0.1:$port is already in use (set BASE_PORT)"
 done
 
@@ -347,6 +351,10 @@ wait_port "$PORT_ANSWER" "$PID_ANSWER" hyper-answer
 PID_REPLAY=$!
 PIDS+=("$PID_REPLAY")
 wait_port "$PORT_REPLAY" "$PID_REPLAY" hyper-replay
+"$FLOOR" "127.0.0.1:$PORT_NEWKEY" --new-key "127.0.0.1:$PORT_UPSTREAM" >"$WORK/logs/hyper-newkey.log" 2>&1 &
+PID_NEWKEY=$!
+PIDS+=("$PID_NEWKEY")
+wait_port "$PORT_NEWKEY" "$PID_NEWKEY" hyper-newkey
 
 # ---------------------------------------------------------------------------------------
 # Gateways. The config spells out the defaults and makes the key required, so that a
@@ -510,6 +518,7 @@ check_target nginx-hop "$PORT_HOP"
 check_target hyper-floor "$PORT_FLOOR"
 check_target hyper-answer "$PORT_ANSWER"
 check_target hyper-replay "$PORT_REPLAY" "$REPLAY_KEY"
+check_target hyper-newkey "$PORT_NEWKEY" "$REPLAY_KEY"
 check_target gateway-memory "$PORT_MEM" "$REPLAY_KEY"
 check_target gateway-sqlite "$PORT_SQLITE" "$REPLAY_KEY"
 if ((EXTRA)); then
@@ -660,6 +669,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     measure "$round" hyper-floor new-keys "$PORT_FLOOR" "$PID_FLOOR" new_keys.lua "$RUN"
     measure "$round" hyper-answer replays "$PORT_ANSWER" "$PID_ANSWER" fixed_key.lua "$REPLAY_KEY"
     measure "$round" hyper-replay replays "$PORT_REPLAY" "$PID_REPLAY" fixed_key.lua "$REPLAY_KEY"
+    measure "$round" hyper-newkey new-keys "$PORT_NEWKEY" "$PID_NEWKEY" new_keys.lua "$RUN"
     measure "$round" gateway-memory new-keys "$PORT_MEM" "$PID_MEM" new_keys.lua "$RUN"
     measure "$round" gateway-memory replays "$PORT_MEM" "$PID_MEM" fixed_key.lua "$REPLAY_KEY"
     measure "$round" gateway-sqlite new-keys "$PORT_SQLITE" "$PID_SQLITE" new_keys.lua "$RUN"
@@ -816,6 +826,7 @@ verdict() { # row threshold
     floor_ratio() { awk -v a="$(med_rps "$1")" -v b="$(med_rps hyper-floor/new-keys)" 'BEGIN { printf "%.2f", b ? a / b : 0 }'; }
     ((EXTRA)) && echo "- pass-through: $(floor_ratio gateway-memory/pass-through)×"
     echo "- new keys, memory store: $(floor_ratio gateway-memory/new-keys)×; SQLite: $(floor_ratio gateway-sqlite/new-keys)×"
+    echo "- new keys, memory store, over hyper-newkey (a new key's floor, at $(ratio "$(med_rps hyper-newkey/new-keys)")× the hop): $(awk -v a="$(med_rps gateway-memory/new-keys)" -v b="$(med_rps hyper-newkey/new-keys)" 'BEGIN { printf "%.2f", b ? a / b : 0 }')×"
     echo "- replays, memory store, over hyper-replay (a replay's floor, at $(ratio "$(med_rps hyper-replay/replays)")× the hop; hyper-answer at $(ratio "$(med_rps hyper-answer/replays)")×): $(awk -v a="$(med_rps gateway-memory/replays)" -v b="$(med_rps hyper-replay/replays)" 'BEGIN { printf "%.2f", b ? a / b : 0 }')×"
     echo
     echo "- SQLite store check: $STORE_CHECK"
