@@ -16,8 +16,10 @@ die() {
     exit 1
 }
 
-PIDS=()
-WORK=""
+# Kept when the script set them before sourcing this file (instructions.sh, cpu_split.sh,
+# profile_vs_floor.sh and scale_gateway.sh make WORK first).
+[[ -v PIDS ]] || PIDS=()
+WORK=${WORK:-}
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
