@@ -199,6 +199,77 @@ async fn the_counters_come_back_to_zero_however_records_leave() {
     assert_eq!((store.len(), store.bytes()), (0, 0));
 }
 
+/// `stats` from a full scan of the live records, to check the store's own counts against.
+async fn counted(store: &MemoryStore) -> oncely::StoreStats {
+    let records = store.list(None, usize::MAX).await.expect("list");
+    let completed = records.iter().filter(|record| record.is_completed()).count() as u64;
+    oncely::StoreStats { records: records.len() as u64, in_progress: records.len() as u64 - completed, completed }
+}
+
+/// `stats` reads counts kept per shard, not every record: they agree with a scan however
+/// records come, change state, expire and leave.
+#[tokio::test]
+async fn stats_agree_with_a_scan_of_the_records_however_they_come_and_go() {
+    let store = MemoryStore::builder().shards(4).no_sweeper().build();
+    let check = async |store: &MemoryStore, step: &str| {
+        assert_eq!(store.stats().await.expect("stats"), counted(store).await, "after {step}");
+    };
+    let short = Duration::from_millis(30);
+    let mut held = Vec::new();
+    for i in 0..20 {
+        let request = claim_request(key(&format!("stats-{i}")), None, LONG);
+        let claim = request.claim();
+        store.claim(&request).await.expect("claim");
+        held.push(claim);
+    }
+    check(&store, "claims").await;
+    for (i, claim) in held.drain(..10).enumerate() {
+        let retention = if i % 3 == 0 { short } else { LONG };
+        store.complete(claim, Bytes::from_static(b"r"), retention).await.expect("complete");
+    }
+    check(&store, "completions").await;
+    for claim in held.drain(..3) {
+        store.release(claim).await.expect("release");
+    }
+    for name in ["stats-1", "stats-2", "stats-15"] {
+        assert!(store.delete(&storage(key(name))).await.expect("delete"));
+    }
+    check(&store, "releases and deletes").await;
+    // A lapsed claim taken over stays in progress; then it completes.
+    let lapsing = claim_request(key("stats-lapsing"), None, Duration::from_millis(10));
+    store.claim(&lapsing).await.expect("claim");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let takeover = claim_request(key("stats-lapsing"), None, LONG);
+    let claim = takeover.claim();
+    assert_eq!(store.claim(&takeover).await.expect("claim"), ClaimOutcome::Acquired { takeover: true });
+    check(&store, "a takeover").await;
+    store.complete(claim, Bytes::from_static(b"r"), LONG).await.expect("complete");
+    for name in ["stats-marker-a", "stats-marker-b"] {
+        store.first_seen(&FirstSeen::new(&oncely_testkit::GLOBAL, key(name), short)).await.expect("mark");
+    }
+    check(&store, "first-seen markers").await;
+    tokio::time::sleep(short * 2).await;
+    let live = store.stats().await.expect("stats");
+    assert_eq!(live, counted(&store).await, "expired records are not counted before a sweep");
+    assert_eq!(live.records as usize + 6, store.len(), "four completions and two markers expired, unswept");
+    let request = claim_request(key("stats-0"), None, LONG);
+    store.claim(&request).await.expect("a claim replaces an expired record");
+    check(&store, "a claim over an expired record").await;
+    store.purge_expired().await.expect("purge");
+    check(&store, "a purge").await;
+
+    // Eviction of unexpired completed records, when opted in.
+    let store = MemoryStore::builder().max_entries(5).evict_completed_when_full(true).no_sweeper().build();
+    for i in 0..5 {
+        complete(&store, key(&format!("stats-evicted-{i}")), LONG).await;
+    }
+    for i in 0..3 {
+        store.claim(&claim_request(key(&format!("stats-evicting-{i}")), None, LONG)).await.expect("claim");
+    }
+    check(&store, "evictions").await;
+    assert_eq!(store.stats().await.expect("stats"), oncely::StoreStats { records: 5, in_progress: 3, completed: 2 });
+}
+
 #[tokio::test]
 async fn evicting_unexpired_completed_records_is_an_opt_in_taking_the_earliest_expiry() {
     let store = MemoryStore::builder().max_entries(3).shards(1).evict_completed_when_full(true).build();

@@ -115,6 +115,11 @@ struct Shard {
     map: crate::key::KeyMap<Entry>,
     /// Every record of the shard by `(expires_at, key)`: the sweep and eviction order.
     by_expiry: BTreeSet<(SystemTime, StorageKey)>,
+    /// How many records of `map` are completed, expired ones included, so that `stats`
+    /// reads counts rather than every record. **Kept exact where a record enters, leaves
+    /// or changes state:** [`Shard::insert`], [`Shard::remove`] and `complete` (the only
+    /// change of state to completed; a takeover or a renewal stays in progress).
+    completed: usize,
 }
 
 struct Entry {
@@ -561,9 +566,11 @@ impl Shard {
     /// any (callers remove the key's record first, so none).
     fn insert(&mut self, record: Record, cost: usize) -> Option<usize> {
         self.by_expiry.insert((record.expires_at, record.storage_key));
+        self.completed += usize::from(record.is_completed());
         let key = record.storage_key;
         let mut old = self.map.insert(key, Entry { record, cost, waiters: None })?;
         self.by_expiry.remove(&(old.record.expires_at, key));
+        self.completed -= usize::from(old.record.is_completed());
         old.wake();
         Some(old.cost)
     }
@@ -572,6 +579,7 @@ impl Shard {
     fn remove(&mut self, key: &StorageKey) -> Option<usize> {
         let mut entry = self.map.remove(key)?;
         self.by_expiry.remove(&(entry.record.expires_at, *key));
+        self.completed -= usize::from(entry.record.is_completed());
         entry.wake();
         Some(entry.cost)
     }
@@ -633,12 +641,14 @@ impl Store for MemoryStore {
         let expires_at = deadline(now, retention)?;
         let mut shard = self.inner.shard(key);
         let entry = shard.held_mut(key, claim_id, now)?;
+        // In progress (`held_mut`), now completed: one more for `Shard::completed`.
         entry.record.state = RecordState::Completed { payload, completed_at: now, hits: 0 };
         entry.wake();
         let new_cost = record_cost(&entry.record);
         let old_cost = std::mem::replace(&mut entry.cost, new_cost);
         self.inner.recount(old_cost, new_cost);
         let old_expiry = std::mem::replace(&mut entry.record.expires_at, expires_at);
+        shard.completed += 1;
         shard.reindex(key, old_expiry, expires_at);
         Ok(())
     }
@@ -723,18 +733,25 @@ impl StoreAdmin for MemoryStore {
         Ok(self.inner.purge_expired(SystemTime::now()))
     }
 
+    /// Reads each shard's counts (one lock at a time) and takes out the records that
+    /// have expired but are not swept yet, found from the front of the expiry index: the
+    /// cost is the number of shards and of such records, not of all records (a scrape
+    /// of `/metrics` calls this).
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         let now = SystemTime::now();
         let mut stats = StoreStats::default();
         for index in 0..self.inner.shards.len() {
             let shard = self.inner.lock(index);
-            for entry in shard.map.values().filter(|entry| !entry.record.is_expired(now)) {
-                stats.records += 1;
-                match entry.record.state {
-                    RecordState::InProgress { .. } => stats.in_progress += 1,
-                    RecordState::Completed { .. } => stats.completed += 1,
+            let (mut records, mut completed) = (shard.map.len(), shard.completed);
+            for (_, key) in shard.by_expiry.iter().take_while(|(expires_at, _)| *expires_at <= now) {
+                if let Some(entry) = shard.map.get(key) {
+                    records -= 1;
+                    completed -= usize::from(entry.record.is_completed());
                 }
             }
+            stats.records += records as u64;
+            stats.completed += completed as u64;
+            stats.in_progress += (records - completed) as u64;
         }
         Ok(stats)
     }
