@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# Cost per request from 1 thousand to 10 million records, through the gateway: two
+# `oncely serve --store memory://` gateways side by side in front of one nginx upstream,
+# one preloaded (through HTTP, new keys) with SMALL records and one with LARGE, then
+# measured in ROUNDS interleaved rounds of wrk: new keys, and replays of keys drawn
+# uniformly over all the preloaded ones (each one a look-up of a different record, as far
+# from the CPU caches as the store makes it). Prints a markdown table of the medians and
+# LARGE/SMALL. The engine-and-store view of the same question is
+# `cargo bench -p oncely --bench scale`; this is what a client of the gateway sees.
+#
+#   ONCELY_BIN=target/release/oncely bash bench/scale_gateway.sh
+#
+# Knobs: SMALL=1000 LARGE=10000000 ROUNDS=3 DURATION=7s WARMUP=2s THREADS=2 CONNECTIONS=32
+#   BASE_PORT=19680. LARGE=10000000 needs about 8 GiB of memory and 6-8 minutes of
+#   preloading on 2 cores. Each gateway's store is opened with bounds above LARGE; the
+#   sweeper runs at its default interval (60 s) throughout, finding nothing expired.
+#   After the rounds, one /metrics scrape of each gateway is timed (the store's stats()
+#   count every record).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ONCELY=${ONCELY_BIN:-$ROOT/target/release/oncely}
+SMALL=${SMALL:-1000}
+LARGE=${LARGE:-10000000}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-7s}
+WARMUP=${WARMUP:-2s}
+THREADS=${THREADS:-2}
+CONNECTIONS=${CONNECTIONS:-32}
+BASE_PORT=${BASE_PORT:-19680}
+RESPONSE='{"id":"ch_1","amount":1999}'
+BODY='{"amount":1999,"currency":"usd"}'
+PIDS=()
+WORK=$(mktemp -d /tmp/oncely-scale.XXXXXX)
+RESULTS_DIR=${RESULTS_DIR:-$ROOT/target/bench-scale-gateway/$(date -u +%Y%m%dT%H%M%SZ)}
+BENCH_NAME=scale_gateway.sh
+source "$ROOT/bench/lib.sh"
+[[ -x $ONCELY ]] || die "no gateway binary at $ONCELY (cargo build --release -p oncely-gateway, or ONCELY_BIN=)"
+command -v wrk >/dev/null || install_packages wrk
+command -v nginx >/dev/null || install_packages nginx-light
+mkdir -p "$RESULTS_DIR" "$WORK/logs"
+log "results in $RESULTS_DIR"
+
+write_wrk_scripts "$BODY"
+# Keys scale-0 … scale-(N-1), split between wrk's threads; a thread stops once its share
+# is acknowledged (201, not a replay) and says so. Requests sent meanwhile past the share
+# take keys past N. wrk itself runs to its duration: preload() ends it once every thread
+# has said it is done.
+cat >"$WORK/preload.lua" <<LUA
+dofile("$WORK/common.lua")
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("tid", threads) end
+local n, next_key, acked, share, first
+local headers = { ["Content-Type"] = "application/json" }
+function init(args)
+    n = tonumber(args[1]); threads = tonumber(args[2])
+    next_key = tid - 1
+    share = math.floor((n - tid) / threads) + 1
+    acked = 0
+end
+function request()
+    local key = next_key
+    next_key = next_key + threads
+    headers["Idempotency-Key"] = "scale-" .. key
+    return wrk.format("POST", "/payments", headers, body)
+end
+function response(status, headers, body)
+    if status == 201 and not headers["idempotent-replayed"] then acked = acked + 1 end
+    if acked == share then io.write("PRELOADED thread " .. tid .. "\n"); io.flush(); wrk.thread:stop() end
+end
+LUA
+# Replays of keys drawn uniformly from scale-0 … scale-(N-1).
+cat >"$WORK/spread.lua" <<LUA
+dofile("$WORK/common.lua")
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("tid", threads) end
+local n
+local headers = { ["Content-Type"] = "application/json" }
+function init(args) n = tonumber((args[1]:gsub("^warm%-", ""))); math.randomseed(os.time() * 1000 + tid) end
+function request()
+    headers["Idempotency-Key"] = "scale-" .. math.random(0, n - 1)
+    return wrk.format("POST", "/payments", headers, body)
+end
+LUA
+write_replay_config
+
+PORT_UPSTREAM=$BASE_PORT PORT_SMALL=$((BASE_PORT + 1)) PORT_LARGE=$((BASE_PORT + 2))
+ADMIN_SMALL=$((BASE_PORT + 3)) ADMIN_LARGE=$((BASE_PORT + 4))
+start_nginx_upstream "$PORT_UPSTREAM" "$RESPONSE"
+STORE="memory://?max_entries=$((LARGE * 2 + 1000000))&max_bytes=32GiB"
+start_gateway() { # name port admin_port; sets PID
+    "$ONCELY" --log-level warn serve --upstream "http://127.0.0.1:$PORT_UPSTREAM" --listen "127.0.0.1:$2" \
+        --admin-listen "127.0.0.1:$3" --store "$STORE" --config "$WORK/oncely.toml" >"$WORK/logs/$1.log" 2>&1 &
+    PIDS+=($!)
+    PID=${PIDS[-1]}
+    wait_port "$2" "$PID" "$1"
+}
+start_gateway small "$PORT_SMALL" "$ADMIN_SMALL" && PID_SMALL=$PID
+start_gateway large "$PORT_LARGE" "$ADMIN_LARGE" && PID_LARGE=$PID
+
+rss_mib() { awk '/^VmRSS/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+preload() { # name port n
+    local start=$SECONDS
+    log "preloading $1 with $3 records"
+    local out="$RESULTS_DIR/preload-$1.txt" pid
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d3600s -s "$WORK/preload.lua" "http://127.0.0.1:$2/payments" -- "$3" "$THREADS" \
+        >"$out" 2>&1 &
+    pid=$!
+    until (($(grep -c '^PRELOADED' "$out") == THREADS)); do
+        kill -0 "$pid" 2>/dev/null || die "wrk ended before preloading $1; see $out"
+        ((SECONDS - start < 3600)) || die "preloading $1 took over an hour"
+        sleep 1
+    done
+    kill -INT "$pid" 2>/dev/null || true
+    wait "$pid" || true
+    log "  $1: preloaded in $((SECONDS - start)) s"
+}
+preload small "$PORT_SMALL" "$SMALL"
+preload large "$PORT_LARGE" "$LARGE"
+# The preloaded keys must now be replays: sample the ends and the middle. (Not scale-0:
+# wrk's first request of the first connection is built before that connection exists and
+# is not always the one sent; the rounds below store it if it is drawn.)
+for spec in "small $PORT_SMALL $SMALL" "large $PORT_LARGE $LARGE"; do
+    read -r name port n <<<"$spec"
+    for key in 1 $((n / 2)) $((n - 1)); do
+        curl -s -o /dev/null -D "$WORK/h" -X POST -H 'Content-Type: application/json' -H "Idempotency-Key: scale-$key" \
+            --data "$BODY" "http://127.0.0.1:$port/payments" || die "$name: no answer for scale-$key"
+        grep -qi '^idempotent-replayed: true' "$WORK/h" ||
+            die "$name: scale-$key was not stored by the preload: $(tr -d '\r' <"$WORK/h" | tr '\n' ' ')"
+    done
+done
+RSS_SMALL=$(rss_mib "$PID_SMALL") RSS_LARGE=$(rss_mib "$PID_LARGE")
+log "RSS after preloading: small $RSS_SMALL MiB, large $RSS_LARGE MiB"
+
+declare -A RPS
+measure() { # round name port mode n
+    local out="$RESULTS_DIR/wrk-$2-$4.r$1.txt" script arg
+    case $4 in
+        new-keys) script=new_keys.lua arg="new-$2-r$1" ;;
+        replays) script=spread.lua arg=$5 ;;
+    esac
+    if (($1 == 1)); then
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$WORK/$script" "http://127.0.0.1:$3/payments" -- "warm-$arg" \
+            >"$RESULTS_DIR/wrk-$2-$4.warmup.txt" 2>&1 || die "wrk failed warming up $2"
+    fi
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/$script" "http://127.0.0.1:$3/payments" -- "$arg" \
+        >"$out" 2>&1 || die "wrk failed: $out"
+    local line
+    line=$(grep '^RESULT ' "$out") || die "no RESULT in $out"
+    [[ $(field non2xx "$line") == 0 && $(field errors "$line") == 0 ]] || die "errors in $out: $line"
+    RPS[$2/$4]+=" $(field rps "$line")"
+    log "round $1: $2 $4: $(field rps "$line") req/s"
+}
+for ((round = 1; round <= ROUNDS; round++)); do
+    for mode in replays new-keys; do
+        measure "$round" small "$PORT_SMALL" "$mode" "$SMALL"
+        measure "$round" large "$PORT_LARGE" "$mode" "$LARGE"
+    done
+done
+
+scrape_ms() { # port
+    curl -s -o /dev/null -w '%{time_total}' "http://127.0.0.1:$1/metrics" | awk '{ printf "%.0f", $1 * 1000 }'
+}
+{
+    echo "| memory store | $SMALL records | $LARGE records | large / small |"
+    echo "|---|---:|---:|---:|"
+    for mode in replays new-keys; do
+        s=$(median <<<"${RPS[small/$mode]}") l=$(median <<<"${RPS[large/$mode]}")
+        echo "| $mode (req/s, median of $ROUNDS; rounds $(range <<<"${RPS[small/$mode]}") and $(range <<<"${RPS[large/$mode]}")) | $s | $l | $(awk -v s="$s" -v l="$l" 'BEGIN { printf "%.2f×", l / s }') |"
+    done
+    echo "| RSS after preloading (MiB) | $RSS_SMALL | $RSS_LARGE | |"
+    echo "| one /metrics scrape after the rounds (ms) | $(scrape_ms "$ADMIN_SMALL") | $(scrape_ms "$ADMIN_LARGE") | |"
+} | tee "$RESULTS_DIR/summary.md"
