@@ -26,8 +26,8 @@
 //! lock), the request forwarded with its body, the upstream's response read whole, the
 //! claim replaced by the completed response (status, headers, body), and the response
 //! sent. A key already claimed is answered `409`, a completed one replayed as `--replay`
-//! does. No store trait, encoding, lease, expiry, route, limit, forwarding header, metric
-//! or log. What the gateway's new key costs above this row is what it does beside that
+//! does. The map is sharded as the memory store's is. No store trait, encoding, lease,
+//! expiry, route, limit, forwarding header, metric or log. What the gateway's new key costs above this row is what it does beside that
 //! work and how it does it.
 //!
 //! With `FLOOR_SPIN_NS=N` in the environment every request first spins for `N` ns (wall
@@ -138,9 +138,18 @@ thread_local! {
 }
 
 /// The keys of `--replay` and `--new-key`, by storage key, shared by the workers (a retry
-/// may come on another connection, served by another worker).
-static STORED: std::sync::LazyLock<std::sync::RwLock<std::collections::HashMap<[u8; 32], Record>>> =
-    std::sync::LazyLock::new(std::sync::RwLock::default);
+/// may come on another connection, served by another worker). Sharded and hashed as the
+/// memory store's map is (64 shards, foldhash), so that the workers rarely meet on a lock
+/// and a map that grows under load rehashes a sixty-fourth of it at a time.
+static STORED: std::sync::LazyLock<[std::sync::RwLock<KeyMap>; 64]> =
+    std::sync::LazyLock::new(|| std::array::from_fn(|_| std::sync::RwLock::default()));
+
+type KeyMap = std::collections::HashMap<[u8; 32], Record, foldhash::quality::RandomState>;
+
+/// The shard of `STORED` that holds `storage_key`.
+fn shard_of(storage_key: &[u8; 32]) -> &'static std::sync::RwLock<KeyMap> {
+    &STORED[usize::from(storage_key[0]) % 64]
+}
 
 async fn serve(stream: std::net::TcpStream, target: Target, spin: std::time::Duration) {
     let Ok(stream) = tokio::net::TcpStream::from_std(stream) else { return };
@@ -181,7 +190,7 @@ async fn replay(request: Request<Incoming>, body: Bytes) -> Result<Response<Body
         return Ok(bad_gateway());
     };
     let storage_key = *oncely::Fingerprint::from_parts(&[b"anonymous", key.as_bytes()]).as_bytes();
-    let found = STORED.read().ok().and_then(|stored| match stored.get(&storage_key) {
+    let found = shard_of(&storage_key).read().ok().and_then(|stored| match stored.get(&storage_key) {
         Some(Record::Completed(stored)) => Some(std::sync::Arc::clone(stored)),
         _ => None,
     });
@@ -189,7 +198,7 @@ async fn replay(request: Request<Incoming>, body: Bytes) -> Result<Response<Body
         let mut headers = http::HeaderMap::new();
         headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
         let stored = Stored { fingerprint, status: StatusCode::CREATED, headers, body: body.clone() };
-        if let Ok(mut map) = STORED.write() {
+        if let Ok(mut map) = shard_of(&storage_key).write() {
             map.insert(storage_key, Record::Completed(std::sync::Arc::new(stored)));
         }
         // The key's first request: stored, and answered as `--answer` does.
@@ -222,7 +231,7 @@ async fn new_key(request: Request<Incoming>, upstream: http::uri::Authority) -> 
     };
     let storage_key = *oncely::Fingerprint::from_parts(&[b"anonymous", key.as_bytes()]).as_bytes();
     // The claim: one look-up and insert under the map's lock.
-    let refused = match STORED.write() {
+    let refused = match shard_of(&storage_key).write() {
         Err(_) => Some(bad_gateway()),
         Ok(mut map) => match map.entry(storage_key) {
             Entry::Vacant(vacant) => {
@@ -249,9 +258,18 @@ async fn new_key(request: Request<Incoming>, upstream: http::uri::Authority) -> 
     let (parts, incoming) = response.into_parts();
     let Ok(collected) = incoming.collect().await else { return Ok(bad_gateway()) };
     let body = collected.to_bytes();
-    // The completion: the claim replaced by the response, under the map's lock.
-    let stored = Stored { fingerprint, status: parts.status, headers: parts.headers.clone(), body: body.clone() };
-    if let Ok(mut map) = STORED.write() {
+    // The completion: the claim replaced by the response, under the map's lock. The
+    // record owns copies, as a store's encoding does: the body and the header values
+    // hyper parsed are slices of its read buffer, which keeping them would keep alive
+    // (a buffer per record).
+    let mut headers = http::HeaderMap::with_capacity(parts.headers.len());
+    for (name, value) in &parts.headers {
+        if let Ok(value) = http::HeaderValue::from_bytes(value.as_bytes()) {
+            headers.append(name.clone(), value);
+        }
+    }
+    let stored = Stored { fingerprint, status: parts.status, headers, body: Bytes::copy_from_slice(&body) };
+    if let Ok(mut map) = shard_of(&storage_key).write() {
         map.insert(storage_key, Record::Completed(std::sync::Arc::new(stored)));
     }
     Ok(Response::from_parts(parts, Full::new(body).map_err(|never| match never {}).boxed_unsync()))
