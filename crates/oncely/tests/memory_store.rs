@@ -214,7 +214,9 @@ async fn stats_agree_with_a_scan_of_the_records_however_they_come_and_go() {
     let check = async |store: &MemoryStore, step: &str| {
         assert_eq!(store.stats().await.expect("stats"), counted(store).await, "after {step}");
     };
-    let short = Duration::from_millis(30);
+    // Long enough that no short record expires between the steps before the wait, even on
+    // a loaded machine: `stats` and the scan read the clock separately.
+    let short = Duration::from_millis(500);
     let mut held = Vec::new();
     for i in 0..20 {
         let request = claim_request(key(&format!("stats-{i}")), None, LONG);
@@ -248,7 +250,7 @@ async fn stats_agree_with_a_scan_of_the_records_however_they_come_and_go() {
         store.first_seen(&FirstSeen::new(&oncely_testkit::GLOBAL, key(name), short)).await.expect("mark");
     }
     check(&store, "first-seen markers").await;
-    tokio::time::sleep(short * 2).await;
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
     let live = store.stats().await.expect("stats");
     assert_eq!(live, counted(&store).await, "expired records are not counted before a sweep");
     assert_eq!(live.records as usize + 6, store.len(), "four completions and two markers expired, unswept");

@@ -565,14 +565,20 @@ impl Shard {
     /// Inserts `record`, which counts `cost` bytes; the cost of a record it replaced, if
     /// any (callers remove the key's record first, so none).
     fn insert(&mut self, record: Record, cost: usize) -> Option<usize> {
-        self.by_expiry.insert((record.expires_at, record.storage_key));
+        let (key, expires_at) = (record.storage_key, record.expires_at);
         self.completed += usize::from(record.is_completed());
-        let key = record.storage_key;
-        let mut old = self.map.insert(key, Entry { record, cost, waiters: None })?;
-        self.by_expiry.remove(&(old.record.expires_at, key));
-        self.completed -= usize::from(old.record.is_completed());
-        old.wake();
-        Some(old.cost)
+        let old = self.map.insert(key, Entry { record, cost, waiters: None });
+        // The replaced record's index entry goes before the new one is added: with the
+        // same expiry they are the same entry, and removing after adding would unindex
+        // the new record (never swept, never taken out of `stats`).
+        let replaced = old.map(|mut old| {
+            self.by_expiry.remove(&(old.record.expires_at, key));
+            self.completed -= usize::from(old.record.is_completed());
+            old.wake();
+            old.cost
+        });
+        self.by_expiry.insert((expires_at, key));
+        replaced
     }
 
     /// Removes the record at `key` and wakes its waiters; its cost when there was one.
