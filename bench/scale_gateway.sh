@@ -75,7 +75,7 @@ local threads = 0
 function setup(thread) threads = threads + 1; thread:set("tid", threads) end
 local n
 local headers = { ["Content-Type"] = "application/json" }
-function init(args) n = tonumber((args[1]:gsub("^warm%-", ""))); math.randomseed(os.time() * 1000 + tid) end
+function init(args) n = tonumber(args[1]); math.randomseed(os.time() * 1000 + tid) end
 function request()
     headers["Idempotency-Key"] = "scale-" .. math.random(0, n - 1)
     return wrk.format("POST", "/payments", headers, body)
@@ -133,13 +133,14 @@ log "RSS after preloading: small $RSS_SMALL MiB, large $RSS_LARGE MiB"
 
 declare -A RPS
 measure() { # round name port mode n
-    local out="$RESULTS_DIR/wrk-$2-$4.r$1.txt" script arg
+    # New keys: a prefix of their own for each run and warm-up. Replays: the key count.
+    local out="$RESULTS_DIR/wrk-$2-$4.r$1.txt" script arg warm_arg
     case $4 in
-        new-keys) script=new_keys.lua arg="new-$2-r$1" ;;
-        replays) script=spread.lua arg=$5 ;;
+        new-keys) script=new_keys.lua arg="new-$2-r$1" warm_arg="warm-new-$2-r$1" ;;
+        replays) script=spread.lua arg=$5 warm_arg=$5 ;;
     esac
     if (($1 == 1)); then
-        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$WORK/$script" "http://127.0.0.1:$3/payments" -- "warm-$arg" \
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$WORK/$script" "http://127.0.0.1:$3/payments" -- "$warm_arg" \
             >"$RESULTS_DIR/wrk-$2-$4.warmup.txt" 2>&1 || die "wrk failed warming up $2"
     fi
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/$script" "http://127.0.0.1:$3/payments" -- "$arg" \

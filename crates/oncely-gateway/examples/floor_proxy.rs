@@ -124,17 +124,28 @@ struct Stored {
 
 thread_local! {
     /// Each worker's own pool, so an upstream connection's task runs on its thread.
-    static CLIENT: Client<HttpConnector, Incoming> = {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        Client::builder(TokioExecutor::new()).build(connector)
-    };
+    static CLIENT: Client<HttpConnector, Incoming> = pool();
     /// The same for `--new-key`, which forwards a body it has already read.
-    static BYTES_CLIENT: Client<HttpConnector, Full<Bytes>> = {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        Client::builder(TokioExecutor::new()).build(connector)
-    };
+    static BYTES_CLIENT: Client<HttpConnector, Full<Bytes>> = pool();
+}
+
+/// A connection pool to the upstream, without Nagle's delay.
+fn pool<B: hyper::body::Body + Send>() -> Client<HttpConnector, B>
+where
+    B::Data: Send,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// `original`'s path and query on `upstream`.
+fn upstream_uri(original: &Uri, upstream: http::uri::Authority) -> Result<Uri, http::Error> {
+    let mut uri = Uri::builder().scheme("http").authority(upstream);
+    if let Some(pq) = original.path_and_query() {
+        uri = uri.path_and_query(pq.clone());
+    }
+    uri.build()
 }
 
 /// The keys of `--replay` and `--new-key`, by storage key, shared by the workers (a retry
@@ -247,11 +258,7 @@ async fn new_key(request: Request<Incoming>, upstream: http::uri::Authority) -> 
     if let Some(answer) = refused {
         return Ok(answer);
     }
-    let mut uri = Uri::builder().scheme("http").authority(upstream);
-    if let Some(pq) = parts.uri.path_and_query() {
-        uri = uri.path_and_query(pq.clone());
-    }
-    let Ok(uri) = uri.build() else { return Ok(bad_gateway()) };
+    let Ok(uri) = upstream_uri(&parts.uri, upstream) else { return Ok(bad_gateway()) };
     parts.uri = uri;
     let sent = BYTES_CLIENT.with(|client| client.request(Request::from_parts(parts, Full::new(body))));
     let Ok(response) = sent.await else { return Ok(bad_gateway()) };
@@ -277,11 +284,7 @@ async fn new_key(request: Request<Incoming>, upstream: http::uri::Authority) -> 
 
 async fn forward(request: Request<Incoming>, upstream: http::uri::Authority) -> Result<Response<Body>, Infallible> {
     let (mut parts, body) = request.into_parts();
-    let mut uri = Uri::builder().scheme("http").authority(upstream);
-    if let Some(pq) = parts.uri.path_and_query() {
-        uri = uri.path_and_query(pq.clone());
-    }
-    let Ok(uri) = uri.build() else { return Ok(bad_gateway()) };
+    let Ok(uri) = upstream_uri(&parts.uri, upstream) else { return Ok(bad_gateway()) };
     parts.uri = uri;
     let sent = CLIENT.with(|client| client.request(Request::from_parts(parts, body)));
     Ok(match sent.await {

@@ -118,8 +118,8 @@ pub struct Proxy {
 /// ```
 /// use oncely_gateway::proxy::ForwardedFor;
 ///
+/// // Once per connection, from its peer; then `Proxy::set_client` for each request.
 /// let client = ForwardedFor::new("192.0.2.1:5000".parse().unwrap());
-/// assert_eq!(client.ip(), "192.0.2.1");
 /// ```
 #[derive(Clone, Debug)]
 pub struct ForwardedFor(Arc<ClientAddr>);
@@ -128,11 +128,6 @@ impl ForwardedFor {
     /// The client at `addr` (its port is not forwarded).
     pub fn new(addr: SocketAddr) -> Self {
         Self(Arc::new(ClientAddr::new(addr)))
-    }
-
-    /// The client's address as `X-Forwarded-For` lists it.
-    pub fn ip(&self) -> &str {
-        self.0.ip.to_str().unwrap_or_default()
     }
 }
 

@@ -3,21 +3,31 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-/// The fields that are always hop-by-hop (plus the de-facto `Proxy-Connection`).
-///
-/// A `static`, not a `const`: each use of a `const` array of `HeaderName`s builds a
-/// temporary copy and drops it, nine names per use, on every proxied message.
-static ALWAYS: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
+/// The fields that are always hop-by-hop (plus the de-facto `Proxy-Connection`), as the
+/// lower-case text [`HeaderName::as_str`] gives: compared as text, removed by name.
+const ALWAYS: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
+
+/// The lengths of the nine names, as a bit set: most names present (`content-type`,
+/// `date`, `host`, …) are told apart by their length alone.
+const LENGTHS: u32 = {
+    let mut bits = 0u32;
+    let mut i = 0;
+    while i < ALWAYS.len() {
+        bits |= 1 << ALWAYS[i].len();
+        i += 1;
+    }
+    bits
+};
 
 /// Removes the hop-by-hop fields from `headers`: the fixed ones, and any field the
 /// `Connection` field names.
@@ -41,15 +51,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // responses carry `Connection: keep-alive` and nothing else of these: one removal,
     // where removing each of the nine would cost nine.
     let mut present = [false; ALWAYS.len()];
-    let mut any = false;
     for name in headers.keys() {
         if let Some(i) = position(name) {
             present[i] = true;
-            any = true;
         }
     }
     // `Connection` is among the nine, so a message without any names no other field.
-    if !any {
+    if !present.contains(&true) {
         return;
     }
     if present[0] {
@@ -63,7 +71,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|option| !ALWAYS.iter().any(|a| a.as_str().eq_ignore_ascii_case(option)))
+            .filter(|option| !ALWAYS.iter().any(|always| always.eq_ignore_ascii_case(option)))
             .filter_map(|name| HeaderName::try_from(name).ok())
             .collect();
         for name in &named {
@@ -71,34 +79,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     for (name, _) in ALWAYS.iter().zip(present).filter(|(_, present)| *present) {
-        headers.remove(name);
+        headers.remove(*name);
     }
 }
-
-/// The lengths of the nine names, as a bit set: most names present (`content-type`,
-/// `date`, `host`, …) are told apart by their length alone.
-const LENGTHS: u32 = {
-    let mut bits = 0u32;
-    let mut i = 0;
-    while i < ALWAYS_STR.len() {
-        bits |= 1 << ALWAYS_STR[i].len();
-        i += 1;
-    }
-    bits
-};
-
-/// [`ALWAYS`] as text, in the same order (a `const` for [`LENGTHS`]).
-const ALWAYS_STR: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// `name`'s place in [`ALWAYS`], if it is one of the nine.
 fn position(name: &HeaderName) -> Option<usize> {
@@ -106,7 +89,7 @@ fn position(name: &HeaderName) -> Option<usize> {
     if name.len() >= 32 || LENGTHS & (1 << name.len()) == 0 {
         return None;
     }
-    ALWAYS_STR.iter().position(|always| *always == name)
+    ALWAYS.iter().position(|always| *always == name)
 }
 
 #[cfg(test)]
@@ -130,8 +113,9 @@ mod tests {
 
     #[test]
     fn the_table_of_names_matches_the_table_of_text() {
-        assert_eq!(ALWAYS.iter().map(HeaderName::as_str).collect::<Vec<_>>(), ALWAYS_STR);
-        for (i, name) in ALWAYS.iter().enumerate() {
+        let names: Vec<HeaderName> = ALWAYS.iter().map(|always| HeaderName::from_static(always)).collect();
+        assert_eq!(names.iter().map(HeaderName::as_str).collect::<Vec<_>>(), ALWAYS);
+        for (i, name) in names.iter().enumerate() {
             assert_eq!(position(name), Some(i));
         }
         for other in [
@@ -146,10 +130,10 @@ mod tests {
 
     #[test]
     fn each_of_the_nine_is_removed_with_all_its_values() {
-        for always in &ALWAYS {
+        for always in ALWAYS {
             let mut map = headers(&[("content-type", "application/json"), ("x-end", "1")]);
-            map.append(always.clone(), HeaderValue::from_static("a"));
-            map.append(always.clone(), HeaderValue::from_static("b"));
+            map.append(always, HeaderValue::from_static("a"));
+            map.append(always, HeaderValue::from_static("b"));
             strip_hop_by_hop(&mut map);
             assert_eq!(names(&map), ["content-type", "x-end"], "{always}");
         }
