@@ -79,8 +79,9 @@
 //! payload included, on a reader thread. It waits for nothing the writer does: neither
 //! the writer's queue and group-commit fsyncs nor another process holding the write
 //! lock. Readers are a small pool ([`SqliteOptions::readers`]) shared with the admin
-//! reads; a slow admin read (`stats` over millions of rows) occupies one of them while
-//! it runs.
+//! reads; a slow admin read (`list` of a large page) occupies one of them while it runs.
+//! `stats` is not one: it reads the counts the schema's triggers keep, less the expired
+//! rows not yet swept.
 //!
 //! Where the caller waits, it awaits a channel: every SQLite statement runs on the
 //! store's own threads, never on the async runtime's.

@@ -58,6 +58,13 @@ macro_rules! cost {
 /// triggers on `records`, in the same transaction as every insert, update and delete:
 /// so it is right for every process sharing the file, survives restarts, and a claim
 /// reads one row to check the bounds instead of counting.
+///
+/// Version 3 adds `records_usage.in_progress`, the rows in progress (`state = 0`),
+/// expired ones included, kept by the same triggers and one more on a change of `state`
+/// (an upsert's update fires it as an update does). With it, `stats` counts the
+/// unexpired records as the usage row's counts less the expired rows not yet swept, read
+/// from `records_by_expiry`, instead of reading the whole index (1 s at 10 million
+/// records, on every metrics scrape).
 const MIGRATIONS: &[&str] = &[
     "
     CREATE TABLE records (
@@ -110,6 +117,27 @@ const MIGRATIONS: &[&str] = &[
         " - ",
         cost!("old"),
         " WHERE id = 0;
+    END;
+"
+    ),
+    concat!(
+        "
+    ALTER TABLE records_usage ADD COLUMN in_progress INTEGER NOT NULL DEFAULT 0;
+    UPDATE records_usage SET in_progress = (SELECT count(*) FROM records WHERE state = 0) WHERE id = 0;
+    DROP TRIGGER records_usage_insert;
+    CREATE TRIGGER records_usage_insert AFTER INSERT ON records BEGIN
+        UPDATE records_usage SET records = records + 1, in_progress = in_progress + (new.state = 0), bytes = bytes + ",
+        cost!("new"),
+        " WHERE id = 0;
+    END;
+    DROP TRIGGER records_usage_delete;
+    CREATE TRIGGER records_usage_delete AFTER DELETE ON records BEGIN
+        UPDATE records_usage SET records = records - 1, in_progress = in_progress - (old.state = 0), bytes = bytes - ",
+        cost!("old"),
+        " WHERE id = 0;
+    END;
+    CREATE TRIGGER records_usage_state AFTER UPDATE OF state ON records WHEN new.state IS NOT old.state BEGIN
+        UPDATE records_usage SET in_progress = in_progress + (new.state = 0) - (old.state = 0) WHERE id = 0;
     END;
 "
     ),

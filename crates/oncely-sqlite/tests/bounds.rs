@@ -3,11 +3,11 @@
 //! store sharing the file, and `ping` reports writes that cannot proceed.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use oncely::store::{CapacityBound, FirstSeen};
-use oncely::{ClaimOutcome, IdempotencyKey, Scope, StorageKey, Store, StoreAdmin, StoreError};
+use oncely::{ClaimOutcome, IdempotencyKey, Scope, StorageKey, Store, StoreAdmin, StoreError, StoreStats};
 use oncely_sqlite::{SqliteOptions, SqliteStore, Usage};
 use oncely_testkit::{claim_request, claim_request_in, unique_key};
 
@@ -49,6 +49,19 @@ fn recount(path: &Path) -> Usage {
         )
         .expect("recount");
     Usage { records: records as u64, bytes: bytes as u64 }
+}
+
+/// `stats()` recomputed from the rows, past the store: the unexpired ones, by state.
+fn restat(path: &Path) -> StoreStats {
+    let conn = rusqlite::Connection::open(path).expect("open the file directly");
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("a sane clock").as_millis() as i64;
+    let (records, in_progress): (i64, i64) = conn
+        .query_row("SELECT count(*), coalesce(sum(state = 0), 0) FROM records WHERE expires_at > ?1", [now], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .expect("restat");
+    let (records, in_progress) = (records as u64, in_progress as u64);
+    StoreStats { records, in_progress, completed: records - in_progress }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -205,8 +218,23 @@ async fn the_counts_match_a_recount_after_every_kind_of_write_from_two_stores() 
         complete(store, &expiring, Bytes::from(vec![6; 100]), LONG).await;
         store.purge_expired().await.expect("purge");
         assert_eq!(store.usage().await.expect("usage"), recount(&path), "after the writes of store {i}");
+        // held, and held until its record expired, unswept: counted by `stats` only while live
+        store.claim(&claim_request_in(&scope, &unique_key(), None, LONG, LONG)).await.expect("claim");
+        let (lapsing, short) = (unique_key(), Duration::from_millis(20));
+        store.claim(&claim_request_in(&scope, &lapsing, None, short, short)).await.expect("claim");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // a completed record whose key is claimed again once expired: completed → in progress
+        let again = unique_key();
+        complete(store, &again, Bytes::from_static(b"once"), Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        store.claim(&claim_request(&again, None, LONG)).await.expect("claim again");
+        assert_eq!(store.usage().await.expect("usage"), recount(&path), "after the claims of store {i}");
+        for (j, other) in stores.iter().enumerate() {
+            assert_eq!(other.stats().await.expect("stats"), restat(&path), "store {j} after the writes of store {i}");
+        }
     }
-    assert_eq!(recount(&path).records, 8);
+    assert_eq!(recount(&path).records, 13, "store 1's purge swept store 0's lapsed claim, not its own");
+    assert_eq!(restat(&path), StoreStats { records: 12, in_progress: 4, completed: 8 });
 }
 
 fn key_for_delete(i: usize) -> IdempotencyKey {
@@ -222,21 +250,24 @@ async fn a_database_from_before_the_bounds_is_counted_once_at_open() {
         for i in 0..5 {
             complete(&store, &unique_key(), Bytes::from(vec![0; 100 * i]), LONG).await;
         }
+        store.claim(&claim_request(&unique_key(), None, LONG)).await.expect("one held");
     }
     {
         // Take the file back to schema version 1: no usage row, no triggers.
         let conn = rusqlite::Connection::open(&path).expect("open the file directly");
         conn.execute_batch(
             "DROP TRIGGER records_usage_insert; DROP TRIGGER records_usage_delete; \
-             DROP TRIGGER records_usage_update; DROP TABLE records_usage; PRAGMA user_version = 1;",
+             DROP TRIGGER records_usage_update; DROP TRIGGER records_usage_state; DROP TABLE records_usage; \
+             PRAGMA user_version = 1;",
         )
         .expect("downgrade");
     }
-    let store = open(&path, SqliteOptions::default().max_records(5));
+    let store = open(&path, SqliteOptions::default().max_records(6));
     assert_eq!(store.usage().await.expect("usage"), recount(&path));
-    assert_eq!(store.usage().await.expect("usage").records, 5);
+    assert_eq!(store.usage().await.expect("usage").records, 6);
+    assert_eq!(store.stats().await.expect("stats"), StoreStats { records: 6, in_progress: 1, completed: 5 });
     let refused = store.claim(&claim_request(&unique_key(), None, LONG)).await;
-    assert!(is_full(&refused, CapacityBound::Records, 5), "{refused:?}");
+    assert!(is_full(&refused, CapacityBound::Records, 6), "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
