@@ -17,7 +17,8 @@
 # (`callgrind_annotate` them, or diff the `*.top` files). Knobs: SHORT=200, LONG=2200,
 # KEYS=new (a new key per request instead of replays: the gateway forwards each to an
 # nginx upstream, which is not counted; the floor rows are then hyper-floor forwarding
-# and hyper-newkey, `floor_proxy --new-key`: the design's own work for a new key).
+# and hyper-newkey, `floor_proxy --new-key`: the design's own work for a new key), or
+# KEYS=none (no key: the gateway's pass-through against hyper-floor forwarding).
 # Needs valgrind (installed when missing) and python3.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,23 +35,32 @@ WORK=$(mktemp -d /tmp/oncely-instructions.XXXXXX)
 RESULTS_DIR=$ROOT/target/bench-instructions/$(date -u +%Y%m%dT%H%M%SZ)
 BENCH_NAME=instructions.sh
 source "$ROOT/bench/lib.sh"
-[[ $KEYS == replays || $KEYS == new ]] || die "KEYS is replays or new"
+[[ $KEYS == replays || $KEYS == new || $KEYS == none ]] || die "KEYS is replays, new or none"
 mkdir -p "$RESULTS_DIR" "$WORK/logs"
 command -v valgrind >/dev/null || install_packages valgrind
 command -v nginx >/dev/null || install_packages nginx-light
 
 write_replay_config
+# POST /plain is not covered (only PATCH is): the gateway passes it through untouched.
+cat >>"$WORK/oncely.toml" <<'TOML'
+
+[[routes]]
+path = "/plain"
+methods = ["PATCH"]
+TOML
 
 # Sends N replays of one key on one connection (the first request stores it), or N + 1
-# requests with a new key each.
+# requests with a new key each, or N + 1 with no key.
 cat >"$WORK/client.py" <<'PY'
 import http.client, sys, uuid
 port, n, body, keys = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode(), sys.argv[4]
 conn = http.client.HTTPConnection("127.0.0.1", port)
 run = uuid.uuid4().hex
 for i in range(n + 1):
-    key = f"instructions-{run}-{i}" if keys == "new" else "instructions"
-    conn.request("POST", "/payments", body=body, headers={"Content-Type": "application/json", "Idempotency-Key": key})
+    headers = {"Content-Type": "application/json"}
+    if keys != "none":
+        headers["Idempotency-Key"] = f"instructions-{run}-{i}" if keys == "new" else "instructions"
+    conn.request("POST", "/plain" if keys == "none" else "/payments", body=body, headers=headers)
     response = conn.getresponse()
     response.read()
     replayed = response.getheader("Idempotent-Replayed") == "true"
@@ -95,6 +105,8 @@ log "counting; results in $RESULTS_DIR"
     echo "|---|---:|---:|---:|"
     if [[ $KEYS == replays ]]; then
         per_request hyper-replay "$FLOOR" 127.0.0.1:19481 --replay "$RESPONSE"
+    elif [[ $KEYS == none ]]; then
+        per_request hyper-floor "$FLOOR" 127.0.0.1:19481 127.0.0.1:19480
     else
         per_request hyper-floor "$FLOOR" 127.0.0.1:19481 127.0.0.1:19480
         per_request hyper-newkey "$FLOOR" 127.0.0.1:19481 --new-key 127.0.0.1:19480

@@ -60,18 +60,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !present.contains(&true) {
         return;
     }
-    if present[0] {
-        // The fields `Connection` names (RFC 9110 §7.6.1: every option, even `close`),
-        // removed while it is there to be read. Options that are one of the nine
-        // (`keep-alive`, `upgrade`, `te`, …) go below: they are not parsed into names,
-        // and nothing is allocated for them.
+    // The fields `Connection` names (RFC 9110 §7.6.1: every option, even `close`),
+    // removed while it is there to be read. Options that are one of the nine
+    // (`keep-alive`, `upgrade`, `te`, …) go below: they are not parsed into names, and
+    // nothing is allocated for them. The usual value, a lone `keep-alive`, is told by one
+    // comparison before any splitting.
+    if present[0] && !headers.get_all(header::CONNECTION).iter().all(|v| is_always(v.as_bytes())) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|option| !ALWAYS.iter().any(|always| always.eq_ignore_ascii_case(option)))
+            .filter(|option| !is_always(option.as_bytes()))
             .filter_map(|name| HeaderName::try_from(name).ok())
             .collect();
         for name in &named {
@@ -81,6 +82,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for (name, _) in ALWAYS.iter().zip(present).filter(|(_, present)| *present) {
         headers.remove(*name);
     }
+}
+
+/// Whether `option`, a `Connection` option, is one of the nine, in any case.
+fn is_always(option: &[u8]) -> bool {
+    ALWAYS.iter().any(|always| always.as_bytes().eq_ignore_ascii_case(option))
 }
 
 /// `name`'s place in [`ALWAYS`], if it is one of the nine.
@@ -153,6 +159,24 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut map);
         assert_eq!(names(&map), ["x-kept"]);
+    }
+
+    #[test]
+    fn a_connection_naming_only_hop_by_hop_fields_keeps_every_other_field() {
+        // Each line alone is one of the nine (the quick path), or a list of them.
+        for values in [&["Keep-Alive"][..], &["keep-alive", "Upgrade"], &["keep-alive, TE"]] {
+            let mut map =
+                headers(&[("keep-alive", "timeout=5"), ("upgrade", "h2c"), ("te", "trailers"), ("x-kept", "1")]);
+            for value in values {
+                map.append(header::CONNECTION, HeaderValue::from_static(value));
+            }
+            strip_hop_by_hop(&mut map);
+            assert_eq!(names(&map), ["x-kept"], "{values:?}");
+        }
+        // One line that is not, after one that is: the options are read.
+        let mut map = headers(&[("connection", "keep-alive"), ("connection", "x-private"), ("x-private", "1")]);
+        strip_hop_by_hop(&mut map);
+        assert!(map.is_empty(), "{map:?}");
     }
 
     #[test]
