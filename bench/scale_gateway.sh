@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # Cost per request from 1 thousand to 10 million records, through the gateway: two
-# `oncely serve --store memory://` gateways side by side in front of one nginx upstream,
-# one preloaded (through HTTP, new keys) with SMALL records and one with LARGE, then
-# measured in ROUNDS interleaved rounds of wrk: new keys, and replays of keys drawn
-# uniformly over all the preloaded ones (each one a look-up of a different record, as far
-# from the CPU caches as the store makes it). Prints a markdown table of the medians and
-# LARGE/SMALL. The engine-and-store view of the same question is
-# `cargo bench -p oncely --bench scale`; this is what a client of the gateway sees.
+# `oncely serve` gateways side by side in front of one nginx upstream, one holding SMALL
+# records and one LARGE, then measured in ROUNDS interleaved rounds of wrk: new keys, and
+# replays of keys drawn uniformly over the preloaded ones (each one a look-up of a
+# different record, as far from the CPU caches as the store makes it). Prints a markdown
+# table of the medians and LARGE/SMALL, in req/s and in the gateway's CPU per request. The engine-and-store view of the same question is
+# `cargo bench -p oncely --bench scale` (and `-p oncely-sqlite`); this is what a client
+# of the gateway sees.
 #
 #   ONCELY_BIN=target/release/oncely bash bench/scale_gateway.sh
+#   STORE_KIND=sqlite ONCELY_BIN=target/release/oncely bash bench/scale_gateway.sh
 #
+# STORE_KIND=memory (default): both gateways are preloaded through HTTP (new keys
+#   scale-0 …), and replays are drawn over all of them. LARGE=10000000 needs about 8 GiB
+#   of memory and 6-8 minutes of preloading on 2 cores.
+# STORE_KIND=sqlite: each gateway has its own file (durability sync, the default; the
+#   replay cache off, its default for SQLite). SMALL, and REPLAY_KEYS (100000) of the
+#   large one's records, are written through HTTP; the large gateway is then stopped and
+#   its file filled up to LARGE rows by direct inserts (copies of a written row under
+#   random storage keys, so that the B-trees have LARGE rows' depth and the replayed
+#   rows are scattered among them), checkpointed, and the gateway started again. Replays
+#   are drawn over the HTTP-written keys. About 3 GB of disk at 10 million.
 # Knobs: SMALL=1000 LARGE=10000000 ROUNDS=3 DURATION=7s WARMUP=2s THREADS=2 CONNECTIONS=32
-#   BASE_PORT=19680. LARGE=10000000 needs about 8 GiB of memory and 6-8 minutes of
-#   preloading on 2 cores. Each gateway's store is opened with bounds above LARGE; the
-#   sweeper runs at its default interval (60 s) throughout, finding nothing expired.
-#   After the rounds, one /metrics scrape of each gateway is timed (the store's stats()
-#   count every record).
+#   BASE_PORT=19680 REPLAY_KEYS=100000 STORE_OPTIONS= (more of the store URL's options
+#   for both gateways, e.g. STORE_OPTIONS='mmap_size=2GiB'). Each gateway's store is opened with bounds above
+#   LARGE; the sweeper runs at its default interval (60 s) throughout, finding nothing
+#   expired. After the rounds, one /metrics scrape of each gateway is timed (it calls
+#   the store's stats()).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ONCELY=${ONCELY_BIN:-$ROOT/target/release/oncely}
@@ -27,6 +38,8 @@ WARMUP=${WARMUP:-2s}
 THREADS=${THREADS:-2}
 CONNECTIONS=${CONNECTIONS:-32}
 BASE_PORT=${BASE_PORT:-19680}
+STORE_KIND=${STORE_KIND:-memory}
+REPLAY_KEYS=${REPLAY_KEYS:-100000}
 RESPONSE='{"id":"ch_1","amount":1999}'
 BODY='{"amount":1999,"currency":"usd"}'
 PIDS=()
@@ -34,6 +47,7 @@ WORK=$(mktemp -d /tmp/oncely-scale.XXXXXX)
 RESULTS_DIR=${RESULTS_DIR:-$ROOT/target/bench-scale-gateway/$(date -u +%Y%m%dT%H%M%SZ)}
 BENCH_NAME=scale_gateway.sh
 source "$ROOT/bench/lib.sh"
+[[ $STORE_KIND == memory || $STORE_KIND == sqlite ]] || die "STORE_KIND is memory or sqlite"
 [[ -x $ONCELY ]] || die "no gateway binary at $ONCELY (cargo build --release -p oncely-gateway, or ONCELY_BIN=)"
 command -v wrk >/dev/null || install_packages wrk
 command -v nginx >/dev/null || install_packages nginx-light
@@ -86,10 +100,15 @@ write_replay_config
 PORT_UPSTREAM=$BASE_PORT PORT_SMALL=$((BASE_PORT + 1)) PORT_LARGE=$((BASE_PORT + 2))
 ADMIN_SMALL=$((BASE_PORT + 3)) ADMIN_LARGE=$((BASE_PORT + 4))
 start_nginx_upstream "$PORT_UPSTREAM" "$RESPONSE"
-STORE="memory://?max_entries=$((LARGE * 2 + 1000000))&max_bytes=32GiB"
+store_url() { # name
+    case $STORE_KIND in
+        memory) echo "memory://?max_entries=$((LARGE * 2 + 1000000))&max_bytes=32GiB${STORE_OPTIONS:+&$STORE_OPTIONS}" ;;
+        sqlite) echo "sqlite://$WORK/$1.db?max_records=$((LARGE * 2 + 1000000))&max_bytes=64GiB${STORE_OPTIONS:+&$STORE_OPTIONS}" ;;
+    esac
+}
 start_gateway() { # name port admin_port; sets PID
     "$ONCELY" --log-level warn serve --upstream "http://127.0.0.1:$PORT_UPSTREAM" --listen "127.0.0.1:$2" \
-        --admin-listen "127.0.0.1:$3" --store "$STORE" --config "$WORK/oncely.toml" >"$WORK/logs/$1.log" 2>&1 &
+        --admin-listen "127.0.0.1:$3" --store "$(store_url "$1")" --config "$WORK/oncely.toml" >>"$WORK/logs/$1.log" 2>&1 &
     PIDS+=($!)
     PID=${PIDS[-1]}
     wait_port "$2" "$PID" "$1"
@@ -114,12 +133,66 @@ preload() { # name port n
     wait "$pid" || true
     log "  $1: preloaded in $((SECONDS - start)) s"
 }
+# Fills the stopped large gateway's file up to LARGE rows (see the header); prints the
+# file's bytes per row once checkpointed.
+fill_sqlite() { # file rows
+    python3 - "$1" "$2" <<'PY'
+import sqlite3, sys, time
+path, target = sys.argv[1], int(sys.argv[2])
+conn = sqlite3.connect(path, isolation_level=None)
+# The usage triggers call octet_length, which SQLite has from 3.43; an older library
+# (Python's) is given it, for the text and blobs they pass.
+conn.create_function("octet_length", 1, lambda v: None if v is None else len(v.encode() if isinstance(v, str) else v),
+                     deterministic=True)
+# Setup only: no journal, no syncs, a page cache large enough for the indexes.
+conn.execute("PRAGMA journal_mode = OFF")
+conn.execute("PRAGMA synchronous = OFF")
+conn.execute("PRAGMA cache_size = -4194304")
+have = conn.execute("SELECT records FROM records_usage WHERE id = 0").fetchone()[0]
+started, batch, done = time.time(), 1_000_000, 0
+while have + done < target:
+    n = min(batch, target - have - done)
+    conn.execute("BEGIN")
+    conn.execute(
+        """WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?1)
+        INSERT INTO records (storage_key, key, scope, fingerprint, created_at, expires_at, state,
+                             claim_id, lease_until, payload, completed_at, hits)
+        SELECT randomblob(32), 'fill-' || (?2 + i.n), t.scope, t.fingerprint, t.created_at, t.expires_at, 1,
+               NULL, NULL, t.payload, t.completed_at, 0
+        FROM i, (SELECT * FROM records WHERE state = 1 LIMIT 1) AS t""",
+        (n, done),
+    )
+    conn.execute("COMMIT")
+    done += n
+    print(f"  filled {have + done} of {target} rows ({done / (time.time() - started):.0f}/s)", file=sys.stderr)
+conn.execute("PRAGMA journal_mode = WAL")
+rows = conn.execute("SELECT records FROM records_usage WHERE id = 0").fetchone()[0]
+assert rows == target, f"the usage row counts {rows}, not {target}"
+pages, size = conn.execute("PRAGMA page_count").fetchone()[0], conn.execute("PRAGMA page_size").fetchone()[0]
+conn.close()
+print(f"{pages * size / rows:.0f}")
+PY
+}
 preload small "$PORT_SMALL" "$SMALL"
-preload large "$PORT_LARGE" "$LARGE"
+if [[ $STORE_KIND == memory ]]; then
+    preload large "$PORT_LARGE" "$LARGE"
+    REPLAYED=$LARGE
+else
+    ((REPLAY_KEYS <= LARGE)) || die "REPLAY_KEYS ($REPLAY_KEYS) is more than LARGE ($LARGE)"
+    preload large "$PORT_LARGE" "$REPLAY_KEYS"
+    REPLAYED=$REPLAY_KEYS
+    kill -TERM "$PID_LARGE"
+    wait "$PID_LARGE" || true
+    start=$SECONDS
+    log "filling large.db up to $LARGE rows"
+    BYTES_PER_ROW=$(fill_sqlite "$WORK/large.db" "$LARGE") || die "the fill failed"
+    log "  filled in $((SECONDS - start)) s; $BYTES_PER_ROW bytes of file per row"
+    start_gateway large "$PORT_LARGE" "$ADMIN_LARGE" && PID_LARGE=$PID
+fi
 # The preloaded keys must now be replays: sample the ends and the middle. (Not scale-0:
 # wrk's first request of the first connection is built before that connection exists and
 # is not always the one sent; the rounds below store it if it is drawn.)
-for spec in "small $PORT_SMALL $SMALL" "large $PORT_LARGE $LARGE"; do
+for spec in "small $PORT_SMALL $SMALL" "large $PORT_LARGE $REPLAYED"; do
     read -r name port n <<<"$spec"
     for key in 1 $((n / 2)) $((n - 1)); do
         curl -s -o /dev/null -D "$WORK/h" -X POST -H 'Content-Type: application/json' -H "Idempotency-Key: scale-$key" \
@@ -131,8 +204,18 @@ done
 RSS_SMALL=$(rss_mib "$PID_SMALL") RSS_LARGE=$(rss_mib "$PID_LARGE")
 log "RSS after preloading: small $RSS_SMALL MiB, large $RSS_LARGE MiB"
 
-declare -A RPS
-measure() { # round name port mode n
+# The gateway's CPU time (user + system, in clock ticks) and the bytes it has had written
+# to storage, for the CPU and disk cost per request of a round: steadier than req/s on a
+# shared box, where the load generator and other work take their share of the cores.
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+cost_sample() { # pid
+    local stat
+    stat=$(<"/proc/$1/stat")
+    read -r -a f <<<"${stat##*) }"
+    echo "$((f[11] + f[12])) $(awk '/^write_bytes/ { print $2 }' "/proc/$1/io")"
+}
+declare -A RPS CPU WRITTEN
+measure() { # round name port mode n pid
     # New keys: a prefix of their own for each run and warm-up. Replays: the key count.
     local out="$RESULTS_DIR/wrk-$2-$4.r$1.txt" script arg warm_arg
     case $4 in
@@ -143,31 +226,51 @@ measure() { # round name port mode n
         wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$WORK/$script" "http://127.0.0.1:$3/payments" -- "$warm_arg" \
             >"$RESULTS_DIR/wrk-$2-$4.warmup.txt" 2>&1 || die "wrk failed warming up $2"
     fi
+    local before after
+    before=$(cost_sample "$6")
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/$script" "http://127.0.0.1:$3/payments" -- "$arg" \
         >"$out" 2>&1 || die "wrk failed: $out"
-    local line
+    after=$(cost_sample "$6")
+    local line requests
     line=$(grep '^RESULT ' "$out") || die "no RESULT in $out"
     [[ $(field non2xx "$line") == 0 && $(field errors "$line") == 0 ]] || die "errors in $out: $line"
+    requests=$(field requests "$line")
     RPS[$2/$4]+=" $(field rps "$line")"
-    log "round $1: $2 $4: $(field rps "$line") req/s"
+    read -r ticks0 written0 <<<"$before"
+    read -r ticks1 written1 <<<"$after"
+    CPU[$2/$4]+=" $(awk -v t=$((ticks1 - ticks0)) -v us="$TICK_US" -v n="$requests" 'BEGIN { printf "%.1f", t * us / n }')"
+    WRITTEN[$2/$4]+=" $(awk -v b=$((written1 - written0)) -v n="$requests" 'BEGIN { printf "%.0f", b / n }')"
+    log "round $1: $2 $4: $(field rps "$line") req/s, ${CPU[$2/$4]##* } µs of CPU and ${WRITTEN[$2/$4]##* } B written per request"
 }
 for ((round = 1; round <= ROUNDS; round++)); do
     for mode in replays new-keys; do
-        measure "$round" small "$PORT_SMALL" "$mode" "$SMALL"
-        measure "$round" large "$PORT_LARGE" "$mode" "$LARGE"
+        measure "$round" small "$PORT_SMALL" "$mode" "$SMALL" "$PID_SMALL"
+        measure "$round" large "$PORT_LARGE" "$mode" "$REPLAYED" "$PID_LARGE"
     done
 done
 
+list() { sed 's/^ *//; s/ \+/, /g'; }
 scrape_ms() { # port
     curl -s -o /dev/null -w '%{time_total}' "http://127.0.0.1:$1/metrics" | awk '{ printf "%.0f", $1 * 1000 }'
 }
 {
-    echo "| memory store | $SMALL records | $LARGE records | large / small |"
+    echo "| $STORE_KIND store${STORE_OPTIONS:+ ($STORE_OPTIONS)} | $SMALL records | $LARGE records | large / small |"
     echo "|---|---:|---:|---:|"
     for mode in replays new-keys; do
         s=$(median <<<"${RPS[small/$mode]}") l=$(median <<<"${RPS[large/$mode]}")
         echo "| $mode (req/s, median of $ROUNDS; rounds $(range <<<"${RPS[small/$mode]}") and $(range <<<"${RPS[large/$mode]}")) | $s | $l | $(awk -v s="$s" -v l="$l" 'BEGIN { printf "%.2f×", l / s }') |"
     done
+    # CPU per request: the ratio is small / large, so that, like req/s, below 1 is slower.
+    for mode in replays new-keys; do
+        s=$(median <<<"${CPU[small/$mode]}") l=$(median <<<"${CPU[large/$mode]}")
+        echo "| $mode, the gateway's CPU per request (µs, median; rounds $(list <<<"${CPU[small/$mode]}") and $(list <<<"${CPU[large/$mode]}")) | $s | $l | $(awk -v s="$s" -v l="$l" 'BEGIN { printf "%.2f×", s / l }') |"
+    done
+    if [[ $STORE_KIND == sqlite ]]; then
+        for mode in replays new-keys; do
+            echo "| $mode, bytes written to storage per request (median) | $(median <<<"${WRITTEN[small/$mode]}") | $(median <<<"${WRITTEN[large/$mode]}") | |"
+        done
+    fi
     echo "| RSS after preloading (MiB) | $RSS_SMALL | $RSS_LARGE | |"
+    [[ $STORE_KIND == sqlite ]] && echo "| file bytes per row, after the fill's checkpoint | | $BYTES_PER_ROW | |"
     echo "| one /metrics scrape after the rounds (ms) | $(scrape_ms "$ADMIN_SMALL") | $(scrape_ms "$ADMIN_LARGE") | |"
 } | tee "$RESULTS_DIR/summary.md"
