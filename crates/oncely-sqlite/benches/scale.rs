@@ -21,8 +21,8 @@
 //! And the disk one record costs: the file (database plus WAL, after a
 //! `wal_checkpoint(TRUNCATE)`) divided by N, beside what the store counts against its
 //! byte bound (`records_usage`, see `RECORD_OVERHEAD`). And the time of one
-//! `StoreAdmin::stats` call, which counts every live row: the gateway calls it on each
-//! `/metrics` scrape.
+//! `StoreAdmin::stats` call (the usage row less the expired rows not yet swept): the
+//! gateway calls it on each `/metrics` scrape.
 //!
 //! # The preload
 //!
@@ -262,8 +262,8 @@ fn main() {
         let seconds = build_file(&base, n);
         let bytes = file_bytes(&base);
         // The usage row as the store reads it: what it counts against `max_bytes`. And
-        // one `stats` call, which counts every live row (over `records_by_expiry`, on a
-        // reader thread): the gateway calls it on every `/metrics` scrape.
+        // one `stats` call (the usage row less the expired rows not yet swept, on a reader
+        // thread): the gateway calls it on every `/metrics` scrape.
         let (counted, stats_ms) = {
             let store = SqliteStore::open(&base, options(n, Durability::Sync)).expect("the store opens its file");
             let usage = runtime.block_on(store.usage()).expect("the usage row reads");

@@ -64,7 +64,9 @@ macro_rules! cost {
 /// (an upsert's update fires it as an update does). With it, `stats` counts the
 /// unexpired records as the usage row's counts less the expired rows not yet swept, read
 /// from `records_by_expiry`, instead of reading the whole index (1 s at 10 million
-/// records, on every metrics scrape).
+/// records, on every metrics scrape). The migration counts the rows in progress once,
+/// reading the whole index under the write lock (about a second at 10 million rows):
+/// other processes on the file wait for it within their busy timeout.
 const MIGRATIONS: &[&str] = &[
     "
     CREATE TABLE records (
