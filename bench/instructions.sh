@@ -41,13 +41,15 @@ command -v valgrind >/dev/null || install_packages valgrind
 command -v nginx >/dev/null || install_packages nginx-light
 
 write_replay_config
-# POST /plain is not covered (only PATCH is): the gateway passes it through untouched.
-cat >>"$WORK/oncely.toml" <<'TOML'
+if [[ $KEYS == none ]]; then
+    # POST /plain is not covered (only PATCH is): the gateway passes it through untouched.
+    cat >>"$WORK/oncely.toml" <<'TOML'
 
 [[routes]]
 path = "/plain"
 methods = ["PATCH"]
 TOML
+fi
 
 # Sends N replays of one key on one connection (the first request stores it), or N + 1
 # requests with a new key each, or N + 1 with no key.

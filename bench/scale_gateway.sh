@@ -18,9 +18,13 @@
 #   replay cache off, its default for SQLite). SMALL, and REPLAY_KEYS (100000) of the
 #   large one's records, are written through HTTP; the large gateway is then stopped and
 #   its file filled up to LARGE rows by direct inserts (copies of a written row under
-#   random storage keys, so that the B-trees have LARGE rows' depth and the replayed
-#   rows are scattered among them), checkpointed, and the gateway started again. Replays
-#   are drawn over the HTTP-written keys. About 3 GB of disk at 10 million.
+#   random storage keys, so that the B-trees have LARGE rows' depth), checkpointed, and
+#   the gateway started again. The written rows are scattered among the others in the
+#   key's index either way; in the table (rowid order), ROWS=spread (default) moves them
+#   to rowids spread over the whole table (any record replayed, the worst case for the
+#   hit counts' write-back), ROWS=recent to its end, where the newest rows of a table
+#   that grew over time are (retries replay recent keys). Replays are drawn over the HTTP-written keys. About 3 GB of disk at 10
+#   million, under TMPDIR (/tmp by default), which must not be a tmpfs.
 # Knobs: SMALL=1000 LARGE=10000000 ROUNDS=3 DURATION=7s WARMUP=2s THREADS=2 CONNECTIONS=32
 #   BASE_PORT=19680 REPLAY_KEYS=100000 STORE_OPTIONS= (more of the store URL's options
 #   for both gateways, e.g. STORE_OPTIONS='mmap_size=2GiB'). Each gateway's store is opened with bounds above
@@ -40,14 +44,18 @@ CONNECTIONS=${CONNECTIONS:-32}
 BASE_PORT=${BASE_PORT:-19680}
 STORE_KIND=${STORE_KIND:-memory}
 REPLAY_KEYS=${REPLAY_KEYS:-100000}
+ROWS=${ROWS:-spread}
 RESPONSE='{"id":"ch_1","amount":1999}'
 BODY='{"amount":1999,"currency":"usd"}'
 PIDS=()
-WORK=$(mktemp -d /tmp/oncely-scale.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/oncely-scale.XXXXXX")
 RESULTS_DIR=${RESULTS_DIR:-$ROOT/target/bench-scale-gateway/$(date -u +%Y%m%dT%H%M%SZ)}
 BENCH_NAME=scale_gateway.sh
 source "$ROOT/bench/lib.sh"
 [[ $STORE_KIND == memory || $STORE_KIND == sqlite ]] || die "STORE_KIND is memory or sqlite"
+[[ $ROWS == spread || $ROWS == recent ]] || die "ROWS is spread or recent"
+[[ $STORE_KIND == memory || $(stat -f -c %T "$WORK") != tmpfs ]] ||
+    die "$WORK is on a tmpfs, where SQLite's file would be memory and its syncs free; set TMPDIR to a directory on disk"
 [[ -x $ONCELY ]] || die "no gateway binary at $ONCELY (cargo build --release -p oncely-gateway, or ONCELY_BIN=)"
 command -v wrk >/dev/null || install_packages wrk
 command -v nginx >/dev/null || install_packages nginx-light
@@ -136,9 +144,10 @@ preload() { # name port n
 # Fills the stopped large gateway's file up to LARGE rows (see the header); prints the
 # file's bytes per row once checkpointed.
 fill_sqlite() { # file rows
-    python3 - "$1" "$2" <<'PY'
+    python3 - "$1" "$2" "$ROWS" <<'PY'
 import sqlite3, sys, time
 path, target = sys.argv[1], int(sys.argv[2])
+assert sqlite3.sqlite_version_info >= (3, 37), f"SQLite {sqlite3.sqlite_version} cannot read STRICT tables"
 conn = sqlite3.connect(path, isolation_level=None)
 # The usage triggers call octet_length, which SQLite has from 3.43; an older library
 # (Python's) is given it, for the text and blobs they pass.
@@ -148,23 +157,40 @@ conn.create_function("octet_length", 1, lambda v: None if v is None else len(v.e
 conn.execute("PRAGMA journal_mode = OFF")
 conn.execute("PRAGMA synchronous = OFF")
 conn.execute("PRAGMA cache_size = -4194304")
-have = conn.execute("SELECT records FROM records_usage WHERE id = 0").fetchone()[0]
-started, batch, done = time.time(), 1_000_000, 0
-while have + done < target:
-    n = min(batch, target - have - done)
+columns = "storage_key, key, scope, fingerprint, created_at, expires_at, state, claim_id, lease_until, payload, completed_at, hits"
+written = conn.execute(f"SELECT {columns} FROM records").fetchall()
+assert 0 < len(written) <= target, f"{len(written)} rows written over HTTP, for {target} in all"
+template = next(row for row in written if row[6] == 1)
+# Rowids 1 … target: the rows written over HTTP (the ones replayed) take len(written) of
+# them, the fill the rest. ROWS=spread: spread evenly, so a replay's reads and its hit
+# count's write land anywhere in the table, not only in the key's index (any record
+# replayed). ROWS=recent: the last ones, where SQLite puts the newest rows of a table
+# that grew over time (retries replay recent keys). Each written row is taken out and put
+# back at its place.
+n, rows_mode = len(written), sys.argv[3]
+spots = [j * target // n + 1 for j in range(n)] if rows_mode == "spread" else list(range(target - n + 1, target + 1))
+conn.execute("BEGIN")
+conn.execute("DELETE FROM records")
+conn.execute("CREATE TEMP TABLE spots (n INTEGER PRIMARY KEY)")
+conn.executemany("INSERT INTO spots (n) VALUES (?)", ((n,) for n in spots))
+conn.execute("COMMIT")
+started, batch = time.time(), 1_000_000
+for low in range(1, target + 1, batch):
+    high = min(low + batch - 1, target)
     conn.execute("BEGIN")
     conn.execute(
-        """WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?1)
-        INSERT INTO records (storage_key, key, scope, fingerprint, created_at, expires_at, state,
-                             claim_id, lease_until, payload, completed_at, hits)
-        SELECT randomblob(32), 'fill-' || (?2 + i.n), t.scope, t.fingerprint, t.created_at, t.expires_at, 1,
-               NULL, NULL, t.payload, t.completed_at, 0
-        FROM i, (SELECT * FROM records WHERE state = 1 LIMIT 1) AS t""",
-        (n, done),
+        f"""WITH RECURSIVE i(n) AS (SELECT ?1 UNION ALL SELECT n + 1 FROM i WHERE n < ?2)
+        INSERT INTO records (rowid, {columns})
+        SELECT i.n, randomblob(32), 'fill-' || i.n, ?3, ?4, ?5, ?6, 1, NULL, NULL, ?7, ?8, 0
+        FROM i WHERE i.n NOT IN (SELECT n FROM spots)""",
+        (low, high, template[2], template[3], template[4], template[5], template[9], template[10]),
     )
     conn.execute("COMMIT")
-    done += n
-    print(f"  filled {have + done} of {target} rows ({done / (time.time() - started):.0f}/s)", file=sys.stderr)
+    print(f"  filled rowids up to {high} of {target} ({high / (time.time() - started):.0f}/s)", file=sys.stderr)
+conn.execute("BEGIN")
+conn.executemany(f"INSERT INTO records (rowid, {columns}) VALUES (?, {', '.join('?' * 12)})",
+                 ((spot, *row) for spot, row in zip(spots, written)))
+conn.execute("COMMIT")
 conn.execute("PRAGMA journal_mode = WAL")
 rows = conn.execute("SELECT records FROM records_usage WHERE id = 0").fetchone()[0]
 assert rows == target, f"the usage row counts {rows}, not {target}"
@@ -254,7 +280,7 @@ scrape_ms() { # port
     curl -s -o /dev/null -w '%{time_total}' "http://127.0.0.1:$1/metrics" | awk '{ printf "%.0f", $1 * 1000 }'
 }
 {
-    echo "| $STORE_KIND store${STORE_OPTIONS:+ ($STORE_OPTIONS)} | $SMALL records | $LARGE records | large / small |"
+    echo "| $STORE_KIND store${STORE_OPTIONS:+ ($STORE_OPTIONS)}$([[ $STORE_KIND == sqlite ]] && echo ", ROWS=$ROWS") | $SMALL records | $LARGE records | large / small |"
     echo "|---|---:|---:|---:|"
     for mode in replays new-keys; do
         s=$(median <<<"${RPS[small/$mode]}") l=$(median <<<"${RPS[large/$mode]}")
@@ -267,7 +293,7 @@ scrape_ms() { # port
     done
     if [[ $STORE_KIND == sqlite ]]; then
         for mode in replays new-keys; do
-            echo "| $mode, bytes written to storage per request (median) | $(median <<<"${WRITTEN[small/$mode]}") | $(median <<<"${WRITTEN[large/$mode]}") | |"
+            echo "| $mode, page-cache bytes the gateway dirtied per request (write_bytes, median) | $(median <<<"${WRITTEN[small/$mode]}") | $(median <<<"${WRITTEN[large/$mode]}") | |"
         done
     fi
     echo "| RSS after preloading (MiB) | $RSS_SMALL | $RSS_LARGE | |"
