@@ -1,16 +1,16 @@
 //! The client against an axum app with the `oncely-http` layer, on loopback: the same
 //! misbehaviours as against the gateway, and the client's own rules (Retry-After,
-//! Stripe-Should-Retry, streamed bodies, keys, typed problems, spans).
+//! Stripe-Should-Retry, streamed bodies, keys, typed problems). The spans are checked in
+//! `tests/spans.rs`, a binary of their own.
 
 mod support;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
 use oncely::{ConflictMode, IdempotencyKey, MemoryStore, Oncely};
-use oncely_client::{CallOutcome, Error, IdempotencyMiddleware, KeyFormat, RetryCause, StopReason, key_hash};
+use oncely_client::{CallOutcome, Error, IdempotencyMiddleware, KeyFormat, RetryCause, StopReason};
 use oncely_http::IdempotencyLayer;
 use support::*;
 
@@ -234,57 +234,4 @@ async fn uncovered_methods_pass_through_without_a_key() {
     assert_eq!(response.status(), 405);
     assert!(response.extensions().get::<CallOutcome>().is_none());
     assert_eq!(shared.arrivals(), 0);
-}
-
-/// A `tracing` writer into a shared buffer.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut all) = self.0.lock() {
-            all.extend_from_slice(buf);
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-#[tokio::test]
-async fn one_span_per_call_with_the_key_hash_and_each_attempt_never_the_key() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_max_level(tracing::Level::DEBUG)
-        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-
-    let (url, shared) = start().await;
-    let key = IdempotencyKey::new("secret-key-7").expect("key");
-    let response = client(IdempotencyMiddleware::new().retry(policy()))
-        .post(format!("{url}/unavailable-first"))
-        .body(BODY)
-        .with_extension(key.clone())
-        .send()
-        .await
-        .expect("success");
-    assert_eq!(response.status(), 201);
-    assert_eq!(shared.executions(), 1);
-
-    let log = String::from_utf8(captured.0.lock().expect("log").clone()).expect("utf-8");
-    let call_closes: Vec<_> = log.lines().filter(|l| l.contains("oncely_client.call") && l.contains("close")).collect();
-    let mine: Vec<_> = call_closes.iter().filter(|l| !l.contains("oncely_client.attempt")).collect();
-    assert_eq!(mine.len(), 1, "one call span: {log}");
-    assert!(mine[0].contains(&format!("key_hash={}", key_hash(&key))), "{}", mine[0]);
-    assert!(mine[0].contains("attempts=2"), "{}", mine[0]);
-    let attempts = log.lines().filter(|l| l.contains("oncely_client.attempt") && l.contains("close")).count();
-    assert_eq!(attempts, 2, "one span per attempt: {log}");
-    assert!(log.contains("retrying"), "{log}");
-    assert!(!log.contains("secret-key-7"), "the raw key is never logged: {log}");
 }
