@@ -107,10 +107,10 @@ log "counting; results in $RESULTS_DIR"
     echo "|---|---:|---:|---:|"
     if [[ $KEYS == replays ]]; then
         per_request hyper-replay "$FLOOR" 127.0.0.1:19481 --replay "$RESPONSE"
-    elif [[ $KEYS == none ]]; then
-        per_request hyper-floor "$FLOOR" 127.0.0.1:19481 127.0.0.1:19480
     else
         per_request hyper-floor "$FLOOR" 127.0.0.1:19481 127.0.0.1:19480
+    fi
+    if [[ $KEYS == new ]]; then
         per_request hyper-newkey "$FLOOR" 127.0.0.1:19481 --new-key 127.0.0.1:19480
     fi
     per_request gateway "$ONCELY" "${GATEWAY_ARGS[@]}"

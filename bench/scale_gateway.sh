@@ -266,7 +266,7 @@ measure() { # round name port mode n pid
     read -r ticks1 written1 <<<"$after"
     CPU[$2/$4]+=" $(awk -v t=$((ticks1 - ticks0)) -v us="$TICK_US" -v n="$requests" 'BEGIN { printf "%.1f", t * us / n }')"
     WRITTEN[$2/$4]+=" $(awk -v b=$((written1 - written0)) -v n="$requests" 'BEGIN { printf "%.0f", b / n }')"
-    log "round $1: $2 $4: $(field rps "$line") req/s, ${CPU[$2/$4]##* } µs of CPU and ${WRITTEN[$2/$4]##* } B written per request"
+    log "round $1: $2 $4: $(field rps "$line") req/s, ${CPU[$2/$4]##* } µs of CPU and ${WRITTEN[$2/$4]##* } B of page cache dirtied per request"
 }
 for ((round = 1; round <= ROUNDS; round++)); do
     for mode in replays new-keys; do
@@ -295,8 +295,8 @@ scrape_ms() { # port
         for mode in replays new-keys; do
             echo "| $mode, page-cache bytes the gateway dirtied per request (write_bytes, median) | $(median <<<"${WRITTEN[small/$mode]}") | $(median <<<"${WRITTEN[large/$mode]}") | |"
         done
+        echo "| file bytes per row, after the fill's checkpoint | | $BYTES_PER_ROW | |"
     fi
     echo "| RSS after preloading (MiB) | $RSS_SMALL | $RSS_LARGE | |"
-    [[ $STORE_KIND == sqlite ]] && echo "| file bytes per row, after the fill's checkpoint | | $BYTES_PER_ROW | |"
     echo "| one /metrics scrape after the rounds (ms) | $(scrape_ms "$ADMIN_SMALL") | $(scrape_ms "$ADMIN_LARGE") | |"
 } | tee "$RESULTS_DIR/summary.md"
