@@ -24,14 +24,30 @@ pub(crate) const IN_PROGRESS: i64 = 0;
 /// `records.state` of a record holding a result.
 pub(crate) const COMPLETED: i64 = 1;
 
-/// The columns [`read_record`] expects, in its order: `SELECT` and `RETURNING` lists.
+/// The columns [`read_record`] expects, in its order, for a `SELECT … FROM records`: the
+/// hit count is [`total_hits!`].
 macro_rules! record_columns {
     () => {
-        "storage_key, key, scope, fingerprint, created_at, expires_at, state, claim_id, lease_until, payload, \
-         completed_at, hits"
+        concat!(
+            "storage_key, key, scope, fingerprint, created_at, expires_at, state, claim_id, lease_until, payload, \
+             completed_at, ",
+            $crate::codec::total_hits!()
+        )
     };
 }
 pub(crate) use record_columns;
+
+/// A record's hit count, as SQL over a row of `records` in a `SELECT … FROM records`: its
+/// own `hits` plus its `hit_counts` row's, if any (schema version 4, see
+/// `schema::MIGRATIONS`), saturating at `i64::MAX` as the flush does (both are never
+/// negative, so the `min` cannot overflow, where a plain sum would turn into a float).
+macro_rules! total_hits {
+    () => {
+        "coalesce((SELECT min(records.hits, 9223372036854775807 - c.hits) + c.hits FROM hit_counts AS c \
+                   WHERE c.storage_key = records.storage_key), records.hits)"
+    };
+}
+pub(crate) use total_hits;
 
 /// The process clock now, in milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> Result<Millis, StoreError> {

@@ -22,7 +22,9 @@ use rusqlite::{Connection, OptionalExtension, named_params};
 use tokio::sync::oneshot;
 
 use crate::Usage;
-use crate::codec::{COMPLETED, IN_PROGRESS, Millis, now_ms, read_record, record_columns, sqlite_error, to_time};
+use crate::codec::{
+    COMPLETED, IN_PROGRESS, Millis, now_ms, read_record, record_columns, sqlite_error, to_time, total_hits,
+};
 
 /// Where a reader sends its answer.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -115,8 +117,11 @@ pub(crate) fn found(
     fingerprint: Option<&Fingerprint>,
     now: Millis,
 ) -> Result<Option<ClaimOutcome>, StoreError> {
-    let sql = "SELECT fingerprint IS :fingerprint, state, lease_until, payload, completed_at, hits \
-               FROM records WHERE storage_key = :key AND expires_at > :now";
+    let sql = concat!(
+        "SELECT fingerprint IS :fingerprint, state, lease_until, payload, completed_at, ",
+        total_hits!(),
+        " FROM records WHERE storage_key = :key AND expires_at > :now"
+    );
     let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
     let params = named_params! {
         ":fingerprint": fingerprint.map(|fingerprint| fingerprint.as_bytes()),

@@ -67,6 +67,23 @@ macro_rules! cost {
 /// records, on every metrics scrape). The migration counts the rows in progress once,
 /// reading the whole index under the write lock (about a second at 10 million rows):
 /// other processes on the file wait for it within their busy timeout.
+///
+/// Version 4 adds `hit_counts`, where the engine's flushes of replay counts go
+/// (`writer::record_hits`): one 40-byte row per completed record that was replayed, in a
+/// table of its own. A record's hits are `records.hits` (the first-seen repeats, and any
+/// count flushed before version 4) plus its `hit_counts` row. Before, each flush updated
+/// `records.hits` in place, and in a large table every replayed key's row sits on a page
+/// of its own: each flushed key dirtied a 4 KiB page of the table (5.2–5.6 KB of page cache
+/// per replay at 10 million records, docs/benchmarks.md); the counts of every replayed
+/// key now share a few pages. A counts row belongs to one life of its record, and two
+/// triggers end it with that life, in the same transaction: `hit_counts_delete` when the
+/// record's row is deleted (release, delete, the sweep, making room), `hit_counts_reset`
+/// when a statement starts a new record at the key on an existing row (an expired
+/// record replaced by a claim or a first-seen mark; a lapsed lease taken over), which
+/// every such statement marks by setting `hits = 0`. Its rows are not counted in
+/// `records_usage`: a row is at most one per record and within the per-record
+/// overhead that [`crate::RECORD_OVERHEAD`] charges. The migration only creates; it moves
+/// no count.
 const MIGRATIONS: &[&str] = &[
     "
     CREATE TABLE records (
@@ -143,6 +160,18 @@ const MIGRATIONS: &[&str] = &[
     END;
 "
     ),
+    "
+    CREATE TABLE hit_counts (
+        storage_key BLOB    NOT NULL PRIMARY KEY,
+        hits        INTEGER NOT NULL CHECK (hits >= 0)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TRIGGER hit_counts_delete AFTER DELETE ON records BEGIN
+        DELETE FROM hit_counts WHERE storage_key = old.storage_key;
+    END;
+    CREATE TRIGGER hit_counts_reset AFTER UPDATE OF hits ON records WHEN new.hits = 0 BEGIN
+        DELETE FROM hit_counts WHERE storage_key = new.storage_key;
+    END;
+",
 ];
 
 /// The schema version this build reads and writes.

@@ -673,7 +673,9 @@ fn full(limits: &Limits, bound: CapacityBound) -> StoreError {
 ///   touched: a replay writes nothing, not even its hit count.
 ///
 /// All `SET` expressions read the row as it was before the update. The columns of a
-/// completed state are cleared for a replaced row; a taken-over one has none.
+/// completed state are cleared for a replaced row; a taken-over one has none. `hits = 0`
+/// also ends the replaced record's `hit_counts` row (the `hit_counts_reset` trigger,
+/// `schema::MIGRATIONS` version 4), in this statement.
 const CLAIM: &str = "
     INSERT INTO records (storage_key, key, scope, fingerprint, created_at, expires_at, state, claim_id,
         lease_until, payload, completed_at, hits)
@@ -773,6 +775,11 @@ fn claim(conn: &Connection, request: &ClaimJob, context: &mut Context<'_>) -> Re
 }
 
 /// Stores the result of the live in-progress record held by `claim_id`.
+///
+/// `hits` is left as it is: a record in progress has 0 and no `hit_counts` row, because
+/// every statement that puts one in progress ([`CLAIM`]) sets `hits = 0`, which ends any
+/// counts row (the `hit_counts_reset` trigger). Not setting it here keeps that trigger
+/// off the path of every completion.
 fn complete(
     conn: &Connection,
     key: &StorageKey,
@@ -784,7 +791,7 @@ fn complete(
     let now = now_ms()?;
     let expires_at = after(now, retention)?;
     let sql = "UPDATE records SET state = 1, claim_id = NULL, lease_until = NULL, payload = :payload, \
-                   completed_at = :now, expires_at = :expires_at, hits = 0 \
+                   completed_at = :now, expires_at = :expires_at \
                WHERE storage_key = :key AND state = 0 AND claim_id = :claim_id AND expires_at > :now";
     let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
     let changed = statement
@@ -913,12 +920,17 @@ fn first_seen(
     Ok(first)
 }
 
-/// Adds one key's replays to its live completed record: a key absent, expired or in
-/// progress is left alone. Saturates at `i64::MAX` (a STRICT `INTEGER` column would
-/// refuse the float SQLite turns an overflowing sum into).
-const RECORD_HITS: &str = "UPDATE records SET hits = iif(hits > 9223372036854775807 - :hits, 9223372036854775807, \
-                           hits + :hits) \
-                           WHERE storage_key = :key AND state = 1 AND expires_at > :now";
+/// Adds one key's replays to the `hit_counts` row of its live completed record, creating
+/// the row on the first flush: a key absent, expired or in progress gets no row (the
+/// `SELECT` finds nothing, so a counts row never outlives or precedes its record; see
+/// `schema::MIGRATIONS`, version 4). The record's own row is read, never written: its page
+/// stays clean. Saturates at `i64::MAX` (a STRICT `INTEGER` column would refuse the float
+/// SQLite turns an overflowing sum into).
+const RECORD_HITS: &str = "
+    INSERT INTO hit_counts (storage_key, hits)
+        SELECT storage_key, :hits FROM records WHERE storage_key = :key AND state = 1 AND expires_at > :now
+    ON CONFLICT (storage_key) DO UPDATE SET
+        hits = iif(hits > 9223372036854775807 - excluded.hits, 9223372036854775807, hits + excluded.hits)";
 
 /// The engine's flush of replay counts, in the batch's transaction: one statement per
 /// entry (a key listed twice gets both counts).
@@ -928,9 +940,8 @@ const RECORD_HITS: &str = "UPDATE records SET hits = iif(hits > 9223372036854775
 /// All of it or none of it: the statements run inside `SAVEPOINT record_hits`, released
 /// when all succeed and rolled back to when one fails, so a failed flush (which the
 /// engine may send again) has added nothing, and the other requests of the batch still
-/// commit. A hit count changes no counted byte: `hits` is not among the columns the
-/// `records_usage` triggers watch (see `schema::MIGRATIONS`), so the flush never needs
-/// room. Not fsynced on its own in [`Durability::Sync`] (see [`Write::needs_fsync`]).
+/// commit. A hit count changes no counted byte: `hit_counts` is outside `records_usage`
+/// (see `schema::MIGRATIONS`), so the flush never needs room. Not fsynced on its own in [`Durability::Sync`] (see [`Write::needs_fsync`]).
 fn record_hits(conn: &Connection, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
     conn.execute_batch("SAVEPOINT record_hits").map_err(sqlite_error)?;
     let applied = now_ms().and_then(|now| {

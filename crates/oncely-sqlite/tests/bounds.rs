@@ -263,6 +263,7 @@ async fn a_database_from_before_the_bounds_is_counted_once_at_open() {
         conn.execute_batch(
             "DROP TRIGGER records_usage_insert; DROP TRIGGER records_usage_delete; \
              DROP TRIGGER records_usage_update; DROP TRIGGER records_usage_state; DROP TABLE records_usage; \
+             DROP TRIGGER hit_counts_delete; DROP TRIGGER hit_counts_reset; DROP TABLE hit_counts; \
              PRAGMA user_version = 1;",
         )
         .expect("downgrade");

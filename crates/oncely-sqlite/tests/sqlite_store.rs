@@ -420,12 +420,13 @@ async fn record_hits_applies_a_batch_all_or_nothing() {
     complete(&store, &expired, b"e", Duration::from_millis(1)).await;
 
     let other = rusqlite::Connection::open(&path).expect("a second connection");
+    let hex: String = storage_key(&poison).as_bytes().iter().map(|b| format!("{b:02x}")).collect();
     other
-        .execute_batch(
-            "CREATE TRIGGER fail_hits BEFORE UPDATE OF hits ON records WHEN new.key = 'poison'
-             BEGIN SELECT RAISE(ABORT, 'simulated failure'); END;",
-        )
-        .expect("make the poison key's update fail");
+        .execute_batch(&format!(
+            "CREATE TRIGGER fail_hits BEFORE INSERT ON hit_counts WHEN new.storage_key = x'{hex}'
+             BEGIN SELECT RAISE(ABORT, 'simulated failure'); END;"
+        ))
+        .expect("make the poison key's count fail");
     let failed = store.record_hits(&[(storage_key(&a), 1), (storage_key(&poison), 1)]).await;
     assert!(failed.is_err(), "{failed:?}");
     assert_eq!(replay_hits(&store, &a).await, 0, "the failed batch added nothing, not even before the failure");
@@ -434,11 +435,117 @@ async fn record_hits_applies_a_batch_all_or_nothing() {
     let batch = [(storage_key(&a), 2), (storage_key(&poison), 1), (storage_key(&a), 3), (storage_key(&expired), 4)];
     store.record_hits(&batch).await.expect("record_hits");
     assert_eq!((replay_hits(&store, &a).await, replay_hits(&store, &poison).await), (5, 1));
-    let expired_hits: i64 = other
-        .query_row("SELECT hits FROM records WHERE key = ?1", [expired.as_str()], |row| row.get(0))
-        .expect("the expired row is still on disk");
-    assert_eq!(expired_hits, 0, "an expired record is not counted");
+    let (expired_rows, expired_counts): (i64, i64) = other
+        .query_row(
+            "SELECT (SELECT count(*) FROM records WHERE storage_key = ?1), \
+                    (SELECT count(*) FROM hit_counts WHERE storage_key = ?1)",
+            [storage_key(&expired).as_bytes().as_slice()],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .expect("count the expired record's rows");
+    assert_eq!((expired_rows, expired_counts), (1, 0), "an expired record, still on disk, is not counted");
 
     store.record_hits(&[(storage_key(&a), u64::MAX), (storage_key(&a), 1)]).await.expect("record_hits");
     assert_eq!(replay_hits(&store, &a).await, i64::MAX as u64, "the count saturates");
+}
+
+/// A key's `records.hits` and `hit_counts` rows, read past the store.
+fn raw_hits(path: &Path, key: &IdempotencyKey) -> (Option<i64>, Option<i64>) {
+    let conn = rusqlite::Connection::open(path).expect("open the file directly");
+    let storage_key = storage_key(key);
+    let key = storage_key.as_bytes().as_slice();
+    conn.query_row(
+        "SELECT (SELECT hits FROM records WHERE storage_key = ?1), (SELECT hits FROM hit_counts WHERE storage_key = ?1)",
+        [key],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )
+    .expect("read the counts")
+}
+
+/// Flushed replay counts go to `hit_counts`, never to the record's own row, and end with
+/// the record: a delete, a release, the sweep, and a claim that replaces the expired
+/// record all leave the next record at the key with no hits.
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_counts_live_beside_the_record_and_end_with_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("oncely.db");
+    let store = open(&path, Durability::Sync);
+    let short = Duration::from_millis(300);
+
+    let deleted = unique_key();
+    complete(&store, &deleted, b"d", LONG).await;
+    store.record_hits(&[(storage_key(&deleted), 3)]).await.expect("record_hits");
+    assert_eq!(replay_hits(&store, &deleted).await, 3);
+    let record = store.get(&storage_key(&deleted)).await.expect("get").expect("record");
+    assert!(matches!(record.state, RecordState::Completed { hits: 3, .. }), "{record:?}");
+    assert_eq!(raw_hits(&path, &deleted), (Some(0), Some(3)), "the flush wrote the counts row, not the record's");
+    assert!(store.delete(&storage_key(&deleted)).await.expect("delete"));
+    assert_eq!(raw_hits(&path, &deleted), (None, None), "the delete took the counts with it");
+    complete(&store, &deleted, b"d2", LONG).await;
+    assert_eq!(replay_hits(&store, &deleted).await, 0, "a new record at the key starts at 0");
+
+    let (replaced, swept) = (unique_key(), unique_key());
+    let started = tokio::time::Instant::now();
+    complete(&store, &replaced, b"r", short).await;
+    complete(&store, &swept, b"s", short).await;
+    store.record_hits(&[(storage_key(&replaced), 4), (storage_key(&swept), 5)]).await.expect("record_hits");
+    let counted = (raw_hits(&path, &replaced).1, raw_hits(&path, &swept).1);
+    if started.elapsed() < short {
+        // The flush landed inside the retention (a slower machine may miss it, and then
+        // there is nothing to end: what follows still holds).
+        assert_eq!(counted, (Some(4), Some(5)));
+    }
+    // Time passing is what is under test: nothing signals a retention's end.
+    tokio::time::sleep(short + Duration::from_millis(200)).await;
+    let request = claim_request(&replaced, None, LONG);
+    assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
+    assert_eq!(raw_hits(&path, &replaced), (Some(0), None), "the claim that replaced the record ended its counts");
+    store.complete(request.claim(), Bytes::from_static(b"r2"), LONG).await.expect("complete");
+    assert_eq!(replay_hits(&store, &replaced).await, 0);
+    assert!(store.purge_expired().await.expect("purge") >= 1);
+    assert_eq!(raw_hits(&path, &swept), (None, None), "the sweep took the counts with the record");
+
+    let released = unique_key();
+    let request = claim_request(&released, None, LONG);
+    store.claim(&request).await.expect("claim");
+    store.record_hits(&[(storage_key(&released), 6)]).await.expect("record_hits");
+    assert_eq!(raw_hits(&path, &released), (Some(0), None), "a record in progress gets no counts row");
+    store.release(request.claim()).await.expect("release");
+    assert_eq!(raw_hits(&path, &released), (None, None));
+}
+
+/// A file from before `hit_counts` (schema version 3) keeps the counts its records hold,
+/// and the counts flushed after the migration add to them, saturating.
+#[tokio::test(flavor = "multi_thread")]
+async fn counts_from_before_the_counts_table_are_kept_and_added_to() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("oncely.db");
+    let (old, full) = (unique_key(), unique_key());
+    {
+        let store = open(&path, Durability::Sync);
+        complete(&store, &old, b"o", LONG).await;
+        complete(&store, &full, b"f", LONG).await;
+    }
+    {
+        let conn = rusqlite::Connection::open(&path).expect("open the file directly");
+        conn.execute_batch(
+            "DROP TRIGGER hit_counts_delete; DROP TRIGGER hit_counts_reset; DROP TABLE hit_counts; \
+             PRAGMA user_version = 3;",
+        )
+        .expect("take the file back to version 3");
+        conn.execute("UPDATE records SET hits = 7 WHERE storage_key = ?1", [storage_key(&old).as_bytes().as_slice()])
+            .expect("a count flushed by version 3");
+        conn.execute(
+            "UPDATE records SET hits = 9223372036854775806 WHERE storage_key = ?1",
+            [storage_key(&full).as_bytes().as_slice()],
+        )
+        .expect("a count near the top");
+    }
+    let store = open(&path, Durability::Sync);
+    assert_eq!(replay_hits(&store, &old).await, 7, "the migration kept the count");
+    store.record_hits(&[(storage_key(&old), 2), (storage_key(&full), 5)]).await.expect("record_hits");
+    assert_eq!(replay_hits(&store, &old).await, 9);
+    assert_eq!(replay_hits(&store, &full).await, i64::MAX as u64, "the sum saturates");
+    let record = store.get(&storage_key(&full)).await.expect("get").expect("record");
+    assert!(matches!(record.state, RecordState::Completed { hits, .. } if hits == i64::MAX as u64), "{record:?}");
 }
