@@ -80,7 +80,10 @@ macro_rules! cost {
 /// record's row is deleted (release, delete, the sweep, making room), `hit_counts_reset`
 /// when a statement starts a new record at the key on an existing row (an expired
 /// record replaced by a claim or a first-seen mark; a lapsed lease taken over), which
-/// every such statement marks by setting `hits = 0`. Its rows are not counted in
+/// every such statement marks by setting `hits = 0`. So a key's counts row exists only
+/// while the completed record it was created for does (expired, perhaps, but not yet
+/// deleted or replaced), and the flush counts a key that has one without reading
+/// `records` at all. Its rows are not counted in
 /// `records_usage`: a row is at most one per record and within the per-record
 /// overhead that [`crate::RECORD_OVERHEAD`] charges. The migration only creates; it moves
 /// no count.

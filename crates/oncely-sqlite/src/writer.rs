@@ -920,20 +920,31 @@ fn first_seen(
     Ok(first)
 }
 
-/// Adds one key's replays to the `hit_counts` row of its live completed record, creating
-/// the row on the first flush: a key absent, expired or in progress gets no row (the
-/// `SELECT` finds nothing, so a counts row never outlives or precedes its record; see
-/// `schema::MIGRATIONS`, version 4). The record's own row is read, never written: its page
-/// stays clean. Saturates at `i64::MAX` (a STRICT `INTEGER` column would refuse the float
+/// Adds one key's replays to its `hit_counts` row when it has one: the row's existence
+/// is the proof that its record is still the completed record it was created for (see
+/// `schema::MIGRATIONS`, version 4: a counts row ends with its record's life, in the
+/// statement that ends it). Neither `records` B-tree is read, so a key flushed again
+/// costs one descent of the small counts table, not of a table that may hold millions of
+/// rows (in a 10-million-row file those pages are rarely cached: the look-up was a fifth
+/// of the gateway's CPU while only replays arrived, docs/benchmarks.md). Replays of a
+/// record that has expired since are added to its row, which nothing reads any more (an
+/// expired record is absent to reads) and which the sweep or the next record at the key
+/// deletes. Saturates at `i64::MAX` (a STRICT `INTEGER` column would refuse the float
 /// SQLite turns an overflowing sum into).
-const RECORD_HITS: &str = "
-    INSERT INTO hit_counts (storage_key, hits)
-        SELECT storage_key, :hits FROM records WHERE storage_key = :key AND state = 1 AND expires_at > :now
-    ON CONFLICT (storage_key) DO UPDATE SET
-        hits = iif(hits > 9223372036854775807 - excluded.hits, 9223372036854775807, hits + excluded.hits)";
+const ADD_HITS: &str = "UPDATE hit_counts SET \
+                        hits = iif(hits > 9223372036854775807 - :hits, 9223372036854775807, hits + :hits) \
+                        WHERE storage_key = :key";
 
-/// The engine's flush of replay counts, in the batch's transaction: one statement per
-/// entry (a key listed twice gets both counts).
+/// A key's first counts row, when [`ADD_HITS`] found none: created only for a live
+/// completed record (the `SELECT` reads it), so a key absent, expired or in progress
+/// gets no row, and a counts row never precedes or outlives its record.
+const FIRST_HITS: &str = "INSERT INTO hit_counts (storage_key, hits) \
+                          SELECT storage_key, :hits FROM records \
+                          WHERE storage_key = :key AND state = 1 AND expires_at > :now";
+
+/// The engine's flush of replay counts, in the batch's transaction: [`ADD_HITS`] per
+/// entry, and [`FIRST_HITS`] for a key that has no counts row yet (a key listed twice
+/// gets both counts).
 ///
 /// # Atomicity
 ///
@@ -945,12 +956,16 @@ const RECORD_HITS: &str = "
 fn record_hits(conn: &Connection, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
     conn.execute_batch("SAVEPOINT record_hits").map_err(sqlite_error)?;
     let applied = now_ms().and_then(|now| {
-        let mut statement = conn.prepare_cached(RECORD_HITS).map_err(sqlite_error)?;
+        let mut add = conn.prepare_cached(ADD_HITS).map_err(sqlite_error)?;
+        let mut first = conn.prepare_cached(FIRST_HITS).map_err(sqlite_error)?;
         for (key, n) in hits {
             let n = i64::try_from(*n).unwrap_or(i64::MAX);
-            statement
-                .execute(named_params! { ":hits": n, ":key": key.as_bytes(), ":now": now })
-                .map_err(sqlite_error)?;
+            let added = add.execute(named_params! { ":hits": n, ":key": key.as_bytes() }).map_err(sqlite_error)?;
+            if added == 0 {
+                first
+                    .execute(named_params! { ":hits": n, ":key": key.as_bytes(), ":now": now })
+                    .map_err(sqlite_error)?;
+            }
         }
         Ok(())
     });

@@ -497,6 +497,9 @@ async fn replay_counts_live_beside_the_record_and_end_with_it() {
     }
     // Time passing is what is under test: nothing signals a retention's end.
     tokio::time::sleep(short + Duration::from_millis(200)).await;
+    // A flush that arrives after the record expired adds to a row nothing reads.
+    store.record_hits(&[(storage_key(&replaced), 1)]).await.expect("record_hits");
+    assert!(store.get(&storage_key(&replaced)).await.expect("get").is_none(), "an expired record is absent");
     let request = claim_request(&replaced, None, LONG);
     assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
     assert_eq!(raw_hits(&path, &replaced), (Some(0), None), "the claim that replaced the record ended its counts");
