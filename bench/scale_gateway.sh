@@ -4,7 +4,9 @@
 # records and one LARGE, then measured in ROUNDS interleaved rounds of wrk: new keys, and
 # replays of keys drawn uniformly over the preloaded ones (each one a look-up of a
 # different record, as far from the CPU caches as the store makes it). Prints a markdown
-# table of the medians and LARGE/SMALL, in req/s and in the gateway's CPU per request. The engine-and-store view of the same question is
+# table of the medians and LARGE/SMALL, in req/s and in the gateway's CPU per request,
+# with the share of that CPU each kind of thread took (HTTP workers, SQLite's readers and
+# writer). The engine-and-store view of the same question is
 # `cargo bench -p oncely --bench scale` (and `-p oncely-sqlite`); this is what a client
 # of the gateway sees.
 #
@@ -240,7 +242,24 @@ cost_sample() { # pid
     read -r -a f <<<"${stat##*) }"
     echo "$((f[11] + f[12])) $(awk '/^write_bytes/ { print $2 }' "/proc/$1/io")"
 }
-declare -A RPS CPU WRITTEN
+# The same ticks per thread, summed by thread name without its number (the HTTP workers,
+# SQLite's readers, its writer): which part of the gateway a round's CPU went to.
+thread_ticks() { # pid
+    local task stat
+    for task in /proc/"$1"/task/*; do
+        stat=$(<"$task/stat") || continue
+        read -r -a f <<<"${stat##*) }"
+        echo "$(tr ' ' _ <"$task/comm") $((f[11] + f[12]))"
+    done | awk '{ sub(/-[0-9]+$/, "", $1); ticks[$1] += $2 } END { for (name in ticks) print name, ticks[name] }' | sort
+}
+# "name share%, …" of the ticks between two thread_ticks samples.
+thread_shares() { # before after
+    join <(echo "$1") <(echo "$2") |
+        awk '{ d[$1] = $3 - $2; total += $3 - $2 }
+             END { for (n in d) if (d[n] > 0) printf "%s %.0f%%\n", n, 100 * d[n] / total }' |
+        sort -k2 -rn | paste -sd, - | sed 's/,/, /g'
+}
+declare -A RPS CPU WRITTEN THREADS_SPLIT
 measure() { # round name port mode n pid
     # New keys: a prefix of their own for each run and warm-up. Replays: the key count.
     local out="$RESULTS_DIR/wrk-$2-$4.r$1.txt" script arg warm_arg
@@ -252,11 +271,13 @@ measure() { # round name port mode n pid
         wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$WORK/$script" "http://127.0.0.1:$3/payments" -- "$warm_arg" \
             >"$RESULTS_DIR/wrk-$2-$4.warmup.txt" 2>&1 || die "wrk failed warming up $2"
     fi
-    local before after
+    local before after threads_before
+    threads_before=$(thread_ticks "$6")
     before=$(cost_sample "$6")
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/$script" "http://127.0.0.1:$3/payments" -- "$arg" \
         >"$out" 2>&1 || die "wrk failed: $out"
     after=$(cost_sample "$6")
+    THREADS_SPLIT[$2/$4]=$(thread_shares "$threads_before" "$(thread_ticks "$6")")
     local line requests
     line=$(grep '^RESULT ' "$out") || die "no RESULT in $out"
     [[ $(field non2xx "$line") == 0 && $(field errors "$line") == 0 ]] || die "errors in $out: $line"
@@ -267,6 +288,7 @@ measure() { # round name port mode n pid
     CPU[$2/$4]+=" $(awk -v t=$((ticks1 - ticks0)) -v us="$TICK_US" -v n="$requests" 'BEGIN { printf "%.1f", t * us / n }')"
     WRITTEN[$2/$4]+=" $(awk -v b=$((written1 - written0)) -v n="$requests" 'BEGIN { printf "%.0f", b / n }')"
     log "round $1: $2 $4: $(field rps "$line") req/s, ${CPU[$2/$4]##* } µs of CPU and ${WRITTEN[$2/$4]##* } B of page cache dirtied per request"
+    log "  by thread: ${THREADS_SPLIT[$2/$4]}"
 }
 for ((round = 1; round <= ROUNDS; round++)); do
     for mode in replays new-keys; do
@@ -297,6 +319,9 @@ scrape_ms() { # port
         done
         echo "| file bytes per row, after the fill's checkpoint | | $BYTES_PER_ROW | |"
     fi
+    for mode in replays new-keys; do
+        echo "| $mode, the gateway's CPU by thread (last round) | ${THREADS_SPLIT[small/$mode]} | ${THREADS_SPLIT[large/$mode]} | |"
+    done
     echo "| RSS after preloading (MiB) | $RSS_SMALL | $RSS_LARGE | |"
     echo "| one /metrics scrape after the rounds (ms) | $(scrape_ms "$ADMIN_SMALL") | $(scrape_ms "$ADMIN_LARGE") | |"
 } | tee "$RESULTS_DIR/summary.md"
