@@ -39,8 +39,9 @@ pub(crate) use record_columns;
 
 /// A record's hit count, as SQL over a row of `records` in a `SELECT … FROM records`: its
 /// own `hits` plus its `hit_counts` row's, if any (schema version 4, see
-/// `schema::MIGRATIONS`), saturating at `i64::MAX` as the flush does (both are never
-/// negative, so the `min` cannot overflow, where a plain sum would turn into a float).
+/// `schema::MIGRATIONS`), saturating at `i64::MAX` as the flush does: the writer never
+/// stores a negative count (`hit_counts` checks it), so `i64::MAX - c.hits` cannot
+/// overflow and the sum is at most `i64::MAX`, where a plain sum could turn into a float.
 macro_rules! total_hits {
     () => {
         "coalesce((SELECT min(records.hits, 9223372036854775807 - c.hits) + c.hits FROM hit_counts AS c \

@@ -88,10 +88,12 @@
 //!
 //! # Schema
 //!
-//! One table, `records`, keyed by the 32-byte storage key, created and migrated by
-//! [`SqliteStore::open`] (versioned by `PRAGMA user_version`). Inspect it with any SQLite
-//! client; times are milliseconds since the epoch, `state` is 0 (in progress) or 1
-//! (completed).
+//! The records are in `records`, keyed by the 32-byte storage key, created and migrated
+//! by [`SqliteStore::open`] (versioned by `PRAGMA user_version`). Inspect it with any
+//! SQLite client; times are milliseconds since the epoch, `state` is 0 (in progress) or 1
+//! (completed). A record's hit count is its `hits` plus its row in `hit_counts`, if any
+//! (where the engine's flushes go). `records_usage` holds the counts the store's bounds
+//! are checked against.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -161,8 +163,9 @@ pub enum Durability {
 
 /// The bytes a row counts against [`SqliteOptions::max_bytes`] beyond the bytes of its
 /// payload, raw key and scope: an estimate of its fixed columns (storage key,
-/// fingerprint, claim id, five integers), the row and cell headers, and its entries in
-/// the primary-key index and `records_by_expiry`.
+/// fingerprint, claim id, five integers), the row and cell headers, its entries in
+/// the primary-key index and `records_by_expiry`, and its `hit_counts` row once replayed
+/// (about 45 bytes).
 pub const RECORD_OVERHEAD: u64 = 256;
 
 /// The default [`SqliteOptions::max_records`]: 10 million.

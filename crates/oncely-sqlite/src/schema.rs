@@ -76,17 +76,19 @@ macro_rules! cost {
 /// of its own: each flushed key dirtied a 4 KiB page of the table (5.2–5.6 KB of page cache
 /// per replay at 10 million records, docs/benchmarks.md); the counts of every replayed
 /// key now share a few pages. A counts row belongs to one life of its record, and two
-/// triggers end it with that life, in the same transaction: `hit_counts_delete` when the
+/// triggers end it with that life, in the statement that ends it: `hit_counts_delete` when the
 /// record's row is deleted (release, delete, the sweep, making room), `hit_counts_reset`
 /// when a statement starts a new record at the key on an existing row (an expired
 /// record replaced by a claim or a first-seen mark; a lapsed lease taken over), which
 /// every such statement marks by setting `hits = 0`. So a key's counts row exists only
 /// while the completed record it was created for does (expired, perhaps, but not yet
 /// deleted or replaced), and the flush counts a key that has one without reading
-/// `records` at all. Its rows are not counted in
-/// `records_usage`: a row is at most one per record and within the per-record
-/// overhead that [`crate::RECORD_OVERHEAD`] charges. The migration only creates; it moves
-/// no count.
+/// `records` at all. Its rows are not counted in `records_usage`: a row is at most one
+/// per record and within the per-record overhead that [`crate::RECORD_OVERHEAD`] charges.
+/// The migration only creates; it moves no count (a count flushed before stays in
+/// `records.hits`). A process of an older build that has the file open while another
+/// migrates it reads `records.hits` alone, so it reports too few hits until restarted;
+/// the triggers keep the counts right whoever writes.
 const MIGRATIONS: &[&str] = &[
     "
     CREATE TABLE records (
@@ -165,7 +167,7 @@ const MIGRATIONS: &[&str] = &[
     ),
     "
     CREATE TABLE hit_counts (
-        storage_key BLOB    NOT NULL PRIMARY KEY,
+        storage_key BLOB    NOT NULL PRIMARY KEY CHECK (length(storage_key) = 32),
         hits        INTEGER NOT NULL CHECK (hits >= 0)
     ) STRICT, WITHOUT ROWID;
     CREATE TRIGGER hit_counts_delete AFTER DELETE ON records BEGIN

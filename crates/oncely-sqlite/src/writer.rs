@@ -927,10 +927,11 @@ fn first_seen(
 /// costs one descent of the small counts table, not of a table that may hold millions of
 /// rows (in a 10-million-row file those pages are rarely cached: the look-up was a fifth
 /// of the gateway's CPU while only replays arrived, docs/benchmarks.md). Replays of a
-/// record that has expired since are added to its row, which nothing reads any more (an
-/// expired record is absent to reads) and which the sweep or the next record at the key
-/// deletes. Saturates at `i64::MAX` (a STRICT `INTEGER` column would refuse the float
-/// SQLite turns an overflowing sum into).
+/// record that has expired since are added to its row, which no read returns any more
+/// (an expired record is absent to reads) and which goes with the record's row (the
+/// sweep, making room, a delete, or the next record at the key). Saturates at
+/// `i64::MAX` (a STRICT `INTEGER` column would refuse the float SQLite turns an
+/// overflowing sum into).
 const ADD_HITS: &str = "UPDATE hit_counts SET \
                         hits = iif(hits > 9223372036854775807 - :hits, 9223372036854775807, hits + :hits) \
                         WHERE storage_key = :key";
@@ -952,7 +953,8 @@ const FIRST_HITS: &str = "INSERT INTO hit_counts (storage_key, hits) \
 /// when all succeed and rolled back to when one fails, so a failed flush (which the
 /// engine may send again) has added nothing, and the other requests of the batch still
 /// commit. A hit count changes no counted byte: `hit_counts` is outside `records_usage`
-/// (see `schema::MIGRATIONS`), so the flush never needs room. Not fsynced on its own in [`Durability::Sync`] (see [`Write::needs_fsync`]).
+/// (see `schema::MIGRATIONS`), so the flush never needs room. Not fsynced on its own in
+/// [`Durability::Sync`] (see [`Write::needs_fsync`]).
 fn record_hits(conn: &Connection, hits: &[(StorageKey, u64)]) -> Result<(), StoreError> {
     conn.execute_batch("SAVEPOINT record_hits").map_err(sqlite_error)?;
     let applied = now_ms().and_then(|now| {

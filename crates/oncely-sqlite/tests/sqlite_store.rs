@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use oncely::store::FirstSeen;
 use oncely::{
     ClaimOutcome, Fingerprint, IdempotencyKey, RecordState, Scope, StorageKey, Store, StoreAdmin, StoreError,
 };
@@ -451,8 +452,12 @@ async fn record_hits_applies_a_batch_all_or_nothing() {
 
 /// A key's `records.hits` and `hit_counts` rows, read past the store.
 fn raw_hits(path: &Path, key: &IdempotencyKey) -> (Option<i64>, Option<i64>) {
+    raw_hits_at(path, &storage_key(key))
+}
+
+/// [`raw_hits`] by storage key.
+fn raw_hits_at(path: &Path, storage_key: &StorageKey) -> (Option<i64>, Option<i64>) {
     let conn = rusqlite::Connection::open(path).expect("open the file directly");
-    let storage_key = storage_key(key);
     let key = storage_key.as_bytes().as_slice();
     conn.query_row(
         "SELECT (SELECT hits FROM records WHERE storage_key = ?1), (SELECT hits FROM hit_counts WHERE storage_key = ?1)",
@@ -499,6 +504,9 @@ async fn replay_counts_live_beside_the_record_and_end_with_it() {
     tokio::time::sleep(short + Duration::from_millis(200)).await;
     // A flush that arrives after the record expired adds to a row nothing reads.
     store.record_hits(&[(storage_key(&replaced), 1)]).await.expect("record_hits");
+    if counted.0 == Some(4) {
+        assert_eq!(raw_hits(&path, &replaced).1, Some(5), "added to the expired record's own row");
+    }
     assert!(store.get(&storage_key(&replaced)).await.expect("get").is_none(), "an expired record is absent");
     let request = claim_request(&replaced, None, LONG);
     assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
@@ -515,6 +523,21 @@ async fn replay_counts_live_beside_the_record_and_end_with_it() {
     assert_eq!(raw_hits(&path, &released), (Some(0), None), "a record in progress gets no counts row");
     store.release(request.claim()).await.expect("release");
     assert_eq!(raw_hits(&path, &released), (None, None));
+
+    // A first-seen mark given counts (only a direct caller of record_hits could) loses
+    // them when a new mark replaces it after its window.
+    let (scope, id) = (Scope::global(), unique_key());
+    let mark = FirstSeen::new(&scope, &id, short);
+    let started = tokio::time::Instant::now();
+    assert!(store.first_seen(&mark).await.expect("first_seen"));
+    store.record_hits(&[(*mark.storage_key(), 2)]).await.expect("record_hits");
+    let counted = raw_hits_at(&path, mark.storage_key());
+    if started.elapsed() < short {
+        assert_eq!(counted, (Some(0), Some(2)), "the live mark was counted");
+    }
+    tokio::time::sleep(short + Duration::from_millis(200)).await;
+    assert!(store.first_seen(&FirstSeen::new(&scope, &id, LONG)).await.expect("first_seen"), "new after its window");
+    assert_eq!(raw_hits_at(&path, mark.storage_key()), (Some(0), None), "the new mark ended the old one's counts");
 }
 
 /// A file from before `hit_counts` (schema version 3) keeps the counts its records hold,

@@ -276,8 +276,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Adds replay counts to completed records: the engine's batched flush of the hits it
     /// counted in the process (a replay itself writes nothing). A key that is absent,
-    /// expired or in progress is skipped. One call for the whole batch where the store
-    /// allows.
+    /// expired or in progress is skipped: no record a read returns gains those counts (a
+    /// store may add them to an expired record that no read returns again). One call
+    /// for the whole batch where the store allows.
     fn record_hits(&self, hits: &[(StorageKey, u64)]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// A future that resolves when the in-progress record at `key` may have changed.
