@@ -23,16 +23,17 @@
 #   random storage keys, so that the B-trees have LARGE rows' depth), checkpointed, and
 #   the gateway started again. The written rows are scattered among the others in the
 #   key's index either way; in the table (rowid order), ROWS=spread (default) moves them
-#   to rowids spread over the whole table (any record replayed, the worst case for the
-#   hit counts' write-back), ROWS=recent to its end, where the newest rows of a table
-#   that grew over time are (retries replay recent keys). Replays are drawn over the HTTP-written keys. About 3 GB of disk at 10
-#   million, under TMPDIR (/tmp by default), which must not be a tmpfs.
+#   to rowids spread over the whole table (any record replayed: the worst case for the
+#   pages a replay and its hit count's flush read), ROWS=recent to its end, where the
+#   newest rows of a table that grew over time are (retries replay recent keys). Replays
+#   are drawn over the HTTP-written keys. About 3 GB of disk at 10 million, under TMPDIR
+#   (/tmp by default), which must not be a tmpfs.
 # Knobs: SMALL=1000 LARGE=10000000 ROUNDS=3 DURATION=7s WARMUP=2s THREADS=2 CONNECTIONS=32
 #   BASE_PORT=19680 REPLAY_KEYS=100000 STORE_OPTIONS= (more of the store URL's options
-#   for both gateways, e.g. STORE_OPTIONS='mmap_size=2GiB'). Each gateway's store is opened with bounds above
-#   LARGE; the sweeper runs at its default interval (60 s) throughout, finding nothing
-#   expired. After the rounds, one /metrics scrape of each gateway is timed (it calls
-#   the store's stats()).
+#   for both gateways, e.g. STORE_OPTIONS='mmap_size=2GiB'). Each gateway's store is
+#   opened with bounds above LARGE; the sweeper runs at its default interval (60 s)
+#   throughout, finding nothing expired. After the rounds, one /metrics scrape of each
+#   gateway is timed (it calls the store's stats()).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ONCELY=${ONCELY_BIN:-$ROOT/target/release/oncely}
