@@ -18,7 +18,9 @@
 # KEYS=new (a new key per request instead of replays: the gateway forwards each to an
 # nginx upstream, which is not counted; the floor rows are then hyper-floor forwarding
 # and hyper-newkey, `floor_proxy --new-key`: the design's own work for a new key), or
-# KEYS=none (no key: the gateway's pass-through against hyper-floor forwarding).
+# KEYS=none (no key: the gateway's pass-through against hyper-floor forwarding), and
+# LOG_LEVEL=warn (the gateways' --log-level; `info`, the default of `oncely serve`, writes
+# an access-log line per request, so the difference between two runs is what that costs).
 # Needs valgrind (installed when missing) and python3.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,6 +30,7 @@ BASELINE=${1:-}
 SHORT=${SHORT:-200}
 LONG=${LONG:-2200}
 KEYS=${KEYS:-replays}
+LOG_LEVEL=${LOG_LEVEL:-warn}
 RESPONSE='{"id":"ch_1","amount":1999}'
 BODY='{"amount":1999,"currency":"usd"}'
 PIDS=()
@@ -98,12 +101,12 @@ per_request() { # name command...
         'BEGIN { printf "| %s | %d | %d | %.0f |\n", name, s, l, (l - s) / n }'
 }
 
-GATEWAY_ARGS=(--log-level warn serve --upstream http://127.0.0.1:19480 --listen 127.0.0.1:19481
+GATEWAY_ARGS=(--log-level "$LOG_LEVEL" serve --upstream http://127.0.0.1:19480 --listen 127.0.0.1:19481
     --store memory:// --config "$WORK/oncely.toml")
 
 log "counting; results in $RESULTS_DIR"
 {
-    echo "| server ($KEYS) | instructions, $SHORT requests | instructions, $LONG requests | instructions per request |"
+    echo "| server ($KEYS, log level $LOG_LEVEL) | instructions, $SHORT requests | instructions, $LONG requests | instructions per request |"
     echo "|---|---:|---:|---:|"
     if [[ $KEYS == replays ]]; then
         per_request hyper-replay "$FLOOR" 127.0.0.1:19481 --replay "$RESPONSE"
