@@ -10,7 +10,11 @@
 //! - `info_plain_format_only`: the same line formatted and handed straight to a sink: the
 //!   floor of any writer;
 //! - `info_plain_uncached_time`: formatted with tracing-subscriber's own timer, which
-//!   formats the whole date and time on every line, straight to a sink.
+//!   formats the whole date and time on every line, straight to a sink;
+//! - `info_plain_default_format`: formatted by tracing-subscriber's default plain format
+//!   (the same bytes as `logs::plain`'s, with the gateway's timer), straight to a sink;
+//! - `storage_key_derive`: the storage key the layer derives for the line's `key` (the
+//!   engine derives its own for the claim), without any line.
 //!
 //! What a writer thread does is on another thread and not counted here; a profile of
 //! the gateway counts it.
@@ -75,6 +79,17 @@ fn bench(c: &mut Criterion) {
     let uncached =
         tracing_subscriber::fmt().with_env_filter("info").with_writer(std::io::sink).with_ansi(false).finish();
     run("info_plain_uncached_time", uncached.into());
+    let default_format = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_writer(std::io::sink)
+        .with_ansi(false)
+        .with_timer(oncely_gateway::logs::CachedRfc3339)
+        .finish();
+    run("info_plain_default_format", default_format.into());
+    let (scope, idempotency_key) = (Scope::global(), IdempotencyKey::new("order-8f14e45f").expect("a valid key"));
+    group.bench_function("storage_key_derive", |b| {
+        b.iter(|| StorageKey::derive(black_box(&scope), black_box(&idempotency_key)))
+    });
     group.finish();
 }
 

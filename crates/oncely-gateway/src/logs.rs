@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::ValueEnum;
 
 pub mod batched;
+pub mod plain;
 
 use batched::{BatchedLines, FlushGuard};
 use tracing_subscriber::fmt::MakeWriter;
@@ -31,7 +32,8 @@ pub enum LogFormat {
 
 /// The subscriber the binary installs: `level` as an `EnvFilter` directive (`info` when
 /// it does not parse), lines in `format` with [`CachedRfc3339`] timestamps, written to
-/// `writer`, with colours when `ansi`.
+/// `writer`, with colours when `ansi`. Plain lines are written by [`plain`]: the bytes
+/// of tracing-subscriber's default format, for less.
 ///
 /// ```
 /// use oncely_gateway::logs::{LogFormat, dispatch};
@@ -50,7 +52,9 @@ where
     let builder =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi).with_timer(CachedRfc3339);
     match format {
-        LogFormat::Plain => builder.finish().into(),
+        LogFormat::Plain => {
+            builder.fmt_fields(plain::PlainFields).event_format(plain::PlainLine::default()).finish().into()
+        }
         LogFormat::Json => builder.json().finish().into(),
     }
 }
@@ -123,6 +127,30 @@ impl FormatTime for CachedRfc3339 {
     }
 }
 
+/// What a subscriber under test wrote: a writer whose clones share one buffer.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl Lines {
+    /// Everything written so far.
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8(self.0.lock().expect("lines").clone()).expect("utf-8")
+    }
+}
+
+#[cfg(test)]
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lines").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,17 +189,6 @@ mod tests {
 
     #[test]
     fn plain_lines_carry_the_timestamp_level_target_and_fields() {
-        #[derive(Clone, Default)]
-        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().expect("lines").extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let lines = Lines::default();
         let sink = lines.clone();
         let logs = dispatch(LogFormat::Plain, "info", move || sink.clone(), false);
@@ -179,7 +196,7 @@ mod tests {
             tracing::info!(target: "oncely::access", path = "/payments", status = 201u16);
             tracing::debug!(target: "oncely::access", "filtered out");
         });
-        let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("utf-8");
+        let text = lines.text();
         assert_eq!(text.lines().count(), 1, "{text}");
         let (stamp, rest) = text.split_once(' ').expect("a timestamp");
         assert_eq!(stamp.len(), 27, "{text}");
