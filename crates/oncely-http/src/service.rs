@@ -322,7 +322,7 @@ where
     // The line's fields, its clock read included, are gathered only when it is written.
     let log = tracing::enabled!(target: "oncely::access", tracing::Level::INFO)
         .then(|| (parts.method.clone(), parts.uri.path().to_string(), std::time::Instant::now()));
-    // The storage key is hashed again for the line only when the line is written.
+    // The storage key for the line only when the line is written.
     let mut storage_key = log.is_some().then_some(None);
     let result = decide(inner, oncely, settings, key, parts, body, &mut storage_key).await;
     if let Some((method, path, started)) = log {
@@ -458,10 +458,12 @@ where
             return Ok((problem, Outcome::Refused));
         }
     };
-    if let Some(slot) = storage_key {
-        *slot = Some(StorageKey::derive(&scope, &key));
-    }
     let engine = oncely.scoped(scope.clone());
+    let request = engine.claim_request(&key, Some(fingerprint));
+    // The line names the record by the storage key the claim derived.
+    if let Some(slot) = storage_key {
+        *slot = Some(*request.storage_key());
+    }
     // Taken before the claim (a claim given back after a takeover would lose the news
     // that its first attempt may have acted); a replay or refusal gives it back at once.
     let Some(place) = settings.in_progress.take(&scope, settings.max_in_progress_per_scope) else {
@@ -477,7 +479,7 @@ where
     // in reject mode).
     let waits = matches!(engine.config().conflict, oncely::ConflictMode::Wait { .. });
     let asked_at = waits.then(std::time::SystemTime::now);
-    let guard = match engine.acquire(&key, Some(fingerprint)).await {
+    let guard = match engine.acquire_request(request).await {
         Ok(Acquired::Execute(guard)) => guard,
         Ok(Acquired::Replay(stored)) => {
             settings.counters.replayed.increment(1);

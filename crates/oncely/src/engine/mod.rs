@@ -246,9 +246,44 @@ impl<S: Store> Oncely<S> {
     /// [`Error::Mismatch`] when the key was used with another fingerprint, and
     /// [`Error::Store`] when the store fails.
     pub async fn acquire(&self, key: &IdempotencyKey, fingerprint: Option<Fingerprint>) -> Result<Acquired<S>, Error> {
+        self.acquire_request(self.claim_request(key, fingerprint)).await
+    }
+
+    /// The claim [`acquire`](Self::acquire) sends for `key`: in this engine's scope,
+    /// with its lease and retention. Its [`storage_key`](ClaimRequest::storage_key) is
+    /// the record's, derived once here, for a caller that names the record (in a log
+    /// line, say) before claiming it with [`acquire_request`](Self::acquire_request).
+    ///
+    /// ```
+    /// use oncely::{Acquired, IdempotencyKey, MemoryStore, Oncely, Scope};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let engine = Oncely::new(MemoryStore::new()).scoped(Scope::new("alice"));
+    /// let key = IdempotencyKey::new("order-1")?;
+    /// let request = engine.claim_request(&key, None);
+    /// let record = *request.storage_key();
+    /// assert_eq!(record, engine.storage_key(&key));
+    /// let Acquired::Execute(guard) = engine.acquire_request(request).await? else { panic!("a new key") };
+    /// assert_eq!(*guard.storage_key(), record);
+    /// # Ok(()) }
+    /// ```
+    pub fn claim_request<'a>(&'a self, key: &'a IdempotencyKey, fingerprint: Option<Fingerprint>) -> ClaimRequest<'a> {
+        let config = &self.shared.config;
+        ClaimRequest::new(&self.scope, key, fingerprint, config.lease, config.retention)
+    }
+
+    /// [`acquire`](Self::acquire) for a claim made by [`claim_request`](Self::claim_request)
+    /// of this engine.
+    ///
+    /// # Errors
+    /// As [`acquire`](Self::acquire).
+    pub async fn acquire_request(&self, request: ClaimRequest<'_>) -> Result<Acquired<S>, Error> {
         let config = &self.shared.config;
         let hooks = &self.shared.hooks;
-        let request = ClaimRequest::new(&self.scope, key, fingerprint, config.lease, config.retention);
+        // Another engine's claim would still be consistent (its storage key is its own
+        // scope's), but not what this engine's caller asked for.
+        debug_assert_eq!(request.scope(), &self.scope, "a claim of another scope");
+        let key = request.key();
         let storage_key = *request.storage_key();
         let wait_until = match config.conflict {
             ConflictMode::Wait { timeout } => Some(tokio::time::Instant::now() + timeout),
