@@ -459,11 +459,15 @@ where
         }
     };
     let engine = oncely.scoped(scope.clone());
-    let request = engine.claim_request(&key, Some(fingerprint));
-    // The line names the record by the storage key the claim derived.
-    if let Some(slot) = storage_key {
-        *slot = Some(*request.storage_key());
-    }
+    // The line names the record by the storage key the claim derived. (In a block: a
+    // local borrowed here would keep its room in this future across the awaits below.)
+    let claim = {
+        let claim = engine.claim_request(&key, Some(fingerprint));
+        if let Some(slot) = storage_key {
+            *slot = Some(*claim.storage_key());
+        }
+        claim
+    };
     // Taken before the claim (a claim given back after a takeover would lose the news
     // that its first attempt may have acted); a replay or refusal gives it back at once.
     let Some(place) = settings.in_progress.take(&scope, settings.max_in_progress_per_scope) else {
@@ -479,7 +483,7 @@ where
     // in reject mode).
     let waits = matches!(engine.config().conflict, oncely::ConflictMode::Wait { .. });
     let asked_at = waits.then(std::time::SystemTime::now);
-    let guard = match engine.acquire_request(request).await {
+    let guard = match engine.acquire_request(claim).await {
         Ok(Acquired::Execute(guard)) => guard,
         Ok(Acquired::Replay(stored)) => {
             settings.counters.replayed.increment(1);

@@ -63,7 +63,9 @@ pub mod key;
 pub mod record;
 pub mod store;
 
-pub use engine::{Acquired, ClaimGuard, Config, ConflictMode, DEFAULT_WAIT_TIMEOUT, Executed, Oncely, OncelyBuilder};
+pub use engine::{
+    Acquired, ClaimGuard, Config, ConflictMode, DEFAULT_WAIT_TIMEOUT, Executed, Oncely, OncelyBuilder, PreparedClaim,
+};
 pub use error::{ConfigError, Error, Failure, RunError, Setting};
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, KeyError, Scope, StorageKey};

@@ -447,3 +447,23 @@ async fn waiters_on_one_key_poll_the_store_together() {
     let timer_claims = (hold.as_millis() / poll.as_millis()) as usize;
     assert!(claims <= 1 + 3 * WAITERS + 2 * timer_claims, "{claims} claims");
 }
+
+#[tokio::test]
+async fn a_claim_prepared_by_another_engine_is_sent_with_this_engines_lease() {
+    use oncely::{RecordState, Scope, StoreAdmin as _};
+    use std::time::SystemTime;
+
+    let store = MemoryStore::new();
+    let short = Oncely::builder(store.clone()).lease(Duration::from_secs(1)).build().expect("settings");
+    let long = Oncely::builder(store.clone()).lease(Duration::from_secs(600)).build().expect("settings");
+    let (alice, bob) = (short.scoped(Scope::new("alice")), long.scoped(Scope::new("bob")));
+    let order = key("order-prepared-elsewhere");
+    let claim = alice.claim_request(&order, None);
+    let Acquired::Execute(guard) = bob.acquire_request(claim).await.expect("claims") else {
+        panic!("a new key executes")
+    };
+    assert_eq!(*guard.storage_key(), bob.storage_key(&order), "claimed in the scope of the engine that sent it");
+    let record = store.get(guard.storage_key()).await.expect("reads").expect("the claim's record");
+    let RecordState::InProgress { lease_until, .. } = record.state else { panic!("in progress") };
+    assert!(lease_until > SystemTime::now() + Duration::from_secs(60), "held for the sending engine's lease");
+}

@@ -135,6 +135,20 @@ pub enum Acquired<S: Store> {
     Replay(Replay),
 }
 
+/// A claim prepared by [`Oncely::claim_request`], sent by [`Oncely::acquire_request`]:
+/// the claim [`Oncely::acquire`] would send, with its storage key readable before it is
+/// sent. Neither `Clone` nor built any other way, so each is sent at most once, under
+/// its own claim id.
+#[derive(Debug)]
+pub struct PreparedClaim<'a>(ClaimRequest<'a>);
+
+impl PreparedClaim<'_> {
+    /// The storage key of the record the claim is for.
+    pub fn storage_key(&self) -> &StorageKey {
+        self.0.storage_key()
+    }
+}
+
 /// A value produced by [`Oncely::run`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Executed<T> {
@@ -249,10 +263,11 @@ impl<S: Store> Oncely<S> {
         self.acquire_request(self.claim_request(key, fingerprint)).await
     }
 
-    /// The claim [`acquire`](Self::acquire) sends for `key`: in this engine's scope,
-    /// with its lease and retention. Its [`storage_key`](ClaimRequest::storage_key) is
-    /// the record's, derived once here, for a caller that names the record (in a log
-    /// line, say) before claiming it with [`acquire_request`](Self::acquire_request).
+    /// The claim [`acquire`](Self::acquire) sends for `key`, prepared: in this engine's
+    /// scope, under a fresh claim id, with its lease and retention. Its
+    /// [`storage_key`](PreparedClaim::storage_key) is the record's, derived once here,
+    /// for a caller that names the record (in a log line, say) before sending the claim
+    /// with [`acquire_request`](Self::acquire_request).
     ///
     /// ```
     /// use oncely::{Acquired, IdempotencyKey, MemoryStore, Oncely, Scope};
@@ -260,29 +275,42 @@ impl<S: Store> Oncely<S> {
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let engine = Oncely::new(MemoryStore::new()).scoped(Scope::new("alice"));
     /// let key = IdempotencyKey::new("order-1")?;
-    /// let request = engine.claim_request(&key, None);
-    /// let record = *request.storage_key();
+    /// let claim = engine.claim_request(&key, None);
+    /// let record = *claim.storage_key();
     /// assert_eq!(record, engine.storage_key(&key));
-    /// let Acquired::Execute(guard) = engine.acquire_request(request).await? else { panic!("a new key") };
+    /// let Acquired::Execute(guard) = engine.acquire_request(claim).await? else { panic!("a new key") };
     /// assert_eq!(*guard.storage_key(), record);
     /// # Ok(()) }
     /// ```
-    pub fn claim_request<'a>(&'a self, key: &'a IdempotencyKey, fingerprint: Option<Fingerprint>) -> ClaimRequest<'a> {
+    pub fn claim_request<'a>(&'a self, key: &'a IdempotencyKey, fingerprint: Option<Fingerprint>) -> PreparedClaim<'a> {
         let config = &self.shared.config;
-        ClaimRequest::new(&self.scope, key, fingerprint, config.lease, config.retention)
+        PreparedClaim(ClaimRequest::new(&self.scope, key, fingerprint, config.lease, config.retention))
     }
 
-    /// [`acquire`](Self::acquire) for a claim made by [`claim_request`](Self::claim_request)
-    /// of this engine.
+    /// [`acquire`](Self::acquire) for a claim prepared by
+    /// [`claim_request`](Self::claim_request).
+    ///
+    /// A claim prepared by another engine, whose scope, lease or retention differ from
+    /// this one's, is prepared again here for the same key and fingerprint: a guard
+    /// renews at this engine's lease, and a claim under a shorter one could lapse
+    /// between renewals.
     ///
     /// # Errors
     /// As [`acquire`](Self::acquire).
-    pub async fn acquire_request(&self, request: ClaimRequest<'_>) -> Result<Acquired<S>, Error> {
+    pub async fn acquire_request(&self, claim: PreparedClaim<'_>) -> Result<Acquired<S>, Error> {
         let config = &self.shared.config;
         let hooks = &self.shared.hooks;
-        // Another engine's claim would still be consistent (its storage key is its own
-        // scope's), but not what this engine's caller asked for.
-        debug_assert_eq!(request.scope(), &self.scope, "a claim of another scope");
+        let PreparedClaim(mut request) = claim;
+        if request.scope() != &self.scope || request.lease() != config.lease || request.retention() != config.retention
+        {
+            request = ClaimRequest::new(
+                &self.scope,
+                request.key(),
+                request.fingerprint().copied(),
+                config.lease,
+                config.retention,
+            );
+        }
         let key = request.key();
         let storage_key = *request.storage_key();
         let wait_until = match config.conflict {
