@@ -13,8 +13,9 @@
 //!   formats the whole date and time on every line, straight to a sink;
 //! - `info_plain_default_format`: formatted by tracing-subscriber's default plain format
 //!   (the same bytes as `logs::plain`'s, with the gateway's timer), straight to a sink;
-//! - `storage_key_derive`: the storage key the layer derives for the line's `key` (the
-//!   engine derives its own for the claim), without any line.
+//! - `storage_key_derive`: one derivation of a storage key, without any line: what the
+//!   line's `key` cost when the layer derived it a second time (it now reads the claim's,
+//!   `Oncely::claim_request`).
 //!
 //! What a writer thread does is on another thread and not counted here; a profile of
 //! the gateway counts it.

@@ -20,7 +20,12 @@
 //!   (`r#type`), and errors (with their sources) to `DefaultVisitor`, and skips the `log.`
 //!   fields of `log` records, as it does.
 //!
-//! `tests::lines_match_the_default_format` checks the equivalence on each of these.
+//! `PlainLine` writes what the gateway's subscriber writes: the default `Full` layout
+//! (timestamp, level, target; no thread names, file names or line numbers). It does not
+//! read a builder's `with_target(false)` and the like, which the gateway does not set.
+//!
+//! `tests::lines_match_the_default_format` checks the equivalence on each of these, and
+//! `tests::the_access_line_takes_the_direct_path` that the access line is written here.
 
 use std::fmt;
 
@@ -79,6 +84,8 @@ where
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         if writer.has_ansi_escapes() || event.is_log() || ctx.event_scope().is_some() {
+            #[cfg(test)]
+            tests::HANDED_OVER.with(|n| n.set(n.get() + 1));
             return self.full.format_event(ctx, writer, event);
         }
         let meta = event.metadata();
@@ -149,6 +156,8 @@ impl PlainVisitor<'_> {
         if self.result.is_err() {
             return;
         }
+        #[cfg(test)]
+        tests::HANDED_OVER.with(|n| n.set(n.get() + 1));
         let mut default = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
         record(&mut default);
         self.result = default.finish();
@@ -241,6 +250,12 @@ impl VisitFmt for PlainVisitor<'_> {
 mod tests {
     use super::*;
     use crate::logs::Lines;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Lines and fields handed to tracing-subscriber's own formatter on this thread.
+        pub(super) static HANDED_OVER: Cell<usize> = const { Cell::new(0) };
+    }
 
     /// A fixed timestamp, so that two formatters' lines can be compared.
     #[derive(Clone, Copy)]
@@ -336,5 +351,30 @@ mod tests {
             "2026-12-03T17:00:00.000001Z  INFO oncely::access: method=POST path=\"/payments\" key=\"ab12\" \
              outcome=\"replayed\" status=201 micros=57\n"
         ));
+    }
+
+    #[test]
+    fn the_access_line_takes_the_direct_path() {
+        let handed_over = |log: &dyn Fn()| {
+            let dispatch: tracing::Dispatch = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(std::io::sink)
+                .fmt_fields(PlainFields)
+                .event_format(PlainLine::with_timer(Fixed))
+                .finish()
+                .into();
+            HANDED_OVER.with(|n| n.set(0));
+            tracing::dispatcher::with_default(&dispatch, log);
+            HANDED_OVER.with(Cell::get)
+        };
+        let method = http::Method::POST;
+        let access = || {
+            tracing::info!(target: "oncely::access", %method, path = "/payments", key = %"ab12", outcome = "replayed",
+                status = 201u16, micros = 57u64);
+        };
+        assert_eq!(handed_over(&access), 0, "the access line, its line and every field, is written here");
+        assert_eq!(handed_over(&|| tracing::info!("a message")), 1, "a message field is handed over");
+        let in_span = || tracing::info_span!("request").in_scope(|| tracing::info!(n = 1u8));
+        assert_eq!(handed_over(&in_span), 1, "a line in a span is handed over");
     }
 }
