@@ -301,7 +301,9 @@ impl<S: Store> Oncely<S> {
         let config = &self.shared.config;
         let hooks = &self.shared.hooks;
         let PreparedClaim(mut request) = claim;
-        if request.scope() != &self.scope || request.lease() != config.lease || request.retention() != config.retention
+        if !scope_is(request.scope(), &self.scope)
+            || request.lease() != config.lease
+            || request.retention() != config.retention
         {
             request = ClaimRequest::new(
                 &self.scope,
@@ -756,4 +758,10 @@ fn start_flusher<S: Store>(shared: &Arc<Shared<S>>) {
             }
         }
     });
+}
+
+/// Whether a claim prepared against `prepared` is a claim in `scope`: by address first,
+/// which is every claim this engine prepared itself, then by content.
+fn scope_is(prepared: &Scope, scope: &Scope) -> bool {
+    std::ptr::eq(prepared, scope) || prepared == scope
 }
