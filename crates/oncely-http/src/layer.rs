@@ -8,6 +8,7 @@ use http::{HeaderName, Method, StatusCode};
 use oncely::{ConflictMode, Oncely, Scope, Store};
 use tower_layer::Layer;
 
+use crate::access::AccessLog;
 use crate::scope::ScopeSource;
 use crate::service::Idempotency;
 use crate::settings::Settings;
@@ -321,6 +322,29 @@ impl<St: Store> IdempotencyLayer<St> {
     /// another value is a reused key.
     pub fn fingerprint_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.with(|s| s.fingerprint_rules.headers = names.into_iter().collect())
+    }
+
+    /// Who writes the access line of each keyed request that reached its claim (default
+    /// [`TracingAccessLog`](crate::TracingAccessLog): an `INFO` event with target
+    /// `oncely::access`). A server with a writer of its own hands it here, and the layer
+    /// writes no event.
+    ///
+    /// ```
+    /// use oncely::{MemoryStore, Oncely};
+    /// use oncely_http::{Access, AccessLog, IdempotencyLayer};
+    ///
+    /// struct Stdout;
+    /// impl AccessLog for Stdout {
+    ///     fn log(&self, access: &Access<'_>) {
+    ///         println!("{} {} {}", access.method, access.path, access.outcome);
+    ///     }
+    /// }
+    ///
+    /// let layer = IdempotencyLayer::new(Oncely::new(MemoryStore::new())).access_log(Stdout);
+    /// # let _ = layer;
+    /// ```
+    pub fn access_log(self, log: impl AccessLog) -> Self {
+        self.with(|s| s.access_log = Arc::new(log))
     }
 
     /// Whether requests with this method are covered (others pass through untouched).

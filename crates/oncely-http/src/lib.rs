@@ -79,7 +79,8 @@
 //! - **Access log**: one line per keyed request that reached its claim (target
 //!   `oncely::access`: method, path, the storage key's hash, outcome, status,
 //!   microseconds), written when it is done, also for a client that hung up; its
-//!   answer carries the [`KeyedOutcome`] extension.
+//!   answer carries the [`KeyedOutcome`] extension. A server that writes its own lines
+//!   hands the layer an [`AccessLog`] ([`access_log`](IdempotencyLayer::access_log)).
 //! - **Replayed headers**: all but hop-by-hop ones, `Date` and `Set-Cookie`
 //!   ([`not_replayed_headers`](IdempotencyLayer::not_replayed_headers)). Response
 //!   trailers are not stored.
@@ -96,6 +97,7 @@
 //!   timeout's 408 inside it releases the key, and a retry could run an operation that
 //!   a cancelled handler had half done.
 
+mod access;
 mod counters;
 mod detach;
 mod hop_by_hop;
@@ -119,6 +121,7 @@ mod extract;
 
 use bytes::Bytes;
 
+pub use access::{Access, AccessLog, TracingAccessLog};
 pub use hop_by_hop::strip_hop_by_hop;
 pub use key_header::{KeyHeaderError, parse_key_header};
 pub use layer::{IdempotencyLayer, Policy, default_stored_status};

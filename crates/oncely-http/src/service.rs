@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, BodyStream, Either, Full, LengthLimitError, Limite
 use oncely::{Acquired, ClaimGuard, Error, Fingerprint, IdempotencyKey, Oncely, Replay, StorageKey, Store, StoreError};
 use tower_service::Service;
 
+use crate::access::Access;
 use crate::detach::Detachable;
 use crate::layer::{IdempotencyLayer, InProgressPlace};
 use crate::problem::{Problem, ProblemKind};
@@ -320,44 +321,34 @@ where
     ResBody::Error: Into<BoxError>,
 {
     // The line's fields, its clock read included, are gathered only when it is written.
-    let log = tracing::enabled!(target: "oncely::access", tracing::Level::INFO)
-        .then(|| (parts.method.clone(), parts.uri.path().to_string(), std::time::Instant::now()));
+    // The URI's clone shares its bytes: the path is not copied.
+    let log = settings.access_log.enabled().then(|| {
+        let log = Arc::clone(&settings.access_log);
+        (log, parts.method.clone(), parts.uri.clone(), std::time::Instant::now())
+    });
     // The storage key for the line only when the line is written.
     let mut storage_key = log.is_some().then_some(None);
     let result = decide(inner, oncely, settings, key, parts, body, &mut storage_key).await;
-    if let Some((method, path, started)) = log {
+    if let Some((access_log, method, uri, started)) = log {
         let (status, outcome) = match &result {
-            Ok((response, outcome)) => (response.status().as_u16(), outcome.as_str()),
-            Err(_) => (0, Outcome::Unknown.as_str()),
+            Ok((response, outcome)) => (Some(response.status()), outcome.as_str()),
+            Err(_) => (None, Outcome::Unknown.as_str()),
         };
-        tracing::info!(
-            target: "oncely::access",
-            %method,
-            path,
-            // Hex digits need no quoting: written as they are, without a copy; empty
-            // when no key was derived.
-            key = %KeyHash(storage_key.flatten()),
+        let finished = std::time::Instant::now();
+        access_log.log(&Access {
+            method: &method,
+            path: uri.path(),
+            key: storage_key.flatten().as_ref(),
             outcome,
             status,
-            micros = started.elapsed().as_micros() as u64,
-        );
+            elapsed: finished.saturating_duration_since(started),
+            finished,
+        });
     }
     result.map(|(mut response, outcome)| {
         response.extensions_mut().insert(KeyedOutcome(outcome.as_str()));
         response
     })
-}
-
-/// The access line's `key`: the storage key's hex digits, or nothing.
-struct KeyHash(Option<StorageKey>);
-
-impl fmt::Display for KeyHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Some(key) => fmt::Display::fmt(key, f),
-            None => Ok(()),
-        }
-    }
 }
 
 /// What became of a keyed request, for its access line and the response extension

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use http::{HeaderName, Method, StatusCode, header};
 use oncely::fingerprint::JsonPointer;
 
+use crate::access::{AccessLog, TracingAccessLog};
 use crate::counters::Counters;
 use crate::layer::{InProgressCounts, default_stored_status};
 use crate::request::FingerprintRules;
@@ -38,6 +39,7 @@ pub(crate) struct Settings {
     pub(crate) answer_within: Option<std::time::Duration>,
     pub(crate) fingerprint_rules: FingerprintRules,
     pub(crate) key_pointer: Option<JsonPointer>,
+    pub(crate) access_log: Arc<dyn AccessLog>,
     /// Shared by every clone of the layer (and kept by `Arc::make_mut` copies).
     pub(crate) in_progress: InProgressCounts,
     /// Registered when the layer is built.
@@ -92,6 +94,7 @@ impl Default for Settings {
             answer_within: None,
             fingerprint_rules: FingerprintRules::default(),
             key_pointer: None,
+            access_log: Arc::new(TracingAccessLog),
             in_progress: InProgressCounts::default(),
             counters: Counters::register(),
         }
