@@ -13,6 +13,9 @@
 //!   formats the whole date and time on every line, straight to a sink;
 //! - `info_plain_default_format`: formatted by tracing-subscriber's default plain format
 //!   (the same bytes as `logs::plain`'s, with the gateway's timer), straight to a sink;
+//! - `info_plain_direct`: the same line written by the gateway's own access log
+//!   ([`AccessLines`], `logs::access`): formatted straight into the thread's buffer, not
+//!   through `tracing`, and appended to the same writer; the bytes of `info_plain`;
 //! - `storage_key_derive`: one derivation of a storage key, without any line: what the
 //!   line's `key` cost when the layer derived it a second time (it now reads the claim's,
 //!   `Oncely::claim_request`).
@@ -29,23 +32,24 @@ use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use oncely::{IdempotencyKey, Scope, StorageKey};
+use oncely_gateway::logs::access::{self, AccessLines};
 use oncely_gateway::logs::batched::BatchedLines;
 use oncely_gateway::logs::{LogFormat, dispatch};
+use oncely_http::{Access, AccessLog, TracingAccessLog};
 use std::time::Duration;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// The keyed access line of `oncely-http`'s layer, with the same fields and values.
-fn access_line(method: &http::Method, path: &str, key: &StorageKey, started: Instant) {
-    if tracing::enabled!(target: "oncely::access", tracing::Level::INFO) {
+/// The keyed access line as `oncely-http`'s layer writes it through `log`: asked first,
+/// then the method and path copied, and the line written with its key and outcome, its
+/// end read from the clock once (`Access::new`).
+fn access_line(log: &impl AccessLog, method: &http::Method, path: &str, key: &StorageKey, started: Instant) {
+    if log.enabled() {
         let (method, path) = (method.clone(), path.to_string());
-        tracing::info!(
-            target: "oncely::access",
-            %method,
-            path,
-            key = %key,
-            outcome = "executed",
-            status = 201u16,
-            micros = started.elapsed().as_micros() as u64,
-        );
+        let mut access = Access::new(&method, &path, "executed");
+        access.key = Some(key);
+        access.status = Some(http::StatusCode::CREATED);
+        access.elapsed = access.finished.saturating_duration_since(started);
+        log.log(&access);
     }
 }
 
@@ -63,7 +67,9 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("access_log");
     let mut run = |name: &str, logs: tracing::Dispatch| {
         tracing::dispatcher::with_default(&logs, || {
-            group.bench_function(name, |b| b.iter(|| access_line(black_box(&method), "/payments", &key, started)));
+            group.bench_function(name, |b| {
+                b.iter(|| access_line(&TracingAccessLog, black_box(&method), "/payments", &key, started))
+            });
         });
     };
     for (name, format, level) in [
@@ -87,6 +93,14 @@ fn bench(c: &mut Criterion) {
         .with_timer(oncely_gateway::logs::CachedRfc3339)
         .finish();
     run("info_plain_default_format", default_format.into());
+    // Last: it sets the process's global subscriber, as the binary does.
+    let (lines, _guard) = BatchedLines::new(std::io::sink(), Duration::from_millis(100));
+    if dispatch(LogFormat::Plain, "info", lines.clone(), false).try_init().is_ok() {
+        access::write_directly_to(lines);
+        group.bench_function("info_plain_direct", |b| {
+            b.iter(|| access_line(&AccessLines, black_box(&method), "/payments", &key, started))
+        });
+    }
     let (scope, idempotency_key) = (Scope::global(), IdempotencyKey::new("order-8f14e45f").expect("a valid key"));
     group.bench_function("storage_key_derive", |b| {
         b.iter(|| StorageKey::derive(black_box(&scope), black_box(&idempotency_key)))

@@ -1038,7 +1038,9 @@ fn route_layer<S: Store>(
     })?;
 
     // The HTTP layer.
-    let mut layer = IdempotencyLayer::new(oncely).answer_within(common.upstream_timeout);
+    let mut layer = IdempotencyLayer::new(oncely)
+        .answer_within(common.upstream_timeout)
+        .access_log(crate::logs::access::AccessLines);
     if let Some(text) = &raw.header {
         layer = layer.header_name(header_name("header", text)?);
     }

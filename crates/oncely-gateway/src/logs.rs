@@ -6,12 +6,13 @@
 //! request. `cargo bench -p oncely-gateway --bench access_log` measures it through
 //! [`dispatch`], the subscriber the binary installs; `docs/benchmarks.md` has the figures.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::ValueEnum;
 
+pub mod access;
 pub mod batched;
 pub mod plain;
 
@@ -72,8 +73,52 @@ pub(crate) fn init(format: LogFormat, level: &str) -> FlushGuard {
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (lines, guard) = BatchedLines::new(std::io::stderr(), batched::FLUSH_EVERY);
     // Also routes the `log` records of dependencies (tokio-postgres, rustls…) here.
-    let _ = dispatch(format, level, lines, colour).try_init();
+    let installed = dispatch(format, level, lines.clone(), colour).try_init().is_ok();
+    if installed && format == LogFormat::Plain && !colour {
+        // Access lines skip the event: the lines `PlainLine` would write (see `access`).
+        access::write_directly_to(lines);
+    }
     guard
+}
+
+/// How long a thread's anchor for [`wall_time_of`] is used before it is read again.
+const ANCHOR_FOR: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// A monotonic instant and the wall time read with it, on this thread.
+    static ANCHOR: Cell<Option<(Instant, SystemTime)>> = const { Cell::new(None) };
+}
+
+/// The wall time of `at`, a monotonic instant read moments ago, without reading the wall
+/// clock: this thread's anchor (an instant and the wall time read with it, at most
+/// [`ANCHOR_FOR`] before) moved by the distance from it. A clock read is 20–40 ns on
+/// these machines, a good part of an access line (`docs/benchmarks.md`).
+///
+/// On Linux both clocks run at the same NTP-disciplined rate (`adjtime` slews
+/// `CLOCK_MONOTONIC` too), so this is the wall time of `at` to the microsecond, except
+/// for up to [`ANCHOR_FOR`] after the wall clock is stepped, when lines carry the offset
+/// from before the step.
+pub(crate) fn wall_time_of(at: Instant) -> SystemTime {
+    let from_anchor = |(instant, wall): (Instant, SystemTime)| match at.checked_duration_since(instant) {
+        Some(ahead) => wall.checked_add(ahead),
+        None => wall.checked_sub(instant.duration_since(at)),
+    };
+    ANCHOR
+        .try_with(|anchor| {
+            let current = anchor
+                .get()
+                .filter(|(instant, _)| at.checked_duration_since(*instant).is_some_and(|ahead| ahead < ANCHOR_FOR));
+            let current = current.unwrap_or_else(|| {
+                let fresh = (Instant::now(), SystemTime::now());
+                anchor.set(Some(fresh));
+                fresh
+            });
+            from_anchor(current)
+        })
+        .ok()
+        .flatten()
+        // A thread being torn down, or a time out of `SystemTime`'s range: the clock.
+        .unwrap_or_else(SystemTime::now)
 }
 
 /// RFC 3339 timestamps in UTC with microseconds (`2026-12-02T11:25:12.123456Z`), the
@@ -101,7 +146,37 @@ thread_local! {
 
 impl CachedRfc3339 {
     fn write(now: SystemTime, w: &mut Writer<'_>) -> std::fmt::Result {
-        let cached = now.duration_since(UNIX_EPOCH).ok().and_then(|since| {
+        Self::with_parts(now, |prefix, fraction| w.write_str(prefix).and_then(|()| w.write_str(fraction.as_str())))
+            // Before 1970 or after 9999 (a clock set very wrong): tracing-subscriber's
+            // own timer, uncached, which handles both.
+            .unwrap_or_else(|| tracing_subscriber::fmt::time::SystemTime.format_time(w))
+    }
+
+    /// The timestamp of `now` appended to `line`, as [`FormatTime::format_time`] writes
+    /// it (for lines written without a `Writer`: see [`access`]).
+    pub(crate) fn write_bytes(now: SystemTime, line: &mut Vec<u8>) {
+        let cached = Self::with_parts(now, |prefix, fraction| {
+            line.extend_from_slice(prefix.as_bytes());
+            line.extend_from_slice(&fraction.0);
+            Ok(())
+        });
+        if cached.is_none() {
+            let mut text = String::new();
+            // As `PlainLine`: a timer that fails does not lose the line.
+            if Self::write(now, &mut Writer::new(&mut text)).is_err() {
+                text = "<unknown time>".to_owned();
+            }
+            line.extend_from_slice(text.as_bytes());
+        }
+    }
+
+    /// `write(date and time of day, fraction)` with the cached `YYYY-MM-DDTHH:MM:SS` of
+    /// `now`'s second and its `.MMMMMMZ`; `None` before 1970 or past 9999.
+    fn with_parts(
+        now: SystemTime,
+        write: impl FnOnce(&str, &Fraction) -> std::fmt::Result,
+    ) -> Option<std::fmt::Result> {
+        now.duration_since(UNIX_EPOCH).ok().and_then(|since| {
             let (second, micros) = (since.as_secs(), since.subsec_micros());
             SECOND.with_borrow_mut(|(cached, prefix)| {
                 if *cached != second {
@@ -112,12 +187,9 @@ impl CachedRfc3339 {
                     prefix.pop();
                     *cached = second;
                 }
-                Some(w.write_str(prefix).and_then(|()| w.write_str(fraction(micros).as_str())))
+                Some(write(prefix, &fraction(micros)))
             })
-        });
-        // Before 1970 or after 9999 (a clock set very wrong): tracing-subscriber's own
-        // timer, uncached, which handles both.
-        cached.unwrap_or_else(|| tracing_subscriber::fmt::time::SystemTime.format_time(w))
+        })
     }
 }
 
@@ -179,9 +251,13 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// The timestamp of `since_epoch`, through a `Writer` and as bytes, which agree.
     fn at(since_epoch: Duration) -> String {
         let mut line = String::new();
         CachedRfc3339::write(UNIX_EPOCH + since_epoch, &mut Writer::new(&mut line)).expect("formats");
+        let mut bytes = Vec::new();
+        CachedRfc3339::write_bytes(UNIX_EPOCH + since_epoch, &mut bytes);
+        assert_eq!(bytes, line.as_bytes());
         line
     }
 
@@ -193,6 +269,10 @@ mod tests {
             let mut line = String::new();
             CachedRfc3339::write(time, &mut Writer::new(&mut line)).expect("formats");
             assert!(line.len() >= 20, "{line}");
+            let mut bytes = Vec::new();
+            CachedRfc3339::write_bytes(time, &mut bytes);
+            // tracing-subscriber's timer reads the clock itself: the same shape.
+            assert_eq!(bytes.len(), line.len(), "{line}");
         }
     }
 
@@ -208,6 +288,30 @@ mod tests {
             assert_eq!(at(since), expected);
             assert_eq!(at(since), humantime::format_rfc3339_micros(UNIX_EPOCH + since).to_string());
         }
+    }
+
+    /// `wall` is `expected` give or take what a busy machine may put between two reads.
+    fn close_to(wall: SystemTime, expected: SystemTime) -> bool {
+        let slack = Duration::from_millis(50);
+        wall >= expected - slack && wall <= expected + slack
+    }
+
+    #[test]
+    fn the_wall_time_of_an_instant_is_the_clocks_before_after_and_across_anchors() {
+        for _ in 0..3 {
+            let (at, now) = (Instant::now(), SystemTime::now());
+            assert!(close_to(wall_time_of(at), now));
+        }
+        // Behind the thread's anchor (which is then read again), and past its second.
+        let (at, now) = (Instant::now(), SystemTime::now());
+        for offset in [Duration::from_millis(1500), Duration::from_millis(10)] {
+            if let Some(earlier) = at.checked_sub(offset) {
+                assert!(close_to(wall_time_of(earlier), now - offset), "{offset:?} before");
+            }
+        }
+        let later = Duration::from_secs(3);
+        assert!(close_to(wall_time_of(at + later), now + later), "{later:?} after");
+        assert!(close_to(wall_time_of(at), now), "after re-anchoring ahead");
     }
 
     #[test]

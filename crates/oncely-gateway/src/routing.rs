@@ -39,6 +39,7 @@ use tower::ServiceExt;
 use tower::util::Oneshot;
 
 use crate::config::{Config, RouteSettings};
+use crate::logs::access::{AccessLines, Passed};
 use crate::proxy::{ForwardedFor, Proxy, valid_host};
 use crate::stores::GatewayStore;
 
@@ -311,9 +312,9 @@ impl tower::Service<Request<axum::body::Body>> for Routes {
     }
 
     fn call(&mut self, request: Request<axum::body::Body>) -> Self::Future {
-        // The access line's fields are gathered only when it will be written.
-        let log = tracing::enabled!(target: "oncely::access", tracing::Level::INFO)
-            .then(|| (request.method().clone(), request.uri().path().to_string(), Instant::now()));
+        // The access line's fields are gathered only when it will be written. The URI's
+        // clone shares its bytes: the path is not copied.
+        let log = AccessLines.enabled().then(|| (request.method().clone(), request.uri().clone(), Instant::now()));
         let head = request.method() == http::Method::HEAD;
         let next = match self.refusal(&request).or_else(|| self.policy(&request)) {
             Some(answer) => Next::Refused { answer: Some(answer) },
@@ -336,7 +337,7 @@ pin_project_lite::pin_project! {
     pub struct RoutesFuture {
         #[pin]
         next: Next,
-        log: Option<(http::Method, String, Instant)>,
+        log: Option<(http::Method, http::Uri, Instant)>,
         // A HEAD request: the response goes out without its body. hyper drops it over
         // HTTP/1.1 but sends it over HTTP/2, where a HEAD response with content is a
         // protocol error; the gateway's own answers (the policy, problems) have one.
@@ -369,19 +370,19 @@ impl Future for RoutesFuture {
                 Poll::Pending => return Poll::Pending,
             },
         };
-        if let Some((method, path, started)) = this.log.take()
+        if let Some((method, uri, started)) = this.log.take()
             // A keyed request's line is the layer's, with its key and outcome.
             && response.extensions().get::<KeyedOutcome>().is_none()
         {
-            let replayed = response.headers().contains_key("idempotent-replayed");
-            tracing::info!(
-                target: "oncely::access",
-                %method,
-                path,
-                status = response.status().as_u16(),
-                replayed,
-                micros = started.elapsed().as_micros() as u64,
-            );
+            let finished = Instant::now();
+            AccessLines.passed(&Passed {
+                method: &method,
+                path: uri.path(),
+                status: response.status(),
+                replayed: response.headers().contains_key("idempotent-replayed"),
+                elapsed: finished.saturating_duration_since(started),
+                finished,
+            });
         }
         if *this.head {
             // The headers a GET would get, Content-Length included (as axum does).

@@ -919,19 +919,22 @@ async fn path_spellings_that_servers_read_as_a_required_route_are_refused_or_cov
     assert_eq!(r.status(), 404, "a suffix not listed is another path, passed through");
 }
 
-/// The access lines (target `oncely::access`) a gateway wrote to `path` as JSON, once
-/// `ready` holds for them (the gateway writes them as requests finish; polled, as the
-/// lines come from another process).
-async fn access_lines(path: &std::path::Path, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+/// The fields of the access lines (target `oncely::access`) a gateway wrote to `path` in
+/// `format` (`json` or `plain`), once `ready` holds for them (the gateway writes them as
+/// requests finish; polled, as the lines come from another process).
+async fn access_lines(path: &std::path::Path, format: &str, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<Value> = text
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|line| line["target"] == "oncely::access")
-            .map(|line| line["fields"].clone())
-            .collect();
+        let lines: Vec<Value> = match format {
+            "json" => text
+                .lines()
+                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                .filter(|line| line["target"] == "oncely::access")
+                .map(|line| line["fields"].clone())
+                .collect(),
+            _ => text.lines().filter_map(plain_access_fields).collect(),
+        };
         if ready(&lines) {
             return lines;
         }
@@ -940,8 +943,48 @@ async fn access_lines(path: &std::path::Path, ready: impl Fn(&[Value]) -> bool) 
     }
 }
 
+/// The fields of a plain access line (`2026-12-03T17:00:00.000001Z  INFO oncely::access:
+/// method=POST path="/slow" key=… outcome="executed" status=201 micros=12`) as a JSON
+/// object: quoted values as strings, bare ones as booleans, numbers or strings.
+fn plain_access_fields(line: &str) -> Option<Value> {
+    let (stamp, rest) = line.split_once("  INFO oncely::access: ")?;
+    assert!(stamp.len() == 27 && stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T', "{line}");
+    let mut fields = serde_json::Map::new();
+    let mut rest = rest;
+    while !rest.is_empty() {
+        let (name, after) = rest.split_once('=').unwrap_or_else(|| panic!("name=value: {line}"));
+        let (value, after) = if let Some(quoted) = after.strip_prefix('"') {
+            // Up to the closing quote; the paths here need no escaping.
+            let end = quoted.find('"').unwrap_or_else(|| panic!("a closing quote: {line}"));
+            (Value::from(&quoted[..end]), &quoted[end + 1..])
+        } else {
+            let end = after.find(' ').unwrap_or(after.len());
+            let bare = &after[..end];
+            let value = match bare {
+                "true" | "false" => Value::from(bare == "true"),
+                _ => bare.parse::<i64>().map_or_else(|_| Value::from(bare), Value::from),
+            };
+            (value, &after[end..])
+        };
+        fields.insert(name.to_string(), value);
+        rest = after.strip_prefix(' ').unwrap_or(after);
+    }
+    Some(Value::Object(fields))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_keyed_request_has_an_access_line_with_its_key_hash_and_outcome_even_when_its_client_hung_up() {
+    keyed_requests_have_access_lines_in("json").await;
+}
+
+/// As above, in the default format: the gateway writes these lines itself, not through
+/// `tracing` (`logs::access`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plain_access_lines_have_the_same_fields() {
+    keyed_requests_have_access_lines_in("plain").await;
+}
+
+async fn keyed_requests_have_access_lines_in(format: &str) {
     let (addr, upstream) = start_upstream().await;
     let dir = tempfile::tempdir().expect("dir");
     let config = dir.path().join("oncely.toml");
@@ -950,7 +993,7 @@ async fn every_keyed_request_has_an_access_line_with_its_key_hash_and_outcome_ev
     let log = std::fs::File::create(&log_path).expect("log file");
     let mut child = Command::new(env!("CARGO_BIN_EXE_oncely"))
         .args(["serve", "--upstream", &format!("http://{addr}"), "--listen", "127.0.0.1:0", "--store", "memory://"])
-        .args(["--log-format", "json", "--log-level", "info", "--on-conflict", "reject", "--config"])
+        .args(["--log-format", format, "--log-level", "info", "--on-conflict", "reject", "--config"])
         .arg(&config)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::from(log))
@@ -973,12 +1016,21 @@ async fn every_keyed_request_has_an_access_line_with_its_key_hash_and_outcome_ev
     assert_eq!(conflict.expect("answer").status(), 409);
     upstream.gate.notify_one();
     // Its line is written when it finishes, with nobody left to answer.
-    access_lines(&log_path, |lines| lines.iter().any(|l| l["outcome"] == "executed")).await;
+    access_lines(&log_path, format, |lines| lines.iter().any(|l| l["outcome"] == "executed")).await;
     let replayed = client().post(format!("{url}/slow")).header("idempotency-key", "k-gone").send().await;
     assert_eq!(replayed.expect("replay").status(), 201);
     let mismatch = client().post(format!("{url}/slow")).header("idempotency-key", "k-gone").body("other").send();
     assert_eq!(mismatch.await.expect("answer").status(), 422);
-    let lines = access_lines(&log_path, |lines| lines.len() >= 4).await;
+    // A request no route covers, passed through (the upstream has no such path): the
+    // gateway's own line, without key or outcome.
+    assert_eq!(client().get(format!("{url}/plain")).send().await.expect("answer").status(), 404);
+    let lines = access_lines(&log_path, format, |lines| lines.len() >= 5).await;
+    let passed = lines.iter().find(|l| l["method"] == "GET").expect("the GET's line");
+    assert_eq!(passed["path"], "/plain", "{passed}");
+    assert_eq!(passed["status"], 404, "{passed}");
+    assert_eq!(passed["replayed"], false, "{passed}");
+    assert!(passed["micros"].is_u64() && passed.get("key").is_none(), "{passed}");
+    let lines: Vec<Value> = lines.into_iter().filter(|l| l["method"] == "POST").collect();
 
     let outcomes: Vec<&str> = lines.iter().filter_map(|l| l["outcome"].as_str()).collect();
     assert_eq!(outcomes, ["conflict", "executed", "replayed", "mismatch"], "{lines:#?}");

@@ -7,7 +7,8 @@
 //! `=` through `nu_ansi_term` even when colours are off, and formats every value through
 //! `{:?}` behind two more `format_args!` layers. Counted with callgrind
 //! (`bench/instructions.sh`), that was most of the 9,000–16,000 instructions an access
-//! line cost. These write the same bytes directly.
+//! line cost. These write the same bytes directly. The gateway's access lines now skip
+//! the event altogether when they can ([`super::access`]), and these write the rest.
 //!
 //! What they cover, and what they hand back to tracing-subscriber's own formatter:
 //!
@@ -173,7 +174,7 @@ fn is_log_metadata(field: &Field) -> bool {
 
 /// True when `{:?}` of `text` is `text` in double quotes: printable ASCII, with no `"`
 /// or `\` to escape.
-fn needs_no_escaping(text: &str) -> bool {
+pub(super) fn needs_no_escaping(text: &str) -> bool {
     text.bytes().all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\')
 }
 
