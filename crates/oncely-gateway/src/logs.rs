@@ -96,8 +96,9 @@ thread_local! {
 ///
 /// On Linux both clocks run at the same NTP-disciplined rate (`adjtime` slews
 /// `CLOCK_MONOTONIC` too), so this is the wall time of `at` to the microsecond, except
-/// for up to [`ANCHOR_FOR`] after the wall clock is stepped, when lines carry the offset
-/// from before the step.
+/// for up to [`ANCHOR_FOR`] after the wall clock is stepped, or after the machine resumed
+/// from a suspend (which `Instant` does not count), when lines carry the offset from
+/// before.
 pub(crate) fn wall_time_of(at: Instant) -> SystemTime {
     let from_anchor = |(instant, wall): (Instant, SystemTime)| match at.checked_duration_since(instant) {
         Some(ahead) => wall.checked_add(ahead),
@@ -153,7 +154,8 @@ impl CachedRfc3339 {
     }
 
     /// The timestamp of `now` appended to `line`, as [`FormatTime::format_time`] writes
-    /// it (for lines written without a `Writer`: see [`access`]).
+    /// it (for lines written without a `Writer`: see [`access`]). Before 1970 or past
+    /// 9999, as there, tracing-subscriber's timer writes the clock's own time.
     pub(crate) fn write_bytes(now: SystemTime, line: &mut Vec<u8>) {
         let cached = Self::with_parts(now, |prefix, fraction| {
             line.extend_from_slice(prefix.as_bytes());
@@ -171,15 +173,22 @@ impl CachedRfc3339 {
     }
 
     /// `write(date and time of day, fraction)` with the cached `YYYY-MM-DDTHH:MM:SS` of
-    /// `now`'s second and its `.MMMMMMZ`; `None` before 1970 or past 9999.
+    /// `now`'s second and its `.MMMMMMZ`; `None` before 1970 or past 9999, or without
+    /// this thread's cache.
     fn with_parts(
         now: SystemTime,
         write: impl FnOnce(&str, &Fraction) -> std::fmt::Result,
     ) -> Option<std::fmt::Result> {
         now.duration_since(UNIX_EPOCH).ok().and_then(|since| {
             let (second, micros) = (since.as_secs(), since.subsec_micros());
-            SECOND.with_borrow_mut(|(cached, prefix)| {
+            // A thread being torn down, or a timer called from inside a write: uncached.
+            let cache = SECOND.try_with(|cache| {
+                let mut cache = cache.try_borrow_mut().ok()?;
+                let (cached, prefix) = &mut *cache;
                 if *cached != second {
+                    // Not cached while the prefix is being written: a failed write
+                    // leaves no second cached with an empty prefix.
+                    *cached = u64::MAX;
                     prefix.clear();
                     // `YYYY-MM-DDTHH:MM:SSZ` without its `Z`; humantime refuses years
                     // past 9999.
@@ -188,7 +197,8 @@ impl CachedRfc3339 {
                     *cached = second;
                 }
                 Some(write(prefix, &fraction(micros)))
-            })
+            });
+            cache.ok().flatten()
         })
     }
 }

@@ -949,6 +949,14 @@ async fn access_lines(path: &std::path::Path, format: &str, ready: impl Fn(&[Val
 fn plain_access_fields(line: &str) -> Option<Value> {
     let (stamp, rest) = line.split_once("  INFO oncely::access: ")?;
     assert!(stamp.len() == 27 && stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T', "{line}");
+    // The time the line was written (a minute's slack for a slow machine).
+    let written = humantime::parse_rfc3339(stamp).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let now = std::time::SystemTime::now();
+    let apart = match now.duration_since(written) {
+        Ok(behind) => behind,
+        Err(ahead) => ahead.duration(),
+    };
+    assert!(apart < Duration::from_secs(60), "{line} written {apart:?} from now");
     let mut fields = serde_json::Map::new();
     let mut rest = rest;
     while !rest.is_empty() {
@@ -984,16 +992,21 @@ async fn plain_access_lines_have_the_same_fields() {
     keyed_requests_have_access_lines_in("plain").await;
 }
 
-async fn keyed_requests_have_access_lines_in(format: &str) {
-    let (addr, upstream) = start_upstream().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let config = dir.path().join("oncely.toml");
+/// A gateway in reject mode in front of `upstream`, logging in `format` at `level` to the
+/// file `log` (not a terminal: no colours); its child process and proxy URL.
+async fn gateway_logging_to(
+    upstream: std::net::SocketAddr,
+    dir: &std::path::Path,
+    format: &str,
+    level: &str,
+    log: &std::path::Path,
+) -> (tokio::process::Child, String) {
+    let config = dir.join("oncely.toml");
     std::fs::write(&config, CONFIG).expect("config");
-    let log_path = dir.path().join("gateway.log");
-    let log = std::fs::File::create(&log_path).expect("log file");
+    let log = std::fs::File::create(log).expect("log file");
     let mut child = Command::new(env!("CARGO_BIN_EXE_oncely"))
-        .args(["serve", "--upstream", &format!("http://{addr}"), "--listen", "127.0.0.1:0", "--store", "memory://"])
-        .args(["--log-format", format, "--log-level", "info", "--on-conflict", "reject", "--config"])
+        .args(["serve", "--upstream", &format!("http://{upstream}"), "--listen", "127.0.0.1:0", "--store", "memory://"])
+        .args(["--log-format", format, "--log-level", level, "--on-conflict", "reject", "--config"])
         .arg(&config)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::from(log))
@@ -1004,6 +1017,40 @@ async fn keyed_requests_have_access_lines_in(format: &str) {
     let mut line = String::new();
     tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line).await.expect("listen line");
     let url = line.trim().strip_prefix("oncely listening on ").expect("listen line").to_string();
+    (child, url)
+}
+
+/// A directive that turns the access lines off turns off the ones the gateway writes
+/// itself too, keyed and not; a graceful stop writes every buffered line before exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_access_lines_follow_the_log_level() {
+    let (addr, upstream) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("dir");
+    for (level, lines) in [("info,oncely::access=off", 0), ("warn", 0), ("info", 3)] {
+        let log_path = dir.path().join(format!("{level}.log"));
+        let (mut child, url) = gateway_logging_to(addr, dir.path(), "plain", level, &log_path).await;
+        for key in ["k-level-1", "k-level-1"] {
+            let r = client().post(format!("{url}/payments")).header("idempotency-key", key).send().await;
+            assert_eq!(r.expect("answer").status(), 201);
+        }
+        assert_eq!(client().get(format!("{url}/plain")).send().await.expect("answer").status(), 404);
+        let pid = child.id().expect("running");
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill").success());
+        let exit = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.expect("exits").expect("status");
+        assert!(exit.success(), "{exit:?}");
+        let text = std::fs::read_to_string(&log_path).expect("log");
+        assert_eq!(text.lines().filter(|l| l.contains(" oncely::access: ")).count(), lines, "{level}: {text}");
+        assert_eq!(text.lines().filter_map(plain_access_fields).count(), lines, "{level}: {text}");
+    }
+    assert_eq!(upstream.calls.load(Ordering::SeqCst), 3, "one execution per gateway");
+}
+
+async fn keyed_requests_have_access_lines_in(format: &str) {
+    let (addr, upstream) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let log_path = dir.path().join("gateway.log");
+    let (child, url) = gateway_logging_to(addr, dir.path(), format, "info", &log_path).await;
+    let _kill_on_drop = child;
 
     // A client that hangs up while its request runs.
     let started = upstream.started.notified();

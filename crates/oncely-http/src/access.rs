@@ -14,9 +14,9 @@ use oncely::StorageKey;
 
 /// One keyed request's access line, handed to an [`AccessLog`] when the request is done.
 ///
-/// The fields are those of the default line (target `oncely::access`): more may be added,
-/// so the struct cannot be built outside this crate.
-#[derive(Debug, Clone, Copy)]
+/// The fields are those of the default line (target `oncely::access`). More may be
+/// added, so outside this crate it is built with [`Access::new`] and its fields set after.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Access<'a> {
     /// The request's method.
