@@ -164,8 +164,9 @@ impl CachedRfc3339 {
         });
         if cached.is_none() {
             let mut text = String::new();
-            // As `PlainLine`: a timer that fails does not lose the line.
-            if Self::write(now, &mut Writer::new(&mut text)).is_err() {
+            // As `write`: tracing-subscriber's own timer; as `PlainLine`, a timer that
+            // fails does not lose the line.
+            if tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut text)).is_err() {
                 text = "<unknown time>".to_owned();
             }
             line.extend_from_slice(text.as_bytes());

@@ -322,20 +322,18 @@ where
 {
     // The line's fields, its clock read included, are gathered only when it is written.
     // The URI's clone shares its bytes: the path is not copied.
-    let log = settings.access_log.enabled().then(|| {
-        let log = Arc::clone(&settings.access_log);
-        (log, parts.method.clone(), parts.uri.clone(), std::time::Instant::now())
-    });
+    let log =
+        settings.access_log.enabled().then(|| (parts.method.clone(), parts.uri.clone(), std::time::Instant::now()));
     // The storage key for the line only when the line is written.
     let mut storage_key = log.is_some().then_some(None);
-    let result = decide(inner, oncely, settings, key, parts, body, &mut storage_key).await;
-    if let Some((access_log, method, uri, started)) = log {
+    let result = decide(inner, oncely, &settings, key, parts, body, &mut storage_key).await;
+    if let Some((method, uri, started)) = log {
         let (status, outcome) = match &result {
             Ok((response, outcome)) => (Some(response.status()), outcome.as_str()),
             Err(_) => (None, Outcome::Unknown.as_str()),
         };
         let finished = std::time::Instant::now();
-        access_log.log(&Access {
+        settings.access_log.log(&Access {
             method: &method,
             path: uri.path(),
             key: storage_key.flatten().as_ref(),
@@ -419,7 +417,7 @@ const CONFLICT_RETRY_AFTER: Duration = Duration::from_secs(1);
 async fn decide<S, St, ReqBody, ResBody>(
     mut inner: S,
     oncely: Oncely<St>,
-    settings: Arc<Settings>,
+    settings: &Arc<Settings>,
     key: IdempotencyKey,
     mut parts: http::request::Parts,
     body: Bytes,
@@ -436,13 +434,13 @@ where
 {
     let fingerprint = match fingerprint(&parts, &body, settings.max_decoded_body, &settings.fingerprint_rules).await {
         Ok(fingerprint) => fingerprint,
-        Err(e) => return Ok((answer(&settings, ProblemKind::BodyTooLarge, &e.to_string(), None), Outcome::Refused)),
+        Err(e) => return Ok((answer(settings, ProblemKind::BodyTooLarge, &e.to_string(), None), Outcome::Refused)),
     };
     let scope = match settings.scope.scope(&parts) {
         Ok(scope) => scope,
         Err(rejection) => {
             settings.counters.unauthenticated.increment(1);
-            let mut problem = answer(&settings, ProblemKind::Unauthenticated, &rejection.to_string(), None);
+            let mut problem = answer(settings, ProblemKind::Unauthenticated, &rejection.to_string(), None);
             if rejection.bearer {
                 problem.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
@@ -467,7 +465,7 @@ where
             "this client already has {} requests in progress; retry when one has finished",
             settings.max_in_progress_per_scope
         );
-        let problem = answer(&settings, ProblemKind::TooManyInProgress, &detail, Some(STORE_RETRY_AFTER));
+        let problem = answer(settings, ProblemKind::TooManyInProgress, &detail, Some(STORE_RETRY_AFTER));
         return Ok((problem, Outcome::Refused));
     };
     // Only a request that may wait can have waited (a clock read saved on every replay
@@ -480,7 +478,7 @@ where
             settings.counters.replayed.increment(1);
             // Completed after this request asked: it met the operation running and waited.
             let waited = asked_at.is_some_and(|asked_at| stored.completed_at > asked_at);
-            let (response, unknown) = replay(&key, stored, &settings);
+            let (response, unknown) = replay(&key, stored, settings);
             let outcome = match (unknown, waited) {
                 (true, _) => Outcome::Unknown,
                 (false, true) => Outcome::Waited,
@@ -490,12 +488,12 @@ where
         }
         Err(Error::Conflict { .. }) => {
             let detail = "a request with this key is still being processed; retry later";
-            let problem = answer(&settings, ProblemKind::RequestInProgress, detail, Some(CONFLICT_RETRY_AFTER));
+            let problem = answer(settings, ProblemKind::RequestInProgress, detail, Some(CONFLICT_RETRY_AFTER));
             return Ok((problem, Outcome::Conflict));
         }
         Err(Error::Mismatch) => {
             let detail = "this key was used for a request with another method, path, content type or body";
-            return Ok((answer(&settings, ProblemKind::KeyReused, detail, None), Outcome::Mismatch));
+            return Ok((answer(settings, ProblemKind::KeyReused, detail, None), Outcome::Mismatch));
         }
         // Fail-open passes requests through only while the store cannot answer (or is
         // full); a store that answered with a damaged record may hold a completion.
@@ -513,12 +511,12 @@ where
             // A flood of new keys must not become a flood of error logs.
             tracing::warn!(%key, error = %e, "idempotency store full; refusing the request");
             let detail = "the idempotency store is full; the request was not processed";
-            return Ok((answer(&settings, ProblemKind::StoreFull, detail, Some(STORE_RETRY_AFTER)), Outcome::Refused));
+            return Ok((answer(settings, ProblemKind::StoreFull, detail, Some(STORE_RETRY_AFTER)), Outcome::Refused));
         }
         Err(e) => {
             tracing::error!(%key, error = %e, "idempotency store failed; refusing the request (fail-closed)");
             let detail = "the idempotency store could not be reached; the request was not processed";
-            let problem = answer(&settings, ProblemKind::StoreUnavailable, detail, Some(STORE_RETRY_AFTER));
+            let problem = answer(settings, ProblemKind::StoreUnavailable, detail, Some(STORE_RETRY_AFTER));
             return Ok((problem, Outcome::Refused));
         }
     };
@@ -533,7 +531,14 @@ where
     // Boxed: the operation's future (the inner service's, its settling, the renewal) is
     // large, and inline it would make every replay's future as large, copied on each
     // move. One allocation for an execution, none for a replay.
-    Box::pin(execute(inner, Request::from_parts(parts, Either::Left(Full::new(body))), guard, settings, place)).await
+    Box::pin(execute(
+        inner,
+        Request::from_parts(parts, Either::Left(Full::new(body))),
+        guard,
+        Arc::clone(settings),
+        place,
+    ))
+    .await
 }
 
 /// Bodies at least this large are fingerprinted on the blocking pool: hashing and

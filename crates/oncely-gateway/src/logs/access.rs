@@ -17,7 +17,7 @@
 //! the same line, for keyed and pass-through requests, paths that need escaping and keys
 //! that were never derived.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::io::Write as _;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -58,7 +58,7 @@ struct Direct {
 /// }
 /// ```
 pub fn write_directly_to(lines: BatchedLines) {
-    let enabled = tracing::enabled!(target: "oncely::access", tracing::Level::INFO);
+    let enabled = TracingAccessLog.enabled();
     let _ = DIRECT.set(Direct { lines, enabled });
 }
 
@@ -101,7 +101,7 @@ impl AccessLines {
     pub fn enabled(&self) -> bool {
         match DIRECT.get() {
             Some(direct) => direct.enabled,
-            None => tracing::enabled!(target: "oncely::access", tracing::Level::INFO),
+            None => TracingAccessLog.enabled(),
         }
     }
 
@@ -143,8 +143,8 @@ impl AccessLog for AccessLines {
 }
 
 thread_local! {
-    /// The line being formatted on this thread, kept with its capacity between lines.
-    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The line buffer of this thread, kept with its capacity between lines.
+    static LINE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
 /// Formats a line (timestamp, level, target, then `fields`) in this thread's buffer and
@@ -152,22 +152,16 @@ thread_local! {
 /// UTF-8 again (the path is a `&str` already, the rest ASCII). The timestamp is the wall
 /// time of `at` ([`wall_time_of`]): no clock is read for it.
 fn write_line(lines: &BatchedLines, at: Instant, fields: impl FnOnce(&mut Vec<u8>)) {
-    let mut fields = Some(fields);
-    let mut write = |line: &mut Vec<u8>| {
-        let Some(fields) = fields.take() else { return };
-        line.clear();
-        CachedRfc3339::write_bytes(wall_time_of(at), line);
-        line.extend_from_slice(HEAD.as_bytes());
-        fields(line);
-        line.push(b'\n');
-        // A single write: the line is appended whole.
-        let _ = lines.make_writer().write_all(line);
-    };
-    // A thread being torn down has no buffer left: a fresh one.
-    let written = LINE.try_with(|line| line.try_borrow_mut().map(|mut line| write(&mut line)).is_ok());
-    if written != Ok(true) {
-        write(&mut Vec::new());
-    }
+    // Taken out while in use (a thread being torn down has none: a fresh one).
+    let mut line = LINE.try_with(Cell::take).unwrap_or_default();
+    line.clear();
+    CachedRfc3339::write_bytes(wall_time_of(at), &mut line);
+    line.extend_from_slice(HEAD.as_bytes());
+    fields(&mut line);
+    line.push(b'\n');
+    // A single write: the line is appended whole.
+    let _ = lines.make_writer().write_all(&line);
+    let _ = LINE.try_with(|buffer| buffer.set(line));
 }
 
 /// What `PlainLine` writes between the timestamp and the fields of an `INFO` event with
