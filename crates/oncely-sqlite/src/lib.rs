@@ -17,12 +17,13 @@
 //!   against other processes too. A claim that writes is one statement that decides and
 //!   applies the outcome together. Details at `Writer::run_batch` in `src/writer.rs`.
 //! - **A replay is a read.** A claim first looks its key up on a reader connection, in
-//!   one read-only statement (`reader::found` in `src/reader.rs`); a completed record
-//!   with the same fingerprint is answered from there, as are a mismatch and a live
-//!   lease. Those answers never enter the writer's queue, never take the write lock and
-//!   write nothing, not even a hit count: the engine counts replays in the process and
-//!   flushes them with [`Store::record_hits`], one writer request per batch. Each
-//!   answer is true of the committed state it read. Any other claim goes on to the
+//!   one read-only statement (`reader::found` in `src/reader.rs`), on a reader thread (or,
+//!   with [`SqliteOptions::inline_look_ups`], on the caller's thread when it can start at
+//!   once); a completed record with the same fingerprint is answered from there, as are
+//!   a mismatch and a live lease. Those answers never enter the writer's queue, never
+//!   take the write lock and write nothing, not even a hit count: the engine counts
+//!   replays in the process and flushes them with [`Store::record_hits`], one writer
+//!   request per batch. Each answer is true of the committed state it read. Any other claim goes on to the
 //!   writer, which decides again under the write lock (the reader's view is only a
 //!   shortcut), so exactly one of any number of concurrent claims of a key acquires it.
 //! - **Durability.** In [`Durability::Sync`] (the default) a completion is fsynced before
@@ -65,26 +66,31 @@
 //!
 //! A "request" below is one message to one of the store's threads and its answer, on
 //! channels within the process; the file is local, so there is no network round trip.
+//! A "read" is one read-only statement on a reader's connection: a request to a reader
+//! thread, or with [`SqliteOptions::inline_look_ups`] a statement on the caller's thread
+//! when a connection is free and SQLite is not busy.
 //!
-//! | call                                             | reader requests | writer requests | writes          |
+//! | call                                             | reads           | writer requests | writes          |
 //! |--------------------------------------------------|-----------------|-----------------|-----------------|
 //! | claim answered by a replay, mismatch, live lease | 1               | 0               | none            |
 //! | claim of a new or expired key, or a takeover     | 1               | 1               | the claim       |
 //! | complete, release, touch, `first_seen`, delete   | 0               | 1               | the change      |
 //! | `record_hits`, a whole batch                     | 0               | 1               | one transaction |
 //!
-//! So an operation run for the first time costs two store calls (claim, complete) and
-//! three thread requests (the claim's look-up, its write, the completion); a replay
-//! costs one store call and one reader request: one indexed point read of the row,
-//! payload included, on a reader thread. It waits for nothing the writer does: neither
-//! the writer's queue and group-commit fsyncs nor another process holding the write
-//! lock. Readers are a small pool ([`SqliteOptions::readers`]) shared with the admin
+//! So an operation run for the first time costs two store calls (claim, complete), a
+//! read and two writer requests (the claim's write, the completion); a replay costs one
+//! store call and one read: one indexed point read of the row, payload included. It waits
+//! for nothing the writer does: neither the writer's queue and group-commit fsyncs nor
+//! another process holding the write lock. Readers are a small pool ([`SqliteOptions::readers`]) shared with the admin
 //! reads; a slow admin read (`list` of a large page) occupies one of them while it runs.
 //! `stats` is not one: it reads the counts the schema's triggers keep, less the expired
 //! rows not yet swept.
 //!
-//! Where the caller waits, it awaits a channel: every SQLite statement runs on the
-//! store's own threads, never on the async runtime's.
+//! Where the caller waits, it awaits a channel: every SQLite statement runs on the store's
+//! own threads, never on the async runtime's, but a claim's look-up with
+//! [`SqliteOptions::inline_look_ups`], which runs on the caller's thread only when it can
+//! start at once and never waits for a lock there (`reader::look_up_here` in
+//! `src/reader.rs`).
 //!
 //! # Schema
 //!
@@ -97,7 +103,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -105,7 +111,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use oncely::store::{Claim, ClaimOutcome, ClaimRequest, FirstSeen, Notified, StoreAdmin, StoreStats};
-use oncely::{Record, StorageKey, Store, StoreError};
+use oncely::{Fingerprint, Record, StorageKey, Store, StoreError};
 use tokio::sync::oneshot;
 
 mod codec;
@@ -188,6 +194,7 @@ pub struct SqliteOptions {
     max_records: u64,
     max_bytes: u64,
     mmap_size: u64,
+    inline_look_ups: bool,
 }
 
 impl Default for SqliteOptions {
@@ -201,6 +208,7 @@ impl Default for SqliteOptions {
             max_records: DEFAULT_MAX_RECORDS,
             max_bytes: DEFAULT_MAX_BYTES,
             mmap_size: DEFAULT_MMAP_SIZE,
+            inline_look_ups: false,
         }
     }
 }
@@ -236,9 +244,10 @@ impl SqliteOptions {
     }
 
     /// How many reader threads, each with a connection, answer the look-up every claim
-    /// starts with (which answers replays), `get`, `list`, `stats` and the check behind
-    /// `subscribe` (default 2, at least 1). Claims that must write and every other change
-    /// go through the one writer.
+    /// starts with (which answers replays; on the caller's thread instead, on one of these
+    /// connections, with [`inline_look_ups`](Self::inline_look_ups)), `get`, `list`,
+    /// `stats` and the check behind `subscribe` (default 2, at least 1). Claims that must
+    /// write and every other change go through the one writer.
     pub fn readers(mut self, readers: usize) -> Self {
         self.readers = readers.max(1);
         self
@@ -300,6 +309,33 @@ impl SqliteOptions {
         self.mmap_size = bytes;
         self
     }
+
+    /// Whether a claim's look-up (the read that answers a replay, and that every claim
+    /// starts with) runs on the calling thread when a reader's connection is free, rather
+    /// than on a reader thread (default `false`). The statement and the connections are
+    /// the same; what changes is the hand-off to a reader thread and back.
+    ///
+    /// A trade, measured in `docs/benchmarks.md` (the gateway, replays, 2 cores), which is
+    /// why it is off by default:
+    ///
+    /// - **Light load gains.** With one to four requests in flight, a hand-off wakes an
+    ///   idle reader thread and then the caller: on the caller's thread a replay cost
+    ///   20–35% less CPU, and 1.2–1.6× as many replays went through one connection.
+    /// - **Saturation loses.** With 32 connections keeping every core busy, reader threads
+    ///   answer queued look-ups back to back and are seldom woken; on the callers' threads
+    ///   the same statements, interleaved with HTTP work, cost a replay about 20% more CPU
+    ///   (fewer instructions, each slower), and throughput fell 10–25%.
+    ///
+    /// The caller's thread (an async runtime's worker, usually) runs one indexed point read
+    /// of one row: a few microseconds from SQLite's or the operating system's page cache,
+    /// the time of a few disk reads when its pages are in neither (a file far larger than
+    /// memory). It never waits for a connection or a lock: when every reader connection is
+    /// in use, or another process holds the file (`SQLITE_BUSY`), the claim goes to a
+    /// reader thread as without this.
+    pub fn inline_look_ups(mut self, inline: bool) -> Self {
+        self.inline_look_ups = inline;
+        self
+    }
 }
 
 /// What the file holds, as counted against [`SqliteOptions::max_records`] and
@@ -323,6 +359,13 @@ pub struct SqliteStore {
 }
 
 struct Inner {
+    /// The reader threads' connections, lent for claims' look-ups on the caller's thread
+    /// (empty without [`SqliteOptions::inline_look_ups`]). Declared first, so dropped
+    /// before the senders below close the threads' queues: a reader thread then holds its
+    /// connection's last reference and closes it in turn with the others.
+    look_ups: Box<[reader::Shared]>,
+    /// The readers' busy timeout, restored after each look-up here.
+    busy_timeout: Duration,
     commands: Sender<Command>,
     queries: Sender<Query>,
     waiters: Arc<Waiters>,
@@ -331,6 +374,7 @@ struct Inner {
     /// Requests sent to the writer and to the readers: see [`SqliteStore::requests_sent`].
     writer_requests: AtomicU64,
     reader_requests: AtomicU64,
+    inline_reads: AtomicU64,
     /// Declared last, so dropped last: the senders above are gone by then, which is what
     /// lets the threads it joins finish.
     threads: Threads,
@@ -352,7 +396,7 @@ impl Threads {
 /// database and removes it when the last connection closes, and a closing connection
 /// knows it is the last by taking an exclusive lock: connections of this store closing
 /// at the same instant would each see the others and all leave the WAL behind.
-fn close_in_turn(turn: &Mutex<()>, conn: rusqlite::Connection) {
+fn close_in_turn(turn: &Mutex<()>, conn: impl Sized) {
     let _turn = turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     drop(conn);
 }
@@ -394,13 +438,17 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let writer_conn = schema::open_writer(&path, &options)?;
-        let reader_conns =
-            (0..options.readers).map(|_| schema::open_reader(&path, &options)).collect::<Result<Vec<_>, _>>()?;
+        let reader_conns = (0..options.readers)
+            .map(|_| schema::open_reader(&path, &options).map(|conn| Arc::new(Mutex::new(conn))))
+            .collect::<Result<Vec<reader::Shared>, _>>()?;
 
         let (commands, command_queue) = mpsc::channel();
         let (queries, query_queue) = mpsc::channel();
         let waiters = Arc::new(Waiters::default());
+        let look_ups = if options.inline_look_ups { reader_conns.clone().into() } else { Box::default() };
         let mut inner = Inner {
+            look_ups,
+            busy_timeout: options.busy_timeout,
             commands,
             queries,
             waiters: Arc::clone(&waiters),
@@ -408,6 +456,7 @@ impl SqliteStore {
             durability: options.durability,
             writer_requests: AtomicU64::new(0),
             reader_requests: AtomicU64::new(0),
+            inline_reads: AtomicU64::new(0),
             threads: Threads::default(),
         };
         // Should a spawn fail, dropping `inner` drops the senders and then joins the
@@ -448,6 +497,7 @@ impl SqliteStore {
     #[doc(hidden)]
     pub fn requests_sent(&self) -> RequestsSent {
         RequestsSent {
+            inline: self.inner.inline_reads.load(Ordering::Relaxed),
             writer: self.inner.writer_requests.load(Ordering::Relaxed),
             reader: self.inner.reader_requests.load(Ordering::Relaxed),
         }
@@ -480,6 +530,26 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// A claim's look-up on this thread, if a reader's connection is free and SQLite is
+    /// not busy (see `reader::look_up_here`); `None` sends it to a reader thread. Each
+    /// thread starts at a connection of its own (the threads that call it first take
+    /// turns), so that two runtime workers seldom reach for the same one.
+    fn look_up_here(&self, key: &StorageKey, fingerprint: Option<&Fingerprint>) -> Option<Option<ClaimOutcome>> {
+        if self.inner.look_ups.is_empty() {
+            return None;
+        }
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static FIRST: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        }
+        let first = FIRST.try_with(|first| *first).unwrap_or(0);
+        let found = reader::look_up_here(&self.inner.look_ups, first, self.inner.busy_timeout, key, fingerprint)?;
+        self.inner.inline_reads.fetch_add(1, Ordering::Relaxed);
+        Some(found)
+    }
+}
+
 /// Requests a store has sent to its threads: see [`SqliteStore::requests_sent`].
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -488,6 +558,9 @@ pub struct RequestsSent {
     pub writer: u64,
     /// To the reader threads: each is one read-only statement.
     pub reader: u64,
+    /// Claims' look-ups run on the caller's thread instead
+    /// ([`SqliteOptions::inline_look_ups`]): one read-only statement each.
+    pub inline: u64,
 }
 
 fn stopped(which: &str) -> StoreError {
@@ -502,7 +575,11 @@ impl Store for SqliteStore {
     /// again under the write lock (see `writer::claim`).
     async fn claim(&self, request: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         let (key, fingerprint) = (*request.storage_key(), request.fingerprint().copied());
-        if let Some(outcome) = self.read(|reply| Query::Claim { key, fingerprint, reply }).await? {
+        let found = match self.look_up_here(&key, fingerprint.as_ref()) {
+            Some(found) => found,
+            None => self.read(|reply| Query::Claim { key, fingerprint, reply }).await?,
+        };
+        if let Some(outcome) = found {
             return Ok(outcome);
         }
         let request = ClaimJob::from(request);

@@ -12,9 +12,23 @@
 //!
 //! A reader never takes SQLite's write lock (its connection is `query_only`) and, in WAL
 //! mode, never waits for one: it answers while the writer, or another process, holds it.
+//!
+//! # A claim's look-up on the caller's thread
+//!
+//! Each reader's connection sits behind a mutex that its thread takes for each query.
+//! With [`SqliteOptions::inline_look_ups`](crate::SqliteOptions::inline_look_ups),
+//! [`look_up_here`] takes a free one for a claim's look-up on the calling thread instead:
+//! the same statement on the same connections, without the two thread hand-offs (the
+//! query's and its answer's), which cost more than the read itself when they wake an idle
+//! thread (a trade: see the option). It never waits:
+//! not for a connection (all in use: the caller goes to a reader thread), and not for a
+//! lock (the connection's busy timeout is zero while it runs; `SQLITE_BUSY`, from another
+//! process holding the file, sends the caller to a reader thread, which waits as long as
+//! [`SqliteOptions::busy_timeout`](crate::SqliteOptions::busy_timeout) allows).
 
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
 use oncely::{ClaimOutcome, Fingerprint, Record, Replay, StorageKey, StoreError, StoreStats};
@@ -61,15 +75,45 @@ pub(crate) enum Query {
     },
 }
 
+/// A reader's connection: its thread's, lent to [`look_up_here`] while the thread waits
+/// for a query.
+pub(crate) type Shared = Arc<Mutex<Connection>>;
+
 /// Answers queries until every sender is gone, then hands the connection back to be
-/// closed. The reader threads share one receiver.
-pub(crate) fn run(conn: Connection, queries: Arc<Mutex<Receiver<Query>>>) -> Connection {
+/// closed. The reader threads share one receiver; each holds its connection's lock only
+/// while it answers.
+pub(crate) fn run(conn: Shared, queries: Arc<Mutex<Receiver<Query>>>) -> Shared {
     loop {
         // A poisoned lock only means another reader panicked; the receiver is intact.
         let query = queries.lock().unwrap_or_else(PoisonError::into_inner).recv();
         let Ok(query) = query else { return conn };
-        answer(&conn, query);
+        // Likewise: a panic while the connection was lent leaves it usable (a statement
+        // is reset when its handle drops).
+        answer(&conn.lock().unwrap_or_else(PoisonError::into_inner), query);
     }
+}
+
+/// A claim's look-up ([`found`]) on the calling thread, on the first of `readers` that no
+/// thread is using, starting at `first`: `None` when every one is in use, or when the
+/// statement failed (`SQLITE_BUSY` included: it is not waited for here). A reader thread
+/// answers those, and reports a failure that persists. `busy_timeout` is the connection's
+/// own, restored after the statement.
+pub(crate) fn look_up_here(
+    readers: &[Shared],
+    first: usize,
+    busy_timeout: Duration,
+    key: &StorageKey,
+    fingerprint: Option<&Fingerprint>,
+) -> Option<Option<ClaimOutcome>> {
+    let n = readers.len();
+    let conn = (0..n).find_map(|i| readers[(first + i) % n].try_lock().ok())?;
+    // Never wait for a lock on the caller's thread. Setting the timeout cannot fail
+    // (SQLite's `sqlite3_busy_timeout` returns OK); if it did, the statement would wait
+    // as a reader thread's does.
+    let _ = conn.busy_timeout(Duration::ZERO);
+    let found = now_ms().and_then(|now| found(&conn, key, fingerprint, now));
+    let _ = conn.busy_timeout(busy_timeout);
+    found.ok()
 }
 
 fn answer(conn: &Connection, query: Query) {
@@ -107,10 +151,11 @@ pub(crate) fn get(conn: &Connection, key: &StorageKey, now: Millis) -> Result<Op
 /// - `None` when the claim must write: the key is absent, expired, or held by a lapsed
 ///   lease with the same fingerprint.
 ///
-/// Reader threads run it first for every claim, so that these answers never go through
-/// the writer: each is true of the snapshot it read, a state that held at some instant
-/// during the call. Shared with the writer, which runs it in its transaction (under the
-/// write lock) when its claim statement changed nothing, to tell which of them it met.
+/// Every claim runs it first, on the caller's thread ([`look_up_here`]) or a reader's,
+/// so that these answers never go through the writer: each is true of the snapshot it
+/// read, a state that held at some instant during the call. Shared with the writer,
+/// which runs it in its transaction (under the write lock) when its claim statement
+/// changed nothing, to tell which of them it met.
 pub(crate) fn found(
     conn: &Connection,
     key: &StorageKey,
@@ -238,4 +283,64 @@ fn list(conn: &Connection, after: Option<StorageKey>, limit: usize, now: Millis)
         }
     }
     Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::mpsc;
+
+    use oncely::Scope;
+
+    use super::*;
+    use crate::SqliteOptions;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A reader's connection on a file in rollback-journal mode, where a reader meets
+    /// `SQLITE_BUSY` whenever another connection holds an exclusive lock. (In WAL mode, the
+    /// store's, that happens only in rare moments, such as another process recovering
+    /// the WAL after a crash.)
+    fn reader_of_a_rollback_file(path: &Path) -> Shared {
+        drop(crate::schema::open_writer(path, &SqliteOptions::default()).expect("the schema"));
+        let conn = Connection::open(path).expect("open");
+        let mode: String = conn.query_row("PRAGMA journal_mode = DELETE", [], |row| row.get(0)).expect("mode");
+        assert_eq!(mode, "delete");
+        drop(conn);
+        let options = SqliteOptions::default().busy_timeout(HOUR);
+        Arc::new(Mutex::new(crate::schema::open_reader(path, &options).expect("a reader")))
+    }
+
+    fn busy_timeout_ms(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA busy_timeout", [], |row| row.get(0)).expect("busy_timeout")
+    }
+
+    /// The caller's thread never waits: not for a lock another connection holds (where a
+    /// reader thread would wait an hour), and not for a connection a reader thread is
+    /// using. Both send the look-up to a reader thread (`None`); the connection keeps its
+    /// own busy timeout.
+    #[test]
+    fn a_look_up_here_never_waits_for_a_lock_or_a_connection() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("oncely.db");
+        let reader = reader_of_a_rollback_file(&path);
+        let key = StorageKey::derive(&Scope::global(), &oncely_testkit::unique_key());
+        assert_eq!(look_up_here(&[Arc::clone(&reader)], 0, HOUR, &key, None), Some(None), "absent: the claim writes");
+
+        let locker = Connection::open(&path).expect("another connection");
+        locker.execute_batch("BEGIN EXCLUSIVE").expect("hold the file");
+        let (done, answered) = mpsc::channel();
+        let readers = [Arc::clone(&reader)];
+        std::thread::spawn(move || done.send(look_up_here(&readers, 0, HOUR, &key, None)));
+        // A bound for a failure, not a synchronisation: waiting would take an hour.
+        let answer = answered.recv_timeout(Duration::from_secs(60)).expect("the look-up waited for the lock");
+        assert_eq!(answer, None, "a busy file sends the look-up to a reader thread");
+        assert_eq!(busy_timeout_ms(&reader.lock().expect("lock")), 3_600_000, "its own busy timeout, restored");
+        locker.execute_batch("COMMIT").expect("let go");
+
+        let in_use = reader.lock().expect("a reader thread answering on it");
+        assert_eq!(look_up_here(&[Arc::clone(&reader)], 0, HOUR, &key, None), None, "no free connection");
+        drop(in_use);
+        assert_eq!(look_up_here(&[Arc::clone(&reader)], 0, HOUR, &key, None), Some(None));
+    }
 }

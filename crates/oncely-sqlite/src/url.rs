@@ -12,11 +12,11 @@ use oncely::store::url::{self, UrlError};
 
 use crate::{Durability, SqliteOptions, SqliteStore};
 
-const KNOWN: &str = "durability=sync|relaxed, sync_interval=DURATION, max_records=N, max_bytes=SIZE, busy_timeout=DURATION, mmap_size=SIZE";
+const KNOWN: &str = "durability=sync|relaxed, sync_interval=DURATION, max_records=N, max_bytes=SIZE, busy_timeout=DURATION, mmap_size=SIZE, look_ups=threads|inline";
 
 /// A parsed `sqlite://` URL: where the file is and how to open it.
 ///
-/// `sqlite://PATH[?durability=sync|relaxed&sync_interval=1s&max_records=N&max_bytes=SIZE&busy_timeout=5s&mmap_size=SIZE]`.
+/// `sqlite://PATH[?durability=sync|relaxed&sync_interval=1s&max_records=N&max_bytes=SIZE&busy_timeout=5s&mmap_size=SIZE&look_ups=threads|inline]`.
 /// `PATH` is taken as written (`sqlite://oncely.db` is relative to the working
 /// directory, `sqlite:///var/lib/oncely.db` absolute). The options, with
 /// [`SqliteOptions`]' defaults when absent:
@@ -26,7 +26,11 @@ const KNOWN: &str = "durability=sync|relaxed, sync_interval=DURATION, max_record
 /// - `max_records=N`, `max_bytes=SIZE` (as `512MiB`): the bounds;
 /// - `busy_timeout=DURATION`: how long a write waits for another process's lock;
 /// - `mmap_size=SIZE` (as `1GiB`; `0`, the default, for none): how much of the file is
-///   read through a memory map ([`SqliteOptions::mmap_size`]).
+///   read through a memory map ([`SqliteOptions::mmap_size`]);
+/// - `look_ups=threads|inline`: where a claim's look-up runs, on a reader thread (the
+///   default) or on the caller's thread when it can start at once
+///   ([`SqliteOptions::inline_look_ups`]: less CPU and latency under light load, more at
+///   saturation).
 ///
 /// ```no_run
 /// use oncely_sqlite::SqliteUrl;
@@ -103,6 +107,13 @@ impl FromStr for SqliteUrl {
                 "busy_timeout" => parsed = parsed.busy_timeout(url::duration("busy_timeout", value)?),
                 "mmap_size" if value == "0" => parsed = parsed.mmap_size(0),
                 "mmap_size" => parsed = parsed.mmap_size(url::size("mmap_size", value)?),
+                "look_ups" => {
+                    parsed = parsed.inline_look_ups(match value {
+                        "inline" => true,
+                        "threads" => false,
+                        _ => return Err(UrlError::invalid("look_ups", format!("{value:?}: use inline or threads"))),
+                    })
+                }
                 _ => return Err(UrlError::UnknownOption { option: name.to_string(), known: KNOWN }),
             }
         }
@@ -145,6 +156,9 @@ mod tests {
             (Durability::Sync, DEFAULT_MAX_RECORDS, DEFAULT_MAX_BYTES)
         );
         assert_eq!((o.busy_timeout, o.mmap_size), (Duration::from_secs(5), crate::DEFAULT_MMAP_SIZE));
+        assert!(!o.inline_look_ups);
+        assert!(!parse("sqlite://o.db?look_ups=threads").expect("parses").options().inline_look_ups);
+        assert!(parse("sqlite://o.db?look_ups=inline").expect("parses").options().inline_look_ups);
 
         let set = parse("sqlite:///var/lib/o.db?durability=relaxed&sync_interval=250ms&max_records=10&max_bytes=1MiB&busy_timeout=100ms&mmap_size=256MiB")
             .expect("parses");
@@ -171,6 +185,7 @@ mod tests {
             ("sqlite://o.db?busy_timeout=0s", "busy_timeout"),
             ("sqlite://o.db?mmap_size=lots", "mmap_size"),
             ("sqlite://o.db?journal=wal", "journal"),
+            ("sqlite://o.db?look_ups=sometimes", "look_ups"),
         ] {
             let error = parse(bad).err().unwrap_or_else(|| panic!("{bad} is refused"));
             assert_eq!(error.option(), Some(option), "{bad}: {error}");

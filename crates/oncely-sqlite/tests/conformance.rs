@@ -1,5 +1,6 @@
-//! The SQLite store passes the store conformance suite, in both durability modes, each
-//! test on a fresh database file in a temporary directory.
+//! The SQLite store passes the store conformance suite, in both durability modes and with
+//! claims' look-ups on the caller's thread, each test on a fresh database file in a
+//! temporary directory.
 
 use std::time::Duration;
 
@@ -17,9 +18,12 @@ struct TempStore {
 }
 
 fn temp_store(durability: Durability) -> TempStore {
+    temp_store_with(SqliteOptions::default().durability(durability))
+}
+
+fn temp_store_with(options: SqliteOptions) -> TempStore {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let store = SqliteStore::open(dir.path().join("oncely.db"), SqliteOptions::default().durability(durability))
-        .expect("the store opens");
+    let store = SqliteStore::open(dir.path().join("oncely.db"), options).expect("the store opens");
     TempStore { store, _dir: dir }
 }
 
@@ -88,5 +92,13 @@ mod sync {
 mod relaxed {
     oncely_testkit::store_conformance!(async {
         super::temp_store(oncely_sqlite::Durability::Relaxed { interval: std::time::Duration::from_millis(100) })
+    });
+}
+
+/// Sync mode, with each claim's look-up on the caller's thread when a reader's connection
+/// is free (`SqliteOptions::inline_look_ups`).
+mod inline_look_ups {
+    oncely_testkit::store_conformance!(async {
+        super::temp_store_with(oncely_sqlite::SqliteOptions::default().inline_look_ups(true))
     });
 }

@@ -291,26 +291,48 @@ async fn list_pages_through_live_records_in_storage_key_order() {
     assert!(seen.windows(2).all(|w| w[0] < w[1]));
 }
 
+/// Also with claims' look-ups on the caller's thread, whose connections the store and
+/// the reader threads share until it is dropped.
 #[tokio::test]
 async fn a_clone_shares_the_writer_and_a_dropped_store_closes_the_file() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("oncely.db");
-    let store = open(&path, relaxed());
-    let clone = store.clone();
-    let key = unique_key();
-    complete(&store, &key, b"r", LONG).await;
-    drop(store);
-    assert!(clone.get(&storage_key(&key)).await.expect("get").is_some());
-    drop(clone);
-    // Every connection is closed once the last clone is gone: SQLite then checkpoints and
-    // removes the WAL.
-    assert!(!dir.path().join("oncely.db-wal").exists(), "the WAL was folded in and removed at close");
+    for inline in [false, true] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("oncely.db");
+        let options = SqliteOptions::default().durability(relaxed()).inline_look_ups(inline);
+        let store = SqliteStore::open(&path, options).expect("the store opens");
+        let clone = store.clone();
+        let key = unique_key();
+        complete(&store, &key, b"r", LONG).await;
+        assert_eq!(replay_hits(&store, &key).await, 0);
+        drop(store);
+        assert!(clone.get(&storage_key(&key)).await.expect("get").is_some());
+        drop(clone);
+        // Every connection is closed once the last clone is gone: SQLite then checkpoints
+        // and removes the WAL.
+        assert!(!dir.path().join("oncely.db-wal").exists(), "the WAL was folded in and removed at close ({inline})");
+    }
 }
 
-/// Requests `store` sent to its threads since `before`.
+/// Requests `store` sent to its threads, and look-ups it ran on the caller's thread,
+/// since `before`.
 fn sent_since(store: &SqliteStore, before: RequestsSent) -> RequestsSent {
     let now = store.requests_sent();
-    RequestsSent { writer: now.writer - before.writer, reader: now.reader - before.reader }
+    RequestsSent {
+        writer: now.writer - before.writer,
+        reader: now.reader - before.reader,
+        inline: now.inline - before.inline,
+    }
+}
+
+/// `reads` read-only statements, all on the caller's thread with `inline` look-ups (one
+/// caller at a time always finds a reader's connection free), all on reader threads
+/// without; and `writer` writer requests.
+fn sent(inline: bool, reads: u64, writer: u64) -> RequestsSent {
+    if inline {
+        RequestsSent { writer, reader: 0, inline: reads }
+    } else {
+        RequestsSent { writer, reader: reads, inline: 0 }
+    }
 }
 
 /// `PRAGMA data_version` of a connection of the test's own: it changes exactly when
@@ -319,14 +341,22 @@ fn data_version(conn: &rusqlite::Connection) -> i64 {
     conn.query_row("PRAGMA data_version", [], |row| row.get(0)).expect("data_version")
 }
 
-/// A new key costs the claim's look-up on a reader, then two writer requests (claim,
-/// complete); a replay, a mismatch and a claim of a key held by a live lease cost one
-/// reader request each, never reach the writer, and commit nothing to the file.
+/// A new key costs the claim's look-up on a reader's connection, then two writer
+/// requests (claim, complete); a replay, a mismatch and a claim of a key held by a live
+/// lease cost one read each, never reach the writer, and commit nothing to the file.
+/// The look-ups run on reader threads by default, on the caller's thread with
+/// `inline_look_ups`.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replay_is_one_read_that_never_reaches_the_writer_and_commits_nothing() {
+    for inline in [true, false] {
+        a_replay_is_one_read(inline).await;
+    }
+}
+
+async fn a_replay_is_one_read(inline: bool) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("oncely.db");
-    let store = SqliteStore::open(&path, SqliteOptions::default().no_sweeper()).expect("open");
+    let store = SqliteStore::open(&path, SqliteOptions::default().no_sweeper().inline_look_ups(inline)).expect("open");
     let fingerprint = Some(Fingerprint::from_bytes(b"the request"));
     let (key, held) = (unique_key(), unique_key());
 
@@ -334,7 +364,7 @@ async fn a_replay_is_one_read_that_never_reaches_the_writer_and_commits_nothing(
     let request = claim_request(&key, fingerprint, LONG);
     assert_eq!(store.claim(&request).await.expect("claim"), ClaimOutcome::Acquired { takeover: false });
     store.complete(request.claim(), Bytes::from_static(b"the result"), LONG).await.expect("complete");
-    assert_eq!(sent_since(&store, before), RequestsSent { writer: 2, reader: 1 }, "a new key");
+    assert_eq!(sent_since(&store, before), sent(inline, 1, 2), "a new key");
     store.claim(&claim_request(&held, fingerprint, LONG)).await.expect("claim");
 
     let watcher = rusqlite::Connection::open(&path).expect("a connection of the test's own");
@@ -350,7 +380,7 @@ async fn a_replay_is_one_read_that_never_reaches_the_writer_and_commits_nothing(
     assert_eq!(store.claim(&claim_request(&key, other, LONG)).await.expect("claim"), ClaimOutcome::Mismatch);
     let in_progress = store.claim(&claim_request(&held, fingerprint, LONG)).await.expect("claim");
     assert!(matches!(in_progress, ClaimOutcome::InProgress { .. }), "{in_progress:?}");
-    assert_eq!(sent_since(&store, before), RequestsSent { writer: 0, reader: 12 }, "one read each, no write");
+    assert_eq!(sent_since(&store, before), sent(inline, 12, 0), "one read each, no write");
     assert_eq!(data_version(&watcher), version, "nothing was committed to the file");
 
     // The probe sees a write when there is one: the engine's flush commits.
