@@ -20,7 +20,12 @@
 # and hyper-newkey, `floor_proxy --new-key`: the design's own work for a new key), or
 # KEYS=none (no key: the gateway's pass-through against hyper-floor forwarding), and
 # LOG_LEVEL=warn (the gateways' --log-level; `info`, the default of `oncely serve`, writes
-# an access-log line per request, so the difference between two runs is what that costs).
+# an access-log line per request, so the difference between two runs is what that costs),
+# and STORE=memory:// (or sqlite://, on a fresh file in the work directory for each count,
+# with STORE_OPTIONS such as `look_ups=inline` after its `?`; the floor rows stay as they
+# are). Under callgrind the threads run one at a time, so a SQLite count includes the
+# writer and reader threads' instructions but none of what handing work between threads
+# costs on real cores.
 # Needs valgrind (installed when missing) and python3.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -79,6 +84,8 @@ start_nginx_upstream 19480 "$RESPONSE"
 count() { # name requests command...
     local name=$1 requests=$2 out="$WORK/$1-$2.callgrind"
     shift 2
+    # Each count starts from an empty store (a SQLite file would keep the last one's key).
+    rm -f "$WORK"/count.db*
     valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >"$WORK/logs/$name-$requests.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
@@ -101,8 +108,14 @@ per_request() { # name command...
         'BEGIN { printf "| %s | %d | %d | %.0f |\n", name, s, l, (l - s) / n }'
 }
 
+STORE=${STORE:-memory://}
+case $STORE in
+    memory://) ;;
+    sqlite://) STORE="sqlite://$WORK/count.db${STORE_OPTIONS:+?$STORE_OPTIONS}" ;;
+    *) die "STORE is memory:// or sqlite://" ;;
+esac
 GATEWAY_ARGS=(--log-level "$LOG_LEVEL" serve --upstream http://127.0.0.1:19480 --listen 127.0.0.1:19481
-    --store memory:// --config "$WORK/oncely.toml")
+    --store "$STORE" --config "$WORK/oncely.toml")
 
 log "counting; results in $RESULTS_DIR"
 {
