@@ -2,18 +2,21 @@
 # Where a SQLite replay's look-up should run: on the store's reader threads (the default,
 # `sqlite://…?look_ups=threads`) or on the request's own thread (`?look_ups=inline`,
 # `SqliteOptions::inline_look_ups`). One gateway binary, two gateways, each on its own
-# file, replaying one completed key from memory of nothing but SQLite; ROUNDS rounds
-# alternate the two at each concurrency of CONNECTIONS (wrk -t2, or -t1 for one
-# connection), and print req/s and the gateway's CPU per replay (its utime + stime from
-# /proc, over the wrk run) for each, then the medians.
+# file, replaying one completed key (the replay cache off, SQLite's default); ROUNDS
+# rounds alternate the two at each concurrency of CONNECTIONS (wrk -t2, or -t1 for one
+# connection; the one measured first swaps every round), and print req/s and the
+# gateway's CPU per replay (its utime + stime from /proc, over the wrk run) for each,
+# then the medians. wrk shares the cores with the gateways, as in bench/gateway.sh.
 #
 #   ONCELY_BIN=target/release/oncely bash bench/sqlite_look_ups.sh
 #
-# Knobs: CONNECTIONS="1 4 8 32" ROUNDS=3 DURATION=5s. Needs wrk, nginx and curl
-# (bench/gateway.sh installs wrk and nginx; it uses bench/lib.sh). Quiet machine only.
+# Without ONCELY_BIN the release gateway is built first. Knobs: CONNECTIONS="1 4 8 32"
+# ROUNDS=3 DURATION=5s. Installs wrk, nginx and curl when missing (apt-get; it uses
+# bench/lib.sh). Quiet machine only. Logs of a failed run are kept in
+# target/bench-look-ups/<timestamp>/.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-ONCELY=${ONCELY_BIN:-$ROOT/target/release/oncely}
+ONCELY=${ONCELY_BIN:-}
 CONNECTIONS=${CONNECTIONS:-1 4 8 32}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
@@ -21,11 +24,19 @@ RESPONSE='{"id":"ch_1","amount":1999}'
 BODY='{"amount":1999,"currency":"usd"}'
 PIDS=()
 WORK=$(mktemp -d /tmp/oncely-look-ups.XXXXXX)
-RESULTS_DIR=$WORK
+RESULTS_DIR=$ROOT/target/bench-look-ups/$(date -u +%Y%m%dT%H%M%SZ)
 BENCH_NAME=sqlite_look_ups.sh
 source "$ROOT/bench/lib.sh"
-command -v wrk >/dev/null || die "needs wrk (bench/gateway.sh installs it)"
-command -v curl >/dev/null || die "needs curl"
+mkdir -p "$RESULTS_DIR" "$WORK/logs"
+command -v wrk >/dev/null || install_packages wrk
+command -v nginx >/dev/null || install_packages nginx-light
+command -v curl >/dev/null || install_packages curl
+if [[ -z $ONCELY ]]; then
+    log "building the release gateway"
+    (cd "$ROOT" && cargo build --release --locked -p oncely-gateway --bin oncely) || die "the build failed"
+    ONCELY=$ROOT/target/release/oncely
+fi
+[[ -x $ONCELY ]] || die "no gateway binary at $ONCELY"
 TICK=$(getconf CLK_TCK)
 
 write_replay_config
@@ -55,7 +66,9 @@ for c in $CONNECTIONS; do
         wrk -t"$threads" -c"$c" -d2s -s "$WORK/fixed_key.lua" "http://127.0.0.1:${PORT[$mode]}/payments" -- look-ups >/dev/null
     done
     for ((round = 1; round <= ROUNDS; round++)); do
-        for mode in threads inline; do
+        order="threads inline"
+        ((round % 2 == 0)) && order="inline threads"
+        for mode in $order; do
             t0=$(ticks "${PID[$mode]}")
             line=$(wrk -t"$threads" -c"$c" -d"$DURATION" -s "$WORK/fixed_key.lua" \
                 "http://127.0.0.1:${PORT[$mode]}/payments" -- look-ups | grep '^RESULT ') || die "wrk failed"
@@ -69,12 +82,14 @@ for c in $CONNECTIONS; do
     done
 done
 
-echo "| connections | look-ups | req/s (median) | µs of CPU per replay (median) | inline / threads, req/s | inline / threads, CPU |"
-echo "|---:|---|---:|---:|---:|---:|"
-for c in $CONNECTIONS; do
-    rt=$(median <<<"${RPS[$c/threads]}") ri=$(median <<<"${RPS[$c/inline]}")
-    ct=$(median <<<"${CPU[$c/threads]}") ci=$(median <<<"${CPU[$c/inline]}")
-    echo "| $c | threads | $rt | $ct | | |"
-    awk -v c="$c" -v ri="$ri" -v ci="$ci" -v rt="$rt" -v ct="$ct" \
-        'BEGIN { printf "| %s | inline | %s | %s | %.2f× | %.2f× |\n", c, ri, ci, ri / rt, ci / ct }'
-done
+{
+    echo "| connections | look-ups | req/s (median) | µs of CPU per replay (median) | inline / threads, req/s | inline / threads, CPU |"
+    echo "|---:|---|---:|---:|---:|---:|"
+    for c in $CONNECTIONS; do
+        rt=$(median <<<"${RPS[$c/threads]}") ri=$(median <<<"${RPS[$c/inline]}")
+        ct=$(median <<<"${CPU[$c/threads]}") ci=$(median <<<"${CPU[$c/inline]}")
+        echo "| $c | threads | $rt | $ct | | |"
+        awk -v c="$c" -v ri="$ri" -v ci="$ci" -v rt="$rt" -v ct="$ct" \
+            'BEGIN { printf "| %s | inline | %s | %s | %.2f× | %.2f× |\n", c, ri, ci, ri / rt, ci / ct }'
+    done
+} | tee "$RESULTS_DIR/summary.md"

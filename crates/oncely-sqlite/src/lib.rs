@@ -318,13 +318,13 @@ impl SqliteOptions {
     /// A trade, measured in `docs/benchmarks.md` (the gateway, replays, 2 cores), which is
     /// why it is off by default:
     ///
-    /// - **Light load gains.** With one to four requests in flight, a hand-off wakes an
-    ///   idle reader thread and then the caller: on the caller's thread a replay cost
-    ///   20–35% less CPU, and 1.2–1.6× as many replays went through one connection.
+    /// - **Light load gains.** With one to four connections, a hand-off wakes an idle
+    ///   reader thread and then the caller: on the caller's thread a replay cost 18–38%
+    ///   less CPU, and 1.1–1.4× as many replays went through (two runs).
     /// - **Saturation loses.** With 32 connections keeping every core busy, reader threads
     ///   answer queued look-ups back to back and are seldom woken; on the callers' threads
-    ///   the same statements, interleaved with HTTP work, cost a replay about 20% more CPU
-    ///   (fewer instructions, each slower), and throughput fell 10–25%.
+    ///   the same statements, interleaved with HTTP work, cost a replay 22–45% more CPU
+    ///   (fewer instructions, each slower), and 21–32% fewer replays went through.
     ///
     /// The caller's thread (an async runtime's worker, usually) runs one indexed point read
     /// of one row: a few microseconds from SQLite's or the operating system's page cache,
@@ -491,9 +491,10 @@ impl SqliteStore {
         self.read(|reply| Query::Usage { reply }).await
     }
 
-    /// How many requests this store (all its clones) has sent to its writer thread, and
-    /// to its reader threads, since it was opened: for tests that prove which path a
-    /// call takes (a replay: one reader request and no writer request).
+    /// How many requests this store (all its clones) has sent to its writer thread and to
+    /// its reader threads, and how many look-ups it ran on callers' threads, since it was
+    /// opened: for tests that prove which path a call takes (a replay: one read, a reader
+    /// request or an inline look-up, and no writer request).
     #[doc(hidden)]
     pub fn requests_sent(&self) -> RequestsSent {
         RequestsSent {

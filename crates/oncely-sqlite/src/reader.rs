@@ -15,16 +15,23 @@
 //!
 //! # A claim's look-up on the caller's thread
 //!
-//! Each reader's connection sits behind a mutex that its thread takes for each query.
-//! With [`SqliteOptions::inline_look_ups`](crate::SqliteOptions::inline_look_ups),
+//! Each reader's connection sits behind a mutex that its thread takes for each statement,
+//! releasing it before it replies. With
+//! [`SqliteOptions::inline_look_ups`](crate::SqliteOptions::inline_look_ups),
 //! [`look_up_here`] takes a free one for a claim's look-up on the calling thread instead:
 //! the same statement on the same connections, without the two thread hand-offs (the
 //! query's and its answer's), which cost more than the read itself when they wake an idle
-//! thread (a trade: see the option). It never waits:
-//! not for a connection (all in use: the caller goes to a reader thread), and not for a
-//! lock (the connection's busy timeout is zero while it runs; `SQLITE_BUSY`, from another
-//! process holding the file, sends the caller to a reader thread, which waits as long as
-//! [`SqliteOptions::busy_timeout`](crate::SqliteOptions::busy_timeout) allows).
+//! thread (a trade: see the option). A reader thread that takes a query while a caller
+//! holds its connection waits for that one statement.
+//!
+//! On the calling thread nothing waits for a connection (all in use: the caller goes to
+//! a reader thread) or in SQLite's busy handler (the connection's busy timeout is zero
+//! while the statement runs, so `SQLITE_BUSY`, from another process holding the file,
+//! sends the caller to a reader thread, which waits as long as
+//! [`SqliteOptions::busy_timeout`](crate::SqliteOptions::busy_timeout) allows). What is
+//! left is SQLite's own: a reader that meets the WAL index mid-change retries, sleeping
+//! microseconds at first (`walTryBeginRead`), as it does on a reader thread; and pages in
+//! no cache are read from disk.
 
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -87,17 +94,49 @@ pub(crate) fn run(conn: Shared, queries: Arc<Mutex<Receiver<Query>>>) -> Shared 
         // A poisoned lock only means another reader panicked; the receiver is intact.
         let query = queries.lock().unwrap_or_else(PoisonError::into_inner).recv();
         let Ok(query) = query else { return conn };
-        // Likewise: a panic while the connection was lent leaves it usable (a statement
-        // is reset when its handle drops).
-        answer(&conn.lock().unwrap_or_else(PoisonError::into_inner), query);
+        answer(&conn, query);
+    }
+}
+
+/// Runs `statement` on `conn`, holding its lock only meanwhile. A lock poisoned by a panic
+/// while the connection was lent is taken anyway and cleared: a statement is reset when
+/// its handle drops, and [`BusyTimeout`] restored the timeout, so the connection is as
+/// before, and [`look_up_here`] may borrow it again.
+fn locked<T>(conn: &Shared, statement: impl FnOnce(&Connection) -> T) -> T {
+    let guard = conn.lock().unwrap_or_else(|poisoned| {
+        conn.clear_poison();
+        poisoned.into_inner()
+    });
+    statement(&guard)
+}
+
+/// Sets a connection's busy timeout to zero, and back to `restore` when dropped, even by
+/// a panic.
+struct BusyTimeout<'a> {
+    conn: &'a Connection,
+    restore: Duration,
+}
+
+impl<'a> BusyTimeout<'a> {
+    /// Setting the timeout cannot fail (SQLite's `sqlite3_busy_timeout` returns OK); if it
+    /// did, the statement would wait as a reader thread's does.
+    fn zero(conn: &'a Connection, restore: Duration) -> Self {
+        let _ = conn.busy_timeout(Duration::ZERO);
+        Self { conn, restore }
+    }
+}
+
+impl Drop for BusyTimeout<'_> {
+    fn drop(&mut self) {
+        let _ = self.conn.busy_timeout(self.restore);
     }
 }
 
 /// A claim's look-up ([`found`]) on the calling thread, on the first of `readers` that no
-/// thread is using, starting at `first`: `None` when every one is in use, or when the
-/// statement failed (`SQLITE_BUSY` included: it is not waited for here). A reader thread
-/// answers those, and reports a failure that persists. `busy_timeout` is the connection's
-/// own, restored after the statement.
+/// thread is using, starting at `first`: `None` when every one is in use or poisoned, or
+/// when the statement failed (`SQLITE_BUSY` included: it is not waited for here). A
+/// reader thread answers those, and reports a failure that persists. `busy_timeout` is
+/// the connection's own, restored after the statement.
 pub(crate) fn look_up_here(
     readers: &[Shared],
     first: usize,
@@ -107,26 +146,30 @@ pub(crate) fn look_up_here(
 ) -> Option<Option<ClaimOutcome>> {
     let n = readers.len();
     let conn = (0..n).find_map(|i| readers[(first + i) % n].try_lock().ok())?;
-    // Never wait for a lock on the caller's thread. Setting the timeout cannot fail
-    // (SQLite's `sqlite3_busy_timeout` returns OK); if it did, the statement would wait
-    // as a reader thread's does.
-    let _ = conn.busy_timeout(Duration::ZERO);
-    let found = now_ms().and_then(|now| found(&conn, key, fingerprint, now));
-    let _ = conn.busy_timeout(busy_timeout);
-    found.ok()
+    // Never wait in SQLite's busy handler on the caller's thread.
+    let _zero = BusyTimeout::zero(&conn, busy_timeout);
+    now_ms().and_then(|now| found(&conn, key, fingerprint, now)).ok()
 }
 
-fn answer(conn: &Connection, query: Query) {
+/// Answers `query` on `conn`; the reply goes out after the connection's lock is
+/// released, so that a caller it wakes finds the connection free.
+fn answer(conn: &Shared, query: Query) {
     // A caller that gave up has dropped its receiver; its answer is not needed.
     match query {
         Query::Claim { key, fingerprint, reply } => {
-            drop(reply.send(now_ms().and_then(|now| found(conn, &key, fingerprint.as_ref(), now))))
+            drop(reply.send(locked(conn, |conn| now_ms().and_then(|now| found(conn, &key, fingerprint.as_ref(), now)))))
         }
-        Query::Get { key, reply } => drop(reply.send(now_ms().and_then(|now| get(conn, &key, now)))),
-        Query::InProgress { key, reply } => drop(reply.send(now_ms().and_then(|now| in_progress(conn, &key, now)))),
-        Query::Stats { reply } => drop(reply.send(now_ms().and_then(|now| stats(conn, now)))),
-        Query::Usage { reply } => drop(reply.send(usage(conn))),
-        Query::List { after, limit, reply } => drop(reply.send(now_ms().and_then(|now| list(conn, after, limit, now)))),
+        Query::Get { key, reply } => {
+            drop(reply.send(locked(conn, |conn| now_ms().and_then(|now| get(conn, &key, now)))))
+        }
+        Query::InProgress { key, reply } => {
+            drop(reply.send(locked(conn, |conn| now_ms().and_then(|now| in_progress(conn, &key, now)))))
+        }
+        Query::Stats { reply } => drop(reply.send(locked(conn, |conn| now_ms().and_then(|now| stats(conn, now))))),
+        Query::Usage { reply } => drop(reply.send(locked(conn, usage))),
+        Query::List { after, limit, reply } => {
+            drop(reply.send(locked(conn, |conn| now_ms().and_then(|now| list(conn, after, limit, now)))))
+        }
     }
 }
 

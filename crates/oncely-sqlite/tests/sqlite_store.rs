@@ -392,13 +392,20 @@ async fn a_replay_is_one_read(inline: bool) {
 
 /// Another connection holds SQLite's write lock (as another process in a transaction
 /// would): the writer cannot begin a transaction, so a new key's claim waits for the
-/// lock, while replays, mismatches and live leases are answered at once from a reader.
+/// lock, while replays, mismatches and live leases are answered at once from a reader,
+/// on a reader thread or (`inline_look_ups`) on the caller's.
 #[tokio::test(flavor = "multi_thread")]
 async fn replays_are_answered_while_another_connection_holds_the_write_lock() {
+    for inline in [false, true] {
+        replays_are_answered_under_the_write_lock(inline).await;
+    }
+}
+
+async fn replays_are_answered_under_the_write_lock(inline: bool) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("oncely.db");
     // Far longer than the test: a request that needs the write lock waits for it.
-    let options = SqliteOptions::default().busy_timeout(Duration::from_secs(120)).no_sweeper();
+    let options = SqliteOptions::default().busy_timeout(Duration::from_secs(120)).no_sweeper().inline_look_ups(inline);
     let store = SqliteStore::open(&path, options).expect("open");
     let (key, held, new) = (unique_key(), unique_key(), unique_key());
     complete(&store, &key, b"the result", LONG).await;
@@ -417,6 +424,7 @@ async fn replays_are_answered_while_another_connection_holds_the_write_lock() {
         }
     };
     let within = Duration::from_secs(5);
+    let before = store.requests_sent();
     for _ in 0..20 {
         let replay = tokio::time::timeout(within, store.claim(&claim_request(&key, None, LONG))).await;
         assert!(matches!(promptly("a replay")(replay), ClaimOutcome::Replay(r) if r.payload == "the result"));
@@ -426,6 +434,10 @@ async fn replays_are_answered_while_another_connection_holds_the_write_lock() {
     assert_eq!(promptly("a mismatch")(mismatch), ClaimOutcome::Mismatch);
     let in_progress = tokio::time::timeout(within, store.claim(&claim_request(&held, None, LONG))).await;
     assert!(matches!(promptly("a live lease")(in_progress), ClaimOutcome::InProgress { .. }));
+    let reads = sent_since(&store, before);
+    // The blocked claim's look-up and its writer request may fall in this window too.
+    assert!(reads.reader + reads.inline >= 22 && reads.writer <= 1, "{reads:?}");
+    assert_eq!(reads.inline > 0, inline, "where the look-ups ran: {reads:?}");
 
     assert!(
         tokio::time::timeout(Duration::from_millis(300), &mut blocked).await.is_err(),
