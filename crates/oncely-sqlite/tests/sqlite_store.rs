@@ -584,6 +584,54 @@ async fn replay_counts_live_beside_the_record_and_end_with_it() {
 
 /// A file from before `hit_counts` (schema version 3) keeps the counts its records hold,
 /// and the counts flushed after the migration add to them, saturating.
+/// A file as version 1 left it (one table, hit counts in its rows, no usage row) is
+/// brought through every migration when a current store opens it: its completed record
+/// replays with its count, its claim is still held, the usage row counts every row as
+/// the triggers would have (the expired one included), and flushes add to the old count.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_1_file_is_migrated_with_its_records_and_counts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("oncely.db");
+    let (done, held, expired) = (unique_key(), unique_key(), unique_key());
+    let usage = {
+        let store = open(&path, Durability::Sync);
+        complete(&store, &done, b"the result", LONG).await;
+        complete(&store, &expired, b"gone", LONG).await;
+        store.claim(&claim_request(&held, None, LONG)).await.expect("claim");
+        store.usage().await.expect("usage")
+    };
+    {
+        let conn = rusqlite::Connection::open(&path).expect("open the file directly");
+        conn.execute_batch(
+            "DROP TRIGGER hit_counts_delete; DROP TRIGGER hit_counts_reset; DROP TABLE hit_counts; \
+             DROP TRIGGER records_usage_insert; DROP TRIGGER records_usage_delete; \
+             DROP TRIGGER records_usage_update; DROP TRIGGER records_usage_state; DROP TABLE records_usage; \
+             PRAGMA user_version = 1;",
+        )
+        .expect("take the file back to version 1");
+        conn.execute("UPDATE records SET hits = 5 WHERE storage_key = ?1", [storage_key(&done).as_bytes().as_slice()])
+            .expect("a count flushed by version 1");
+        conn.execute(
+            "UPDATE records SET expires_at = 1 WHERE storage_key = ?1",
+            [storage_key(&expired).as_bytes().as_slice()],
+        )
+        .expect("a record that expired, not yet swept");
+    }
+
+    let store = SqliteStore::open(&path, SqliteOptions::default().no_sweeper()).expect("opens and migrates");
+    let conn = rusqlite::Connection::open(&path).expect("open the file directly");
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).expect("user_version");
+    assert!(version >= 4, "migrated to the current schema, not {version}");
+    assert_eq!(replay_hits(&store, &done).await, 5, "the completed record, with its count");
+    let claim = store.claim(&claim_request(&held, None, LONG)).await.expect("claim");
+    assert!(matches!(claim, ClaimOutcome::InProgress { .. }), "the claim is still held: {claim:?}");
+    assert_eq!(store.usage().await.expect("usage"), usage, "counted as the triggers had counted");
+    let stats = store.stats().await.expect("stats");
+    assert_eq!((stats.records, stats.in_progress, stats.completed), (2, 1, 1), "the expired record is absent");
+    store.record_hits(&[(storage_key(&done), 2)]).await.expect("record_hits");
+    assert_eq!(replay_hits(&store, &done).await, 7, "a flush adds to the count version 1 kept");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn counts_from_before_the_counts_table_are_kept_and_added_to() {
     let dir = tempfile::tempdir().expect("temp dir");
