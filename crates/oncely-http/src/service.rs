@@ -645,10 +645,8 @@ where
         // Past `held_until` the lease is no longer renewed and a retry could take the key
         // over: an operation (or a response body) still running then has an unknown
         // outcome, held as such, rather than a claim left to lapse.
-        let held_until = guard.held_until();
-        let produced = tokio::time::timeout_at(
-            held_until,
-            guard.keep_alive(async {
+        let produced = guard
+            .keep_alive_bounded(async {
                 let response = inner.call(request).await?;
                 if response.extensions().get::<OutcomeUnknown>().is_some() {
                     return Ok(Produced::Unknown(response));
@@ -658,10 +656,9 @@ where
                 }
                 let (parts, body) = response.into_parts();
                 Ok(Produced::Store(parts, read_capped(body, cap).await))
-            }),
-        )
-        .await
-        .unwrap_or(Ok(Produced::Expired));
+            })
+            .await
+            .unwrap_or(Ok(Produced::Expired));
         (guard, produced)
     });
     let (guard, produced) = match settings.answer_within {

@@ -467,3 +467,113 @@ async fn a_claim_prepared_by_another_engine_is_sent_with_this_engines_lease() {
     let RecordState::InProgress { lease_until, .. } = record.state else { panic!("in progress") };
     assert!(lease_until > SystemTime::now() + Duration::from_secs(60), "held for the sending engine's lease");
 }
+
+/// A memory store that counts the lease renewals it is sent.
+struct CountingTouches {
+    store: MemoryStore,
+    touches: Arc<AtomicUsize>,
+}
+
+impl oncely::Store for CountingTouches {
+    async fn claim(
+        &self,
+        request: &oncely::store::ClaimRequest<'_>,
+    ) -> Result<oncely::store::ClaimOutcome, StoreError> {
+        self.store.claim(request).await
+    }
+
+    async fn complete(
+        &self,
+        claim: oncely::store::Claim,
+        payload: bytes::Bytes,
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.complete(claim, payload, retention).await
+    }
+
+    async fn release(&self, claim: oncely::store::Claim) -> Result<(), StoreError> {
+        self.store.release(claim).await
+    }
+
+    async fn touch(&self, claim: oncely::store::Claim, lease: Duration) -> Result<(), StoreError> {
+        self.touches.fetch_add(1, Ordering::SeqCst);
+        self.store.touch(claim, lease).await
+    }
+
+    async fn first_seen(&self, request: &oncely::store::FirstSeen<'_>) -> Result<bool, StoreError> {
+        self.store.first_seen(request).await
+    }
+
+    async fn record_hits(&self, hits: &[(oncely::StorageKey, u64)]) -> Result<(), StoreError> {
+        self.store.record_hits(hits).await
+    }
+
+    fn subscribe(&self, key: &oncely::StorageKey) -> oncely::store::Notified {
+        self.store.subscribe(key)
+    }
+}
+
+/// An engine with a 3 s lease (renewed every second) and a 6 s keep-alive ceiling, so
+/// `held_until` is 7.5 s after the claim; and the count of its renewals.
+fn renewing_engine() -> (Oncely<CountingTouches>, Arc<AtomicUsize>) {
+    let touches = Arc::new(AtomicUsize::new(0));
+    let store = CountingTouches { store: MemoryStore::new(), touches: Arc::clone(&touches) };
+    let oncely = Oncely::builder(store)
+        .lease(Duration::from_secs(3))
+        .keep_alive_ceiling(Duration::from_secs(6))
+        .build()
+        .expect("settings");
+    (oncely, touches)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bounded_keep_alive_renews_until_the_ceiling_and_gives_up_at_held_until() {
+    let (oncely, touches) = renewing_engine();
+    let Acquired::Execute(guard) = oncely.acquire(&key("slow"), None).await.expect("claim") else {
+        panic!("a new key executes");
+    };
+    let claimed = tokio::time::Instant::now();
+    assert_eq!(guard.held_until(), claimed + Duration::from_millis(7_500));
+    let outcome = guard.keep_alive_bounded(std::future::pending::<()>()).await;
+    assert_eq!(outcome, None, "an operation still running at held_until is given up");
+    assert_eq!(claimed.elapsed(), Duration::from_millis(7_500), "given up at held_until, not before or after");
+    assert_eq!(
+        touches.load(Ordering::SeqCst),
+        5,
+        "renewed at 1, 2, 3, 4 and 5 s: every third of a lease before the ceiling"
+    );
+    guard.abandon();
+
+    // An operation that ends first is waited for, and its output returned.
+    let Acquired::Execute(guard) = oncely.acquire(&key("quick"), None).await.expect("claim") else {
+        panic!("a new key executes");
+    };
+    let started = tokio::time::Instant::now();
+    let output = guard.keep_alive_bounded(async {
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        "done"
+    });
+    assert_eq!(output.await, Some("done"));
+    assert_eq!(started.elapsed(), Duration::from_millis(2_500));
+    assert_eq!(touches.load(Ordering::SeqCst), 7, "two more renewals, at 1 and 2 s");
+    guard.release().await.expect("release");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unbounded_keep_alive_waits_past_held_until_for_its_operation() {
+    let (oncely, touches) = renewing_engine();
+    let Acquired::Execute(guard) = oncely.acquire(&key("slower"), None).await.expect("claim") else {
+        panic!("a new key executes");
+    };
+    let claimed = tokio::time::Instant::now();
+    let output = guard
+        .keep_alive(async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            "late"
+        })
+        .await;
+    assert_eq!(output, "late");
+    assert_eq!(claimed.elapsed(), Duration::from_secs(20));
+    assert_eq!(touches.load(Ordering::SeqCst), 5, "renewals stop at the ceiling; the wait does not");
+    guard.complete("late".into()).await.expect("complete");
+}

@@ -245,6 +245,7 @@ impl<S: Store> ClaimGuard<S> {
     /// An operation still running then may be taken over by a retry: a caller that can
     /// bound its operation should stop waiting for it by this moment and settle the
     /// claim (the HTTP layer holds it as an unknown outcome).
+    /// [`keep_alive_bounded`](Self::keep_alive_bounded) does this with one timer.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), oncely::Error> {
@@ -273,17 +274,64 @@ impl<S: Store> ClaimGuard<S> {
     /// operation still runs to completion (it cannot be safely interrupted), and the
     /// completion that follows is then rejected with [`StoreError::LeaseLost`].
     pub async fn keep_alive<F: Future>(&self, operation: F) -> F::Output {
+        match self.renew_while(operation, None).await {
+            Some(output) => output,
+            // Without a bound the renewal loop waits for the operation alone.
+            None => unreachable!("an unbounded keep-alive ends only with its operation"),
+        }
+    }
+
+    /// [`keep_alive`](Self::keep_alive), waiting for the operation no longer than
+    /// [`held_until`](Self::held_until): `None` when that moment came first (the
+    /// operation is dropped there; its outcome is unknown). One timer serves both the
+    /// renewals and the bound, where `timeout_at(held_until, keep_alive(..))` arms two.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), oncely::Error> {
+    /// use oncely::{Acquired, IdempotencyKey, MemoryStore, Oncely};
+    ///
+    /// let oncely = Oncely::new(MemoryStore::new());
+    /// let key = IdempotencyKey::new("k").expect("key");
+    /// if let Acquired::Execute(guard) = oncely.acquire(&key, None).await? {
+    ///     match guard.keep_alive_bounded(async { "done" }).await {
+    ///         Some(done) => guard.complete(done.into()).await?,
+    ///         None => guard.abandon(), // or record that the outcome is unknown
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn keep_alive_bounded<F: Future>(&self, operation: F) -> Option<F::Output> {
+        self.renew_while(operation, Some(self.held_until())).await
+    }
+
+    /// The renewal loop of [`keep_alive`](Self::keep_alive) and
+    /// [`keep_alive_bounded`](Self::keep_alive_bounded): one `Sleep`, armed for the next
+    /// renewal while there is one before the ceiling, then for `bound` (if any).
+    ///
+    /// Invariant: `bound`, when given, is `held_until()`, which lies half a lease past
+    /// the ceiling, so every renewal comes before it and the sleep's deadline only moves
+    /// forward.
+    async fn renew_while<F: Future>(&self, operation: F, bound: Option<Instant>) -> Option<F::Output> {
         let config = self.engine.config();
         let every = config.lease / 3;
         let stop_at = self.claimed_at + config.keep_alive_ceiling;
         let mut operation = std::pin::pin!(operation);
         let mut next = Instant::now() + every;
         let mut renewing = !every.is_zero() && next < stop_at;
+        let deadline = |renewing: bool, next: Instant| if renewing { Some(next) } else { bound };
+        let Some(first) = deadline(renewing, next) else {
+            return Some(operation.await);
+        };
+        let mut sleep = std::pin::pin!(tokio::time::sleep_until(first));
         loop {
             tokio::select! {
                 biased;
-                output = &mut operation => return output,
-                () = tokio::time::sleep_until(next), if renewing => {
+                output = &mut operation => return Some(output),
+                () = &mut sleep => {
+                    if !renewing {
+                        // The bound: the sleep is armed for it only once renewals stopped.
+                        return None;
+                    }
                     match self.touch().await {
                         Ok(()) => {}
                         Err(Error::Store(StoreError::LeaseLost)) => {
@@ -295,6 +343,10 @@ impl<S: Store> ClaimGuard<S> {
                     }
                     next += every;
                     renewing = renewing && next < stop_at;
+                    match deadline(renewing, next) {
+                        Some(at) => sleep.as_mut().reset(at),
+                        None => return Some(operation.await),
+                    }
                 }
             }
         }
