@@ -667,3 +667,103 @@ impl StoreAdmin for SqliteStore {
         self.read(|reply| Query::List { after, limit, reply }).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use oncely::{ClaimRequest, Scope};
+
+    use super::*;
+
+    const RETENTION: Duration = Duration::from_secs(3600);
+
+    /// A store with inline look-ups on two readers, and a key in it completed with `b"done"`.
+    async fn store_with_a_completed_key() -> (tempfile::TempDir, SqliteStore, ClaimRequest<'static>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = SqliteOptions::default().readers(2).no_sweeper().inline_look_ups(true);
+        let store = SqliteStore::open(dir.path().join("oncely.db"), options).expect("open");
+        // Leaked: the request borrows them, and it goes to a spawned task.
+        let key = Box::leak(Box::new(oncely_testkit::unique_key()));
+        let scope = Box::leak(Box::new(Scope::global()));
+        let request = ClaimRequest::new(scope, key, None, RETENTION, RETENTION);
+        let ClaimOutcome::Acquired { .. } = store.claim(&request).await.expect("claim") else { panic!("a new key") };
+        store.complete(request.claim(), Bytes::from_static(b"done"), RETENTION).await.expect("complete");
+        (dir, store, request)
+    }
+
+    /// Returns once a request beyond the first `sent` has gone to a reader thread: the
+    /// signal that a claim's look-up did not run on the caller's thread. (The bound is for
+    /// a failure: a look-up that waited here for a connection would never be sent.)
+    async fn sent_to_a_reader(store: &SqliteStore, sent: u64) {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while store.requests_sent().reader == sent {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the look-up was sent to a reader thread");
+    }
+
+    fn replayed(outcome: &ClaimOutcome) -> bool {
+        matches!(outcome, ClaimOutcome::Replay(replay) if replay.payload == "done")
+    }
+
+    /// A claim whose look-up finds no connection free here (each in use by another
+    /// thread) goes to a reader thread, which answers once a connection is free; one
+    /// poisoned connection is passed over for the next free one, and when none is free
+    /// the reader thread, which clears the poison, answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[expect(clippy::await_holding_lock, reason = "the test holds connections while a claim runs, on purpose")]
+    async fn a_claim_whose_look_up_cannot_run_here_is_answered_by_a_reader_thread() {
+        let (_dir, store, request) = store_with_a_completed_key().await;
+        let before = store.requests_sent();
+
+        // Every connection in use: the claim waits for a reader thread, not for a lock here.
+        let held: Vec<_> = store.inner.look_ups.iter().map(|conn| conn.lock().expect("lock")).collect();
+        let claim = tokio::spawn({
+            let store = store.clone();
+            async move { store.claim(&request).await }
+        });
+        sent_to_a_reader(&store, before.reader).await;
+        assert!(!claim.is_finished(), "the reader thread waits for a connection too");
+        drop(held);
+        let outcome = claim.await.expect("task").expect("claim");
+        assert!(replayed(&outcome), "{outcome:?}");
+        let after = store.requests_sent();
+        assert_eq!(
+            (after.inline, after.writer),
+            (before.inline, before.writer),
+            "nothing ran here, nothing was written"
+        );
+
+        // The first connection poisoned (a thread panicked holding it): the next one serves.
+        let first = Arc::clone(&store.inner.look_ups[0]);
+        let poisoner = std::thread::spawn(move || {
+            let _guard = first.lock().expect("lock");
+            panic!("poison the connection's lock");
+        });
+        assert!(poisoner.join().is_err());
+        assert!(store.inner.look_ups[0].is_poisoned());
+        for _ in 0..4 {
+            assert!(replayed(&store.claim(&request).await.expect("claim")));
+        }
+        let now = store.requests_sent();
+        assert_eq!(now.inline, after.inline + 4, "each look-up ran here, on the connection not poisoned");
+        assert_eq!(now.reader, after.reader);
+
+        // The other one in use too: the look-up goes to a reader thread, which answers
+        // on whichever connection its thread owns (clearing the poison on the first).
+        let in_use = store.inner.look_ups[1].lock().expect("lock");
+        let claim = tokio::spawn({
+            let store = store.clone();
+            async move { store.claim(&request).await }
+        });
+        sent_to_a_reader(&store, now.reader).await;
+        drop(in_use);
+        assert!(replayed(&claim.await.expect("task").expect("claim")));
+        let last = store.requests_sent();
+        assert_eq!((last.inline, last.reader), (now.inline, now.reader + 1));
+    }
+}
