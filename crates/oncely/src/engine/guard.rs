@@ -140,9 +140,22 @@ impl<S: Store> ClaimGuard<S> {
             Err(e) if matches!(e.kind(), StoreErrorKind::Unavailable | StoreErrorKind::Timeout) => e,
             other => return Ok(other?),
         };
+        // Boxed: the retries' futures (two sleeps, two flushes) would otherwise make every
+        // completion's future several times larger, copied wherever it is moved.
+        Box::pin(self.complete_after_failure(payload, retention, error)).await
+    }
+
+    /// The rest of [`complete`](Self::complete) when the store did not take the result:
+    /// keep it, and try twice more.
+    async fn complete_after_failure(
+        &self,
+        payload: Bytes,
+        retention: Duration,
+        error: StoreError,
+    ) -> Result<(), Error> {
         tracing::warn!(key = %self.key, error = %error, "completion failed; the result is kept until the store takes it");
         self.keep_until_stored(payload, retention);
-        let deferred = self.engine.deferred_completions();
+        let (store, deferred) = (self.engine.store(), self.engine.deferred_completions());
         let mut last = error;
         for pause in [Duration::from_millis(20), Duration::from_millis(100)] {
             tokio::time::sleep(pause).await;
@@ -273,11 +286,16 @@ impl<S: Store> ClaimGuard<S> {
     /// A renewal that finds the claim taken over stops renewing and is logged; the
     /// operation still runs to completion (it cannot be safely interrupted), and the
     /// completion that follows is then rejected with [`StoreError::LeaseLost`].
-    pub async fn keep_alive<F: Future>(&self, operation: F) -> F::Output {
-        match self.renew_while(operation, None).await {
-            Some(output) => output,
-            // Without a bound the renewal loop waits for the operation alone.
-            None => unreachable!("an unbounded keep-alive ends only with its operation"),
+    pub fn keep_alive<F: Future>(&self, operation: F) -> impl Future<Output = F::Output> {
+        // A plain function around the loop's future, not an `async fn`: one would keep
+        // its own copy of `operation` beside the loop's.
+        let renewing = self.renew_while(operation, None);
+        async move {
+            match renewing.await {
+                Some(output) => output,
+                // Without a bound the renewal loop waits for the operation alone.
+                None => unreachable!("an unbounded keep-alive ends only with its operation"),
+            }
         }
     }
 
@@ -300,8 +318,9 @@ impl<S: Store> ClaimGuard<S> {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn keep_alive_bounded<F: Future>(&self, operation: F) -> Option<F::Output> {
-        self.renew_while(operation, Some(self.held_until())).await
+    pub fn keep_alive_bounded<F: Future>(&self, operation: F) -> impl Future<Output = Option<F::Output>> {
+        // Not an `async fn`, which would keep a copy of `operation` beside the loop's.
+        self.renew_while(operation, Some(self.held_until()))
     }
 
     /// The renewal loop of [`keep_alive`](Self::keep_alive) and
@@ -332,7 +351,10 @@ impl<S: Store> ClaimGuard<S> {
                         // The bound: the sleep is armed for it only once renewals stopped.
                         return None;
                     }
-                    match self.touch().await {
+                    // Boxed: a renewal is rare (every third of a lease), and its future,
+                    // through the store's layers, is most of this loop's size otherwise,
+                    // copied with it whenever the operation's future is moved or boxed.
+                    match Box::pin(self.touch()).await {
                         Ok(()) => {}
                         Err(Error::Store(StoreError::LeaseLost)) => {
                             tracing::warn!(key = %self.key, "lease lost while the operation runs; its result will be rejected");

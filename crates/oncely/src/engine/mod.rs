@@ -339,7 +339,8 @@ impl<S: Store> Oncely<S> {
                 // Kept results are written before any new claim (see
                 // `DeferredCompletions`); one the store still refuses does not hold this
                 // claim up, which fails by itself while the store is down.
-                if let Err(e) = deferred.flush(&self.shared.store).await {
+                // Boxed: only a process that could not store a result gets here.
+                if let Err(e) = Box::pin(deferred.flush(&self.shared.store)).await {
                     tracing::debug!(error = %e, "kept results not stored before a claim");
                 }
             }
@@ -433,31 +434,36 @@ impl<S: Store> Oncely<S> {
                     // when ours runs ahead, the remainder is zero for a live claim, and
                     // the floor keeps the waiter from spinning.
                     let floor = config.poll_interval.min(Duration::from_millis(50));
-                    // Not before the next turn, once a turn was missed.
-                    let mut next_turn = None;
-                    loop {
-                        let lease_until = member.latest_lease().unwrap_or(lease_until);
-                        let now = tokio::time::Instant::now();
-                        let mut wake = (now + config.poll_interval).min(now + remaining(lease_until).max(floor));
-                        if let Some(turn) = next_turn {
-                            wake = wake.max(turn);
-                        }
-                        let wake = wake.min(wait_until);
-                        tokio::select! {
-                            () = &mut notified => break,
-                            () = member.changed() => break,
-                            () = tokio::time::sleep_until(wake) => {
-                                let now = tokio::time::Instant::now();
-                                if now >= wait_until {
-                                    break;
-                                }
-                                match member.take_turn(now, config.poll_interval) {
-                                    Ok(()) => break,
-                                    Err(turn) => next_turn = Some(turn),
+                    // Boxed: waiting is the rare path, and its timer and notifications inline
+                    // would make every claim's future larger, copied wherever it is moved.
+                    Box::pin(async {
+                        // Not before the next turn, once a turn was missed.
+                        let mut next_turn = None;
+                        loop {
+                            let lease_until = member.latest_lease().unwrap_or(lease_until);
+                            let now = tokio::time::Instant::now();
+                            let mut wake = (now + config.poll_interval).min(now + remaining(lease_until).max(floor));
+                            if let Some(turn) = next_turn {
+                                wake = wake.max(turn);
+                            }
+                            let wake = wake.min(wait_until);
+                            tokio::select! {
+                                () = &mut notified => break,
+                                () = member.changed() => break,
+                                () = tokio::time::sleep_until(wake) => {
+                                    let now = tokio::time::Instant::now();
+                                    if now >= wait_until {
+                                        break;
+                                    }
+                                    match member.take_turn(now, config.poll_interval) {
+                                        Ok(()) => break,
+                                        Err(turn) => next_turn = Some(turn),
+                                    }
                                 }
                             }
                         }
-                    }
+                    })
+                    .await;
                     subscription = Some(self.shared.store.subscribe(&storage_key));
                 }
             }
