@@ -16,7 +16,8 @@
 # that preemption costs the server. FLOOR_SPIN_NS (see floor_proxy.rs) adds a spin per
 # request to the two floor rows. Knobs: ROUNDS=3, GATEWAY_WORKERS= (the gateway's
 # `--workers`; default one per core, as the floor). Needs wrk and nginx (bench/gateway.sh
-# installs both; it uses bench/lib.sh).
+# installs both; it uses bench/lib.sh). The server logs of a failed run are kept in
+# target/bench-cpu-split/<UTC time>/.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ONCELY=${ONCELY_BIN:-$ROOT/target/release/oncely}
@@ -26,9 +27,11 @@ RESPONSE='{"id":"ch_1","amount":1999}'
 BODY='{"amount":1999,"currency":"usd"}'
 PIDS=()
 WORK=$(mktemp -d /tmp/oncely-cpu-split.XXXXXX)
-RESULTS_DIR=$WORK
+# Kept after the run (lib.sh removes $WORK), so a failed run's server logs survive.
+RESULTS_DIR=$ROOT/target/bench-cpu-split/$(date -u +%Y%m%dT%H%M%SZ)
 BENCH_NAME=cpu_split.sh
 source "$ROOT/bench/lib.sh"
+mkdir -p "$RESULTS_DIR"
 command -v wrk >/dev/null || die "needs wrk (bench/gateway.sh installs it)"
 TICK=$(getconf CLK_TCK)
 

@@ -6,16 +6,18 @@
 # (kernel, hyper, tokio, http, malloc, ours, …) and diffed by bench/profile_vs_floor.py.
 #
 #   ONCELY_BIN=target/release/oncely FLOOR_BIN=target/release/examples/floor_proxy \
-#     bash bench/profile_vs_floor.sh pass-through|new-keys|replays|answers
+#     bash bench/profile_vs_floor.sh pass-through|new-keys|new-key-floor|replays|answers
 #
-# pass-through and new keys are compared with the floor forwarding, replays with the
+# pass-through and new keys are compared with the floor forwarding, new-key-floor is new
+# keys compared with the design's new-key floor (`--new-key`: the fingerprint, the
+# storage key, a claim and a completion in a map, the forwarding), replays with the
 # floor replaying (`--replay`: the fingerprint, the storage key, a map look-up, and the
 # stored answer, the work this design requires of a replay), answers with the floor
 # answering by itself (`--answer`) and the gateway replaying. The gateway runs on memory://, --log-level warn.
 # Needs perf, wrk and nginx (bench/gateway.sh installs the last two). Knobs: DURATION=7
 # (seconds of wrk; perf records 5 of them), FREQ=1999, THREADS=2, CONNECTIONS=32.
 set -euo pipefail
-MODE=${1:?"usage: profile_vs_floor.sh pass-through|new-keys|replays|answers"}
+MODE=${1:?"usage: profile_vs_floor.sh pass-through|new-keys|new-key-floor|replays|answers"}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ONCELY=${ONCELY_BIN:-$ROOT/target/release/oncely}
 FLOOR=${FLOOR_BIN:-$ROOT/target/release/examples/floor_proxy}
@@ -53,6 +55,7 @@ start_nginx_upstream 19280 "$RESPONSE"
 case $MODE in
     pass-through) SCRIPT=plain.lua; PATH_=/plain; FLOOR_ARGS=(127.0.0.1:19280) ;;
     new-keys) SCRIPT=new_keys.lua; PATH_=/payments; FLOOR_ARGS=(127.0.0.1:19280) ;;
+    new-key-floor) SCRIPT=new_keys.lua; PATH_=/payments; FLOOR_ARGS=(--new-key 127.0.0.1:19280) ;;
     replays) SCRIPT=fixed_key.lua; PATH_=/payments; FLOOR_ARGS=(--replay "$RESPONSE") ;;
     answers) SCRIPT=fixed_key.lua; PATH_=/payments; FLOOR_ARGS=(--answer "$RESPONSE") ;;
     *) die "unknown mode $MODE" ;;
