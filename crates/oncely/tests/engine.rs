@@ -468,10 +468,12 @@ async fn a_claim_prepared_by_another_engine_is_sent_with_this_engines_lease() {
     assert!(lease_until > SystemTime::now() + Duration::from_secs(60), "held for the sending engine's lease");
 }
 
-/// A memory store that counts the lease renewals it is sent.
+/// A memory store that counts the lease renewals it is sent, and, when told, never
+/// answers one (a store that hangs).
 struct CountingTouches {
     store: MemoryStore,
     touches: Arc<AtomicUsize>,
+    hang_touches: bool,
 }
 
 impl oncely::Store for CountingTouches {
@@ -497,6 +499,9 @@ impl oncely::Store for CountingTouches {
 
     async fn touch(&self, claim: oncely::store::Claim, lease: Duration) -> Result<(), StoreError> {
         self.touches.fetch_add(1, Ordering::SeqCst);
+        if self.hang_touches {
+            std::future::pending::<()>().await;
+        }
         self.store.touch(claim, lease).await
     }
 
@@ -516,8 +521,12 @@ impl oncely::Store for CountingTouches {
 /// An engine with a 3 s lease (renewed every second) and a 6 s keep-alive ceiling, so
 /// `held_until` is 7.5 s after the claim; and the count of its renewals.
 fn renewing_engine() -> (Oncely<CountingTouches>, Arc<AtomicUsize>) {
+    renewing_engine_with(false)
+}
+
+fn renewing_engine_with(hang_touches: bool) -> (Oncely<CountingTouches>, Arc<AtomicUsize>) {
     let touches = Arc::new(AtomicUsize::new(0));
-    let store = CountingTouches { store: MemoryStore::new(), touches: Arc::clone(&touches) };
+    let store = CountingTouches { store: MemoryStore::new(), touches: Arc::clone(&touches), hang_touches };
     let oncely = Oncely::builder(store)
         .lease(Duration::from_secs(3))
         .keep_alive_ceiling(Duration::from_secs(6))
@@ -576,4 +585,47 @@ async fn an_unbounded_keep_alive_waits_past_held_until_for_its_operation() {
     assert_eq!(claimed.elapsed(), Duration::from_secs(20));
     assert_eq!(touches.load(Ordering::SeqCst), 5, "renewals stop at the ceiling; the wait does not");
     guard.complete("late".into()).await.expect("complete");
+}
+
+/// A renewal still running at `held_until` does not hold the bound up: the keep-alive
+/// gives up there, as `timeout_at(held_until, ..)` did.
+#[tokio::test(start_paused = true)]
+async fn a_bounded_keep_alive_gives_up_at_held_until_even_inside_a_hung_renewal() {
+    let (oncely, touches) = renewing_engine_with(true);
+    let Acquired::Execute(guard) = oncely.acquire(&key("hung"), None).await.expect("claim") else {
+        panic!("a new key executes");
+    };
+    let claimed = tokio::time::Instant::now();
+    // A bound for a failure: without the fix the first renewal hangs forever.
+    let outcome = tokio::time::timeout(Duration::from_secs(60), guard.keep_alive_bounded(std::future::pending::<()>()))
+        .await
+        .expect("the keep-alive gave up at its bound");
+    assert_eq!(outcome, None);
+    assert_eq!(claimed.elapsed(), Duration::from_millis(7_500));
+    assert_eq!(touches.load(Ordering::SeqCst), 1, "the first renewal hung");
+    guard.abandon();
+}
+
+/// An operation that spends the task's cooperative budget on every poll cannot put the
+/// bound off: its timer is polled outside the budget, as `tokio::time::Timeout`'s is.
+#[tokio::test]
+async fn a_bounded_keep_alive_gives_up_even_when_the_operation_spends_the_budget() {
+    let oncely = Oncely::builder(MemoryStore::new())
+        .lease(Duration::from_millis(30))
+        .keep_alive_ceiling(Duration::from_millis(60))
+        .build()
+        .expect("settings");
+    let Acquired::Execute(guard) = oncely.acquire(&key("busy"), None).await.expect("claim") else {
+        panic!("a new key executes");
+    };
+    let busy = async {
+        loop {
+            tokio::task::consume_budget().await;
+        }
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(30), guard.keep_alive_bounded(busy))
+        .await
+        .expect("the keep-alive gave up at its bound (75 ms)");
+    assert_eq!(outcome, None);
+    guard.abandon();
 }

@@ -329,7 +329,10 @@ impl<S: Store> ClaimGuard<S> {
     ///
     /// Invariant: `bound`, when given, is `held_until()`, which lies half a lease past
     /// the ceiling, so every renewal comes before it and the sleep's deadline only moves
-    /// forward.
+    /// forward. The bound holds as `timeout_at` would hold it: a renewal still running
+    /// at the bound is dropped there, and the timer is polled outside the task's
+    /// cooperative budget, so an operation that spends the budget on every poll cannot
+    /// put it off.
     async fn renew_while<F: Future>(&self, operation: F, bound: Option<Instant>) -> Option<F::Output> {
         let config = self.engine.config();
         let every = config.lease / 3;
@@ -346,7 +349,9 @@ impl<S: Store> ClaimGuard<S> {
             tokio::select! {
                 biased;
                 output = &mut operation => return Some(output),
-                () = &mut sleep => {
+                // Unconstrained, as `tokio::time::Timeout` polls its timer: a `Sleep`
+                // polled after an operation that spent the budget would never fire.
+                () = tokio::task::unconstrained(sleep.as_mut()) => {
                     if !renewing {
                         // The bound: the sleep is armed for it only once renewals stopped.
                         return None;
@@ -354,7 +359,16 @@ impl<S: Store> ClaimGuard<S> {
                     // Boxed: a renewal is rare (every third of a lease), and its future,
                     // through the store's layers, is most of this loop's size otherwise,
                     // copied with it whenever the operation's future is moved or boxed.
-                    match Box::pin(self.touch()).await {
+                    let renewal = Box::pin(self.touch());
+                    let renewed = match bound {
+                        Some(bound) => match tokio::time::timeout_at(bound, renewal).await {
+                            Ok(renewed) => renewed,
+                            // The renewal outlasted the bound (a store that hangs).
+                            Err(_) => return None,
+                        },
+                        None => renewal.await,
+                    };
+                    match renewed {
                         Ok(()) => {}
                         Err(Error::Store(StoreError::LeaseLost)) => {
                             tracing::warn!(key = %self.key, "lease lost while the operation runs; its result will be rejected");
