@@ -14,6 +14,14 @@ fn key(name: &str) -> IdempotencyKey {
     IdempotencyKey::new(name).expect("valid test key")
 }
 
+/// The guard of a first claim of the key `name`, which executes.
+async fn executes<S: oncely::Store>(oncely: &Oncely<S>, name: &str) -> oncely::ClaimGuard<S> {
+    match oncely.acquire(&key(name), None).await.expect("claim") {
+        Acquired::Execute(guard) => guard,
+        Acquired::Replay(_) => panic!("{name}: a new key executes"),
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 enum PaymentError {
     Declined { reason: String },
@@ -113,7 +121,7 @@ async fn hooks_see_every_outcome_with_hit_counts() {
     let _ = oncely.run(&key("k"), other, || async { Ok::<_, Failure<String>>(1) }).await;
     assert_eq!(mismatches.load(Ordering::SeqCst), 1);
 
-    let Acquired::Execute(guard) = oncely.acquire(&key("busy"), None).await.expect("acquire") else { panic!() };
+    let guard = executes(&oncely, "busy").await;
     assert!(matches!(oncely.acquire(&key("busy"), None).await, Err(Error::Conflict { .. })));
     assert_eq!(conflicts.load(Ordering::SeqCst), 1);
     guard.release().await.expect("release");
@@ -133,14 +141,14 @@ async fn a_dropped_guard_blocks_its_key_for_one_lease_then_is_taken_over() {
             .build()
             .expect("valid settings")
     };
-    let Acquired::Execute(guard) = oncely.acquire(&key("k"), None).await.expect("acquire") else { panic!() };
+    let guard = executes(&oncely, "k").await;
     drop(guard);
     match oncely.acquire(&key("k"), None).await {
         Err(Error::Conflict { retry_after }) => assert_eq!(retry_after, Duration::from_secs(1), "rounded up"),
         other => panic!("a dropped guard keeps the key blocked, got {other:?}"),
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let Acquired::Execute(guard) = oncely.acquire(&key("k"), None).await.expect("acquire") else { panic!() };
+    let guard = executes(&oncely, "k").await;
     assert!(guard.is_takeover());
     assert_eq!(takeovers.load(Ordering::SeqCst), 1);
     guard.complete(bytes::Bytes::from_static(b"done")).await.expect("complete");
@@ -178,7 +186,7 @@ async fn a_waiter_gives_up_with_a_conflict_at_its_timeout() {
         .conflict_mode(ConflictMode::Wait { timeout: Duration::from_millis(100) })
         .build()
         .expect("settings");
-    let Acquired::Execute(guard) = oncely.acquire(&key("k"), None).await.expect("acquire") else { panic!() };
+    let guard = executes(&oncely, "k").await;
     assert!(matches!(oncely.acquire(&key("k"), None).await, Err(Error::Conflict { .. })));
     guard.release().await.expect("release");
 }
@@ -538,9 +546,7 @@ fn renewing_engine_with(hang_touches: bool) -> (Oncely<CountingTouches>, Arc<Ato
 #[tokio::test(start_paused = true)]
 async fn a_bounded_keep_alive_renews_until_the_ceiling_and_gives_up_at_held_until() {
     let (oncely, touches) = renewing_engine();
-    let Acquired::Execute(guard) = oncely.acquire(&key("slow"), None).await.expect("claim") else {
-        panic!("a new key executes");
-    };
+    let guard = executes(&oncely, "slow").await;
     let claimed = tokio::time::Instant::now();
     assert_eq!(guard.held_until(), claimed + Duration::from_millis(7_500));
     let outcome = guard.keep_alive_bounded(std::future::pending::<()>()).await;
@@ -554,9 +560,7 @@ async fn a_bounded_keep_alive_renews_until_the_ceiling_and_gives_up_at_held_unti
     guard.abandon();
 
     // An operation that ends first is waited for, and its output returned.
-    let Acquired::Execute(guard) = oncely.acquire(&key("quick"), None).await.expect("claim") else {
-        panic!("a new key executes");
-    };
+    let guard = executes(&oncely, "quick").await;
     let started = tokio::time::Instant::now();
     let output = guard.keep_alive_bounded(async {
         tokio::time::sleep(Duration::from_millis(2_500)).await;
@@ -571,9 +575,7 @@ async fn a_bounded_keep_alive_renews_until_the_ceiling_and_gives_up_at_held_unti
 #[tokio::test(start_paused = true)]
 async fn an_unbounded_keep_alive_waits_past_held_until_for_its_operation() {
     let (oncely, touches) = renewing_engine();
-    let Acquired::Execute(guard) = oncely.acquire(&key("slower"), None).await.expect("claim") else {
-        panic!("a new key executes");
-    };
+    let guard = executes(&oncely, "slower").await;
     let claimed = tokio::time::Instant::now();
     let output = guard
         .keep_alive(async {
@@ -592,9 +594,7 @@ async fn an_unbounded_keep_alive_waits_past_held_until_for_its_operation() {
 #[tokio::test(start_paused = true)]
 async fn a_bounded_keep_alive_gives_up_at_held_until_even_inside_a_hung_renewal() {
     let (oncely, touches) = renewing_engine_with(true);
-    let Acquired::Execute(guard) = oncely.acquire(&key("hung"), None).await.expect("claim") else {
-        panic!("a new key executes");
-    };
+    let guard = executes(&oncely, "hung").await;
     let claimed = tokio::time::Instant::now();
     // A bound for a failure: without the fix the first renewal hangs forever.
     let outcome = tokio::time::timeout(Duration::from_secs(60), guard.keep_alive_bounded(std::future::pending::<()>()))
@@ -615,9 +615,7 @@ async fn a_bounded_keep_alive_gives_up_even_when_the_operation_spends_the_budget
         .keep_alive_ceiling(Duration::from_millis(60))
         .build()
         .expect("settings");
-    let Acquired::Execute(guard) = oncely.acquire(&key("busy"), None).await.expect("claim") else {
-        panic!("a new key executes");
-    };
+    let guard = executes(&oncely, "busy").await;
     let busy = async {
         loop {
             tokio::task::consume_budget().await;
