@@ -65,22 +65,52 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // (`keep-alive`, `upgrade`, `te`, …) go below: they are not parsed into names, and
     // nothing is allocated for them. The usual value, a lone `keep-alive`, is told by one
     // comparison before any splitting.
-    if present[0] && !headers.get_all(header::CONNECTION).iter().all(|v| is_always(v.as_bytes())) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|option| !is_always(option.as_bytes()))
-            .filter_map(|name| HeaderName::try_from(name).ok())
-            .collect();
-        for name in &named {
+    if present[0] {
+        for name in &named_by_connection(headers) {
             headers.remove(name);
         }
     }
     for (name, _) in ALWAYS.iter().zip(present).filter(|(_, present)| *present) {
         headers.remove(*name);
+    }
+}
+
+/// The fields `headers`' `Connection` names beyond the nine (none allocated when it names
+/// only those, as it usually does).
+fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
+    let options = headers.get_all(header::CONNECTION);
+    if options.iter().all(|v| is_always(v.as_bytes())) {
+        return Vec::new();
+    }
+    options
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|option| !is_always(option.as_bytes()))
+        .filter_map(|name| HeaderName::try_from(name).ok())
+        .collect()
+}
+
+/// The hop-by-hop fields of one message, told one name at a time: for copying a
+/// message's other fields without first copying all of them and removing these (the
+/// stored form of a response is written so).
+///
+/// It names what [`strip_hop_by_hop`] removes: the nine, and the fields `Connection`
+/// names.
+pub(crate) struct HopByHop {
+    named: Vec<HeaderName>,
+}
+
+impl HopByHop {
+    /// The hop-by-hop fields of the message whose fields are `headers`.
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        Self { named: named_by_connection(headers) }
+    }
+
+    /// Whether `name` is hop-by-hop in that message.
+    pub(crate) fn contains(&self, name: &HeaderName) -> bool {
+        position(name).is_some() || self.named.contains(name)
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt, stream};
-use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http::{HeaderValue, Request, Response, header};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, BodyStream, Either, Full, LengthLimitError, Limited, StreamBody};
 use oncely::{Acquired, ClaimGuard, Error, Fingerprint, IdempotencyKey, Oncely, Replay, StorageKey, Store, StoreError};
@@ -17,6 +17,7 @@ use tower_service::Service;
 
 use crate::access::Access;
 use crate::detach::Detachable;
+use crate::hop_by_hop::HopByHop;
 use crate::layer::{IdempotencyLayer, InProgressPlace};
 use crate::problem::{Problem, ProblemKind};
 use crate::request::{
@@ -24,10 +25,9 @@ use crate::request::{
     request_fingerprint_with,
 };
 use crate::settings::Settings;
-use crate::stored::{StoredBody, StoredResponse};
+use crate::stored::{self, StoredBody, StoredResponse};
 use crate::{
     BoxError, KeyedOutcome, NotProcessed, OutcomeUnknown, RequestBody, ResponseBody, Takeover, parse_key_header,
-    strip_hop_by_hop,
 };
 
 /// How long a client is told to wait after a 503 from a failing store.
@@ -731,17 +731,15 @@ where
         }
         Ok(Produced::Store(parts, Capped::Whole(body))) => {
             settings.counters.executed.increment(1);
-            let headers = replayable_headers(&parts.headers, settings);
-            let stored = StoredResponse { status: parts.status, headers, body: StoredBody::Kept(body.clone()) };
-            complete(guard, stored.encode(), settings).await;
+            let stored = stored_form(&parts, &StoredBody::Kept(body.clone()), settings);
+            complete(guard, stored, settings).await;
             Ok((Response::from_parts(parts, full(body)), Outcome::Executed))
         }
         Ok(Produced::Store(parts, Capped::TooLarge { prefix, rest })) => {
             settings.counters.executed_not_stored.increment(1);
             tracing::warn!(key = %guard.key(), cap = settings.max_stored_response, "response over the storage cap; retries get a response-not-stored problem");
-            let headers = replayable_headers(&parts.headers, settings);
-            let stored = StoredResponse { status: parts.status, headers, body: StoredBody::NotKept };
-            complete(guard, stored.encode(), settings).await;
+            let stored = stored_form(&parts, &StoredBody::NotKept, settings);
+            complete(guard, stored, settings).await;
             let head = stream::once(std::future::ready(Ok::<_, BoxError>(Frame::data(prefix))));
             let tail = TryStreamExt::map_err(BodyStream::new(rest), Into::into);
             Ok((Response::from_parts(parts, StreamBody::new(head.chain(tail)).boxed_unsync()), Outcome::Executed))
@@ -826,16 +824,16 @@ fn concat(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
     out.freeze()
 }
 
-/// What a replay repeats: every field but the hop-by-hop ones, `Date` (the replay's own
-/// is set by the server) and the configured exclusions (`Set-Cookie` by default).
-fn replayable_headers(headers: &HeaderMap, settings: &Settings) -> HeaderMap {
-    let mut kept = headers.clone();
-    strip_hop_by_hop(&mut kept);
-    kept.remove(header::DATE);
-    for name in &settings.not_replayed {
-        kept.remove(name);
-    }
-    kept
+/// The stored form of an executed request's response, with `body`. A replay repeats
+/// every field in the order sent but the hop-by-hop ones, `Date` (the replay's own is set
+/// by the server) and the configured exclusions (`Set-Cookie` by default): they are
+/// skipped as the fields are written, with no copy of the header map.
+fn stored_form(parts: &http::response::Parts, body: &StoredBody, settings: &Settings) -> Bytes {
+    let hop_by_hop = HopByHop::of(&parts.headers);
+    let replayed = parts.headers.iter().filter(|(name, _)| {
+        *name != header::DATE && !hop_by_hop.contains(name) && !settings.not_replayed.contains(name)
+    });
+    stored::encode(parts.status, parts.headers.len(), replayed, body)
 }
 
 /// The replay of a stored response, and whether it is an unknown outcome.
@@ -898,4 +896,53 @@ where
     B::Error: Into<BoxError>,
 {
     body.map_err(Into::into).boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stored copy of a response keeps the fields a replay repeats, in the order sent,
+    /// and none of the others: hop-by-hop ones (the nine, and those `Connection` names),
+    /// `Date`, and the configured exclusions.
+    #[test]
+    fn the_stored_form_skips_what_a_replay_does_not_repeat() {
+        let mut response = Response::builder()
+            .status(201)
+            .header("content-type", "application/json")
+            .header("connection", "keep-alive, X-Private")
+            .header("x-multi", "a")
+            .header("keep-alive", "timeout=5")
+            .header("x-private", "1")
+            .header("date", "Sun, 22 Nov 2026 10:00:00 GMT")
+            .header("set-cookie", "session=abc")
+            .header("x-other", "2")
+            .header("transfer-encoding", "chunked")
+            .body(())
+            .expect("a valid response");
+        response.headers_mut().append("x-multi", HeaderValue::from_static("b"));
+        let (parts, ()) = response.into_parts();
+        let settings = Settings::default();
+        let body = StoredBody::Kept(Bytes::from_static(b"{}"));
+
+        let decoded = StoredResponse::decode(stored_form(&parts, &body, &settings)).expect("it decodes");
+        let fields: Vec<(&str, &str)> = decoded
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.to_str().expect("visible ASCII")))
+            .collect();
+        assert_eq!(
+            fields,
+            [("content-type", "application/json"), ("x-multi", "a"), ("x-multi", "b"), ("x-other", "2")]
+        );
+        assert_eq!(decoded.status, http::StatusCode::CREATED);
+        assert_eq!(decoded.body, body);
+
+        // The exclusions are the configured ones: `Set-Cookie` is kept when not excluded.
+        let settings = Settings { not_replayed: vec![header::CONTENT_TYPE], ..Settings::default() };
+        let decoded = StoredResponse::decode(stored_form(&parts, &StoredBody::NotKept, &settings)).expect("it decodes");
+        let names: Vec<&str> = decoded.headers.keys().map(|name| name.as_str()).collect();
+        assert_eq!(names, ["x-multi", "set-cookie", "x-other"]);
+        assert_eq!(decoded.body, StoredBody::NotKept);
+    }
 }

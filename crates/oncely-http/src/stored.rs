@@ -76,35 +76,48 @@ impl StoredResponse {
     }
 }
 
+/// The stored form of a response whose fields are `headers` (about `len` of them, for
+/// the buffer's size), in the layout the [module docs](self) give. The fields are written
+/// as they come, so a caller filters them on the way rather than copying a header map to
+/// remove some from it.
+pub(crate) fn encode<'a>(
+    status: StatusCode,
+    len: usize,
+    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    body: &StoredBody,
+) -> Bytes {
+    let (flag, body) = match body {
+        StoredBody::Kept(body) => (0, Some(body)),
+        StoredBody::NotKept => (1, None),
+        StoredBody::OutcomeUnknown => (2, None),
+    };
+    let mut out = BytesMut::with_capacity(16 + len * 48 + body.map_or(0, Bytes::len));
+    out.put_slice(MAGIC);
+    out.put_u8(flag);
+    out.put_u16(status.as_u16());
+    // The count is written once the fields are: a placeholder until then. Header names
+    // are at most 64 KiB by hyper's limits, and a response stored here has far fewer
+    // than 65,536 fields; any past that are left out rather than the count wrapped.
+    let count_at = out.len();
+    out.put_u16(0);
+    let mut count: u16 = 0;
+    for (name, value) in headers.take(u16::MAX as usize) {
+        out.put_u16(name.as_str().len() as u16);
+        out.put_slice(name.as_str().as_bytes());
+        out.put_u32(value.len() as u32);
+        out.put_slice(value.as_bytes());
+        count += 1;
+    }
+    out[count_at..count_at + 2].copy_from_slice(&count.to_be_bytes());
+    if let Some(body) = body {
+        out.put_slice(body);
+    }
+    out.freeze()
+}
+
 impl StoredResponse {
     pub(crate) fn encode(&self) -> Bytes {
-        let body = match &self.body {
-            StoredBody::Kept(body) => Some(body),
-            _ => None,
-        };
-        let body_len = body.map_or(0, Bytes::len);
-        let mut out = BytesMut::with_capacity(16 + self.headers.len() * 48 + body_len);
-        out.put_slice(MAGIC);
-        out.put_u8(match self.body {
-            StoredBody::Kept(_) => 0,
-            StoredBody::NotKept => 1,
-            StoredBody::OutcomeUnknown => 2,
-        });
-        out.put_u16(self.status.as_u16());
-        // Header names are at most 64 KiB by hyper's limits, and a header map stored here
-        // holds far fewer than 65,536 entries; saturate rather than wrap if not.
-        let count = self.headers.len().min(u16::MAX as usize);
-        out.put_u16(count as u16);
-        for (name, value) in self.headers.iter().take(count) {
-            out.put_u16(name.as_str().len() as u16);
-            out.put_slice(name.as_str().as_bytes());
-            out.put_u32(value.len() as u32);
-            out.put_slice(value.as_bytes());
-        }
-        if let Some(body) = body {
-            out.put_slice(body);
-        }
-        out.freeze()
+        encode(self.status, self.headers.len(), self.headers.iter(), &self.body)
     }
 
     pub(crate) fn decode(mut bytes: Bytes) -> Result<Self, &'static str> {
