@@ -57,7 +57,7 @@ const PURGE_BATCH: usize = 256;
 /// hash map (key and the entry's box, counted twice because a map that has just grown
 /// keeps up to half of its slots spare), the boxed entry, the element of the expiry
 /// index (counted twice: a B-tree node may be half empty), and three allocator
-/// headers, for the key's and scope's heap strings and the entry's box: 450 bytes on
+/// headers, for the key's and scope's heap strings and the entry's box: 466 bytes on
 /// 64-bit targets today (the size of `Entry` decides).
 ///
 /// A payload counts at its length. The store keeps the `Bytes` it is given, so a payload
@@ -117,10 +117,25 @@ struct Inner {
 struct Shard {
     /// The records, each in a box of its own: a slot holds the key and a pointer (40
     /// bytes), so that a growing table moves 40 bytes a record rather than the entry's
-    /// 224, and a record never moves once stored.
+    /// 240, and a record never moves once stored.
     map: crate::key::KeyMap<Box<Entry>>,
-    /// Every record of the shard by `(expires_at, key)`: the sweep and eviction order.
+    /// Every record of the shard, once, by `(filed_at, key)`: the sweep and eviction
+    /// order. **A record is filed at or before its expiry** (`Entry::filed_at <=
+    /// record.expires_at`), and re-filed lazily: an expiry moved later (a completion,
+    /// whose retention counts from a moment after its claim's; a renewal; a takeover)
+    /// leaves the record where it is filed, sparing the index a removal and an insertion
+    /// on every completion; one moved earlier re-files it at once ([`Shard::set_expiry`]).
+    /// So whoever reads the index from its front for what has expired (the sweep,
+    /// eviction, `stats`) checks each record's own expiry, and re-files one that is not
+    /// due yet at its expiry ([`Shard::refile`]): each record is re-filed at most once
+    /// per change of its expiry. Where the order among unexpired records decides what is
+    /// evicted (`exact_order`), every change re-files at once, and each record is filed
+    /// at its expiry.
     by_expiry: BTreeSet<(SystemTime, StorageKey)>,
+    /// Whether [`Shard::by_expiry`] files every record at its expiry: set when unexpired
+    /// completed records may be evicted, the one that expires first going first
+    /// ([`MemoryStoreBuilder::evict_completed_when_full`]).
+    exact_order: bool,
     /// How many records of `map` are completed, expired ones included, so that `stats`
     /// reads counts rather than every record. **Kept exact where a record enters, leaves
     /// or changes state:** [`Shard::insert`], [`Shard::remove`] and `complete` (the only
@@ -133,11 +148,23 @@ struct Entry {
     /// What this record adds to [`Inner::bytes`]: kept beside it so that removing it
     /// gives back exactly what was counted.
     cost: usize,
+    /// Where [`Shard::by_expiry`] files this record: never after `record.expires_at`.
+    filed_at: SystemTime,
     /// Waiters for this in-progress record, created by the first `subscribe`.
     waiters: Option<Arc<Notify>>,
 }
 
 impl Entry {
+    /// Sets the record's expiry; the filing to move from when the index must re-file it
+    /// now (the expiry moved before where it is filed, or moved at all in a shard that
+    /// keeps an `exact_order`), else `None` (see [`Shard::by_expiry`]). The caller passes
+    /// that to [`Shard::set_expiry`]'s re-filing.
+    fn set_expiry(&mut self, expires_at: SystemTime, exact_order: bool) -> Option<SystemTime> {
+        self.record.expires_at = expires_at;
+        let refile = if exact_order { expires_at != self.filed_at } else { expires_at < self.filed_at };
+        refile.then(|| std::mem::replace(&mut self.filed_at, expires_at))
+    }
+
     fn wake(&mut self) {
         if let Some(waiters) = self.waiters.take() {
             waiters.notify_waiters();
@@ -186,6 +213,9 @@ impl MemoryStoreBuilder {
 
     /// Whether a full store may evict unexpired *completed* records to make room for a
     /// new one, the one that expires first (per shard) going first (default `false`).
+    /// The order is the expiry index's, which files a record by its claim's expiry until
+    /// a reader of the index re-files it: between records whose expiries are a moment
+    /// apart, the order is not exact.
     ///
     /// Off, a full store refuses new records instead, and every completed record is
     /// replayed until its retention ends. On, a retry of an evicted key runs its operation
@@ -221,7 +251,8 @@ impl MemoryStoreBuilder {
 
     /// Builds the store and starts its sweeper.
     pub fn build(self) -> MemoryStore {
-        let shards = (0..self.shards).map(|_| Mutex::new(Shard::default())).collect();
+        let shard = || Shard { exact_order: self.evict_completed, ..Shard::default() };
+        let shards = (0..self.shards).map(|_| Mutex::new(shard())).collect();
         let inner = Arc::new(Inner {
             shards,
             len: AtomicUsize::new(0),
@@ -481,16 +512,42 @@ impl Inner {
         let mut purged = 0;
         for index in 0..self.shards.len() {
             loop {
-                let (removed, freed) = self.lock(index).remove_expired(now, PURGE_BATCH);
+                let (read, removed, freed) = self.lock(index).remove_expired(now, PURGE_BATCH);
                 self.len.fetch_sub(removed, Ordering::AcqRel);
                 self.bytes.fetch_sub(freed, Ordering::AcqRel);
                 purged += removed as u64;
-                if removed < PURGE_BATCH {
+                if read < PURGE_BATCH {
                     break;
                 }
             }
         }
         purged
+    }
+
+    /// [`StoreAdmin::stats`] at `now`.
+    fn stats(&self, now: SystemTime) -> StoreStats {
+        let mut stats = StoreStats::default();
+        for index in 0..self.shards.len() {
+            let mut shard = self.lock(index);
+            let (mut records, mut completed) = (shard.map.len(), shard.completed);
+            // The expired records are not removed here (a read), but records filed
+            // before their expiry and not due are re-filed (see `Shard::by_expiry`), so
+            // that the next call does not read them again.
+            let due: Vec<(SystemTime, StorageKey)> =
+                shard.by_expiry.iter().take_while(|(filed_at, _)| *filed_at <= now).copied().collect();
+            for (filed_at, key) in &due {
+                if shard.refile(*filed_at, key, now)
+                    && let Some(entry) = shard.map.get(key)
+                {
+                    records -= 1;
+                    completed -= usize::from(entry.record.is_completed());
+                }
+            }
+            stats.records += records as u64;
+            stats.completed += completed as u64;
+            stats.in_progress += (records - completed) as u64;
+        }
+        stats
     }
 
     fn first_seen(&self, request: &FirstSeen<'_>) -> Result<bool, StoreError> {
@@ -532,6 +589,7 @@ impl Shard {
         lease_until: SystemTime,
         expires_at: SystemTime,
     ) -> Option<ClaimOutcome> {
+        let exact_order = self.exact_order;
         let entry = self.live_mut(request.storage_key(), now)?;
         if entry.record.fingerprint.as_ref() != request.fingerprint() {
             return Some(ClaimOutcome::Mismatch);
@@ -551,8 +609,8 @@ impl Shard {
             RecordState::InProgress { .. } => {
                 entry.record.state = RecordState::InProgress { claim_id: request.claim_id(), lease_until };
                 entry.wake();
-                let old_expiry = std::mem::replace(&mut entry.record.expires_at, expires_at);
-                self.reindex(request.storage_key(), old_expiry, expires_at);
+                let moved = entry.set_expiry(expires_at, exact_order);
+                self.set_expiry(request.storage_key(), moved, expires_at);
                 Some(ClaimOutcome::Acquired { takeover: true })
             }
         }
@@ -573,12 +631,12 @@ impl Shard {
     fn insert(&mut self, record: Record, cost: usize) -> Option<usize> {
         let (key, expires_at) = (record.storage_key, record.expires_at);
         self.completed += usize::from(record.is_completed());
-        let old = self.map.insert(key, Box::new(Entry { record, cost, waiters: None }));
-        // The replaced record's index entry goes before the new one is added: with the
-        // same expiry they are the same entry, and removing after adding would unindex
+        let old = self.map.insert(key, Box::new(Entry { record, cost, filed_at: expires_at, waiters: None }));
+        // The replaced record's index entry goes before the new one is added: filed at
+        // the same time they are the same entry, and removing after adding would unindex
         // the new record (never swept, never taken out of `stats`).
         let replaced = old.map(|mut old| {
-            self.by_expiry.remove(&(old.record.expires_at, key));
+            self.by_expiry.remove(&(old.filed_at, key));
             self.completed -= usize::from(old.record.is_completed());
             old.wake();
             old.cost
@@ -590,17 +648,40 @@ impl Shard {
     /// Removes the record at `key` and wakes its waiters; its cost when there was one.
     fn remove(&mut self, key: &StorageKey) -> Option<usize> {
         let mut entry = self.map.remove(key)?;
-        self.by_expiry.remove(&(entry.record.expires_at, *key));
+        self.by_expiry.remove(&(entry.filed_at, *key));
         self.completed -= usize::from(entry.record.is_completed());
         entry.wake();
         Some(entry.cost)
     }
 
-    fn reindex(&mut self, key: &StorageKey, old: SystemTime, new: SystemTime) {
-        if old != new {
-            self.by_expiry.remove(&(old, *key));
-            self.by_expiry.insert((new, *key));
+    /// Finishes [`Entry::set_expiry`] for the record at `key`, whose expiry is now
+    /// `expires_at`: re-files it there when `moved` names the filing it moved before.
+    fn set_expiry(&mut self, key: &StorageKey, moved: Option<SystemTime>, expires_at: SystemTime) {
+        if let Some(filed_at) = moved {
+            self.by_expiry.remove(&(filed_at, *key));
+            self.by_expiry.insert((expires_at, *key));
         }
+    }
+
+    /// Reads the index entry `(filed_at, key)`, found due at `now`: true when its record
+    /// has expired. One filed early and not due yet is re-filed at its expiry (see
+    /// [`Shard::by_expiry`]), so that no reader from the front meets it again before then.
+    fn refile(&mut self, filed_at: SystemTime, key: &StorageKey, now: SystemTime) -> bool {
+        let Some(entry) = self.map.get_mut(key) else {
+            // Unreachable: the index holds the records of the map, each once. A stray
+            // entry would otherwise stay at the front for good.
+            self.by_expiry.remove(&(filed_at, *key));
+            return false;
+        };
+        debug_assert_eq!(entry.filed_at, filed_at, "each record is filed once, where its entry says");
+        if entry.record.is_expired(now) {
+            return true;
+        }
+        let expires_at = entry.record.expires_at;
+        entry.filed_at = expires_at;
+        self.by_expiry.remove(&(filed_at, *key));
+        self.by_expiry.insert((expires_at, *key));
+        false
     }
 
     /// Drops one record to make room; its cost, or `None` when the shard holds nothing
@@ -611,31 +692,47 @@ impl Shard {
     /// read already), the one that expired first. Only with `evict_completed` (see
     /// [`MemoryStoreBuilder::evict_completed_when_full`]) may it instead be the unexpired
     /// completed record that expires first. An in-progress record is never a victim.
+    ///
+    /// Records filed before their expiry (see [`Shard::by_expiry`]) are re-filed as they
+    /// are met, so an expired record is always found. Which expired record goes first may
+    /// then differ from their expiries' order, which nothing observes: each is absent to
+    /// every read. Among unexpired completed records the order is exact (`exact_order`).
     fn evict_one(&mut self, now: SystemTime, evict_completed: bool) -> Option<usize> {
-        let expired = |expires_at: &SystemTime| *expires_at <= now;
-        let victim = if evict_completed {
-            self.by_expiry
-                .iter()
-                .find(|(expires_at, key)| {
-                    expired(expires_at) || self.map.get(key).is_some_and(|entry| entry.record.is_completed())
-                })
-                .map(|(_, key)| *key)
-        } else {
-            self.by_expiry.first().filter(|(expires_at, _)| expired(expires_at)).map(|(_, key)| *key)
-        };
-        self.remove(&victim?)
-    }
-
-    /// Removes up to `limit` expired records; how many, and the bytes they counted.
-    fn remove_expired(&mut self, now: SystemTime, limit: usize) -> (usize, usize) {
-        let expired: Vec<StorageKey> = self
+        // Each turn removes a record or re-files one past `now`, which this call then
+        // never meets again: the loop ends.
+        while let Some(&(filed_at, key)) = self.by_expiry.first().filter(|(filed_at, _)| *filed_at <= now) {
+            if self.refile(filed_at, &key, now) {
+                return self.remove(&key);
+            }
+        }
+        if !evict_completed {
+            return None;
+        }
+        // Nothing has expired: the completed record filed first.
+        let victim = self
             .by_expiry
             .iter()
-            .take_while(|(expires_at, _)| *expires_at <= now)
-            .take(limit)
-            .map(|(_, key)| *key)
-            .collect();
-        expired.iter().filter_map(|key| self.remove(key)).fold((0, 0), |(n, bytes), cost| (n + 1, bytes + cost))
+            .find(|(_, key)| self.map.get(key).is_some_and(|entry| entry.record.is_completed()))
+            .map(|(_, key)| *key)?;
+        self.remove(&victim)
+    }
+
+    /// Reads up to `limit` index entries due at `now`, removing the expired records and
+    /// re-filing the others (see [`Shard::by_expiry`]): how many entries were read, and
+    /// how many records were removed with the bytes they counted.
+    fn remove_expired(&mut self, now: SystemTime, limit: usize) -> (usize, usize, usize) {
+        let due: Vec<(SystemTime, StorageKey)> =
+            self.by_expiry.iter().take_while(|(filed_at, _)| *filed_at <= now).take(limit).copied().collect();
+        let (mut removed, mut freed) = (0, 0);
+        for (filed_at, key) in &due {
+            if self.refile(*filed_at, key, now)
+                && let Some(cost) = self.remove(key)
+            {
+                removed += 1;
+                freed += cost;
+            }
+        }
+        (due.len(), removed, freed)
     }
 }
 
@@ -652,6 +749,7 @@ impl Store for MemoryStore {
         let now = SystemTime::now();
         let expires_at = deadline(now, retention)?;
         let mut shard = self.inner.shard(key);
+        let exact_order = shard.exact_order;
         let entry = shard.held_mut(key, claim_id, now)?;
         // In progress (`held_mut`), now completed: one more for `Shard::completed`.
         entry.record.state = RecordState::Completed { payload, completed_at: now, hits: 0 };
@@ -659,9 +757,10 @@ impl Store for MemoryStore {
         let new_cost = record_cost(&entry.record);
         let old_cost = std::mem::replace(&mut entry.cost, new_cost);
         self.inner.recount(old_cost, new_cost);
-        let old_expiry = std::mem::replace(&mut entry.record.expires_at, expires_at);
+        // Usually later than the claim's expiry: the record stays where it is filed.
+        let moved = entry.set_expiry(expires_at, exact_order);
         shard.completed += 1;
-        shard.reindex(key, old_expiry, expires_at);
+        shard.set_expiry(key, moved, expires_at);
         Ok(())
     }
 
@@ -681,13 +780,13 @@ impl Store for MemoryStore {
         let now = SystemTime::now();
         let lease_until = deadline(now, lease)?;
         let mut shard = self.inner.shard(key);
+        let exact_order = shard.exact_order;
         let entry = shard.held_mut(key, claim_id, now)?;
         entry.record.state = RecordState::InProgress { claim_id, lease_until };
-        // A renewed lease never outlives the record.
-        let old_expiry = entry.record.expires_at;
-        if lease_until > old_expiry {
-            entry.record.expires_at = lease_until;
-            shard.reindex(key, old_expiry, lease_until);
+        // A renewed lease never outlives the record: the expiry only moves later.
+        if lease_until > entry.record.expires_at {
+            let moved = entry.set_expiry(lease_until, exact_order);
+            shard.set_expiry(key, moved, lease_until);
         }
         Ok(())
     }
@@ -747,25 +846,11 @@ impl StoreAdmin for MemoryStore {
 
     /// Reads each shard's counts (one lock at a time) and takes out the records that
     /// have expired but are not swept yet, found from the front of the expiry index: the
-    /// cost is the number of shards and of such records, not of all records (a scrape
-    /// of `/metrics` calls this).
+    /// cost is the number of shards and of such records (and, once each, of records
+    /// filed before their expiry that it re-files: see `Shard::by_expiry`), not of all
+    /// records (a scrape of `/metrics` calls this).
     async fn stats(&self) -> Result<StoreStats, StoreError> {
-        let now = SystemTime::now();
-        let mut stats = StoreStats::default();
-        for index in 0..self.inner.shards.len() {
-            let shard = self.inner.lock(index);
-            let (mut records, mut completed) = (shard.map.len(), shard.completed);
-            for (_, key) in shard.by_expiry.iter().take_while(|(expires_at, _)| *expires_at <= now) {
-                if let Some(entry) = shard.map.get(key) {
-                    records -= 1;
-                    completed -= usize::from(entry.record.is_completed());
-                }
-            }
-            stats.records += records as u64;
-            stats.completed += completed as u64;
-            stats.in_progress += (records - completed) as u64;
-        }
-        Ok(stats)
+        Ok(self.inner.stats(SystemTime::now()))
     }
 
     /// Scans every shard (one lock at a time) and sorts: for admin use.
@@ -792,13 +877,113 @@ impl StoreAdmin for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{IdempotencyKey, Scope};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A one-shard store without a sweeper, evicting completed records or not.
+    fn one_shard(evict_completed: bool) -> MemoryStore {
+        MemoryStore::builder().shards(1).no_sweeper().evict_completed_when_full(evict_completed).build()
+    }
+
+    /// Claims `name` in `store` (lease a second, retention `claimed_for`) and completes it
+    /// with retention `completed_for`: the record's storage key, and its expiry as the
+    /// claim set it and as the completion did.
+    async fn claimed_then_completed(
+        store: &MemoryStore,
+        name: &str,
+        claimed_for: Duration,
+        completed_for: Duration,
+    ) -> (StorageKey, SystemTime, SystemTime) {
+        let (scope, key) = (Scope::global(), IdempotencyKey::new(name).expect("a valid key"));
+        let request = ClaimRequest::new(&scope, &key, None, Duration::from_secs(1), claimed_for);
+        store.claim(&request).await.expect("claim");
+        let claimed = store.get(request.storage_key()).await.expect("get").expect("a record").expires_at;
+        store.complete(request.claim(), Bytes::from_static(b"r"), completed_for).await.expect("complete");
+        let completed = store.get(request.storage_key()).await.expect("get").expect("a record").expires_at;
+        (*request.storage_key(), claimed, completed)
+    }
+
+    /// What the shard holds: records, index entries, and where the one at `key` is filed.
+    fn filing(store: &MemoryStore, key: &StorageKey) -> (usize, usize, Option<SystemTime>) {
+        let shard = store.inner.lock(0);
+        (shard.map.len(), shard.by_expiry.len(), shard.map.get(key).map(|entry| entry.filed_at))
+    }
+
+    /// A completion that moves the expiry later leaves the record filed at its claim's
+    /// expiry; `stats` and a sweep between the two do not count or remove it, and re-file
+    /// it; it is removed once its own expiry is due.
+    #[tokio::test]
+    async fn a_record_filed_before_its_expiry_is_swept_at_its_expiry_not_its_filing() {
+        let store = one_shard(false);
+        let (key, claimed, completed) = claimed_then_completed(&store, "later", HOUR, 2 * HOUR).await;
+        assert!(completed > claimed);
+        assert_eq!(filing(&store, &key), (1, 1, Some(claimed)), "filed where the claim put it");
+
+        let between = claimed + Duration::from_secs(60);
+        let stats = store.inner.stats(between);
+        assert_eq!((stats.records, stats.completed), (1, 1), "not expired before its own expiry");
+        assert_eq!(filing(&store, &key), (1, 1, Some(completed)), "re-filed at its expiry, once");
+        assert_eq!(store.inner.purge_expired(between), 0, "not removed at its filing");
+        assert!(store.inner.lock(0).evict_one(between, false).is_none(), "nothing expired to evict");
+
+        assert_eq!(store.inner.purge_expired(completed), 1, "removed when its expiry is due");
+        assert_eq!(filing(&store, &key), (0, 0, None));
+        assert_eq!((store.len(), store.bytes()), (0, 0), "its room given back");
+    }
+
+    /// A completion that moves the expiry earlier re-files the record at once, so that it
+    /// is swept, evicted and left out of `stats` on time.
+    #[tokio::test]
+    async fn a_record_whose_expiry_moves_earlier_is_re_filed_at_once() {
+        let store = one_shard(false);
+        let (key, claimed, completed) = claimed_then_completed(&store, "earlier", 2 * HOUR, HOUR).await;
+        assert!(completed < claimed);
+        assert_eq!(filing(&store, &key), (1, 1, Some(completed)));
+        assert_eq!(store.inner.stats(completed).records, 0, "expired at its own expiry");
+        assert!(store.inner.lock(0).evict_one(completed, false).is_some(), "an expired record is evicted");
+        assert_eq!(filing(&store, &key), (0, 0, None));
+    }
+
+    /// Eviction finds an expired record filed after one filed before its expiry, re-filing
+    /// that one on the way, and never evicts it while eviction of completed records is off.
+    #[tokio::test]
+    async fn eviction_reaches_an_expired_record_past_one_filed_early() {
+        let store = one_shard(false);
+        let (early, claimed, completed) = claimed_then_completed(&store, "early", HOUR, 2 * HOUR).await;
+        // Filed half a minute after "early", and due by `between` (unless a minute passes
+        // between the two claims).
+        let retention = HOUR + Duration::from_secs(30);
+        let (expired, ..) = claimed_then_completed(&store, "expired", retention, retention).await;
+        let between = claimed + Duration::from_secs(90);
+        let mut shard = store.inner.lock(0);
+        assert!(shard.evict_one(between, false).is_some(), "the expired record is found");
+        assert!(!shard.map.contains_key(&expired) && shard.map.contains_key(&early));
+        assert_eq!(shard.map.get(&early).map(|entry| entry.filed_at), Some(completed), "re-filed on the way");
+        assert!(shard.evict_one(between, false).is_none(), "an unexpired record is kept");
+        assert_eq!((shard.map.len(), shard.by_expiry.len()), (1, 1));
+    }
+
+    /// Where unexpired completed records may be evicted, earliest expiry first, every
+    /// record is filed at its expiry: a long operation's record does not go before one
+    /// that expires earlier.
+    #[tokio::test]
+    async fn with_eviction_on_every_record_is_filed_at_its_expiry() {
+        let store = one_shard(true);
+        let (long, claimed, completed) = claimed_then_completed(&store, "long", HOUR, 3 * HOUR).await;
+        assert_eq!(filing(&store, &long), (1, 1, Some(completed)), "re-filed at the completion");
+        let (sooner, ..) = claimed_then_completed(&store, "sooner", HOUR, 2 * HOUR).await;
+        let mut shard = store.inner.lock(0);
+        assert!(shard.evict_one(claimed, true).is_some());
+        assert!(!shard.map.contains_key(&sooner) && shard.map.contains_key(&long), "the earliest expiry went first");
+    }
 
     /// The figure `RECORD_OVERHEAD`'s documentation gives, kept true: an entry that grows
     /// changes what a record counts against the byte bound.
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn the_record_overhead_is_the_documented_figure() {
-        assert_eq!(size_of::<Entry>(), 224);
-        assert_eq!(RECORD_OVERHEAD, 450);
+        assert_eq!(size_of::<Entry>(), 240);
+        assert_eq!(RECORD_OVERHEAD, 466);
     }
 }
