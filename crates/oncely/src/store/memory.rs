@@ -57,7 +57,7 @@ const PURGE_BATCH: usize = 256;
 /// hash map (key and the entry's box, counted twice because a map that has just grown
 /// keeps up to half of its slots spare), the boxed entry, the element of the expiry
 /// index (counted twice: a B-tree node may be half empty), and three allocator
-/// headers, for the key's and scope's heap strings and the entry's box: 466 bytes on
+/// headers, for the key's and scope's heap strings and the entry's box: 450 bytes on
 /// 64-bit targets today (the size of `Entry` decides).
 ///
 /// A payload counts at its length. The store keeps the `Bytes` it is given, so a payload
@@ -117,7 +117,7 @@ struct Inner {
 struct Shard {
     /// The records, each in a box of its own: a slot holds the key and a pointer (40
     /// bytes), so that a growing table moves 40 bytes a record rather than the entry's
-    /// 240, and a record never moves once stored.
+    /// 224, and a record never moves once stored.
     map: crate::key::KeyMap<Box<Entry>>,
     /// Every record of the shard, once, by `(filed_at, key)`: the sweep and eviction
     /// order. **A record is filed at or before its expiry** (`Entry::filed_at <=
@@ -143,26 +143,58 @@ struct Shard {
     completed: usize,
 }
 
+/// A record and what the shard keeps beside it: 224 bytes on 64-bit targets. One more
+/// field would put its box in the allocator's next size class (mimalloc, the gateway's,
+/// rounds 232 bytes up to 256), so what can be derived is not kept (`cost`).
 struct Entry {
     record: Record,
-    /// What this record adds to [`Inner::bytes`]: kept beside it so that removing it
-    /// gives back exactly what was counted.
-    cost: usize,
-    /// Where [`Shard::by_expiry`] files this record: never after `record.expires_at`.
-    filed_at: SystemTime,
+    /// How long before `record.expires_at` [`Shard::by_expiry`] files this record, in
+    /// nanoseconds: zero when it is filed at its expiry (see [`Entry::filed_at`]).
+    filed_early_by: u64,
     /// Waiters for this in-progress record, created by the first `subscribe`.
     waiters: Option<Arc<Notify>>,
 }
 
 impl Entry {
+    fn new(record: Record) -> Self {
+        Self { record, filed_early_by: 0, waiters: None }
+    }
+
+    /// What this record adds to [`Inner::bytes`]. Derived from the record, not kept: the
+    /// fields it reads change only in `complete`, which counts the change, so removing a
+    /// record gives back exactly what was counted.
+    fn cost(&self) -> usize {
+        record_cost(&self.record)
+    }
+
+    /// Where [`Shard::by_expiry`] files this record: never after `record.expires_at`.
+    fn filed_at(&self) -> SystemTime {
+        // `filed_early_by` is at most the time from a filing, a valid `SystemTime`, to
+        // the expiry: subtracting it gives that filing back exactly, and cannot fail.
+        let filed_at = self.record.expires_at.checked_sub(Duration::from_nanos(self.filed_early_by));
+        debug_assert!(filed_at.is_some(), "a filing is a valid time");
+        filed_at.unwrap_or(self.record.expires_at)
+    }
+
     /// Sets the record's expiry; the filing to move from when the index must re-file it
     /// now (the expiry moved before where it is filed, or moved at all in a shard that
-    /// keeps an `exact_order`), else `None` (see [`Shard::by_expiry`]). The caller passes
-    /// that to [`Shard::set_expiry`]'s re-filing.
+    /// keeps an `exact_order`, or more than 584 years later), else `None` (see
+    /// [`Shard::by_expiry`]). The caller passes that to [`Shard::set_expiry`]'s
+    /// re-filing.
     fn set_expiry(&mut self, expires_at: SystemTime, exact_order: bool) -> Option<SystemTime> {
+        let filed_at = self.filed_at();
         self.record.expires_at = expires_at;
-        let refile = if exact_order { expires_at != self.filed_at } else { expires_at < self.filed_at };
-        refile.then(|| std::mem::replace(&mut self.filed_at, expires_at))
+        let early = expires_at.duration_since(filed_at).ok().and_then(|by| u64::try_from(by.as_nanos()).ok());
+        match early {
+            Some(by) if by == 0 || !exact_order => {
+                self.filed_early_by = by;
+                None
+            }
+            _ => {
+                self.filed_early_by = 0;
+                Some(filed_at)
+            }
+        }
     }
 
     fn wake(&mut self) {
@@ -469,7 +501,7 @@ impl Inner {
             }
             match self.reserve(&mut shard, cost, now) {
                 Ok(()) => {
-                    if let Some(replaced) = shard.insert(record, cost) {
+                    if let Some(replaced) = shard.insert(record) {
                         // Unreachable: the key held nothing live and its expired record
                         // was removed above. Counted right all the same.
                         self.give_back(replaced);
@@ -626,20 +658,20 @@ impl Shard {
         }
     }
 
-    /// Inserts `record`, which counts `cost` bytes; the cost of a record it replaced, if
-    /// any (callers remove the key's record first, so none).
-    fn insert(&mut self, record: Record, cost: usize) -> Option<usize> {
+    /// Inserts `record`; the cost of a record it replaced, if any (callers remove the
+    /// key's record first, so none).
+    fn insert(&mut self, record: Record) -> Option<usize> {
         let (key, expires_at) = (record.storage_key, record.expires_at);
         self.completed += usize::from(record.is_completed());
-        let old = self.map.insert(key, Box::new(Entry { record, cost, filed_at: expires_at, waiters: None }));
+        let old = self.map.insert(key, Box::new(Entry::new(record)));
         // The replaced record's index entry goes before the new one is added: filed at
         // the same time they are the same entry, and removing after adding would unindex
         // the new record (never swept, never taken out of `stats`).
         let replaced = old.map(|mut old| {
-            self.by_expiry.remove(&(old.filed_at, key));
+            self.by_expiry.remove(&(old.filed_at(), key));
             self.completed -= usize::from(old.record.is_completed());
             old.wake();
-            old.cost
+            old.cost()
         });
         self.by_expiry.insert((expires_at, key));
         replaced
@@ -648,10 +680,10 @@ impl Shard {
     /// Removes the record at `key` and wakes its waiters; its cost when there was one.
     fn remove(&mut self, key: &StorageKey) -> Option<usize> {
         let mut entry = self.map.remove(key)?;
-        self.by_expiry.remove(&(entry.filed_at, *key));
+        self.by_expiry.remove(&(entry.filed_at(), *key));
         self.completed -= usize::from(entry.record.is_completed());
         entry.wake();
-        Some(entry.cost)
+        Some(entry.cost())
     }
 
     /// Finishes [`Entry::set_expiry`] for the record at `key`, whose expiry is now
@@ -673,12 +705,12 @@ impl Shard {
             self.by_expiry.remove(&(filed_at, *key));
             return false;
         };
-        debug_assert_eq!(entry.filed_at, filed_at, "each record is filed once, where its entry says");
+        debug_assert_eq!(entry.filed_at(), filed_at, "each record is filed once, where its entry says");
         if entry.record.is_expired(now) {
             return true;
         }
         let expires_at = entry.record.expires_at;
-        entry.filed_at = expires_at;
+        entry.filed_early_by = 0;
         self.by_expiry.remove(&(filed_at, *key));
         self.by_expiry.insert((expires_at, *key));
         false
@@ -751,12 +783,12 @@ impl Store for MemoryStore {
         let mut shard = self.inner.shard(key);
         let exact_order = shard.exact_order;
         let entry = shard.held_mut(key, claim_id, now)?;
-        // In progress (`held_mut`), now completed: one more for `Shard::completed`.
+        // In progress (`held_mut`), now completed: one more for `Shard::completed`. The
+        // payload is the only change of what the record counts (`Entry::cost`).
+        let old_cost = entry.cost();
         entry.record.state = RecordState::Completed { payload, completed_at: now, hits: 0 };
         entry.wake();
-        let new_cost = record_cost(&entry.record);
-        let old_cost = std::mem::replace(&mut entry.cost, new_cost);
-        self.inner.recount(old_cost, new_cost);
+        self.inner.recount(old_cost, entry.cost());
         // Usually later than the claim's expiry: the record stays where it is filed.
         let moved = entry.set_expiry(expires_at, exact_order);
         shard.completed += 1;
@@ -907,7 +939,7 @@ mod tests {
     /// What the shard holds: records, index entries, and where the one at `key` is filed.
     fn filing(store: &MemoryStore, key: &StorageKey) -> (usize, usize, Option<SystemTime>) {
         let shard = store.inner.lock(0);
-        (shard.map.len(), shard.by_expiry.len(), shard.map.get(key).map(|entry| entry.filed_at))
+        (shard.map.len(), shard.by_expiry.len(), shard.map.get(key).map(|entry| entry.filed_at()))
     }
 
     /// A completion that moves the expiry later leaves the record filed at its claim's
@@ -959,7 +991,7 @@ mod tests {
         let mut shard = store.inner.lock(0);
         assert!(shard.evict_one(between, false).is_some(), "the expired record is found");
         assert!(!shard.map.contains_key(&expired) && shard.map.contains_key(&early));
-        assert_eq!(shard.map.get(&early).map(|entry| entry.filed_at), Some(completed), "re-filed on the way");
+        assert_eq!(shard.map.get(&early).map(|entry| entry.filed_at()), Some(completed), "re-filed on the way");
         assert!(shard.evict_one(between, false).is_none(), "an unexpired record is kept");
         assert_eq!((shard.map.len(), shard.by_expiry.len()), (1, 1));
     }
@@ -983,7 +1015,7 @@ mod tests {
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn the_record_overhead_is_the_documented_figure() {
-        assert_eq!(size_of::<Entry>(), 240);
-        assert_eq!(RECORD_OVERHEAD, 466);
+        assert_eq!(size_of::<Entry>(), 224);
+        assert_eq!(RECORD_OVERHEAD, 450);
     }
 }
