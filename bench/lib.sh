@@ -166,6 +166,22 @@ function request() return req end
 LUA
 }
 
+# A route in $WORK/oncely.toml that leaves POST /plain uncovered (only PATCH is), so that
+# the gateway passes it through untouched, and plain.lua, which posts BODY there (after
+# write_wrk_scripts, whose common.lua it reads).
+write_pass_through() { # body
+    cat >>"$WORK/oncely.toml" <<'TOML'
+
+[[routes]]
+path = "/plain"
+methods = ["PATCH"]
+TOML
+    cat >"$WORK/plain.lua" <<LUA
+dofile("$WORK/common.lua")
+wrk.method = "POST"; wrk.body = '$1'; wrk.headers["Content-Type"] = "application/json"
+LUA
+}
+
 # A `RESULT` line's field.
 field() { sed -E "s/.* $1=([0-9.]+).*/\\1/" <<<"$2"; }
 # Of space-separated numbers on stdin: the median, the range, the sum.

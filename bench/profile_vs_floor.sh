@@ -36,20 +36,10 @@ for tool in perf wrk; do
     command -v "$tool" >/dev/null || die "needs $tool"
 done
 
-# /plain is not covered by the layer: a pass-through.
-cat >"$WORK/oncely.toml" <<TOML
-[defaults]
-methods = ["POST"]
-required = true
-on_conflict = "reject"
-[[routes]]
-path = "/plain"
-methods = ["PATCH"]
-TOML
+write_replay_config
 write_wrk_scripts "$BODY"
-cat >"$WORK/plain.lua" <<LUA
-wrk.method = "POST"; wrk.body = '$BODY'; wrk.headers["Content-Type"] = "application/json"
-LUA
+# /plain is not covered by the layer: a pass-through.
+write_pass_through "$BODY"
 
 start_nginx_upstream 19280 "$RESPONSE"
 case $MODE in
