@@ -830,10 +830,12 @@ fn concat(mut chunks: Vec<Bytes>, len: usize) -> Bytes {
 /// skipped as the fields are written, with no copy of the header map.
 fn stored_form(parts: &http::response::Parts, body: &StoredBody, settings: &Settings) -> Bytes {
     let hop_by_hop = HopByHop::of(&parts.headers);
-    let replayed = parts.headers.iter().filter(|(name, _)| {
-        *name != header::DATE && !hop_by_hop.contains(name) && !settings.not_replayed.contains(name)
-    });
-    stored::encode(parts.status, parts.headers.len(), replayed, body)
+    let replayed = || {
+        parts.headers.iter().filter(|(name, _)| {
+            *name != header::DATE && !hop_by_hop.contains(name) && !settings.not_replayed.contains(name)
+        })
+    };
+    stored::encode(parts.status, replayed, body)
 }
 
 /// The replay of a stored response, and whether it is an unknown outcome.

@@ -76,48 +76,46 @@ impl StoredResponse {
     }
 }
 
-/// The stored form of a response whose fields are `headers` (about `len` of them, for
-/// the buffer's size), in the layout the [module docs](self) give. The fields are written
-/// as they come, so a caller filters them on the way rather than copying a header map to
-/// remove some from it.
-pub(crate) fn encode<'a>(
-    status: StatusCode,
-    len: usize,
-    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
-    body: &StoredBody,
-) -> Bytes {
+/// The stored form of a response whose fields `headers()` gives, in the layout the
+/// [module docs](self) give. The fields are read twice, to size the buffer exactly and
+/// then to write them, so a caller filters them on the way (a filter is cheap to run
+/// twice) rather than copying a header map to remove some from it.
+pub(crate) fn encode<'a, I>(status: StatusCode, headers: impl Fn() -> I, body: &StoredBody) -> Bytes
+where
+    I: Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+{
     let (flag, body) = match body {
         StoredBody::Kept(body) => (0, Some(body)),
         StoredBody::NotKept => (1, None),
         StoredBody::OutcomeUnknown => (2, None),
     };
-    let mut out = BytesMut::with_capacity(16 + len * 48 + body.map_or(0, Bytes::len));
+    // Header names are at most 64 KiB by hyper's limits, and a response stored here has
+    // far fewer than 65,536 fields; any past that are left out rather than the count
+    // wrapped.
+    let headers = || headers().take(u16::MAX as usize);
+    let (count, fields_len) =
+        headers().fold((0u16, 0usize), |(n, len), (name, value)| (n + 1, len + 6 + name.as_str().len() + value.len()));
+    let mut out = BytesMut::with_capacity(MAGIC.len() + 5 + fields_len + body.map_or(0, Bytes::len));
     out.put_slice(MAGIC);
     out.put_u8(flag);
     out.put_u16(status.as_u16());
-    // The count is written once the fields are: a placeholder until then. Header names
-    // are at most 64 KiB by hyper's limits, and a response stored here has far fewer
-    // than 65,536 fields; any past that are left out rather than the count wrapped.
-    let count_at = out.len();
-    out.put_u16(0);
-    let mut count: u16 = 0;
-    for (name, value) in headers.take(u16::MAX as usize) {
+    out.put_u16(count);
+    for (name, value) in headers() {
         out.put_u16(name.as_str().len() as u16);
         out.put_slice(name.as_str().as_bytes());
         out.put_u32(value.len() as u32);
         out.put_slice(value.as_bytes());
-        count += 1;
     }
-    out[count_at..count_at + 2].copy_from_slice(&count.to_be_bytes());
     if let Some(body) = body {
         out.put_slice(body);
     }
+    debug_assert_eq!(out.len(), out.capacity(), "sized exactly");
     out.freeze()
 }
 
 impl StoredResponse {
     pub(crate) fn encode(&self) -> Bytes {
-        encode(self.status, self.headers.len(), self.headers.iter(), &self.body)
+        encode(self.status, || self.headers.iter(), &self.body)
     }
 
     pub(crate) fn decode(mut bytes: Bytes) -> Result<Self, &'static str> {
@@ -200,8 +198,7 @@ impl StoredResponse {
 /// at most [`MEMO_MAX_PAYLOAD`](memo::MEMO_MAX_PAYLOAD) bytes with at most
 /// [`MEMO_MAX_HEADERS`](memo::MEMO_MAX_HEADERS) headers; a slot is overwritten by the
 /// next payload that maps to it. A slot keeps the payload's whole allocation alive (this
-/// layer's own encoding over-allocates by at most 48 bytes a header) and a decoded header
-/// map: about 20 KiB a slot, some 1.3 MiB per thread at most, which may hold deleted
+/// layer's own encoding allocates exactly what it writes) and a decoded header map: about 20 KiB a slot, some 1.3 MiB per thread at most, which may hold deleted
 /// records' payloads until their slots are reused.
 mod memo {
     use super::StoredResponse;
