@@ -245,9 +245,8 @@ impl MemoryStoreBuilder {
 
     /// Whether a full store may evict unexpired *completed* records to make room for a
     /// new one, the one that expires first (per shard) going first (default `false`).
-    /// The order is the expiry index's, which files a record by its claim's expiry until
-    /// a reader of the index re-files it: between records whose expiries are a moment
-    /// apart, the order is not exact.
+    /// With this on, every change of a record's expiry re-files it in the expiry index at
+    /// once (off, a later expiry is re-filed lazily), so that order is exact.
     ///
     /// Off, a full store refuses new records instead, and every completed record is
     /// replayed until its retention ends. On, a retry of an evicted key runs its operation
