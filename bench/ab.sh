@@ -24,25 +24,31 @@ ROUNDS=${ROUNDS:-8} DURATION=${DURATION:-5} THREADS=${THREADS:-2} CONNECTIONS=${
 RESPONSE='{"id":"ch_1","amount":1999}'
 BODY='{"amount":1999,"currency":"usd"}'
 KEY=ab-replay # the replayed key; new keys are KEY-rN-tN-n
+case $MODE in
+    new-keys | replays | pass-through) ;;
+    *) echo "ab.sh: unknown mode $MODE (new-keys, replays or pass-through)" >&2; exit 2 ;;
+esac
 PIDS=()
 WORK=$(mktemp -d /tmp/oncely-ab.XXXXXX)
 RESULTS_DIR=$ROOT/target/bench-ab/$MODE-$(date -u +%Y%m%dT%H%M%SZ)
 BENCH_NAME=ab.sh
 source "$ROOT/bench/lib.sh"
-mkdir -p "$RESULTS_DIR"
+mkdir -p "$RESULTS_DIR" "$WORK/logs"
 command -v wrk >/dev/null || install_packages wrk
 command -v nginx >/dev/null || install_packages nginx-light
 
 write_replay_config
 write_wrk_scripts "$BODY"
 write_pass_through "$BODY"
-case $MODE in
-    # New keys: a prefix of their own each round (and build), so that no key repeats.
-    new-keys) SCRIPT=new_keys.lua; PATH_=/payments; ARG=$KEY-r ;;
-    replays) SCRIPT=fixed_key.lua; PATH_=/payments; ARG=$KEY; ROUND_SUFFIX=0 ;;
-    pass-through) SCRIPT=plain.lua; PATH_=/plain; ARG=unused- ;;
-    *) die "unknown mode $MODE" ;;
-esac
+# wrk's script, path and argument in round $1: new keys take a prefix of their own each
+# round (and build), so that no key repeats; replays all take the key made at start.
+load() {
+    case $MODE in
+        new-keys) echo "new_keys.lua /payments $KEY-r$1" ;;
+        replays) echo "fixed_key.lua /payments $KEY" ;;
+        pass-through) echo "plain.lua /plain -" ;;
+    esac
+}
 
 # Bounds well above what the rounds create (the defaults, a million records, would
 # refuse new keys with 503 after a few rounds).
@@ -50,7 +56,7 @@ STORE="memory://?max_entries=100000000&max_bytes=16GiB"
 start_nginx_upstream 19380 "$RESPONSE"
 start_gateway() { # binary port
     "$1" --log-level warn serve --upstream http://127.0.0.1:19380 --listen "127.0.0.1:$2" \
-        --store "$STORE" --config "$WORK/oncely.toml" >"$WORK/gateway-$2.log" 2>&1 &
+        --store "$STORE" --config "$WORK/oncely.toml" >"$WORK/logs/gateway-$2.log" 2>&1 &
     PIDS+=($!)
     wait_port "$2" "$!" "gateway on $2"
     # The replayed key exists before the load starts.
@@ -69,10 +75,11 @@ ticks() { # pid: utime + stime, in clock ticks
 }
 HZ=$(getconf CLK_TCK)
 run() { # name pid port round: prints "req/s µs-of-CPU-per-request"
-    local before after line requests
+    local before after line requests script path arg
+    read -r script path arg < <(load "$4")
     before=$(ticks "$2")
-    line=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -s "$WORK/$SCRIPT" "http://127.0.0.1:$3$PATH_" \
-        -- "$ARG${ROUND_SUFFIX:-$4}" | tee "$RESULTS_DIR/wrk-$1.r$4.txt" | grep '^RESULT')
+    line=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" -s "$WORK/$script" "http://127.0.0.1:$3$path" \
+        -- "$arg" | tee "$RESULTS_DIR/wrk-$1.r$4.txt" | grep '^RESULT')
     after=$(ticks "$2")
     requests=$(field requests "$line")
     # A refused request costs far less than an answered one: a round with any is no
