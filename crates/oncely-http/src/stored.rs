@@ -198,8 +198,9 @@ impl StoredResponse {
 /// at most [`MEMO_MAX_PAYLOAD`](memo::MEMO_MAX_PAYLOAD) bytes with at most
 /// [`MEMO_MAX_HEADERS`](memo::MEMO_MAX_HEADERS) headers; a slot is overwritten by the
 /// next payload that maps to it. A slot keeps the payload's whole allocation alive (this
-/// layer's own encoding allocates exactly what it writes) and a decoded header map: about 20 KiB a slot, some 1.3 MiB per thread at most, which may hold deleted
-/// records' payloads until their slots are reused.
+/// layer's own encoding allocates exactly what it writes) and a decoded header map:
+/// about 20 KiB a slot, some 1.3 MiB per thread at most, which may hold deleted records'
+/// payloads until their slots are reused.
 mod memo {
     use super::StoredResponse;
     use bytes::Bytes;

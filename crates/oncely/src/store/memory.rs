@@ -110,6 +110,8 @@ struct Inner {
     bytes: AtomicUsize,
     max_entries: usize,
     max_bytes: usize,
+    /// [`MemoryStoreBuilder::evict_completed_when_full`]. It also decides how the
+    /// shards' expiry indexes file records (see [`Shard::by_expiry`]).
     evict_completed: bool,
 }
 
@@ -129,13 +131,9 @@ struct Shard {
     /// eviction, `stats`) checks each record's own expiry, and re-files one that is not
     /// due yet at its expiry ([`Shard::refile`]): each record is re-filed at most once
     /// per change of its expiry. Where the order among unexpired records decides what is
-    /// evicted (`exact_order`), every change re-files at once, and each record is filed
-    /// at its expiry.
+    /// evicted ([`Inner::evict_completed`], passed as `exact_order`), every change
+    /// re-files at once, and each record is filed at its expiry.
     by_expiry: BTreeSet<(SystemTime, StorageKey)>,
-    /// Whether [`Shard::by_expiry`] files every record at its expiry: set when unexpired
-    /// completed records may be evicted, the one that expires first going first
-    /// ([`MemoryStoreBuilder::evict_completed_when_full`]).
-    exact_order: bool,
     /// How many records of `map` are completed, expired ones included, so that `stats`
     /// reads counts rather than every record. **Kept exact where a record enters, leaves
     /// or changes state:** [`Shard::insert`], [`Shard::remove`] and `complete` (the only
@@ -177,8 +175,8 @@ impl Entry {
     }
 
     /// Sets the record's expiry; the filing to move from when the index must re-file it
-    /// now (the expiry moved before where it is filed, or moved at all in a shard that
-    /// keeps an `exact_order`, or more than 584 years later), else `None` (see
+    /// now (the expiry moved before where it is filed, or moved at all with
+    /// `exact_order`, or more than 584 years later), else `None` (see
     /// [`Shard::by_expiry`]). The caller passes that to [`Shard::set_expiry`]'s
     /// re-filing.
     fn set_expiry(&mut self, expires_at: SystemTime, exact_order: bool) -> Option<SystemTime> {
@@ -282,8 +280,7 @@ impl MemoryStoreBuilder {
 
     /// Builds the store and starts its sweeper.
     pub fn build(self) -> MemoryStore {
-        let shard = || Shard { exact_order: self.evict_completed, ..Shard::default() };
-        let shards = (0..self.shards).map(|_| Mutex::new(shard())).collect();
+        let shards = (0..self.shards).map(|_| Mutex::new(Shard::default())).collect();
         let inner = Arc::new(Inner {
             shards,
             len: AtomicUsize::new(0),
@@ -533,7 +530,7 @@ impl Inner {
         self.answer_or_create(
             request.storage_key(),
             now,
-            |shard| shard.claim_existing(request, now, lease_until, expires_at),
+            |shard| shard.claim_existing(request, now, lease_until, expires_at, self.evict_completed),
             record,
             ClaimOutcome::Acquired { takeover: false },
         )
@@ -564,15 +561,10 @@ impl Inner {
             // The expired records are not removed here (a read), but records filed
             // before their expiry and not due are re-filed (see `Shard::by_expiry`), so
             // that the next call does not read them again.
-            let due: Vec<(SystemTime, StorageKey)> =
-                shard.by_expiry.iter().take_while(|(filed_at, _)| *filed_at <= now).copied().collect();
-            for (filed_at, key) in &due {
-                if shard.refile(*filed_at, key, now)
-                    && let Some(entry) = shard.map.get(key)
-                {
-                    records -= 1;
-                    completed -= usize::from(entry.record.is_completed());
-                }
+            let (_, expired) = shard.due(now, usize::MAX);
+            for entry in expired.iter().filter_map(|key| shard.map.get(key)) {
+                records -= 1;
+                completed -= usize::from(entry.record.is_completed());
             }
             stats.records += records as u64;
             stats.completed += completed as u64;
@@ -619,8 +611,8 @@ impl Shard {
         now: SystemTime,
         lease_until: SystemTime,
         expires_at: SystemTime,
+        exact_order: bool,
     ) -> Option<ClaimOutcome> {
-        let exact_order = self.exact_order;
         let entry = self.live_mut(request.storage_key(), now)?;
         if entry.record.fingerprint.as_ref() != request.fingerprint() {
             return Some(ClaimOutcome::Mismatch);
@@ -710,9 +702,19 @@ impl Shard {
         }
         let expires_at = entry.record.expires_at;
         entry.filed_early_by = 0;
-        self.by_expiry.remove(&(filed_at, *key));
-        self.by_expiry.insert((expires_at, *key));
+        self.set_expiry(key, Some(filed_at), expires_at);
         false
+    }
+
+    /// The index entries due at `now` (at most `limit`), the records filed early among
+    /// them re-filed ([`Shard::refile`]): how many entries were read, and the keys of the
+    /// records that have expired, in the index's order.
+    fn due(&mut self, now: SystemTime, limit: usize) -> (usize, Vec<StorageKey>) {
+        let mut due: Vec<(SystemTime, StorageKey)> =
+            self.by_expiry.iter().take_while(|(filed_at, _)| *filed_at <= now).take(limit).copied().collect();
+        let read = due.len();
+        due.retain(|(filed_at, key)| self.refile(*filed_at, key, now));
+        (read, due.into_iter().map(|(_, key)| key).collect())
     }
 
     /// Drops one record to make room; its cost, or `None` when the shard holds nothing
@@ -727,7 +729,8 @@ impl Shard {
     /// Records filed before their expiry (see [`Shard::by_expiry`]) are re-filed as they
     /// are met, so an expired record is always found. Which expired record goes first may
     /// then differ from their expiries' order, which nothing observes: each is absent to
-    /// every read. Among unexpired completed records the order is exact (`exact_order`).
+    /// every read. Among unexpired completed records the order is exact: with
+    /// `evict_completed` every record is filed at its expiry.
     fn evict_one(&mut self, now: SystemTime, evict_completed: bool) -> Option<usize> {
         // Each turn removes a record or re-files one past `now`, which this call then
         // never meets again: the loop ends.
@@ -752,18 +755,10 @@ impl Shard {
     /// re-filing the others (see [`Shard::by_expiry`]): how many entries were read, and
     /// how many records were removed with the bytes they counted.
     fn remove_expired(&mut self, now: SystemTime, limit: usize) -> (usize, usize, usize) {
-        let due: Vec<(SystemTime, StorageKey)> =
-            self.by_expiry.iter().take_while(|(filed_at, _)| *filed_at <= now).take(limit).copied().collect();
-        let (mut removed, mut freed) = (0, 0);
-        for (filed_at, key) in &due {
-            if self.refile(*filed_at, key, now)
-                && let Some(cost) = self.remove(key)
-            {
-                removed += 1;
-                freed += cost;
-            }
-        }
-        (due.len(), removed, freed)
+        let (read, expired) = self.due(now, limit);
+        let (removed, freed) =
+            expired.iter().filter_map(|key| self.remove(key)).fold((0, 0), |(n, bytes), cost| (n + 1, bytes + cost));
+        (read, removed, freed)
     }
 }
 
@@ -780,7 +775,6 @@ impl Store for MemoryStore {
         let now = SystemTime::now();
         let expires_at = deadline(now, retention)?;
         let mut shard = self.inner.shard(key);
-        let exact_order = shard.exact_order;
         let entry = shard.held_mut(key, claim_id, now)?;
         // In progress (`held_mut`), now completed: one more for `Shard::completed`. The
         // payload is the only change of what the record counts (`Entry::cost`).
@@ -789,7 +783,7 @@ impl Store for MemoryStore {
         entry.wake();
         self.inner.recount(old_cost, entry.cost());
         // Usually later than the claim's expiry: the record stays where it is filed.
-        let moved = entry.set_expiry(expires_at, exact_order);
+        let moved = entry.set_expiry(expires_at, self.inner.evict_completed);
         shard.completed += 1;
         shard.set_expiry(key, moved, expires_at);
         Ok(())
@@ -811,12 +805,11 @@ impl Store for MemoryStore {
         let now = SystemTime::now();
         let lease_until = deadline(now, lease)?;
         let mut shard = self.inner.shard(key);
-        let exact_order = shard.exact_order;
         let entry = shard.held_mut(key, claim_id, now)?;
         entry.record.state = RecordState::InProgress { claim_id, lease_until };
         // A renewed lease never outlives the record: the expiry only moves later.
         if lease_until > entry.record.expires_at {
-            let moved = entry.set_expiry(lease_until, exact_order);
+            let moved = entry.set_expiry(lease_until, self.inner.evict_completed);
             shard.set_expiry(key, moved, lease_until);
         }
         Ok(())
