@@ -40,7 +40,7 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector, capture_connection};
 use hyper_util::rt::TokioExecutor;
 use oncely_http::problem::{SHOULD_RETRY, problem_response};
 use oncely_http::{NotProcessed, OutcomeUnknown, RequestBody, ResponseBody, strip_hop_by_hop};
@@ -77,9 +77,9 @@ where
     C::Future: Send + 'static,
     C::Error: Into<BoxError>,
 {
-    type Response = C::Response;
+    type Response = Bare<C::Response>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -90,12 +90,66 @@ where
         let within = self.within;
         Box::pin(async move {
             match tokio::time::timeout(within, connecting).await {
-                Ok(result) => result.map_err(Into::into),
+                Ok(result) => result.map(Bare).map_err(Into::into),
                 Err(_) => {
                     Err(format!("no connection (TCP and TLS) within {}", humantime::format_duration(within)).into())
                 }
             }
         })
+    }
+}
+
+/// An upstream connection that gives hyper-util no addresses to copy into each response.
+///
+/// A TCP connection's [`Connected`] carries `HttpInfo` (both ends' addresses), which
+/// hyper-util clones into the extensions of every response it receives on it (a map and
+/// a box made per response, and another clone for each keyed request's connection
+/// capture). Nothing here reads them, so the connection reports only what the pool acts
+/// on: whether it goes through a proxy and whether TLS chose HTTP/2.
+#[derive(Debug)]
+pub struct Bare<T>(T);
+
+impl<T: Connection> Connection for Bare<T> {
+    fn connected(&self) -> Connected {
+        let inner = self.0.connected();
+        let connected = Connected::new().proxy(inner.is_proxied());
+        if inner.is_negotiated_h2() { connected.negotiated_h2() } else { connected }
+    }
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for Bare<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for Bare<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
     }
 }
 
