@@ -892,11 +892,20 @@ fn full(bytes: Bytes) -> ResponseBody {
     Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
 }
 
+/// `body` as a [`ResponseBody`]; one that already is one (the gateway's proxy answers with
+/// one) is handed on as it is, not boxed again: a second box would cost an allocation per
+/// response and a second dynamic call per frame.
 fn boxed<B>(body: B) -> ResponseBody
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let mut slot = Some(body);
+    if let Some(boxed) = (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<ResponseBody>>() {
+        // `slot` is `Some` until here: the take succeeds.
+        return boxed.take().expect("the body was just put in its slot");
+    }
+    let body = slot.expect("the body is still in its slot");
     body.map_err(Into::into).boxed_unsync()
 }
 
