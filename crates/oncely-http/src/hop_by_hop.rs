@@ -51,9 +51,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // responses carry `Connection: keep-alive` and nothing else of these: one removal,
     // where removing each of the nine would cost nine.
     let mut present = [false; ALWAYS.len()];
-    for name in headers.keys() {
+    // Whether some `Connection` value names a field other than the nine, read in the same
+    // pass (the usual `keep-alive` does not): only then is it split into names.
+    let mut names_others = false;
+    for (name, value) in headers.iter() {
         if let Some(i) = position(name) {
             present[i] = true;
+            names_others |= i == 0 && !is_always(value.as_bytes());
         }
     }
     // `Connection` is among the nine, so a message without any names no other field.
@@ -65,7 +69,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // (`keep-alive`, `upgrade`, `te`, …) go below: they are not parsed into names, and
     // nothing is allocated for them. The usual value, a lone `keep-alive`, is told by one
     // comparison before any splitting.
-    if present[0] {
+    if names_others {
         for name in &named_by_connection(headers) {
             headers.remove(name);
         }
