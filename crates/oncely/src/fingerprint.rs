@@ -141,9 +141,8 @@ impl Fingerprint {
     /// The parse error when `json` is not a JSON document.
     pub fn from_json_ignoring(json: &[u8], ignore: &[JsonPointer]) -> Result<Self, serde_json::Error> {
         let ignored = Ignored::new(ignore);
-        let mut canonical = Vec::with_capacity(json.len());
-        Ok(match canonical::write_canonical(json, &ignored, &mut canonical)? {
-            Canonical::Written => Self::from_bytes(&canonical),
+        canonical::with_canonical(json, &ignored, |canonical, written| match canonical {
+            Canonical::Written => Self::from_bytes(written),
             Canonical::DuplicateKeys => Self::from_parts(&[b"json with duplicate keys", json]),
             Canonical::TooDeep => Self::from_parts(&[b"json nested too deep", json]),
         })

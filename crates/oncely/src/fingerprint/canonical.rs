@@ -22,6 +22,7 @@
 //! [`Fingerprint::from_json`]: super::Fingerprint::from_json
 
 use std::borrow::Cow;
+use std::cell::Cell;
 
 use super::pointer::{Ignored, Trie};
 
@@ -32,7 +33,7 @@ use super::pointer::{Ignored, Trie};
 /// fingerprint depends on canonicalising them.
 pub(super) const MAX_DEPTH: usize = 10_000;
 
-/// What [`write_canonical`] made of a valid document.
+/// What [`canonicalise`] made of a valid document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Canonical {
     /// The canonical form was written.
@@ -78,6 +79,88 @@ impl Arena<'_> {
     }
 }
 
+/// The vectors the two passes work in, kept by each thread from one document to the
+/// next: a fingerprint is taken on every keyed request, replays included, and each of
+/// these vectors cost an allocation (the arena's nodes two) for a body of a few members.
+/// Emptied after each document; one that grew past [`KEPT_BYTES`] is dropped rather than
+/// kept, so a thread holds at most a few times that after a large document.
+#[derive(Default)]
+struct Scratch {
+    nodes: Vec<Node>,
+    children: Vec<u32>,
+    pending: Vec<u32>,
+    open: Vec<(bool, usize)>,
+    stack: Vec<Writing>,
+    out: Vec<u8>,
+}
+
+/// The most a vector of [`Scratch`] keeps between documents, in bytes.
+const KEPT_BYTES: usize = 16 * 1024;
+
+impl Scratch {
+    /// Empties each vector, dropping one whose room is over [`KEPT_BYTES`].
+    fn reset(&mut self) {
+        fn reset<T>(vec: &mut Vec<T>) {
+            vec.clear();
+            if vec.capacity() * std::mem::size_of::<T>() > KEPT_BYTES {
+                *vec = Vec::new();
+            }
+        }
+        reset(&mut self.nodes);
+        reset(&mut self.children);
+        reset(&mut self.pending);
+        reset(&mut self.open);
+        reset(&mut self.stack);
+        reset(&mut self.out);
+    }
+}
+
+thread_local! {
+    /// This thread's [`Scratch`]: taken out for a document and put back after, so a
+    /// document canonicalised while another is (which nothing here does) gets empty ones.
+    static SCRATCH: Cell<Scratch> = const {
+        Cell::new(Scratch {
+            nodes: Vec::new(),
+            children: Vec::new(),
+            pending: Vec::new(),
+            open: Vec::new(),
+            stack: Vec::new(),
+            out: Vec::new(),
+        })
+    };
+}
+
+/// Canonicalises `text` (as [`canonicalise`]) into this thread's reused buffer, and
+/// hands what it made of it and the bytes written to `then`.
+///
+/// # Errors
+/// As [`canonicalise`].
+pub(super) fn with_canonical<R>(
+    text: &[u8],
+    ignored: &Ignored<'_>,
+    then: impl FnOnce(Canonical, &[u8]) -> R,
+) -> Result<R, serde_json::Error> {
+    SCRATCH.with(|cell| {
+        let mut scratch = cell.take();
+        let mut out = std::mem::take(&mut scratch.out);
+        let result = canonicalise(text, ignored, &mut out, &mut scratch).map(|canonical| then(canonical, &out));
+        scratch.out = out;
+        scratch.reset();
+        cell.set(scratch);
+        result
+    })
+}
+
+/// [`canonicalise`] with vectors of its own (the tests' form).
+#[cfg(test)]
+pub(super) fn write_canonical(
+    text: &[u8],
+    ignored: &Ignored<'_>,
+    out: &mut Vec<u8>,
+) -> Result<Canonical, serde_json::Error> {
+    canonicalise(text, ignored, out, &mut Scratch::default())
+}
+
 /// Writes the canonical form of `text` to `out`: object members sorted by the UTF-8 bytes
 /// of their keys, no insignificant whitespace, strings re-escaped minimally (as
 /// serde_json writes them), numbers and literals exactly as written; the members and
@@ -85,13 +168,16 @@ impl Arena<'_> {
 /// written is only meaningful with [`Canonical::Written`]; otherwise the caller hashes
 /// the raw bytes.
 ///
+/// `scratch`'s vectors are empty, and are left holding what they held.
+///
 /// # Errors
 /// serde_json's error when `text` is not one valid JSON document (including invalid
 /// UTF-8 and lone surrogate escapes).
-pub(super) fn write_canonical(
+fn canonicalise(
     text: &[u8],
     ignored: &Ignored<'_>,
     out: &mut Vec<u8>,
+    scratch: &mut Scratch,
 ) -> Result<Canonical, serde_json::Error> {
     serde_json::from_slice::<serde::de::IgnoredAny>(text)?;
     // serde_json skips the strings it ignores without checking their UTF-8; strings
@@ -102,20 +188,35 @@ pub(super) fn write_canonical(
     if u32::try_from(text.len()).is_err() {
         return Ok(Canonical::TooDeep);
     }
-    match parse(text)? {
-        Some(arena) => Ok(write(&arena, ignored, out)),
-        None => Ok(Canonical::TooDeep),
-    }
+    let mut arena = Arena {
+        text,
+        nodes: std::mem::take(&mut scratch.nodes),
+        children: std::mem::take(&mut scratch.children),
+        strings: Vec::new(),
+    };
+    let parsed = parse(&mut arena, &mut scratch.pending, &mut scratch.open);
+    let result = match parsed {
+        Ok(true) => Ok(write(&arena, ignored, out, &mut scratch.stack)),
+        Ok(false) => Ok(Canonical::TooDeep),
+        Err(e) => Err(e),
+    };
+    scratch.nodes = arena.nodes;
+    scratch.children = arena.children;
+    result
 }
 
-/// Reads the document into an arena; `None` past [`MAX_DEPTH`]. `text` is valid JSON of
-/// at most `u32::MAX` bytes.
-fn parse(text: &[u8]) -> Result<Option<Arena<'_>>, serde_json::Error> {
-    let mut arena = Arena { text, nodes: Vec::new(), children: Vec::new(), strings: Vec::new() };
-    // The values completed inside the containers still open, innermost last, and for each
-    // open container whether it is an object and where its values start in `pending`.
-    let mut pending: Vec<u32> = Vec::new();
-    let mut open: Vec<(bool, usize)> = Vec::new();
+/// Reads the document into `arena` (empty, but for its text); `false` past
+/// [`MAX_DEPTH`]. `text` is valid JSON of at most `u32::MAX` bytes. `pending` and `open`
+/// are empty, and are left holding what they held.
+fn parse(
+    arena: &mut Arena<'_>,
+    pending: &mut Vec<u32>,
+    open: &mut Vec<(bool, usize)>,
+) -> Result<bool, serde_json::Error> {
+    let text = arena.text;
+    // `pending`: the values completed inside the containers still open, innermost last;
+    // `open`: for each open container, whether it is an object and where its values start
+    // in `pending`.
     let offset = |i: usize| i as u32;
     let mut i = 0;
     while i < text.len() {
@@ -126,7 +227,7 @@ fn parse(text: &[u8]) -> Result<Option<Arena<'_>>, serde_json::Error> {
             }
             b'[' | b'{' => {
                 if open.len() == MAX_DEPTH {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 open.push((text[i] == b'{', pending.len()));
                 i += 1;
@@ -168,7 +269,7 @@ fn parse(text: &[u8]) -> Result<Option<Arena<'_>>, serde_json::Error> {
         }
         pending.push(id);
     }
-    Ok(Some(arena))
+    Ok(true)
 }
 
 /// The index just past the closing quote of the string opening at `start`. The document
@@ -185,24 +286,25 @@ pub(super) fn string_end(text: &[u8], start: usize) -> usize {
     text.len()
 }
 
+/// A container being written, with its node of `ignored`.
+enum Writing {
+    /// Items `start..end` of `Arena::children`, `next` the one to consider; `wrote`
+    /// whether one was written (so the next one needs a comma).
+    Array { start: u32, next: u32, end: u32, wrote: bool, trie: Trie },
+    /// Members as (key, value, node of `ignored`) in output order, those left out
+    /// already dropped; `next` counting keys and values.
+    Object { members: Vec<(u32, u32, Trie)>, next: usize },
+}
+
 /// Writes the arena's root (the last node created) canonically, leaving out what
-/// `ignored` names.
-fn write(arena: &Arena<'_>, ignored: &Ignored<'_>, out: &mut Vec<u8>) -> Canonical {
-    /// A container being written, with its node of `ignored`.
-    enum Writing {
-        /// Items `start..end` of `Arena::children`, `next` the one to consider; `wrote`
-        /// whether one was written (so the next one needs a comma).
-        Array { start: u32, next: u32, end: u32, wrote: bool, trie: Trie },
-        /// Members as (key, value, node of `ignored`) in output order, those left out
-        /// already dropped; `next` counting keys and values.
-        Object { members: Vec<(u32, u32, Trie)>, next: usize },
-    }
+/// `ignored` names. `stack` is empty, and may be left holding containers (a document
+/// with duplicate keys is abandoned midway).
+fn write(arena: &Arena<'_>, ignored: &Ignored<'_>, out: &mut Vec<u8>, stack: &mut Vec<Writing>) -> Canonical {
     let Some(root) = arena.nodes.len().checked_sub(1) else { return Canonical::Written };
     let root_trie = ignored.root();
     if ignored.is_leaf(root_trie) {
         return Canonical::Written;
     }
-    let mut stack: Vec<Writing> = Vec::new();
     let mut pending = Some((root as u32, root_trie));
     loop {
         if let Some((id, trie)) = pending.take() {
@@ -358,6 +460,50 @@ mod tests {
         let (deepest, deeper) = handle.join().expect("no stack overflow");
         assert_eq!(deepest.expect("valid JSON"), (Canonical::Written, MAX_DEPTH / 2 * "[{\"a\":}]".len() + 1));
         assert_eq!(deeper.expect("valid JSON"), Canonical::TooDeep);
+    }
+
+    /// The vectors a thread keeps between documents carry nothing from one to the next:
+    /// not from a document abandoned midway (duplicate keys, nesting past the cap), not
+    /// from a large one, whose vectors are not kept.
+    #[test]
+    fn reused_vectors_carry_nothing_between_documents() {
+        let thread = std::thread::spawn(|| {
+            let documents = [
+                r#"{"b":{"x":[1,2,{"k":1,"k":2}]},"a":1}"#.to_owned(),
+                format!("{}1{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1)),
+                format!("[{}0]", "{\"key\":\"a long enough value\"},".repeat(5_000)),
+                r#"{"z":[3,{"y":"\u00e9","w":null}],"a":true}"#.to_owned(),
+                r#"{"b":{"x":[1,2,{"k":1,"k":2}]},"a":1}"#.to_owned(),
+            ];
+            let kept = |scratch: &Scratch| {
+                std::mem::size_of::<Node>() * scratch.nodes.capacity()
+                    + std::mem::size_of::<u32>() * (scratch.children.capacity() + scratch.pending.capacity())
+                    + std::mem::size_of::<(bool, usize)>() * scratch.open.capacity()
+                    + std::mem::size_of::<Writing>() * scratch.stack.capacity()
+                    + scratch.out.capacity()
+            };
+            let mut most_kept = 0;
+            for document in &documents {
+                let mut alone = Vec::new();
+                let expected =
+                    write_canonical(document.as_bytes(), &Ignored::new(&[]), &mut alone).expect("valid JSON");
+                let reused = with_canonical(document.as_bytes(), &Ignored::new(&[]), |canonical, written| {
+                    (canonical, written.to_vec())
+                })
+                .expect("valid JSON");
+                assert_eq!(reused.0, expected);
+                if expected == Canonical::Written {
+                    assert_eq!(reused.1, alone);
+                }
+                let scratch = SCRATCH.take();
+                assert!(scratch.nodes.is_empty() && scratch.stack.is_empty() && scratch.out.is_empty());
+                most_kept = most_kept.max(kept(&scratch));
+                SCRATCH.set(scratch);
+            }
+            most_kept
+        });
+        let most_kept = thread.join().expect("no panic");
+        assert!(most_kept <= 6 * KEPT_BYTES, "kept {most_kept} bytes");
     }
 
     fn ignoring(text: &str, pointers: &[&str]) -> Result<String, Canonical> {
