@@ -154,8 +154,13 @@ pub(crate) fn fingerprint_gzip_known(
             (count > 0).then_some((name, count.to_be_bytes()))
         })
         .collect();
-    let mut fields: Vec<&[u8]> =
-        vec![parts.method.as_str().as_bytes(), path_and_query.as_bytes(), &media_type.text, kind, body_part];
+    let head: [&[u8]; 5] =
+        [parts.method.as_str().as_bytes(), path_and_query.as_bytes(), &media_type.text, kind, body_part];
+    if present.is_empty() {
+        // No header covered (the default): the five parts alone, without a vector.
+        return Ok(Fingerprint::from_parts(&head));
+    }
+    let mut fields: Vec<&[u8]> = head.to_vec();
     for (name, count) in &present {
         fields.push(name.as_str().as_bytes());
         fields.push(count);
