@@ -83,7 +83,9 @@ impl Arena<'_> {
 /// next: a fingerprint is taken on every keyed request, replays included, and each of
 /// these vectors cost an allocation (the arena's nodes two) for a body of a few members.
 /// Emptied after each document; one that grew past [`KEPT_BYTES`] is dropped rather than
-/// kept, so a thread holds at most a few times that after a large document.
+/// kept, so a thread holds at most six times that (96 KiB) after a large document. (Large
+/// bodies are fingerprinted on the blocking pool: each of its threads may keep that much
+/// until it exits.)
 #[derive(Default)]
 struct Scratch {
     nodes: Vec<Node>,
@@ -140,11 +142,22 @@ pub(super) fn with_canonical<R>(
     ignored: &Ignored<'_>,
     then: impl FnOnce(Canonical, &[u8]) -> R,
 ) -> Result<R, serde_json::Error> {
+    let run = |scratch: &mut Scratch| {
+        let mut out = std::mem::take(&mut scratch.out);
+        // The canonical form is never longer than the text.
+        out.reserve(text.len());
+        let result = canonicalise(text, ignored, &mut out, scratch).map(|canonical| then(canonical, &out));
+        scratch.out = out;
+        result
+    };
+    if SCRATCH.try_with(|_| ()).is_err() {
+        // This thread's vectors are gone (a fingerprint taken by another thread-local's
+        // destructor): vectors of its own.
+        return run(&mut Scratch::default());
+    }
     SCRATCH.with(|cell| {
         let mut scratch = cell.take();
-        let mut out = std::mem::take(&mut scratch.out);
-        let result = canonicalise(text, ignored, &mut out, &mut scratch).map(|canonical| then(canonical, &out));
-        scratch.out = out;
+        let result = run(&mut scratch);
         scratch.reset();
         cell.set(scratch);
         result
@@ -168,7 +181,8 @@ pub(super) fn write_canonical(
 /// written is only meaningful with [`Canonical::Written`]; otherwise the caller hashes
 /// the raw bytes.
 ///
-/// `scratch`'s vectors are empty, and are left holding what they held.
+/// `scratch`'s vectors must be empty on entry, and may be left holding values (the
+/// caller empties them: [`Scratch::reset`]).
 ///
 /// # Errors
 /// serde_json's error when `text` is not one valid JSON document (including invalid
@@ -207,7 +221,7 @@ fn canonicalise(
 
 /// Reads the document into `arena` (empty, but for its text); `false` past
 /// [`MAX_DEPTH`]. `text` is valid JSON of at most `u32::MAX` bytes. `pending` and `open`
-/// are empty, and are left holding what they held.
+/// must be empty on entry, and may be left holding values.
 fn parse(
     arena: &mut Arena<'_>,
     pending: &mut Vec<u32>,
@@ -297,8 +311,8 @@ enum Writing {
 }
 
 /// Writes the arena's root (the last node created) canonically, leaving out what
-/// `ignored` names. `stack` is empty, and may be left holding containers (a document
-/// with duplicate keys is abandoned midway).
+/// `ignored` names. `stack` must be empty on entry, and may be left holding containers
+/// (a document with duplicate keys is abandoned midway).
 fn write(arena: &Arena<'_>, ignored: &Ignored<'_>, out: &mut Vec<u8>, stack: &mut Vec<Writing>) -> Canonical {
     let Some(root) = arena.nodes.len().checked_sub(1) else { return Canonical::Written };
     let root_trie = ignored.root();
@@ -471,6 +485,8 @@ mod tests {
             let documents = [
                 r#"{"b":{"x":[1,2,{"k":1,"k":2}]},"a":1}"#.to_owned(),
                 format!("{}1{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1)),
+                // Values completed, then the cap: the parse stops with its vectors in use.
+                format!(r#"[1,"a",{{"b":2}},{}1{}]"#, "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH)),
                 format!("[{}0]", "{\"key\":\"a long enough value\"},".repeat(5_000)),
                 r#"{"z":[3,{"y":"\u00e9","w":null}],"a":true}"#.to_owned(),
                 r#"{"b":{"x":[1,2,{"k":1,"k":2}]},"a":1}"#.to_owned(),
@@ -496,7 +512,16 @@ mod tests {
                     assert_eq!(reused.1, alone);
                 }
                 let scratch = SCRATCH.take();
-                assert!(scratch.nodes.is_empty() && scratch.stack.is_empty() && scratch.out.is_empty());
+                assert!(
+                    scratch.nodes.is_empty()
+                        && scratch.children.is_empty()
+                        && scratch.pending.is_empty()
+                        && scratch.open.is_empty()
+                        && scratch.stack.is_empty()
+                        && scratch.out.is_empty(),
+                    "{:.40}",
+                    document
+                );
                 most_kept = most_kept.max(kept(&scratch));
                 SCRATCH.set(scratch);
             }
