@@ -100,6 +100,16 @@ struct Scratch {
 const KEPT_BYTES: usize = 16 * 1024;
 
 impl Scratch {
+    /// No vectors yet (nothing allocated): what each thread starts with.
+    const EMPTY: Self = Self {
+        nodes: Vec::new(),
+        children: Vec::new(),
+        pending: Vec::new(),
+        open: Vec::new(),
+        stack: Vec::new(),
+        out: Vec::new(),
+    };
+
     /// Empties each vector, dropping one whose room is over [`KEPT_BYTES`].
     fn reset(&mut self) {
         fn reset<T>(vec: &mut Vec<T>) {
@@ -120,16 +130,7 @@ impl Scratch {
 thread_local! {
     /// This thread's [`Scratch`]: taken out for a document and put back after, so a
     /// document canonicalised while another is (which nothing here does) gets empty ones.
-    static SCRATCH: Cell<Scratch> = const {
-        Cell::new(Scratch {
-            nodes: Vec::new(),
-            children: Vec::new(),
-            pending: Vec::new(),
-            open: Vec::new(),
-            stack: Vec::new(),
-            out: Vec::new(),
-        })
-    };
+    static SCRATCH: Cell<Scratch> = const { Cell::new(Scratch::EMPTY) };
 }
 
 /// Canonicalises `text` (as [`canonicalise`]) into this thread's reused buffer, and
@@ -142,26 +143,13 @@ pub(super) fn with_canonical<R>(
     ignored: &Ignored<'_>,
     then: impl FnOnce(Canonical, &[u8]) -> R,
 ) -> Result<R, serde_json::Error> {
-    let run = |scratch: &mut Scratch| {
-        let mut out = std::mem::take(&mut scratch.out);
-        // The canonical form is never longer than the text.
-        out.reserve(text.len());
-        let result = canonicalise(text, ignored, &mut out, scratch).map(|canonical| then(canonical, &out));
-        scratch.out = out;
-        result
-    };
-    if SCRATCH.try_with(|_| ()).is_err() {
-        // This thread's vectors are gone (a fingerprint taken by another thread-local's
-        // destructor): vectors of its own.
-        return run(&mut Scratch::default());
-    }
-    SCRATCH.with(|cell| {
-        let mut scratch = cell.take();
-        let result = run(&mut scratch);
-        scratch.reset();
-        cell.set(scratch);
-        result
-    })
+    // Where this thread's vectors are gone (a fingerprint taken by another thread-local's
+    // destructor), vectors of its own, dropped after.
+    let mut scratch = SCRATCH.try_with(Cell::take).unwrap_or_default();
+    let result = canonicalise(text, ignored, &mut scratch).map(|canonical| then(canonical, &scratch.out));
+    scratch.reset();
+    let _ = SCRATCH.try_with(|cell| cell.set(scratch));
+    result
 }
 
 /// [`canonicalise`] with vectors of its own (the tests' form).
@@ -171,10 +159,13 @@ pub(super) fn write_canonical(
     ignored: &Ignored<'_>,
     out: &mut Vec<u8>,
 ) -> Result<Canonical, serde_json::Error> {
-    canonicalise(text, ignored, out, &mut Scratch::default())
+    let mut scratch = Scratch::default();
+    let result = canonicalise(text, ignored, &mut scratch);
+    *out = scratch.out;
+    result
 }
 
-/// Writes the canonical form of `text` to `out`: object members sorted by the UTF-8 bytes
+/// Writes the canonical form of `text` to `scratch.out`: object members sorted by the UTF-8 bytes
 /// of their keys, no insignificant whitespace, strings re-escaped minimally (as
 /// serde_json writes them), numbers and literals exactly as written; the members and
 /// array items `ignored` names left out (nothing at all when it names the root). What is
@@ -187,12 +178,7 @@ pub(super) fn write_canonical(
 /// # Errors
 /// serde_json's error when `text` is not one valid JSON document (including invalid
 /// UTF-8 and lone surrogate escapes).
-fn canonicalise(
-    text: &[u8],
-    ignored: &Ignored<'_>,
-    out: &mut Vec<u8>,
-    scratch: &mut Scratch,
-) -> Result<Canonical, serde_json::Error> {
+fn canonicalise(text: &[u8], ignored: &Ignored<'_>, scratch: &mut Scratch) -> Result<Canonical, serde_json::Error> {
     serde_json::from_slice::<serde::de::IgnoredAny>(text)?;
     // serde_json skips the strings it ignores without checking their UTF-8; strings
     // without escapes are copied as they are below, so check the whole text once here.
@@ -210,7 +196,11 @@ fn canonicalise(
     };
     let parsed = parse(&mut arena, &mut scratch.pending, &mut scratch.open);
     let result = match parsed {
-        Ok(true) => Ok(write(&arena, ignored, out, &mut scratch.stack)),
+        Ok(true) => {
+            // The canonical form is never longer than the text: one allocation at most.
+            scratch.out.reserve(text.len());
+            Ok(write(&arena, ignored, &mut scratch.out, &mut scratch.stack))
+        }
         Ok(false) => Ok(Canonical::TooDeep),
         Err(e) => Err(e),
     };
