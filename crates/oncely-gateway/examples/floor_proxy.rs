@@ -71,10 +71,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let target = match (upstream.as_str(), args.next()) {
         ("--answer", Some(body)) => Target::Answer(Bytes::from(body)),
         ("--replay", Some(body)) => Target::Replay(Bytes::from(body)),
-        ("--new-key", Some(upstream)) => Target::NewKey(upstream.parse()?),
+        ("--new-key", Some(upstream)) => {
+            upstream_root(&upstream)?;
+            Target::NewKey
+        }
         ("--answer" | "--replay", None) => return Err("--answer and --replay need a body".into()),
         ("--new-key", None) => return Err("--new-key needs an upstream".into()),
-        (upstream, _) => Target::Upstream(upstream.parse()?),
+        (upstream, _) => {
+            upstream_root(upstream)?;
+            Target::Upstream
+        }
     };
     let spin = match std::env::var("FLOOR_SPIN_NS") {
         Ok(ns) => std::time::Duration::from_nanos(ns.parse()?),
@@ -101,10 +107,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Where requests go: forwarded to an upstream, or answered here.
 #[derive(Clone)]
 enum Target {
-    Upstream(http::uri::Authority),
+    /// Forwarded to [`UPSTREAM`].
+    Upstream,
     Answer(Bytes),
     Replay(Bytes),
-    NewKey(http::uri::Authority),
+    /// Claimed, forwarded to [`UPSTREAM`], completed.
+    NewKey,
 }
 
 /// An entry of the floor's map of keys: claimed by a request still at the upstream, or
@@ -124,24 +132,43 @@ struct Stored {
 
 thread_local! {
     /// Each worker's own pool, so an upstream connection's task runs on its thread.
-    static CLIENT: Client<HttpConnector, Incoming> = pool();
+    static CLIENT: Client<Connector, Incoming> = pool();
     /// The same for `--new-key`, which forwards a body it has already read.
-    static BYTES_CLIENT: Client<HttpConnector, Full<Bytes>> = pool();
+    static BYTES_CLIENT: Client<Connector, Full<Bytes>> = pool();
+}
+
+/// TCP to [`UPSTREAM`], whatever URI the pool asks for: as the gateway does, requests
+/// name the pool's key `u`, not the upstream's `host:port`, which the pool would hash
+/// byte by byte three times a request (the gateway's `proxy::POOL_LABEL`).
+type Connector = tower::util::MapRequest<HttpConnector, fn(Uri) -> Uri>;
+
+/// The upstream's `http://host:port/`, set once before any request.
+static UPSTREAM: std::sync::OnceLock<Uri> = std::sync::OnceLock::new();
+
+/// Sets [`UPSTREAM`] to `http://ADDR/`.
+fn upstream_root(addr: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let root = Uri::builder().scheme("http").authority(addr).path_and_query("/").build()?;
+    UPSTREAM.set(root).map_err(|_| "one upstream only".into())
+}
+
+fn to_upstream(_pool_key: Uri) -> Uri {
+    UPSTREAM.get().cloned().unwrap_or_default()
 }
 
 /// A connection pool to the upstream, without Nagle's delay.
-fn pool<B: hyper::body::Body + Send>() -> Client<HttpConnector, B>
+fn pool<B: hyper::body::Body + Send>() -> Client<Connector, B>
 where
     B::Data: Send,
 {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
+    let connector = tower::util::MapRequest::new(connector, to_upstream as fn(Uri) -> Uri);
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
-/// `original`'s path and query on `upstream`.
-fn upstream_uri(original: &Uri, upstream: http::uri::Authority) -> Result<Uri, http::Error> {
-    let mut uri = Uri::builder().scheme("http").authority(upstream);
+/// `original`'s path and query, handed to the pool (see [`Connector`]).
+fn upstream_uri(original: &Uri) -> Result<Uri, http::Error> {
+    let mut uri = Uri::builder().scheme("http").authority("u");
     if let Some(pq) = original.path_and_query() {
         uri = uri.path_and_query(pq.clone());
     }
@@ -169,10 +196,10 @@ async fn serve(stream: std::net::TcpStream, target: Target, spin: std::time::Dur
         spin_for(spin);
         async move {
             match target {
-                Target::Upstream(upstream) => forward(request, upstream).await,
+                Target::Upstream => forward(request).await,
                 Target::Answer(body) => answer(request, body).await,
                 Target::Replay(body) => replay(request, body).await,
-                Target::NewKey(upstream) => new_key(request, upstream).await,
+                Target::NewKey => new_key(request).await,
             }
         }
     });
@@ -231,7 +258,7 @@ fn replayed(stored: &Stored, fingerprint: &oncely::Fingerprint) -> Response<Body
     response
 }
 
-async fn new_key(request: Request<Incoming>, upstream: http::uri::Authority) -> Result<Response<Body>, Infallible> {
+async fn new_key(request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     use std::collections::hash_map::Entry;
     let (mut parts, incoming) = request.into_parts();
     let Ok(collected) = incoming.collect().await else { return Ok(bad_gateway()) };
@@ -258,7 +285,7 @@ async fn new_key(request: Request<Incoming>, upstream: http::uri::Authority) -> 
     if let Some(answer) = refused {
         return Ok(answer);
     }
-    let Ok(uri) = upstream_uri(&parts.uri, upstream) else { return Ok(bad_gateway()) };
+    let Ok(uri) = upstream_uri(&parts.uri) else { return Ok(bad_gateway()) };
     parts.uri = uri;
     let sent = BYTES_CLIENT.with(|client| client.request(Request::from_parts(parts, Full::new(body))));
     let Ok(response) = sent.await else { return Ok(bad_gateway()) };
@@ -282,9 +309,9 @@ async fn new_key(request: Request<Incoming>, upstream: http::uri::Authority) -> 
     Ok(Response::from_parts(parts, Full::new(body).map_err(|never| match never {}).boxed_unsync()))
 }
 
-async fn forward(request: Request<Incoming>, upstream: http::uri::Authority) -> Result<Response<Body>, Infallible> {
+async fn forward(request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let (mut parts, body) = request.into_parts();
-    let Ok(uri) = upstream_uri(&parts.uri, upstream) else { return Ok(bad_gateway()) };
+    let Ok(uri) = upstream_uri(&parts.uri) else { return Ok(bad_gateway()) };
     parts.uri = uri;
     let sent = CLIENT.with(|client| client.request(Request::from_parts(parts, body)));
     Ok(match sent.await {

@@ -338,6 +338,28 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
     assert!(seen["x-forwarded-host"].as_str().is_some_and(|h| h.starts_with("127.0.0.1:")));
 }
 
+/// The proxy hands its pool a label in place of an `http://` upstream's address (its
+/// `POOL_LABEL`); the upstream must still be sent its own `Host` and the request target
+/// in origin form, under the upstream URL's base path, with and without a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_upstream_is_sent_its_own_host_and_the_target_in_origin_form() {
+    let (addr, _upstream) = start_upstream().await;
+    for (upstream, expected) in
+        [(format!("http://{addr}"), "/target?x=1"), (format!("http://{addr}/base/"), "/base/target?x=1")]
+    {
+        let (gw, _dir) = start_gateway(&upstream, "memory://", CONFIG, &[]).await;
+        for key in [None, Some("k-target")] {
+            let mut request = client().post(format!("{}/target?x=1", gw.url));
+            if let Some(key) = key {
+                request = request.header("idempotency-key", key);
+            }
+            let seen: Value = request.send().await.expect("target").json().await.expect("json");
+            assert_eq!(seen["target"], expected, "{upstream}, key {key:?}");
+            assert_eq!(seen["host"], addr.to_string(), "{upstream}, key {key:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn h2c_clients_are_served() {
     let (addr, upstream) = start_upstream().await;

@@ -76,6 +76,13 @@ pub async fn slow_echo(State(u): State<Shared>, headers: HeaderMap) -> (StatusCo
     (StatusCode::CREATED, echo_headers(headers).await)
 }
 
+/// The request target as the upstream received it (origin form: path and query) and its
+/// `Host`, as JSON.
+pub async fn echo_target(uri: axum::http::Uri, headers: HeaderMap) -> String {
+    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("");
+    serde_json::json!({ "target": uri.to_string(), "host": host }).to_string()
+}
+
 pub async fn echo_headers(headers: HeaderMap) -> String {
     let map: serde_json::Map<String, Value> =
         headers.iter().map(|(k, v)| (k.to_string(), Value::from(v.to_str().unwrap_or("?")))).collect();
@@ -111,6 +118,8 @@ pub fn upstream_app(shared: Shared) -> Router {
         .route("/hang", post(hang))
         .route("/stall", post(stall))
         .route("/echo", post(echo_headers))
+        .route("/target", post(echo_target))
+        .route("/base/target", post(echo_target))
         .route("/slow-echo", post(slow_echo))
         .route("/big", axum::routing::get(big))
         .with_state(shared)
