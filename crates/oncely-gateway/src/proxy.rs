@@ -60,12 +60,22 @@ type Connector = Bounded<HttpsConnector<HttpConnector>>;
 pub const CONNECT_WITHIN: Duration = Duration::from_secs(10);
 
 /// The authority of the URI an `http://` upstream's requests are handed to hyper-util
-/// with, in place of the upstream's `host:port`: hyper-util uses it as the key of its
-/// connection pool and nothing else (the connector knows the upstream; `Host` is set
-/// here; HTTP/1.1 requests are sent in origin form). The pool hashes its key's authority
-/// a byte at a time with SipHash, three times a request: about 1,050 instructions each
-/// for `127.0.0.1:8080`, about 200 for one letter. `https://` keeps the real authority,
-/// which TLS names and HTTP/2's `:authority` need.
+/// with, in place of the upstream's `host:port`. The pool hashes its key's authority a
+/// byte at a time with SipHash, three times a request: about 1,050 instructions each for
+/// `127.0.0.1:8080`, about 200 for one letter.
+///
+/// hyper-util reads the authority for more than its pool key; each other use is closed
+/// here:
+/// - the connection: [`Bounded`] connects to the upstream whatever URI it is given;
+/// - `Host`, which hyper-util writes from the URI when a request has none: the proxy sets
+///   the upstream's own on every request, after removing the hop-by-hop fields (a client
+///   may name `Host` in `Connection`);
+/// - the request target, sent in absolute form through a proxy: the connections report
+///   no proxy ([`Bare`] passes on `HttpConnector`'s, which never sets one), so HTTP/1.1
+///   requests go out in origin form;
+/// - HTTP/2's `:authority` and TLS's server name: `https://` keeps the real authority.
+///
+/// `CONNECT`, sent in authority form, keeps it too.
 const POOL_LABEL: http::uri::Authority = http::uri::Authority::from_static("u");
 
 /// A connector to the one upstream, whose connections must be made within a time:
@@ -235,9 +245,9 @@ struct Upstream {
     /// `X-Forwarded-Proto` and `Forwarded: proto=`: how clients reach the gateway.
     client_proto: &'static str,
     /// The `Host` an `http://` upstream is sent, written once: what hyper-util would
-    /// otherwise format on every request (host, and the port unless it is 80). `None`
-    /// for `https://`, whose connection may speak HTTP/2 (`:authority`): hyper-util
-    /// decides there.
+    /// otherwise format on every request (host, and the port unless it is 80), and what
+    /// keeps the pool's label ([`POOL_LABEL`]) from being sent. `None` for `https://`,
+    /// whose connection may speak HTTP/2 (`:authority`): hyper-util decides there.
     host: Option<HeaderValue>,
 }
 
@@ -506,15 +516,18 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
         };
         // The layer puts the key of a keyed request in its extensions.
         let keyed = parts.extensions.get::<oncely::IdempotencyKey>().is_some();
-        let host = match &self.upstream.host {
-            Some(upstream_host) => parts.headers.insert(header::HOST, upstream_host.clone()),
-            None => parts.headers.remove(header::HOST),
-        }
-        .or_else(|| {
-            // HTTP/2 carries the host in `:authority`.
-            parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        // The client's host, for the forwarding fields. HTTP/2 carries it in `:authority`.
+        let host = parts
+            .headers
+            .remove(header::HOST)
+            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         strip_hop_by_hop(&mut parts.headers);
+        // After the hop-by-hop removal, which takes whatever `Connection` names, `Host`
+        // included: an `http://` upstream's requests must reach hyper-util with their
+        // `Host`, or it would write one from the pool's label (see `POOL_LABEL`).
+        if let Some(upstream_host) = &self.upstream.host {
+            parts.headers.insert(header::HOST, upstream_host.clone());
+        }
         append_forwarding(&mut parts.headers, self.client.as_ref().map(|c| &*c.0), host, self.upstream.client_proto);
         parts.uri = uri;
         // The version the upstream connection speaks (HTTP/1.1, or HTTP/2 when an https

@@ -340,7 +340,8 @@ async fn forwarding_headers_are_set_and_hop_by_hop_ones_dropped() {
 
 /// The proxy hands its pool a label in place of an `http://` upstream's address (its
 /// `POOL_LABEL`); the upstream must still be sent its own `Host` and the request target
-/// in origin form, under the upstream URL's base path, with and without a key.
+/// in origin form, under the upstream URL's base path, with and without a key, and when
+/// the client names `Host` as a hop-by-hop field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_upstream_is_sent_its_own_host_and_the_target_in_origin_form() {
     let (addr, _upstream) = start_upstream().await;
@@ -348,14 +349,21 @@ async fn the_upstream_is_sent_its_own_host_and_the_target_in_origin_form() {
         [(format!("http://{addr}"), "/target?x=1"), (format!("http://{addr}/base/"), "/base/target?x=1")]
     {
         let (gw, _dir) = start_gateway(&upstream, "memory://", CONFIG, &[]).await;
-        for key in [None, Some("k-target")] {
+        // A client may name `Host` in `Connection`: the hop-by-hop removal must not leave
+        // the request without the upstream's `Host`.
+        for (key, connection) in
+            [(None, None), (Some("k-target"), None), (None, Some("host")), (Some("k-conn"), Some("Host"))]
+        {
             let mut request = client().post(format!("{}/target?x=1", gw.url));
             if let Some(key) = key {
                 request = request.header("idempotency-key", key);
             }
+            if let Some(connection) = connection {
+                request = request.header("connection", connection);
+            }
             let seen: Value = request.send().await.expect("target").json().await.expect("json");
-            assert_eq!(seen["target"], expected, "{upstream}, key {key:?}");
-            assert_eq!(seen["host"], addr.to_string(), "{upstream}, key {key:?}");
+            assert_eq!(seen["target"], expected, "{upstream}, key {key:?}, connection {connection:?}");
+            assert_eq!(seen["host"], addr.to_string(), "{upstream}, key {key:?}, connection {connection:?}");
         }
     }
 }
