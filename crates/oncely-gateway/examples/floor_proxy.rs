@@ -35,6 +35,10 @@
 //! much user-space work per request as the gateway adds, to see what that work costs the
 //! kernel on a box shared with the load tool.
 //!
+//! With `FLOOR_TIMER=1` each worker keeps one far timer pending (an hour's sleep), as the
+//! gateway's workers always have some (timeouts): Tokio then parks in `epoll_wait` with a
+//! finite timeout, which the kernel arms as a timer on every park, instead of none.
+//!
 //! ```text
 //! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7100 127.0.0.1:3000
 //! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7101 --answer '{"id":"ch_1"}'
@@ -92,7 +96,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..cores {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         workers.push(runtime.handle().clone());
-        std::thread::spawn(move || runtime.block_on(std::future::pending::<()>()));
+        let far_timer = std::env::var_os("FLOOR_TIMER").is_some();
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                if far_timer {
+                    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                }
+                std::future::pending::<()>().await
+            })
+        });
     }
     println!("floor_proxy listening on {listen}");
     for (n, stream) in listener.incoming().enumerate() {
