@@ -35,9 +35,10 @@
 //! much user-space work per request as the gateway adds, to see what that work costs the
 //! kernel on a box shared with the load tool.
 //!
-//! With `FLOOR_TIMER=1` each worker keeps one far timer pending (an hour's sleep), as the
-//! gateway's workers always have some (timeouts): Tokio then parks in `epoll_wait` with a
-//! finite timeout, which the kernel arms as a timer on every park, instead of none.
+//! With `FLOOR_TIMER` set (to anything) each worker keeps one far timer pending (an hour's
+//! sleep: longer than any benchmark), as the gateway's workers always have some (their
+//! timeouts): Tokio then parks in `epoll_wait` with a finite timeout, which the kernel
+//! arms as a timer on every park, instead of none.
 //!
 //! ```text
 //! cargo run --release -p oncely-gateway --example floor_proxy -- 127.0.0.1:7100 127.0.0.1:3000

@@ -68,14 +68,17 @@ pub const CONNECT_WITHIN: Duration = Duration::from_secs(10);
 /// here:
 /// - the connection: [`Bounded`] connects to the upstream whatever URI it is given;
 /// - `Host`, which hyper-util writes from the URI when a request has none: the proxy sets
-///   the upstream's own on every request, after removing the hop-by-hop fields (a client
-///   may name `Host` in `Connection`);
+///   the upstream's own on every request, and again after removing the hop-by-hop fields
+///   when a client named `Host` in `Connection`;
 /// - the request target, sent in absolute form through a proxy: the connections report
 ///   no proxy ([`Bare`] passes on `HttpConnector`'s, which never sets one), so HTTP/1.1
 ///   requests go out in origin form;
-/// - HTTP/2's `:authority` and TLS's server name: `https://` keeps the real authority.
+/// - HTTP/2's `:authority`: `https://` keeps the real authority (its TLS server name
+///   comes from the connector's upstream URI either way);
+/// - hyper-util's `debug` and `trace` lines about its pool, which name the key: they read
+///   `(http, u)`.
 ///
-/// `CONNECT`, sent in authority form, keeps it too.
+/// `CONNECT`, sent in authority form, keeps the real authority too.
 const POOL_LABEL: http::uri::Authority = http::uri::Authority::from_static("u");
 
 /// A connector to the one upstream, whose connections must be made within a time:
@@ -516,16 +519,20 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
         };
         // The layer puts the key of a keyed request in its extensions.
         let keyed = parts.extensions.get::<oncely::IdempotencyKey>().is_some();
-        // The client's host, for the forwarding fields. HTTP/2 carries it in `:authority`.
-        let host = parts
-            .headers
-            .remove(header::HOST)
-            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+        // The client's host, for the forwarding fields; an `http://` upstream's own takes
+        // its place (first, where clients put it). HTTP/2 carries it in `:authority`.
+        let host = match &self.upstream.host {
+            Some(upstream_host) => parts.headers.insert(header::HOST, upstream_host.clone()),
+            None => parts.headers.remove(header::HOST),
+        }
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         strip_hop_by_hop(&mut parts.headers);
-        // After the hop-by-hop removal, which takes whatever `Connection` names, `Host`
-        // included: an `http://` upstream's requests must reach hyper-util with their
-        // `Host`, or it would write one from the pool's label (see `POOL_LABEL`).
-        if let Some(upstream_host) = &self.upstream.host {
+        // The hop-by-hop removal takes whatever `Connection` names, `Host` included; an
+        // `http://` upstream's requests must reach hyper-util with their `Host`, or it
+        // would write one from the pool's label (see `POOL_LABEL`).
+        if let Some(upstream_host) = &self.upstream.host
+            && !parts.headers.contains_key(header::HOST)
+        {
             parts.headers.insert(header::HOST, upstream_host.clone());
         }
         append_forwarding(&mut parts.headers, self.client.as_ref().map(|c| &*c.0), host, self.upstream.client_proto);
