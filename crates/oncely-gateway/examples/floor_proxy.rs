@@ -94,10 +94,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = std::net::TcpListener::bind(listen)?;
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
     let mut workers = Vec::new();
+    let far_timer = std::env::var_os("FLOOR_TIMER").is_some();
     for _ in 0..cores {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         workers.push(runtime.handle().clone());
-        let far_timer = std::env::var_os("FLOOR_TIMER").is_some();
         std::thread::spawn(move || {
             runtime.block_on(async move {
                 if far_timer {
@@ -181,7 +181,9 @@ where
 
 /// `original`'s path and query, handed to the pool (see [`Connector`]).
 fn upstream_uri(original: &Uri) -> Result<Uri, http::Error> {
-    let mut uri = Uri::builder().scheme("http").authority("u");
+    // A static authority: parsing `"u"` would copy it into a new allocation per request.
+    const POOL_LABEL: http::uri::Authority = http::uri::Authority::from_static("u");
+    let mut uri = Uri::builder().scheme(http::uri::Scheme::HTTP).authority(POOL_LABEL);
     if let Some(pq) = original.path_and_query() {
         uri = uri.path_and_query(pq.clone());
     }
