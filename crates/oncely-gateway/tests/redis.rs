@@ -179,21 +179,27 @@ async fn replays_come_from_the_replay_cache_and_deletes_reach_it() {
     let server = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
     let store = with_prefix(&server.url(), "cache");
     let (addr, upstream) = start_upstream().await;
-    let ttl = Duration::from_secs(2);
-    let (a, dir) = start_gateway(&format!("http://{addr}"), &store, CONFIG, &["--replay-cache-ttl", "2s"]).await;
+    let ttl = Duration::from_secs(3);
+    let (a, dir) = start_gateway(&format!("http://{addr}"), &store, CONFIG, &["--replay-cache-ttl", "3s"]).await;
     let config = dir.path().join("oncely.toml");
     let b = spawn_gateway(&format!("http://{addr}"), &store, &config, &[]).await;
     let calls = || upstream.calls.load(Ordering::SeqCst);
 
     // Executed, then replayed from Redis (which puts the record in the cache).
     assert!(!replayed(&send_post(&a, "/payments", Some("k-cache"), "{}").await));
+    let filled = tokio::time::Instant::now();
     assert!(replayed(&send_post(&a, "/payments", Some("k-cache"), "{}").await));
     // Redis goes away: the cached key still replays, a new key gets 503 and never runs.
+    // Until the entry's time-to-live has passed, that is: on a loaded machine these
+    // requests can outlast it (seen in CI), and then a 503 is the documented answer. A
+    // response received within the time-to-live of the fill was answered by the entry.
     server.kill();
     for _ in 0..20 {
         let response = send_post(&a, "/payments", Some("k-cache"), "{}").await;
-        assert_eq!(response.status(), 201);
-        assert!(replayed(&response), "a cached replay touches no store");
+        if filled.elapsed() < ttl {
+            assert_eq!(response.status(), 201);
+            assert!(replayed(&response), "a cached replay touches no store");
+        }
     }
     assert_eq!(send_post(&a, "/payments", Some("k-new-while-down"), "{}").await.status(), 503);
     assert_eq!(calls(), 1);
