@@ -18,6 +18,14 @@
 //! held as an unknown outcome, which an operator deletes to let a key run again: the
 //! operator waits out the time-to-live, or deletes through every instance.
 //!
+//! **Unless the store counts its deletes for every process.** Given the store's
+//! [`Erasures`] ([`erasures`](ReplayCacheBuilder::erasures)), the cache reads that count on
+//! every hit and answers nothing from an entry cached before it changed: a delete made
+//! through any process is seen by the next claim that starts after the delete returned,
+//! as without a cache. The SQLite store offers one (`oncely_sqlite::SqliteStore::erasures`:
+//! a counter in a file beside the database, one `pread` a hit); stores behind a network
+//! hop do not, since reading their count would cost the round trip the cache saves.
+//!
 //! **Bounds.** An entry lives for the time-to-live (5 s by default) and never past its
 //! record's retention. The cache holds at most `max_entries` entries and `max_bytes` of
 //! payload; past either, the least useful entries are evicted (moka's TinyLFU policy).
@@ -56,7 +64,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use super::{Claim, ClaimOutcome, ClaimRequest, FirstSeen, Notified, Replay, Store, StoreAdmin, StoreStats};
+use super::{Claim, ClaimOutcome, ClaimRequest, Erasures, FirstSeen, Notified, Replay, Store, StoreAdmin, StoreStats};
 use crate::{Fingerprint, Record, StorageKey, StoreError};
 
 /// The default time an entry lives in the cache.
@@ -90,6 +98,8 @@ struct Entries {
     /// Deletes made through the wrapper so far: a claim that read the store before a
     /// delete must not cache what it read after it (see [`ReplayCache::remember`]).
     deletes: Arc<AtomicU64>,
+    /// Deletes made through any process, when the store counts them.
+    erasures: Option<Arc<dyn Erasures>>,
     counter: metrics::Counter,
 }
 
@@ -107,6 +117,9 @@ struct Entry {
     hits: AtomicU64,
     /// The end of the entry: its time-to-live or its record's retention, the sooner.
     until: Instant,
+    /// The store's [`Erasures`] count read before the claim that found the record (0
+    /// without one): the entry answers only while the count still reads the same.
+    generation: u64,
 }
 
 impl<S> ReplayCache<S> {
@@ -117,6 +130,7 @@ impl<S> ReplayCache<S> {
             time_to_live: DEFAULT_TIME_TO_LIVE,
             max_entries: DEFAULT_MAX_ENTRIES,
             max_bytes: DEFAULT_MAX_BYTES,
+            erasures: None,
         }
     }
 
@@ -169,7 +183,9 @@ impl<S> ReplayCache<S> {
     fn cached(&self, request: &ClaimRequest<'_>) -> Option<ClaimOutcome> {
         let cache = self.cache.as_ref()?;
         let entry = cache.map.get(request.storage_key())?;
-        if Instant::now() >= entry.until {
+        // Read after the entry: a delete elsewhere that returned before this claim began
+        // has changed the count, whatever the entry says (see `Erasures`).
+        if Instant::now() >= entry.until || cache.generation() != Some(entry.generation) {
             cache.map.invalidate(request.storage_key());
             return None;
         }
@@ -186,8 +202,10 @@ impl<S> ReplayCache<S> {
     /// Caches what a claim found, unless a delete through this wrapper may have come
     /// between the store's answer and now: the entry is put in first and then checked
     /// against the delete count read before the claim, so that a delete cannot slip
-    /// between the check and the insert.
-    fn remember(&self, request: &ClaimRequest<'_>, replay: &Replay, deletes_before: u64) {
+    /// between the check and the insert. A delete through another process is caught by
+    /// `generation`, the store's [`Erasures`] count read before the claim: a later change
+    /// of it makes the entry answer nothing (`cached`).
+    fn remember(&self, request: &ClaimRequest<'_>, replay: &Replay, deletes_before: u64, generation: u64) {
         let Some(cache) = &self.cache else { return };
         // The record lives `retention` from its completion (by the store's clock, read
         // here through the completion time it reported): the entry never outlives it.
@@ -197,7 +215,8 @@ impl<S> ReplayCache<S> {
         };
         let Some(until) = Instant::now().checked_add(left.min(cache.time_to_live())) else { return };
         let hits = AtomicU64::new(replay.hits);
-        let entry = Entry { fingerprint: request.fingerprint().copied(), replay: replay.clone(), hits, until };
+        let entry =
+            Entry { fingerprint: request.fingerprint().copied(), replay: replay.clone(), hits, until, generation };
         cache.map.insert(*request.storage_key(), Arc::new(entry));
         if cache.deletes.load(Ordering::SeqCst) != deletes_before {
             cache.map.invalidate(request.storage_key());
@@ -209,15 +228,32 @@ impl Entries {
     fn time_to_live(&self) -> Duration {
         self.map.policy().time_to_live().unwrap_or(DEFAULT_TIME_TO_LIVE)
     }
+
+    /// The store's [`Erasures`] count now: 0 without one, `None` when it cannot be read.
+    fn generation(&self) -> Option<u64> {
+        self.erasures.as_ref().map_or(Some(0), |erasures| erasures.generation())
+    }
 }
 
 /// Builds a [`ReplayCache`]: `ReplayCache::builder(store)…build()`.
-#[derive(Debug)]
 pub struct ReplayCacheBuilder<S> {
     inner: S,
     time_to_live: Duration,
     max_entries: u64,
     max_bytes: u64,
+    erasures: Option<Arc<dyn Erasures>>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for ReplayCacheBuilder<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayCacheBuilder")
+            .field("inner", &self.inner)
+            .field("time_to_live", &self.time_to_live)
+            .field("max_entries", &self.max_entries)
+            .field("max_bytes", &self.max_bytes)
+            .field("erasures", &self.erasures.is_some())
+            .finish()
+    }
 }
 
 impl<S> ReplayCacheBuilder<S> {
@@ -241,6 +277,44 @@ impl<S> ReplayCacheBuilder<S> {
         self
     }
 
+    /// Sees deletes made through other processes as soon as they return, through the
+    /// store's count of them (see the [module docs](self)): every hit reads it, and an
+    /// entry cached before it changed answers nothing. Without it (the default), such a
+    /// delete is seen up to one time-to-live late.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use oncely::store::{Erasures, ReplayCache};
+    /// use oncely::{IdempotencyKey, MemoryStore, Oncely};
+    ///
+    /// struct Counted(AtomicU64);
+    /// impl Erasures for Counted {
+    ///     fn generation(&self) -> Option<u64> {
+    ///         Some(self.0.load(Ordering::SeqCst))
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let erasures = Arc::new(Counted(AtomicU64::new(0)));
+    /// let store = ReplayCache::builder(MemoryStore::new()).erasures(erasures.clone()).build();
+    /// let oncely = Oncely::new(store);
+    /// let key = IdempotencyKey::new("order-18")?;
+    /// for _ in 0..3 {
+    ///     oncely.run(&key, None, || async { Ok::<_, oncely::Failure<()>>(1) }).await?;
+    /// }
+    /// assert_eq!(oncely.store().cache_hits(), 1);
+    /// // Another process deleted a record: no entry cached before answers again.
+    /// erasures.0.fetch_add(1, Ordering::SeqCst);
+    /// oncely.run(&key, None, || async { Ok::<_, oncely::Failure<()>>(1) }).await?;
+    /// assert_eq!(oncely.store().cache_hits(), 1, "asked the store");
+    /// # Ok(()) }
+    /// ```
+    pub fn erasures(mut self, erasures: Arc<dyn Erasures>) -> Self {
+        self.erasures = Some(erasures);
+        self
+    }
+
     /// The cache. A zero bound or time-to-live gives a cache that keeps nothing.
     pub fn build(self) -> ReplayCache<S> {
         // moka bounds one weight; charging every entry at least `max_bytes / max_entries`
@@ -256,7 +330,13 @@ impl<S> ReplayCacheBuilder<S> {
             })
             .build();
         let counter = metrics::counter!("oncely_replay_cache_hits_total");
-        let entries = Entries { map, hits: Arc::new(AtomicU64::new(0)), deletes: Arc::new(AtomicU64::new(0)), counter };
+        let entries = Entries {
+            map,
+            hits: Arc::new(AtomicU64::new(0)),
+            deletes: Arc::new(AtomicU64::new(0)),
+            erasures: self.erasures,
+            counter,
+        };
         ReplayCache { inner: self.inner, cache: Some(entries) }
     }
 }
@@ -266,10 +346,11 @@ impl<S: Store> Store for ReplayCache<S> {
         if let Some(outcome) = self.cached(request) {
             return Ok(outcome);
         }
-        let deletes_before = self.cache.as_ref().map_or(0, |c| c.deletes.load(Ordering::SeqCst));
+        // Both counts read before the store is asked (see `remember`).
+        let before = self.cache.as_ref().and_then(|c| Some((c.deletes.load(Ordering::SeqCst), c.generation()?)));
         let outcome = self.inner.claim(request).await?;
-        if let ClaimOutcome::Replay(replay) = &outcome {
-            self.remember(request, replay, deletes_before);
+        if let (ClaimOutcome::Replay(replay), Some((deletes, generation))) = (&outcome, before) {
+            self.remember(request, replay, deletes, generation);
         }
         Ok(outcome)
     }

@@ -40,6 +40,7 @@ pub mod abilities;
 #[cfg(feature = "cache")]
 pub mod cache;
 mod dynamic;
+pub mod erasures;
 mod error;
 pub mod memory;
 mod memory_url;
@@ -51,6 +52,7 @@ pub use abilities::StoreAbilities;
 #[cfg(feature = "cache")]
 pub use cache::{ReplayCache, ReplayCacheBuilder};
 pub use dynamic::DynStore;
+pub use erasures::Erasures;
 pub use error::{BoxError, CapacityBound, StoreError, StoreErrorKind};
 pub use memory_url::URL_DEFAULT_MAX_ENTRIES;
 pub use request::{Claim, ClaimOutcome, ClaimRequest, FirstSeen, Replay};
