@@ -114,7 +114,10 @@ use oncely::store::{Claim, ClaimOutcome, ClaimRequest, FirstSeen, Notified, Stor
 use oncely::{Fingerprint, Record, StorageKey, Store, StoreError};
 use tokio::sync::oneshot;
 
+use crate::erasures::ErasureFile;
+
 mod codec;
+mod erasures;
 mod reader;
 mod schema;
 mod url;
@@ -375,6 +378,8 @@ struct Inner {
     writer_requests: AtomicU64,
     reader_requests: AtomicU64,
     inline_reads: AtomicU64,
+    /// The count of deletes shared with other processes on the file (`erasures.rs`).
+    erasures: Option<Arc<ErasureFile>>,
     /// Declared last, so dropped last: the senders above are gone by then, which is what
     /// lets the threads it joins finish.
     threads: Threads,
@@ -438,6 +443,14 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let writer_conn = schema::open_writer(&path, &options)?;
+        let erasures = match ErasureFile::open(&path) {
+            Ok(file) => Some(Arc::new(file)),
+            Err(error) => {
+                let file = ErasureFile::path_for(&path);
+                tracing::warn!(%error, file = %file.display(), "no count of deletes beside the database: other processes' replay caches will see this one's deletes late");
+                None
+            }
+        };
         let reader_conns = (0..options.readers)
             .map(|_| schema::open_reader(&path, &options).map(|conn| Arc::new(Mutex::new(conn))))
             .collect::<Result<Vec<reader::Shared>, _>>()?;
@@ -457,11 +470,12 @@ impl SqliteStore {
             writer_requests: AtomicU64::new(0),
             reader_requests: AtomicU64::new(0),
             inline_reads: AtomicU64::new(0),
+            erasures: erasures.clone(),
             threads: Threads::default(),
         };
         // Should a spawn fail, dropping `inner` drops the senders and then joins the
         // threads already started, which see their queue closed and stop.
-        let writer = Writer::new(writer_conn, command_queue, waiters, &options);
+        let writer = Writer::new(writer_conn, command_queue, waiters, erasures, &options);
         let closing = Arc::new(Mutex::new(()));
         let turn = Arc::clone(&closing);
         inner.threads.spawn("oncely-sqlite-writer".into(), move || close_in_turn(&turn, writer.run()))?;
@@ -479,6 +493,31 @@ impl SqliteStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The count of deletes that every process opening this file shares, for a replay
+    /// cache (`oncely::store::ReplayCache`, feature `cache`) to see deletes made through
+    /// other processes (`oncely keys delete`, another gateway) as soon as they return:
+    /// give it to `ReplayCacheBuilder::erasures`.
+    /// One `pread` of a file beside the database (`PATH-erasures`) per read; the store
+    /// bumps it after every commit that deleted a row, before answering. `None` when
+    /// that file could not be opened (a read-only directory): then the cache cannot see
+    /// other processes' deletes before its time-to-live.
+    ///
+    /// ```no_run
+    /// use oncely::store::ReplayCache;
+    /// use oncely_sqlite::{SqliteOptions, SqliteStore};
+    ///
+    /// # fn main() -> Result<(), oncely::StoreError> {
+    /// let store = SqliteStore::open("oncely.db", SqliteOptions::default())?;
+    /// let cache = match store.erasures() {
+    ///     Some(erasures) => ReplayCache::builder(store).erasures(erasures).build(),
+    ///     None => ReplayCache::disabled(store),
+    /// };
+    /// # let _ = cache; Ok(()) }
+    /// ```
+    pub fn erasures(&self) -> Option<Arc<dyn oncely::store::Erasures>> {
+        self.inner.erasures.clone().map(|file| file as Arc<dyn oncely::store::Erasures>)
     }
 
     /// The durability the store was opened with.

@@ -13,6 +13,7 @@ use oncely::{ClaimId, ClaimOutcome, Fingerprint, IdempotencyKey, Scope, StorageK
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, named_params};
 
 use crate::codec::{Millis, after, copy_error, now_ms, sqlite_error};
+use crate::erasures::ErasureFile;
 use crate::reader::{Reply, found, usage};
 use crate::{Durability, RECORD_OVERHEAD, Usage};
 use oncely::store::waiters::Waiters;
@@ -52,6 +53,8 @@ struct Context<'a> {
     woken: &'a mut Vec<StorageKey>,
     /// Set when a claim found more expired rows than it could delete: sweep now.
     sweep_now: bool,
+    /// Set when a delete removed a row: the count of deletes goes up after the commit.
+    erased: bool,
 }
 
 /// A claim as the writer thread takes it: [`ClaimRequest`]'s fields, owned (the key and
@@ -167,6 +170,9 @@ pub(crate) struct Writer {
     /// `LeaseLost` or `Capacity`): then [`Writer::probe`] writes a row to tell whether
     /// writes work again, instead of only taking the lock.
     writes_failing: bool,
+    /// The count of deletes shared with other processes, bumped after each commit that
+    /// deleted a row (`None` when its file could not be opened).
+    erasures: Option<Arc<ErasureFile>>,
 }
 
 /// A sweep in progress. Each `purge_expired` caller counts what was removed after it asked.
@@ -189,6 +195,7 @@ impl Writer {
         conn: Connection,
         commands: Receiver<Command>,
         waiters: Arc<Waiters>,
+        erasures: Option<Arc<ErasureFile>>,
         options: &crate::SqliteOptions,
     ) -> Self {
         let synchronous = match options.durability {
@@ -212,6 +219,7 @@ impl Writer {
                 purge_batch: options.sweep_batch,
             },
             writes_failing: false,
+            erasures,
         }
     }
 
@@ -322,10 +330,13 @@ impl Writer {
         let fsync = matches!(self.durability, Durability::Sync) && writes.iter().any(Write::needs_fsync);
         let mut answers = Vec::with_capacity(writes.len());
         let mut woken = Vec::new();
-        let mut sweep_now = false;
-        let outcome = match self.transact(fsync, writes, &mut answers, &mut woken, &mut sweep_now) {
+        let (mut sweep_now, mut erased) = (false, false);
+        let outcome = match self.transact(fsync, writes, &mut answers, &mut woken, &mut sweep_now, &mut erased) {
             Ok(()) => {
                 self.committed();
+                if erased {
+                    self.erased();
+                }
                 self.waiters.wake(&woken);
                 answers.iter().find_map(Answer::store_failure).map_or(Ok(()), Err)
             }
@@ -384,6 +395,7 @@ impl Writer {
         answers: &mut Vec<Answer>,
         woken: &mut Vec<StorageKey>,
         sweep_now: &mut bool,
+        erased: &mut bool,
     ) -> Result<(), StoreError> {
         let level = if fsync { Synchronous::Full } else { Synchronous::Normal };
         let begun = self
@@ -396,11 +408,12 @@ impl Writer {
                 return Err(error);
             }
         };
-        let mut context = Context { limits: self.limits, woken, sweep_now: false };
+        let mut context = Context { limits: self.limits, woken, sweep_now: false, erased: false };
         let mut writes = writes.into_iter();
         for write in writes.by_ref() {
             answers.push(execute(&tx, write, &mut context));
             *sweep_now |= context.sweep_now;
+            *erased |= context.erased;
             if tx.is_autocommit() {
                 // SQLite rolled the whole transaction back after a failed statement (an
                 // I/O error, a full disk). The rest must not run: outside a transaction,
@@ -423,6 +436,16 @@ impl Writer {
             self.synchronous = level;
         }
         Ok(())
+    }
+
+    /// Bumps the count of deletes that other processes read (see `erasures.rs`): after
+    /// the commit, before any caller of the batch is answered, so that it has changed by
+    /// the time a delete returns, and even when its caller has gone. Should the bump
+    /// fail, other processes' caches see the delete only when their entries end.
+    fn erased(&self) {
+        if let Some(Err(error)) = self.erasures.as_ref().map(|erasures| erasures.bump()) {
+            tracing::warn!(%error, "a record was deleted, but the count of deletes other processes read could not be bumped");
+        }
     }
 
     /// Notes a commit: in relaxed mode, the WAL must be synced within the interval.
@@ -594,7 +617,7 @@ fn execute(conn: &Connection, write: Write, context: &mut Context<'_>) -> Answer
         Write::Touch { claim, lease, reply } => {
             Answer::Unit(reply, touch(conn, &claim.storage_key, claim.claim_id, lease))
         }
-        Write::Delete { key, reply } => Answer::Flag(reply, delete(conn, &key, context.woken)),
+        Write::Delete { key, reply } => Answer::Flag(reply, delete(conn, &key, context)),
         Write::FirstSeen { storage_key, key, scope, window, reply } => {
             Answer::Flag(reply, first_seen(conn, &storage_key, &key, &scope, window, context))
         }
@@ -851,8 +874,9 @@ fn held(changed: usize) -> Result<(), StoreError> {
     if changed == 1 { Ok(()) } else { Err(StoreError::LeaseLost) }
 }
 
-/// Removes the record at `key` whatever its state; true when it was live.
-fn delete(conn: &Connection, key: &StorageKey, woken: &mut Vec<StorageKey>) -> Result<bool, StoreError> {
+/// Removes the record at `key` whatever its state; true when it was live. A removed row,
+/// live or not, wakes its waiters and bumps the count of deletes after the commit.
+fn delete(conn: &Connection, key: &StorageKey, context: &mut Context<'_>) -> Result<bool, StoreError> {
     let now = now_ms()?;
     let sql = "DELETE FROM records WHERE storage_key = :key RETURNING expires_at > :now";
     let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
@@ -861,7 +885,8 @@ fn delete(conn: &Connection, key: &StorageKey, woken: &mut Vec<StorageKey>) -> R
         .optional()
         .map_err(sqlite_error)?;
     if live.is_some() {
-        woken.push(*key);
+        context.woken.push(*key);
+        context.erased = true;
     }
     Ok(live.unwrap_or(false))
 }
