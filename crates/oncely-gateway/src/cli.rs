@@ -297,10 +297,14 @@ async fn keys(action: KeysAction) -> Result<(), Failure> {
         }
         KeysAction::Delete { hash, store } => {
             let key = hash_arg(&hash)?;
-            let store = stores::open(&store).await.map_err(open_failure)?.0;
+            let (store, _, counts_deletes) = stores::open(&store).await.map_err(open_failure)?;
             if store.delete(&key).await.map_err(runtime)? {
                 println!("deleted {hash}");
-                eprintln!("note: a gateway with the replay cache on replays it until its replay_cache.ttl has passed");
+                if !counts_deletes {
+                    eprintln!(
+                        "note: a gateway with the replay cache on replays it until its replay_cache.ttl has passed"
+                    );
+                }
                 Ok(())
             } else {
                 Err(Failure::Runtime(format!("no record {hash}")))

@@ -310,7 +310,7 @@ settings_table! {
     /// a hot key touch no store (see [`oncely::store::cache`]).
     #[command(next_help_heading = "Replay cache ([replay_cache])")]
     pub struct RawReplayCache {
-        /// Answer replays of recently replayed keys from memory (default: on for redis, postgres and dynamodb stores, off for memory and sqlite).
+        /// Answer replays of recently replayed keys from memory (default: on for sqlite, redis, postgres and dynamodb stores, off for memory).
         #[arg(
             id = "replay_cache",
             long = "replay-cache",
@@ -318,7 +318,7 @@ settings_table! {
             value_parser = clap::builder::BoolishValueParser::new()
         )]
         pub enabled: Option<bool>,
-        /// How long a cached record is answered from memory, and so how late a delete made through another instance is seen here (default 5s).
+        /// How long a cached record is answered from memory, and so how late a delete made through another instance is seen here; on sqlite such a delete is seen at once (default 5s).
         #[arg(id = "replay_cache_ttl", long = "replay-cache-ttl", env = "ONCELY_REPLAY_CACHE_TTL")]
         pub ttl: Option<String>,
         /// Records held at most (default 100000).
@@ -695,15 +695,22 @@ pub struct ReplayCacheSettings {
 
 impl ReplayCacheSettings {
     /// Whether to cache for a store whose URL is `store_url`: as configured, or on for
-    /// the stores a replay reaches over the network (Redis, PostgreSQL, DynamoDB).
-    pub fn enabled_for(&self, store_url: &str) -> bool {
+    /// the stores a replay reaches over the network (Redis, PostgreSQL, DynamoDB) and for
+    /// SQLite when it `sees_deletes_elsewhere` (its count of deletes could be opened, so
+    /// that a delete through `oncely keys delete` or another gateway is seen at once).
+    /// Off for `memory://`, whose claim already is an in-process read.
+    pub fn enabled_for(&self, store_url: &str, sees_deletes_elsewhere: bool) -> bool {
         // `ttl` and `max_bytes` are never zero (`duration` and `size` refuse it).
         if self.max_entries == 0 {
             return false;
         }
         self.enabled.unwrap_or_else(|| {
             let scheme = store_url.split_once("://").map_or("", |(scheme, _)| scheme);
-            !matches!(scheme, "memory" | "sqlite" | "")
+            match scheme {
+                "memory" | "" => false,
+                "sqlite" => sees_deletes_elsewhere,
+                _ => true,
+            }
         })
     }
 }

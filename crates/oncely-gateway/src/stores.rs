@@ -27,25 +27,33 @@ pub const DEFAULT_STORE: &str = "sqlite://oncely.db";
 /// Opens the store a URL names, wrapped so that every call is timed in the
 /// `oncely_store_seconds` histogram; its abilities are the store's own.
 /// Without a replay cache: for the admin commands, which must read the store itself.
-pub async fn open(url: &str) -> Result<(GatewayStore, oncely::store::StoreAbilities), OpenError> {
+/// The third value says whether the store counts its deletes for other processes, so
+/// that their replay caches see a delete made here at once (SQLite).
+pub async fn open(url: &str) -> Result<(GatewayStore, oncely::store::StoreAbilities, bool), OpenError> {
     let opened = oncely_stores::open(url).await?;
-    Ok((ReplayCache::disabled(Instrumented::new(opened.store)), opened.abilities))
+    let counts_deletes = opened.erasures.is_some();
+    Ok((ReplayCache::disabled(Instrumented::new(opened.store)), opened.abilities, counts_deletes))
 }
 
 /// [`open`], with the replay cache `cache` configures when it is on for this store
-/// ([`ReplayCacheSettings::enabled_for`]).
+/// ([`ReplayCacheSettings::enabled_for`]). A store that counts its deletes for every
+/// process (SQLite) hands the cache that count, so that deletes made elsewhere are seen
+/// at once.
 pub async fn open_cached(
     url: &str,
     cache: &ReplayCacheSettings,
 ) -> Result<(GatewayStore, oncely::store::StoreAbilities), OpenError> {
     let opened = oncely_stores::open(url).await?;
     let store = Instrumented::new(opened.store);
-    let store = if cache.enabled_for(url) {
-        ReplayCache::builder(store)
+    let store = if cache.enabled_for(url, opened.erasures.is_some()) {
+        let builder = ReplayCache::builder(store)
             .time_to_live(cache.ttl)
             .max_entries(cache.max_entries)
-            .max_bytes(cache.max_bytes)
-            .build()
+            .max_bytes(cache.max_bytes);
+        match opened.erasures {
+            Some(erasures) => builder.erasures(erasures).build(),
+            None => builder.build(),
+        }
     } else {
         ReplayCache::disabled(store)
     };
@@ -195,8 +203,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_store_is_instrumented_and_states_its_abilities() {
-        let (store, abilities) = open("memory://?max_entries=3").await.expect("memory://");
+        let (store, abilities, counts_deletes) = open("memory://?max_entries=3").await.expect("memory://");
         assert!(abilities.counts_records_cheaply);
+        assert!(!counts_deletes, "one process: nobody else to tell");
         store.ping().await.expect("ping through the wrapper");
         let error = open("memory://?max_entries=0").await.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(error.starts_with("memory://?max_entries=0: `max_entries`"), "{error}");

@@ -570,6 +570,59 @@ async fn a_restart_between_first_request_and_retry_still_replays_on_sqlite() {
     assert_eq!(bad.status.code(), Some(2));
 }
 
+/// On SQLite the replay cache is on by default, and a delete through another process
+/// (`oncely keys delete` on the same file) is seen by the next request after it
+/// returned, not a time-to-live later: the key runs again at once, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_sqlite_replays_are_cached_and_a_delete_by_another_process_is_seen_at_once() {
+    let (addr, upstream) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = format!("sqlite://{}", dir.path().join("oncely.db").display());
+    // A time-to-live far longer than the test: only the count of deletes can end an entry.
+    let (gw, _config_dir) =
+        start_gateway(&format!("http://{addr}"), &store, CONFIG, &["--replay-cache-ttl", "1h"]).await;
+    let cache_hits = || async {
+        let metrics = client().get(format!("{}/metrics", gw.admin)).send().await.expect("metrics");
+        let text = metrics.text().await.expect("text");
+        text.lines()
+            .find_map(|line| line.strip_prefix("oncely_replay_cache_hits_total "))
+            .map_or(0, |n| n.trim().parse::<u64>().expect("a count"))
+    };
+    let calls = || upstream.calls.load(Ordering::SeqCst);
+
+    for round in 1..=3 {
+        // Executed, replayed from the file (which fills the cache), replayed from the cache.
+        let first = send_post(&gw, "/payments", Some("k-cached"), "{}").await;
+        assert_eq!(first.status(), 201);
+        assert!(!replayed(&first), "round {round}: runs");
+        let hits = cache_hits().await;
+        for _ in 0..3 {
+            assert!(replayed(&send_post(&gw, "/payments", Some("k-cached"), "{}").await));
+        }
+        assert_eq!(cache_hits().await, hits + 2, "round {round}: the second and third replays came from memory");
+        assert_eq!(calls(), round);
+
+        let list = Command::new(env!("CARGO_BIN_EXE_oncely"))
+            .args(["keys", "list", "--store", &store])
+            .output()
+            .await
+            .expect("list");
+        let records: Vec<Value> = serde_json::from_slice(&list.stdout).expect("JSON list");
+        let hash = records[0]["hash"].as_str().expect("hash").to_string();
+        let deleted = Command::new(env!("CARGO_BIN_EXE_oncely"))
+            .args(["keys", "delete", &hash, "--store", &store])
+            .output()
+            .await
+            .expect("delete");
+        assert!(deleted.status.success(), "{deleted:?}");
+        assert!(deleted.stderr.is_empty(), "no note about the cache: it sees the delete ({deleted:?})");
+        // The delete has returned: the cached copy answers nothing, the key runs again.
+    }
+    let last = send_post(&gw, "/payments", Some("k-cached"), "{}").await;
+    assert!(!replayed(&last), "deleted by another process: runs again at once");
+    assert_eq!(calls(), 4, "once per delete, never twice");
+}
+
 /// A good URL whose server is down is a runtime failure (exit 1: try again later), not
 /// a usage error (exit 2: fix the command), and says which store it could not reach.
 #[tokio::test]

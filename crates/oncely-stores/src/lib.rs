@@ -52,9 +52,10 @@
 //! | `dynamodb://` | no (a count scans the table) | yes (by scanning) | yes | yes |
 
 use std::fmt;
+use std::sync::Arc;
 
 use oncely::store::StoreErrorKind;
-use oncely::store::{BoxError, StoreAbilities, UrlError};
+use oncely::store::{BoxError, Erasures, StoreAbilities, UrlError};
 use oncely::{DynStore, MemoryStoreBuilder};
 use oncely_dynamodb::DynamoDbUrl;
 use oncely_postgres::PostgresUrl;
@@ -74,11 +75,25 @@ pub struct OpenedStore {
     pub store: DynStore,
     /// What the store stated it can do.
     pub abilities: StoreAbilities,
+    /// The store's count of deletes made through any process sharing it, when it keeps
+    /// one cheap enough to read on every cached replay (SQLite: `SqliteStore::erasures`):
+    /// a replay cache given it (`oncely::store::ReplayCacheBuilder::erasures`) sees such deletes at once
+    /// instead of up to its time-to-live late.
+    pub erasures: Option<Arc<dyn Erasures>>,
+}
+
+impl OpenedStore {
+    fn new(abilities: StoreAbilities, store: DynStore) -> Self {
+        Self { store, abilities, erasures: None }
+    }
 }
 
 impl fmt::Debug for OpenedStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenedStore").field("abilities", &self.abilities).finish_non_exhaustive()
+        f.debug_struct("OpenedStore")
+            .field("abilities", &self.abilities)
+            .field("erasures", &self.erasures.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -171,23 +186,24 @@ pub async fn open(url: &str) -> Result<OpenedStore, OpenError> {
     Ok(match scheme {
         Some("memory") => {
             let store = url.parse::<MemoryStoreBuilder>().map_err(bad)?.build();
-            OpenedStore { abilities: store.abilities(), store: DynStore::new(store) }
+            OpenedStore::new(store.abilities(), DynStore::new(store))
         }
         Some("sqlite") => {
             let store = url.parse::<SqliteUrl>().map_err(bad)?.open().await.map_err(|e| failed(e.into()))?;
-            OpenedStore { abilities: store.abilities(), store: DynStore::new(store) }
+            let erasures = store.erasures();
+            OpenedStore { erasures, ..OpenedStore::new(store.abilities(), DynStore::new(store)) }
         }
         Some("redis" | "rediss" | "redis+cluster" | "rediss+cluster") => {
             let store = url.parse::<RedisUrl>().map_err(bad)?.open().await.map_err(|e| failed(e.into()))?;
-            OpenedStore { abilities: store.abilities(), store: DynStore::new(store) }
+            OpenedStore::new(store.abilities(), DynStore::new(store))
         }
         Some("postgres" | "postgresql") => {
             let store = url.parse::<PostgresUrl>().map_err(bad)?.open().await.map_err(|e| failed(e.into()))?;
-            OpenedStore { abilities: store.abilities(), store: DynStore::new(store) }
+            OpenedStore::new(store.abilities(), DynStore::new(store))
         }
         Some("dynamodb") => {
             let store = url.parse::<DynamoDbUrl>().map_err(bad)?.open().await.map_err(|e| failed(e.into()))?;
-            OpenedStore { abilities: store.abilities(), store: DynStore::new(store) }
+            OpenedStore::new(store.abilities(), DynStore::new(store))
         }
         _ => return Err(OpenError::UnknownScheme { url: redacted(url) }),
     })
