@@ -1,40 +1,55 @@
-//! The count of deletes that every process opening one database file shares: a file
-//! beside the database (`PATH-erasures`), holding one little-endian `u64`.
+//! The count of deletes that every process opening one database file shares: the length
+//! of a file beside the database (`PATH-erasures`), which grows by one byte per commit
+//! that deleted a row. (A sparse file: the bytes are a hole and take no disk.)
 //!
 //! It is what lets a process that keeps copies of completed records (a
 //! `oncely::store::ReplayCache` given [`SqliteStore::erasures`](crate::SqliteStore::erasures))
 //! see a delete made through another process (`oncely keys delete`, another gateway on
-//! the same file) at once, at the cost of one `pread` of 8 bytes per cached replay.
+//! the same file) at once, at the cost of one `fstat` per cached replay.
 //!
 //! # Guarantees, and where they are kept
 //!
 //! - **Bumped after the commit, before the answer.** The writer thread bumps the count
 //!   once for every batch of writes that deleted a row, after that transaction commits
-//!   and before any caller of the batch is answered (`Writer::run_batch` in
-//!   `src/writer.rs`). So once a `delete` has returned, or even once its transaction has
-//!   committed and its caller has gone away, every later read of the count, in any
-//!   process, sees a value it never saw before the commit: the contract of
-//!   [`oncely::store::Erasures`]. A caller that read the count before the commit and
-//!   caches a record it read before the commit has that record disowned by the change.
+//!   (or fails: a spurious bump costs a cache miss, nothing more) and before any caller
+//!   of the batch is answered (`Writer::run_batch` in `src/writer.rs`). So once a
+//!   `delete` has returned, or even once its transaction has committed and its caller has
+//!   gone away, every later read of the count, in any process, sees a value it never saw
+//!   before the commit: the contract of [`oncely::store::Erasures`]. A caller that read
+//!   the count before the commit and caches a record it read before the commit has that
+//!   record disowned by the change.
+//! - **A read is atomic.** The count is the file's length, which the kernel updates and
+//!   reports as one 64-bit value: a read that overlaps a bump sees the length before it or
+//!   after it, never a mix. (A counter kept in the file's bytes would not be: a `pread`
+//!   racing a `pwrite` can return some bytes of each, a value that may equal an old one.)
 //! - **Increments do not get lost between processes**: [`ErasureFile::bump`] holds an
-//!   exclusive `flock` on the file across its read and its write.
-//! - **Reads take no lock.** A read that overlaps a bump may see the old value (the bump
-//!   has not returned, so neither has its delete) or a mix of old and new bytes; a mix is
-//!   a value that differs from the old one, so the worst it costs is one trip to the
-//!   store. A file shorter than 8 bytes (being created) reads as `None`: no cached answer.
-//! - **Not durable, and need not be.** The count is never synced: it lives in the page
-//!   cache that every process on the machine shares, and after a crash of the machine
-//!   no process holds a copy to disown. Removing the file while processes have it open
-//!   hides later bumps from them (they read the old file); their caches then fall back to
-//!   the time-to-live. Leave it beside the database, as with SQLite's own `-wal` and
-//!   `-shm`.
+//!   exclusive `flock` on the file across its read and its growth. It waits at most
+//!   [`LOCK_WAIT`] for a lock someone else holds, then fails.
+//! - **A failed bump is logged, not hidden**: the delete has committed and is answered
+//!   as done; other processes' caches then see it only when their entries end (their
+//!   time-to-live). So does a process that could not open the file at all
+//!   ([`SqliteStore::erasures`](crate::SqliteStore::erasures) is then `None`, and
+//!   `oncely keys delete` says so).
+//! - **Not durable, and need not be.** The count is never synced: after a crash of the
+//!   machine no process holds a copy to disown. Truncating or removing the file while
+//!   processes use it can hand back old values (or hide later bumps from them, which
+//!   keep the old file open); their caches may then answer up to their time-to-live.
+//!   Leave it beside the database, as with SQLite's own `-wal` and `-shm`. It is created
+//!   with the database's permissions and, where the process may, its owner, so that a
+//!   gateway running as the database's owner can open a count that `sudo oncely keys
+//!   delete` created.
 //! - **Shared only on one machine**, as the database itself is (WAL mode needs shared
-//!   memory): processes on other machines would not see the page cache's value.
+//!   memory).
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The longest [`ErasureFile::bump`] waits for another holder of the file's lock. Bumps
+/// hold it for two system calls, so only a stranger holding it makes this matter.
+pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// The open counter file of one database; see the [module docs](self).
 #[derive(Debug)]
@@ -50,32 +65,50 @@ impl ErasureFile {
         PathBuf::from(path)
     }
 
-    /// Opens (creating it when missing, at 8 zero bytes) the count of the database at
-    /// `db`. Two processes creating it at once both end with one 8-byte file: the length
-    /// is set under the exclusive lock and only when shorter.
+    /// Opens the count of the database at `db` (which exists), creating it empty, with
+    /// the database's permissions and owner (as far as this process may set them), when
+    /// missing.
     pub(crate) fn open(db: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(Self::path_for(db))?;
-        if file.metadata()?.len() < 8 {
-            file.lock()?;
-            let grown = if file.metadata()?.len() < 8 { file.set_len(8) } else { Ok(()) };
-            file.unlock()?;
-            grown?;
+        let path = Self::path_for(db);
+        match OpenOptions::new().read(true).write(true).create_new(true).open(&path) {
+            Ok(file) => {
+                let database = std::fs::metadata(db)?;
+                file.set_permissions(database.permissions())?;
+                // Only root may give a file away; anyone else already owns it as the
+                // database's owner would, or shares its group.
+                let _ = std::os::unix::fs::fchown(&file, Some(database.uid()), Some(database.gid()));
+                Ok(Self { file })
+            }
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
+                Ok(Self { file: OpenOptions::new().read(true).write(true).open(&path)? })
+            }
+            Err(error) => Err(error),
         }
-        Ok(Self { file })
     }
 
-    /// The count now: one `pread`, no lock.
+    /// The count now: the file's length, one `fstat`, no lock.
     pub(crate) fn read(&self) -> io::Result<u64> {
-        let mut bytes = [0; 8];
-        self.file.read_exact_at(&mut bytes, 0)?;
-        Ok(u64::from_le_bytes(bytes))
+        Ok(self.file.metadata()?.len())
     }
 
-    /// Adds one to the count, under an exclusive `flock` so that bumps from several
-    /// processes all count. Not synced (see the module docs).
+    /// Adds one to the count (grows the file by a byte of hole), under an exclusive
+    /// `flock` so that bumps from several processes all count; waits at most
+    /// [`LOCK_WAIT`] for it. Not synced (see the module docs).
     pub(crate) fn bump(&self) -> io::Result<()> {
-        self.file.lock()?;
-        let bumped = self.read().and_then(|n| self.file.write_all_at(&n.wrapping_add(1).to_le_bytes(), 0));
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            match self.file.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the count's lock is held elsewhere"));
+                }
+                Err(std::fs::TryLockError::Error(error)) => return Err(error),
+            }
+        }
+        let bumped = self.read().and_then(|n| self.file.set_len(n.saturating_add(1)));
         let unlocked = self.file.unlock();
         bumped.and(unlocked)
     }
@@ -89,12 +122,15 @@ impl oncely::store::Erasures for ErasureFile {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
     fn bumps_from_every_opener_count_and_every_opener_sees_them() {
         let dir = tempfile::tempdir().expect("dir");
         let db = dir.path().join("oncely.db");
+        std::fs::write(&db, b"").expect("a database");
         let a = ErasureFile::open(&db).expect("open");
         let b = ErasureFile::open(&db).expect("open again");
         assert_eq!(a.read().expect("read"), 0);
@@ -109,22 +145,32 @@ mod tests {
         });
         assert_eq!(a.read().expect("read"), 1000, "no bump lost between two openers");
         assert_eq!(b.read().expect("read"), 1000);
-        assert_eq!(std::fs::metadata(ErasureFile::path_for(&db)).expect("meta").len(), 8);
         // Opening an existing count keeps it.
         assert_eq!(ErasureFile::open(&db).expect("reopen").read().expect("read"), 1000);
     }
 
     #[test]
-    fn a_short_file_reads_as_no_count() {
+    fn the_count_is_created_with_the_database_permissions() {
         let dir = tempfile::tempdir().expect("dir");
         let db = dir.path().join("oncely.db");
+        std::fs::write(&db, b"").expect("a database");
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        ErasureFile::open(&db).expect("open");
+        let mode = std::fs::metadata(ErasureFile::path_for(&db)).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+    }
+
+    #[test]
+    fn a_bump_gives_up_on_a_lock_held_elsewhere() {
+        let dir = tempfile::tempdir().expect("dir");
+        let db = dir.path().join("oncely.db");
+        std::fs::write(&db, b"").expect("a database");
         let file = ErasureFile::open(&db).expect("open");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(ErasureFile::path_for(&db))
-            .expect("open")
-            .set_len(3)
-            .expect("cut");
-        assert_eq!(oncely::store::Erasures::generation(&file), None);
+        let stranger = File::open(ErasureFile::path_for(&db)).expect("open");
+        stranger.lock().expect("lock");
+        assert_eq!(file.bump().expect_err("held").kind(), io::ErrorKind::TimedOut);
+        stranger.unlock().expect("unlock");
+        file.bump().expect("bump");
+        assert_eq!(file.read().expect("read"), 1);
     }
 }

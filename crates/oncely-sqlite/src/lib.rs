@@ -499,10 +499,12 @@ impl SqliteStore {
     /// cache (`oncely::store::ReplayCache`, feature `cache`) to see deletes made through
     /// other processes (`oncely keys delete`, another gateway) as soon as they return:
     /// give it to `ReplayCacheBuilder::erasures`.
-    /// One `pread` of a file beside the database (`PATH-erasures`) per read; the store
-    /// bumps it after every commit that deleted a row, before answering. `None` when
-    /// that file could not be opened (a read-only directory): then the cache cannot see
-    /// other processes' deletes before its time-to-live.
+    /// The count is the length of a file beside the database (`PATH-erasures`), one
+    /// `fstat` per read; the store bumps it after every commit that deleted a row, before
+    /// answering (the guarantees and their limits are in `src/erasures.rs`). `None` when
+    /// that file could not be opened (a read-only directory, no permission): this
+    /// process's deletes then do not bump it, and a cache here cannot see other
+    /// processes' deletes before its time-to-live.
     ///
     /// ```no_run
     /// use oncely::store::ReplayCache;

@@ -341,6 +341,11 @@ impl Writer {
                 answers.iter().find_map(Answer::store_failure).map_or(Ok(()), Err)
             }
             Err(error) => {
+                // A commit that failed may still have reached the file: a spurious bump
+                // costs other processes' caches a miss, a missing one a stale replay.
+                if erased {
+                    self.erased();
+                }
                 tracing::warn!(%error, requests = answers.len(), "the SQLite store failed a batch of writes");
                 for answer in &mut answers {
                     answer.fail(&error);
@@ -439,9 +444,10 @@ impl Writer {
     }
 
     /// Bumps the count of deletes that other processes read (see `erasures.rs`): after
-    /// the commit, before any caller of the batch is answered, so that it has changed by
-    /// the time a delete returns, and even when its caller has gone. Should the bump
-    /// fail, other processes' caches see the delete only when their entries end.
+    /// the commit, before any caller of the batch is answered or waiter woken, so that
+    /// it has changed by the time a delete returns, and even when its caller has gone.
+    /// Should the bump fail, other processes' caches see the delete only when their
+    /// entries end.
     fn erased(&self) {
         if let Some(Err(error)) = self.erasures.as_ref().map(|erasures| erasures.bump()) {
             tracing::warn!(%error, "a record was deleted, but the count of deletes other processes read could not be bumped");

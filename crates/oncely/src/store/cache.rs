@@ -21,10 +21,12 @@
 //! **Unless the store counts its deletes for every process.** Given the store's
 //! [`Erasures`] ([`erasures`](ReplayCacheBuilder::erasures)), the cache reads that count on
 //! every hit and answers nothing from an entry cached before it changed: a delete made
-//! through any process is seen by the next claim that starts after the delete returned,
-//! as without a cache. The SQLite store offers one (`oncely_sqlite::SqliteStore::erasures`:
-//! a counter in a file beside the database, one `pread` a hit); stores behind a network
-//! hop do not, since reading their count would cost the round trip the cache saves.
+//! through any process that keeps the count is seen by the next claim that starts after
+//! the delete returned, as without a cache. The SQLite store offers one
+//! (`oncely_sqlite::SqliteStore::erasures`: the length of a file beside the database, one
+//! `fstat` a hit; a process that could not open that file deletes without bumping it, and
+//! says so); stores behind a network hop do not, since reading their count would cost the
+//! round trip the cache saves.
 //!
 //! **Bounds.** An entry lives for the time-to-live (5 s by default) and never past its
 //! record's retention. The cache holds at most `max_entries` entries and `max_bytes` of
