@@ -5,7 +5,7 @@
 //! It is what lets a process that keeps copies of completed records (a
 //! `oncely::store::ReplayCache` given [`SqliteStore::erasures`](crate::SqliteStore::erasures))
 //! see a delete made through another process (`oncely keys delete`, another gateway on
-//! the same file) at once, at the cost of one `fstat` per cached replay.
+//! the same file) at once, at the cost of one `lseek` per cached replay.
 //!
 //! # Guarantees, and where they are kept
 //!
@@ -42,7 +42,7 @@
 //!   memory).
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -86,9 +86,13 @@ impl ErasureFile {
         }
     }
 
-    /// The count now: the file's length, one `fstat`, no lock.
+    /// The count now: the file's length, read with one `lseek` to the end (the handle's
+    /// position is used for nothing else), no lock. `lseek` is the cheapest call that
+    /// reports the length: `fstat`, which std's `metadata` makes as a `statx`, fills a
+    /// whole structure, and cost a cached replay 13% of its CPU in the gateway
+    /// (`bench/ab.sh replays`, docs/benchmarks.md, stop 40).
     pub(crate) fn read(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        (&self.file).seek(SeekFrom::End(0))
     }
 
     /// Adds one to the count (grows the file by a byte of hole), under an exclusive

@@ -500,7 +500,7 @@ impl SqliteStore {
     /// other processes (`oncely keys delete`, another gateway) as soon as they return:
     /// give it to `ReplayCacheBuilder::erasures`.
     /// The count is the length of a file beside the database (`PATH-erasures`), one
-    /// `fstat` per read; the store bumps it after every commit that deleted a row, before
+    /// `lseek` per read; the store bumps it after every commit that deleted a row, before
     /// answering (the guarantees and their limits are in `src/erasures.rs`). `None` when
     /// that file could not be opened (a read-only directory, no permission): this
     /// process's deletes then do not bump it, and a cache here cannot see other

@@ -24,7 +24,7 @@
 //! through any process that keeps the count is seen by the next claim that starts after
 //! the delete returned, as without a cache. The SQLite store offers one
 //! (`oncely_sqlite::SqliteStore::erasures`: the length of a file beside the database, one
-//! `fstat` a hit; a process that could not open that file deletes without bumping it, and
+//! `lseek` a hit; a process that could not open that file deletes without bumping it, and
 //! says so); stores behind a network hop do not, since reading their count would cost the
 //! round trip the cache saves.
 //!
