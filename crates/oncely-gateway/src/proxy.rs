@@ -519,20 +519,18 @@ impl tower::Service<Request<ForwardBody>> for Proxy {
         };
         // The layer puts the key of a keyed request in its extensions.
         let keyed = parts.extensions.get::<oncely::IdempotencyKey>().is_some();
-        // The client's host, for the forwarding fields; an `http://` upstream's own takes
-        // its place (first, where clients put it). HTTP/2 carries it in `:authority`.
+        // The client's host, for the forwarding fields (HTTP/2 carries it in `:authority`).
         let host = match &self.upstream.host {
-            Some(upstream_host) => parts.headers.insert(header::HOST, upstream_host.clone()),
+            Some(_) => parts.headers.get(header::HOST).cloned(),
             None => parts.headers.remove(header::HOST),
         }
         .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
         strip_hop_by_hop(&mut parts.headers);
-        // The hop-by-hop removal takes whatever `Connection` names, `Host` included; an
-        // `http://` upstream's requests must reach hyper-util with their `Host`, or it
-        // would write one from the pool's label (see `POOL_LABEL`).
-        if let Some(upstream_host) = &self.upstream.host
-            && !parts.headers.contains_key(header::HOST)
-        {
+        // An `http://` upstream's own `Host`, set after the hop-by-hop removal (which takes
+        // whatever `Connection` names, `Host` included): in the client's `Host`'s place
+        // (first, where clients put it), or last when the removal took it. Never missing,
+        // or hyper-util would write one from the pool's label (see `POOL_LABEL`).
+        if let Some(upstream_host) = &self.upstream.host {
             parts.headers.insert(header::HOST, upstream_host.clone());
         }
         append_forwarding(&mut parts.headers, self.client.as_ref().map(|c| &*c.0), host, self.upstream.client_proto);

@@ -130,11 +130,18 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn bumps_from_every_opener_count_and_every_opener_sees_them() {
+    /// A file standing for the database, in a directory of its own (kept alive by the
+    /// returned guard).
+    fn database() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("dir");
         let db = dir.path().join("oncely.db");
         std::fs::write(&db, b"").expect("a database");
+        (dir, db)
+    }
+
+    #[test]
+    fn bumps_from_every_opener_count_and_every_opener_sees_them() {
+        let (_dir, db) = database();
         let a = ErasureFile::open(&db).expect("open");
         let b = ErasureFile::open(&db).expect("open again");
         assert_eq!(a.read().expect("read"), 0);
@@ -155,9 +162,7 @@ mod tests {
 
     #[test]
     fn the_count_is_created_with_the_database_permissions() {
-        let dir = tempfile::tempdir().expect("dir");
-        let db = dir.path().join("oncely.db");
-        std::fs::write(&db, b"").expect("a database");
+        let (_dir, db) = database();
         std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o640)).expect("chmod");
         ErasureFile::open(&db).expect("open");
         let mode = std::fs::metadata(ErasureFile::path_for(&db)).expect("meta").permissions().mode();
@@ -166,9 +171,7 @@ mod tests {
 
     #[test]
     fn a_bump_gives_up_on_a_lock_held_elsewhere() {
-        let dir = tempfile::tempdir().expect("dir");
-        let db = dir.path().join("oncely.db");
-        std::fs::write(&db, b"").expect("a database");
+        let (_dir, db) = database();
         let file = ErasureFile::open(&db).expect("open");
         let stranger = File::open(ErasureFile::path_for(&db)).expect("open");
         stranger.lock().expect("lock");

@@ -331,21 +331,19 @@ impl Writer {
         let mut answers = Vec::with_capacity(writes.len());
         let mut woken = Vec::new();
         let (mut sweep_now, mut erased) = (false, false);
-        let outcome = match self.transact(fsync, writes, &mut answers, &mut woken, &mut sweep_now, &mut erased) {
+        let transacted = self.transact(fsync, writes, &mut answers, &mut woken, &mut sweep_now, &mut erased);
+        // Committed or not (a commit that failed may still have reached the file): a
+        // spurious bump costs other processes' caches a miss, a missing one a stale replay.
+        if erased {
+            self.erased();
+        }
+        let outcome = match transacted {
             Ok(()) => {
                 self.committed();
-                if erased {
-                    self.erased();
-                }
                 self.waiters.wake(&woken);
                 answers.iter().find_map(Answer::store_failure).map_or(Ok(()), Err)
             }
             Err(error) => {
-                // A commit that failed may still have reached the file: a spurious bump
-                // costs other processes' caches a miss, a missing one a stale replay.
-                if erased {
-                    self.erased();
-                }
                 tracing::warn!(%error, requests = answers.len(), "the SQLite store failed a batch of writes");
                 for answer in &mut answers {
                     answer.fail(&error);
