@@ -1,5 +1,5 @@
 //! The Redis store's codec, read from the wire as RESP: the claim script's reply (a
-//! verdict, then a replay's payload, completion time and hits, or a lease end) and the
+//! verdict, then a replay's payload, completion time, hits and expiry, or a lease end) and the
 //! get script's reply (a record's fields as `HGETALL` gives them).
 //!
 //! Checks: no panic on any reply (`redis::parse_redis_value`, then the store's decoders);

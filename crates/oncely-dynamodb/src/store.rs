@@ -351,7 +351,7 @@ fn blocked(request: &ClaimRequest<'_>, item: &Item) -> Result<ClaimOutcome, Stor
     }
     Ok(match record.state {
         RecordState::Completed { payload, completed_at, hits } => {
-            ClaimOutcome::Replay(Replay { payload, completed_at, hits })
+            ClaimOutcome::Replay(Replay { payload, completed_at, hits, expires_at: record.expires_at })
         }
         // A lapsed lease here lost the race to another claim a moment ago, or read a
         // record the same instant: the engine asks again at once.

@@ -227,7 +227,7 @@ impl Sql {
             // completed → replay; else in progress.
             claim: stmt(format!(
                 "WITH found AS (
-                     SELECT claim_id, fingerprint, lease_until, payload, completed_at, hits, attempt
+                     SELECT claim_id, fingerprint, lease_until, payload, completed_at, hits, attempt, expires_at
                      FROM {t} WHERE storage_key = $1 AND expires_at > now()),
                  settled AS (
                      SELECT * FROM found
@@ -256,16 +256,17 @@ impl Sql {
                          recovery_point = CASE WHEN {expired} THEN NULL ELSE r.recovery_point END,
                          waited         = CASE WHEN {expired} THEN false ELSE r.waited END
                      RETURNING claim_id, fingerprint, lease_until, payload, completed_at, hits, attempt,
-                         {relaxed} AS relaxed),
+                         expires_at, {relaxed} AS relaxed),
                  answer AS (
-                     SELECT claim_id, fingerprint, lease_until, payload, completed_at, hits, attempt, relaxed
+                     SELECT claim_id, fingerprint, lease_until, payload, completed_at, hits, attempt, expires_at,
+                         relaxed
                      FROM claimed
                      UNION ALL
-                     SELECT claim_id, fingerprint, lease_until, payload, completed_at, hits, attempt, NULL
+                     SELECT claim_id, fingerprint, lease_until, payload, completed_at, hits, attempt, expires_at, NULL
                      FROM settled)
                  SELECT coalesce(claim_id = $5, false), fingerprint IS NOT DISTINCT FROM $4, claim_id IS NULL,
                      CASE WHEN claim_id IS NULL AND fingerprint IS NOT DISTINCT FROM $4 THEN payload END,
-                     {completed_at}, hits, {lease_until}, attempt, relaxed
+                     {completed_at}, hits, {lease_until}, attempt, relaxed, {expires_at}
                  FROM answer",
                 relaxed = relaxed_unless("claim_id = $5"),
                 exp = from_now("$7"),
@@ -280,6 +281,7 @@ impl Sql {
                 taken_expiry = "clock_timestamp() + $7::float8 * interval '1 microsecond'",
                 completed_at = us("completed_at"),
                 lease_until = us("lease_until"),
+                expires_at = us("expires_at"),
             )),
             // Replay counts flushed by the engine, for the whole batch in one statement.
             // A key may appear more than once: the batch is summed per key first. Only

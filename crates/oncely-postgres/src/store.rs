@@ -259,6 +259,7 @@ impl Store for PostgresStore {
                 ),
                 completed_at: time(4)?,
                 hits: u64::try_from(hits).map_err(|_| StoreError::Corrupt(format!("a hit count of {hits}")))?,
+                expires_at: time(9)?,
             })
         } else {
             ClaimOutcome::InProgress { lease_until: time(6)? }

@@ -48,7 +48,7 @@ pub(crate) fn array(value: Value) -> Result<Vec<Value>, StoreError> {
 }
 
 /// The claim script's reply: a one-letter verdict, then what the outcome carries (a
-/// replay's payload, completion time and hits; an in-progress record's lease end).
+/// replay's payload, completion time, hits and expiry; an in-progress record's lease end).
 pub(crate) fn claim_outcome(storage_key: &StorageKey, value: Value) -> Result<ClaimOutcome, StoreError> {
     let mut items = array(value)?.into_iter();
     let verdict = items.next().map(bytes_of).transpose()?.ok_or_else(|| corrupt("empty claim reply"))?;
@@ -63,7 +63,8 @@ pub(crate) fn claim_outcome(storage_key: &StorageKey, value: Value) -> Result<Cl
             let completed_at = time(&field("completion time")?)?;
             let hits = signed(&field("hit count")?)?;
             let hits = u64::try_from(hits).map_err(|_| corrupt(format!("record {storage_key}: hit count {hits}")))?;
-            ClaimOutcome::Replay(Replay { payload, completed_at, hits })
+            let expires_at = time(&field("expiry")?)?;
+            ClaimOutcome::Replay(Replay { payload, completed_at, hits, expires_at })
         }
         b"i" => ClaimOutcome::InProgress { lease_until: time(&field("lease end")?)? },
         b"m" => ClaimOutcome::Mismatch,
@@ -219,8 +220,12 @@ mod tests {
             claim_outcome(&key, reply(&[b"i", b"1700000000123"])).ok(),
             Some(ClaimOutcome::InProgress { lease_until: at(1_700_000_000_123) })
         );
-        let replay = Replay { payload: Bytes::from_static(b"\x00r"), completed_at: at(42), hits: 7 };
-        assert_eq!(claim_outcome(&key, reply(&[b"c", b"\x00r", b"42", b"7"])).ok(), Some(ClaimOutcome::Replay(replay)));
+        let replay =
+            Replay { payload: Bytes::from_static(b"\x00r"), completed_at: at(42), hits: 7, expires_at: at(86_400_042) };
+        let completed = reply(&[b"c", b"\x00r", b"42", b"7", b"86400042"]);
+        assert_eq!(claim_outcome(&key, completed).ok(), Some(ClaimOutcome::Replay(replay)));
+        // A reply without the expiry (a script of another version) is refused, not guessed.
+        assert!(claim_outcome(&key, reply(&[b"c", b"\x00r", b"42", b"7"])).is_err());
         assert_eq!(found_record(&key, Value::Array(vec![])).ok(), Some(None));
     }
 

@@ -75,7 +75,7 @@ end
 
 /// Claim. ARGV: claim id, fingerprint (empty for none), raw key, scope, lease ms,
 /// retention ms, channel, pub/sub mode. Returns `{'a'}` acquired, `{'t'}` taken over,
-/// `{'c', payload, completed at, hits}` completed, `{'i', lease until}` in progress, or
+/// `{'c', payload, completed at, hits, expires at}` completed, `{'i', lease until}` in progress, or
 /// `{'m'}` mismatch. The record lives at least as long as the lease, so it cannot expire
 /// under a live claim.
 ///
@@ -93,7 +93,7 @@ if r[1] and tonumber(r[4]) > now then
     return {'m'}
   end
   if r[1] == 'c' then
-    return {'c', r[6], r[7], r[8]}
+    return {'c', r[6], r[7], r[8], r[4]}
   end
   if r[5] == ARGV[1] then
     return {'a'}
@@ -210,13 +210,13 @@ return counted
 
 /// Replica read, for the opt-in replays from a replica (run there with `EVALSHA_RO`, so the
 /// server refuses it any write). ARGV: fingerprint (empty for none). Returns
-/// `{'c', payload, completed at, hits}` for a live completed record with that fingerprint,
+/// `{'c', payload, completed at, hits, expires at}` for a live completed record with that fingerprint,
 /// by the replica's clock, and an empty array for anything else, which the primary's claim
 /// script then decides.
 const REPLICA_READ: &str = r#"
 local r = redis.call('HMGET', KEYS[1], 's', 'f', 'e', 'p', 'd', 'h')
 if r[1] == 'c' and tonumber(r[3]) > now and r[2] == ARGV[1] then
-  return {'c', r[4], r[5], r[6]}
+  return {'c', r[4], r[5], r[6], r[3]}
 end
 return {}
 "#;

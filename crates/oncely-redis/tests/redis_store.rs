@@ -515,6 +515,13 @@ async fn replays_are_served_by_the_replica_when_asked() {
     assert_eq!(calls(&replica, "evalsha_ro"), 1, "a replay: one read on the replica");
     assert_eq!(calls(&primary, "evalsha"), 0, "and nothing on the primary");
     assert_eq!(dirty(&primary), before);
+    // The replica's replay carries the record's own expiry, as the primary's does.
+    let request = claim_request(&key, None, Duration::from_secs(60));
+    let ClaimOutcome::Replay(replay) = store.claim(&request).await.expect("claim") else {
+        panic!("the replica replays the completed record");
+    };
+    let record = store.get(request.storage_key()).await.expect("get").expect("record");
+    assert_eq!(replay.expires_at, record.expires_at);
 
     // A restarted replica has no scripts: the read loads it there and is made again.
     replica.command(&["SCRIPT", "FLUSH"]);

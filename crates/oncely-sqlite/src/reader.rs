@@ -208,7 +208,7 @@ pub(crate) fn found(
     let sql = concat!(
         "SELECT fingerprint IS :fingerprint, state, lease_until, payload, completed_at, ",
         total_hits!(),
-        " FROM records WHERE storage_key = :key AND expires_at > :now"
+        ", expires_at FROM records WHERE storage_key = :key AND expires_at > :now"
     );
     let mut statement = conn.prepare_cached(sql).map_err(sqlite_error)?;
     let params = named_params! {
@@ -224,7 +224,7 @@ pub(crate) fn found(
                 // table's `CHECK` rules both out).
                 COMPLETED => {
                     let payload = Bytes::from(row.get::<_, Vec<u8>>(3)?);
-                    replay(key, payload, row.get(4)?, row.get(5)?).map(Some)
+                    replay(key, payload, row.get(4)?, row.get(5)?, row.get(6)?).map(Some)
                 }
                 IN_PROGRESS => match row.get::<_, Option<Millis>>(2)? {
                     Some(lease_until) if lease_until > now => {
@@ -242,10 +242,16 @@ pub(crate) fn found(
 }
 
 /// A completed row's answer; a negative count (no write stores one) is corruption.
-fn replay(key: &StorageKey, payload: Bytes, completed_at: Millis, hits: i64) -> Result<ClaimOutcome, StoreError> {
-    let completed_at = to_time(completed_at)?;
+fn replay(
+    key: &StorageKey,
+    payload: Bytes,
+    completed_at: Millis,
+    hits: i64,
+    expires_at: Millis,
+) -> Result<ClaimOutcome, StoreError> {
+    let (completed_at, expires_at) = (to_time(completed_at)?, to_time(expires_at)?);
     let hits = u64::try_from(hits).map_err(|_| StoreError::Corrupt(format!("record {key}: {hits} hits")))?;
-    Ok(ClaimOutcome::Replay(Replay { payload, completed_at, hits }))
+    Ok(ClaimOutcome::Replay(Replay { payload, completed_at, hits, expires_at }))
 }
 
 fn in_progress(conn: &Connection, key: &StorageKey, now: Millis) -> Result<bool, StoreError> {

@@ -177,6 +177,27 @@ pub async fn replay_returns_stored_bytes_exactly_up_to<S: Store + StoreAdmin>(st
     }
 }
 
+/// A replay reports the record's own expiry: the retention its holder completed with (two
+/// minutes here), not the retention the replaying claim asks for (an hour). A replay
+/// cache relies on it to end its copy with the record.
+pub async fn replay_reports_the_expiry_its_holder_completed_with<S: Store + StoreAdmin>(store: S) {
+    let retention = Duration::from_secs(120);
+    let key = unique_key();
+    let request = claim_request(&key, None, LONG);
+    let (storage_key, claim) = (*request.storage_key(), request.claim());
+    store.claim(&request).await.expect("claim");
+    store.complete(claim, Bytes::from_static(b"done"), retention).await.expect("complete");
+    let ClaimOutcome::Replay(replay) = store.claim(&claim_request(&key, None, LONG)).await.expect("claim") else {
+        panic!("a completed record replays");
+    };
+    let record = store.get(&storage_key).await.expect("get").expect("record exists");
+    assert_eq!(replay.expires_at, record.expires_at, "the replay's expiry is the record's");
+    let lived = replay.expires_at.duration_since(replay.completed_at).expect("expires after completing");
+    // The stores' clocks and their resolution (DynamoDB and Redis keep milliseconds) leave a
+    // little slack; the claimer's hour is far outside it.
+    assert!(lived.abs_diff(retention) < Duration::from_secs(5), "lived {lived:?}, completed with {retention:?}");
+}
+
 /// A key reused with another fingerprint is a mismatch, whether the record is in
 /// progress or completed, and no hit is counted.
 pub async fn fingerprint_mismatch_is_reported_without_a_hit<S: Store + StoreAdmin>(store: S) {

@@ -67,6 +67,7 @@ macro_rules! store_conformance {
         $crate::__conformance_tests!($make_store;
             engine_runs_once_among_concurrent_callers,
             fingerprint_mismatch_is_reported_without_a_hit,
+            replay_reports_the_expiry_its_holder_completed_with,
             lapsed_lease_is_taken_over_and_old_holder_fenced,
             keep_alive_prevents_takeover_of_live_holder,
             touch_extends_the_lease,

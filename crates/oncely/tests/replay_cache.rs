@@ -169,6 +169,28 @@ async fn an_entry_ends_with_its_record() {
     assert_eq!(run(&oncely, &key, &runs).await, (2, false), "the record expired: the key is new again");
 }
 
+/// The record's own expiry ends the entry, not the claimer's retention: a process whose
+/// routes keep records for a day caches a record another process completed with a
+/// retention of 300 ms, and must not replay it once the store has expired it (the other
+/// process may have run the key again by then).
+#[tokio::test]
+async fn an_entry_ends_with_its_record_when_another_process_completed_it() {
+    let store = MemoryStore::new();
+    let short = Oncely::builder(store.clone())
+        .retention(Duration::from_millis(300))
+        .lease(Duration::from_millis(100))
+        .build()
+        .expect("engine");
+    let cached = Oncely::new(ReplayCache::builder(store).time_to_live(Duration::from_secs(60)).build());
+    assert_eq!(cached.config().retention, Duration::from_secs(24 * 3600), "the default: a day");
+    let (key, runs) = (IdempotencyKey::new("order-5b").expect("key"), AtomicUsize::new(0));
+    run(&short, &key, &runs).await;
+    assert_eq!(run(&cached, &key, &runs).await, (1, true), "found in the store, then cached");
+    assert_eq!(cached.store().len(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(run(&cached, &key, &runs).await, (2, false), "the record expired: the key is new again");
+}
+
 #[tokio::test]
 async fn the_cache_holds_at_most_its_bounds() {
     let store = ReplayCache::builder(MemoryStore::new()).max_entries(10).max_bytes(1 << 20).build();

@@ -490,7 +490,7 @@ impl<S: Store> Oncely<S> {
             return Err(Error::Store(StoreError::Corrupt("a kept result is not completed".into())));
         };
         self.shared.outcomes.replayed_kept.increment(1);
-        let replay = Replay { payload, completed_at, hits };
+        let replay = Replay { payload, completed_at, hits, expires_at: record.expires_at };
         if let Some(hook) = &hooks.hit {
             hook(key, &replay);
         }

@@ -29,8 +29,14 @@
 //! round trip the cache saves.
 //!
 //! **Bounds.** An entry lives for the time-to-live (5 s by default) and never past its
-//! record's retention. The cache holds at most `max_entries` entries and `max_bytes` of
-//! payload; past either, the least useful entries are evicted (moka's TinyLFU policy).
+//! record's expiry as the store reported it ([`Replay::expires_at`]: the retention the
+//! record was completed with, whichever process completed it). The cache holds at most
+//! `max_entries` entries and `max_bytes` of payload; past either, the least useful
+//! entries are evicted (moka's TinyLFU policy).
+//!
+//! **Clocks.** The expiry is read against this process's clock. For a store that judges
+//! expiry by its server's clock (Redis, PostgreSQL), an entry can outlive its record by
+//! as much as this clock lags the server's, and never by more than the time-to-live.
 //!
 //! **When it pays.** For a store behind a network hop (Redis, PostgreSQL, DynamoDB) a
 //! cached replay saves a round trip. For [`MemoryStore`](crate::MemoryStore), whose
@@ -77,7 +83,7 @@ pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
 pub const DEFAULT_MAX_BYTES: u64 = 64 << 20;
 
 /// The longest time-to-live taken (moka refuses more than 1,000 years); an entry ends
-/// with its record's retention anyway.
+/// with its record's expiry anyway.
 const MAX_TIME_TO_LIVE: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// What an entry is charged beyond its payload: the key, the fingerprint, the times and
@@ -117,7 +123,8 @@ struct Entry {
     fingerprint: Option<Fingerprint>,
     replay: Replay,
     hits: AtomicU64,
-    /// The end of the entry: its time-to-live or its record's retention, the sooner.
+    /// The end of the entry: its time-to-live or its record's expiry ([`Replay::expires_at`]),
+    /// the sooner.
     until: Instant,
     /// The store's [`Erasures`] count read before the claim that found the record (0
     /// without one): the entry answers only while the count still reads the same.
@@ -209,12 +216,14 @@ impl<S> ReplayCache<S> {
     /// of it makes the entry answer nothing (`cached`).
     fn remember(&self, request: &ClaimRequest<'_>, replay: &Replay, deletes_before: u64, generation: u64) {
         let Some(cache) = &self.cache else { return };
-        // The record lives `retention` from its completion (by the store's clock, read
-        // here through the completion time it reported): the entry never outlives it.
-        let left = match replay.completed_at.checked_add(request.retention()) {
-            Some(end) => end.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO),
-            None => Duration::MAX,
-        };
+        // The entry never outlives its record: the store's `expires_at`, set by the
+        // retention the holder completed with (which may be shorter than this claimer's:
+        // another process, another configuration). Read against this process's clock;
+        // a record already past it is not cached.
+        let left = replay.expires_at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+        if left.is_zero() {
+            return;
+        }
         let Some(until) = Instant::now().checked_add(left.min(cache.time_to_live())) else { return };
         let hits = AtomicU64::new(replay.hits);
         let entry =

@@ -624,6 +624,7 @@ impl Shard {
                     payload: payload.clone(),
                     completed_at: *completed_at,
                     hits: *hits,
+                    expires_at: entry.record.expires_at,
                 }))
             }
             RecordState::InProgress { lease_until: held_until, .. } if now < *held_until => {

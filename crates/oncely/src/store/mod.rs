@@ -130,7 +130,12 @@ pub struct StoreStats {
 ///             }
 ///             match &record.state {
 ///                 RecordState::Completed { payload, completed_at, hits } => {
-///                     let replay = Replay { payload: payload.clone(), completed_at: *completed_at, hits: *hits };
+///                     let replay = Replay {
+///                         payload: payload.clone(),
+///                         completed_at: *completed_at,
+///                         hits: *hits,
+///                         expires_at: record.expires_at,
+///                     };
 ///                     return Ok(ClaimOutcome::Replay(replay));
 ///                 }
 ///                 RecordState::InProgress { lease_until, .. } if now < *lease_until => {

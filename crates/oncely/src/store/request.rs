@@ -175,6 +175,11 @@ pub struct Replay {
     pub payload: Bytes,
     /// When the holder completed.
     pub completed_at: SystemTime,
+    /// When the record expires, by the store's clock: the end of the retention its holder
+    /// completed it with, which need not be the claimer's own. A copy of the replay (the
+    /// [`ReplayCache`](crate::store::ReplayCache)) answers nothing past it. For a result
+    /// the engine keeps while its store is unreachable, this process's estimate of it.
+    pub expires_at: SystemTime,
     /// Replays counted so far. From a store: the count it holds (hits are flushed to it
     /// in batches, so recent replays may be missing). From the engine: that count plus
     /// the replays this process counted and has not flushed yet, this one included.
