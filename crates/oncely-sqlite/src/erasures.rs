@@ -5,7 +5,8 @@
 //! It is what lets a process that keeps copies of completed records (a
 //! `oncely::store::ReplayCache` given [`SqliteStore::erasures`](crate::SqliteStore::erasures))
 //! see a delete made through another process (`oncely keys delete`, another gateway on
-//! the same file) at once, at the cost of one `lseek` per cached replay.
+//! the same file) at once, at the cost of one `lseek` per cached replay (on a descriptor
+//! of the reading thread's own: see [`ErasureFile`]).
 //!
 //! # Guarantees, and where they are kept
 //!
@@ -54,7 +55,26 @@ pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(1);
 /// The open counter file of one database; see the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct ErasureFile {
+    /// Bumps (and their lock) go through this descriptor.
     file: File,
+    /// Reads go through one of these, picked by the reading thread ([`READER_SLOT`]):
+    /// opens of their own, so that threads reading at once on different cores do not
+    /// contend on one open file's reference count and position lock (`lseek` takes both).
+    readers: Box<[File]>,
+}
+
+/// The most read descriptors a count keeps: one per core, up to this many.
+const MAX_READERS: usize = 16;
+
+/// Which of a count's read descriptors this thread uses: threads are numbered as they
+/// first read, so the async workers (the threads that read on every cached replay) get
+/// descriptors of their own.
+fn reader_slot() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static READER_SLOT: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    READER_SLOT.with(|slot| *slot)
 }
 
 impl ErasureFile {
@@ -70,20 +90,23 @@ impl ErasureFile {
     /// missing.
     pub(crate) fn open(db: &Path) -> io::Result<Self> {
         let path = Self::path_for(db);
-        match OpenOptions::new().read(true).write(true).create_new(true).open(&path) {
+        let file = match OpenOptions::new().read(true).write(true).create_new(true).open(&path) {
             Ok(file) => {
                 let database = std::fs::metadata(db)?;
                 file.set_permissions(database.permissions())?;
                 // Only root may give a file away; anyone else already owns it as the
                 // database's owner would, or shares its group.
                 let _ = std::os::unix::fs::fchown(&file, Some(database.uid()), Some(database.gid()));
-                Ok(Self { file })
+                file
             }
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {
-                Ok(Self { file: OpenOptions::new().read(true).write(true).open(&path)? })
+                OpenOptions::new().read(true).write(true).open(&path)?
             }
-            Err(error) => Err(error),
-        }
+            Err(error) => return Err(error),
+        };
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+        let readers = (0..cores.min(MAX_READERS)).map(|_| File::open(&path)).collect::<io::Result<_>>()?;
+        Ok(Self { file, readers })
     }
 
     /// The count now: the file's length, read with one `lseek` to the end (the handle's
@@ -92,7 +115,8 @@ impl ErasureFile {
     /// whole structure, and cost a cached replay 13% of its CPU in the gateway
     /// (`bench/ab.sh replays`, docs/benchmarks.md, stop 40).
     pub(crate) fn read(&self) -> io::Result<u64> {
-        (&self.file).seek(SeekFrom::End(0))
+        let reader = &self.readers[reader_slot() % self.readers.len()];
+        (&*reader).seek(SeekFrom::End(0))
     }
 
     /// Adds one to the count (grows the file by a byte of hole), under an exclusive
@@ -156,6 +180,12 @@ mod tests {
         });
         assert_eq!(a.read().expect("read"), 1000, "no bump lost between two openers");
         assert_eq!(b.read().expect("read"), 1000);
+        // Every thread reads through a descriptor of its own choosing: all see the count.
+        std::thread::scope(|scope| {
+            for _ in 0..2 * MAX_READERS {
+                scope.spawn(|| assert_eq!(a.read().expect("read"), 1000));
+            }
+        });
         // Opening an existing count keeps it.
         assert_eq!(ErasureFile::open(&db).expect("reopen").read().expect("read"), 1000);
     }
