@@ -57,7 +57,7 @@ pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(1);
 pub(crate) struct ErasureFile {
     /// Bumps (and their lock) go through this descriptor.
     file: File,
-    /// Reads go through one of these, picked by the reading thread ([`READER_SLOT`]):
+    /// Reads go through one of these, picked by the reading thread ([`reader_slot`]):
     /// opens of their own, so that threads reading at once on different cores do not
     /// contend on one open file's reference count and position lock (`lseek` takes both).
     readers: Box<[File]>,
@@ -68,7 +68,8 @@ const MAX_READERS: usize = 16;
 
 /// Which of a count's read descriptors this thread uses: threads are numbered as they
 /// first read, so the async workers (the threads that read on every cached replay) get
-/// descriptors of their own.
+/// descriptors of their own. A bump reads through the locked descriptor instead, so the
+/// writer thread takes no slot from a worker.
 fn reader_slot() -> usize {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     thread_local! {
@@ -136,7 +137,7 @@ impl ErasureFile {
                 Err(std::fs::TryLockError::Error(error)) => return Err(error),
             }
         }
-        let bumped = self.read().and_then(|n| self.file.set_len(n.saturating_add(1)));
+        let bumped = (&self.file).seek(SeekFrom::End(0)).and_then(|n| self.file.set_len(n.saturating_add(1)));
         let unlocked = self.file.unlock();
         bumped.and(unlocked)
     }
